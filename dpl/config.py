@@ -1,0 +1,295 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+YAML files in ``conf/<group>/`` supply values; the dataclasses here say which keys
+exist and what type they have (checked by OmegaConf at composition) and
+``__post_init__`` checks ranges and choices (run by :func:`validate`).  A bad value
+therefore fails before any data is loaded, with one line naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value outside its allowed range; the message is one line."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: allowed {allowed}")
+
+
+def _at_least(key: str, value: Any, low: float, kind: str = "a number") -> None:
+    _check(value is not None and value >= low, key, value, f"{kind} >= {low}")
+
+
+def _positive(key: str, value: Any) -> None:
+    _check(value is not None and value > 0, key, value, "a number > 0")
+
+
+def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, value, "one of " + ", ".join(choices))
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str = "data"  # relative paths resolve against the launch directory
+    download: bool = True
+    val_fraction: float = 0.1
+    augment: bool = True  # random crop (with padding) + horizontal flip on train batches
+    crop_padding: int = 4
+    # only `synthetic` reads these
+    num_train: int = 5000
+    num_test: int = 1000
+    num_classes: int = 10
+    channels: int = 3
+    image_size: int = 32
+    noise: float = 0.35
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "dataset.val_fraction", self.val_fraction, "0 < x < 1")
+        _at_least("dataset.crop_padding", self.crop_padding, 0, "an integer")
+        for key in ("num_train", "num_test", "channels", "image_size"):
+            _at_least(f"dataset.{key}", getattr(self, key), 1, "an integer")
+        _at_least("dataset.num_classes", self.num_classes, 2, "an integer")
+        _at_least("dataset.noise", self.noise, 0.0)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+
+
+@dataclass
+class OptimizerConfig:
+    """Union of the optimizers' hyperparameters; each YAML sets those it uses.
+
+    ``lr`` and ``weight_decay`` here are per-optimizer defaults; the top-level keys
+    ``lr`` / ``weight_decay`` (which interpolate these) are what training reads.
+    """
+
+    name: str = MISSING
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # LARS / LAMB
+    trust_coefficient: float = 1.0
+    exclude_1d: bool = True  # biases and norm weights: no weight decay, no adaptation
+    max_trust_ratio: Optional[float] = None  # clip the trust ratio from above
+    grad_clip_norm: Optional[float] = None  # global gradient-norm clipping before the step
+    bias_correction: bool = True  # LAMB
+    trust_ratio_only_with_wd: bool = False  # LAMB as in the study: adapt only when wd != 0
+    wd_in_grad_norm: bool = False  # LARS as in the study: ratio uses ||g + wd*w||
+
+    def __post_init__(self) -> None:
+        _positive("lr", self.lr)
+        _at_least("weight_decay", self.weight_decay, 0.0)
+        _check(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum, "0 <= x < 1")
+        _check(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "optimizer.betas", list(self.betas), "two numbers in [0, 1)",
+        )
+        _positive("optimizer.eps", self.eps)
+        _positive("optimizer.trust_coefficient", self.trust_coefficient)
+        if self.max_trust_ratio is not None:
+            _positive("optimizer.max_trust_ratio", self.max_trust_ratio)
+        if self.grad_clip_norm is not None:
+            _positive("optimizer.grad_clip_norm", self.grad_clip_norm)
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule per optimizer step, after ``warmup_epochs`` of linear warmup."""
+
+    name: str = MISSING
+    min_lr: float = 0.0  # cosine / poly floor
+    step_epochs: int = 30  # step: decay every this many epochs
+    gamma: float = 0.1  # step: decay factor
+    power: float = 1.0  # poly: exponent
+
+    def __post_init__(self) -> None:
+        _at_least("scheduler.min_lr", self.min_lr, 0.0)
+        _at_least("scheduler.step_epochs", self.step_epochs, 1, "an integer")
+        _check(0.0 < self.gamma <= 1.0, "scheduler.gamma", self.gamma, "0 < x <= 1")
+        _positive("scheduler.power", self.power)
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    # slowmo (Wang et al. 2020): slow momentum beta and slow learning rate alpha
+    beta: float = 0.6
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.beta < 1.0, "method.beta", self.beta, "0 <= x < 1")
+        _positive("method.alpha", self.alpha)
+
+
+@dataclass
+class DynamicHConfig:
+    """Shape parameters of the dynamic local-step strategies (see dpl.dynamic_h)."""
+
+    name: str = MISSING
+    h_min: int = 4
+    h_max: int = 64
+    patience: int = 4  # improvement: halve after this many epochs without improvement
+    n_losses: int = 3  # avg_loss: epochs of validation loss compared
+    midpoint: float = 75.0  # sigmoid: epoch of the midpoint
+    steepness: float = 0.5  # sigmoid
+    low_divisor: float = 22.0  # sigmoid / rev_cosine: lower bound = steps_per_epoch / this
+    high_divisor: float = 2.0  # sigmoid / rev_cosine: upper bound = steps_per_epoch / this
+
+    def __post_init__(self) -> None:
+        _at_least("dynamic_h.h_min", self.h_min, 1, "an integer")
+        _check(self.h_max >= self.h_min, "dynamic_h.h_max", self.h_max, f"an integer >= h_min ({self.h_min})")
+        _at_least("dynamic_h.patience", self.patience, 1, "an integer")
+        _at_least("dynamic_h.n_losses", self.n_losses, 2, "an integer")
+        _positive("dynamic_h.steepness", self.steepness)
+        _positive("dynamic_h.low_divisor", self.low_divisor)
+        _positive("dynamic_h.high_divisor", self.high_divisor)
+
+
+@dataclass
+class EngineConfig:
+    name: str = MISSING
+    simulate: str = "auto"  # simulated engine: how the K forwards run (auto picks per device)
+    # distributed engine
+    backend: str = "auto"  # auto: nccl on cuda, gloo on cpu
+    spawn: bool = False  # start K local processes from one command
+    timeout_s: float = 300.0  # a rank that dies or hangs ends the job after this long
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29512
+
+    def __post_init__(self) -> None:
+        _one_of("engine.simulate", self.simulate, ("auto", "vmap", "loop"))
+        _one_of("engine.backend", self.backend, ("auto", "gloo", "nccl"))
+        _positive("engine.timeout_s", self.timeout_s)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the launch dir
+    experiment: str = "dpl"
+    run_name: Optional[str] = None
+    plots: bool = True
+
+
+@dataclass
+class NetworkConfig:
+    """The modelled cluster network for the communication-time estimate (10 Gb/s default)."""
+
+    bandwidth_gbps: float = 10.0
+    latency_us: float = 50.0
+
+    def __post_init__(self) -> None:
+        _positive("network.bandwidth_gbps", self.bandwidth_gbps)
+        _at_least("network.latency_us", self.latency_us, 0.0)
+
+
+# ----------------------------------------------------------------------------- top level
+
+DEVICES = ("auto", "cpu", "cuda")
+SHARDINGS = ("iid", "random", "dirichlet")
+MOMENTUM_MODES = ("keep", "reset", "average")
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    method: MethodConfig = MISSING
+    dynamic_h: DynamicHConfig = MISSING
+    engine: EngineConfig = MISSING
+    logger: LoggerConfig = MISSING
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    K: int = 1  # workers
+    H: int = 1  # local steps between syncs (the dynamic_h group may change it per epoch)
+    batch_size: int = 64  # per worker
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    epochs: int = 150
+    warmup_epochs: float = 0.0
+    patience: int = 0  # early stopping on validation accuracy; 0 = off
+    seed: int = 0
+    device: str = "auto"
+    sharding: str = "iid"
+    dirichlet_alpha: float = 0.5
+    local_momentum: str = "keep"  # inner-optimizer state at a sync: keep | reset | average
+
+    resume: Optional[str] = None  # a job dir (or checkpoint file) to continue
+    test_only: bool = False
+    checkpoint: Optional[str] = None  # with test_only: the checkpoint to evaluate
+    pretrained: Optional[str] = None  # initial weights (a checkpoint or a state_dict file)
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0 = once per epoch)
+    results_csv: str = "results.csv"  # relative paths resolve against the launch dir
+    progress: bool = True  # tqdm bars
+    sweep: Optional[str] = None  # tag grouping the runs of one sweep in MLflow
+
+    def __post_init__(self) -> None:
+        _at_least("K", self.K, 1, "an integer")
+        _at_least("H", self.H, 1, "an integer")
+        _at_least("batch_size", self.batch_size, 1, "an integer")
+        _positive("lr", self.lr)
+        _at_least("weight_decay", self.weight_decay, 0.0)
+        _at_least("epochs", self.epochs, 1, "an integer")
+        _at_least("warmup_epochs", self.warmup_epochs, 0.0)
+        _at_least("patience", self.patience, 0, "an integer")
+        _one_of("device", self.device, DEVICES)
+        _one_of("sharding", self.sharding, SHARDINGS)
+        _positive("dirichlet_alpha", self.dirichlet_alpha)
+        _one_of("local_momentum", self.local_momentum, MOMENTUM_MODES)
+        _at_least("checkpoint_every", self.checkpoint_every, 0, "an integer")
+        _check(not self.test_only or self.checkpoint is not None or self.resume is not None,
+               "test_only", self.test_only, "only together with checkpoint=<path> or resume=<job dir>")
+
+
+GROUP_SCHEMAS: dict[str, type] = {
+    "dataset": DatasetConfig,
+    "model": ModelConfig,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "method": MethodConfig,
+    "dynamic_h": DynamicHConfig,
+    "engine": EngineConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    """Store the top-level schema; ``conf/config.yaml`` names it first in its defaults.
+
+    Group nodes are typed through the fields of :class:`Config`, so a YAML file in
+    ``conf/optimizer/`` with a misspelt key fails composition.
+    """
+    ConfigStore.instance().store(name="dpl_schema", node=Config)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Instantiate the dataclasses (running every range check); raise ConfigError in one line."""
+    from dpl.registry import check_choices  # late import: the registries import torch
+
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # OmegaConf type errors carry the key in their message
+        raise ConfigError(str(e).splitlines()[0]) from None
+    check_choices(cfg)
+    return obj
