@@ -94,8 +94,8 @@ class OptimizerConfig:
     wd_in_grad_norm: bool = False  # LARS as in the study: ratio uses ||g + wd*w||
 
     def __post_init__(self) -> None:
-        _positive("lr", self.lr)
-        _at_least("weight_decay", self.weight_decay, 0.0)
+        _positive("optimizer.lr", self.lr)
+        _at_least("optimizer.weight_decay", self.weight_decay, 0.0)
         _check(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum, "0 <= x < 1")
         _check(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
@@ -107,6 +107,8 @@ class OptimizerConfig:
             _positive("optimizer.max_trust_ratio", self.max_trust_ratio)
         if self.grad_clip_norm is not None:
             _positive("optimizer.grad_clip_norm", self.grad_clip_norm)
+            _check(self.name in ("lars", "lamb"), "optimizer.grad_clip_norm", self.grad_clip_norm,
+                   "null for optimizer " + self.name + " (only lars and lamb clip)")
 
 
 @dataclass

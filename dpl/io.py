@@ -72,3 +72,15 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Write dict rows as CSV atomically; columns default to the union of keys in first-seen order."""
+    import csv
+
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_open(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,47 @@
+"""``python -m dpl``: the Hydra app. See README.md for the config groups."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from dpl.config import ConfigError, register_configs
+from dpl.preflight import check_overrides
+
+register_configs()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: reported in one line, exit status 2."""
+    from dpl.checkpoint import CheckpointError
+    from dpl.data import DatasetUnavailable
+
+    return ConfigError, CheckpointError, DatasetUnavailable
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from dpl.app import run
+
+    try:
+        result = run(cfg)
+    except user_errors() as e:
+        msg = e.args[0] if e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    return float(result.get("best_val_acc", 0.0))
+
+
+def cli() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,196 @@
+"""One dpl job: build the pieces named by the config, train, evaluate, record.
+
+This is the plumbing around :class:`dpl.train.Trainer`: device and data, MLflow,
+checkpoints, plots and the results CSV. ``python -m dpl`` calls :func:`run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dpl import checkpoint
+from dpl.config import ConfigError, validate
+from dpl.data import load_dataset
+from dpl.engine import build_workers
+from dpl.io import write_csv
+from dpl.methods import build_method
+from dpl.models import build_model
+from dpl.plots import plot_history
+from dpl.tracking import append_result_row, flatten_config, git_commit, make_logger
+from dpl.train import Diverged, Trainer
+
+log = logging.getLogger("dpl")
+
+WORST_OBJECTIVE = 0.0  # what a diverged run returns to a sweeper that maximises val accuracy
+
+
+def launch_dir() -> Path:
+    """Where the user launched: relative paths in the config resolve against it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.cwd)
+    return Path.cwd()
+
+
+def job_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path.cwd()
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else launch_dir() / p
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' is invalid: no CUDA device is visible (allowed auto, cpu)")
+    return torch.device(name)
+
+
+def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=None) -> Trainer:
+    """Data, model, workers, method and optimizer for ``cfg`` (seeded: the same on every rank)."""
+    data = load_dataset(cfg.dataset, cfg.seed, device, root=resolve_path(cfg.dataset.root))
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, data.channels, data.num_classes, data.image_size).to(device)
+    if cfg.pretrained:
+        model.load_state_dict(checkpoint.load_weights(resolve_path(cfg.pretrained)))
+    workers = build_workers(cfg, model, device, comm)
+    method = build_method(cfg.method, cfg.local_momentum)
+    return Trainer(cfg, data, workers, method, rank=rank)
+
+
+def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Train (or resume, or only test) one job; returns the final metrics."""
+    validate(cfg)
+    out_dir = Path(out_dir) if out_dir is not None else job_dir()
+    if cfg.test_only:
+        return test_only(cfg)
+    ckpt = None
+    if cfg.resume:
+        ckpt = checkpoint.load(resolve_path(cfg.resume))
+        out_dir = checkpoint.locate(resolve_path(cfg.resume)).parent
+        cfg = _resumed_config(cfg, ckpt)
+    device = pick_device(cfg.device)
+    trainer = build_trainer(cfg, device)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+    recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None)
+    recorder.attach(trainer)
+    try:
+        trainer.fit()
+    except Diverged as e:
+        log.error("diverged: %s", e)
+        recorder.fail(trainer, str(e))
+        return {"best_val_acc": WORST_OBJECTIVE, "diverged": True, "error": str(e)}
+    except BaseException as e:
+        recorder.fail(trainer, f"{type(e).__name__}: {e}", status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    final = trainer.final_metrics()
+    recorder.finish(trainer, final)
+    return final
+
+
+def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
+    """The checkpoint's config, so a resumed run is the same run (only display keys may change)."""
+    saved = OmegaConf.merge(OmegaConf.structured(type(OmegaConf.to_object(cfg))), ckpt["config"])
+    saved.progress = cfg.progress
+    saved.resume = cfg.resume
+    validate(saved)
+    return saved
+
+
+def test_only(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a checkpoint's final and best models on the test split."""
+    ckpt = checkpoint.load(resolve_path(cfg.checkpoint or cfg.resume))
+    saved = _resumed_config(cfg, ckpt)
+    saved.pretrained = None
+    trainer = build_trainer(saved, pick_device(cfg.device))
+    trainer.load_state_dict(ckpt)
+    final = trainer.final_metrics()
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+    return final
+
+
+class Recorder:
+    """Plumbing beside the loop: MLflow, checkpoints, progress bar, plots, results CSV."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, resume_run_id: Optional[str] = None) -> None:
+        self.cfg, self.out_dir = cfg, out_dir
+        self.ckpt_path = out_dir / checkpoint.FILENAME
+        self.logger = make_logger(cfg.logger)
+        tags = {"method": cfg.method.name, "optimizer": cfg.optimizer.name, "dataset": cfg.dataset.name,
+                "git_commit": git_commit()}
+        if cfg.sweep:
+            tags["sweep"] = str(cfg.sweep)
+        self.run_id = self.logger.start(cfg, tags, resume_run_id=resume_run_id)
+        self.bar = None
+
+    def attach(self, trainer: Trainer) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.cfg.epochs, initial=trainer.state.epoch, desc=f"{self.cfg.method.name}",
+                        unit="epoch", disable=not self.cfg.progress, dynamic_ncols=True)
+        trainer.on_epoch.append(self.epoch_done)
+        if self.cfg.checkpoint_every:
+            trainer.on_step.append(self.step_done)
+
+    def epoch_done(self, trainer: Trainer, record: dict[str, float]) -> None:
+        self.logger.log_metrics(record, step=int(record["epoch"]))
+        self.save(trainer)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record['val_acc']:.3f}",
+                                 H=int(record["H"]))
+
+    def step_done(self, trainer: Trainer) -> None:
+        if trainer.state.global_step % self.cfg.checkpoint_every == 0 and trainer.state.step != 0:
+            self.save(trainer)
+
+    def save(self, trainer: Trainer) -> None:
+        trainer.save_checkpoint(self.ckpt_path, {"config": OmegaConf.to_container(self.cfg, resolve=True),
+                                                 "run_id": self.run_id})
+
+    def finish(self, trainer: Trainer, final: dict[str, Any]) -> None:
+        self._close_bar()
+        self.logger.log_metrics({k: float(v) for k, v in final.items()}, step=trainer.state.epoch)
+        self._artifacts(trainer)
+        row = {**flatten_config(self.cfg), **final, "run_id": self.run_id or "", "job_dir": str(self.out_dir)}
+        append_result_row(resolve_path(self.cfg.results_csv), row)
+        self.logger.finish("FINISHED")
+        log.info("test_acc=%.4f test_acc_best=%.4f best_val_acc=%.4f",
+                 final["test_acc"], final["test_acc_best"], final["best_val_acc"])
+
+    def fail(self, trainer: Trainer, reason: str, status: str = "FAILED") -> None:
+        self._close_bar()
+        try:
+            self._artifacts(trainer)
+        finally:
+            self.logger.finish(status, reason=reason)
+
+    def _artifacts(self, trainer: Trainer) -> None:
+        rows = trainer.state.history
+        if self.cfg.logger.plots and rows:
+            for path in plot_history(rows, self.out_dir / "plots"):
+                self.logger.log_artifact(path, "plots")
+        if rows:
+            csv = self.out_dir / "history.csv"
+            write_csv(csv, rows)
+            self.logger.log_artifact(csv)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,151 @@
+"""``python -m dpl.bench``: throughput of the training path, as ratios against baselines
+measured in the same run.
+
+Each measurement warms up, then repeats and reports the median and spread
+(min-max) over repeats, timed with CUDA synchronisation on GPU.
+
+1. ``step``: samples/s of the full training step (batch cut + augmentation + forward +
+   backward + optimizer) against forward + backward alone on pre-made tensors.
+   Goal: ratio >= 0.9 (the data path costs little).
+2. ``local``: one simulated LocalSGD step of K=8 workers x batch 64 against one
+   centralized step of batch 512 on the same model (equal FLOPs), per simulation mode.
+   Goal: ratio >= 0.9 for the mode ``simulate=auto`` picks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from dpl.app import build_trainer
+from dpl.data import epoch_order
+from dpl.engine import simulation_mode
+from dpl.train import Trainer
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from dpl.config import register_configs
+    from dpl.preflight import CONF_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=["dataset=synthetic", "logger=none", "progress=false", *overrides])
+
+
+def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, iters: int) -> list[float]:
+    """Seconds per call of ``fn``, one number per repeat of ``iters`` calls, after ``warmup`` calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        out.append((time.perf_counter() - t0) / iters)
+    return out
+
+
+def summary(samples_per_call: int, secs: list[float]) -> str:
+    rates = sorted(samples_per_call / s for s in secs)
+    return f"{statistics.median(rates):9.0f} samples/s  (min {rates[0]:.0f}, max {rates[-1]:.0f})"
+
+
+def step_fn(trainer: Trainer) -> Callable[[], None]:
+    """One full training step, wrapping around the epoch so it can run forever."""
+    order = None
+
+    def step() -> None:
+        nonlocal order
+        s = trainer.state
+        if order is None or s.step >= trainer.steps_per_epoch:
+            s.reset_epoch()
+            order = epoch_order(trainer.shards, s.epoch, trainer.cfg.seed)
+        trainer.train_step(order)
+
+    return step
+
+
+def fwd_bwd_fn(trainer: Trainer, batch: int) -> Callable[[], None]:
+    """Forward + backward alone on pre-made, pre-normalised tensors."""
+    w = trainer.workers
+    data = trainer.data
+    x = torch.randn(w.k_local, batch, data.channels, data.image_size, data.image_size, device=trainer.device)
+    y = torch.randint(0, data.num_classes, (w.k_local, batch), device=trainer.device)
+
+    def step() -> None:
+        w.forward_backward(x, y)
+        for p in w.params:
+            p.grad = None
+
+    return step
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU (max allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB host (max RSS)"
+
+
+def bench_step(device: torch.device, args) -> None:
+    cfg = compose(f"device={device.type}", "dataset.num_train=6000", f"batch_size={args.batch}")
+    trainer = build_trainer(cfg, device)
+    n = args.batch
+    full = timed(step_fn(trainer), device, args.warmup, args.repeats, args.iters)
+    base = timed(fwd_bwd_fn(trainer, n), device, args.warmup, args.repeats, args.iters)
+    print(f"[step] batch {n} on {device}")
+    print(f"  forward+backward (baseline) {summary(n, base)}")
+    print(f"  full training step          {summary(n, full)}")
+    print(f"  ratio full/baseline: {statistics.median(base) / statistics.median(full):.3f}   (goal >= 0.9)")
+    print(f"  peak memory: {peak_memory(device)}")
+
+
+def bench_local(device: torch.device, args) -> None:
+    K, b = 8, 64
+    central = build_trainer(compose(f"device={device.type}", "dataset.num_train=12000", f"batch_size={K * b}"), device)
+    base = timed(step_fn(central), device, args.warmup, args.repeats, args.iters)
+    print(f"[local] one step of K={K} x batch {b} (localsgd, no sync) vs one centralized step of batch {K * b}")
+    print(f"  centralized batch {K * b:<4}        {summary(K * b, base)}")
+    auto = simulation_mode("auto", device, central.workers.model)
+    for mode in ("loop", "vmap"):
+        cfg = compose(f"device={device.type}", "dataset.num_train=12000", f"batch_size={b}", f"K={K}",
+                      "method=localsgd", "H=1000000", f"engine.simulate={mode}")
+        trainer = build_trainer(cfg, device)
+        secs = timed(step_fn(trainer), device, args.warmup, args.repeats, args.iters)
+        tag = " (auto)" if mode == auto else ""
+        print(f"  simulate={mode:<4} K={K} x {b}       {summary(K * b, secs)}")
+        print(f"    ratio simulated/centralized: {statistics.median(base) / statistics.median(secs):.3f}"
+              f"{tag}   (goal >= 0.9 for auto)")
+
+
+BENCHES = {"step": bench_step, "local": bench_local}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dpl.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="*", default=list(BENCHES), choices=list(BENCHES))
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=64, help="batch of the [step] benchmark")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=10, help="steps per repeat")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    print(f"dpl.bench: torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    for name in args.which:
+        BENCHES[name](device, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Device-resident datasets: the whole split lives on the training device as one uint8 tensor.
+
+A step cuts its batch with an index tensor and augments + normalises it in one batched
+operation (the KellerJordan/cifar10-airbench recipe): no per-sample Python, no PIL, no
+DataLoader on the hot path.  Per-worker shards are index tensors (:mod:`dpl.data.sharding`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from dpl.data.augment import normalize, random_crop_flip
+from dpl.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, steps_per_epoch
+from dpl.data.sources import DATASETS, DatasetUnavailable, RawData
+
+__all__ = [
+    "DATASETS", "SHARDINGS", "DatasetUnavailable", "DeviceData", "RawData",
+    "batch_indices", "epoch_order", "eval_batches", "load_dataset", "make_batch", "make_shards",
+    "split_train_val", "steps_per_epoch",
+]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DeviceData:
+    train_x: torch.Tensor  # uint8 [N, C, H, W] on the training device
+    train_y: torch.Tensor  # int64 [N]
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor  # float32 [C], in [0, 1] pixel units
+    std: torch.Tensor  # float32 [C]
+    num_classes: int
+    augment: bool  # random crop + flip on train batches
+    crop_padding: int
+
+    @property
+    def channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train_x.shape[2]
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in SPLITS:
+            raise KeyError(f"split={name!r} is unknown: allowed {', '.join(SPLITS)}")
+        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices of a seeded random train/val split of ``n`` samples (50,000 -> 45,000/5,000 at 0.1)."""
+    n_val = min(max(round(n * val_fraction), 1), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | None = None) -> DeviceData:
+    """Load the ``dataset`` config node's data, split train/val with ``seed``, move it to ``device``.
+
+    ``root`` (absolute, resolved by the caller) overrides ``cfg.root``; the test set is the official one.
+    """
+    if cfg.name not in DATASETS:
+        raise KeyError(f"dataset={cfg.name!r} is unknown: allowed {', '.join(sorted(DATASETS))}")
+    raw = DATASETS[cfg.name](cfg, root)
+    train_idx, val_idx = split_train_val(len(raw.train_y), float(cfg.val_fraction), seed)
+    x, y = raw.train_x, raw.train_y
+    return DeviceData(
+        train_x=x[train_idx].to(device), train_y=y[train_idx].to(device),
+        val_x=x[val_idx].to(device), val_y=y[val_idx].to(device),
+        test_x=raw.test_x.to(device), test_y=raw.test_y.to(device),
+        mean=torch.tensor(raw.mean, dtype=torch.float32, device=device),
+        std=torch.tensor(raw.std, dtype=torch.float32, device=device),
+        num_classes=raw.num_classes,
+        augment=bool(cfg.augment),
+        crop_padding=int(cfg.crop_padding),
+    )
+
+
+def make_batch(
+    data: DeviceData, idx: torch.Tensor, generator: torch.Generator | None, train: bool, split: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the batch ``idx`` (int64, any shape S, e.g. ``[K, B]``) from ``split``.
+
+    Returns normalised float32 x ``[*S, C, H, W]`` and int64 y ``[*S]``.
+
+    With ``train`` and ``data.augment`` (and the train split) each image gets its own random
+    crop and flip drawn from ``generator``; otherwise the images are only normalised.
+    """
+    xs, ys = data.split(split)
+    flat = idx.reshape(-1).to(xs.device)
+    x = xs[flat]
+    if train and data.augment and split == "train":
+        x = random_crop_flip(x, data.crop_padding, generator)
+    x = normalize(x, data.mean, data.std)
+    return x.view(*idx.shape, *x.shape[1:]), ys[flat].view(idx.shape)
+
+
+def eval_batches(data: DeviceData, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The whole ``split`` ('val' or 'test', or 'train') in order, normalised, never augmented."""
+    xs, ys = data.split(split)
+    for start in range(0, len(ys), batch_size):
+        yield normalize(xs[start: start + batch_size], data.mean, data.std), ys[start: start + batch_size]

@@ -1,0 +1,151 @@
+"""K model replicas held as one set of stacked tensors.
+
+Workers are a leading dimension, not K model copies (STYLE principle 3): every
+parameter and buffer of the model is stored once as a tensor of shape [K, ...], the
+model itself stays a stateless template run through ``torch.func.functional_call``.
+Averaging the workers is then ``mean(0)``, and an optimizer acting on the stacked
+tensors updates all workers at once (elementwise optimizers as they are; LARS/LAMB
+in their ``per_worker`` mode, which takes norms per slice).
+
+The same class serves the multi-process engine with K_local = 1: there ``comm``
+averages across processes instead of across the leading dimension, and everything
+else is shared.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+
+class Communicator(Protocol):
+    """The one primitive that differs between simulation and torch.distributed."""
+
+    world: int  # total number of workers
+
+    def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace every tensor [K_local, ...] by the mean over all workers, in place."""
+
+
+class LocalComm:
+    """Simulation: the workers are the leading dimension of each tensor."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+
+    def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
+        for t in tensors:
+            t.copy_(t.mean(0, keepdim=True))
+
+
+class StackedWorkers:
+    """``K_local`` replicas of ``model`` as stacked leaf tensors, all initialised from ``model``."""
+
+    def __init__(self, model: nn.Module, k_local: int, comm: Communicator, mode: str = "loop") -> None:
+        if mode not in ("loop", "vmap"):
+            raise ValueError(f"simulate={mode!r} is invalid: allowed loop, vmap")
+        self.model, self.k_local, self.comm, self.mode = model, k_local, comm, mode
+        # Every worker starts from the same weights (a peer-implementation failure mode
+        # is workers initialised differently).
+        self.param_names = [n for n, _ in model.named_parameters()]
+        self.buffer_names = [n for n, _ in model.named_buffers()]
+        self.params = [_stack(p, k_local).requires_grad_(True) for p in model.parameters()]
+        self.buffers = [_stack(b, k_local) for b in model.buffers()]
+        if mode == "vmap" and self.buffers:
+            raise ValueError("simulate=vmap cannot update model buffers in place; use engine.simulate=loop")
+
+    @property
+    def K(self) -> int:
+        return self.comm.world
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [K_local, B, classes] for per-worker inputs x [K_local, B, ...]."""
+        if self.mode == "vmap":
+            return vmap(self._forward_one)(tuple(self.params), tuple(self.buffers), x)
+        return torch.stack([self._forward_one([p[k] for p in self.params], [b[k] for b in self.buffers], x[k])
+                            for k in range(self.k_local)])
+
+    def _forward_one(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], x: torch.Tensor):
+        tensors = dict(zip(self.param_names, params))
+        tensors.update(zip(self.buffer_names, buffers))
+        return functional_call(self.model, tensors, (x,))
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each worker's mean cross-entropy on its own batch, and its correct count.
+
+        Backpropagating the *sum* of the K losses gives each slice of a stacked
+        parameter exactly its own worker's gradient, since worker k's loss depends
+        only on slice k.
+        """
+        logits = self.forward(x)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        losses.sum().backward()
+        correct = (logits.detach().argmax(-1) == y).sum(1)
+        return losses.detach(), correct
+
+    # ------------------------------------------------------------------ state
+    def average_params_(self) -> None:
+        """x_k <- mean_j x_j for every worker (and buffers, e.g. BatchNorm statistics)."""
+        with torch.no_grad():
+            self.comm.mean_(self.params + self.buffers)
+
+    def average_grads_(self) -> None:
+        """Synchronous data parallelism: every worker steps with the mean gradient."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        with torch.no_grad():
+            self.comm.mean_(grads)
+
+    def replica(self, k: int = 0) -> dict[str, torch.Tensor]:
+        """Worker k's weights as a plain ``state_dict`` of the model (detached copies)."""
+        names = self.param_names + self.buffer_names
+        return {n: t[k].detach().clone() for n, t in zip(names, self.params + self.buffers)}
+
+    def mean_replica(self) -> dict[str, torch.Tensor]:
+        """The average of the local workers' weights (all equal right after a sync)."""
+        names = self.param_names + self.buffer_names
+        return {n: t.detach().float().mean(0).to(t.dtype) for n, t in zip(names, self.params + self.buffers)}
+
+    def load_replica_(self, state: dict[str, torch.Tensor]) -> None:
+        """Set every worker to the same weights (pretrained initialisation)."""
+        names = self.param_names + self.buffer_names
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise KeyError(f"weights lack {len(missing)} tensors of the model, e.g. {missing[0]!r}")
+        with torch.no_grad():
+            for n, t in zip(names, self.params + self.buffers):
+                t.copy_(state[n].to(t.device, t.dtype).unsqueeze(0).expand_as(t))
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        return {"params": [p.detach().clone() for p in self.params], "buffers": [b.clone() for b in self.buffers]}
+
+    def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for dst, src in zip(self.params + self.buffers, state["params"] + state["buffers"]):
+                if dst.shape != src.shape:
+                    raise ValueError(f"checkpoint holds workers of shape {tuple(src.shape)}, this run {tuple(dst.shape)}")
+                dst.copy_(src)
+
+    @torch.no_grad()
+    def evaluate(self, batches, weights: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
+        """Mean loss and accuracy over (x, y) batches of ``weights`` (default: the averaged model)."""
+        weights = self.mean_replica() if weights is None else weights
+        loss_sum = correct = count = 0
+        self.model.eval()
+        try:
+            for x, y in batches:
+                logits = functional_call(self.model, weights, (x,))
+                loss_sum += F.cross_entropy(logits, y, reduction="sum")
+                correct += (logits.argmax(-1) == y).sum()
+                count += y.numel()
+        finally:
+            self.model.train()
+        return float(loss_sum) / max(count, 1), float(correct) / max(count, 1)
+
+
+def _stack(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t.detach().unsqueeze(0).repeat(k, *([1] * t.dim())).contiguous()

@@ -1,0 +1,267 @@
+"""Optimizers: SGDM and AdamW from torch, LARS and LAMB written here, and their registry.
+
+LARS and LAMB scale each tensor's update by a *trust ratio* ||w|| / ||update||, so every
+layer moves by a similar relative amount however large the batch (and so the lr) is.
+
+Both support a ``per_worker`` mode for the one-process simulation of K workers, where
+every parameter holds K independent replicas along a leading dimension [K, ...]: each
+norm (and the global gradient norm used for clipping) is then taken per worker slice,
+so one optimizer does exactly what K separate optimizers on the slices would do.
+Elementwise optimizers (SGDM, AdamW) need nothing for that mode.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+
+# ----------------------------------------------------------------------------- norm helpers
+
+
+def _norm(t: torch.Tensor, per_worker: bool) -> torch.Tensor:
+    """The 2-norm of ``t``: a scalar, or shape [K] (one per worker slice) in per-worker mode."""
+    if per_worker:
+        return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+    return torch.linalg.vector_norm(t)
+
+
+def _expand(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-worker [K] vector to [K, 1, ...] so it broadcasts over ``like``."""
+    if x.ndim == 0:
+        return x
+    return x.reshape(x.shape[0], *([1] * (like.ndim - 1)))
+
+
+def _is_vector(p: torch.Tensor, per_worker: bool) -> bool:
+    """Biases and norm weights: at most one dimension once the worker dimension is dropped.
+
+    Scalars count too: like biases they have no fan-in to measure a layer's scale by.
+    """
+    return p.ndim - int(per_worker) <= 1
+
+
+def _trust_ratio(num: torch.Tensor, den: torch.Tensor, valid: torch.Tensor,
+                 max_ratio: Optional[float]) -> torch.Tensor:
+    """``num / den`` clipped above by ``max_ratio``, and 1 where ``valid`` is False.
+
+    The fallback 1 means "do not adapt" (a zero weight or update norm carries no scale
+    information), so ``max_ratio`` clips only ratios that were actually computed.
+    ``torch.where`` avoids a host sync and drops the inf/nan of the invalid entries.
+    """
+    ratio = num / den
+    if max_ratio is not None:
+        ratio = ratio.clamp(max=max_ratio)
+    return torch.where(valid, ratio, torch.ones_like(ratio))
+
+
+# ----------------------------------------------------------------------------- shared base
+
+
+class _LayerwiseOptimizer(torch.optim.Optimizer):
+    """Gradient clipping, 1-D exclusion and the closure protocol shared by LARS and LAMB.
+
+    ``grad_clip_norm`` and ``per_worker`` are optimizer-wide (not per group) because the
+    clipping norm is global over all groups and the storage layout is the model's.
+    """
+
+    def __init__(self, params, defaults: dict, grad_clip_norm: Optional[float], per_worker: bool):
+        if defaults["lr"] < 0:
+            raise ValueError(f"lr={defaults['lr']} is invalid: allowed a number >= 0")
+        if defaults["weight_decay"] < 0:
+            raise ValueError(f"weight_decay={defaults['weight_decay']} is invalid: allowed a number >= 0")
+        if defaults["eps"] <= 0:
+            raise ValueError(f"eps={defaults['eps']} is invalid: allowed a number > 0")
+        for key, value in (("max_trust_ratio", defaults["max_trust_ratio"]), ("grad_clip_norm", grad_clip_norm)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{key}={value} is invalid: allowed None or a number > 0")
+        super().__init__(params, defaults)
+        self.grad_clip_norm = grad_clip_norm
+        self.per_worker = per_worker
+
+    def _clip_scale(self) -> Optional[torch.Tensor]:
+        """Factor min(1, clip / ||g||) with ||g|| the norm over all gradients (per worker)."""
+        if self.grad_clip_norm is None:
+            return None
+        norms = [_norm(p.grad, self.per_worker) for group in self.param_groups
+                 for p in group["params"] if p.grad is not None]
+        if not norms:
+            return None
+        total = torch.linalg.vector_norm(torch.stack(norms), dim=0)
+        clip = self.grad_clip_norm
+        return torch.where(total > clip, clip / total, torch.ones_like(total))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale = self._clip_scale()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                # scale a copy: p.grad stays the raw gradient, as the caller computed it
+                g = p.grad if scale is None else p.grad * _expand(scale, p.grad)
+                adapt = not (group["exclude_1d"] and _is_vector(p, self.per_worker))
+                self._update(p, g, group, adapt)
+        return loss
+
+    def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- LARS
+
+
+class LARS(_LayerwiseOptimizer):
+    """Layer-wise Adaptive Rate Scaling (You, Gitman & Ginsburg 2017, "Large Batch
+    Training of Convolutional Networks", Algorithm 1).
+
+    Per tensor, with local lr  λ = η ||w|| / (||g|| + β ||w|| + eps)  (eq. 6; η the
+    trust coefficient, β the weight decay), the direction d = (g + β w) λ goes through
+    heavy-ball momentum:  v ← m v + d;  w ← w − lr v.  With ``wd_in_grad_norm`` the
+    denominator is ||g + β w|| + eps instead (as the reference study did).  λ = 1 when
+    ||w|| or ||g|| is 0; tensors excluded by ``exclude_1d`` get λ = 1 and no weight decay.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8, exclude_1d: bool = True,
+                 max_trust_ratio: Optional[float] = None, grad_clip_norm: Optional[float] = None,
+                 wd_in_grad_norm: bool = False, per_worker: bool = False):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum} is invalid: allowed 0 <= x < 1")
+        if trust_coefficient <= 0:
+            raise ValueError(f"trust_coefficient={trust_coefficient} is invalid: allowed a number > 0")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=eps, exclude_1d=exclude_1d,
+                        max_trust_ratio=max_trust_ratio, wd_in_grad_norm=wd_in_grad_norm)
+        super().__init__(params, defaults, grad_clip_norm, per_worker)
+
+    def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
+        wd = group["weight_decay"] if adapt else 0.0
+        d = g.add(p, alpha=wd) if wd else g.clone()
+        if adapt:
+            w_norm, g_norm = _norm(p, self.per_worker), _norm(g, self.per_worker)
+            if group["wd_in_grad_norm"]:
+                den = _norm(d, self.per_worker)
+            else:
+                den = g_norm + wd * w_norm
+            ratio = _trust_ratio(group["trust_coefficient"] * w_norm, den + group["eps"],
+                                 (w_norm > 0) & (g_norm > 0), group["max_trust_ratio"])
+            d.mul_(_expand(ratio, p))
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(d)
+        p.add_(buf, alpha=-group["lr"])
+
+
+# ----------------------------------------------------------------------------- LAMB
+
+
+class LAMB(_LayerwiseOptimizer):
+    """Layer-wise Adaptive Moments for Batch training (You et al. 2020, "Large Batch
+    Optimization for Deep Learning: Training BERT in 76 minutes", Algorithm 2).
+
+    m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  m̂ = m/(1−β1^t), v̂ = v/(1−β2^t)
+    (skipped without ``bias_correction``);  r = m̂/(√v̂ + eps) + λ w  (decoupled weight
+    decay on the update, not the gradient);  w ← w − lr (||w|| / ||r||) r, with the ratio
+    1 when either norm is 0.  ``trust_ratio_only_with_wd`` (the study's variant) keeps the
+    ratio at 1 for tensors whose weight decay is 0.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, exclude_1d: bool = True, max_trust_ratio: Optional[float] = None,
+                 grad_clip_norm: Optional[float] = None, bias_correction: bool = True,
+                 trust_ratio_only_with_wd: bool = False, per_worker: bool = False):
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas={tuple(betas)} is invalid: allowed two numbers in [0, 1)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        exclude_1d=exclude_1d, max_trust_ratio=max_trust_ratio,
+                        bias_correction=bias_correction, trust_ratio_only_with_wd=trust_ratio_only_with_wd)
+        super().__init__(params, defaults, grad_clip_norm, per_worker)
+
+    def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if group["bias_correction"]:
+            t = state["step"]
+            m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+        else:
+            m_hat, v_hat = m, v
+        r = m_hat / (v_hat.sqrt() + group["eps"])
+        wd = group["weight_decay"] if adapt else 0.0
+        if wd:
+            r.add_(p, alpha=wd)
+        if adapt and not (group["trust_ratio_only_with_wd"] and wd == 0):
+            w_norm, r_norm = _norm(p, self.per_worker), _norm(r, self.per_worker)
+            ratio = _trust_ratio(w_norm, r_norm, (w_norm > 0) & (r_norm > 0), group["max_trust_ratio"])
+            r.mul_(_expand(ratio, p))
+        p.add_(r, alpha=-group["lr"])
+
+
+# ----------------------------------------------------------------------------- registry
+
+Builder = Callable[[list, object, float, float, bool], torch.optim.Optimizer]
+
+
+def _no_clip(cfg) -> None:
+    # torch's SGD/AdamW have no clipping; refusing beats silently ignoring the key
+    if cfg.grad_clip_norm is not None:
+        raise ValueError(f"optimizer.grad_clip_norm={cfg.grad_clip_norm} is invalid for "
+                         f"optimizer={cfg.name}: allowed only with lars or lamb")
+
+
+def _sgdm(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:
+    _no_clip(cfg)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=weight_decay)
+
+
+def _adamw(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:
+    _no_clip(cfg)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
+                             weight_decay=weight_decay)
+
+
+def _lars(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:
+    return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay,
+                trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, exclude_1d=cfg.exclude_1d,
+                max_trust_ratio=cfg.max_trust_ratio, grad_clip_norm=cfg.grad_clip_norm,
+                wd_in_grad_norm=cfg.wd_in_grad_norm, per_worker=per_worker)
+
+
+def _lamb(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:
+    return LAMB(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
+                weight_decay=weight_decay, exclude_1d=cfg.exclude_1d, max_trust_ratio=cfg.max_trust_ratio,
+                grad_clip_norm=cfg.grad_clip_norm, bias_correction=cfg.bias_correction,
+                trust_ratio_only_with_wd=cfg.trust_ratio_only_with_wd, per_worker=per_worker)
+
+
+# keyed by the file names in conf/optimizer/
+OPTIMIZERS: dict[str, Builder] = {"sgdm": _sgdm, "adamw": _adamw, "lars": _lars, "lamb": _lamb}
+
+
+def build_optimizer(params: Iterable[torch.Tensor], cfg, lr: float, weight_decay: float,
+                    per_worker: bool = False) -> torch.optim.Optimizer:
+    """The optimizer named ``cfg.name`` over ``params``; ``cfg`` is the ``optimizer`` node.
+
+    ``lr`` and ``weight_decay`` come from the top-level config, not from ``cfg``.
+    ``per_worker`` says every parameter carries a leading worker dimension [K, ...].
+    """
+    if cfg.name not in OPTIMIZERS:
+        raise KeyError(f"optimizer={cfg.name!r} is unknown: allowed {', '.join(sorted(OPTIMIZERS))}")
+    return OPTIMIZERS[cfg.name](list(params), cfg, lr, weight_decay, per_worker)

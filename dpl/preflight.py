@@ -1,0 +1,107 @@
+"""Command-line checks that run before Hydra composes anything.
+
+Hydra reports a bad override over several lines (and only after composing); a
+researcher wants one line naming the key and what it accepts, before any data is
+loaded. Every value of a sweep (``K=2,4,8``) is checked, so a sweep does not die at
+its fifth job. Composition and :func:`dpl.config.validate` still check everything
+again; this only makes the common mistakes fail early and readably.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+from dpl.config import GROUP_SCHEMAS, Config, ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = (*GROUP_SCHEMAS, "experiment")
+
+
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
+    """Raise ConfigError for the first override whose key or value is invalid."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # Hydra's grammar errors
+        raise ConfigError(str(e).splitlines()[0]) from None
+    for o in parsed:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.is_delete() or o.package:
+            continue
+        values = list(_values(o))
+        if key in GROUPS:
+            options = group_options(key, conf_dir)
+            for v in values:
+                if v is not None and str(v) not in options:
+                    raise ConfigError(f"{key}={v!r} is invalid: allowed one of {', '.join(options)}")
+            continue
+        for v in values:
+            check_value(key, v, o.is_add())
+
+
+def _values(o) -> Iterable[Any]:
+    from hydra.core.override_parser.types import IntervalSweep
+
+    if not o.is_sweep_override():
+        return [o.value()]
+    sweep = o.value()
+    if isinstance(sweep, IntervalSweep):
+        return [sweep.start, sweep.end]
+    return list(o.sweep_iterator())
+
+
+def check_value(key: str, value: Any, adding: bool = False) -> None:
+    """Type- and range-check one ``key=value`` against the schema dataclasses."""
+    schema, name = Config, key
+    if "." in key:
+        group, name = key.split(".", 1)
+        schema = GROUP_SCHEMAS.get(group)
+        if schema is None or "." in name:
+            return  # deeper keys (network.*, lists) are left to composition
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    if name not in fields:
+        if adding:
+            return
+        raise ConfigError(f"{key} is not a dpl config key (see `python -m dpl --cfg job` for all keys)")
+    if name in GROUP_SCHEMAS or name == "network":
+        return
+    typ = typing.get_type_hints(schema)[name]
+    value = _coerce(key, value, typ)
+    try:
+        schema(**{name: value}) if schema is not Config else Config(**{name: value})
+    except ConfigError as e:
+        if e.args[0].startswith(f"{key}="):
+            raise
+        # another field's check failed on its default; only the overridden key matters here
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
+    if optional:
+        if value is None:
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typing.get_origin(typ) is list:
+        return value
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: value is not None,
+    }.get(typ, True)
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: allowed {'null or ' if optional else ''}{_type_name(typ)}")
+    return float(value) if typ is float else value
+
+
+def _type_name(typ: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(typ, str(typ))

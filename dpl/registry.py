@@ -1,0 +1,33 @@
+"""Every config group's registry in one place: group name -> {YAML option name: builder}.
+
+One config group = one folder in ``conf/`` = one registry in code, keyed by the same
+names (tests/test_config.py checks they agree).
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from dpl.config import ConfigError
+
+
+def registries() -> dict[str, dict]:
+    from dpl.data import DATASETS
+    from dpl.dynamic_h import STRATEGIES
+    from dpl.engine import ENGINES
+    from dpl.methods import METHODS
+    from dpl.models import MODELS
+    from dpl.optim import OPTIMIZERS
+    from dpl.schedules import SCHEDULERS
+    from dpl.tracking import LOGGERS
+
+    return {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+            "method": METHODS, "dynamic_h": STRATEGIES, "engine": ENGINES, "logger": LOGGERS}
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Each group's ``name`` must be a key of its registry."""
+    for group, registry in registries().items():
+        name = cfg[group].name
+        if name not in registry:
+            raise ConfigError(f"{group}.name={name!r} is invalid: allowed one of {', '.join(sorted(registry))}")

@@ -1,0 +1,319 @@
+"""Experiment tracking behind one small interface, plus the results CSV.
+
+The trainer talks to a :class:`Logger` (``start`` / ``log_metrics`` / ``log_artifact`` /
+``finish``) chosen by the ``logger`` config group; it never imports mlflow itself.
+``mlflow`` is imported only when an :class:`MlflowLogger` starts, because the import
+is slow and the ``none`` logger must work without it.
+
+:func:`append_result_row` keeps one CSV row per finished job (config + final metrics),
+safe for the jobs of a parallel sweep appending at the same time.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import logging
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+from omegaconf import DictConfig, OmegaConf
+
+from dpl.io import write_csv
+
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_PARAM_LIMIT_FALLBACK = 6000  # MLflow's MAX_PARAM_VAL_LENGTH in 2.x / 3.x
+_TRUNCATED = "...[truncated]"
+
+
+class Logger(Protocol):
+    run_id: str | None
+
+    def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None) -> str | None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None: ...
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def flatten_config(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as ``{"optimizer.lr": "0.1", "K": "4", ...}``; ``hydra`` is skipped.
+
+    Lists stay whole (``"[0.9, 0.999]"``) so one config key is one MLflow param.
+    """
+    flat: dict[str, str] = {}
+    _flatten(_resolved(cfg), "", flat)
+    return flat
+
+
+def _resolved(cfg: DictConfig) -> dict[str, Any]:
+    # Mask `hydra` out before resolving: its ${now:...} / ${hydra:...} interpolations only
+    # resolve inside a running Hydra app.
+    keys = [k for k in cfg.keys() if k != "hydra"]
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, throw_on_missing=False)
+
+
+def _flatten(node: Mapping[str, Any], prefix: str, out: dict[str, str]) -> None:
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            _flatten(value, name + ".", out)
+        else:
+            out[name] = str(value)
+
+
+def resolve_tracking_uri(uri: str, base_dir: str | Path) -> str:
+    """Make a relative sqlite (or bare-path) store absolute against ``base_dir``.
+
+    ``sqlite:///mlflow.db`` (three slashes: relative) becomes ``sqlite:////<base>/mlflow.db``,
+    so every job of a sweep, whatever its working dir, writes to the one store.
+    Absolute sqlite paths, in-memory sqlite, ``file:`` and ``http(s):`` URIs are unchanged.
+    """
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path.startswith("/") or path.startswith(":memory:") or path == "":
+            return uri
+        return "sqlite:///" + str(Path(base_dir).resolve() / path)
+    if "://" in uri or uri.startswith("file:") or Path(uri).is_absolute():
+        return uri
+    return str(Path(base_dir).resolve() / uri)  # a bare local directory store
+
+
+def launch_dir() -> Path:
+    """The directory the command was started in (Hydra may have changed the cwd since)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        from hydra.utils import get_original_cwd
+
+        return Path(get_original_cwd())
+    return Path(os.getcwd())
+
+
+def git_commit(path: str | Path | None = None) -> str:
+    """Short sha of the git repo holding ``path`` (default: the dpl package), ``-dirty``
+    if tracked files have uncommitted changes, ``"unknown"`` outside a repo. Never raises."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    if where.is_file():
+        where = where.parent
+    sha = _git(where, "rev-parse", "--short", "HEAD")
+    if not sha:
+        return "unknown"
+    changes = _git(where, "status", "--porcelain", "--untracked-files=no")
+    return sha + ("-dirty" if changes else "")
+
+
+def _git(where: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+# ----------------------------------------------------------------------------- loggers
+
+
+class NullLogger:
+    """``logger=none``: accepts every call and records nothing (files in the job dir still are)."""
+
+    def __init__(self, cfg_logger: Any = None) -> None:
+        self.run_id: str | None = None
+
+    def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None) -> None:
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        pass
+
+
+class MlflowLogger:
+    """One MLflow run per job, written through ``MlflowClient``.
+
+    The client (not the fluent ``mlflow.start_run``) keeps no process-global "active run",
+    so a job that dies without ``finish`` cannot break the next job of a sequential sweep.
+    """
+
+    def __init__(self, cfg_logger: Any) -> None:
+        self.cfg = cfg_logger
+        self.run_id: str | None = None
+        self._client = None
+
+    def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None) -> str:
+        uri = resolve_tracking_uri(self.cfg.tracking_uri, launch_dir())
+        self._client = _mlflow_client(uri)
+        if resume_run_id is not None:
+            self._client.update_run(resume_run_id, status="RUNNING")  # as mlflow.start_run(run_id=...)
+            self.run_id = resume_run_id
+        else:
+            experiment_id = _experiment_id(self._client, self.cfg.experiment, uri)
+            self.run_id = self._client.create_run(experiment_id, run_name=self.cfg.run_name).info.run_id
+            self._log_params(flatten_config(cfg))
+        # A resumed job keeps the first config.yaml; its own (maybe changed) config is kept too.
+        config_name = "config.yaml" if resume_run_id is None else "config_resumed.yaml"
+        self._client.log_text(self.run_id, OmegaConf.to_yaml(_resolved(cfg)), config_name)
+        self._set_tags(tags)
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, int(step)) for k, v in _as_floats(metrics).items()]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status={status!r} is invalid: allowed {', '.join(RUN_STATUSES)}")
+        if self.run_id is None:
+            return
+        if reason is not None:
+            reason = _truncate(str(reason), _mlflow_limit("MAX_TAG_VAL_LENGTH"))
+            self._client.set_tag(self.run_id, "failure_reason", reason)
+        self._client.set_terminated(self.run_id, status)
+
+    def _log_params(self, flat: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        limit = _mlflow_limit("MAX_PARAM_VAL_LENGTH")
+        params = [Param(_param_key(k), _truncate(v, limit)) for k, v in flat.items()]
+        self._client.log_batch(self.run_id, params=params)
+
+    def _set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        limit = _mlflow_limit("MAX_TAG_VAL_LENGTH")
+        batch = [RunTag(k, _truncate(str(v), limit)) for k, v in tags.items() if v is not None]
+        self._client.log_batch(self.run_id, tags=batch)
+
+
+LOGGERS: dict[str, type] = {"mlflow": MlflowLogger, "none": NullLogger}
+
+
+def make_logger(cfg_logger: Any) -> Logger:
+    """The logger named by ``cfg_logger.name`` (a file in ``conf/logger/``)."""
+    if cfg_logger.name not in LOGGERS:
+        raise KeyError(f"logger={cfg_logger.name!r} is unknown: allowed {', '.join(sorted(LOGGERS))}")
+    return LOGGERS[cfg_logger.name](cfg_logger)
+
+
+def _mlflow_client(uri: str):
+    _quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _quiet_mlflow() -> None:
+    # Set before the first mlflow import: no telemetry pings (there is no network anyway),
+    # no "View run at" URLs, no INFO lines about creating tables or experiments.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    """Get or create the experiment; artifacts of a new one go beside a sqlite store
+    (``<db dir>/mlartifacts``) rather than into whatever the cwd is."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:////"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another job of a parallel sweep created it first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _as_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics as floats; nan/inf are kept (MLflow stores nan, clips inf), None is dropped."""
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _param_key(key: str) -> str:
+    # MLflow keys allow alphanumerics, _ - . / : and space; Hydra "+"-added keys may not.
+    return re.sub(r"[^\w\-./: ]", "_", key)
+
+
+def _truncate(value: str, limit: int) -> str:
+    if len(value) <= limit:
+        return value
+    return value[: limit - len(_TRUNCATED)] + _TRUNCATED
+
+
+def _mlflow_limit(name: str) -> int:
+    """A value-length limit from ``mlflow.utils.validation`` (6000 in MLflow 2.x / 3.x)."""
+    from mlflow.utils import validation
+
+    return getattr(validation, name, _PARAM_LIMIT_FALLBACK)
+
+
+# ----------------------------------------------------------------------------- results CSV
+
+
+def append_result_row(path: str | Path, row: Mapping[str, object]) -> None:
+    """Append one row to the results CSV, widening the header when the row has new columns.
+
+    Jobs of a parallel sweep serialise on an exclusive ``flock`` of ``<path>.lock``; the
+    file is rewritten whole into a temp file and renamed, so readers never see half a row.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            columns, rows = _read_csv(path)
+            new = {str(k): _cell(v) for k, v in row.items()}
+            columns += [k for k in new if k not in columns]
+            write_csv(path, rows + [new], columns)  # temp file + rename: never half a row
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    if not path.exists():
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def _cell(value: object) -> str:
+    return "" if value is None else str(value)

@@ -1,0 +1,236 @@
+"""The training loop: K workers, local steps, and a sync every H steps.
+
+:meth:`Trainer.train_epoch` reads like Algorithm 1 of the LocalSGD and SlowMo papers
+(Lin et al. 2020; Wang et al. 2020): each worker draws a batch from its own shard and
+takes a step of the inner optimizer; every H local steps (and at the end of an epoch,
+so validation sees the averaged model) the method syncs the workers. Centralized
+training is the special case that averages gradients every step instead.
+
+Everything random on the training path is a pure function of (seed, epoch, step):
+shard order per epoch and augmentation per step. A checkpoint at any step therefore
+resumes to exactly the numbers of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from dpl import checkpoint
+from dpl.comm import CommLedger, param_bytes, worker_drift
+from dpl.data import DeviceData, batch_indices, epoch_order, eval_batches, make_batch, make_shards, steps_per_epoch
+from dpl.dynamic_h import HContext, next_h
+from dpl.engine.workers import StackedWorkers
+from dpl.methods import Method, SlowMo
+from dpl.optim import build_optimizer
+from dpl.schedules import lr_at
+
+EVAL_BATCH = 1000
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training; saved whole in every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress (or the next one, when step == 0)
+    step: int = 0  # steps done in this epoch
+    global_step: int = 0
+    period: int = 0  # local steps since the last sync
+    H: int = 1  # local steps per period in this epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    # running sums of the epoch in progress
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    rounds: int = 0
+    drift_sum: float = 0.0
+    compute_s: float = 0.0
+    lr: float = 0.0
+
+    def reset_epoch(self) -> None:
+        self.step = self.period = self.correct = self.seen = self.rounds = 0
+        self.loss_sum = self.drift_sum = self.compute_s = 0.0
+
+
+def step_generator(seed: int, global_step: int, device: torch.device) -> torch.Generator:
+    """The augmentation RNG of one step: a pure function of (seed, step), so resumes are exact."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + global_step) % (2**63 - 1))
+    return g
+
+
+class Trainer:
+    """Owns the workers, the inner optimizer, the method and the training state.
+
+    ``hooks`` are called by the loop, which does not know what they do:
+    ``on_epoch(trainer, record)`` after each epoch (logging, checkpointing, progress) and
+    ``on_step(trainer)`` after each step (mid-epoch checkpoints).
+    """
+
+    def __init__(self, cfg: DictConfig, data: DeviceData, workers: StackedWorkers, method: Method,
+                 rank: int = 0) -> None:
+        self.cfg, self.data, self.workers, self.method = cfg, data, workers, method
+        self.device = data.train_x.device
+        # Shards are a function of the seed only, so every method and engine sees the same ones;
+        # a rank of the multi-process engine keeps its own rows.
+        shards = make_shards(data.train_y.cpu(), workers.K, cfg.sharding, cfg.seed, cfg.dirichlet_alpha)
+        self.shards = shards[rank: rank + workers.k_local].to(self.device)
+        self.steps_per_epoch = steps_per_epoch(self.shards.shape[1], cfg.batch_size)
+        self.optimizer = build_optimizer(workers.params, cfg.optimizer, cfg.lr, cfg.weight_decay, per_worker=True)
+        self.state = TrainState(H=cfg.H)
+        self.ledger = CommLedger(K=workers.K, replica_bytes=param_bytes(workers.params, per_worker=True),
+                                 bandwidth_gbps=cfg.network.bandwidth_gbps, latency_us=cfg.network.latency_us)
+        self.best_weights: Optional[dict[str, torch.Tensor]] = None
+        self.on_epoch: list[Callable[[Trainer, dict], None]] = []
+        self.on_step: list[Callable[[Trainer], None]] = []
+        if isinstance(method, SlowMo):
+            method.start(workers)
+
+    # ------------------------------------------------------------------ the algorithm
+    def fit(self) -> None:
+        s = self.state
+        while s.epoch < self.cfg.epochs and not s.stopped_early:
+            if s.step == 0:
+                s.H = self.next_h()
+            self.train_epoch()
+            self.end_epoch()
+
+    def train_epoch(self) -> None:
+        """One pass of every worker over its shard, resuming at ``state.step``."""
+        order = epoch_order(self.shards, self.state.epoch, self.cfg.seed)
+        while self.state.step < self.steps_per_epoch:
+            self.train_step(order)
+            for hook in self.on_step:
+                hook(self)
+
+    def train_step(self, order: torch.Tensor) -> None:
+        """One local step of every worker; a sync when the period (or the epoch) ends."""
+        s, cfg, workers, method = self.state, self.cfg, self.workers, self.method
+        t0 = time.perf_counter()
+        s.lr = self.lr(s.global_step)
+        idx = batch_indices(order, s.step, cfg.batch_size)
+        x, y = make_batch(self.data, idx, step_generator(cfg.seed, s.global_step, self.device), train=True)
+        losses, correct = workers.forward_backward(x, y)  # each worker's gradient on its own batch
+        method.on_gradients(workers)  # centralized: all-reduce the gradients
+        self.inner_step(s.lr)
+        s.period += 1
+        if not method.local:
+            s.rounds += 1
+        elif s.period == s.H or s.step == self.steps_per_epoch - 1:  # the last partial period syncs too
+            s.drift_sum += worker_drift(workers.params)
+            method.sync(workers, self.optimizer, s.lr)  # average (SlowMo: and the outer step)
+            s.rounds += 1
+            s.period = 0
+        s.step += 1
+        s.global_step += 1
+        s.loss_sum += float(losses.sum()) * y.shape[1]
+        s.correct += int(correct.sum())
+        s.seen += y.numel()
+        s.compute_s += time.perf_counter() - t0
+
+    def inner_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end_epoch(self) -> None:
+        s = self.state
+        train_loss = s.loss_sum / max(s.seen, 1)
+        if not math.isfinite(train_loss):
+            raise Diverged(f"training loss is {train_loss} in epoch {s.epoch}")
+        val_loss, val_acc = self.evaluate("val")
+        record = {
+            "epoch": s.epoch, "train_loss": train_loss, "train_acc": s.correct / max(s.seen, 1),
+            "val_loss": val_loss, "val_acc": val_acc, "lr": s.lr, "H": s.H,
+            "epoch_time_s": s.compute_s, "samples_per_s": s.seen / max(s.compute_s, 1e-9),
+            "drift": s.drift_sum / s.rounds if self.method.local and s.rounds else 0.0,
+            # A worker of a real cluster computes only its own share of the simulated steps.
+            **self.ledger.record_epoch(s.rounds, s.step, s.compute_s / self.workers.k_local),
+        }
+        s.history.append(record)
+        if val_acc > s.best_val_acc:
+            s.best_val_acc, s.best_epoch, s.bad_epochs = val_acc, s.epoch, 0
+            self.best_weights = self.workers.mean_replica()
+        else:
+            s.bad_epochs += 1
+        s.stopped_early = 0 < self.cfg.patience <= s.bad_epochs
+        s.epoch += 1
+        s.reset_epoch()
+        for hook in self.on_epoch:
+            hook(self, record)
+
+    # ------------------------------------------------------------------ helpers
+    def lr(self, step: int) -> float:
+        cfg = self.cfg
+        return lr_at(step, self.steps_per_epoch, cfg.epochs, cfg.lr, cfg.warmup_epochs, cfg.scheduler)
+
+    def next_h(self) -> int:
+        ctx = HContext(epoch=self.state.epoch, epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch,
+                       H0=self.cfg.H, history=tuple(self.state.history))
+        return next_h(ctx, self.cfg.dynamic_h)
+
+    def evaluate(self, split: str, weights: Optional[dict[str, torch.Tensor]] = None) -> tuple[float, float]:
+        return self.workers.evaluate(eval_batches(self.data, split, EVAL_BATCH), weights)
+
+    def final_metrics(self) -> dict[str, float]:
+        """Test accuracy of the final (averaged) model and of the best-validation model."""
+        test_loss, test_acc = self.evaluate("test")
+        best = self.best_weights if self.best_weights is not None else self.workers.mean_replica()
+        _, test_acc_best = self.evaluate("test", best)
+        return {"test_loss": test_loss, "test_acc": test_acc, "test_acc_best": test_acc_best,
+                "best_val_acc": self.state.best_val_acc, "best_epoch": self.state.best_epoch,
+                "epochs_run": self.state.epoch}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "state": asdict(self.state),
+            "workers": self.workers.state_dict(),
+            "model": self.workers.mean_replica(),
+            "best_model": self.best_weights,
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "comm": self.ledger.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.state = TrainState(**ckpt["state"])
+        self.workers.load_state_dict(_to(ckpt["workers"], self.device))
+        self.best_weights = _to(ckpt["best_model"], self.device)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.method.load_state_dict(_to(ckpt["method"], self.device))
+        self.ledger = CommLedger.from_state(ckpt["comm"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+    def save_checkpoint(self, path: str | Path, extra: dict[str, Any]) -> None:
+        checkpoint.save({**self.state_dict(), **extra}, path)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """Move every tensor of a nested container to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj

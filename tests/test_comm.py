@@ -1,0 +1,105 @@
+"""Communication model: ring all-reduce bytes, alpha-beta time, the ledger, worker drift."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dpl.comm import CommLedger, param_bytes, ring_allreduce_bytes, sync_time_s, worker_drift
+
+
+def test_ring_allreduce_bytes():
+    assert ring_allreduce_bytes(1000, 1) == 0.0
+    assert ring_allreduce_bytes(1000, 2) == 1000.0  # 2 * 1/2
+    assert ring_allreduce_bytes(1000, 8) == 1750.0  # 2 * 7/8
+    with pytest.raises(ValueError):
+        ring_allreduce_bytes(1000, 0)
+
+
+def test_param_bytes_of_one_replica():
+    single = [torch.zeros(3, 4), torch.zeros(5, dtype=torch.float64), torch.zeros(2, dtype=torch.float16)]
+    assert param_bytes(single) == 12 * 4 + 5 * 8 + 2 * 2
+    stacked = [torch.zeros(4, *t.shape, dtype=t.dtype) for t in single]  # K = 4 workers
+    assert param_bytes(stacked, per_worker=True) == 92
+    assert param_bytes(stacked) == 4 * 92
+
+
+def test_sync_time_is_latency_plus_bytes_over_bandwidth():
+    # 1.25e9 bytes = 1e10 bits over 10 Gb/s = 1 s, plus 50 us
+    assert sync_time_s(1.25e9, 10.0, 50.0) == pytest.approx(1.00005, rel=1e-12)
+    assert sync_time_s(0.0, 10.0, 50.0) == pytest.approx(50e-6)
+    assert sync_time_s(1000.0, 8.0, 0.0) == pytest.approx(1e-6)  # 8000 bits / 8e9 bit/s
+
+
+def make_ledger(K: int = 4) -> CommLedger:
+    # 8 Gb/s = 1e9 bytes/s, 100 us per round
+    return CommLedger(K=K, replica_bytes=1000, bandwidth_gbps=8.0, latency_us=100.0)
+
+
+def test_localsgd_run_counts():
+    """K=4, 10 steps per epoch, H=4: syncs after steps 4, 8 and the partial period ending at 10."""
+    ledger = make_ledger()
+    rounds = math.ceil(10 / 4)
+    assert rounds == 3
+    per_round_bytes = 2 * 3 / 4 * 1000  # 1500
+    per_round_s = 100e-6 + 1500 / 1e9  # 1.015e-4
+    metrics = [ledger.record_epoch(rounds, 10, 2.0) for _ in range(3)]
+    first, last = metrics[0], metrics[-1]
+    assert first["sync_rounds"] == 3 and first["sync_rounds_total"] == 3
+    assert first["comm_bytes"] == 3 * per_round_bytes == 4500.0
+    assert first["rounds_vs_sync"] == pytest.approx(0.3)
+    assert first["comm_time_s"] == pytest.approx(3 * per_round_s)
+    assert first["modelled_time_s"] == pytest.approx(2.0 + 3.045e-4)
+    assert last["sync_rounds"] == 3 and last["sync_rounds_total"] == 9
+    assert last["comm_bytes"] == 4500.0 and last["comm_bytes_total"] == 13500.0
+    assert last["rounds_vs_sync"] == pytest.approx(0.3)
+    assert last["modelled_time_s"] == pytest.approx(6.0 + 9 * per_round_s)
+    assert (ledger.rounds_total, ledger.steps_total, ledger.bytes_total) == (9, 30, 13500.0)
+
+
+def test_synchronous_training_communicates_every_step():
+    ledger = make_ledger()
+    m = ledger.record_epoch(10, 10, 1.0)
+    assert m["rounds_vs_sync"] == 1.0 and m["comm_bytes"] == 15000.0
+
+
+def test_one_worker_sends_nothing_but_counts_rounds():
+    ledger = make_ledger(K=1)
+    m = ledger.record_epoch(3, 10, 2.0)
+    assert m["sync_rounds"] == 3 and m["rounds_vs_sync"] == pytest.approx(0.3)
+    assert m["comm_bytes"] == 0.0 and m["comm_time_s"] == 0.0 and m["modelled_time_s"] == 2.0
+
+
+def test_ledger_state_round_trip():
+    ledger = make_ledger()
+    ledger.record_epoch(3, 10, 2.0)
+    ledger.record_epoch(2, 10, 1.5)
+    state = json.loads(json.dumps(ledger.state_dict()))  # plain numbers only
+    restored = CommLedger.from_state(state)
+    assert restored == ledger
+    assert restored.record_epoch(3, 10, 2.0) == ledger.record_epoch(3, 10, 2.0)
+
+
+def test_worker_drift_flattens_all_parameters_of_a_replica():
+    # worker 0: (1 | 0, 4), worker 1: (3 | 0, 0); mean (2 | 0, 2), ||mean|| = sqrt(8)
+    # deviations (-1 | 0, 2) and (1 | 0, -2): both sqrt(5)  ->  sqrt(5 / 8)
+    a = torch.tensor([[1.0], [3.0]], requires_grad=True)
+    b = torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+    assert worker_drift([a, b]) == pytest.approx(math.sqrt(5 / 8), rel=1e-12)
+
+
+def test_worker_drift_means_over_workers():
+    # mean (1, 1); deviations (-1, -1), (2, -1), (-1, 2): sqrt(2), sqrt(5), sqrt(5)
+    x = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    expected = (math.sqrt(2) + 2 * math.sqrt(5)) / 3 / math.sqrt(2)
+    assert worker_drift([x]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_worker_drift_degenerate_cases():
+    assert worker_drift([torch.tensor([[1.0, 2.0]])]) == 0.0  # K = 1
+    assert worker_drift([torch.tensor([[1.0, -1.0], [-1.0, 1.0]])]) == 0.0  # mean is 0
+    assert worker_drift([torch.ones(4, 3, 2)]) == 0.0  # workers equal
+    assert worker_drift([]) == 0.0

@@ -1,0 +1,73 @@
+"""Config composition, the registries' agreement with conf/, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from dpl.config import ConfigError, validate
+from dpl.preflight import GROUPS, check_overrides, group_options
+from dpl.registry import registries
+from tests.conftest import CONF, compose_cfg
+
+
+def test_every_group_folder_matches_its_registry():
+    for group, registry in registries().items():
+        assert set(group_options(group)) == set(registry), group
+
+
+@pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
+def test_every_option_composes_and_validates(group):
+    for option in group_options(group):
+        cfg = compose_cfg(f"{group}={option}", tiny=False)
+        assert cfg[group].name == option
+        validate(cfg)
+
+
+def test_experiments_compose():
+    for option in group_options("experiment"):
+        validate(compose_cfg(f"experiment={option}", tiny=False))
+
+
+def test_defaults_follow_the_study():
+    cfg = compose_cfg(tiny=False)
+    assert (cfg.K, cfg.H, cfg.batch_size, cfg.epochs, cfg.patience) == (1, 1, 64, 150, 0)
+    assert cfg.dataset.name == "cifar100" and cfg.optimizer.name == "sgdm" and cfg.method.name == "centralized"
+    assert cfg.lr == cfg.optimizer.lr  # top-level lr follows the optimizer unless overridden
+    assert compose_cfg("optimizer=adamw", "lr=0.3", tiny=False).lr == 0.3
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("K=0", "K=0"), ("batch_size=-1", "batch_size=-1"), ("lr=abc", "lr='abc'"),
+    ("optimizer=nope", "adamw, lamb, lars, sgdm"), ("K=2,4,0", "K=0"), ("device=gpu", "auto, cpu, cuda"),
+    ("optimizer.momentum=1.5", "optimizer.momentum"), ("nokey=1", "nokey"),
+])
+def test_preflight_rejects_in_one_line(override, needle):
+    with pytest.raises(ConfigError) as e:
+        check_overrides([override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_preflight_accepts_sweeps_and_valid_values():
+    check_overrides(["K=2,4,8", "H=4,16,64", "lr=1e-3", "method=localsgd,slowmo", "optimizer.betas=[0.9,0.99]"])
+
+
+def test_validate_checks_composed_values():
+    cfg = compose_cfg()
+    cfg.sharding = "weird"
+    with pytest.raises(ConfigError, match="sharding='weird'"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("override,needle", [("K=0", "K=0"), ("optimizer=nope", "optimizer='nope'"),
+                                             ("lr=abc", "lr='abc'"), ("batch_size=-1", "batch_size")])
+def test_cli_exits_nonzero_with_one_line(override, needle, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dpl", override], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:")
+    assert not (tmp_path / "data").exists()  # failed before any data was touched

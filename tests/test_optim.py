@@ -1,0 +1,446 @@
+"""LARS / LAMB against hand-computed values, per-worker mode against K separate
+optimizers, the registry against conf/optimizer/, and state_dict round trips.
+
+Expected values come from plain Python arithmetic on lists (``_lars_ref`` /
+``_lamb_ref`` restate the papers' update rules scalar by scalar) or are written out
+as numbers, never from calling dpl.optim.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dpl.config import OptimizerConfig
+from dpl.optim import LAMB, LARS, OPTIMIZERS, build_optimizer
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "optimizer"
+D = torch.float64  # hand arithmetic is in Python floats (double)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _n(xs: list[float]) -> float:
+    return math.sqrt(sum(x * x for x in xs))
+
+
+def _lars_ref(w, grads, lr, momentum, wd, tc, eps, adapt=True, wd_in_norm=False, max_ratio=None, scales=None):
+    """Scalar LARS on one flat tensor: returns w after each gradient in ``grads``."""
+    w, buf = list(w), [0.0] * len(w)
+    wd = wd if adapt else 0.0
+    for i, g in enumerate(grads):
+        s = 1.0 if scales is None else scales[i]
+        g = [s * x for x in g]
+        d = [gi + wd * wi for gi, wi in zip(g, w)]
+        ratio = 1.0
+        if adapt and _n(w) > 0 and _n(g) > 0:
+            den = _n(d) if wd_in_norm else _n(g) + wd * _n(w)
+            ratio = tc * _n(w) / (den + eps)
+            ratio = ratio if max_ratio is None else min(ratio, max_ratio)
+        buf = [momentum * b + ratio * di for b, di in zip(buf, d)]
+        w = [wi - lr * b for wi, b in zip(w, buf)]
+    return w
+
+
+def _lamb_ref(w, grads, lr, b1, b2, eps, wd, adapt=True, bias_correction=True, only_with_wd=False,
+              max_ratio=None, scales=None):
+    """Scalar LAMB (Algorithm 2) on one flat tensor: returns w after the gradients."""
+    w, m, v = list(w), [0.0] * len(w), [0.0] * len(w)
+    wd = wd if adapt else 0.0
+    for t, g in enumerate(grads, start=1):
+        s = 1.0 if scales is None else scales[t - 1]
+        g = [s * x for x in g]
+        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
+        v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
+        c1, c2 = (1 - b1 ** t, 1 - b2 ** t) if bias_correction else (1.0, 1.0)
+        r = [(mi / c1) / (math.sqrt(vi / c2) + eps) + wd * wi for mi, vi, wi in zip(m, v, w)]
+        ratio = 1.0
+        if adapt and not (only_with_wd and wd == 0) and _n(w) > 0 and _n(r) > 0:
+            ratio = _n(w) / _n(r)
+            ratio = ratio if max_ratio is None else min(ratio, max_ratio)
+        w = [wi - lr * ratio * ri for wi, ri in zip(w, r)]
+    return w
+
+
+def _run(opt_cls, shapes_values, grads_per_step, **kw):
+    """Run ``opt_cls`` on fresh double tensors, setting the given grads each step."""
+    params = [torch.tensor(v, dtype=D).reshape(s) for s, v in shapes_values]
+    for p in params:
+        p.requires_grad_(True)
+    opt = opt_cls(params, **kw)
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else torch.tensor(g, dtype=D).reshape(p.shape)
+        opt.step()
+    return [p.detach().flatten().tolist() for p in params]
+
+
+def _close(a, b, tol=1e-12):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert math.isclose(x, y, rel_tol=tol, abs_tol=tol), (a, b)
+
+
+W0 = [0.5, -1.0, 2.0, 0.25]  # a 2x2 weight
+B0 = [0.1, -0.3]  # a bias
+GW = [[0.2, 0.1, -0.4, 0.3], [-0.1, 0.5, 0.2, 0.0], [0.3, -0.2, 0.1, 0.6], [0.05, 0.05, -0.3, 0.2]]
+GB = [[0.5, -0.2], [0.1, 0.4], [-0.3, 0.3], [0.2, 0.2]]
+
+
+# ----------------------------------------------------------------------------- LARS
+
+
+def test_lars_one_step_by_hand():
+    # ||w|| = 5, ||g|| = 1: ratio = 0.1 * 5 / (1 + eps), buf = ratio * g, w -= lr * buf
+    (w,) = _run(LARS, [((1, 2), [3.0, 4.0])], [[[0.6, 0.8]]], lr=2.0, trust_coefficient=0.1, eps=1e-8)
+    ratio = 0.5 / (1 + 1e-8)
+    _close(w, [3.0 - 2.0 * ratio * 0.6, 4.0 - 2.0 * ratio * 0.8])
+
+
+def test_lars_one_step_with_weight_decay_by_hand():
+    # d = g + 0.1 w = (0.9, 1.2); ratio = 0.1 * 5 / (1 + 0.1 * 5 + eps)
+    (w,) = _run(LARS, [((1, 2), [3.0, 4.0])], [[[0.6, 0.8]]], lr=1.0, weight_decay=0.1,
+                trust_coefficient=0.1, eps=1e-8)
+    ratio = 0.5 / (1.5 + 1e-8)
+    _close(w, [3.0 - ratio * 0.9, 4.0 - ratio * 1.2])
+
+
+def test_lars_wd_in_grad_norm_by_hand():
+    # ||g + wd w|| = ||(0.9, 1.2)|| = 1.5 here too: pick w, g not parallel to tell them apart
+    # w = (3, 4), g = (0.8, -0.6): d = (1.1, -0.2), ||d|| = sqrt(1.25); ||g|| + wd||w|| = 1.5
+    kw = dict(lr=1.0, weight_decay=0.1, trust_coefficient=0.1, eps=1e-8)
+    (w_in,) = _run(LARS, [((1, 2), [3.0, 4.0])], [[[0.8, -0.6]]], wd_in_grad_norm=True, **kw)
+    (w_out,) = _run(LARS, [((1, 2), [3.0, 4.0])], [[[0.8, -0.6]]], **kw)
+    r_in, r_out = 0.5 / (math.sqrt(1.25) + 1e-8), 0.5 / (1.5 + 1e-8)
+    _close(w_in, [3.0 - r_in * 1.1, 4.0 + r_in * 0.2])
+    _close(w_out, [3.0 - r_out * 1.1, 4.0 + r_out * 0.2])
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+@pytest.mark.parametrize("wd_in_norm", [False, True])
+def test_lars_several_steps(wd, wd_in_norm):
+    kw = dict(lr=0.7, momentum=0.9, weight_decay=wd, trust_coefficient=0.3, eps=1e-8)
+    w, b = _run(LARS, [((2, 2), W0), ((2,), B0)], list(zip(GW, GB)), wd_in_grad_norm=wd_in_norm, **kw)
+    ref = dict(lr=0.7, momentum=0.9, wd=wd, tc=0.3, eps=1e-8, wd_in_norm=wd_in_norm)
+    _close(w, _lars_ref(W0, GW, **ref))
+    _close(b, _lars_ref(B0, GB, adapt=False, **ref))  # bias: plain momentum SGD
+
+
+def test_lars_zero_weight_and_zero_grad_use_ratio_one():
+    kw = dict(lr=0.5, momentum=0.9, weight_decay=0.1, trust_coefficient=0.01)
+    (w,) = _run(LARS, [((2, 2), [0.0] * 4)], [[[1.0, -2.0, 0.5, 0.0]]], **kw)
+    _close(w, [-0.5, 1.0, -0.25, 0.0])  # ||w|| = 0: w = -lr * g
+    (w,) = _run(LARS, [((2, 2), W0)], [[[0.0] * 4]], **kw)
+    _close(w, [x - 0.5 * 0.1 * x for x in W0])  # ||g|| = 0: d = wd * w, unscaled
+
+
+def test_lars_exclude_1d_on_and_off():
+    kw = dict(lr=0.7, momentum=0.9, weight_decay=0.05, trust_coefficient=0.3, eps=1e-8)
+    ref = dict(lr=0.7, momentum=0.9, wd=0.05, tc=0.3, eps=1e-8)
+    (b_on,) = _run(LARS, [((2,), B0)], [[g] for g in GB], exclude_1d=True, **kw)
+    (b_off,) = _run(LARS, [((2,), B0)], [[g] for g in GB], exclude_1d=False, **kw)
+    _close(b_on, _lars_ref(B0, GB, adapt=False, **ref))
+    _close(b_off, _lars_ref(B0, GB, adapt=True, **ref))
+    assert not math.isclose(b_on[0], b_off[0], rel_tol=1e-6)
+
+
+def test_lars_exclusion_with_user_param_groups():
+    # the bias shares a group with a matrix and gets its own lr: still excluded
+    w = torch.tensor(W0, dtype=D).reshape(2, 2).requires_grad_()
+    b = torch.tensor(B0, dtype=D).requires_grad_()
+    c = torch.tensor(B0, dtype=D).requires_grad_()
+    opt = LARS([{"params": [w, b]}, {"params": [c], "lr": 0.2}], lr=0.7, weight_decay=0.05,
+               trust_coefficient=0.3)
+    for gw, gb in zip(GW, GB):
+        w.grad, b.grad, c.grad = (torch.tensor(gw, dtype=D).reshape(2, 2), torch.tensor(gb, dtype=D),
+                                  torch.tensor(gb, dtype=D))
+        opt.step()
+    ref = dict(momentum=0.9, wd=0.05, tc=0.3, eps=1e-8)
+    _close(w.detach().flatten().tolist(), _lars_ref(W0, GW, lr=0.7, **ref))
+    _close(b.detach().tolist(), _lars_ref(B0, GB, lr=0.7, adapt=False, **ref))
+    _close(c.detach().tolist(), _lars_ref(B0, GB, lr=0.2, adapt=False, **ref))
+
+
+def test_lars_max_trust_ratio_clips():
+    # unclipped ratio = 1.0 * 5 / 1 = 5 > 2: the update uses 2
+    (w,) = _run(LARS, [((1, 2), [3.0, 4.0])], [[[0.6, 0.8]]], lr=1.0, trust_coefficient=1.0,
+                max_trust_ratio=2.0)
+    _close(w, [3.0 - 2.0 * 0.6, 4.0 - 2.0 * 0.8])
+    ref = _lars_ref(W0, GW, lr=0.7, momentum=0.9, wd=0.05, tc=1.0, eps=1e-8, max_ratio=1.5)
+    (w,) = _run(LARS, [((2, 2), W0)], [[g] for g in GW], lr=0.7, weight_decay=0.05, trust_coefficient=1.0,
+                max_trust_ratio=1.5)
+    _close(w, ref)
+
+
+def test_lars_grad_clip_norm_scales_all_grads_and_leaves_grad():
+    # global norm over w's grad (3, 4) and b's grad (0, 0): 5 > clip 1, so both scale by 1/5;
+    # the bias is excluded (ratio 1), so its update shows the scale directly
+    w = torch.tensor([[1.0, 1.0]], dtype=D, requires_grad=True)
+    b = torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
+    opt = LARS([w, b], lr=1.0, grad_clip_norm=1.0)
+    w.grad = torch.tensor([[3.0, 0.0]], dtype=D)
+    b.grad = torch.tensor([0.0, 4.0], dtype=D)
+    opt.step()
+    _close(b.detach().tolist(), [1.0, 1.0 - 0.8])
+    assert torch.equal(b.grad, torch.tensor([0.0, 4.0], dtype=D))  # p.grad untouched
+    # below the threshold nothing changes
+    b2 = torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
+    opt2 = LARS([b2], lr=1.0, grad_clip_norm=10.0)
+    b2.grad = torch.tensor([0.0, 4.0], dtype=D)
+    opt2.step()
+    _close(b2.detach().tolist(), [1.0, -3.0])
+
+
+def test_lars_closure_and_missing_grads():
+    w = torch.tensor([[3.0, 4.0]], dtype=D, requires_grad=True)
+    frozen = torch.tensor([[1.0, 2.0]], dtype=D, requires_grad=True)
+    opt = LARS([w, frozen], lr=1.0, trust_coefficient=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w * torch.tensor([[0.6, 0.8]], dtype=D)).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    _close([loss.item()], [5.0])
+    _close(w.detach().flatten().tolist(), [3.0 - 0.5 / (1 + 1e-8) * 0.6, 4.0 - 0.5 / (1 + 1e-8) * 0.8])
+    assert frozen.grad is None and torch.equal(frozen.detach(), torch.tensor([[1.0, 2.0]], dtype=D))
+    assert frozen not in opt.state
+
+
+# ----------------------------------------------------------------------------- LAMB
+
+
+def test_lamb_one_step_by_hand():
+    # step 1 with bias correction: m_hat = g, v_hat = g^2, so r = g / (|g| + eps) ≈ sign(g)
+    eps = 1e-6
+    g = [0.6, -0.8]
+    r = [x / (abs(x) + eps) for x in g]
+    ratio = 5.0 / _n(r)  # ||w|| / ||r||, about 5 / sqrt(2)
+    (w,) = _run(LAMB, [((1, 2), [3.0, 4.0])], [[g]], lr=0.1)
+    _close(w, [3.0 - 0.1 * ratio * r[0], 4.0 - 0.1 * ratio * r[1]])
+
+
+def test_lamb_one_step_with_weight_decay_by_hand():
+    # r = sign(g) + 0.5 w (eps 1e-6 aside): weight decay goes into r, not into g
+    eps, wd = 1e-6, 0.5
+    g, w0 = [0.6, -0.8], [3.0, 4.0]
+    r = [x / (abs(x) + eps) + wd * wi for x, wi in zip(g, w0)]  # ≈ (2.5, 1.0)
+    ratio = 5.0 / _n(r)
+    (w,) = _run(LAMB, [((1, 2), w0)], [[g]], lr=0.1, weight_decay=wd)
+    _close(w, [w0[i] - 0.1 * ratio * r[i] for i in range(2)])
+
+
+def test_lamb_without_bias_correction_by_hand():
+    # m = 0.1 g, v = 0.001 g^2: r = 0.1 g / (sqrt(0.001) |g| + eps)
+    eps = 1e-6
+    g = [0.6, -0.8]
+    r = [0.1 * x / (math.sqrt(0.001) * abs(x) + eps) for x in g]
+    ratio = 5.0 / _n(r)
+    (w,) = _run(LAMB, [((1, 2), [3.0, 4.0])], [[g]], lr=0.1, bias_correction=False)
+    _close(w, [3.0 - 0.1 * ratio * r[0], 4.0 - 0.1 * ratio * r[1]])
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_several_steps(wd, bias_correction):
+    kw = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd, bias_correction=bias_correction)
+    w, b = _run(LAMB, [((2, 2), W0), ((2,), B0)], list(zip(GW, GB)), **kw)
+    ref = dict(lr=0.01, b1=0.9, b2=0.99, eps=1e-6, wd=wd, bias_correction=bias_correction)
+    _close(w, _lamb_ref(W0, GW, **ref))
+    _close(b, _lamb_ref(B0, GB, adapt=False, **ref))  # bias: Adam without weight decay
+
+
+def test_lamb_trust_ratio_only_with_wd():
+    kw = dict(lr=0.01, eps=1e-6, trust_ratio_only_with_wd=True)
+    ref = dict(lr=0.01, b1=0.9, b2=0.999, eps=1e-6, only_with_wd=True)
+    (w0,) = _run(LAMB, [((2, 2), W0)], [[g] for g in GW], weight_decay=0.0, **kw)
+    (w1,) = _run(LAMB, [((2, 2), W0)], [[g] for g in GW], weight_decay=0.05, **kw)
+    _close(w0, _lamb_ref(W0, GW, wd=0.0, adapt=False, **ref))  # wd 0: plain Adam step, ratio 1
+    _close(w1, _lamb_ref(W0, GW, wd=0.05, **ref))
+    # by hand for wd 0, one step: w -= lr * g / (|g| + eps)
+    (w,) = _run(LAMB, [((1, 2), [3.0, 4.0])], [[[0.6, -0.8]]], weight_decay=0.0, **kw)
+    _close(w, [3.0 - 0.01 * 0.6 / (0.6 + 1e-6), 4.0 + 0.01 * 0.8 / (0.8 + 1e-6)])
+
+
+def test_lamb_zero_weight_and_zero_grad():
+    # ||w|| = 0: ratio 1, w = -lr * g / (|g| + eps)
+    (w,) = _run(LAMB, [((1, 2), [0.0, 0.0])], [[[0.6, -0.8]]], lr=0.1, weight_decay=0.5)
+    _close(w, [-0.1 * 0.6 / (0.6 + 1e-6), 0.1 * 0.8 / (0.8 + 1e-6)])
+    # g = 0 and wd = 0: r = 0, so the ratio falls back to 1 and nothing moves (no nan)
+    (w,) = _run(LAMB, [((1, 2), [3.0, 4.0])], [[[0.0, 0.0]]], lr=0.1)
+    assert w == [3.0, 4.0]
+    # g = 0 with wd: r = wd w, ratio = ||w|| / (wd ||w||), so w <- (1 - lr) w
+    (w,) = _run(LAMB, [((1, 2), [3.0, 4.0])], [[[0.0, 0.0]]], lr=0.1, weight_decay=0.5)
+    _close(w, [2.7, 3.6])
+
+
+def test_lamb_exclude_1d_on_and_off():
+    ref = dict(lr=0.01, b1=0.9, b2=0.999, eps=1e-6, wd=0.05)
+    (b_on,) = _run(LAMB, [((2,), B0)], [[g] for g in GB], lr=0.01, weight_decay=0.05, exclude_1d=True)
+    (b_off,) = _run(LAMB, [((2,), B0)], [[g] for g in GB], lr=0.01, weight_decay=0.05, exclude_1d=False)
+    _close(b_on, _lamb_ref(B0, GB, adapt=False, **ref))
+    _close(b_off, _lamb_ref(B0, GB, adapt=True, **ref))
+    assert not math.isclose(b_on[0], b_off[0], rel_tol=1e-6)
+
+
+def test_lamb_max_trust_ratio_clips():
+    # one step: r ≈ (1, -1), ||w|| / ||r|| ≈ 5 / sqrt(2) ≈ 3.5 > 2
+    g = [0.6, -0.8]
+    r = [x / (abs(x) + 1e-6) for x in g]
+    (w,) = _run(LAMB, [((1, 2), [3.0, 4.0])], [[g]], lr=0.1, max_trust_ratio=2.0)
+    _close(w, [3.0 - 0.2 * r[0], 4.0 - 0.2 * r[1]])
+    (w,) = _run(LAMB, [((2, 2), W0)], [[g] for g in GW], lr=0.01, weight_decay=0.05, max_trust_ratio=0.5)
+    _close(w, _lamb_ref(W0, GW, lr=0.01, b1=0.9, b2=0.999, eps=1e-6, wd=0.05, max_ratio=0.5))
+
+
+def test_lamb_grad_clip_norm():
+    # eps = 1 makes r = s g / (s |g| + 1) depend on the clip scale s; global norm is
+    # ||(0.3, 0.4, 1.2)|| = 1.3 > 0.65, so s = 0.5 for the first step, and ||.|| <= 0.65 next
+    grads = [([0.3, 0.4], [1.2, 0.0]), ([0.1, 0.2], [0.3, 0.0])]
+    kw = dict(lr=0.1, eps=1.0, weight_decay=0.1, grad_clip_norm=0.65)
+    w, b = _run(LAMB, [((1, 2), [3.0, 4.0]), ((2,), [1.0, 1.0])], grads, **kw)
+    ref = dict(lr=0.1, b1=0.9, b2=0.999, eps=1.0, wd=0.1, scales=[0.5, 1.0])
+    _close(w, _lamb_ref([3.0, 4.0], [g[0] for g in grads], **ref))
+    _close(b, _lamb_ref([1.0, 1.0], [g[1] for g in grads], adapt=False, **ref))
+    # first bias step by hand: g = 0.6 after clipping, r = 0.6 / 1.6
+    (b1,) = _run(LAMB, [((2,), [1.0, 1.0])], [[[1.2, 0.0]]], lr=0.1, eps=1.0, grad_clip_norm=0.6)
+    _close(b1, [1.0 - 0.1 * 0.6 / 1.6, 1.0])
+
+
+# ----------------------------------------------------------------------------- per-worker mode
+
+K = 3
+SHAPES = [(4, 3), (4,), (2, 2, 3), ()]  # a weight, a bias, a conv-like kernel, a scalar
+
+
+def _per_worker_vs_separate(opt_cls, steps=4, **kw):
+    gen = torch.Generator().manual_seed(0)
+    stacked = [torch.randn((K, *s), generator=gen) for s in SHAPES]
+    stacked[0][1].zero_()  # worker 1 starts with a zero weight: ratio 1 on that slice only
+    grads = [[torch.randn((K, *s), generator=gen) * (1 + 3 * torch.arange(K).reshape(K, *[1] * len(s)))
+              for s in SHAPES] for _ in range(steps)]
+    grads[0][2][2].zero_()  # a zero gradient on one slice of one tensor
+    clip = kw.get("grad_clip_norm")
+    if clip is not None:  # the threshold must clip some workers and not others
+        norms = torch.stack([g.reshape(K, -1).square().sum(1) for g in grads[0]]).sum(0).sqrt()
+        assert norms.min() < clip < norms.max()
+    joint = [p.clone().requires_grad_() for p in stacked]
+    solo = [[p[k].clone().requires_grad_() for p in stacked] for k in range(K)]
+    opt = opt_cls(joint, per_worker=True, **kw)
+    opts = [opt_cls(ps, **kw) for ps in solo]
+    for step_grads in grads:
+        for p, g in zip(joint, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        for k in range(K):
+            for p, g in zip(solo[k], step_grads):
+                p.grad = g[k].clone()
+            opts[k].step()
+    for i, p in enumerate(joint):
+        want = torch.stack([solo[k][i].detach() for k in range(K)])
+        # bitwise: per-slice norms reduce the same elements in the same order
+        assert torch.equal(p.detach(), want), (p.detach() - want).abs().max()
+    return joint, stacked
+
+
+@pytest.mark.parametrize("clip", [None, 10.0])
+def test_lars_per_worker_equals_separate_optimizers(clip):
+    joint, start = _per_worker_vs_separate(LARS, lr=0.5, weight_decay=0.01, trust_coefficient=0.1,
+                                          max_trust_ratio=0.05, grad_clip_norm=clip)
+    assert all(not torch.equal(p.detach(), s) for p, s in zip(joint, start))
+
+
+@pytest.mark.parametrize("clip", [None, 10.0])
+def test_lamb_per_worker_equals_separate_optimizers(clip):
+    _per_worker_vs_separate(LAMB, lr=0.01, weight_decay=0.05, max_trust_ratio=0.9, grad_clip_norm=clip)
+    _per_worker_vs_separate(LAMB, lr=0.01, weight_decay=0.0, trust_ratio_only_with_wd=True,
+                            bias_correction=False, exclude_1d=False, grad_clip_norm=clip)
+
+
+def test_lars_per_worker_wd_in_grad_norm():
+    _per_worker_vs_separate(LARS, lr=0.5, weight_decay=0.01, trust_coefficient=0.1, wd_in_grad_norm=True,
+                            exclude_1d=False, grad_clip_norm=10.0)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _cfg(name: str):
+    return OmegaConf.merge(OmegaConf.structured(OptimizerConfig), OmegaConf.load(CONF / f"{name}.yaml"))
+
+
+def test_registry_keys_are_the_yaml_names():
+    assert set(OPTIMIZERS) == {f.stem for f in CONF.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_build_every_optimizer_from_its_yaml(name):
+    cfg = _cfg(name)
+    w = torch.ones(2, 2, requires_grad=True)
+    opt = build_optimizer([w], cfg, lr=0.3, weight_decay=0.02)
+    kind = {"sgdm": torch.optim.SGD, "adamw": torch.optim.AdamW, "lars": LARS, "lamb": LAMB}[name]
+    assert type(opt) is kind
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.3 and group["weight_decay"] == 0.02  # the top-level values, not the YAML's
+    if name == "lars":
+        assert group["trust_coefficient"] == cfg.trust_coefficient
+    if name in ("adamw", "lamb"):
+        assert group["betas"] == tuple(cfg.betas)
+    (w * w).sum().backward()
+    opt.step()
+    assert torch.isfinite(w).all() and not torch.equal(w.detach(), torch.ones(2, 2))
+
+
+def test_build_unknown_name_lists_the_allowed():
+    cfg = OmegaConf.create({"name": "adagrad"})
+    with pytest.raises(KeyError, match="adamw, lamb, lars, sgdm"):
+        build_optimizer([torch.ones(1, requires_grad=True)], cfg, lr=0.1, weight_decay=0.0)
+
+
+def test_per_worker_flag_reaches_layerwise_optimizers():
+    cfg = _cfg("lamb")
+    opt = build_optimizer([torch.ones(K, 2, 2, requires_grad=True)], cfg, 0.1, 0.0, per_worker=True)
+    assert opt.per_worker
+
+
+# ----------------------------------------------------------------------------- state round trip
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_state_dict_round_trip_continues_identically(name):
+    cfg = _cfg(name)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(5, 3, generator=gen) for _ in range(6)]
+
+    def make(params):
+        return build_optimizer(params, cfg, lr=0.05, weight_decay=0.01)
+
+    def train(params, opt, batches):
+        for x in batches:
+            opt.zero_grad()
+            (torch.tanh(x @ params[0] + params[1]) ** 2).sum().backward()
+            opt.step()
+
+    params = [torch.randn(3, 2, generator=gen).requires_grad_(), torch.randn(2, generator=gen).requires_grad_()]
+    opt = make(params)
+    train(params, opt, xs[:3])
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
+    train(params, opt, xs[3:])
+
+    buf.seek(0)
+    saved = torch.load(buf)
+    resumed = [p.clone().requires_grad_() for p in saved["params"]]
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, xs[3:])
+    for a, b in zip(params, resumed):
+        assert torch.equal(a.detach(), b.detach())

@@ -1,0 +1,97 @@
+"""plot_history writes valid PNGs for the keys present and skips the rest."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from dpl.plots import plot_history
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _history(epochs: int = 4) -> list[dict[str, float]]:
+    return [
+        {
+            "epoch": e,
+            "train_loss": 2.0 / (e + 1),
+            "val_loss": 2.2 / (e + 1),
+            "train_acc": 0.2 * e,
+            "val_acc": 0.18 * e,
+            "lr": 0.1 * math.cos(e / epochs),
+            "H": 2**e,
+            "comm_bytes_total": 1e6 * (e + 1),
+            "modelled_time_s": 3.0 * (e + 1),
+            "sync_rounds_total": 10 * (e + 1),
+        }
+        for e in range(epochs)
+    ]
+
+
+def _is_png(path) -> bool:
+    return path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_full_history_writes_every_figure(tmp_path):
+    paths = plot_history(_history(), tmp_path)
+    assert [p.name for p in paths] == ["loss.png", "accuracy.png", "lr.png", "comm.png", "h.png"]
+    assert all(p.parent == tmp_path and _is_png(p) for p in paths)
+    # Atomic writes leave no temp files beside the figures.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_missing_keys_skip_their_figures(tmp_path):
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "lr": 0.1} for e in range(3)]
+    paths = plot_history(history, tmp_path)
+    assert [p.name for p in paths] == ["loss.png", "lr.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "lr.png"]
+
+
+def test_comm_figure_with_only_one_axis_quantity(tmp_path):
+    history = [{"epoch": e, "val_acc": 0.1 * e, "modelled_time_s": 1.0 + e} for e in range(3)]
+    names = [p.name for p in plot_history(history, tmp_path)]
+    assert names == ["accuracy.png", "comm.png"]
+
+
+def test_comm_needs_val_acc(tmp_path):
+    history = [{"epoch": e, "comm_bytes_total": 1e6 * e, "modelled_time_s": 1.0 + e} for e in range(3)]
+    assert plot_history(history, tmp_path) == []
+
+
+def test_empty_history_writes_nothing(tmp_path):
+    assert plot_history([], tmp_path / "plots") == []
+    assert not (tmp_path / "plots").exists()
+
+
+def test_rows_without_epoch_and_nan_values(tmp_path):
+    # Epoch falls back to the row index; a diverged (nan) loss must not stop the plot.
+    history = [{"train_loss": 1.0}, {"train_loss": float("nan")}, {"train_loss": 0.5}]
+    (path,) = plot_history(history, tmp_path)
+    assert path.name == "loss.png" and _is_png(path)
+
+
+def test_overwrites_existing_figure(tmp_path):
+    (tmp_path / "loss.png").write_bytes(b"old")
+    plot_history([{"epoch": 0, "val_loss": 1.0}], tmp_path)
+    assert _is_png(tmp_path / "loss.png")
+
+
+def test_plotting_never_touches_pyplot(tmp_path):
+    # No pyplot means no global figure list to leak into and no display backend needed.
+    code = (
+        "import sys; from dpl.plots import plot_history; "
+        f"plot_history({_history(2)!r}, {str(tmp_path)!r}); "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "comm.png").exists()
+
+
+@pytest.mark.parametrize("key", ["H", "lr"])
+def test_single_key_figures(tmp_path, key):
+    (path,) = plot_history([{"epoch": e, key: 1.0 + e} for e in range(2)], tmp_path)
+    assert path.name == {"H": "h.png", "lr": "lr.png"}[key] and _is_png(path)

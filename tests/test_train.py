@@ -1,0 +1,112 @@
+"""End-to-end training on synthetic data, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dpl import checkpoint
+from dpl.app import run
+
+
+def test_synthetic_run_learns(make_cfg, tmp_path):
+    final = run(make_cfg("epochs=3", "lr=0.05"), out_dir=tmp_path)
+    assert final["test_acc"] > 0.6  # chance is 0.1
+    assert final["test_acc_best"] > 0.6
+    assert (tmp_path / "checkpoint.pt").is_file()
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 2 and "test_acc" in rows[0]
+
+
+class Interrupt(BaseException):
+    pass
+
+
+def _interrupt_at(step):
+    def hook(trainer):
+        if trainer.state.global_step == step:
+            raise Interrupt()
+    return hook
+
+
+@pytest.mark.parametrize("method", ["centralized", "localsgd", "slowmo"])
+def test_resume_mid_period_equals_uninterrupted(make_cfg, tmp_path, method, monkeypatch):
+    overrides = [f"method={method}", "K=2", "H=4", "epochs=3", "checkpoint_every=5",
+                 "dynamic_h=loss" if method == "localsgd" else "dynamic_h=constant"]
+    full = run(make_cfg(*overrides), out_dir=tmp_path / "full")
+
+    # Kill after step 22 (epoch 1, mid-period); the last checkpoint is at step 20, mid-period too.
+    from dpl import train as train_mod
+
+    original_fit = train_mod.Trainer.fit
+
+    def fit_with_interrupt(self):
+        self.on_step.append(_interrupt_at(22))
+        original_fit(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "fit", fit_with_interrupt)
+    with pytest.raises(Interrupt):
+        run(make_cfg(*overrides), out_dir=tmp_path / "cut")
+    monkeypatch.setattr(train_mod.Trainer, "fit", original_fit)
+    saved = checkpoint.load(tmp_path / "cut")
+    assert saved["state"]["global_step"] == 20 and saved["state"]["step"] == 5
+    resumed = run(make_cfg(f"resume={tmp_path / 'cut'}"))
+    for key in ("test_acc", "test_acc_best", "best_val_acc", "test_loss"):
+        assert resumed[key] == full[key], key
+
+
+def test_sigkill_then_resume_gives_the_same_final_metrics(tmp_path):
+    args = ["dataset=synthetic", "dataset.num_train=1000", "dataset.num_test=200", "epochs=4", "batch_size=32",
+            "logger=none", "progress=false", "device=cpu", "K=2", "method=localsgd", "H=3", "checkpoint_every=3",
+            f"results_csv={tmp_path / 'r.csv'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, "-m", "dpl", *args, f"hydra.run.dir={full}"], check=True, env=env,
+                   capture_output=True, timeout=600)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "dpl", *args, f"hydra.run.dir={cut}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill as soon as a checkpoint from the second epoch exists
+        try:
+            if checkpoint.load(cut)["state"]["epoch"] >= 1:
+                break
+        except checkpoint.CheckpointError:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run([sys.executable, "-m", "dpl", f"resume={cut}", f"hydra.run.dir={tmp_path / 'again'}"],
+                   check=True, env=env, capture_output=True, timeout=600)
+    a = checkpoint.load(full)
+    b = checkpoint.load(cut)
+    timing = {"epoch_time_s", "samples_per_s", "modelled_time_s"}  # wall clock differs, nothing else may
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a["state"]["history"]] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in b["state"]["history"]]
+    for x, y in zip(a["workers"]["params"], b["workers"]["params"]):
+        assert torch.equal(x, y)
+
+
+def test_missing_and_corrupt_checkpoints_are_one_clear_error(tmp_path, make_cfg):
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        run(make_cfg(f"resume={tmp_path / 'nowhere'}"))
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        run(make_cfg(f"resume={tmp_path}"))
+
+
+def test_test_only_and_pretrained(make_cfg, tmp_path):
+    final = run(make_cfg("epochs=1"), out_dir=tmp_path / "a")
+    again = run(make_cfg("test_only=true", f"checkpoint={tmp_path / 'a' / 'checkpoint.pt'}"))
+    assert again["test_acc"] == final["test_acc"] and again["test_acc_best"] == final["test_acc_best"]
+    warm = run(make_cfg("epochs=1", f"pretrained={tmp_path / 'a' / 'checkpoint.pt'}", "lr=1e-6",
+                        "scheduler=constant"), out_dir=tmp_path / "b")
+    assert abs(warm["test_acc"] - final["test_acc"]) < 0.05  # started from the trained weights
