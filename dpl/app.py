@@ -22,21 +22,12 @@ from dpl.io import write_csv
 from dpl.methods import build_method
 from dpl.models import build_model
 from dpl.plots import plot_history
-from dpl.tracking import append_result_row, flatten_config, git_commit, make_logger
+from dpl.tracking import append_result_row, flatten_config, git_commit, launch_dir, make_logger
 from dpl.train import Diverged, Trainer
 
 log = logging.getLogger("dpl")
 
 WORST_OBJECTIVE = 0.0  # what a diverged run returns to a sweeper that maximises val accuracy
-
-
-def launch_dir() -> Path:
-    """Where the user launched: relative paths in the config resolve against it."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.cwd)
-    return Path.cwd()
 
 
 def job_dir() -> Path:

@@ -133,17 +133,20 @@ BENCHES = {"step": bench_step, "local": bench_local}
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dpl.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="*", default=list(BENCHES), choices=list(BENCHES))
+    parser.add_argument("which", nargs="*", help=f"any of {', '.join(BENCHES)} (default: all)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=64, help="batch of the [step] benchmark")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10, help="steps per repeat")
     args = parser.parse_args(argv)
+    unknown = [w for w in args.which if w not in BENCHES]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(BENCHES)}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     print(f"dpl.bench: torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    for name in args.which:
+    for name in args.which or list(BENCHES):
         BENCHES[name](device, args)
 
 

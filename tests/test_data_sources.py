@@ -168,7 +168,6 @@ def test_fashion_mnist_missing_everywhere_is_unavailable(tmp_path):
     _assert_one_line_with(str(e.value), f"{tmp_path}/FashionMNIST/raw/", "dataset-fashion-mnist", "dataset=synthetic")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (sources.DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_real_debian_fashion_mnist(tmp_path):

@@ -110,3 +110,11 @@ def test_test_only_and_pretrained(make_cfg, tmp_path):
     warm = run(make_cfg("epochs=1", f"pretrained={tmp_path / 'a' / 'checkpoint.pt'}", "lr=1e-6",
                         "scheduler=constant"), out_dir=tmp_path / "b")
     assert abs(warm["test_acc"] - final["test_acc"]) < 0.05  # started from the trained weights
+
+
+@pytest.mark.slow
+def test_fashion_mnist_end_to_end(make_cfg, tmp_path):
+    """Real Fashion-MNIST (Debian's files when offline) through LeNet-5 on 1x28x28 inputs."""
+    final = run(make_cfg("dataset=fashion_mnist", f"dataset.root={tmp_path / 'data'}", "epochs=1", "batch_size=128",
+                         "lr=0.05"), out_dir=tmp_path)
+    assert final["test_acc"] > 0.7

@@ -39,7 +39,8 @@ class LocalComm:
 
     def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
         for t in tensors:
-            t.copy_(t.mean(0, keepdim=True))
+            # integer buffers (BatchNorm's num_batches_tracked) average in float, then truncate
+            t.copy_(t.mean(0, keepdim=True) if t.is_floating_point() else t.double().mean(0, keepdim=True))
 
 
 class StackedWorkers:
