@@ -160,6 +160,8 @@ class Recorder:
         self._artifacts(trainer)
         row = {**flatten_config(self.cfg), **final, "run_id": self.run_id or "", "job_dir": str(self.out_dir)}
         append_result_row(resolve_path(self.cfg.results_csv), row)
+        write_csv(self.out_dir / "result.csv", [row])  # this run's row of results_csv, as an artifact
+        self.logger.log_artifact(self.out_dir / "result.csv")
         self.logger.finish("FINISHED")
         log.info("test_acc=%.4f test_acc_best=%.4f best_val_acc=%.4f",
                  final["test_acc"], final["test_acc_best"], final["best_val_acc"])

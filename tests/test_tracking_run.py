@@ -32,7 +32,7 @@ def test_run_contents_in_mlflow(make_cfg, tmp_path):
     assert r.data.metrics["test_acc_best"] == final["test_acc_best"]
     assert r.data.metrics["best_val_acc"] == final["best_val_acc"]
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"config.yaml", "history.csv", "plots"} <= artifacts
+    assert {"config.yaml", "history.csv", "result.csv", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
     assert {"plots/loss.png", "plots/accuracy.png", "plots/lr.png", "plots/comm.png", "plots/h.png"} <= plots
     with open(tmp_path / "results.csv") as f:
