@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -11,6 +12,8 @@ from dpl.config import ConfigError, register_configs
 from dpl.preflight import check_overrides
 
 register_configs()
+
+TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}  # torchrun's env:// variables
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -23,20 +26,29 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from dpl.app import run
+    from dpl.app import job_dir, run
+    from dpl.engine.launch import RankFailure, announce_run_dir
 
+    announce_run_dir(job_dir())  # under torchrun: the other ranks write under rank 0's dir
     try:
         result = run(cfg)
     except user_errors() as e:
         msg = e.args[0] if e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+    except RankFailure as e:  # engine=distributed: a rank died, hung or failed
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     return float(result.get("best_val_acc", 0.0))
 
 
 def cli() -> None:
     try:
         check_overrides(sys.argv[1:])
+        if TORCHRUN_ENV <= os.environ.keys():  # checked here so that plain runs do not import torch yet
+            from dpl.engine.launch import agree_run_dir
+
+            sys.argv[1:] = agree_run_dir(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

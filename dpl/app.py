@@ -22,6 +22,7 @@ from dpl.io import write_csv
 from dpl.methods import build_method
 from dpl.models import build_model
 from dpl.plots import plot_history
+from dpl.sweep import parent_run_id
 from dpl.tracking import append_result_row, flatten_config, git_commit, launch_dir, make_logger
 from dpl.train import Diverged, Trainer
 
@@ -53,7 +54,13 @@ def pick_device(name: str) -> torch.device:
 
 def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=None) -> Trainer:
     """Data, model, workers, method and optimizer for ``cfg`` (seeded: the same on every rank)."""
-    data = load_dataset(cfg.dataset, cfg.seed, device, root=resolve_path(cfg.dataset.root))
+
+    def load(download: bool):
+        node = cfg.dataset if download else OmegaConf.merge(cfg.dataset, {"download": False})
+        return load_dataset(node, cfg.seed, device, root=resolve_path(cfg.dataset.root))
+
+    # engine=distributed: only rank 0 may download; the others wait for it
+    data = load(True) if comm is None else comm.rank0_first(load)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, data.channels, data.num_classes, data.image_size).to(device)
     if cfg.pretrained:
@@ -63,8 +70,12 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=Non
     return Trainer(cfg, data, workers, method, rank=rank)
 
 
-def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> dict[str, Any]:
-    """Train (or resume, or only test) one job; returns the final metrics."""
+def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str, Any]:
+    """Train (or resume, or only test) one job; returns the final metrics.
+
+    ``engine=distributed`` starts (or joins) its K processes here, each of which calls
+    ``run`` again with its rank's communicator ``comm``; only rank 0 records.
+    """
     validate(cfg)
     out_dir = Path(out_dir) if out_dir is not None else job_dir()
     if cfg.test_only:
@@ -74,11 +85,15 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> dict[str, Any]:
         ckpt = checkpoint.load(resolve_path(cfg.resume))
         out_dir = checkpoint.locate(resolve_path(cfg.resume)).parent
         cfg = _resumed_config(cfg, ckpt)
-    device = pick_device(cfg.device)
-    trainer = build_trainer(cfg, device)
+    if cfg.engine.name == "distributed" and comm is None:
+        from dpl.engine.launch import launch
+
+        return launch(cfg, out_dir, run)
+    rank = 0 if comm is None else comm.rank
+    trainer = build_trainer(cfg, pick_device(cfg.device) if comm is None else comm.device, rank, comm)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-    recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None)
+    recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None, writer=rank == 0)
     recorder.attach(trainer)
     try:
         trainer.fit()
@@ -99,15 +114,19 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
     saved = OmegaConf.merge(OmegaConf.structured(type(OmegaConf.to_object(cfg))), ckpt["config"])
     saved.progress = cfg.progress
     saved.resume = cfg.resume
+    saved.engine.spawn = saved.engine.spawn or cfg.engine.spawn  # how to start the processes, not what they compute
     validate(saved)
     return saved
 
 
 def test_only(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate a checkpoint's final and best models on the test split."""
+    if not (cfg.checkpoint or cfg.resume):
+        raise ConfigError("test_only=true needs checkpoint=<path> (or resume=<job dir>)")
     ckpt = checkpoint.load(resolve_path(cfg.checkpoint or cfg.resume))
     saved = _resumed_config(cfg, ckpt)
     saved.pretrained = None
+    saved.engine.name = "simulated"  # a checkpoint holds every worker, stacked: one process evaluates it
     trainer = build_trainer(saved, pick_device(cfg.device))
     trainer.load_state_dict(ckpt)
     final = trainer.final_metrics()
@@ -118,14 +137,19 @@ def test_only(cfg: DictConfig) -> dict[str, Any]:
 class Recorder:
     """Plumbing beside the loop: MLflow, checkpoints, progress bar, plots, results CSV."""
 
-    def __init__(self, cfg: DictConfig, out_dir: Path, resume_run_id: Optional[str] = None) -> None:
+    def __init__(self, cfg: DictConfig, out_dir: Path, resume_run_id: Optional[str] = None,
+                 writer: bool = True) -> None:
         self.cfg, self.out_dir = cfg, out_dir
+        # Ranks other than 0 of engine=distributed take part in checkpoint gathers but write nothing.
+        self.writer = writer
         self.ckpt_path = out_dir / checkpoint.FILENAME
-        self.logger = make_logger(cfg.logger)
+        self.logger = make_logger(cfg.logger if writer else OmegaConf.create({"name": "none"}))
         tags = {"method": cfg.method.name, "optimizer": cfg.optimizer.name, "dataset": cfg.dataset.name,
                 "git_commit": git_commit()}
         if cfg.sweep:
             tags["sweep"] = str(cfg.sweep)
+        if parent_run_id():  # a job of a sweep that opened an MLflow parent run (dpl.sweep)
+            tags["mlflow.parentRunId"] = parent_run_id()
         self.run_id = self.logger.start(cfg, tags, resume_run_id=resume_run_id)
         self.bar = None
 
@@ -133,7 +157,7 @@ class Recorder:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=self.cfg.epochs, initial=trainer.state.epoch, desc=f"{self.cfg.method.name}",
-                        unit="epoch", disable=not self.cfg.progress, dynamic_ncols=True)
+                        unit="epoch", disable=not (self.cfg.progress and self.writer), dynamic_ncols=True)
         trainer.on_epoch.append(self.epoch_done)
         if self.cfg.checkpoint_every:
             trainer.on_step.append(self.step_done)
@@ -158,6 +182,8 @@ class Recorder:
         self._close_bar()
         self.logger.log_metrics({k: float(v) for k, v in final.items()}, step=trainer.state.epoch)
         self._artifacts(trainer)
+        if not self.writer:
+            return
         row = {**flatten_config(self.cfg), **final, "run_id": self.run_id or "", "job_dir": str(self.out_dir)}
         append_result_row(resolve_path(self.cfg.results_csv), row)
         write_csv(self.out_dir / "result.csv", [row])  # this run's row of results_csv, as an artifact
@@ -174,7 +200,7 @@ class Recorder:
             self.logger.finish(status, reason=reason)
 
     def _artifacts(self, trainer: Trainer) -> None:
-        rows = trainer.state.history
+        rows = trainer.state.history if self.writer else []
         if self.cfg.logger.plots and rows:
             for path in plot_history(rows, self.out_dir / "plots"):
                 self.logger.log_artifact(path, "plots")

@@ -10,6 +10,11 @@ Each measurement warms up, then repeats and reports the median and spread
 2. ``local``: one simulated LocalSGD step of K=8 workers x batch 64 against one
    centralized step of batch 512 on the same model (equal FLOPs), per simulation mode.
    Goal: ratio >= 0.9 for the mode ``simulate=auto`` picks.
+3. ``distributed``: epoch time of ``engine=distributed`` with K gloo processes on this
+   machine's CPU cores against the one-process simulation of the same K workers and
+   config (ratio simulated/distributed: > 1 means the processes are faster), and the
+   fraction of the distributed epoch spent in collectives (``comm_wall_s``, waiting
+   for the slowest rank included). The first epoch (connection setup) is warm-up.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -128,7 +135,42 @@ def bench_local(device: torch.device, args) -> None:
               f"{tag}   (goal >= 0.9 for auto)")
 
 
-BENCHES = {"step": bench_step, "local": bench_local}
+def _fit_rank(cfg, _out_dir, comm) -> list[dict]:
+    """One rank of the [distributed] benchmark: train without recording anything; its history."""
+    trainer = build_trainer(cfg, comm.device, comm.rank, comm)
+    trainer.fit()
+    return trainer.state.history
+
+
+def _spread(xs: list[float], fmt: str = "{:.3f}") -> str:
+    return f"{fmt.format(statistics.median(xs))} (min {fmt.format(min(xs))}, max {fmt.format(max(xs))})"
+
+
+def bench_distributed(device: torch.device, args) -> None:
+    from dpl.engine.launch import spawn
+
+    epochs = 1 + args.repeats  # the first epoch is warm-up
+    print(f"[distributed] epoch time of K gloo processes vs the one-process simulation of K workers "
+          f"(CPU, {torch.get_num_threads()} threads for the simulation, cores/K per process; "
+          f"median over {args.repeats} epochs after one warm-up epoch)")
+    for K in args.world:
+        for method, extra in (("centralized", []), ("localsgd", ["H=8"])):
+            ov = ["device=cpu", f"K={K}", f"method={method}", *extra, f"dataset.num_train={args.samples}",
+                  f"batch_size={args.batch}", f"epochs={epochs}", "dataset.num_test=500"]
+            sim = build_trainer(compose(*ov), torch.device("cpu"))
+            sim.fit()
+            with tempfile.TemporaryDirectory() as tmp:
+                hist = spawn(_fit_rank, compose(*ov, "engine=distributed"), Path(tmp))
+            sim_s = [r["epoch_time_s"] for r in sim.state.history[1:]]
+            dist_s = [r["epoch_time_s"] for r in hist[1:]]
+            frac = [r["comm_wall_s"] / r["epoch_time_s"] for r in hist[1:]]
+            print(f"  K={K} {method:<11} {sim.steps_per_epoch} steps/epoch: simulated {_spread(sim_s)} s, "
+                  f"distributed {_spread(dist_s)} s")
+            print(f"    ratio simulated/distributed: {statistics.median(sim_s) / statistics.median(dist_s):.2f}   "
+                  f"time in collectives: {_spread(frac, '{:.1%}')}")
+
+
+BENCHES = {"step": bench_step, "local": bench_local, "distributed": bench_distributed}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10, help="steps per repeat")
+    parser.add_argument("--world", type=int, nargs="+", default=[2, 4], help="process counts of [distributed]")
+    parser.add_argument("--samples", type=int, default=4000, help="synthetic images of [distributed]")
     args = parser.parse_args(argv)
     unknown = [w for w in args.which if w not in BENCHES]
     if unknown:

@@ -173,12 +173,13 @@ class EngineConfig:
     spawn: bool = False  # start K local processes from one command
     timeout_s: float = 300.0  # a rank that dies or hangs ends the job after this long
     master_addr: str = "127.0.0.1"
-    master_port: int = 29512
+    master_port: int = 29512  # spawn: the launcher's store; 0 = a free port
 
     def __post_init__(self) -> None:
         _one_of("engine.simulate", self.simulate, ("auto", "vmap", "loop"))
         _one_of("engine.backend", self.backend, ("auto", "gloo", "nccl"))
         _positive("engine.timeout_s", self.timeout_s)
+        _check(0 <= self.master_port < 65536, "engine.master_port", self.master_port, "0 (a free port) to 65535")
 
 
 @dataclass
@@ -207,6 +208,7 @@ class NetworkConfig:
 DEVICES = ("auto", "cpu", "cuda")
 SHARDINGS = ("iid", "random", "dirichlet")
 MOMENTUM_MODES = ("keep", "reset", "average")
+LR_SCALINGS = ("none", "linear", "sqrt")  # see dpl.train.scaled_lr
 
 
 @dataclass
@@ -225,6 +227,8 @@ class Config:
     H: int = 1  # local steps between syncs (the dynamic_h group may change it per epoch)
     batch_size: int = 64  # per worker
     lr: float = 0.01
+    lr_scaling: str = "none"  # none | linear | sqrt: scale lr by the global batch K*batch_size ...
+    base_batch_size: int = 64  # ... relative to this one (the batch that lr was tuned for)
     weight_decay: float = 0.0
     epochs: int = 150
     warmup_epochs: float = 0.0
@@ -249,6 +253,8 @@ class Config:
         _at_least("H", self.H, 1, "an integer")
         _at_least("batch_size", self.batch_size, 1, "an integer")
         _positive("lr", self.lr)
+        _one_of("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        _at_least("base_batch_size", self.base_batch_size, 1, "an integer")
         _at_least("weight_decay", self.weight_decay, 0.0)
         _at_least("epochs", self.epochs, 1, "an integer")
         _at_least("warmup_epochs", self.warmup_epochs, 0.0)
@@ -258,8 +264,6 @@ class Config:
         _positive("dirichlet_alpha", self.dirichlet_alpha)
         _one_of("local_momentum", self.local_momentum, MOMENTUM_MODES)
         _at_least("checkpoint_every", self.checkpoint_every, 0, "an integer")
-        _check(not self.test_only or self.checkpoint is not None or self.resume is not None,
-               "test_only", self.test_only, "only together with checkpoint=<path> or resume=<job dir>")
 
 
 GROUP_SCHEMAS: dict[str, type] = {

@@ -27,7 +27,7 @@ def plot_history(history: History, out_dir: str | Path) -> list[Path]:
     for name, draw in _FIGURES.items():
         fig = draw(history)
         if fig is not None:
-            written.append(_save(fig, out_dir / name))
+            written.append(save_figure(fig, out_dir / name))
     return written
 
 
@@ -50,10 +50,10 @@ def _curves(history: History, keys: Sequence[str], ylabel: str, title: str) -> F
     series = {k: xy for k, xy in series.items() if xy[0]}
     if not series:
         return None
-    fig, ax = _figure(1)
+    fig, ax = new_figure(1)
     for key, (xs, ys) in series.items():
         ax[0].plot(xs, ys, label=key.replace("_", " "))
-    _label(ax[0], "epoch", ylabel, title)
+    label_axes(ax[0], "epoch", ylabel, title)
     if len(series) > 1:
         ax[0].legend()
     return fig
@@ -86,30 +86,30 @@ def _comm(history: History) -> Figure | None:
         panels.append((xs, ys, "modelled time (s)", "Accuracy vs modelled time"))
     if not panels:
         return None
-    fig, axes = _figure(len(panels))
+    fig, axes = new_figure(len(panels))
     for ax, (xs, ys, xlabel, title) in zip(axes, panels):
         ax.plot(xs, ys, marker=".")
-        _label(ax, xlabel, "val accuracy", title)
+        label_axes(ax, xlabel, "val accuracy", title)
     return fig
 
 
 _FIGURES = {"loss.png": _loss, "accuracy.png": _accuracy, "lr.png": _lr, "comm.png": _comm, "h.png": _h}
 
 
-def _figure(panels: int) -> tuple[Figure, list]:
+def new_figure(panels: int) -> tuple[Figure, list]:
     fig = Figure(figsize=(5.0 * panels, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, list(fig.subplots(1, panels, squeeze=False)[0])
 
 
-def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+def label_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     with atomic_temp_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     fig.clear()  # drop the artists now rather than waiting for the collector

@@ -49,11 +49,13 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
 
 
 def _values(o) -> Iterable[Any]:
-    from hydra.core.override_parser.types import IntervalSweep
+    from hydra.core.override_parser.types import Glob, IntervalSweep
 
     if not o.is_sweep_override():
         return [o.value()]
     sweep = o.value()
+    if isinstance(sweep, Glob):
+        return []  # matched against the group's options by Hydra itself: nothing can be invalid
     if isinstance(sweep, IntervalSweep):
         return [sweep.start, sweep.end]
     return list(o.sweep_iterator())

@@ -218,6 +218,12 @@ def make_logger(cfg_logger: Any) -> Logger:
     return LOGGERS[cfg_logger.name](cfg_logger)
 
 
+def mlflow_client(tracking_uri: str, base_dir: str | Path | None = None):
+    """An ``MlflowClient`` on ``tracking_uri``; a relative sqlite path resolves against ``base_dir``
+    (default: the launch directory), as the jobs that wrote the store resolved it."""
+    return _mlflow_client(resolve_tracking_uri(tracking_uri, base_dir if base_dir is not None else launch_dir()))
+
+
 def _mlflow_client(uri: str):
     _quiet_mlflow()
     from mlflow.tracking import MlflowClient

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpl import checkpoint
-from dpl.comm import CommLedger, param_bytes, worker_drift
+from dpl.comm import CommLedger, param_bytes
 from dpl.data import DeviceData, batch_indices, epoch_order, eval_batches, make_batch, make_shards, steps_per_epoch
 from dpl.dynamic_h import HContext, next_h
 from dpl.engine.workers import StackedWorkers
@@ -66,6 +66,21 @@ class TrainState:
         self.loss_sum = self.drift_sum = self.compute_s = 0.0
 
 
+def scaled_lr(lr: float, rule: str, batch: int, base_batch: int) -> float:
+    """The base lr for a global batch of ``batch`` samples per step, given ``lr`` tuned at ``base_batch``.
+
+    ``linear``: lr * batch / base_batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD", Sec. 2.1);
+    ``sqrt``: lr * sqrt(batch / base_batch), which keeps the variance of the update constant
+    (Krizhevsky 2014, "One weird trick"; Hoffer et al. 2017); ``none``: lr as given.
+    The global batch is K * batch_size: LocalSGD scales its inner lr by the K workers too (Lin et al. 2020).
+    """
+    ratio = batch / base_batch
+    factors = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}
+    if rule not in factors:
+        raise ValueError(f"lr_scaling={rule!r} is invalid: allowed one of {', '.join(factors)}")
+    return lr * factors[rule]
+
+
 def step_generator(seed: int, global_step: int, device: torch.device) -> torch.Generator:
     """The augmentation RNG of one step: a pure function of (seed, step), so resumes are exact."""
     g = torch.Generator(device=device)
@@ -87,12 +102,16 @@ class Trainer:
         # Plain dataclasses for the per-step reads: DictConfig attribute access costs ~10 us each.
         self.hp = OmegaConf.to_object(cfg)
         self.device = data.train_x.device
-        # Shards are a function of the seed only, so every method and engine sees the same ones;
-        # a rank of the multi-process engine keeps its own rows.
+        # Shards are a function of the seed only, so every method and engine sees the same ones.
+        # Every process holds all K rows: the shuffles and crops of a step are drawn jointly for
+        # the K workers, so a rank of the multi-process engine draws them all and cuts its ``rows``.
         shards = make_shards(data.train_y.cpu(), workers.K, cfg.sharding, cfg.seed, cfg.dirichlet_alpha)
-        self.shards = shards[rank: rank + workers.k_local].to(self.device)
+        self.shards = shards.to(self.device)
+        self.rows = slice(rank, rank + workers.k_local)
         self.steps_per_epoch = steps_per_epoch(self.shards.shape[1], cfg.batch_size)
-        self.optimizer = build_optimizer(workers.params, cfg.optimizer, cfg.lr, cfg.weight_decay, per_worker=True)
+        self.base_lr = scaled_lr(cfg.lr, cfg.lr_scaling, cfg.K * cfg.batch_size, cfg.base_batch_size)
+        self.optimizer = build_optimizer(workers.params, cfg.optimizer, self.base_lr, cfg.weight_decay,
+                                         per_worker=True)
         self.state = TrainState(H=cfg.H)
         self.ledger = CommLedger(K=workers.K, replica_bytes=param_bytes(workers.params, per_worker=True),
                                  bandwidth_gbps=cfg.network.bandwidth_gbps, latency_us=cfg.network.latency_us)
@@ -125,7 +144,9 @@ class Trainer:
         t0 = time.perf_counter()
         s.lr = self.lr(s.global_step)
         idx = batch_indices(order, s.step, cfg.batch_size)
-        x, y = make_batch(self.data, idx, step_generator(cfg.seed, s.global_step, self.device), train=True)
+        # this process's workers (all of them in the simulation)
+        x, y = make_batch(self.data, idx, step_generator(cfg.seed, s.global_step, self.device), train=True,
+                          rows=self.rows)
         losses, correct = workers.forward_backward(x, y)  # each worker's gradient on its own batch
         method.on_gradients(workers)  # centralized: all-reduce the gradients
         self.inner_step(s.lr)
@@ -133,8 +154,8 @@ class Trainer:
         if not method.local:
             s.rounds += 1
         elif s.period == s.H or s.step == self.steps_per_epoch - 1:  # the last partial period syncs too
-            s.drift_sum += worker_drift(workers.params)
             method.sync(workers, self.optimizer, s.lr)  # average (SlowMo: and the outer step)
+            s.drift_sum += workers.drift  # how far apart the workers were just before the average
             s.rounds += 1
             s.period = 0
         s.step += 1
@@ -151,18 +172,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def end_epoch(self) -> None:
-        s = self.state
-        train_loss = s.loss_sum / max(s.seen, 1)
+        s, comm = self.state, self.workers.comm
+        # Summed over every process's workers, so all ranks record (and choose H from) the same numbers.
+        loss_sum, correct, seen, drift_sum = comm.all_sum([s.loss_sum, s.correct, s.seen, s.drift_sum])
+        comm_wall_s, comm.wall_s = comm.wall_s, 0.0
+        compute_s = max(s.compute_s - comm_wall_s, 0.0)  # the rest of the step: forward, backward, optimizer
+        train_loss = loss_sum / max(seen, 1)
         if not math.isfinite(train_loss):
             raise Diverged(f"training loss is {train_loss} in epoch {s.epoch}")
         val_loss, val_acc = self.evaluate("val")
         record = {
-            "epoch": s.epoch, "train_loss": train_loss, "train_acc": s.correct / max(s.seen, 1),
+            "epoch": s.epoch, "train_loss": train_loss, "train_acc": correct / max(seen, 1),
             "val_loss": val_loss, "val_acc": val_acc, "lr": s.lr, "H": s.H,
-            "epoch_time_s": s.compute_s, "samples_per_s": s.seen / max(s.compute_s, 1e-9),
-            "drift": s.drift_sum / s.rounds if self.method.local and s.rounds else 0.0,
+            "epoch_time_s": s.compute_s, "samples_per_s": seen / max(s.compute_s, 1e-9),
+            "drift": drift_sum / s.rounds if self.method.local and s.rounds else 0.0,
             # A worker of a real cluster computes only its own share of the simulated steps.
-            **self.ledger.record_epoch(s.rounds, s.step, s.compute_s / self.workers.k_local),
+            **self.ledger.record_epoch(s.rounds, s.step, compute_s / self.workers.k_local),
+            "comm_wall_s": comm_wall_s,  # measured in collectives (engine=distributed), beside the modelled bytes
         }
         s.history.append(record)
         if val_acc > s.best_val_acc:
@@ -179,7 +205,7 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     def lr(self, step: int) -> float:
         cfg = self.hp
-        return lr_at(step, self.steps_per_epoch, cfg.epochs, cfg.lr, cfg.warmup_epochs, cfg.scheduler)
+        return lr_at(step, self.steps_per_epoch, cfg.epochs, self.base_lr, cfg.warmup_epochs, cfg.scheduler)
 
     def next_h(self) -> int:
         ctx = HContext(epoch=self.state.epoch, epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch,
@@ -213,6 +239,7 @@ class Trainer:
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        ckpt = self.workers.comm.local_state(ckpt)  # a rank's share of a checkpoint of every worker
         self.state = TrainState(**ckpt["state"])
         self.workers.load_state_dict(_to(ckpt["workers"], self.device))
         self.best_weights = _to(ckpt["best_model"], self.device)
@@ -224,7 +251,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any]) -> None:
-        checkpoint.save({**self.state_dict(), **extra}, path)
+        state = self.workers.comm.gather_state(self.state_dict())  # every worker, on the writing process
+        if state is not None:
+            checkpoint.save({**state, **extra}, path)
 
 
 def _to(obj: Any, device: torch.device) -> Any:

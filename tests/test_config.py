@@ -52,7 +52,8 @@ def test_preflight_rejects_in_one_line(override, needle):
 
 
 def test_preflight_accepts_sweeps_and_valid_values():
-    check_overrides(["K=2,4,8", "H=4,16,64", "lr=1e-3", "method=localsgd,slowmo", "optimizer.betas=[0.9,0.99]"])
+    check_overrides(["K=2,4,8", "H=4,16,64", "lr=1e-3", "method=localsgd,slowmo", "optimizer.betas=[0.9,0.99]",
+                     "dynamic_h=glob(*)", "lr=tag(log,interval(1e-4,1))"])
 
 
 def test_validate_checks_composed_values():

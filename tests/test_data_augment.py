@@ -108,3 +108,17 @@ def test_cpu_generator_gives_the_same_crops_on_cuda():
     cuda_a = random_crop_flip(x.cuda(), 4, seeded(5, "cuda"))
     cuda_b = random_crop_flip(x.cuda(), 4, seeded(5, "cuda"))
     assert torch.equal(cuda_a, cuda_b)
+
+
+def test_rows_of_a_batch_get_the_crops_of_the_full_batch():
+    """A rank cutting only its workers' rows sees exactly its part of the jointly drawn batch."""
+    from dpl.data import DeviceData, make_batch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
+    data = DeviceData(x, torch.arange(40), x[:1], torch.zeros(1, dtype=torch.long), x[:1],
+                      torch.zeros(1, dtype=torch.long), torch.zeros(3), torch.ones(3), 40, True, 2)
+    idx = torch.randperm(40, generator=g)[:24].view(4, 6)
+    full_x, full_y = make_batch(data, idx, torch.Generator().manual_seed(5), train=True)
+    part_x, part_y = make_batch(data, idx, torch.Generator().manual_seed(5), train=True, rows=slice(2, 3))
+    assert torch.equal(part_x, full_x[2:3]) and torch.equal(part_y, full_y[2:3])

@@ -84,7 +84,8 @@ def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | N
 
 
 def make_batch(
-    data: DeviceData, idx: torch.Tensor, generator: torch.Generator | None, train: bool, split: str = "train"
+    data: DeviceData, idx: torch.Tensor, generator: torch.Generator | None, train: bool, split: str = "train",
+    rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut the batch ``idx`` (int64, any shape S, e.g. ``[K, B]``) from ``split``.
 
@@ -92,14 +93,21 @@ def make_batch(
 
     With ``train`` and ``data.augment`` (and the train split) each image gets its own random
     crop and flip drawn from ``generator``; otherwise the images are only normalised.
+    ``rows`` (a slice of ``idx``'s first dimension, e.g. one rank's workers) returns only
+    those rows; the random draws are still made for the whole ``idx``, so the rows get
+    exactly the crops they would get as part of the full batch.
     """
     xs, ys = data.split(split)
-    flat = idx.reshape(-1).to(xs.device)
+    rows = slice(0, idx.shape[0]) if rows is None else rows
+    keep = idx[rows]
+    flat = keep.reshape(-1).to(xs.device)
     x = xs[flat]
     if train and data.augment and split == "train":
-        x = random_crop_flip(x, data.crop_padding, generator)
+        per_row = idx[0].numel() if idx.dim() > 0 else 1
+        span = slice(rows.start * per_row, rows.start * per_row + flat.numel())
+        x = random_crop_flip(x, data.crop_padding, generator, draws=idx.numel(), span=span)
     x = normalize(x, data.mean, data.std)
-    return x.view(*idx.shape, *x.shape[1:]), ys[flat].view(idx.shape)
+    return x.view(*keep.shape, *x.shape[1:]), ys[flat].view(keep.shape)
 
 
 def eval_batches(data: DeviceData, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -11,16 +11,22 @@ import torch
 import torch.nn.functional as F
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None) -> torch.Tensor:
+def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator | None,
+                     draws: int | None = None, span: slice | None = None) -> torch.Tensor:
     """Random crop after zero padding, then horizontal flip with p=0.5, independently per image.
 
     ``x`` is uint8 ``[N, C, H, W]``; the result has the same shape and dtype.  Zero padding
     matches torchvision's ``RandomCrop(padding=p)`` default.  Random numbers are drawn on
     the generator's device (so a seeded generator gives the same crops on CPU and CUDA)
     and then moved to ``x``'s device.
+
+    ``draws``/``span``: draw offsets for ``draws`` images and use those in ``span`` for ``x``
+    (one process's share of a batch whose randomness is drawn jointly for all workers).
     """
     n, c, h, w = x.shape
-    dy, dx, flip = _draw_offsets(n, padding, generator, x.device)
+    dy, dx, flip = _draw_offsets(draws or n, padding, generator, x.device)
+    if span is not None:
+        dy, dx, flip = dy[span], dx[span], flip[span]
     padded = F.pad(x, (padding, padding, padding, padding)) if padding > 0 else x
     rows = dy[:, None] + torch.arange(h, device=x.device)  # [N, H] rows of the padded image
     cols = dx[:, None] + torch.arange(w, device=x.device)  # [N, W]

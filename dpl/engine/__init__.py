@@ -1,4 +1,5 @@
-"""Engines: how the K workers run. ``simulated`` holds them in one process.
+"""Engines: how the K workers run. ``simulated`` holds them in one process,
+``distributed`` runs one process per worker on torch.distributed.
 
 The registry is keyed by the YAML names in ``conf/engine/``.
 """
@@ -9,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dpl.engine.distributed import build_distributed
 from dpl.engine.workers import LocalComm, StackedWorkers
 
 
@@ -28,7 +30,7 @@ def build_simulated(cfg: DictConfig, model: nn.Module, device: torch.device, com
     return StackedWorkers(model, cfg.K, comm or LocalComm(cfg.K), mode)
 
 
-ENGINES = {"simulated": build_simulated}
+ENGINES = {"simulated": build_simulated, "distributed": build_distributed}
 
 
 def build_workers(cfg: DictConfig, model: nn.Module, device: torch.device, comm=None) -> StackedWorkers:

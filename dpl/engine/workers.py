@@ -14,21 +14,33 @@ else is shared.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from dpl.comm import worker_drift
+
 
 class Communicator(Protocol):
     """The one primitive that differs between simulation and torch.distributed."""
 
     world: int  # total number of workers
+    wall_s: float  # measured seconds in collectives since the trainer last reset it (0 in one process)
 
     def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replace every tensor [K_local, ...] by the mean over all workers, in place."""
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        """Each value summed over all processes (so every process reads the same numbers)."""
+
+    def gather_state(self, state: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """A trainer state of every worker, stacked [K, ...]; None on processes that do not write it."""
+
+    def local_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This process's part of a state of every worker (the inverse of ``gather_state``)."""
 
 
 class LocalComm:
@@ -36,11 +48,22 @@ class LocalComm:
 
     def __init__(self, world: int) -> None:
         self.world = world
+        self.wall_s = 0.0  # nothing is sent
 
     def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
         for t in tensors:
             # integer buffers (BatchNorm's num_batches_tracked) average in float, then truncate
             t.copy_(t.mean(0, keepdim=True) if t.is_floating_point() else t.double().mean(0, keepdim=True))
+
+    # One process holds every worker: sums and states are already complete.
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        return [float(v) for v in values]
+
+    def gather_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        return state
+
+    def local_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        return state
 
 
 class StackedWorkers:
@@ -56,6 +79,7 @@ class StackedWorkers:
         self.buffer_names = [n for n, _ in model.named_buffers()]
         self.params = [_stack(p, k_local).requires_grad_(True) for p in model.parameters()]
         self.buffers = [_stack(b, k_local) for b in model.buffers()]
+        self.drift = 0.0  # of the workers before the last parameter average
         if mode == "vmap" and self.buffers:
             raise ValueError("simulate=vmap cannot update model buffers in place; use engine.simulate=loop")
 
@@ -91,8 +115,12 @@ class StackedWorkers:
 
     # ------------------------------------------------------------------ state
     def average_params_(self) -> None:
-        """x_k <- mean_j x_j for every worker (and buffers, e.g. BatchNorm statistics)."""
+        """x_k <- mean_j x_j for every worker (and buffers, e.g. BatchNorm statistics).
+
+        Records in ``drift`` how far apart the workers were just before (dpl.comm.worker_drift).
+        """
         with torch.no_grad():
+            self.drift = worker_drift(self.params)
             self.comm.mean_(self.params + self.buffers)
 
     def average_grads_(self) -> None:
@@ -135,6 +163,12 @@ class StackedWorkers:
     def evaluate(self, batches, weights: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
         """Mean loss and accuracy over (x, y) batches of ``weights`` (default: the averaged model)."""
         weights = self.mean_replica() if weights is None else weights
+        loss_sum, correct, count = self.eval_sums(batches, weights)
+        return loss_sum / max(count, 1), correct / max(count, 1)
+
+    @torch.no_grad()
+    def eval_sums(self, batches, weights: dict[str, torch.Tensor]) -> tuple[float, float, int]:
+        """Summed loss, correct count and sample count of ``weights`` over (x, y) batches."""
         loss_sum = correct = count = 0
         self.model.eval()
         try:
@@ -145,7 +179,7 @@ class StackedWorkers:
                 count += y.numel()
         finally:
             self.model.train()
-        return float(loss_sum) / max(count, 1), float(correct) / max(count, 1)
+        return float(loss_sum), float(correct), count
 
 
 def _stack(t: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,438 @@
+"""``python -m dpl.report``: compare the runs of one MLflow experiment or one sweep.
+
+Reads the local MLflow store (``sqlite:///mlflow.db`` in the current directory unless
+``--tracking-uri`` says otherwise; nothing goes over the network) and writes, into
+``--out`` (default ``reports/<experiment or sweep>``):
+
+* ``report.md`` and ``report.csv``: final metrics grouped by method / K / H / dynamic_h /
+  optimizer / batch size, plus any other parameter that varies inside those groups (the
+  slow momentum of a SlowMo grid, the lr of an Optuna search), as mean ± sample std over
+  the runs of a group, which differ only in their seed. Failed (diverged) runs are
+  counted per group and listed with their reason; they never enter a mean.
+* ``acc_vs_H.png`` (accuracy against H, a line per K), ``acc_vs_rounds.png`` (accuracy
+  against communication rounds), ``learning_curves.png`` (validation accuracy per epoch,
+  one curve per group), ``h_over_epochs.png`` (H per epoch of each dynamic strategy) and
+  ``pareto.png`` (accuracy against bytes sent by every run, the Pareto front drawn).
+
+Usage::
+
+    python -m dpl.report --experiment localsgd_grid
+    python -m dpl.report --sweep dynamic_h --tracking-uri sqlite:////data/mlflow.db --out reports/dyn
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from dpl.io import atomic_write_text, write_csv
+from dpl.plots import label_axes, new_figure, save_figure
+from dpl.sweep import PARENT_TAG
+
+# Column -> MLflow param; always grouped by when the runs carry the param.
+BASE_COLUMNS = {"method": "method.name", "K": "K", "H": "H", "dynamic_h": "dynamic_h.name",
+                "optimizer": "optimizer.name", "batch_size": "batch_size"}
+# Final metrics summarised per group (the last logged value of each).
+METRICS = ("test_acc", "test_acc_best", "best_val_acc", "test_loss", "sync_rounds_total", "comm_bytes_total",
+           "modelled_time_s", "epochs_run")
+# Params that never split a group: the seed (what a group averages over) and bookkeeping.
+NOT_GROUPED = ("seed", "sweep", "results_csv", "progress", "resume", "checkpoint", "checkpoint_every", "test_only",
+               "pretrained", "device", "dataset.root", "dataset.download", "engine.master_addr",
+               "engine.master_port", "engine.timeout_s", "engine.spawn", "engine.backend", "engine.simulate")
+NOT_GROUPED_PREFIXES = ("logger.", "hydra.")
+LOCAL_METHODS = ("localsgd", "slowmo")
+FAILED = ("FAILED", "KILLED")
+_MIB = 2.0**20
+_ACC = ("test_acc", "test_acc_best", "best_val_acc")
+
+
+@dataclass
+class RunRecord:
+    """What the report needs of one MLflow run."""
+
+    run_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    reason: str = ""
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # key -> [(epoch, value)]
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED"
+
+
+# ----------------------------------------------------------------------------- reading MLflow
+
+
+def fetch_runs(client, experiment: Optional[str] = None, sweep: Optional[str] = None,
+               history_keys: Sequence[str] = ("val_acc", "H")) -> list[RunRecord]:
+    """The job runs of ``experiment`` (by name) and/or with tag ``sweep``; sweep parent runs are left out."""
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise LookupError(f"experiment={experiment!r} is not in the MLflow store")
+        ids = [found.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.sweep = '{sweep}'" if sweep is not None else ""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(ids, filter_string=query, max_results=1000, page_token=token)
+        runs += [r for r in page if PARENT_TAG not in r.data.tags]
+        token = page.token
+        if not token:
+            break
+    return [_record(client, r, history_keys) for r in runs]
+
+
+def _record(client, run, history_keys: Sequence[str]) -> RunRecord:
+    history = {}
+    if run.info.status == "FINISHED":
+        for key in history_keys:
+            points = client.get_metric_history(run.info.run_id, key)
+            history[key] = sorted((int(m.step), float(m.value)) for m in points)
+    return RunRecord(run_id=run.info.run_id, status=run.info.status, params=dict(run.data.params),
+                     metrics=dict(run.data.metrics), reason=run.data.tags.get("failure_reason", ""),
+                     history=history)
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+def group_columns(runs: Sequence[RunRecord]) -> dict[str, str]:
+    """Column name -> param: the base columns present, then every other param that varies inside
+    the groups they make (a swept lr or slow momentum); params that follow from the base columns,
+    like each optimizer's own lr in a sweep over optimizers, do not split groups."""
+    keys = set().union(*(r.params for r in runs)) if runs else set()
+    base = {name: p for name, p in BASE_COLUMNS.items() if p in keys}
+    extra = {}
+    for key in sorted(keys - set(base.values())):
+        if key in NOT_GROUPED or key.startswith(NOT_GROUPED_PREFIXES):
+            continue
+        groups: dict[tuple, set] = {}
+        for r in runs:
+            groups.setdefault(_key(r, base), set()).add(r.params.get(key, ""))
+        if any(len(values) > 1 for values in groups.values()):
+            extra[key] = key
+    return {**base, **extra}
+
+
+def _key(run: RunRecord, columns: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(run.params.get(p, "") for p in columns.values())
+
+
+def _sort_value(value: str) -> tuple[int, Any]:
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
+def group_runs(runs: Sequence[RunRecord], columns: Mapping[str, str]) -> dict[tuple[str, ...], list[RunRecord]]:
+    groups: dict[tuple[str, ...], list[RunRecord]] = {}
+    for r in runs:
+        groups.setdefault(_key(r, columns), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: tuple(_sort_value(v) for v in kv[0])))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); std is nan for fewer than two values, both nan for none."""
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def summarise(runs: Sequence[RunRecord], columns: Mapping[str, str],
+              metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
+    """One row per group: its column values, ``runs`` (finished), ``failed``, and mean/std per metric."""
+    rows = []
+    for key, members in group_runs(runs, columns).items():
+        row: dict[str, Any] = dict(zip(columns, key))
+        row["runs"] = sum(r.finished for r in members)
+        row["failed"] = sum(r.status in FAILED for r in members)
+        for m in metrics:
+            row[f"{m}_mean"], row[f"{m}_std"] = mean_std(_values(members, m))
+        rows.append(row)
+    return rows
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (cost, value) that no other point beats: none costs at most as much
+    with at least as high a value (one strictly better). Ordered by increasing cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _values(runs: Iterable[RunRecord], metric: str) -> list[float]:
+    """The finite values of a final metric over the finished runs."""
+    return [r.metrics[metric] for r in runs if r.finished and math.isfinite(r.metrics.get(metric, math.nan))]
+
+
+def mean_curve(histories: Iterable[Sequence[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    """The per-step mean over the runs that logged that step."""
+    by_step: dict[int, list[float]] = {}
+    for h in histories:
+        for step, value in h:
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    return steps, [statistics.fmean(by_step[s]) for s in steps]
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def write_csv_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    write_csv(path, [{k: _cell(v) for k, v in row.items()} for row in rows])
+    return path
+
+
+# metric -> (column header, scale, decimals) of the Markdown table
+_SHOWN = {"test_acc": ("test acc %", 100.0, 2), "test_acc_best": ("best-model test acc %", 100.0, 2),
+          "best_val_acc": ("best val acc %", 100.0, 2), "test_loss": ("test loss", 1.0, 3),
+          "sync_rounds_total": ("sync rounds", 1.0, 0), "comm_bytes_total": ("MiB sent / worker", 1 / _MIB, 1),
+          "modelled_time_s": ("modelled time s", 1.0, 1), "epochs_run": ("epochs", 1.0, 0)}
+
+
+def _fmt(row: Mapping[str, Any], metric: str) -> str:
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    if math.isnan(mean):
+        return "diverged" if row["failed"] and not row["runs"] else "–"
+    _, scale, digits = _SHOWN.get(metric, (metric, 1.0, 4))
+    text = f"{mean * scale:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std * scale:.{digits}f}"
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str], runs: Sequence[RunRecord],
+             title: str, metrics: Sequence[str] = METRICS) -> str:
+    params, columns = columns, list(columns)
+    head = [*columns, "runs", "failed", *(_SHOWN.get(m, (m,))[0] for m in metrics)]
+    lines = [f"# {title}", "",
+             f"{sum(r.finished for r in runs)} finished, {sum(r.status in FAILED for r in runs)} failed, "
+             f"{sum(r.status not in ('FINISHED', *FAILED) for r in runs)} other runs; "
+             "mean ± sample std over the finished runs of a group (seeds).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [str(row[c]) for c in columns] + [str(row["runs"]), str(row["failed"])]
+        lines.append("| " + " | ".join(cells + [_fmt(row, m) for m in metrics]) + " |")
+    failed = [r for r in runs if r.status in FAILED]
+    if failed:
+        lines += ["", "## Failed runs", "", "| run | group | status | reason |", "|---|---|---|---|"]
+        lines += [f"| {r.run_id} | {_label_of(_key(r, params), columns)} | {r.status} | {r.reason or '–'} |"
+                  for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _label_of(key: Sequence[str], columns: Sequence[str], skip: Sequence[str] = ()) -> str:
+    """``K=4 H=8``: the columns that tell the groups apart (those in ``skip`` left out)."""
+    return " ".join(f"{c}={v}" for c, v in zip(columns, key) if c not in skip and v != "") or "all runs"
+
+
+def _varying(groups: Mapping[tuple[str, ...], Any], columns: Sequence[str]) -> list[str]:
+    """The columns whose value differs between groups: the only ones worth a label."""
+    return [c for i, c in enumerate(columns) if len({key[i] for key in groups}) > 1]
+
+
+def _log_x(ax) -> None:
+    """A log x axis labelled with plain numbers (120, not 1.2 x 10^2)."""
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.set_xscale("log")
+    for axis_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        fmt = ScalarFormatter()
+        fmt.set_scientific(False)
+        axis_formatter(fmt)
+
+
+def _float(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
+
+
+def fig_acc_vs_h(groups, columns: Sequence[str], metric: str):
+    """Accuracy against constant H, a line per K (and per any other column) of the local methods."""
+    if "H" not in columns:
+        return None
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    shown = _varying(groups, columns)
+    for key, members in groups.items():
+        row = dict(zip(columns, key))
+        if row.get("method") not in LOCAL_METHODS or row.get("dynamic_h", "constant") != "constant":
+            continue
+        mean, std = mean_std(_values(members, metric))
+        if not math.isnan(mean):
+            label = _label_of(key, columns, skip=[c for c in columns if c == "H" or c not in shown])
+            series.setdefault(label, []).append((_float(row["H"]), mean, std))
+    if not series:
+        return None
+    fig, (ax,) = new_figure(1)
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+                    marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({p[0] for pts in series.values() for p in pts})
+    ax.set_xticks(ticks, [f"{h:g}" for h in ticks])
+    ax.minorticks_off()
+    label_axes(ax, "local steps H", metric.replace("_", " "), f"{metric.replace('_', ' ')} against H")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def fig_acc_vs_rounds(groups, columns: Sequence[str], metric: str):
+    """Mean accuracy of each group against its mean number of sync rounds, a colour per method."""
+    by_method: dict[str, list[tuple[float, float, str]]] = {}
+    skip = [c for c in columns if c == "method" or c not in _varying(groups, columns)]
+    for key, members in groups.items():
+        done = [r for r in members if r.finished and metric in r.metrics and "sync_rounds_total" in r.metrics]
+        if done:
+            x = statistics.fmean(r.metrics["sync_rounds_total"] for r in done)
+            y = statistics.fmean(r.metrics[metric] for r in done)
+            label = _label_of(key, columns, skip=skip)
+            by_method.setdefault(dict(zip(columns, key)).get("method", "runs"), []).append((x, y, label))
+    if not by_method:
+        return None
+    fig, (ax,) = new_figure(1)
+    for method, pts in sorted(by_method.items()):
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method)
+        if len(groups) <= 20:  # name each point while that stays readable
+            for x, y, label in pts:
+                note = ax.annotate(label, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+                note.set_in_layout(False)  # labels may run past the axes rather than shrink them
+    if all(p[0] > 0 for pts in by_method.values() for p in pts):
+        _log_x(ax)
+    label_axes(ax, "sync rounds", metric.replace("_", " "), "Accuracy against communication rounds")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _curves_fig(groups, columns: Sequence[str], history_key: str, ylabel: str, title: str, keep=lambda row: True):
+    fig, shown = None, _varying(groups, columns)
+    for key, members in groups.items():
+        if not keep(dict(zip(columns, key))):
+            continue
+        steps, values = mean_curve(r.history.get(history_key, []) for r in members if r.finished)
+        if not steps:
+            continue
+        if fig is None:
+            fig, (ax,) = new_figure(1)
+        ax.plot(steps, values, label=_label_of(key, columns, skip=[c for c in columns if c not in shown]))
+    if fig is None:
+        return None
+    label_axes(ax, "epoch", ylabel, title)
+    if len(groups) <= 20:
+        ax.legend(fontsize="x-small")
+    return fig
+
+
+def fig_learning_curves(groups, columns: Sequence[str]):
+    return _curves_fig(groups, columns, "val_acc", "val accuracy", "Validation accuracy (mean over seeds)")
+
+
+def fig_h_over_epochs(groups, columns: Sequence[str]):
+    return _curves_fig(groups, columns, "H", "local steps H", "H per epoch of each dynamic strategy",
+                       keep=lambda row: row.get("dynamic_h", "constant") != "constant")
+
+
+def fig_pareto(runs: Sequence[RunRecord], metric: str):
+    """Every finished run's accuracy against MiB sent per worker; the Pareto front joined."""
+    done = [r for r in runs if r.finished and metric in r.metrics and "comm_bytes_total" in r.metrics]
+    if not done:
+        return None
+    points = [(r.metrics["comm_bytes_total"] / _MIB, r.metrics[metric]) for r in done]
+    front = pareto_front(points)
+    fig, (ax,) = new_figure(1)
+    ax.scatter([p[0] for p in points], [p[1] for p in points], alpha=0.5, label="runs")
+    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="C3",
+            marker="o", label="Pareto front")
+    if all(p[0] > 0 for p in points):
+        _log_x(ax)
+    label_axes(ax, "MiB sent per worker", metric.replace("_", " "), "Accuracy against bytes sent")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def write_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], out_dir: Path,
+                  metric: str = "test_acc") -> list[Path]:
+    groups = group_runs(runs, columns)
+    names = list(columns)
+    figures = {"acc_vs_H.png": fig_acc_vs_h(groups, names, metric),
+               "acc_vs_rounds.png": fig_acc_vs_rounds(groups, names, metric),
+               "learning_curves.png": fig_learning_curves(groups, names),
+               "h_over_epochs.png": fig_h_over_epochs(groups, names),
+               "pareto.png": fig_pareto(runs, metric)}
+    return [save_figure(fig, out_dir / name) for name, fig in figures.items() if fig is not None]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, metric: str = "test_acc") -> list[Path]:
+    """Write report.md, report.csv and the figures for ``runs``; return the paths written."""
+    out_dir = Path(out_dir)
+    columns = group_columns(runs)
+    rows = summarise(runs, columns)
+    written = [write_csv_table(rows, out_dir / "report.csv")]
+    atomic_write_text(out_dir / "report.md", markdown(rows, columns, runs, title))
+    written.append(out_dir / "report.md")
+    return written + write_figures(runs, columns, out_dir, metric)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dpl.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--experiment", help="MLflow experiment name (a sweep's runs are in the experiment it names)")
+    p.add_argument("--sweep", help="only runs with this sweep tag (across experiments unless --experiment)")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
+                   help="MLflow store; a relative sqlite path is relative to the current directory")
+    p.add_argument("--out", help="output folder (default reports/<experiment or sweep>)")
+    p.add_argument("--metric", default="test_acc", choices=_ACC, help="accuracy used in the figures")
+    args = p.parse_args(argv)
+    if args.experiment is None and args.sweep is None:
+        p.error("give --experiment and/or --sweep")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from dpl.tracking import mlflow_client
+
+    args = parse_args(argv)
+    name = args.sweep or args.experiment
+    try:
+        runs = fetch_runs(mlflow_client(args.tracking_uri, Path.cwd()), args.experiment, args.sweep)
+    except LookupError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    if not runs:
+        print(f"error: no runs found for {'sweep' if args.sweep else 'experiment'}={name!r} in {args.tracking_uri}",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path("reports") / name
+    for path in write_report(runs, out, title=f"dpl report: {name}", metric=args.metric):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

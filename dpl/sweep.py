@@ -1,0 +1,115 @@
+"""One MLflow parent run per sweep, with the sweep's jobs nested under it as child runs.
+
+A sweep YAML in ``sweeps/`` registers the callback::
+
+    hydra:
+      callbacks:
+        mlflow_parent:
+          _target_: dpl.sweep.MlflowParentRun
+
+Hydra calls :meth:`MlflowParentRun.on_multirun_start` in the launching process before
+the sweeper starts any job. The parent run's id reaches the jobs through the
+environment variable ``DPL_SWEEP_PARENT_RUN_ID``: jobs of the basic launcher run in
+this process, joblib workers and SLURM jobs are started later and inherit it. Each
+job's Recorder then tags its run ``mlflow.parentRunId``, which the MLflow UI nests.
+
+The parent carries the tag ``sweep_parent`` (not ``sweep``), so ``tags.sweep = '<name>'``
+selects exactly the jobs. When the sweep ends the parent gets a summary: how many jobs
+finished or failed, the best ``best_val_acc``, and Hydra's ``multirun.yaml`` (plus the
+Optuna sweeper's ``optimization_results.yaml``) as artifacts. A sweep killed before it
+ends leaves its parent RUNNING; its jobs are complete runs all the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger("dpl")
+
+PARENT_RUN_ENV = "DPL_SWEEP_PARENT_RUN_ID"
+PARENT_TAG = "sweep_parent"
+_SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
+
+
+def parent_run_id() -> Optional[str]:
+    """The MLflow run id of the sweep this job belongs to, or None outside a sweep."""
+    return os.environ.get(PARENT_RUN_ENV) or None
+
+
+class MlflowParentRun(Callback):
+    """Hydra callback: open the sweep's parent run before the jobs, summarise and close it after."""
+
+    def __init__(self) -> None:
+        self.logger = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.logger.name != "mlflow":
+            return
+        from dpl.tracking import MlflowLogger, git_commit
+
+        name = str(config.sweep or config.logger.experiment)
+        # The jobs' run_name may interpolate ${hydra:job...}, which has no value before a job starts.
+        base = copy.deepcopy(config)
+        with open_dict(base):
+            base.logger.run_name = name
+        self.logger = MlflowLogger(base.logger)
+        tags = {PARENT_TAG: name, "sweep_dir": str(_sweep_dir(config)), "git_commit": git_commit(),
+                "sweeper": str(config.hydra.sweeper.get("_target_", "")),
+                "sweep_params": _sweep_params(config)}
+        run_id = self.logger.start(base, tags)  # the sweep's base config as the parent's params
+        os.environ[PARENT_RUN_ENV] = run_id
+        log.info("sweep %s: MLflow parent run %s", name, run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.logger is None:
+            return
+        try:
+            self.logger.log_metrics(self._summary(config), step=0)
+            for name in _SWEEP_FILES:
+                path = _sweep_dir(config) / name
+                if path.is_file():
+                    self.logger.log_artifact(path)
+        finally:
+            self.logger.finish("FINISHED")
+            os.environ.pop(PARENT_RUN_ENV, None)
+            self.logger = None
+
+    def _summary(self, config: DictConfig) -> dict[str, float]:
+        """Counts of the child runs by status and the best objective among the finished ones."""
+        from dpl.tracking import mlflow_client
+
+        client = mlflow_client(config.logger.tracking_uri)
+        parent = client.get_run(self.logger.run_id)
+        children = client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                      max_results=50_000)
+        statuses = [r.info.status for r in children]
+        best = [r.data.metrics["best_val_acc"] for r in children
+                if r.info.status == "FINISHED" and "best_val_acc" in r.data.metrics]
+        best = [v for v in best if math.isfinite(v)]
+        summary = {"jobs": len(children), "jobs_finished": statuses.count("FINISHED"),
+                   "jobs_failed": statuses.count("FAILED") + statuses.count("KILLED")}
+        if best:
+            summary["best_val_acc"] = max(best)
+        return summary
+
+
+def _sweep_dir(config: DictConfig) -> Path:
+    return Path(str(config.hydra.sweep.dir))
+
+
+def _sweep_params(config: DictConfig) -> str:
+    """The swept keys and their values as ``K=2,4 H=4,8`` (sweeper params, then command-line sweeps)."""
+    swept = {str(k): f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()}
+    for override in config.hydra.overrides.task:  # the command line wins over the YAML's grid
+        if "," in override or "(" in override:
+            swept[override.split("=", 1)[0]] = override
+    return " ".join(swept.values())

@@ -1,0 +1,217 @@
+"""engine=distributed on gloo (CPU, localhost): the same numbers as the simulation, faults named,
+one output dir written by rank 0 alone."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpl import checkpoint
+from dpl.app import build_trainer, run
+from dpl.engine.distributed import rank_state, stack_states
+from dpl.engine.launch import RankFailure, culprits, spawn
+from tests.conftest import TINY
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+DIST = ["engine=distributed", "engine.timeout_s=60"]
+SMALL = ["dataset.num_train=500", "dataset.num_test=100"]  # 450 train images: 8 steps per epoch at K=2
+
+# One case per way the ranks communicate: gradients through DDP, parameter averages with a
+# mid-epoch period and averaged momentum, SlowMo's outer step, and H chosen from the history.
+VARIANTS = {
+    "centralized": ["method=centralized", "epochs=1"],
+    "localsgd": ["method=localsgd", "H=4", "local_momentum=average", "epochs=1"],
+    "slowmo": ["method=slowmo", "H=3", "method.beta=0.6", "epochs=1"],
+    "dynamic_h": ["method=localsgd", "H=2", "dynamic_h=improvement", "dynamic_h.h_min=2", "dynamic_h.h_max=8"],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Ranks and the simulation on one thread each: the same kernels, so K=2 agrees bit for bit.
+
+    With different thread counts the convolutions round differently, and a ReLU that such
+    a rounding flips makes single gradients differ far beyond rounding.
+    """
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # read by the spawned ranks
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def simulated_params(make_cfg, *overrides: str) -> tuple[list[torch.Tensor], list[dict]]:
+    trainer = build_trainer(make_cfg(*overrides), torch.device("cpu"))
+    trainer.fit()
+    return [p.detach() for p in trainer.workers.params], trainer.state.history
+
+
+def saved_params(job_dir: Path) -> tuple[list[torch.Tensor], list[dict]]:
+    ckpt = checkpoint.load(job_dir)
+    return ckpt["workers"]["params"], ckpt["state"]["history"]
+
+
+def assert_same_run(sim, dist_run, atol=0.0):
+    """Same weights and per-epoch records. With K=2 the weights agree bit for bit: the ranks'
+    (a/2 + b/2) equals the simulation's mean (a + b)/2 exactly in binary floating point."""
+    (sim_params, sim_hist), (dist_params, dist_hist) = sim, dist_run
+    for a, b in zip(sim_params, dist_params):
+        assert a.shape == b.shape  # every worker is in the checkpoint, stacked as in the simulation
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+    assert [r["H"] for r in sim_hist] == [r["H"] for r in dist_hist]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "drift", "comm_bytes"):
+        assert [r[key] for r in sim_hist] == pytest.approx([r[key] for r in dist_hist], rel=1e-5, abs=1e-9), key
+
+
+def train_variants(variants: dict, cfg, out_dir: Path, comm) -> dict:
+    """Runs on every rank: several jobs one after another in the same process group."""
+    return {name: run(v, out_dir / name, comm) for name, v in variants.items()}
+
+
+def test_every_method_on_two_processes_equals_the_simulation(make_cfg, tmp_path):
+    variants = {name: make_cfg(*DIST, *SMALL, "K=2", *ov) for name, ov in VARIANTS.items()}
+    spawn(functools.partial(train_variants, variants), variants["centralized"], tmp_path)
+    for name, ov in VARIANTS.items():
+        assert_same_run(simulated_params(make_cfg, *SMALL, "K=2", *ov), saved_params(tmp_path / name))
+    _, hist = saved_params(tmp_path / "dynamic_h")
+    assert [r["H"] for r in hist] == [2, 4]  # the first epoch improved: H doubled on every rank alike
+    assert all(r["comm_wall_s"] > 0 for r in hist)  # measured time in the all-reduces
+
+
+def test_four_processes_equal_the_simulation(make_cfg, tmp_path):
+    ov = [*SMALL, "K=4", "method=localsgd", "H=3", "epochs=1"]
+    cfg = make_cfg(*DIST, *ov)
+    spawn(functools.partial(train_variants, {"job": cfg}), cfg, tmp_path)
+    # a ring of 4 sums in another order than mean(0): equal to rounding
+    assert_same_run(simulated_params(make_cfg, *ov), saved_params(tmp_path / "job"), atol=1e-5)
+
+
+def cli_args(tmp_path: Path, *overrides: str) -> list[str]:
+    return [*TINY, f"results_csv={tmp_path / 'results.csv'}", *DIST, *overrides]
+
+
+@pytest.mark.slow  # ~15 s: torchrun's agent plus two ranks that each run Hydra
+def test_torchrun_ranks_share_one_output_dir_and_only_rank0_writes(make_cfg, tmp_path):
+    ov = [*SMALL, "K=2", "method=slowmo", "H=3", "epochs=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "dpl", *cli_args(tmp_path, *ov)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_dirs = [p.parent for p in (tmp_path / "outputs").glob("*/*/.hydra")]
+    assert len(list((tmp_path / "outputs").glob("*/*"))) == 1 and len(job_dirs) == 1
+    job = job_dirs[0]
+    assert {p.name for p in job.iterdir()} >= {"checkpoint.pt", "history.csv", "result.csv", ".hydra"}
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 2  # one row, from rank 0
+    assert_same_run(simulated_params(make_cfg, *ov), saved_params(job))
+
+
+def _start(tmp_path: Path, job: Path, *overrides: str) -> tuple[subprocess.Popen, dict[int, int]]:
+    """Start a spawn job; return it and its ranks' pids (from its log) once training checkpointed."""
+    cmd = [sys.executable, "-m", "dpl", *cli_args(tmp_path, "engine.spawn=true", *overrides), f"hydra.run.dir={job}"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids: dict[int, int] = {}
+    for line in proc.stdout:
+        m = re.search(r"rank (\d+) is pid (\d+)", line)
+        if m:
+            pids[int(m.group(1))] = int(m.group(2))
+        if len(pids) == 2:
+            break
+    deadline = time.time() + 120
+    while not (job / checkpoint.FILENAME).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    return proc, pids
+
+
+def test_killed_rank_ends_the_job_naming_it_then_resume_finishes_the_run(make_cfg, tmp_path):
+    # the kill lands right after the first checkpoint (step 4), with 28 of 32 steps still to go
+    ov = [*SMALL, "K=2", "method=localsgd", "H=3", "epochs=4", "checkpoint_every=4"]
+    job = tmp_path / "job"
+    proc, pids = _start(tmp_path, job, *ov, "engine.timeout_s=30")
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    t0 = time.time()
+    os.kill(pids[1], signal.SIGKILL)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == 1
+    assert time.time() - t0 < 30  # a dead peer is seen at once, well within engine.timeout_s
+    assert "error: rank 1 died (killed by SIGKILL)" in out, out[-3000:]
+    assert checkpoint.load(job)["state"]["epoch"] < 4  # it stopped early
+    assert not (tmp_path / "results.csv").exists()
+    # Resume with the same world size: the checkpoint holds every worker, each rank takes its row.
+    final = run(make_cfg(f"resume={job}"))
+    assert final["epochs_run"] == 4
+    assert_same_run(simulated_params(make_cfg, *ov), saved_params(job))
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 2  # one row: rank 0's
+    assert len((job / "history.csv").read_text().splitlines()) == 5
+
+
+@pytest.mark.slow  # ~25 s: the collective timeout itself
+def test_hung_rank_ends_the_job_within_the_timeout_naming_it(tmp_path):
+    timeout_s = 8
+    proc, pids = _start(tmp_path, tmp_path / "job", "K=2", "method=centralized", "epochs=50",
+                        f"engine.timeout_s={timeout_s}")
+    t0 = time.time()
+    os.kill(pids[1], signal.SIGSTOP)  # alive but silent: only the collective timeout can tell
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 1
+    assert time.time() - t0 < timeout_s + 10  # the timeout, the ranks' reports, the teardown
+    assert "error: rank 1 hung" in out, out[-3000:]
+
+
+def test_rank_with_its_own_error_is_named(make_cfg, tmp_path):
+    with pytest.raises(RankFailure, match="^rank 1 failed: ValueError: only rank 1 breaks$"):  # rank 0 not blamed
+        spawn(_fail_on_rank1, make_cfg(*DIST, "K=2"), tmp_path)
+
+
+def _fail_on_rank1(_cfg, _out_dir, comm):
+    if comm.rank == 1:
+        raise ValueError("only rank 1 breaks")
+    comm.all_sum([1.0])  # rank 0 waits in a collective that rank 1 never joins
+
+
+def test_culprits_reads_reports_and_exit_codes():
+    reports = {0: "peer", 2: "error: ValueError: boom"}
+    assert culprits(reports, 3) == "rank 1 died or hung (it stopped answering); rank 2 failed: ValueError: boom"
+    exits = {0: 1, 1: -signal.SIGKILL, 2: 1}
+    assert culprits({0: "peer", 2: "peer"}, 3, exits) == "rank 1 died (killed by SIGKILL)"
+    assert culprits({0: "peer"}, 2, {0: 1, 1: None}) == "rank 1 hung (no answer within engine.timeout_s; killed it)"
+
+
+def test_checkpoint_of_every_worker_round_trips_through_the_ranks():
+    def rank(r):
+        return {"workers": {"params": [torch.full((1, 3), float(r))], "buffers": []},
+                "optimizer": {"state": {0: {"momentum_buffer": torch.full((1, 3), 10.0 + r),
+                                            "step": torch.tensor(7.0)}},
+                              "param_groups": [{"params": [0]}]},
+                "state": {"epoch": 1, "loss_sum": 2.0 + r, "correct": 3, "seen": 4, "drift_sum": 0.5},
+                "method": {"anchor": None}}
+
+    merged = stack_states([rank(0), rank(1)])
+    assert torch.equal(merged["workers"]["params"][0], torch.tensor([[0.0] * 3, [1.0] * 3]))
+    assert torch.equal(merged["optimizer"]["state"][0]["momentum_buffer"][:, 0], torch.tensor([10.0, 11.0]))
+    assert merged["optimizer"]["state"][0]["step"] == 7.0
+    assert merged["state"]["loss_sum"] == 5.0 and merged["state"]["seen"] == 8 and merged["state"]["epoch"] == 1
+    back = [rank_state(merged, r, 2) for r in (0, 1)]
+    assert torch.equal(back[1]["workers"]["params"][0], rank(1)["workers"]["params"][0])
+    assert back[0]["state"]["loss_sum"] == 5.0 and back[1]["state"]["loss_sum"] == 0  # summed once at epoch end
+    with pytest.raises(checkpoint.CheckpointError, match="same world size"):
+        rank_state(merged, 0, 4)
+
+
+def test_distributed_engine_outside_a_launcher_fails_in_one_line(make_cfg, tmp_path):
+    from dpl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node=K"):
+        run(make_cfg(*DIST, "K=2"), out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="engine.backend='nccl' is invalid on device cpu"):
+        run(make_cfg(*DIST, "K=2", "engine.spawn=true", "engine.backend=nccl"), out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node=K"):
+        build_trainer(make_cfg(*DIST, "K=2"), torch.device("cpu"))  # no process group, no workers

@@ -1,0 +1,163 @@
+"""``python -m dpl.report`` over real runs: its numbers are MLflow's, diverged runs are listed, not averaged."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import statistics
+
+import pytest
+
+from dpl.app import WORST_OBJECTIVE, run
+from dpl.report import (RunRecord, fetch_runs, group_columns, main, mean_curve, mean_std, pareto_front,
+                        summarise)
+from dpl.tracking import mlflow_client
+from tests.conftest import compose_cfg
+
+BASE = ["dataset=synthetic", "dataset.num_train=400", "dataset.num_test=100", "epochs=2", "batch_size=32",
+        "progress=false", "device=cpu", "logger=mlflow", "logger.plots=false", "logger.experiment=rep", "sweep=rep"]
+JOBS = {  # name -> overrides: two seeds of one cell, another H, a dynamic strategy, a diverging lr
+    "h2_seed0": ["method=localsgd", "K=2", "H=2", "seed=0"],
+    "h2_seed1": ["method=localsgd", "K=2", "H=2", "seed=1"],
+    "h4": ["method=localsgd", "K=2", "H=4"],
+    "dynamic": ["method=localsgd", "K=2", "H=2", "dynamic_h=loss", "dynamic_h.h_min=1"],
+    "diverged": ["method=centralized", "lr=1e9"],
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Run the jobs in this process into one sqlite store; return (uri, {name: result}, report dir)."""
+    tmp = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    results = {}
+    for name, overrides in JOBS.items():
+        cfg = compose_cfg(*BASE, f"logger.tracking_uri={uri}", f"results_csv={tmp / 'results.csv'}", *overrides,
+                          tiny=False)
+        results[name] = run(cfg, out_dir=tmp / name)
+    out = tmp / "out"
+    assert main(["--experiment", "rep", "--tracking-uri", uri, "--out", str(out)]) == 0
+    return uri, results, out
+
+
+def _mlflow_runs(uri):
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name("rep")
+    return client.search_runs([exp.experiment_id], max_results=100)
+
+
+def _rows(out):
+    with open(out / "report.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cell(rows, **key):
+    (row,) = [r for r in rows if all(r[k] == v for k, v in key.items())]
+    return row
+
+
+def test_divergence_fails_the_run_with_its_reason_and_returns_the_worst_objective(store):
+    uri, results, _ = store
+    assert results["diverged"]["diverged"] is True and results["diverged"]["best_val_acc"] == WORST_OBJECTIVE
+    (failed,) = [r for r in _mlflow_runs(uri) if r.info.status == "FAILED"]
+    assert failed.data.params["lr"] == "1000000000.0"
+    assert "training loss is" in failed.data.tags["failure_reason"]
+
+
+def test_table_numbers_are_mlflow_numbers(store):
+    uri, _, out = store
+    rows = _rows(out)
+    assert len(rows) == 4  # (centralized), (K=2 H=2 constant, two seeds), (K=2 H=2 loss), (K=2 H=4)
+    by_seed = {r.data.params["seed"]: r for r in _mlflow_runs(uri)
+               if r.data.params["H"] == "2" and r.data.params["dynamic_h.name"] == "constant"}
+    pair = _cell(rows, method="localsgd", H="2", dynamic_h="constant")
+    assert pair["runs"] == "2" and pair["failed"] == "0"
+    for metric in ("test_acc", "best_val_acc", "test_loss", "comm_bytes_total"):
+        values = [by_seed[s].data.metrics[metric] for s in ("0", "1")]
+        assert float(pair[f"{metric}_mean"]) == statistics.fmean(values)
+        assert float(pair[f"{metric}_std"]) == statistics.stdev(values)
+    single = _cell(rows, H="4")
+    (h4,) = [r for r in _mlflow_runs(uri) if r.data.params["H"] == "4"]
+    assert float(single["test_acc_mean"]) == h4.data.metrics["test_acc"] and single["test_acc_std"] == ""
+    assert float(single["sync_rounds_total_mean"]) == h4.data.metrics["sync_rounds_total"]
+    diverged = _cell(rows, method="centralized")
+    assert (diverged["runs"], diverged["failed"], diverged["test_acc_mean"]) == ("0", "1", "")
+
+
+def test_markdown_shows_mean_pm_std_and_lists_the_failure(store):
+    uri, _, out = store
+    text = (out / "report.md").read_text()
+    pair = _cell(_rows(out), method="localsgd", H="2", dynamic_h="constant")
+    mean, std = float(pair["test_acc_mean"]), float(pair["test_acc_std"])
+    assert f"| {100 * mean:.2f} ± {100 * std:.2f} |" in text
+    assert "4 finished, 1 failed" in text and "diverged" in text
+    (failed,) = [r for r in _mlflow_runs(uri) if r.info.status == "FAILED"]
+    group = "method=centralized K=1 H=1 dynamic_h=constant optimizer=sgdm batch_size=32"
+    assert f"| {failed.info.run_id} | {group} | FAILED | {failed.data.tags['failure_reason']} |" in text
+
+
+def test_figures_are_written(store):
+    _, _, out = store
+    for name in ("acc_vs_H", "acc_vs_rounds", "learning_curves", "h_over_epochs", "pareto"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not list(out.glob(".*.tmp")) and not list(out.glob(".*png"))  # no temp files left behind
+
+
+def test_sweep_tag_selects_the_same_runs(store):
+    uri, _, _ = store
+    client = mlflow_client(uri)
+    by_tag = fetch_runs(client, sweep="rep", history_keys=())
+    by_name = fetch_runs(client, experiment="rep", history_keys=())
+    assert sorted(r.run_id for r in by_tag) == sorted(r.run_id for r in by_name) and len(by_tag) == 5
+    dynamic = [r for r in fetch_runs(client, experiment="rep") if r.params.get("dynamic_h.name") == "loss"]
+    assert [step for step, _ in dynamic[0].history["H"]] == [0, 1]  # H of each epoch, from the metric history
+
+
+def test_unknown_experiment_is_one_line_error(store, capsys):
+    uri, _, _ = store
+    assert main(["--experiment", "nope", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "nope" in err[0]
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_pareto_front_hand_computed():
+    # (bytes, accuracy): (5, .30) is beaten by (2, .40); (10, .45) and (20, .50) by (10, .50)
+    points = [(10.0, 0.50), (2.0, 0.40), (5.0, 0.30), (0.0, 0.20), (10.0, 0.45), (20.0, 0.50)]
+    assert pareto_front(points) == [3, 1, 0]
+
+
+def test_mean_std_and_mean_curve_hand_computed():
+    assert mean_std([0.5, 0.7]) == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)))
+    mean, std = mean_std([0.3])
+    assert mean == 0.3 and math.isnan(std)
+    assert all(math.isnan(v) for v in mean_std([]))
+    assert mean_curve([[(0, 0.1), (1, 0.3)], [(0, 0.3)]]) == ([0, 1], [pytest.approx(0.2), 0.3])
+
+
+_IDS = itertools.count()
+
+
+def _rec(status="FINISHED", acc=0.5, **params):
+    base = {"method.name": "slowmo", "K": "4", "H": "8", "dynamic_h.name": "constant", "optimizer.name": "sgdm",
+            "batch_size": "64", "seed": "0", "lr": "0.04"}
+    return RunRecord(run_id=str(next(_IDS)), status=status, params={**base, **params},
+                     metrics={"test_acc": acc} if status == "FINISHED" else {})
+
+
+def test_group_columns_add_swept_params_but_not_seeds_or_dependent_ones():
+    runs = [_rec(**{"method.beta": b, "seed": s}) for b in ("0.2", "0.6") for s in ("0", "1")]
+    assert list(group_columns(runs)) == ["method", "K", "H", "dynamic_h", "optimizer", "batch_size", "method.beta"]
+    # lr follows the optimizer here: it does not split the optimizer's group
+    runs = [_rec(**{"optimizer.name": "adamw", "lr": "0.001"}), _rec(**{"optimizer.name": "sgdm", "lr": "0.01"})]
+    assert "lr" not in group_columns(runs)
+
+
+def test_summarise_keeps_failed_runs_out_of_the_means():
+    runs = [_rec(acc=0.4), _rec(acc=0.6, seed="1"), _rec(status="FAILED", seed="2")]
+    (row,) = summarise(runs, group_columns(runs), metrics=("test_acc",))
+    assert (row["runs"], row["failed"]) == (2, 1)
+    assert row["test_acc_mean"] == pytest.approx(0.5) and row["test_acc_std"] == pytest.approx(math.sqrt(0.02))

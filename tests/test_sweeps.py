@@ -1,0 +1,282 @@
+"""Sweeps as one command each: every sweep composes, a grid and an Optuna search run for real.
+
+The two end-to-end tests start ``python -m dpl`` as a subprocess (as a user would) on
+tiny synthetic data and read the results back from the MLflow and Optuna SQLite files.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+import subprocess
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob, IntervalSweep
+from omegaconf import OmegaConf
+
+from dpl.app import WORST_OBJECTIVE, build_trainer
+from dpl.config import ConfigError, register_configs, validate
+from dpl.preflight import group_options
+from dpl.sweep import PARENT_TAG
+from dpl.train import scaled_lr
+from tests.conftest import CONF, compose_cfg
+
+ROOT = CONF.parent
+SWEEPS = ROOT / "sweeps"
+TINY = ["dataset=synthetic", "dataset.num_train=400", "dataset.num_test=100", "epochs=1", "progress=false",
+        "device=cpu"]
+
+
+def sweep_names() -> list[str]:
+    return sorted(p.stem for p in SWEEPS.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def compose_sweep(name: str, *overrides: str):
+    """The sweep's config with its hydra node, as `python -m dpl --config-dir sweeps --config-name <name>`."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+        return compose(name, overrides=[f"hydra.searchpath=[file://{CONF}]", *overrides], return_hydra_config=True)
+
+
+def job_config(full):
+    """What a job receives: the config without its hydra node, validated."""
+    cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+    validate(cfg)
+    return cfg
+
+
+def grid(full) -> dict[str, list]:
+    """Each swept key and its values (a glob over a group expands to its YAML files; an interval to its ends)."""
+    out = {}
+    for o in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in full.hydra.sweeper.params.items()]):
+        value = o.value()
+        if isinstance(value, Glob):
+            out[o.key_or_group] = [n for n in group_options(o.key_or_group)
+                                   if any(fnmatch(n, p) for p in value.include)
+                                   and not any(fnmatch(n, p) for p in value.exclude)]
+        elif isinstance(value, IntervalSweep):
+            out[o.key_or_group] = [value.start, value.end]
+        else:
+            out[o.key_or_group] = list(o.sweep_iterator())
+    return out
+
+
+def test_the_issue_sweeps_exist():
+    assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h"}
+
+
+@pytest.mark.parametrize("name", sweep_names())
+def test_every_sweep_composes_and_every_value_validates(name):
+    full = compose_sweep(name)
+    assert full.hydra.mode.name == "MULTIRUN" and full.sweep == name
+    assert full.hydra.callbacks.mlflow_parent._target_ == "dpl.sweep.MlflowParentRun"
+    cfg = job_config(full)
+    assert cfg.logger.experiment == name  # one MLflow experiment per sweep
+    values = grid(full)
+    assert values
+    for key, choices in values.items():  # every value of every axis makes a valid job
+        for v in choices:
+            job_config(compose_sweep(name, f"{key}={v}"))
+
+
+def test_sweep_grids_are_the_issue_grids():
+    assert grid(compose_sweep("localsgd_grid")) == {"K": [2, 4, 8], "H": [4, 8, 16, 32, 64]}
+    assert grid(compose_sweep("large_batch"))["batch_size"] == [512, 1024, 2048, 4096, 8192, 16384]
+    dyn = grid(compose_sweep("dynamic_h"))
+    assert dyn["K"] == [2, 4, 8] and dyn["dynamic_h"] == group_options("dynamic_h")
+    slowmo = compose_sweep("slowmo")
+    assert slowmo.method.name == "slowmo" and set(grid(slowmo)) == {"method.beta", "method.alpha"}
+    optuna = compose_sweep("optuna_lr", "optimizer=adamw")
+    assert optuna.hydra.sweeper.direction == "maximize" and optuna.hydra.sweeper.storage.startswith("sqlite:///")
+    assert optuna.hydra.sweeper.study_name == "optuna_lr-adamw"  # one resumable study per optimizer
+    assert grid(optuna) == {"lr": [1e-4, 1.0], "weight_decay": [1e-6, 1e-2]}
+
+
+def test_large_batch_scales_the_lr_of_each_experiment():
+    for experiment, optimizer in (("lars_bs512", "lars"), ("lamb_bs2048", "lamb")):
+        cfg = job_config(compose_sweep("large_batch", f"experiment={experiment}", "batch_size=8192"))
+        assert cfg.optimizer.name == optimizer and cfg.lr_scaling == "sqrt" and cfg.warmup_epochs > 0
+    cfg = job_config(compose_sweep("large_batch", "experiment=lamb_bs2048", "batch_size=8192", "lr_scaling=linear"))
+    assert (cfg.lr, cfg.base_batch_size, cfg.lr_scaling) == (0.008, 2048, "linear")
+
+
+def test_scaled_lr_rules():
+    assert scaled_lr(0.008, "none", 8192, 2048) == 0.008
+    assert scaled_lr(0.008, "linear", 8192, 2048) == pytest.approx(0.032)
+    assert scaled_lr(0.008, "sqrt", 8192, 2048) == pytest.approx(0.016)
+    assert scaled_lr(0.01, "linear", 4 * 64, 64) == pytest.approx(0.04)  # the study's LocalSGD lr for K=4
+    with pytest.raises(ValueError, match="lr_scaling='cubic'"):
+        scaled_lr(0.1, "cubic", 1, 1)
+
+
+def test_lr_scaling_is_validated_and_reaches_the_optimizer():
+    bad = compose_cfg("lr_scaling=cubic")
+    with pytest.raises(ConfigError, match="lr_scaling='cubic'"):
+        validate(bad)
+    cfg = compose_cfg("K=2", "batch_size=32", "base_batch_size=16", "lr=0.01", "lr_scaling=linear",
+                      "scheduler=constant")
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    assert trainer.base_lr == pytest.approx(0.04)  # 0.01 * (2 * 32) / 16
+    assert trainer.lr(0) == pytest.approx(0.04)
+    assert all(g["lr"] == pytest.approx(0.04) for g in trainer.optimizer.param_groups)
+
+
+# ----------------------------------------------------------------------------- the study's experiments
+
+STUDY = {  # RESULTS.md: the hyperparameters of each row
+    "sgdm_wd4e-4": dict(method="centralized", optimizer="sgdm", lr=0.01, weight_decay=4e-4, batch_size=64, epochs=150),
+    "sgdm_wd4e-3": dict(method="centralized", optimizer="sgdm", lr=0.01, weight_decay=4e-3, batch_size=64, epochs=150),
+    "adamw_wd1e-2": dict(method="centralized", optimizer="adamw", lr=1e-3, weight_decay=0.01, epochs=150),
+    "adamw_wd4e-2": dict(method="centralized", optimizer="adamw", lr=1e-3, weight_decay=0.04, epochs=150),
+    "lamb_bs2048": dict(optimizer="lamb", lr=0.008, batch_size=2048, epochs=150, warmup_epochs=15),
+    "lamb_bs8192": dict(optimizer="lamb", lr=0.032, batch_size=8192, epochs=100, warmup_epochs=5),
+    "lamb_bs16384": dict(optimizer="lamb", lr=0.032, batch_size=16384, epochs=150, warmup_epochs=15),
+    "lars_bs512": dict(optimizer="lars", lr=15.0, batch_size=512, epochs=150, warmup_epochs=15),
+    "lars_bs1024": dict(optimizer="lars", lr=15.0, batch_size=1024, epochs=150, warmup_epochs=15),
+    "lars_bs2048": dict(optimizer="lars", lr=15.0, batch_size=2048, epochs=150, warmup_epochs=15),
+    "localsgd": dict(method="localsgd", K=4, H=4),
+    "slowmo": dict(method="slowmo", K=4, H=8),
+    **{f"localsgd_{s}_k{K}": dict(method="localsgd", K=K, H=4) for s in ("loss", "avg_loss") for K in (2, 4, 8)},
+}
+
+
+def test_study_experiments_carry_the_study_settings():
+    assert set(group_options("experiment")) == set(STUDY)
+    for name, expected in STUDY.items():
+        cfg = compose_cfg(f"experiment={name}", tiny=False)
+        validate(cfg)
+        got = {k: cfg[k] if k in cfg else None for k in expected}
+        got.update(method=cfg.method.name, optimizer=cfg.optimizer.name)
+        assert {k: got[k] for k in expected} == expected, name
+        assert cfg.dataset.name == "cifar100" and cfg.model.name == "lenet5" and cfg.scheduler.name == "cosine"
+        if cfg.optimizer.name == "lars":
+            assert (cfg.optimizer.trust_coefficient, cfg.optimizer.wd_in_grad_norm) == (0.3, True)
+        if cfg.optimizer.name == "lamb":
+            o = cfg.optimizer
+            assert (o.grad_clip_norm, o.bias_correction, o.trust_ratio_only_with_wd) == (1.0, False, True)
+        if cfg.method.name != "centralized":  # the study's distributed defaults
+            assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.optimizer.momentum) == (64, 0.04, 1e-3, 0.9)
+        if cfg.method.name == "slowmo":
+            assert (cfg.method.alpha, cfg.method.beta) == (1.0, 0.6)
+        if "loss" in name:
+            d = cfg.dynamic_h
+            assert (d.name, d.h_min, d.h_max) == (name.split("localsgd_")[1].rsplit("_k", 1)[0], 4, 64)
+            assert d.n_losses == 3
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _dpl(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    env.pop("DPL_SWEEP_PARENT_RUN_ID", None)
+    proc = subprocess.run([sys.executable, "-m", "dpl", "--config-dir", str(SWEEPS), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _client(path: Path):
+    from dpl.tracking import mlflow_client
+
+    return mlflow_client(f"sqlite:///{path}")
+
+
+def _runs(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if PARENT_TAG in r.data.tags]
+    return [r for r in runs if PARENT_TAG not in r.data.tags], parents
+
+
+def test_grid_sweep_makes_one_child_run_per_cell_and_the_report_matches(tmp_path):
+    _dpl(tmp_path, "--config-name", "localsgd_grid", *TINY, "K=2,4", "H=2,4", f"hydra.sweep.dir={tmp_path / 'mr'}")
+    client = _client(tmp_path / "mlflow.db")  # the default store, in the launch directory
+    jobs, parents = _runs(client, "localsgd_grid")
+    assert len(jobs) == 4 and len(parents) == 1
+    parent = parents[0]
+    assert {(r.data.params["K"], r.data.params["H"]) for r in jobs} == set(itertools.product("24", "24"))
+    for r in jobs:
+        assert r.info.status == "FINISHED" and r.data.tags["sweep"] == "localsgd_grid"
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.params["method.name"] == "localsgd"
+    assert parent.info.status == "FINISHED" and parent.data.tags[PARENT_TAG] == "localsgd_grid"
+    assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_finished"] == 4
+    assert parent.data.metrics["best_val_acc"] == max(r.data.metrics["best_val_acc"] for r in jobs)
+    assert len(list((tmp_path / "mr").glob("*/checkpoint.pt"))) == 4  # one job dir each
+
+    from dpl.report import main as report
+
+    out = tmp_path / "report"
+    assert report(["--sweep", "localsgd_grid", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert len(rows) == 4  # the parent run is not a row
+    by_cell = {(r.data.params["K"], r.data.params["H"]): r for r in jobs}
+    for row in rows:
+        run = by_cell[(row["K"], row["H"])]
+        assert row["runs"] == "1" and row["failed"] == "0"
+        for metric in ("test_acc", "best_val_acc", "sync_rounds_total", "comm_bytes_total"):
+            assert float(row[f"{metric}_mean"]) == run.data.metrics[metric]
+    assert (out / "report.md").is_file() and (out / "acc_vs_H.png").is_file() and (out / "pareto.png").is_file()
+
+
+def _trials(storage: str, name: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    common = ["--config-name", "optuna_lr", *TINY, f"hydra.sweeper.storage={storage}"]
+    _dpl(tmp_path, *common, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'first'}")
+    trials = _trials(storage, "optuna_lr-sgdm")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    best = yaml.safe_load((tmp_path / "first" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(t.value for t in trials)
+    assert best["best_params"] in [t.params for t in trials if t.value == best["best_value"]]  # ties are possible
+    client = _client(tmp_path / "mlflow.db")
+    jobs, parents = _runs(client, "optuna_lr")
+    assert len(jobs) == 3 and all(r.data.tags["sweep"] == "optuna_lr" for r in jobs)
+    by_lr = {float(r.data.params["lr"]): r for r in jobs}
+    for t in trials:  # the objective Optuna saw is the job's best validation accuracy in MLflow
+        assert by_lr[t.params["lr"]].data.metrics["best_val_acc"] == t.value
+    assert parents[0].data.metrics["best_val_acc"] == best["best_value"]
+
+    # Resume the same study with a range of lrs that diverge: the trials are added, each gets the
+    # worst objective, the MLflow runs are FAILED with the reason, and the sweep finishes.
+    _dpl(tmp_path, *common, "hydra.sweeper.n_trials=2", "lr=tag(log, interval(1e8, 1e9))",
+         f"hydra.sweep.dir={tmp_path / 'second'}")
+    trials = _trials(storage, "optuna_lr-sgdm")
+    assert len(trials) == 5 and [t.state.name for t in trials[3:]] == ["COMPLETE"] * 2
+    assert [t.value for t in trials[3:]] == [WORST_OBJECTIVE] * 2
+    jobs, parents = _runs(client, "optuna_lr")
+    failed = [r for r in jobs if r.info.status == "FAILED"]
+    assert len(jobs) == 5 and len(failed) == 2 and len(parents) == 2
+    assert all(("nan" in r.data.tags["failure_reason"] or "inf" in r.data.tags["failure_reason"]) for r in failed)
+    assert all("test_acc" not in r.data.metrics for r in failed)
+    second = max(parents, key=lambda r: r.info.start_time)
+    assert second.data.metrics["jobs_failed"] == 2 and "best_val_acc" not in second.data.metrics
+
+    from dpl.report import main as report
+
+    out = tmp_path / "report"
+    assert report(["--experiment", "optuna_lr", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert sum(int(r["failed"]) for r in rows) == 2 and sum(int(r["runs"]) for r in rows) == 3
+    diverged = [r for r in rows if r["failed"] == "1"]
+    assert all(r["test_acc_mean"] == "" for r in diverged)
+    assert "## Failed runs" in (out / "report.md").read_text()
+    assert not math.isnan(max(float(r["best_val_acc_mean"]) for r in rows if r["runs"] == "1"))
