@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpl import checkpoint
-from dpl.config import ConfigError, validate
+from dpl.config import Config, ConfigError, validate
 from dpl.data import load_dataset
 from dpl.engine import build_workers
 from dpl.io import write_csv
@@ -111,7 +111,7 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
 
 def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
     """The checkpoint's config, so a resumed run is the same run (only display keys may change)."""
-    saved = OmegaConf.merge(OmegaConf.structured(type(OmegaConf.to_object(cfg))), ckpt["config"])
+    saved = OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"])
     saved.progress = cfg.progress
     saved.resume = cfg.resume
     saved.engine.spawn = saved.engine.spawn or cfg.engine.spawn  # how to start the processes, not what they compute

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from dpl.registry import lookup
+
 
 @dataclass(frozen=True)
 class HContext:
@@ -190,6 +192,4 @@ STRATEGIES: dict[str, Strategy] = {
 
 def next_h(ctx: HContext, cfg) -> int:
     """H for the epoch ``ctx.epoch``, by the strategy named ``cfg.name``; always an int >= 1."""
-    if cfg.name not in STRATEGIES:
-        raise KeyError(f"dynamic_h.name={cfg.name!r} is unknown: allowed one of {', '.join(sorted(STRATEGIES))}")
-    return max(1, int(STRATEGIES[cfg.name](ctx, cfg)))
+    return max(1, int(lookup(STRATEGIES, "dynamic_h", cfg.name)(ctx, cfg)))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dpl.engine.workers import StackedWorkers
+from dpl.registry import lookup
 
 
 class Method:
@@ -111,9 +112,7 @@ METHODS: dict[str, type[Method]] = {"centralized": Centralized, "localsgd": Loca
 
 
 def build_method(cfg: Any, local_momentum: str) -> Method:
-    if cfg.name not in METHODS:
-        raise KeyError(f"method={cfg.name!r} is unknown: allowed {', '.join(sorted(METHODS))}")
-    return METHODS[cfg.name](cfg, local_momentum)
+    return lookup(METHODS, "method", cfg.name)(cfg, local_momentum)
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dpl.registry import lookup
+
 
 class LeNet5(nn.Module):
     """The study's LeNet-5 variant (CIFAR-100 with 64-channel convolutions).
@@ -40,6 +42,4 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5}
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    if name not in MODELS:
-        raise KeyError(f"model={name!r} is unknown: allowed {', '.join(sorted(MODELS))}")
-    return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    return lookup(MODELS, "model", name)(in_channels=in_channels, num_classes=num_classes, image_size=image_size)

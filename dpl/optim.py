@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from dpl.registry import lookup
+
 # ----------------------------------------------------------------------------- norm helpers
 
 
@@ -262,6 +264,4 @@ def build_optimizer(params: Iterable[torch.Tensor], cfg, lr: float, weight_decay
     ``lr`` and ``weight_decay`` come from the top-level config, not from ``cfg``.
     ``per_worker`` says every parameter carries a leading worker dimension [K, ...].
     """
-    if cfg.name not in OPTIMIZERS:
-        raise KeyError(f"optimizer={cfg.name!r} is unknown: allowed {', '.join(sorted(OPTIMIZERS))}")
-    return OPTIMIZERS[cfg.name](list(params), cfg, lr, weight_decay, per_worker)
+    return lookup(OPTIMIZERS, "optimizer", cfg.name)(list(params), cfg, lr, weight_decay, per_worker)

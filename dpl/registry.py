@@ -6,9 +6,20 @@ names (tests/test_config.py checks they agree).
 
 from __future__ import annotations
 
+from typing import Mapping, TypeVar
+
 from omegaconf import DictConfig
 
 from dpl.config import ConfigError
+
+T = TypeVar("T")
+
+
+def lookup(registry: Mapping[str, T], key: str, name: str) -> T:
+    """``registry[name]``, or a one-line KeyError naming ``key`` and the allowed names."""
+    if name not in registry:
+        raise KeyError(f"{key}={name!r} is unknown: allowed {', '.join(sorted(registry))}")
+    return registry[name]
 
 
 def registries() -> dict[str, dict]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from dpl.registry import lookup
+
 # factor(progress, cfg, epochs) -> multiplier of the base lr after warmup; progress in [0, 1]
 # is the fraction of the post-warmup steps done, epoch the (fractional) epoch.
 Schedule = Callable[[float, float, object], float]
@@ -38,14 +40,13 @@ _FLOORED = {"cosine", "poly"}  # schedules that anneal towards scheduler.min_lr
 
 def lr_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, warmup_epochs: float, cfg) -> float:
     """The learning rate for optimizer step ``step`` (0-based) of a run of ``epochs`` epochs."""
-    if cfg.name not in SCHEDULERS:
-        raise KeyError(f"scheduler={cfg.name!r} is unknown: allowed {', '.join(sorted(SCHEDULERS))}")
+    schedule = lookup(SCHEDULERS, "scheduler", cfg.name)
     warmup_steps = round(warmup_epochs * steps_per_epoch)
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     total = max(epochs * steps_per_epoch - warmup_steps, 1)
     progress = min((step - warmup_steps) / total, 1.0)
-    factor = SCHEDULERS[cfg.name](progress, step / steps_per_epoch, cfg)
+    factor = schedule(progress, step / steps_per_epoch, cfg)
     if cfg.name in _FLOORED:
         return cfg.min_lr + (base_lr - cfg.min_lr) * factor
     return base_lr * factor

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from dpl.io import write_csv
+from dpl.registry import lookup
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PARAM_LIMIT_FALLBACK = 6000  # MLflow's MAX_PARAM_VAL_LENGTH in 2.x / 3.x
@@ -213,9 +214,7 @@ LOGGERS: dict[str, type] = {"mlflow": MlflowLogger, "none": NullLogger}
 
 def make_logger(cfg_logger: Any) -> Logger:
     """The logger named by ``cfg_logger.name`` (a file in ``conf/logger/``)."""
-    if cfg_logger.name not in LOGGERS:
-        raise KeyError(f"logger={cfg_logger.name!r} is unknown: allowed {', '.join(sorted(LOGGERS))}")
-    return LOGGERS[cfg_logger.name](cfg_logger)
+    return lookup(LOGGERS, "logger", cfg_logger.name)(cfg_logger)
 
 
 def mlflow_client(tracking_uri: str, base_dir: str | Path | None = None):

@@ -16,6 +16,7 @@ import torch
 from dpl.data.augment import normalize, random_crop_flip
 from dpl.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, steps_per_epoch
 from dpl.data.sources import DATASETS, DatasetUnavailable, RawData
+from dpl.registry import lookup
 
 __all__ = [
     "DATASETS", "SHARDINGS", "DatasetUnavailable", "DeviceData", "RawData",
@@ -66,9 +67,7 @@ def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | N
 
     ``root`` (absolute, resolved by the caller) overrides ``cfg.root``; the test set is the official one.
     """
-    if cfg.name not in DATASETS:
-        raise KeyError(f"dataset={cfg.name!r} is unknown: allowed {', '.join(sorted(DATASETS))}")
-    raw = DATASETS[cfg.name](cfg, root)
+    raw = lookup(DATASETS, "dataset", cfg.name)(cfg, root)
     train_idx, val_idx = split_train_val(len(raw.train_y), float(cfg.val_fraction), seed)
     x, y = raw.train_x, raw.train_y
     return DeviceData(

@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dpl.registry import lookup
+
 
 def _iid(labels: torch.Tensor, K: int, g: torch.Generator, rng: np.random.Generator, alpha: float) -> torch.Tensor:
     """Class-balanced: per-class counts differ by at most one between workers.
@@ -97,14 +99,13 @@ SHARDINGS: dict[str, Callable[..., torch.Tensor]] = {"iid": _iid, "random": _ran
 
 def make_shards(labels: torch.Tensor, K: int, strategy: str, seed: int, alpha: float = 0.5) -> torch.Tensor:
     """Disjoint equal-size shards: int64 ``[K, N // K]`` indices into ``labels`` (CPU int64 ``[N]``)."""
-    if strategy not in SHARDINGS:
-        raise KeyError(f"sharding={strategy!r} is unknown: allowed {', '.join(sorted(SHARDINGS))}")
+    shard = lookup(SHARDINGS, "sharding", strategy)
     if not 1 <= K <= len(labels):
         raise ValueError(f"K={K} workers cannot share {len(labels)} training samples")
     labels = labels.detach().cpu().long()
     g = torch.Generator().manual_seed(_mix(seed, 0))
     rng = np.random.default_rng(_mix(seed, 1))
-    shards = SHARDINGS[strategy](labels, K, g, rng, alpha)
+    shards = shard(labels, K, g, rng, alpha)
     # Within a shard the order is arbitrary (iid is class-sorted): shuffle once so that
     # reading a shard front to back without epoch_order still mixes classes.
     return shards.gather(1, torch.rand(shards.shape, generator=g).argsort(1))

@@ -12,6 +12,7 @@ from torch import nn
 
 from dpl.engine.distributed import build_distributed
 from dpl.engine.workers import LocalComm, StackedWorkers
+from dpl.registry import lookup
 
 
 def simulation_mode(requested: str, device: torch.device, model: nn.Module) -> str:
@@ -34,6 +35,4 @@ ENGINES = {"simulated": build_simulated, "distributed": build_distributed}
 
 
 def build_workers(cfg: DictConfig, model: nn.Module, device: torch.device, comm=None) -> StackedWorkers:
-    if cfg.engine.name not in ENGINES:
-        raise KeyError(f"engine={cfg.engine.name!r} is unknown: allowed {', '.join(sorted(ENGINES))}")
-    return ENGINES[cfg.engine.name](cfg, model, device, comm)
+    return lookup(ENGINES, "engine", cfg.engine.name)(cfg, model, device, comm)
