@@ -6,8 +6,14 @@ a full replica (LocalSGD / SlowMo average the parameters; synchronous training
 all-reduces gradients, which have the same size, at every step). In a ring
 all-reduce (Patarasuk & Yuan 2009) each worker sends 2 (K - 1) / K of the buffer:
 K - 1 chunks of size n / K in the reduce-scatter phase and as many in the
-all-gather phase. The time of a round follows the latency-bandwidth (alpha-beta)
-model, T = alpha + n_sent / beta, with one latency per round.
+all-gather phase. The time of one all-reduce follows the latency-bandwidth (alpha-beta)
+model: each of its 2 (K - 1) ring steps pays the latency alpha once, so
+T = 2 (K - 1) alpha + n_sent / beta (Thakur, Rabenseifner & Gropp 2005, Sec. 4.4 for
+the reduce-scatter + all-gather ring; Patarasuk & Yuan 2009).
+
+A sync may all-reduce more than the parameters: ``local_momentum=average`` averages the
+inner optimizer's state too (one more all-reduce of the state tensors). The ledger
+counts those bytes and collectives beside the parameter rounds.
 
 Everything here is a pure function or a ledger of plain numbers, so the totals
 survive a checkpoint and a resumed run reports the same curves.
@@ -41,9 +47,12 @@ def param_bytes(tensors: Iterable[torch.Tensor], per_worker: bool = False) -> in
     return total
 
 
-def sync_time_s(nbytes_sent: float, bandwidth_gbps: float, latency_us: float) -> float:
-    """Modelled seconds of one sync round: latency + bytes / bandwidth, with Gb/s = 1e9 bits/s."""
-    return latency_us * 1e-6 + nbytes_sent * 8.0 / (bandwidth_gbps * 1e9)
+def sync_time_s(nbytes_sent: float, bandwidth_gbps: float, latency_us: float, K: int) -> float:
+    """Modelled seconds of one ring all-reduce among K workers that sends ``nbytes_sent`` per
+    worker: 2 (K - 1) latencies (one per ring step) + bytes / bandwidth, Gb/s = 1e9 bits/s."""
+    if K <= 1:
+        return 0.0
+    return 2 * (K - 1) * latency_us * 1e-6 + nbytes_sent * 8.0 / (bandwidth_gbps * 1e9)
 
 
 @dataclass
@@ -61,6 +70,7 @@ class CommLedger:
     bandwidth_gbps: float
     latency_us: float
     rounds_total: int = 0
+    collectives_total: int = 0
     steps_total: int = 0
     bytes_total: float = 0.0
     comm_time_total_s: float = 0.0
@@ -72,18 +82,26 @@ class CommLedger:
 
     @property
     def time_per_round_s(self) -> float:
-        if self.K == 1:  # no all-reduce happens, so no latency is paid either
-            return 0.0
-        return sync_time_s(self.bytes_per_round, self.bandwidth_gbps, self.latency_us)
+        # with K == 1 no all-reduce happens, so no latency is paid either
+        return sync_time_s(self.bytes_per_round, self.bandwidth_gbps, self.latency_us, self.K)
 
-    def record_epoch(self, rounds: int, steps: int, compute_time_s: float) -> dict[str, float]:
+    def record_epoch(self, rounds: int, steps: int, compute_time_s: float,
+                     state_rounds: int = 0, state_bytes: float = 0.0) -> dict[str, float]:
         """Add one epoch of ``rounds`` syncs over ``steps`` local steps; return this epoch's metrics.
 
+        ``state_rounds`` more all-reduces moved ``state_bytes`` of optimizer state in all
+        (per replica, before the ring's 2 (K - 1) / K), e.g. with ``local_momentum=average``.
+        ``sync_rounds`` counts the syncs; ``collectives`` every all-reduce.
         ``rounds_vs_sync`` is rounds / steps over the run so far: 1.0 for synchronous
         training (a round every step), about 1 / H for LocalSGD.
         """
-        comm_bytes = rounds * self.bytes_per_round
+        state_sent = ring_allreduce_bytes(state_bytes, self.K)
+        comm_bytes = rounds * self.bytes_per_round + state_sent
         comm_time = rounds * self.time_per_round_s
+        if state_rounds:
+            comm_time += state_rounds * sync_time_s(state_sent / state_rounds, self.bandwidth_gbps,
+                                                    self.latency_us, self.K)
+        self.collectives_total += rounds + state_rounds
         self.rounds_total += rounds
         self.steps_total += steps
         self.bytes_total += comm_bytes
@@ -92,6 +110,7 @@ class CommLedger:
         return {
             "sync_rounds": rounds,
             "sync_rounds_total": self.rounds_total,
+            "collectives": rounds + state_rounds,
             "comm_bytes": comm_bytes,
             "comm_bytes_total": self.bytes_total,
             "rounds_vs_sync": self.rounds_total / self.steps_total if self.steps_total else 0.0,

@@ -46,6 +46,8 @@ class DatasetConfig:
     download: bool = True
     val_fraction: float = 0.1
     augment: bool = True  # random crop (with padding) + horizontal flip on train batches
+    # the study: validation images augmented too, redrawn (seeded) at every evaluation
+    augment_val: bool = False
     crop_padding: int = 4
     # only `synthetic` reads these
     num_train: int = 5000
@@ -113,15 +115,21 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Learning-rate schedule per optimizer step, after ``warmup_epochs`` of linear warmup."""
+    """Learning-rate schedule after ``warmup_epochs`` of linear warmup (see dpl.schedules)."""
 
     name: str = MISSING
+    interval: str = "step"  # step: the lr moves every optimizer step; epoch: once per epoch (the study)
+    warmup_start_factor: Optional[float] = None  # warmup from this x lr (the study: 0.1); null: (t+1)/W
     min_lr: float = 0.0  # cosine / poly floor
     step_epochs: int = 30  # step: decay every this many epochs
     gamma: float = 0.1  # step: decay factor
     power: float = 1.0  # poly: exponent
 
     def __post_init__(self) -> None:
+        _one_of("scheduler.interval", self.interval, ("step", "epoch"))
+        if self.warmup_start_factor is not None:
+            _check(0.0 < self.warmup_start_factor <= 1.0, "scheduler.warmup_start_factor",
+                   self.warmup_start_factor, "null or 0 < x <= 1")
         _at_least("scheduler.min_lr", self.min_lr, 0.0)
         _at_least("scheduler.step_epochs", self.step_epochs, 1, "an integer")
         _check(0.0 < self.gamma <= 1.0, "scheduler.gamma", self.gamma, "0 < x <= 1")
@@ -134,6 +142,8 @@ class MethodConfig:
     # slowmo (Wang et al. 2020): slow momentum beta and slow learning rate alpha
     beta: float = 0.6
     alpha: float = 1.0
+    # slowmo: zero the slow momentum buffer at the start of every epoch (the study does)
+    restart_each_epoch: bool = False
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.beta < 1.0, "method.beta", self.beta, "0 <= x < 1")
@@ -207,6 +217,7 @@ class NetworkConfig:
 
 DEVICES = ("auto", "cpu", "cuda")
 SHARDINGS = ("iid", "random", "dirichlet")
+SHUFFLES = ("epoch", "once")
 MOMENTUM_MODES = ("keep", "reset", "average")
 LR_SCALINGS = ("none", "linear", "sqrt")  # see dpl.train.scaled_lr
 
@@ -238,6 +249,8 @@ class Config:
     sharding: str = "iid"
     dirichlet_alpha: float = 0.5
     local_momentum: str = "keep"  # inner-optimizer state at a sync: keep | reset | average
+    restart_inner_each_epoch: bool = False  # fresh inner optimizer state every epoch (the study's local methods)
+    shuffle: str = "epoch"  # epoch: each shard reshuffled every epoch; once: the same order every epoch
 
     resume: Optional[str] = None  # a job dir (or checkpoint file) to continue
     test_only: bool = False
@@ -247,6 +260,7 @@ class Config:
     results_csv: str = "results.csv"  # relative paths resolve against the launch dir
     progress: bool = True  # tqdm bars
     sweep: Optional[str] = None  # tag grouping the runs of one sweep in MLflow
+    ablation: str = "none"  # which study behaviour conf/ablation/ switched to the paper's (dpl.study)
 
     def __post_init__(self) -> None:
         _at_least("K", self.K, 1, "an integer")
@@ -263,6 +277,10 @@ class Config:
         _one_of("sharding", self.sharding, SHARDINGS)
         _positive("dirichlet_alpha", self.dirichlet_alpha)
         _one_of("local_momentum", self.local_momentum, MOMENTUM_MODES)
+        _one_of("shuffle", self.shuffle, SHUFFLES)
+        if isinstance(self.scheduler, SchedulerConfig) and self.scheduler.interval == "epoch":
+            _check(float(self.warmup_epochs).is_integer(), "warmup_epochs", self.warmup_epochs,
+                   "a whole number of epochs with scheduler.interval=epoch")
         _at_least("checkpoint_every", self.checkpoint_every, 0, "an integer")
 
 

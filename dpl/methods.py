@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from dpl.comm import param_bytes
 from dpl.engine.workers import StackedWorkers
 from dpl.registry import lookup
 
@@ -26,8 +27,13 @@ class Method:
     def on_gradients(self, workers: StackedWorkers) -> None:
         """Called after backward, before the inner optimizer step."""
 
-    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> None:
-        """Called at the end of a period of local steps."""
+    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> int:
+        """Called at the end of a period of local steps; returns the bytes (per replica) of
+        optimizer state it all-reduced beside the parameters (``local_momentum=average``)."""
+        return 0
+
+    def on_epoch_start(self) -> None:
+        """Called before the first step of every epoch."""
 
     def state_dict(self) -> dict:
         return {}
@@ -60,9 +66,9 @@ class LocalSGD(Method):
     name = "localsgd"
     local = True
 
-    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> None:
+    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> int:
         workers.average_params_()
-        sync_inner_state(optimizer, workers, self.local_momentum)
+        return sync_inner_state(optimizer, workers, self.local_momentum)
 
 
 class SlowMo(LocalSGD):
@@ -84,7 +90,7 @@ class SlowMo(LocalSGD):
         self.u: list[torch.Tensor] | None = None  # slow momentum buffers
 
     @torch.no_grad()
-    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> None:
+    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> int:
         if self.anchor is None:  # first sync: the start of training is the previous sync
             raise RuntimeError("SlowMo.start(workers) must be called before the first sync")
         workers.average_params_()
@@ -94,7 +100,14 @@ class SlowMo(LocalSGD):
             u.mul_(beta).add_((x - x_bar) / lr)
             x.sub_(alpha * lr * u)
             p.copy_(x)
-        sync_inner_state(optimizer, workers, self.local_momentum)
+        return sync_inner_state(optimizer, workers, self.local_momentum)
+
+    @torch.no_grad()
+    def on_epoch_start(self) -> None:
+        """``method.restart_each_epoch``: u <- 0, as the study's fresh SlowMo optimizer per epoch."""
+        if getattr(self.cfg, "restart_each_epoch", False) and self.u is not None:
+            for u in self.u:
+                u.zero_()
 
     def start(self, workers: StackedWorkers) -> None:
         """Record the initial parameters as the first anchor (all workers are equal then)."""
@@ -116,19 +129,23 @@ def build_method(cfg: Any, local_momentum: str) -> Method:
 
 
 @torch.no_grad()
-def sync_inner_state(optimizer: torch.optim.Optimizer, workers: StackedWorkers, mode: str) -> None:
+def sync_inner_state(optimizer: torch.optim.Optimizer, workers: StackedWorkers, mode: str) -> int:
     """What happens to the inner optimizer's state (momentum, Adam moments) at a sync.
 
     keep: every worker keeps its own; reset: cleared, as after a restart; average: every
-    per-parameter state tensor is averaged across workers like the parameters.
+    per-parameter state tensor is averaged across workers like the parameters, in one
+    more all-reduce. Returns the bytes of one replica's share of what was all-reduced.
     """
     if mode == "keep":
-        return
+        return 0
     if mode == "reset":
         optimizer.state.clear()
-        return
+        return 0
     if mode != "average":
         raise ValueError(f"local_momentum={mode!r} is invalid: allowed keep, reset, average")
     stacked = [t for p in workers.params for t in optimizer.state.get(p, {}).values()
                if torch.is_tensor(t) and t.shape == p.shape]
+    if not stacked:  # before the first step (or after a restart) there is no state to send
+        return 0
     workers.comm.mean_(stacked)
+    return param_bytes(stacked, per_worker=True)

@@ -17,11 +17,13 @@ from typing import Any, Iterable
 from dpl.config import GROUP_SCHEMAS, Config, ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = (*GROUP_SCHEMAS, "experiment")
+GROUPS = (*GROUP_SCHEMAS, "experiment", "ablation")
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    """The option names of ``group``: its YAML files, sub-folders included (``study/localsgd``)."""
+    root = conf_dir / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
 
 
 def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:

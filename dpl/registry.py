@@ -30,15 +30,18 @@ def registries() -> dict[str, dict]:
     from dpl.models import MODELS
     from dpl.optim import OPTIMIZERS
     from dpl.schedules import SCHEDULERS
+    from dpl.study import ABLATIONS
     from dpl.tracking import LOGGERS
 
     return {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
-            "method": METHODS, "dynamic_h": STRATEGIES, "engine": ENGINES, "logger": LOGGERS}
+            "method": METHODS, "dynamic_h": STRATEGIES, "engine": ENGINES, "logger": LOGGERS,
+            "ablation": ABLATIONS}
 
 
 def check_choices(cfg: DictConfig) -> None:
     """Each group's ``name`` must be a key of its registry."""
     for group, registry in registries().items():
-        name = cfg[group].name
+        node = cfg[group]
+        name = node.name if isinstance(node, DictConfig) else node  # ablation: a plain key
         if name not in registry:
             raise ConfigError(f"{group}.name={name!r} is invalid: allowed one of {', '.join(sorted(registry))}")

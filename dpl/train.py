@@ -29,7 +29,7 @@ from dpl.dynamic_h import HContext, next_h
 from dpl.engine.workers import StackedWorkers
 from dpl.methods import Method, SlowMo
 from dpl.optim import build_optimizer
-from dpl.schedules import lr_at
+from dpl.schedules import lr_index, lr_table
 
 EVAL_BATCH = 1000
 
@@ -57,13 +57,15 @@ class TrainState:
     correct: int = 0
     seen: int = 0
     rounds: int = 0
+    state_rounds: int = 0  # all-reduces of optimizer state beside the parameters (local_momentum=average)
+    state_bytes: float = 0.0
     drift_sum: float = 0.0
     compute_s: float = 0.0
     lr: float = 0.0
 
     def reset_epoch(self) -> None:
-        self.step = self.period = self.correct = self.seen = self.rounds = 0
-        self.loss_sum = self.drift_sum = self.compute_s = 0.0
+        self.step = self.period = self.correct = self.seen = self.rounds = self.state_rounds = 0
+        self.loss_sum = self.drift_sum = self.compute_s = self.state_bytes = 0.0
 
 
 def scaled_lr(lr: float, rule: str, batch: int, base_batch: int) -> float:
@@ -110,6 +112,7 @@ class Trainer:
         self.rows = slice(rank, rank + workers.k_local)
         self.steps_per_epoch = steps_per_epoch(self.shards.shape[1], cfg.batch_size)
         self.base_lr = scaled_lr(cfg.lr, cfg.lr_scaling, cfg.K * cfg.batch_size, cfg.base_batch_size)
+        self.lr_table = lr_table(cfg.scheduler, self.base_lr, cfg.epochs, self.steps_per_epoch, cfg.warmup_epochs)
         self.optimizer = build_optimizer(workers.params, cfg.optimizer, self.base_lr, cfg.weight_decay,
                                          per_worker=True)
         self.state = TrainState(H=cfg.H)
@@ -126,13 +129,21 @@ class Trainer:
         s = self.state
         while s.epoch < self.cfg.epochs and not s.stopped_early:
             if s.step == 0:
-                s.H = self.next_h()
+                self.start_epoch()
             self.train_epoch()
             self.end_epoch()
 
+    def start_epoch(self) -> None:
+        """Choose this epoch's H; restart the optimizers' state where the config says so
+        (the study gives every epoch fresh inner optimizers and a fresh SlowMo buffer)."""
+        self.state.H = self.next_h()
+        if self.hp.restart_inner_each_epoch:
+            self.optimizer.state.clear()
+        self.method.on_epoch_start()
+
     def train_epoch(self) -> None:
         """One pass of every worker over its shard, resuming at ``state.step``."""
-        order = epoch_order(self.shards, self.state.epoch, self.cfg.seed)
+        order = self.shards if self.hp.shuffle == "once" else epoch_order(self.shards, self.state.epoch, self.cfg.seed)
         while self.state.step < self.steps_per_epoch:
             self.train_step(order)
             for hook in self.on_step:
@@ -154,7 +165,9 @@ class Trainer:
         if not method.local:
             s.rounds += 1
         elif s.period == s.H or s.step == self.steps_per_epoch - 1:  # the last partial period syncs too
-            method.sync(workers, self.optimizer, s.lr)  # average (SlowMo: and the outer step)
+            state_bytes = method.sync(workers, self.optimizer, s.lr)  # average (SlowMo: and the outer step)
+            s.state_bytes += state_bytes
+            s.state_rounds += state_bytes > 0
             s.drift_sum += workers.drift  # how far apart the workers were just before the average
             s.rounds += 1
             s.period = 0
@@ -180,14 +193,15 @@ class Trainer:
         train_loss = loss_sum / max(seen, 1)
         if not math.isfinite(train_loss):
             raise Diverged(f"training loss is {train_loss} in epoch {s.epoch}")
-        val_loss, val_acc = self.evaluate("val")
+        val_loss, val_acc = self.evaluate("val", augment_key=(self.cfg.seed, s.epoch) if self.data.augment_val else None)
         record = {
             "epoch": s.epoch, "train_loss": train_loss, "train_acc": correct / max(seen, 1),
             "val_loss": val_loss, "val_acc": val_acc, "lr": s.lr, "H": s.H,
             "epoch_time_s": s.compute_s, "samples_per_s": seen / max(s.compute_s, 1e-9),
             "drift": drift_sum / s.rounds if self.method.local and s.rounds else 0.0,
             # A worker of a real cluster computes only its own share of the simulated steps.
-            **self.ledger.record_epoch(s.rounds, s.step, compute_s / self.workers.k_local),
+            **self.ledger.record_epoch(s.rounds, s.step, compute_s / self.workers.k_local, s.state_rounds,
+                                       s.state_bytes),
             "comm_wall_s": comm_wall_s,  # measured in collectives (engine=distributed), beside the modelled bytes
         }
         s.history.append(record)
@@ -204,16 +218,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def lr(self, step: int) -> float:
-        cfg = self.hp
-        return lr_at(step, self.steps_per_epoch, cfg.epochs, self.base_lr, cfg.warmup_epochs, cfg.scheduler)
+        """The lr of global step ``step`` (per ``scheduler.interval``: of its epoch or of the step)."""
+        return self.lr_table[min(lr_index(self.hp.scheduler.interval, step // self.steps_per_epoch, step),
+                                 len(self.lr_table) - 1)]
 
     def next_h(self) -> int:
         ctx = HContext(epoch=self.state.epoch, epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch,
                        H0=self.cfg.H, history=tuple(self.state.history))
         return next_h(ctx, self.cfg.dynamic_h)
 
-    def evaluate(self, split: str, weights: Optional[dict[str, torch.Tensor]] = None) -> tuple[float, float]:
-        return self.workers.evaluate(eval_batches(self.data, split, EVAL_BATCH), weights)
+    def evaluate(self, split: str, weights: Optional[dict[str, torch.Tensor]] = None,
+                 augment_key: Optional[tuple[int, int]] = None) -> tuple[float, float]:
+        return self.workers.evaluate(eval_batches(self.data, split, EVAL_BATCH, augment_key), weights)
 
     def final_metrics(self) -> dict[str, float]:
         """Test accuracy of the final (averaged) model and of the best-validation model."""

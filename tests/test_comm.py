@@ -27,11 +27,13 @@ def test_param_bytes_of_one_replica():
     assert param_bytes(stacked) == 4 * 92
 
 
-def test_sync_time_is_latency_plus_bytes_over_bandwidth():
-    # 1.25e9 bytes = 1e10 bits over 10 Gb/s = 1 s, plus 50 us
-    assert sync_time_s(1.25e9, 10.0, 50.0) == pytest.approx(1.00005, rel=1e-12)
-    assert sync_time_s(0.0, 10.0, 50.0) == pytest.approx(50e-6)
-    assert sync_time_s(1000.0, 8.0, 0.0) == pytest.approx(1e-6)  # 8000 bits / 8e9 bit/s
+def test_sync_time_is_ring_latencies_plus_bytes_over_bandwidth():
+    # 1.25e9 bytes = 1e10 bits over 10 Gb/s = 1 s, plus 2 (K - 1) = 2 ring steps of 50 us at K=2
+    assert sync_time_s(1.25e9, 10.0, 50.0, K=2) == pytest.approx(1.0001, rel=1e-12)
+    assert sync_time_s(0.0, 10.0, 50.0, K=2) == pytest.approx(2 * 50e-6)
+    assert sync_time_s(0.0, 10.0, 50.0, K=8) == pytest.approx(14 * 50e-6)  # a ring of 8: 2 x 7 steps
+    assert sync_time_s(1000.0, 8.0, 0.0, K=4) == pytest.approx(1e-6)  # 8000 bits / 8e9 bit/s
+    assert sync_time_s(1000.0, 8.0, 50.0, K=1) == 0.0  # nobody to talk to
 
 
 def make_ledger(K: int = 4) -> CommLedger:
@@ -45,19 +47,29 @@ def test_localsgd_run_counts():
     rounds = math.ceil(10 / 4)
     assert rounds == 3
     per_round_bytes = 2 * 3 / 4 * 1000  # 1500
-    per_round_s = 100e-6 + 1500 / 1e9  # 1.015e-4
+    per_round_s = 2 * 3 * 100e-6 + 1500 / 1e9  # 6 ring steps of 100 us + 1.5 us
     metrics = [ledger.record_epoch(rounds, 10, 2.0) for _ in range(3)]
     first, last = metrics[0], metrics[-1]
     assert first["sync_rounds"] == 3 and first["sync_rounds_total"] == 3
     assert first["comm_bytes"] == 3 * per_round_bytes == 4500.0
     assert first["rounds_vs_sync"] == pytest.approx(0.3)
     assert first["comm_time_s"] == pytest.approx(3 * per_round_s)
-    assert first["modelled_time_s"] == pytest.approx(2.0 + 3.045e-4)
+    assert first["modelled_time_s"] == pytest.approx(2.0 + 3 * 6.015e-4)
     assert last["sync_rounds"] == 3 and last["sync_rounds_total"] == 9
     assert last["comm_bytes"] == 4500.0 and last["comm_bytes_total"] == 13500.0
     assert last["rounds_vs_sync"] == pytest.approx(0.3)
     assert last["modelled_time_s"] == pytest.approx(6.0 + 9 * per_round_s)
     assert (ledger.rounds_total, ledger.steps_total, ledger.bytes_total) == (9, 30, 13500.0)
+
+
+def test_averaged_optimizer_state_is_counted_as_extra_collectives():
+    """local_momentum=average: each sync all-reduces the momentum too (here 1000 bytes a replica)."""
+    ledger = make_ledger()
+    m = ledger.record_epoch(3, 10, 0.0, state_rounds=3, state_bytes=3 * 1000)
+    assert m["sync_rounds"] == 3 and m["collectives"] == 6
+    assert m["comm_bytes"] == 2 * 4500.0  # the state is the size of the parameters here
+    assert m["comm_time_s"] == pytest.approx(6 * (2 * 3 * 100e-6 + 1500 / 1e9))
+    assert ledger.collectives_total == 6 and ledger.rounds_total == 3
 
 
 def test_synchronous_training_communicates_every_step():

@@ -102,10 +102,10 @@ def test_sweep_grids_are_the_issue_grids():
 
 
 def test_large_batch_scales_the_lr_of_each_experiment():
-    for experiment, optimizer in (("lars_bs512", "lars"), ("lamb_bs2048", "lamb")):
+    for experiment, optimizer in (("study/lars_bs512", "lars"), ("study/lamb_bs2048", "lamb")):
         cfg = job_config(compose_sweep("large_batch", f"experiment={experiment}", "batch_size=8192"))
         assert cfg.optimizer.name == optimizer and cfg.lr_scaling == "sqrt" and cfg.warmup_epochs > 0
-    cfg = job_config(compose_sweep("large_batch", "experiment=lamb_bs2048", "batch_size=8192", "lr_scaling=linear"))
+    cfg = job_config(compose_sweep("large_batch", "experiment=study/lamb_bs2048", "batch_size=8192", "lr_scaling=linear"))
     assert (cfg.lr, cfg.base_batch_size, cfg.lr_scaling) == (0.008, 2048, "linear")
 
 
@@ -128,49 +128,6 @@ def test_lr_scaling_is_validated_and_reaches_the_optimizer():
     assert trainer.base_lr == pytest.approx(0.04)  # 0.01 * (2 * 32) / 16
     assert trainer.lr(0) == pytest.approx(0.04)
     assert all(g["lr"] == pytest.approx(0.04) for g in trainer.optimizer.param_groups)
-
-
-# ----------------------------------------------------------------------------- the study's experiments
-
-STUDY = {  # RESULTS.md: the hyperparameters of each row
-    "sgdm_wd4e-4": dict(method="centralized", optimizer="sgdm", lr=0.01, weight_decay=4e-4, batch_size=64, epochs=150),
-    "sgdm_wd4e-3": dict(method="centralized", optimizer="sgdm", lr=0.01, weight_decay=4e-3, batch_size=64, epochs=150),
-    "adamw_wd1e-2": dict(method="centralized", optimizer="adamw", lr=1e-3, weight_decay=0.01, epochs=150),
-    "adamw_wd4e-2": dict(method="centralized", optimizer="adamw", lr=1e-3, weight_decay=0.04, epochs=150),
-    "lamb_bs2048": dict(optimizer="lamb", lr=0.008, batch_size=2048, epochs=150, warmup_epochs=15),
-    "lamb_bs8192": dict(optimizer="lamb", lr=0.032, batch_size=8192, epochs=100, warmup_epochs=5),
-    "lamb_bs16384": dict(optimizer="lamb", lr=0.032, batch_size=16384, epochs=150, warmup_epochs=15),
-    "lars_bs512": dict(optimizer="lars", lr=15.0, batch_size=512, epochs=150, warmup_epochs=15),
-    "lars_bs1024": dict(optimizer="lars", lr=15.0, batch_size=1024, epochs=150, warmup_epochs=15),
-    "lars_bs2048": dict(optimizer="lars", lr=15.0, batch_size=2048, epochs=150, warmup_epochs=15),
-    "localsgd": dict(method="localsgd", K=4, H=4),
-    "slowmo": dict(method="slowmo", K=4, H=8),
-    **{f"localsgd_{s}_k{K}": dict(method="localsgd", K=K, H=4) for s in ("loss", "avg_loss") for K in (2, 4, 8)},
-}
-
-
-def test_study_experiments_carry_the_study_settings():
-    assert set(group_options("experiment")) == set(STUDY)
-    for name, expected in STUDY.items():
-        cfg = compose_cfg(f"experiment={name}", tiny=False)
-        validate(cfg)
-        got = {k: cfg[k] if k in cfg else None for k in expected}
-        got.update(method=cfg.method.name, optimizer=cfg.optimizer.name)
-        assert {k: got[k] for k in expected} == expected, name
-        assert cfg.dataset.name == "cifar100" and cfg.model.name == "lenet5" and cfg.scheduler.name == "cosine"
-        if cfg.optimizer.name == "lars":
-            assert (cfg.optimizer.trust_coefficient, cfg.optimizer.wd_in_grad_norm) == (0.3, True)
-        if cfg.optimizer.name == "lamb":
-            o = cfg.optimizer
-            assert (o.grad_clip_norm, o.bias_correction, o.trust_ratio_only_with_wd) == (1.0, False, True)
-        if cfg.method.name != "centralized":  # the study's distributed defaults
-            assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.optimizer.momentum) == (64, 0.04, 1e-3, 0.9)
-        if cfg.method.name == "slowmo":
-            assert (cfg.method.alpha, cfg.method.beta) == (1.0, 0.6)
-        if "loss" in name:
-            d = cfg.dynamic_h
-            assert (d.name, d.h_min, d.h_max) == (name.split("localsgd_")[1].rsplit("_k", 1)[0], 4, 64)
-            assert d.n_losses == 3
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from dpl.data.augment import normalize, random_crop_flip
-from dpl.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, steps_per_epoch
+from dpl.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, mix_seed, steps_per_epoch
 from dpl.data.sources import DATASETS, DatasetUnavailable, RawData
 from dpl.registry import lookup
 
@@ -40,6 +40,7 @@ class DeviceData:
     num_classes: int
     augment: bool  # random crop + flip on train batches
     crop_padding: int
+    augment_val: bool = False  # random crop + flip on validation batches too (the study)
 
     @property
     def channels(self) -> int:
@@ -79,6 +80,7 @@ def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | N
         num_classes=raw.num_classes,
         augment=bool(cfg.augment),
         crop_padding=int(cfg.crop_padding),
+        augment_val=bool(cfg.get("augment_val", False)),
     )
 
 
@@ -109,8 +111,19 @@ def make_batch(
     return x.view(*keep.shape, *x.shape[1:]), ys[flat].view(keep.shape)
 
 
-def eval_batches(data: DeviceData, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The whole ``split`` ('val' or 'test', or 'train') in order, normalised, never augmented."""
+def eval_batches(data: DeviceData, split: str, batch_size: int,
+                 augment_key: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The whole ``split`` ('val' or 'test', or 'train') in order, normalised.
+
+    Not augmented, unless ``augment_key`` = (seed, evaluation) is given: then every image gets
+    a random crop and flip drawn from a generator keyed by (seed, evaluation, batch), so the
+    draws are redrawn at each evaluation, reproducible, and the same whichever process
+    evaluates a batch (the study validates on augmented images this way).
+    """
     xs, ys = data.split(split)
-    for start in range(0, len(ys), batch_size):
-        yield normalize(xs[start: start + batch_size], data.mean, data.std), ys[start: start + batch_size]
+    for i, start in enumerate(range(0, len(ys), batch_size)):
+        x = xs[start: start + batch_size]
+        if augment_key is not None:
+            g = torch.Generator().manual_seed(mix_seed(*augment_key, 3, i))
+            x = random_crop_flip(x, data.crop_padding, g)
+        yield normalize(x, data.mean, data.std), ys[start: start + batch_size]

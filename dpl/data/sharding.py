@@ -103,15 +103,15 @@ def make_shards(labels: torch.Tensor, K: int, strategy: str, seed: int, alpha: f
     if not 1 <= K <= len(labels):
         raise ValueError(f"K={K} workers cannot share {len(labels)} training samples")
     labels = labels.detach().cpu().long()
-    g = torch.Generator().manual_seed(_mix(seed, 0))
-    rng = np.random.default_rng(_mix(seed, 1))
+    g = torch.Generator().manual_seed(mix_seed(seed, 0))
+    rng = np.random.default_rng(mix_seed(seed, 1))
     shards = shard(labels, K, g, rng, alpha)
     # Within a shard the order is arbitrary (iid is class-sorted): shuffle once so that
     # reading a shard front to back without epoch_order still mixes classes.
     return shards.gather(1, torch.rand(shards.shape, generator=g).argsort(1))
 
 
-def _mix(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """A 64-bit seed from several integers (numpy's SeedSequence: distinct inputs, unrelated streams)."""
     words = np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, dtype=np.uint64)
     return int(words[0])
@@ -119,7 +119,7 @@ def _mix(*parts: int) -> int:
 
 def epoch_order(shards: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
     """Each worker's shard shuffled for ``epoch``: a pure function of ``(seed, epoch)``."""
-    g = torch.Generator().manual_seed(_mix(seed, epoch, 2))
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch, 2))
     perm = torch.rand(shards.shape, generator=g).argsort(1)
     return shards.cpu().gather(1, perm).to(shards.device)
 
