@@ -11,9 +11,10 @@ model: each of its 2 (K - 1) ring steps pays the latency alpha once, so
 T = 2 (K - 1) alpha + n_sent / beta (Thakur, Rabenseifner & Gropp 2005, Sec. 4.4 for
 the reduce-scatter + all-gather ring; Patarasuk & Yuan 2009).
 
-A sync may all-reduce more than the parameters: ``local_momentum=average`` averages the
-inner optimizer's state too (one more all-reduce of the state tensors). The ledger
-counts those bytes and collectives beside the parameter rounds.
+Every tensor averaged across workers passes :class:`CommPoint`, which counts it: the
+syncs of the model (gradients or parameters) and anything else, e.g. the inner
+optimizer's state with ``local_momentum=average`` (one more all-reduce per sync).
+:class:`CommLedger` turns those counts into bytes and modelled time per epoch.
 
 Everything here is a pure function or a ledger of plain numbers, so the totals
 survive a checkpoint and a resumed run reports the same curves.
@@ -47,26 +48,77 @@ def param_bytes(tensors: Iterable[torch.Tensor], per_worker: bool = False) -> in
     return total
 
 
+def ring_latency_s(K: int, latency_us: float) -> float:
+    """The latency part of one ring all-reduce: 2 (K - 1) steps of ``latency_us`` (0 when K = 1)."""
+    return 2 * max(K - 1, 0) * latency_us * 1e-6
+
+
+def transfer_s(nbytes_sent: float, bandwidth_gbps: float) -> float:
+    """Seconds to send ``nbytes_sent`` over a link of ``bandwidth_gbps`` (Gb/s = 1e9 bits/s)."""
+    return nbytes_sent * 8.0 / (bandwidth_gbps * 1e9)
+
+
 def sync_time_s(nbytes_sent: float, bandwidth_gbps: float, latency_us: float, K: int) -> float:
     """Modelled seconds of one ring all-reduce among K workers that sends ``nbytes_sent`` per
-    worker: 2 (K - 1) latencies (one per ring step) + bytes / bandwidth, Gb/s = 1e9 bits/s."""
+    worker: 2 (K - 1) latencies (one per ring step) + bytes / bandwidth."""
     if K <= 1:
         return 0.0
-    return 2 * (K - 1) * latency_us * 1e-6 + nbytes_sent * 8.0 / (bandwidth_gbps * 1e9)
+    return ring_latency_s(K, latency_us) + transfer_s(nbytes_sent, bandwidth_gbps)
+
+
+@dataclass
+class Traffic:
+    """What crossed workers since the last epoch end, as counted by :class:`CommPoint`."""
+
+    syncs: int = 0  # all-reduces of the model: gradients (synchronous) or parameters (local methods)
+    collectives: int = 0  # every all-reduce: the syncs plus optimizer state (local_momentum=average)
+    replica_bytes: float = 0.0  # bytes of one worker's share of all of them, before the ring's 2 (K - 1) / K
+
+
+class CommPoint:
+    """The one communication point: every tensor averaged across workers passes here.
+
+    It averages through the engine's communicator (a mean over the stacked leading
+    dimension in the simulation, one all-reduce on torch.distributed) and counts what
+    was sent, so the bytes of a run are measured in one place whatever the method.
+    ``kind`` says what the tensors are: ``grads`` and ``params`` are syncs of the model,
+    ``state`` is optimizer state. ``sent=False`` counts a collective that happened
+    elsewhere (DistributedDataParallel's gradient buckets, or none at all with K = 1,
+    where a synchronous step still counts as a round).
+    """
+
+    MODEL = ("grads", "params")
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.traffic = Traffic()
+
+    def average_(self, tensors: Sequence[torch.Tensor], kind: str, sent: bool = True) -> None:
+        if kind not in (*self.MODEL, "state"):
+            raise ValueError(f"kind={kind!r} is invalid: allowed grads, params, state")
+        if sent:
+            self.comm.mean_(tensors)
+        self.traffic.collectives += 1
+        self.traffic.syncs += kind in self.MODEL
+        self.traffic.replica_bytes += param_bytes(tensors, per_worker=True)
+
+    def take(self) -> Traffic:
+        """This epoch's traffic; the counters restart."""
+        traffic, self.traffic = self.traffic, Traffic()
+        return traffic
 
 
 @dataclass
 class CommLedger:
     """Running communication totals of one run; plain fields so it round-trips through a checkpoint.
 
-    ``replica_bytes`` is the size of one model replica; every round all-reduces that
-    many bytes. With K == 1 nothing is sent, so bytes and modelled communication time
-    stay 0, but rounds are still counted as given (a 1-worker LocalSGD run still has
-    its sync points, they are just free).
+    Each epoch's :class:`Traffic` becomes bytes sent per worker (a ring all-reduce of
+    every averaged tensor) and modelled time. With K == 1 nothing is sent, so bytes and
+    communication time stay 0, but rounds are still counted (a 1-worker LocalSGD run
+    still has its sync points, they are just free).
     """
 
     K: int
-    replica_bytes: int
     bandwidth_gbps: float
     latency_us: float
     rounds_total: int = 0
@@ -76,41 +128,27 @@ class CommLedger:
     comm_time_total_s: float = 0.0
     compute_time_total_s: float = 0.0
 
-    @property
-    def bytes_per_round(self) -> float:
-        return ring_allreduce_bytes(self.replica_bytes, self.K)
+    def record_epoch(self, traffic: Traffic, steps: int, compute_time_s: float) -> dict[str, float]:
+        """Add one epoch of ``traffic`` over ``steps`` local steps; return this epoch's metrics.
 
-    @property
-    def time_per_round_s(self) -> float:
-        # with K == 1 no all-reduce happens, so no latency is paid either
-        return sync_time_s(self.bytes_per_round, self.bandwidth_gbps, self.latency_us, self.K)
-
-    def record_epoch(self, rounds: int, steps: int, compute_time_s: float,
-                     state_rounds: int = 0, state_bytes: float = 0.0) -> dict[str, float]:
-        """Add one epoch of ``rounds`` syncs over ``steps`` local steps; return this epoch's metrics.
-
-        ``state_rounds`` more all-reduces moved ``state_bytes`` of optimizer state in all
-        (per replica, before the ring's 2 (K - 1) / K), e.g. with ``local_momentum=average``.
-        ``sync_rounds`` counts the syncs; ``collectives`` every all-reduce.
+        ``sync_rounds`` counts the syncs of the model, ``collectives`` every all-reduce.
         ``rounds_vs_sync`` is rounds / steps over the run so far: 1.0 for synchronous
         training (a round every step), about 1 / H for LocalSGD.
         """
-        state_sent = ring_allreduce_bytes(state_bytes, self.K)
-        comm_bytes = rounds * self.bytes_per_round + state_sent
-        comm_time = rounds * self.time_per_round_s
-        if state_rounds:
-            comm_time += state_rounds * sync_time_s(state_sent / state_rounds, self.bandwidth_gbps,
-                                                    self.latency_us, self.K)
-        self.collectives_total += rounds + state_rounds
-        self.rounds_total += rounds
+        comm_bytes = ring_allreduce_bytes(traffic.replica_bytes, self.K)
+        # one latency per ring step of every collective, then the bytes over the link (0 with K = 1)
+        comm_time = traffic.collectives * ring_latency_s(self.K, self.latency_us) + \
+            transfer_s(comm_bytes, self.bandwidth_gbps)
+        self.rounds_total += traffic.syncs
+        self.collectives_total += traffic.collectives
         self.steps_total += steps
         self.bytes_total += comm_bytes
         self.comm_time_total_s += comm_time
         self.compute_time_total_s += compute_time_s
         return {
-            "sync_rounds": rounds,
+            "sync_rounds": traffic.syncs,
             "sync_rounds_total": self.rounds_total,
-            "collectives": rounds + state_rounds,
+            "collectives": traffic.collectives,
             "comm_bytes": comm_bytes,
             "comm_bytes_total": self.bytes_total,
             "rounds_vs_sync": self.rounds_total / self.steps_total if self.steps_total else 0.0,

@@ -93,7 +93,10 @@ class OptimizerConfig:
     grad_clip_norm: Optional[float] = None  # global gradient-norm clipping before the step
     bias_correction: bool = True  # LAMB
     trust_ratio_only_with_wd: bool = False  # LAMB as in the study: adapt only when wd != 0
-    wd_in_grad_norm: bool = False  # LARS as in the study: ratio uses ||g + wd*w||
+    wd_in_grad_norm: bool = False  # LARS as in the study: ratio (and its zero test) from ||g + wd*w||
+    # LARS: where the lr enters the momentum. lr_inside: v <- m v + lr d; w <- w - v (You et al.
+    # 2017, Alg. 1); lr_outside: v <- m v + d; w <- w - lr v (torch SGD). Same unless the lr changes.
+    momentum_form: str = "lr_inside"
 
     def __post_init__(self) -> None:
         _positive("optimizer.lr", self.lr)
@@ -105,6 +108,7 @@ class OptimizerConfig:
         )
         _positive("optimizer.eps", self.eps)
         _positive("optimizer.trust_coefficient", self.trust_coefficient)
+        _one_of("optimizer.momentum_form", self.momentum_form, ("lr_inside", "lr_outside"))
         if self.max_trust_ratio is not None:
             _positive("optimizer.max_trust_ratio", self.max_trust_ratio)
         if self.grad_clip_norm is not None:
@@ -142,36 +146,53 @@ class MethodConfig:
     # slowmo (Wang et al. 2020): slow momentum beta and slow learning rate alpha
     beta: float = 0.6
     alpha: float = 1.0
-    # slowmo: zero the slow momentum buffer at the start of every epoch (the study does)
+    # slowmo / diloco: zero the outer momentum at the start of every epoch (the study does for slowmo)
     restart_each_epoch: bool = False
+    # diloco (Douillard et al. 2023): outer SGD with Nesterov momentum
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    # post_local (Lin et al. 2020): the first epoch of local steps
+    switch_epoch: int = 75
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.beta < 1.0, "method.beta", self.beta, "0 <= x < 1")
         _positive("method.alpha", self.alpha)
+        _positive("method.outer_lr", self.outer_lr)
+        _check(0.0 <= self.outer_momentum < 1.0, "method.outer_momentum", self.outer_momentum, "0 <= x < 1")
+        _at_least("method.switch_epoch", self.switch_epoch, 0, "an integer")
 
 
 @dataclass
 class DynamicHConfig:
-    """Shape parameters of the dynamic local-step strategies (see dpl.dynamic_h)."""
+    """Shape parameters of the dynamic local-step strategies (see dpl.dynamic_h).
+
+    Defaults are the study's values; conf/dynamic_h/avg_loss.yaml sets n_losses 10 (its reported runs)."""
 
     name: str = MISSING
-    h_min: int = 4
+    h_min: int = 4  # linear / pow2 range and the halve (H > h_min) / double (H < h_max) guards
     h_max: int = 64
-    patience: int = 4  # improvement: halve after this many epochs without improvement
-    n_losses: int = 3  # avg_loss: epochs of validation loss compared
+    patience: int = 4  # improvement: halve after every epoch once this many in a row had no new best (study: c > 3)
+    n_losses: int = 3  # loss / avg_loss: act once more than this many val losses exist; avg_loss: window (even)
+    trend: int = 3  # loss: this many latest val losses must rise (fall) strictly to halve (double) H
     midpoint: float = 75.0  # sigmoid: epoch of the midpoint
     steepness: float = 0.5  # sigmoid
     low_divisor: float = 22.0  # sigmoid / rev_cosine: lower bound = steps_per_epoch / this
     high_divisor: float = 2.0  # sigmoid / rev_cosine: upper bound = steps_per_epoch / this
+    snap: float = 0.05  # sigmoid / rev_cosine: one more sync when the epoch's leftover steps are <= this fraction
 
     def __post_init__(self) -> None:
         _at_least("dynamic_h.h_min", self.h_min, 1, "an integer")
         _check(self.h_max >= self.h_min, "dynamic_h.h_max", self.h_max, f"an integer >= h_min ({self.h_min})")
         _at_least("dynamic_h.patience", self.patience, 1, "an integer")
         _at_least("dynamic_h.n_losses", self.n_losses, 2, "an integer")
+        if self.name == "avg_loss":  # two windows of n_losses / 2 epochs each
+            _check(self.n_losses % 2 == 0, "dynamic_h.n_losses", self.n_losses, "an even integer >= 2 for avg_loss")
+        _at_least("dynamic_h.trend", self.trend, 2, "an integer")
         _positive("dynamic_h.steepness", self.steepness)
         _positive("dynamic_h.low_divisor", self.low_divisor)
         _positive("dynamic_h.high_divisor", self.high_divisor)
+        _check(0 <= self.snap < 1, "dynamic_h.snap", self.snap, "a number in [0, 1)")
 
 
 @dataclass

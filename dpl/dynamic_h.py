@@ -3,16 +3,30 @@
 LocalSGD (Stich 2019, "Local SGD Converges Fast and Communicates Little"; Lin et al.
 2020, "Don't Use Large Mini-Batches, Use Local SGD") lets K workers take H local
 steps and then average their parameters, so a larger H sends fewer bytes but lets
-the workers drift apart. The reference study proposed adjusting H during training:
-on a fixed schedule (linear, powers of two, sigmoid, reverse cosine) or in reaction
-to the validation metrics (accuracy improvement, loss trend, windowed mean loss).
+the workers drift apart. The reference study ("Understanding data-parallel approaches
+in Distributed Learning: objectives, challenges, and performance trade-offs") proposed
+adjusting H during training: on a fixed schedule (linear, powers of two, sigmoid,
+reverse cosine) or in reaction to the validation metrics (accuracy improvement, loss
+trend, windowed mean loss). Every
+strategy here that carries a study name reproduces the study's function exactly
+(tests/test_dynamic_h.py replays 162 H sequences produced by the study's own code,
+tests/data/dynamic_h_golden.json.gz, and demands every epoch).
+
+The one-epoch lag. The study calls its strategy once per epoch, *after* that epoch has
+been validated, with that epoch's index e, and the H it returns is used in epoch e+1.
+So epoch 0 always runs with the configured H (top-level key ``H``, here ``ctx.H0``),
+and epoch e >= 1 runs with the strategy evaluated at e-1 -- for the fixed schedules
+too, whose formulas are therefore one epoch behind their own index (desc_linear runs
+epoch 0 at H0, epoch 1 at h_max). :func:`next_h` is asked for the H of the epoch about
+to start, ``ctx.epoch``; it evaluates the study's function at ``ctx.epoch - 1`` with the
+finished epochs' history.
 
 Each strategy is a pure function of an :class:`HContext` and the ``dynamic_h``
-config node: no hidden state, so a resumed run recomputes exactly the H of an
-uninterrupted one from the saved per-epoch history. Every bound and shape value
-(h_min, h_max, patience, n_losses, midpoint, steepness, the divisors) comes from the
-YAML file in ``conf/dynamic_h/``; the registry :data:`STRATEGIES` is keyed by those
-file names.
+config node: no hidden state (the adaptive strategies replay their counters from the
+history), so a resumed run recomputes exactly the H of an uninterrupted one. Every
+bound and shape value (h_min, h_max, patience, n_losses, trend, midpoint, steepness,
+the divisors, snap) comes from the YAML file in ``conf/dynamic_h/``, with the study's
+values as defaults; the registry :data:`STRATEGIES` is keyed by those file names.
 """
 
 from __future__ import annotations
@@ -30,148 +44,211 @@ class HContext:
 
     epoch: int  # 0-based index of the epoch about to start
     epochs: int  # total epochs of the run
-    steps_per_epoch: int  # local steps per worker per epoch
-    H0: int  # the configured H (top-level key H)
+    steps_per_epoch: int  # local steps per worker per epoch (the study's "budget")
+    H0: int  # the configured H (top-level key H): the H of epoch 0
     history: Sequence[Mapping[str, float]]  # one record per finished epoch: at least H, val_loss, val_acc
 
 
+# A strategy gets the context of the epoch about to start (epoch >= 1: at least one
+# finished epoch) and returns its H; next_h handles epoch 0.
 Strategy = Callable[[HContext, Any], int]
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _round(x: float) -> int:
-    """Round half up: Python's round() goes to even, which would make 4.5 -> 4 but 5.5 -> 6."""
-    return math.floor(x + 0.5)
+def _last(ctx: HContext) -> int:
+    """Index of the epoch validated last: the study's strategy argument (the lag)."""
+    return ctx.epoch - 1
 
 
-def _clamp(h: int, cfg) -> int:
-    return max(cfg.h_min, min(cfg.h_max, h))
-
-
-def _move(h: int, direction: int) -> int:
-    """+1 doubles H, -1 halves it, 0 keeps it."""
-    return h * 2 if direction > 0 else h // 2 if direction < 0 else h
-
-
-def _current(ctx: HContext, cfg) -> int:
-    """The H used in the last finished epoch; H0 clamped to the bounds before the first."""
-    return int(ctx.history[-1]["H"]) if ctx.history else _clamp(ctx.H0, cfg)
+def _current(ctx: HContext) -> int:
+    """The H used in the last finished epoch (the study's running ``ls``)."""
+    return int(ctx.history[-1]["H"]) if ctx.history else ctx.H0
 
 
 def _progress(ctx: HContext) -> float:
-    """epoch / (epochs - 1) in [0, 1]: 0 at the first epoch, 1 at the last (0 for a 1-epoch run)."""
-    return ctx.epoch / (ctx.epochs - 1) if ctx.epochs > 1 else 0.0
+    """e / (E - 1) for the epoch e validated last, as the study computes it.
+
+    With the lag, e <= E - 2, so E - 1 >= 1 whenever a schedule is evaluated."""
+    return _last(ctx) / (ctx.epochs - 1)
 
 
-def _steps_bounds(ctx: HContext, cfg) -> tuple[float, float]:
-    """The sigmoid / reverse-cosine range: a fraction of the steps in one epoch."""
-    return ctx.steps_per_epoch / cfg.low_divisor, ctx.steps_per_epoch / cfg.high_divisor
+def _halve_or_double(h: int, direction: int, cfg) -> int:
+    """The study's move: halve only if H > h_min, double only if H < h_max.
+
+    The guards test H before the move and the result is not clamped, exactly as in the
+    study; with H0 = h_min * 2^k (the study's 4 and 8 with 4..64) H stays in the bounds.
+    """
+    if direction < 0 and h > cfg.h_min:
+        return h // 2
+    if direction > 0 and h < cfg.h_max:
+        return h * 2
+    return h
 
 
 def _logistic(z: float) -> float:
-    """1 / (1 + e^-z) without overflow for large |z|."""
-    if z >= 0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
+    """1 / (1 + e^-z) in the study's float order; 0 where e^-z overflows."""
+    try:
+        return 1 / (1 + math.exp(-z))
+    except OverflowError:
+        return 0.0
 
 
-def _doublings(cfg) -> list[int]:
-    """h_min, 2 h_min, 4 h_min, ... up to h_max (4, 8, 16, 32, 64 with the study's bounds)."""
-    powers = [cfg.h_min]
-    while powers[-1] * 2 <= cfg.h_max:
-        powers.append(powers[-1] * 2)
-    return powers
+def _clamp_round_snap(h: float, budget: int, cfg) -> int:
+    """The study's last steps of sigmoid and rev_cosine.
+
+    Clamp round(H) (Python's round: half to even) to [lo, hi], then fit H to the epoch:
+    s = budget // H syncs, r = budget % H; if 0 < r <= snap * budget, one more sync and
+    H = ceil(budget / s), else H = floor(budget / s) (the largest H giving s syncs).
+    """
+    lo, hi = _range(budget, cfg)
+    h = max(lo, min(hi, round(h)))  # lo / hi may be fractions: h may stay a float here
+    syncs = budget // h
+    remainder = budget % h
+    if remainder > 0 and remainder / budget <= cfg.snap:
+        syncs += 1
+        return math.ceil(budget / syncs)
+    return math.floor(budget / syncs)
+
+
+def _range(budget: int, cfg) -> tuple[float, float]:
+    """The sigmoid / rev_cosine range: budget / low_divisor .. budget / high_divisor (real numbers)."""
+    return budget / cfg.low_divisor, budget / cfg.high_divisor
 
 
 # ----------------------------------------------------------------------------- schedules
 
 
 def constant(ctx: HContext, cfg) -> int:
+    """The configured H in every epoch (no study counterpart: the plain LocalSGD of the papers)."""
     return ctx.H0
 
 
+def _linear(p: float, cfg) -> int:
+    # The study: int(p * 120 + 1) // 2 + 4, i.e. (h_max - h_min) p rounded half up after
+    # flooring 2 (h_max - h_min) p to an integer; 120 = 2 (64 - 4). p * span2 keeps the
+    # study's float order, so e.g. 149/149 * 120 is computed the same way.
+    span2 = 2 * (cfg.h_max - cfg.h_min)
+    return int(p * span2 + 1) // 2 + cfg.h_min
+
+
 def asc_linear(ctx: HContext, cfg) -> int:
-    """H_e = h_min + (h_max - h_min) e / (epochs - 1), rounded."""
-    return _round(cfg.h_min + (cfg.h_max - cfg.h_min) * _progress(ctx))
+    """The study's ALin: H = floor((floor(2 (h_max - h_min) e / (E - 1)) + 1) / 2) + h_min.
+
+    With the study's bounds 4..64: floor((floor(120 e / (E - 1)) + 1) / 2) + 4, from 4
+    at e = 0 up to 64 (e = E - 1 is never reached under the lag; the last epoch uses
+    e = E - 2). Any h_min <= h_max gives integers from h_min to h_max.
+    """
+    return _linear(_progress(ctx), cfg)
 
 
 def desc_linear(ctx: HContext, cfg) -> int:
-    return _round(cfg.h_max - (cfg.h_max - cfg.h_min) * _progress(ctx))
+    """The study's DLin: asc_linear with 1 - e / (E - 1) in place of e / (E - 1) (h_max down to h_min)."""
+    return _linear(1.0 - _progress(ctx), cfg)
 
 
-def _pow2_stage(ctx: HContext, powers: list[int]) -> int:
-    """The epochs split into len(powers) equal stages; the power of the stage holding ``epoch``."""
-    stage = min(len(powers) - 1, ctx.epoch * len(powers) // ctx.epochs)
-    return powers[stage]
+def _pow2(p: float, cfg) -> int:
+    # The study: 2 ** (int(p * 8 + 1) // 2 + 2), i.e. 4 * 2^k with k = (floor(8 p) + 1) // 2:
+    # 8 = 2 * log2(64 / 4) levels of doubling, so the first and last powers get half-length
+    # stages. Generalised: h_min * 2^k, k up to n = floor(log2(h_max / h_min)).
+    n = (cfg.h_max // cfg.h_min).bit_length() - 1
+    return cfg.h_min * 2 ** (int(p * (2 * n) + 1) // 2)
 
 
 def asc_pow2(ctx: HContext, cfg) -> int:
-    return _pow2_stage(ctx, _doublings(cfg))
+    """The study's ABin: H = h_min * 2^floor((floor(2 n e / (E - 1)) + 1) / 2), n = floor(log2(h_max / h_min)).
+
+    With 4..64 (n = 4) this is 2^(floor((floor(8 e / (E - 1)) + 1) / 2) + 2): 4, 8, 16,
+    32, 64, where 4 and 64 hold for half as many epochs as the powers between. If
+    h_max / h_min is not a power of two the top is h_min * 2^n, the largest doubling of
+    h_min that is <= h_max.
+    """
+    return _pow2(_progress(ctx), cfg)
 
 
 def desc_pow2(ctx: HContext, cfg) -> int:
-    return _pow2_stage(ctx, _doublings(cfg)[::-1])
+    """The study's DBin: asc_pow2 with 1 - e / (E - 1) in place of e / (E - 1) (h_min * 2^n down to h_min)."""
+    return _pow2(1.0 - _progress(ctx), cfg)
 
 
 def sigmoid(ctx: HContext, cfg) -> int:
-    """H_e = lo + (hi - lo) / (1 + exp(-steepness (e - midpoint))), lo/hi = steps / divisors."""
-    lo, hi = _steps_bounds(ctx, cfg)
-    return max(1, _round(lo + (hi - lo) * _logistic(cfg.steepness * (ctx.epoch - cfg.midpoint))))
+    """The study's Sigmoid: H = lo + (hi - lo) / (1 + exp(-steepness (e - midpoint))),
+    lo = budget / low_divisor, hi = budget / high_divisor (budget = steps per epoch; the
+    study: 22, 2, midpoint 75, steepness 0.5), then clamp, round and snap
+    (:func:`_clamp_round_snap`). h_min / h_max do not apply."""
+    lo, hi = _range(ctx.steps_per_epoch, cfg)
+    h = lo + (hi - lo) * _logistic(cfg.steepness * (_last(ctx) - cfg.midpoint))
+    return _clamp_round_snap(h, ctx.steps_per_epoch, cfg)
 
 
 def rev_cosine(ctx: HContext, cfg) -> int:
-    """Cosine annealing run backwards: H_e = lo + (hi - lo)(1 - cos(pi e / (epochs - 1))) / 2."""
-    lo, hi = _steps_bounds(ctx, cfg)
-    return max(1, _round(lo + (hi - lo) * (1.0 - math.cos(math.pi * _progress(ctx))) / 2.0))
+    """The study's RevCosAnn: H = hi - (hi - lo) / 2 (1 + cos(pi e / E)) (E, not E - 1,
+    so hi itself is never reached), lo / hi as in :func:`sigmoid`, then clamp, round and
+    snap (:func:`_clamp_round_snap`). h_min / h_max do not apply."""
+    lo, hi = _range(ctx.steps_per_epoch, cfg)
+    h = hi - (hi - lo) / 2 * (1 + math.cos(math.pi * _last(ctx) / ctx.epochs))
+    return _clamp_round_snap(h, ctx.steps_per_epoch, cfg)
 
 
 # ----------------------------------------------------------------------------- adaptive
 
 
 def improvement(ctx: HContext, cfg) -> int:
-    """Double H after an epoch that beat the best validation accuracy before it; halve it
-    after ``patience`` epochs in a row without improvement (the count then restarts).
+    """The study's ImprLS. c = epochs in a row without a new best validation accuracy
+    (a strictly higher val_acc resets it to 0; the best starts at 0, so a first epoch
+    with val_acc > 0 is a new best). After each epoch: if c >= patience (the study:
+    c > 3) halve H, so H halves after *every* further stale epoch; else if c == 0 (a new
+    best) double it. Both moves are guarded by the bounds (:func:`_halve_or_double`).
 
-    The counter is not stored anywhere: it is replayed from the history, which is what
-    makes the strategy pure and a resumed run exact.
+    The counter is replayed from the history, which keeps the strategy pure.
     """
-    if not ctx.history:
-        return _clamp(ctx.H0, cfg)
-    best, stale, move = -math.inf, 0, 0
+    best, stale = 0.0, 0
     for record in ctx.history:
-        if record["val_acc"] > best:  # the first epoch improves on nothing, so it counts
-            best, stale, move = record["val_acc"], 0, +1
+        if record["val_acc"] > best:
+            best, stale = record["val_acc"], 0
         else:
             stale += 1
-            move = -1 if stale == cfg.patience else 0
-            stale %= cfg.patience
-    return _clamp(_move(_current(ctx, cfg), move), cfg)
+    direction = -1 if stale >= cfg.patience else +1 if stale == 0 else 0
+    return _halve_or_double(_current(ctx), direction, cfg)
+
+
+def _monotone(values: Sequence[float]) -> int:
+    """+1 if strictly rising, -1 if strictly falling, else 0."""
+    pairs = list(zip(values, values[1:]))
+    return +1 if all(a < b for a, b in pairs) else -1 if all(a > b for a, b in pairs) else 0
 
 
 def loss(ctx: HContext, cfg) -> int:
-    """Halve H when the validation loss rose in each of the last two epochs, double it
-    when it fell in each of them (three finished epochs needed), else keep it."""
-    h = _current(ctx, cfg)
-    if len(ctx.history) >= 3:
-        a, b, c = (r["val_loss"] for r in ctx.history[-3:])
-        h = _move(h, -1 if a < b < c else +1 if a > b > c else 0)
-    return _clamp(h, cfg)
+    """The study's LossLS. Once more than n_losses validation losses exist (the study:
+    3, so from the 4th finished epoch on): if the latest ``trend`` losses (the study: 3)
+    rose strictly, halve H; if they fell strictly, double it; both guarded by the bounds
+    (:func:`_halve_or_double`)."""
+    losses = [r["val_loss"] for r in ctx.history]
+    h = _current(ctx)
+    if len(losses) > cfg.n_losses and len(losses) >= cfg.trend:
+        h = _halve_or_double(h, -_monotone(losses[-cfg.trend:]), cfg)
+    return h
 
 
 def avg_loss(ctx: HContext, cfg) -> int:
-    """Compare the mean validation loss of the latest ``half = n_losses // 2`` epochs with the
-    ``half`` before them: lower -> double H, higher -> halve it, otherwise (or with fewer
-    than 2 half finished epochs) keep it."""
-    h = _current(ctx, cfg)
-    half = max(1, cfg.n_losses // 2)
-    if len(ctx.history) >= 2 * half:
-        window = [r["val_loss"] for r in ctx.history[-2 * half:]]
-        before, latest = sum(window[:half]) / half, sum(window[half:]) / half
-        h = _move(h, +1 if latest < before else -1 if latest > before else 0)
-    return _clamp(h, cfg)
+    """The study's AvgLossLS. Once more than n_losses validation losses exist (the study's
+    reported runs: 10), compare the mean of the latest n_losses / 2 losses with the mean
+    of the n_losses / 2 before them: higher -> halve H, lower -> double it, both guarded
+    by the bounds (:func:`_halve_or_double`). n_losses must be even (config check).
+
+    (The published code reads a history key its loop never sets; this is the behaviour
+    of the version that produced the reported runs, where that key held the last
+    n_losses losses once more than n_losses existed.)
+    """
+    losses = [r["val_loss"] for r in ctx.history]
+    h = _current(ctx)
+    if len(losses) > cfg.n_losses:
+        half = cfg.n_losses // 2
+        latest = sum(losses[-half:]) / half
+        before = sum(losses[-2 * half:-half]) / half
+        h = _halve_or_double(h, -1 if latest > before else +1 if latest < before else 0, cfg)
+    return h
 
 
 # ----------------------------------------------------------------------------- registry
@@ -191,5 +268,12 @@ STRATEGIES: dict[str, Strategy] = {
 
 
 def next_h(ctx: HContext, cfg) -> int:
-    """H for the epoch ``ctx.epoch``, by the strategy named ``cfg.name``; always an int >= 1."""
-    return max(1, int(lookup(STRATEGIES, "dynamic_h", cfg.name)(ctx, cfg)))
+    """H for the epoch ``ctx.epoch``, by the strategy named ``cfg.name``; always an int >= 1.
+
+    Epoch 0 runs with the configured H; epoch e >= 1 with the strategy evaluated after
+    epoch e - 1 (the study's lag, see the module docstring). The floor of 1 only matters
+    where the study would crash or stall (sigmoid / rev_cosine with fewer than
+    low_divisor steps per epoch, or H = 0 configured)."""
+    strategy = lookup(STRATEGIES, "dynamic_h", cfg.name)
+    h = ctx.H0 if ctx.epoch == 0 else strategy(ctx, cfg)
+    return max(1, int(h))

@@ -8,6 +8,10 @@ every parameter holds K independent replicas along a leading dimension [K, ...]:
 norm (and the global gradient norm used for clipping) is then taken per worker slice,
 so one optimizer does exactly what K separate optimizers on the slices would do.
 Elementwise optimizers (SGDM, AdamW) need nothing for that mode.
+
+The lr may be a float or a one-element tensor in ``param_group["lr"]`` (as torch's own
+optimizers allow): the step only multiplies by it and never reads it on the host, so a
+device-resident lr costs no synchronisation (and a captured CUDA graph can read it).
 """
 
 from __future__ import annotations
@@ -68,8 +72,12 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, defaults: dict, grad_clip_norm: Optional[float], per_worker: bool):
-        if defaults["lr"] < 0:
-            raise ValueError(f"lr={defaults['lr']} is invalid: allowed a number >= 0")
+        lr = defaults["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError(f"lr of shape {tuple(lr.shape)} is invalid: allowed a number or a one-element tensor")
+        # a device lr is not read back here: checking its sign would cost the sync it exists to avoid
+        if not (isinstance(lr, torch.Tensor) and lr.device.type != "cpu") and lr < 0:
+            raise ValueError(f"lr={float(lr)} is invalid: allowed a number >= 0")
         if defaults["weight_decay"] < 0:
             raise ValueError(f"weight_decay={defaults['weight_decay']} is invalid: allowed a number >= 0")
         if defaults["eps"] <= 0:
@@ -124,43 +132,72 @@ class LARS(_LayerwiseOptimizer):
     Training of Convolutional Networks", Algorithm 1).
 
     Per tensor, with local lr  λ = η ||w|| / (||g|| + β ||w|| + eps)  (eq. 6; η the
-    trust coefficient, β the weight decay), the direction d = (g + β w) λ goes through
-    heavy-ball momentum:  v ← m v + d;  w ← w − lr v.  With ``wd_in_grad_norm`` the
-    denominator is ||g + β w|| + eps instead (as the reference study did).  λ = 1 when
-    ||w|| or ||g|| is 0; tensors excluded by ``exclude_1d`` get λ = 1 and no weight decay.
+    trust coefficient, β the weight decay), the direction d = λ (g + β w) goes through
+    heavy-ball momentum.  ``momentum_form`` says where the global lr γ enters:
+
+    - ``"lr_inside"`` (default, Algorithm 1):  v ← m v + γ d;  w ← w − v.
+    - ``"lr_outside"`` (torch.optim.SGD's form):  v ← m v + d;  w ← w − γ v.
+
+    The two are the same trajectory while γ is constant (v differs by the factor γ); they
+    differ only when γ changes between steps: inside, past steps keep the lr they were
+    taken with; outside, a new lr rescales the whole buffer at once.
+
+    With ``wd_in_grad_norm`` (the reference study's variant) the ratio is computed from
+    d₀ = g + β w alone: λ = η ||w|| / (||d₀|| + eps), and the zero-norm test below uses
+    ||d₀|| in place of ||g||.  λ = 1 when ||w|| or ||g|| is 0 (nothing to measure a scale
+    by); tensors excluded by ``exclude_1d`` get λ = 1 and no weight decay.
     """
+
+    MOMENTUM_FORMS = ("lr_inside", "lr_outside")
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8, exclude_1d: bool = True,
                  max_trust_ratio: Optional[float] = None, grad_clip_norm: Optional[float] = None,
-                 wd_in_grad_norm: bool = False, per_worker: bool = False):
+                 wd_in_grad_norm: bool = False, momentum_form: str = "lr_inside", per_worker: bool = False):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum={momentum} is invalid: allowed 0 <= x < 1")
         if trust_coefficient <= 0:
             raise ValueError(f"trust_coefficient={trust_coefficient} is invalid: allowed a number > 0")
+        if momentum_form not in self.MOMENTUM_FORMS:
+            raise ValueError(f"momentum_form={momentum_form!r} is invalid: allowed one of "
+                             + ", ".join(self.MOMENTUM_FORMS))
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, eps=eps, exclude_1d=exclude_1d,
-                        max_trust_ratio=max_trust_ratio, wd_in_grad_norm=wd_in_grad_norm)
+                        max_trust_ratio=max_trust_ratio, wd_in_grad_norm=wd_in_grad_norm,
+                        momentum_form=momentum_form)
         super().__init__(params, defaults, grad_clip_norm, per_worker)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # optimizers pickled before the option existed
+            group.setdefault("momentum_form", "lr_outside")
 
     def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
         wd = group["weight_decay"] if adapt else 0.0
         d = g.add(p, alpha=wd) if wd else g.clone()
         if adapt:
-            w_norm, g_norm = _norm(p, self.per_worker), _norm(g, self.per_worker)
+            w_norm = _norm(p, self.per_worker)
             if group["wd_in_grad_norm"]:
                 den = _norm(d, self.per_worker)
+                valid = (w_norm > 0) & (den > 0)
             else:
+                g_norm = _norm(g, self.per_worker)
                 den = g_norm + wd * w_norm
+                valid = (w_norm > 0) & (g_norm > 0)
             ratio = _trust_ratio(group["trust_coefficient"] * w_norm, den + group["eps"],
-                                 (w_norm > 0) & (g_norm > 0), group["max_trust_ratio"])
+                                 valid, group["max_trust_ratio"])
             d.mul_(_expand(ratio, p))
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(d)
-        p.add_(buf, alpha=-group["lr"])
+        # multiply by the lr (never alpha=lr): a tensor lr then stays on its device
+        if group["momentum_form"] == "lr_inside":
+            buf.mul_(group["momentum"]).add_(d.mul_(group["lr"]))
+            p.sub_(buf)
+        else:
+            buf.mul_(group["momentum"]).add_(d)
+            p.sub_(buf * group["lr"])
 
 
 # ----------------------------------------------------------------------------- LAMB
@@ -212,7 +249,7 @@ class LAMB(_LayerwiseOptimizer):
             w_norm, r_norm = _norm(p, self.per_worker), _norm(r, self.per_worker)
             ratio = _trust_ratio(w_norm, r_norm, (w_norm > 0) & (r_norm > 0), group["max_trust_ratio"])
             r.mul_(_expand(ratio, p))
-        p.add_(r, alpha=-group["lr"])
+        p.sub_(r.mul_(group["lr"]))  # not alpha=lr: a tensor lr stays on its device
 
 
 # ----------------------------------------------------------------------------- registry
@@ -243,7 +280,7 @@ def _lars(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -
     return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay,
                 trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, exclude_1d=cfg.exclude_1d,
                 max_trust_ratio=cfg.max_trust_ratio, grad_clip_norm=cfg.grad_clip_norm,
-                wd_in_grad_norm=cfg.wd_in_grad_norm, per_worker=per_worker)
+                wd_in_grad_norm=cfg.wd_in_grad_norm, momentum_form=cfg.momentum_form, per_worker=per_worker)
 
 
 def _lamb(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:

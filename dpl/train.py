@@ -23,19 +23,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpl import checkpoint
-from dpl.comm import CommLedger, param_bytes
+from dpl.comm import CommLedger, Traffic
 from dpl.data import DeviceData, batch_indices, epoch_order, eval_batches, make_batch, make_shards, steps_per_epoch
 from dpl.dynamic_h import HContext, next_h
 from dpl.engine.workers import StackedWorkers
-from dpl.methods import Method, SlowMo
+from dpl.meter import Diverged, EpochSums, check_finite, track_best
+from dpl.methods import Method
 from dpl.optim import build_optimizer
 from dpl.schedules import lr_index, lr_table
 
 EVAL_BATCH = 1000
-
-
-class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 @dataclass
@@ -52,20 +49,19 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0
     stopped_early: bool = False
-    # running sums of the epoch in progress
+    # running sums of the epoch in progress (the loss and accuracy sums live on the device in
+    # Trainer.sums while training; these fields hold them in a checkpoint)
     loss_sum: float = 0.0
     correct: int = 0
     seen: int = 0
-    rounds: int = 0
-    state_rounds: int = 0  # all-reduces of optimizer state beside the parameters (local_momentum=average)
-    state_bytes: float = 0.0
+    syncs: int = 0  # parameter syncs of local methods, for the mean drift
     drift_sum: float = 0.0
     compute_s: float = 0.0
     lr: float = 0.0
 
     def reset_epoch(self) -> None:
-        self.step = self.period = self.correct = self.seen = self.rounds = self.state_rounds = 0
-        self.loss_sum = self.drift_sum = self.compute_s = self.state_bytes = 0.0
+        self.step = self.period = self.correct = self.seen = self.syncs = 0
+        self.loss_sum = self.drift_sum = self.compute_s = 0.0
 
 
 def scaled_lr(lr: float, rule: str, batch: int, base_batch: int) -> float:
@@ -116,13 +112,13 @@ class Trainer:
         self.optimizer = build_optimizer(workers.params, cfg.optimizer, self.base_lr, cfg.weight_decay,
                                          per_worker=True)
         self.state = TrainState(H=cfg.H)
-        self.ledger = CommLedger(K=workers.K, replica_bytes=param_bytes(workers.params, per_worker=True),
-                                 bandwidth_gbps=cfg.network.bandwidth_gbps, latency_us=cfg.network.latency_us)
+        self.sums = EpochSums(self.device)
+        self.ledger = CommLedger(K=workers.K, bandwidth_gbps=cfg.network.bandwidth_gbps,
+                                 latency_us=cfg.network.latency_us)
         self.best_weights: Optional[dict[str, torch.Tensor]] = None
         self.on_epoch: list[Callable[[Trainer, dict], None]] = []
         self.on_step: list[Callable[[Trainer], None]] = []
-        if isinstance(method, SlowMo):
-            method.start(workers)
+        method.start(workers)
 
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> None:
@@ -139,7 +135,7 @@ class Trainer:
         self.state.H = self.next_h()
         if self.hp.restart_inner_each_epoch:
             self.optimizer.state.clear()
-        self.method.on_epoch_start()
+        self.method.on_epoch_start(self.workers, self.state.epoch)
 
     def train_epoch(self) -> None:
         """One pass of every worker over its shard, resuming at ``state.step``."""
@@ -159,23 +155,17 @@ class Trainer:
         x, y = make_batch(self.data, idx, step_generator(cfg.seed, s.global_step, self.device), train=True,
                           rows=self.rows)
         losses, correct = workers.forward_backward(x, y)  # each worker's gradient on its own batch
-        method.on_gradients(workers)  # centralized: all-reduce the gradients
+        method.on_gradients(workers, s.epoch)  # synchronous methods: all-reduce the gradients
         self.inner_step(s.lr)
         s.period += 1
-        if not method.local:
-            s.rounds += 1
-        elif s.period == s.H or s.step == self.steps_per_epoch - 1:  # the last partial period syncs too
-            state_bytes = method.sync(workers, self.optimizer, s.lr)  # average (SlowMo: and the outer step)
-            s.state_bytes += state_bytes
-            s.state_rounds += state_bytes > 0
+        if method.syncs_after(s.epoch, s.period, s.H, last_step=s.step == self.steps_per_epoch - 1):
+            method.sync(workers, self.optimizer, s.lr)  # average, then the outer step on the pseudo-gradient
             s.drift_sum += workers.drift  # how far apart the workers were just before the average
-            s.rounds += 1
+            s.syncs += 1
             s.period = 0
         s.step += 1
         s.global_step += 1
-        s.loss_sum += float(losses.sum()) * y.shape[1]
-        s.correct += int(correct.sum())
-        s.seen += y.numel()
+        self.sums.add(losses, correct, y.shape[1])
         s.compute_s += time.perf_counter() - t0
 
     def inner_step(self, lr: float) -> None:
@@ -186,33 +176,29 @@ class Trainer:
 
     def end_epoch(self) -> None:
         s, comm = self.state, self.workers.comm
+        s.loss_sum, s.correct, s.seen = self.sums.read()  # the epoch's one read of the device sums
         # Summed over every process's workers, so all ranks record (and choose H from) the same numbers.
         loss_sum, correct, seen, drift_sum = comm.all_sum([s.loss_sum, s.correct, s.seen, s.drift_sum])
         comm_wall_s, comm.wall_s = comm.wall_s, 0.0
         compute_s = max(s.compute_s - comm_wall_s, 0.0)  # the rest of the step: forward, backward, optimizer
         train_loss = loss_sum / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise Diverged(f"training loss is {train_loss} in epoch {s.epoch}")
+        check_finite(train_loss, s.epoch)
         val_loss, val_acc = self.evaluate("val", augment_key=(self.cfg.seed, s.epoch) if self.data.augment_val else None)
         record = {
             "epoch": s.epoch, "train_loss": train_loss, "train_acc": correct / max(seen, 1),
             "val_loss": val_loss, "val_acc": val_acc, "lr": s.lr, "H": s.H,
             "epoch_time_s": s.compute_s, "samples_per_s": seen / max(s.compute_s, 1e-9),
-            "drift": drift_sum / s.rounds if self.method.local and s.rounds else 0.0,
+            "drift": drift_sum / s.syncs if s.syncs else 0.0,
             # A worker of a real cluster computes only its own share of the simulated steps.
-            **self.ledger.record_epoch(s.rounds, s.step, compute_s / self.workers.k_local, s.state_rounds,
-                                       s.state_bytes),
+            **self.ledger.record_epoch(self.workers.point.take(), s.step, compute_s / self.workers.k_local),
             "comm_wall_s": comm_wall_s,  # measured in collectives (engine=distributed), beside the modelled bytes
         }
         s.history.append(record)
-        if val_acc > s.best_val_acc:
-            s.best_val_acc, s.best_epoch, s.bad_epochs = val_acc, s.epoch, 0
+        if track_best(s, val_acc, self.cfg.patience):
             self.best_weights = self.workers.mean_replica()
-        else:
-            s.bad_epochs += 1
-        s.stopped_early = 0 < self.cfg.patience <= s.bad_epochs
         s.epoch += 1
         s.reset_epoch()
+        self.sums.reset()
         for hook in self.on_epoch:
             hook(self, record)
 
@@ -242,8 +228,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        s = self.state
+        s.loss_sum, s.correct, s.seen = self.sums.read()
         return {
-            "state": asdict(self.state),
+            "state": asdict(s),
+            "traffic": asdict(self.workers.point.traffic),
             "workers": self.workers.state_dict(),
             "model": self.workers.mean_replica(),
             "best_model": self.best_weights,
@@ -257,6 +246,8 @@ class Trainer:
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         ckpt = self.workers.comm.local_state(ckpt)  # a rank's share of a checkpoint of every worker
         self.state = TrainState(**ckpt["state"])
+        self.sums.load(self.state.loss_sum, self.state.correct, self.state.seen)
+        self.workers.point.traffic = Traffic(**ckpt["traffic"])
         self.workers.load_state_dict(_to(ckpt["workers"], self.device))
         self.best_weights = _to(ckpt["best_model"], self.device)
         self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dpl.comm import CommLedger, param_bytes, ring_allreduce_bytes, sync_time_s, worker_drift
+from dpl.comm import CommLedger, CommPoint, Traffic, param_bytes, ring_allreduce_bytes, sync_time_s, worker_drift
 
 
 def test_ring_allreduce_bytes():
@@ -37,8 +37,12 @@ def test_sync_time_is_ring_latencies_plus_bytes_over_bandwidth():
 
 
 def make_ledger(K: int = 4) -> CommLedger:
-    # 8 Gb/s = 1e9 bytes/s, 100 us per round
-    return CommLedger(K=K, replica_bytes=1000, bandwidth_gbps=8.0, latency_us=100.0)
+    # 8 Gb/s = 1e9 bytes/s, 100 us per ring step
+    return CommLedger(K=K, bandwidth_gbps=8.0, latency_us=100.0)
+
+
+def params_traffic(syncs: int, replica: float = 1000.0) -> Traffic:
+    return Traffic(syncs=syncs, collectives=syncs, replica_bytes=syncs * replica)
 
 
 def test_localsgd_run_counts():
@@ -48,7 +52,7 @@ def test_localsgd_run_counts():
     assert rounds == 3
     per_round_bytes = 2 * 3 / 4 * 1000  # 1500
     per_round_s = 2 * 3 * 100e-6 + 1500 / 1e9  # 6 ring steps of 100 us + 1.5 us
-    metrics = [ledger.record_epoch(rounds, 10, 2.0) for _ in range(3)]
+    metrics = [ledger.record_epoch(params_traffic(rounds), 10, 2.0) for _ in range(3)]
     first, last = metrics[0], metrics[-1]
     assert first["sync_rounds"] == 3 and first["sync_rounds_total"] == 3
     assert first["comm_bytes"] == 3 * per_round_bytes == 4500.0
@@ -65,7 +69,7 @@ def test_localsgd_run_counts():
 def test_averaged_optimizer_state_is_counted_as_extra_collectives():
     """local_momentum=average: each sync all-reduces the momentum too (here 1000 bytes a replica)."""
     ledger = make_ledger()
-    m = ledger.record_epoch(3, 10, 0.0, state_rounds=3, state_bytes=3 * 1000)
+    m = ledger.record_epoch(Traffic(syncs=3, collectives=6, replica_bytes=6 * 1000), 10, 0.0)
     assert m["sync_rounds"] == 3 and m["collectives"] == 6
     assert m["comm_bytes"] == 2 * 4500.0  # the state is the size of the parameters here
     assert m["comm_time_s"] == pytest.approx(6 * (2 * 3 * 100e-6 + 1500 / 1e9))
@@ -74,25 +78,42 @@ def test_averaged_optimizer_state_is_counted_as_extra_collectives():
 
 def test_synchronous_training_communicates_every_step():
     ledger = make_ledger()
-    m = ledger.record_epoch(10, 10, 1.0)
+    m = ledger.record_epoch(params_traffic(10), 10, 1.0)
     assert m["rounds_vs_sync"] == 1.0 and m["comm_bytes"] == 15000.0
 
 
 def test_one_worker_sends_nothing_but_counts_rounds():
     ledger = make_ledger(K=1)
-    m = ledger.record_epoch(3, 10, 2.0)
+    m = ledger.record_epoch(params_traffic(3), 10, 2.0)
     assert m["sync_rounds"] == 3 and m["rounds_vs_sync"] == pytest.approx(0.3)
     assert m["comm_bytes"] == 0.0 and m["comm_time_s"] == 0.0 and m["modelled_time_s"] == 2.0
 
 
+def test_comm_point_averages_and_counts_every_collective():
+    """The one communication point: it averages over the workers and counts one replica's bytes."""
+    from dpl.engine.workers import LocalComm
+
+    point = CommPoint(LocalComm(3))
+    params = [torch.arange(6.0).view(3, 2), torch.ones(3, 4)]  # [K, ...]: 2 + 4 floats per replica
+    point.average_(params, "params")
+    assert torch.equal(params[0], torch.tensor([[2.0, 3.0]] * 3))
+    point.average_([torch.zeros(3, 5)], "state")
+    point.average_([torch.zeros(3, 2)], "grads", sent=False)
+    traffic = point.take()
+    assert (traffic.syncs, traffic.collectives, traffic.replica_bytes) == (2, 3, (6 + 5 + 2) * 4)
+    assert point.take() == Traffic()  # counters restart each epoch
+    with pytest.raises(ValueError, match="kind='weights'"):
+        point.average_(params, "weights")
+
+
 def test_ledger_state_round_trip():
     ledger = make_ledger()
-    ledger.record_epoch(3, 10, 2.0)
-    ledger.record_epoch(2, 10, 1.5)
+    ledger.record_epoch(params_traffic(3), 10, 2.0)
+    ledger.record_epoch(params_traffic(2), 10, 1.5)
     state = json.loads(json.dumps(ledger.state_dict()))  # plain numbers only
     restored = CommLedger.from_state(state)
     assert restored == ledger
-    assert restored.record_epoch(3, 10, 2.0) == ledger.record_epoch(3, 10, 2.0)
+    assert restored.record_epoch(params_traffic(3), 10, 2.0) == ledger.record_epoch(params_traffic(3), 10, 2.0)
 
 
 def test_worker_drift_flattens_all_parameters_of_a_replica():

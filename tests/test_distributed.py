@@ -32,6 +32,10 @@ VARIANTS = {
     "localsgd": ["method=localsgd", "H=4", "local_momentum=average", "epochs=1"],
     "slowmo": ["method=slowmo", "H=3", "method.beta=0.6", "epochs=1"],
     "dynamic_h": ["method=localsgd", "H=2", "dynamic_h=improvement", "dynamic_h.h_min=2", "dynamic_h.h_max=8"],
+    # DiLoCo's outer Nesterov step over an inner AdamW; post-local SGD's gradient all-reduce through
+    # the comm point (no DDP), then local steps
+    "diloco": ["method=diloco", "H=3", "epochs=1"],
+    "post_local": ["method=post_local", "method.switch_epoch=1", "H=3", "epochs=2"],
 }
 
 

@@ -1,9 +1,12 @@
-"""LARS / LAMB against hand-computed values, per-worker mode against K separate
-optimizers, the registry against conf/optimizer/, and state_dict round trips.
+"""LARS / LAMB against hand-computed values and against the reference study's optimizers,
+per-worker mode against K separate optimizers, tensor lrs, the registry against
+conf/optimizer/, and state_dict round trips.
 
 Expected values come from plain Python arithmetic on lists (``_lars_ref`` /
-``_lamb_ref`` restate the papers' update rules scalar by scalar) or are written out
-as numbers, never from calling dpl.optim.
+``_lamb_ref`` restate the papers' update rules scalar by scalar), from per-tensor loops
+that restate the study's formulas (``_study_lars`` / ``_study_lamb``, after
+../shared/study/FIDELITY.md) and You et al.'s Algorithm 1 (``_paper_lars``), or are
+written out as numbers, never from calling dpl.optim.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dpl.config import OptimizerConfig
+from dpl.config import ConfigError, OptimizerConfig
 from dpl.optim import LAMB, LARS, OPTIMIZERS, build_optimizer
+from tests.conftest import compose_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "optimizer"
 D = torch.float64  # hand arithmetic is in Python floats (double)
@@ -30,21 +34,32 @@ def _n(xs: list[float]) -> float:
     return math.sqrt(sum(x * x for x in xs))
 
 
-def _lars_ref(w, grads, lr, momentum, wd, tc, eps, adapt=True, wd_in_norm=False, max_ratio=None, scales=None):
-    """Scalar LARS on one flat tensor: returns w after each gradient in ``grads``."""
+def _lars_ref(w, grads, lr, momentum, wd, tc, eps, adapt=True, wd_in_norm=False, max_ratio=None, scales=None,
+              lr_inside=True):
+    """Scalar LARS on one flat tensor: returns w after each gradient in ``grads``.
+
+    ``lr`` is a number or one per step; ``lr_inside`` puts it in the momentum (You et al.
+    2017, Algorithm 1), else it scales the buffer at the update (torch SGD's form).
+    """
     w, buf = list(w), [0.0] * len(w)
     wd = wd if adapt else 0.0
     for i, g in enumerate(grads):
         s = 1.0 if scales is None else scales[i]
+        lr_i = lr[i] if isinstance(lr, (list, tuple)) else lr
         g = [s * x for x in g]
         d = [gi + wd * wi for gi, wi in zip(g, w)]
         ratio = 1.0
-        if adapt and _n(w) > 0 and _n(g) > 0:
+        zero_test = _n(d) if wd_in_norm else _n(g)  # the study tests ||g + wd w||
+        if adapt and _n(w) > 0 and zero_test > 0:
             den = _n(d) if wd_in_norm else _n(g) + wd * _n(w)
             ratio = tc * _n(w) / (den + eps)
             ratio = ratio if max_ratio is None else min(ratio, max_ratio)
-        buf = [momentum * b + ratio * di for b, di in zip(buf, d)]
-        w = [wi - lr * b for wi, b in zip(w, buf)]
+        if lr_inside:
+            buf = [momentum * b + lr_i * ratio * di for b, di in zip(buf, d)]
+            w = [wi - b for wi, b in zip(w, buf)]
+        else:
+            buf = [momentum * b + ratio * di for b, di in zip(buf, d)]
+            w = [wi - lr_i * b for wi, b in zip(w, buf)]
     return w
 
 
@@ -122,12 +137,14 @@ def test_lars_wd_in_grad_norm_by_hand():
     _close(w_out, [3.0 - r_out * 1.1, 4.0 + r_out * 0.2])
 
 
+@pytest.mark.parametrize("form", ["lr_inside", "lr_outside"])
 @pytest.mark.parametrize("wd", [0.0, 0.05])
 @pytest.mark.parametrize("wd_in_norm", [False, True])
-def test_lars_several_steps(wd, wd_in_norm):
-    kw = dict(lr=0.7, momentum=0.9, weight_decay=wd, trust_coefficient=0.3, eps=1e-8)
+def test_lars_several_steps(wd, wd_in_norm, form):
+    kw = dict(lr=0.7, momentum=0.9, weight_decay=wd, trust_coefficient=0.3, eps=1e-8, momentum_form=form)
     w, b = _run(LARS, [((2, 2), W0), ((2,), B0)], list(zip(GW, GB)), wd_in_grad_norm=wd_in_norm, **kw)
-    ref = dict(lr=0.7, momentum=0.9, wd=wd, tc=0.3, eps=1e-8, wd_in_norm=wd_in_norm)
+    ref = dict(lr=0.7, momentum=0.9, wd=wd, tc=0.3, eps=1e-8, wd_in_norm=wd_in_norm,
+               lr_inside=form == "lr_inside")
     _close(w, _lars_ref(W0, GW, **ref))
     _close(b, _lars_ref(B0, GB, adapt=False, **ref))  # bias: plain momentum SGD
 
@@ -315,13 +332,292 @@ def test_lamb_grad_clip_norm():
     _close(b1, [1.0 - 0.1 * 0.6 / 1.6, 1.0])
 
 
+# ----------------------------------------------------------------------------- the study's LARS and LAMB
+# ../shared/study/FIDELITY.md, "LARS and LAMB as the study implemented them", restated per
+# tensor below; dpl's LARS/LAMB with these flags must take the same steps.
+
+STUDY_LARS = dict(momentum=0.9, trust_coefficient=0.3, eps=1e-6, wd_in_grad_norm=True, exclude_1d=False,
+                  max_trust_ratio=None, grad_clip_norm=None, momentum_form="lr_inside")
+STUDY_LAMB = dict(betas=(0.9, 0.999), eps=1e-6, grad_clip_norm=1.0, bias_correction=False,
+                  trust_ratio_only_with_wd=True, exclude_1d=False, max_trust_ratio=None)
+
+
+def _study_lars(ws, grads, lrs, wd, eta=0.3, eps=1e-6, m=0.9):
+    """The study's LARS: g <- g + wd w; trust = eta ||w|| / (||g|| + eps) if both norms > 0
+    else 1; v <- m v + lr trust g; w <- w - v. Every tensor, biases included."""
+    ws, vs = [w.clone() for w in ws], [torch.zeros_like(w) for w in ws]
+    for step_grads, lr in zip(grads, lrs):
+        for i, g in enumerate(step_grads):
+            w = ws[i]
+            g = g + wd * w
+            w_norm, g_norm = float(w.norm()), float(g.norm())
+            trust = eta * w_norm / (g_norm + eps) if w_norm > 0 and g_norm > 0 else 1.0
+            vs[i] = m * vs[i] + lr * trust * g
+            ws[i] = w - vs[i]
+    return ws
+
+
+def _study_lamb(ws, grads, lrs, wd, b1=0.9, b2=0.999, eps=1e-6, clip=1.0):
+    """The study's LAMB: global grad norm clipped to 1; Adam moments, no bias correction;
+    u = m / (sqrt(v) + eps); only if wd != 0: u += wd w and u *= ||w|| / ||u||; w <- w - lr u."""
+    ws = [w.clone() for w in ws]
+    ms, vs = [torch.zeros_like(w) for w in ws], [torch.zeros_like(w) for w in ws]
+    for step_grads, lr in zip(grads, lrs):
+        total = math.sqrt(sum(float(g.norm()) ** 2 for g in step_grads))
+        scale = clip / total if total > clip else 1.0
+        for i, g in enumerate(step_grads):
+            g, w = g * scale, ws[i]
+            ms[i] = b1 * ms[i] + (1 - b1) * g
+            vs[i] = b2 * vs[i] + (1 - b2) * g * g
+            u = ms[i] / (vs[i].sqrt() + eps)
+            if wd != 0:
+                u = u + wd * w
+                u = u * (float(w.norm()) / float(u.norm()))
+            ws[i] = w - lr * u
+    return ws
+
+
+def _paper_lars(ws, grads, lrs, wd, eta, eps, m, adapt):
+    """You et al. 2017, Algorithm 1 (with dpl's eps and ratio 1 on a zero norm):
+    lambda = eta ||w|| / (||g|| + wd ||w|| + eps); v <- m v + lr lambda (g + wd w); w <- w - v.
+    ``adapt[i]`` False (biases under exclude_1d): lambda = 1 and no weight decay."""
+    ws, vs = [w.clone() for w in ws], [torch.zeros_like(w) for w in ws]
+    for step_grads, lr in zip(grads, lrs):
+        for i, g in enumerate(step_grads):
+            w = ws[i]
+            local = 1.0
+            decay = wd if adapt[i] else 0.0
+            if adapt[i] and float(w.norm()) > 0 and float(g.norm()) > 0:
+                local = eta * float(w.norm()) / (float(g.norm()) + wd * float(w.norm()) + eps)
+            vs[i] = m * vs[i] + lr * local * (g + decay * w)
+            ws[i] = w - vs[i]
+    return ws
+
+
+STUDY_SHAPES = [(6, 5), (6,), (4, 3, 3, 3)]  # a weight matrix, its bias, a conv kernel
+LRS_LARS = [1.5, 4.2, 6.9, 9.6, 15.0, 14.1]  # a warmup from 0.1 x 15, then a decay
+LRS_LAMB = [8e-4, 2.2e-3, 3.6e-3, 8e-3, 7.1e-3, 5e-3]
+
+
+def _study_tensors(seed=0, steps=6, zero_grad_at=None):
+    gen = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(s, generator=gen, dtype=D) for s in STUDY_SHAPES]
+    grads = [[torch.randn(s, generator=gen, dtype=D) * 3 for s in STUDY_SHAPES] for _ in range(steps)]
+    if zero_grad_at is not None:  # the gradient alone is 0, w and wd are not
+        step, i = zero_grad_at
+        grads[step][i].zero_()
+    return ws, grads
+
+
+def _dpl_steps(make, ws, grads, lrs, lr_as_tensor=False, **kw):
+    """dpl's optimizer ``make(params, **kw)`` over copies of ``ws``: one step per entry of
+    ``grads``, with the lr of ``lrs`` set in every group first (a 0-dim tensor if asked)."""
+    params = [w.clone().requires_grad_() for w in ws]
+    opt = make(params, **kw)
+    for step_grads, lr in zip(grads, lrs):
+        for group in opt.param_groups:  # as dpl's trainer sets the scheduled lr
+            group["lr"] = torch.tensor(lr, dtype=D) if lr_as_tensor else lr
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def _assert_all_close(got, want, atol=1e-9):
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=atol)
+
+
+@pytest.mark.parametrize("wd", [1e-3, 0.05])
+def test_lars_with_study_flags_equals_the_studys_lars(wd):
+    ws, grads = _study_tensors(zero_grad_at=(2, 1))
+    got = _dpl_steps(LARS, ws, grads, LRS_LARS, lr=LRS_LARS[0], weight_decay=wd, **STUDY_LARS)
+    _assert_all_close(got, _study_lars(ws, grads, LRS_LARS, wd))
+
+
+def test_lars_study_zero_test_is_on_g_plus_wd_w():
+    # the raw gradient is 0 but g + wd w is not: the study still adapts (eta ||w|| / (wd ||w|| + eps)),
+    # where the paper's form falls back to 1; one step from zero momentum tells them apart
+    w, wd, lr = torch.tensor([[3.0, 4.0]], dtype=D), 0.1, 2.0
+    (got,) = _dpl_steps(LARS, [w], [[torch.zeros_like(w)]], [lr], lr=lr, weight_decay=wd, **STUDY_LARS)
+    trust = 0.3 * 5.0 / (0.1 * 5.0 + 1e-6)
+    torch.testing.assert_close(got, w - lr * trust * wd * w, rtol=0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-3, 0.05])
+def test_lamb_with_study_flags_equals_the_studys_lamb(wd):
+    ws, grads = _study_tensors(seed=1)
+    got = _dpl_steps(LAMB, ws, grads, LRS_LAMB, lr=LRS_LAMB[0], weight_decay=wd, **STUDY_LAMB)
+    _assert_all_close(got, _study_lamb(ws, grads, LRS_LAMB, wd))
+
+
+def test_study_lamb_clipping_is_active_in_that_test():
+    # the study test above is only a test of the clip if the global norm exceeds 1.0
+    _, grads = _study_tensors(seed=1)
+    assert all(math.sqrt(sum(float(g.norm()) ** 2 for g in step)) > 1.0 for step in grads)
+
+
+def _study_rows(optimizer: str) -> list[str]:
+    rows = sorted((CONF.parent / "experiment" / "study").glob("*.yaml"))
+    return [f"study/{r.stem}" for r in rows if f"override /optimizer: {optimizer}" in r.read_text()]
+
+
+@pytest.mark.parametrize("row", _study_rows("lars"))
+def test_every_study_lars_row_builds_the_studys_lars(row):
+    cfg = compose_cfg(f"experiment={row}", tiny=False)
+    ws, grads = _study_tensors(seed=2, zero_grad_at=(1, 1))
+    lrs = [cfg.lr * f for f in (0.1, 0.4, 0.7, 1.0, 0.95)]
+    got = _dpl_steps(lambda ps: build_optimizer(ps, cfg.optimizer, cfg.lr, cfg.weight_decay), ws, grads, lrs)
+    _assert_all_close(got, _study_lars(ws, grads, lrs, cfg.weight_decay))
+
+
+@pytest.mark.parametrize("row", _study_rows("lamb"))
+def test_every_study_lamb_row_builds_the_studys_lamb(row):
+    cfg = compose_cfg(f"experiment={row}", tiny=False)
+    ws, grads = _study_tensors(seed=3)
+    lrs = [cfg.lr * f for f in (0.1, 0.4, 0.7, 1.0, 0.95)]
+    got = _dpl_steps(lambda ps: build_optimizer(ps, cfg.optimizer, cfg.lr, cfg.weight_decay), ws, grads, lrs)
+    _assert_all_close(got, _study_lamb(ws, grads, lrs, cfg.weight_decay))
+
+
+def test_study_rows_exist_for_both_optimizers():
+    assert _study_rows("lars") and _study_rows("lamb")
+
+
+# ----------------------------------------------------------------------------- LARS momentum forms
+
+
+@pytest.mark.parametrize("wd", [0.0, 5e-3])
+def test_default_lars_is_you_et_al_algorithm_1(wd):
+    ws, grads = _study_tensors(seed=4)
+    lrs = [0.3, 1.1, 2.0, 1.7, 0.6, 0.2]
+    kw = dict(momentum=0.9, trust_coefficient=0.02, eps=1e-8)
+    got = _dpl_steps(LARS, ws, grads, lrs, lr=lrs[0], weight_decay=wd, **kw)  # default flags otherwise
+    adapt = [len(s) > 1 for s in STUDY_SHAPES]  # exclude_1d: the bias is plain momentum SGD
+    _assert_all_close(got, _paper_lars(ws, grads, lrs, wd, eta=0.02, eps=1e-8, m=0.9, adapt=adapt))
+
+
+def test_lr_outside_form_is_still_available():
+    # v <- m v + d; w <- w - lr v: a changed lr rescales the whole buffer
+    kw = dict(momentum=0.9, weight_decay=0.05, trust_coefficient=0.3, eps=1e-8, momentum_form="lr_outside")
+    lrs = [0.2, 0.9, 0.5, 1.3]
+    params = [torch.tensor(W0, dtype=D).reshape(2, 2).requires_grad_()]
+    opt = LARS(params, lr=lrs[0], **kw)
+    for g, lr in zip(GW, lrs):
+        opt.param_groups[0]["lr"] = lr
+        params[0].grad = torch.tensor(g, dtype=D).reshape(2, 2)
+        opt.step()
+    ref = dict(momentum=0.9, wd=0.05, tc=0.3, eps=1e-8)
+    _close(params[0].detach().flatten().tolist(), _lars_ref(W0, GW, lr=lrs, lr_inside=False, **ref))
+    assert not math.isclose(params[0].flatten()[0].item(), _lars_ref(W0, GW, lr=lrs, **ref)[0], rel_tol=1e-6)
+
+
+def test_lars_forms_agree_at_constant_lr_and_differ_when_it_changes():
+    ws, grads = _study_tensors(seed=5)
+    kw = dict(momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02)
+    for lrs, same in (([0.8] * 6, True), ([0.2, 0.8, 1.4, 0.8, 0.2, 0.1], False)):
+        inside = _dpl_steps(LARS, ws, grads, lrs, lr=lrs[0], momentum_form="lr_inside", **kw)
+        outside = _dpl_steps(LARS, ws, grads, lrs, lr=lrs[0], momentum_form="lr_outside", **kw)
+        for a, b in zip(inside, outside):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12) is same
+
+
+def test_bad_momentum_form_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"^momentum_form='lr_in' is invalid: allowed one of lr_inside, lr_outside$"):
+        LARS([torch.ones(2, requires_grad=True)], lr=0.1, momentum_form="lr_in")
+    with pytest.raises(ConfigError, match=r"^optimizer.momentum_form='x' is invalid: allowed one of lr_inside, "
+                                          r"lr_outside$"):
+        OptimizerConfig(name="lars", momentum_form="x")
+
+
+def test_momentum_form_reaches_lars_from_the_config():
+    for form in ("lr_inside", "lr_outside"):
+        cfg = OmegaConf.merge(_cfg("lars"), {"momentum_form": form})
+        opt = build_optimizer([torch.ones(2, 2, requires_grad=True)], cfg, lr=0.1, weight_decay=0.0)
+        assert opt.param_groups[0]["momentum_form"] == form
+    assert _cfg("lars").momentum_form == "lr_inside"
+
+
+def test_lars_state_dict_without_the_form_loads_as_lr_outside():
+    # a checkpoint from before the option holds an lr-outside buffer: it resumes in that form
+    w = torch.ones(2, 2, requires_grad=True)
+    state = LARS([w], lr=0.1).state_dict()
+    del state["param_groups"][0]["momentum_form"]
+    opt = LARS([w], lr=0.1)
+    opt.load_state_dict(state)
+    assert opt.param_groups[0]["momentum_form"] == "lr_outside"
+
+
+# ----------------------------------------------------------------------------- tensor lr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("opt", ["lr_inside", "lr_outside", "lamb"])
+def test_tensor_lr_equals_float_lr(opt, dtype):
+    ws, grads = _study_tensors(seed=6)
+    ws, grads = [w.to(dtype) for w in ws], [[g.to(dtype) for g in step] for step in grads]
+    if opt == "lamb":
+        cls, lrs, kw = LAMB, LRS_LAMB, dict(STUDY_LAMB, weight_decay=1e-3)
+    else:
+        cls, lrs, kw = LARS, LRS_LARS, dict(STUDY_LARS, weight_decay=1e-3, momentum_form=opt)
+    as_float = _dpl_steps(cls, ws, grads, lrs, lr=lrs[0], **kw)
+    as_tensor = _dpl_steps(cls, ws, grads, lrs, lr=torch.tensor(lrs[0], dtype=dtype), lr_as_tensor=True, **kw)
+    for a, b in zip(as_float, as_tensor):
+        assert torch.equal(a, b), (a - b).abs().max()  # same arithmetic, bit for bit
+
+
+@pytest.mark.parametrize("per_worker", [False, True])
+def test_step_never_reads_a_tensor_lr_on_the_host(per_worker):
+    # on the meta device any host read (.item(), bool(), alpha=tensor) raises, so a step that
+    # runs there would not sync a CUDA lr either
+    lead = (K,) if per_worker else ()
+    for cls, kw in ((LARS, dict(STUDY_LARS, momentum_form="lr_inside")),
+                    (LARS, dict(STUDY_LARS, momentum_form="lr_outside", grad_clip_norm=1.0, max_trust_ratio=2.0)),
+                    (LARS, dict(momentum=0.9, trust_coefficient=0.01)),
+                    (LAMB, dict(STUDY_LAMB, max_trust_ratio=2.0)),
+                    (LAMB, dict())):
+        params = [torch.empty(lead + s, device="meta", requires_grad=True) for s in STUDY_SHAPES]
+        opt = cls(params, lr=0.1, weight_decay=1e-3, per_worker=per_worker, **kw)
+        opt.param_groups[0]["lr"] = torch.tensor(0.1, device="meta")
+        for p in params:
+            p.grad = torch.empty_like(p)
+        opt.step()
+        opt.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to observe a device sync")
+def test_step_with_cuda_lr_does_not_synchronize():
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in STUDY_SHAPES]
+    for cls, kw in ((LARS, STUDY_LARS), (LARS, dict(STUDY_LARS, momentum_form="lr_outside")), (LAMB, STUDY_LAMB)):
+        opt = cls(params, lr=0.1, weight_decay=1e-3, **kw)
+        opt.param_groups[0]["lr"] = torch.tensor(0.1, device="cuda")
+        for p in params:
+            p.grad = torch.randn_like(p)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_constructor_accepts_a_tensor_lr_and_rejects_a_vector():
+    w = torch.ones(2, 2, requires_grad=True)
+    assert torch.equal(LAMB([w], lr=torch.tensor(0.01)).param_groups[0]["lr"], torch.tensor(0.01))
+    with pytest.raises(ValueError, match="allowed a number or a one-element tensor"):
+        LARS([w], lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match=r"lr=-0.5 is invalid"):
+        LARS([w], lr=torch.tensor(-0.5))
+
+
 # ----------------------------------------------------------------------------- per-worker mode
 
 K = 3
 SHAPES = [(4, 3), (4,), (2, 2, 3), ()]  # a weight, a bias, a conv-like kernel, a scalar
 
 
-def _per_worker_vs_separate(opt_cls, steps=4, **kw):
+def _per_worker_vs_separate(opt_cls, steps=4, lrs=None, **kw):
+    """``lrs``: an lr per step, set in every param group before the step (as the trainer does)."""
     gen = torch.Generator().manual_seed(0)
     stacked = [torch.randn((K, *s), generator=gen) for s in SHAPES]
     stacked[0][1].zero_()  # worker 1 starts with a zero weight: ratio 1 on that slice only
@@ -336,7 +632,11 @@ def _per_worker_vs_separate(opt_cls, steps=4, **kw):
     solo = [[p[k].clone().requires_grad_() for p in stacked] for k in range(K)]
     opt = opt_cls(joint, per_worker=True, **kw)
     opts = [opt_cls(ps, **kw) for ps in solo]
-    for step_grads in grads:
+    for i, step_grads in enumerate(grads):
+        if lrs is not None:
+            for o in (opt, *opts):
+                for group in o.param_groups:
+                    group["lr"] = lrs[i]
         for p, g in zip(joint, step_grads):
             p.grad = g.clone()
         opt.step()
@@ -351,11 +651,28 @@ def _per_worker_vs_separate(opt_cls, steps=4, **kw):
     return joint, stacked
 
 
+@pytest.mark.parametrize("form", ["lr_inside", "lr_outside"])
 @pytest.mark.parametrize("clip", [None, 10.0])
-def test_lars_per_worker_equals_separate_optimizers(clip):
+def test_lars_per_worker_equals_separate_optimizers(clip, form):
     joint, start = _per_worker_vs_separate(LARS, lr=0.5, weight_decay=0.01, trust_coefficient=0.1,
-                                          max_trust_ratio=0.05, grad_clip_norm=clip)
+                                          max_trust_ratio=0.05, grad_clip_norm=clip, momentum_form=form)
     assert all(not torch.equal(p.detach(), s) for p, s in zip(joint, start))
+
+
+@pytest.mark.parametrize("form", ["lr_inside", "lr_outside"])
+def test_lars_per_worker_with_changing_lr(form):
+    _per_worker_vs_separate(LARS, lrs=[0.1, 0.4, 0.7, 0.3], lr=0.5, weight_decay=0.01, trust_coefficient=0.1,
+                            momentum_form=form)
+
+
+def test_lars_per_worker_with_changing_lr_and_study_flags():
+    _per_worker_vs_separate(LARS, lrs=[1.5, 6.0, 15.0, 9.0], lr=1.5, **STUDY_LARS, weight_decay=1e-3)
+
+
+def test_lamb_per_worker_with_changing_lr_and_study_flags():
+    # clip 10 rather than the study's 1.0: the helper wants some workers clipped and some not
+    _per_worker_vs_separate(LAMB, lrs=[1e-3, 4e-3, 8e-3, 6e-3], lr=1e-3, **{**STUDY_LAMB, "grad_clip_norm": 10.0},
+                            weight_decay=1e-3)
 
 
 @pytest.mark.parametrize("clip", [None, 10.0])

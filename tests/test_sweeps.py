@@ -71,7 +71,7 @@ def grid(full) -> dict[str, list]:
 
 
 def test_the_issue_sweeps_exist():
-    assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h"}
+    assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h", "study_ablation", "outer_optimizers"}
 
 
 @pytest.mark.parametrize("name", sweep_names())

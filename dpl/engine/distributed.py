@@ -165,7 +165,8 @@ class DistributedWorkers(StackedWorkers):
     def average_grads_(self) -> None:
         if self.ddp is None:
             super().average_grads_()
-        # else: DDP averaged the gradients during backward
+        else:  # DDP averaged the gradients during backward: only count them
+            self.point.average_([p.grad for p in self.params if p.grad is not None], "grads", sent=False)
 
     def average_params_(self) -> None:
         """x_k <- mean_j x_j, and this rank's term of the drift mean_k ||x_k - x̄|| / ||x̄||.
@@ -175,7 +176,7 @@ class DistributedWorkers(StackedWorkers):
         """
         with torch.no_grad():
             before = _flat64(self.params)
-            self.comm.mean_(self.params + self.buffers)
+            self.point.average_(self.params + self.buffers, "params")
             after = _flat64(self.params)
             norm = float(after.norm())
             self.drift = float((before - after).norm()) / norm / self.K if norm > 0.0 else 0.0
@@ -204,7 +205,9 @@ def build_distributed(cfg: Any, model: nn.Module, device: torch.device, comm=Non
                           "-m dpl engine=distributed ..., or add engine.spawn=true")
     if comm.world != cfg.K:
         raise ConfigError(f"K={cfg.K} is invalid: engine=distributed runs K = world size = {comm.world} workers")
-    return DistributedWorkers(model, comm, ddp=not METHODS[cfg.method.name].local)
+    # DDP where gradients are averaged at every step of the run; a method that switches
+    # (post-local SGD) all-reduces its gradients through the comm point instead
+    return DistributedWorkers(model, comm, ddp=METHODS[cfg.method.name].synchronous)
 
 
 # ----------------------------------------------------------------------------- checkpoints

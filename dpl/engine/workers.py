@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from dpl.comm import worker_drift
+from dpl.comm import CommPoint, worker_drift
 
 
 class Communicator(Protocol):
@@ -73,6 +73,7 @@ class StackedWorkers:
         if mode not in ("loop", "vmap"):
             raise ValueError(f"simulate={mode!r} is invalid: allowed loop, vmap")
         self.model, self.k_local, self.comm, self.mode = model, k_local, comm, mode
+        self.point = CommPoint(comm)  # every average across workers goes through it, and is counted there
         # Every worker starts from the same weights (a peer-implementation failure mode
         # is workers initialised differently).
         self.param_names = [n for n, _ in model.named_parameters()]
@@ -121,13 +122,16 @@ class StackedWorkers:
         """
         with torch.no_grad():
             self.drift = worker_drift(self.params)
-            self.comm.mean_(self.params + self.buffers)
+            self.point.average_(self.params + self.buffers, "params")
 
     def average_grads_(self) -> None:
-        """Synchronous data parallelism: every worker steps with the mean gradient."""
+        """Synchronous data parallelism: every worker steps with the mean gradient.
+
+        One worker has nothing to average, but the step still counts as a synchronous round.
+        """
         grads = [p.grad for p in self.params if p.grad is not None]
         with torch.no_grad():
-            self.comm.mean_(grads)
+            self.point.average_(grads, "grads", sent=self.K > 1)
 
     def replica(self, k: int = 0) -> dict[str, torch.Tensor]:
         """Worker k's weights as a plain ``state_dict`` of the model (detached copies)."""

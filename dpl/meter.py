@@ -1,0 +1,62 @@
+"""Bookkeeping beside the training loop: the epoch's metric sums, the epoch record, the
+best model and early stopping. The loop calls these; it does not do their work."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+class EpochSums:
+    """Training loss and correct count of the epoch in progress, summed on the device.
+
+    Every step adds its per-worker losses without reading them, so the step never waits
+    for the device; the epoch's end (or a checkpoint) reads the sums once. The sample
+    count is known on the host from the batch shapes.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0
+
+    def add(self, losses: torch.Tensor, correct: torch.Tensor, batch: int) -> None:
+        """``losses`` [K_local]: each worker's mean loss over its ``batch`` samples; ``correct`` [K_local]."""
+        self.loss += losses.detach().sum().double() * batch
+        self.correct += correct.sum()
+        self.seen += losses.numel() * batch
+
+    def read(self) -> tuple[float, int, int]:
+        """(loss sum, correct, seen) on the host: one device read."""
+        return float(self.loss), int(self.correct), self.seen
+
+    def load(self, loss_sum: float, correct: int, seen: int) -> None:
+        self.loss.fill_(loss_sum)
+        self.correct.fill_(int(correct))
+        self.seen = int(seen)
+
+    def reset(self) -> None:
+        self.load(0.0, 0, 0)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def check_finite(train_loss: float, epoch: int) -> None:
+    if not math.isfinite(train_loss):
+        raise Diverged(f"training loss is {train_loss} in epoch {epoch}")
+
+
+def track_best(state: Any, val_acc: float, patience: int) -> bool:
+    """Update ``state``'s best validation accuracy, its epoch and the early-stopping count
+    after epoch ``state.epoch``; True when this epoch is a new best."""
+    improved = val_acc > state.best_val_acc
+    if improved:
+        state.best_val_acc, state.best_epoch, state.bad_epochs = val_acc, state.epoch, 0
+    else:
+        state.bad_epochs += 1
+    state.stopped_early = 0 < patience <= state.bad_epochs
+    return improved

@@ -1,0 +1,30 @@
+"""Training methods: what happens to gradients each step and to parameters at a sync.
+
+``centralized`` averages gradients every step; the local methods (``localsgd``,
+``slowmo``, ``diloco``) take local steps and then an outer step on the pseudo-gradient
+(:mod:`dpl.methods.outer`); ``post_local`` switches from the first to the second. The
+registry :data:`METHODS` is keyed by the file names in ``conf/method/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpl.methods.base import Method
+from dpl.methods.centralized import Centralized
+from dpl.methods.local import DiLoCo, LocalSGD, SlowMo
+from dpl.methods.outer import OuterStep, sync_inner_state
+from dpl.methods.post_local import PostLocal
+from dpl.registry import lookup
+
+METHODS: dict[str, type[Method]] = {
+    "centralized": Centralized, "localsgd": LocalSGD, "slowmo": SlowMo, "diloco": DiLoCo, "post_local": PostLocal,
+}
+
+
+def build_method(cfg: Any, local_momentum: str) -> Method:
+    return lookup(METHODS, "method", cfg.name)(cfg, local_momentum)
+
+
+__all__ = ["METHODS", "Centralized", "DiLoCo", "LocalSGD", "Method", "OuterStep", "PostLocal", "SlowMo",
+           "build_method", "sync_inner_state"]

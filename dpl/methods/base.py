@@ -1,0 +1,47 @@
+"""What every method tells the loop: what happens after backward, and when a sync happens.
+
+The loop in :mod:`dpl.train` has no method-specific branch. After each backward pass it
+calls :meth:`Method.on_gradients`; after the inner optimizer's step it asks
+:meth:`Method.syncs_after` whether this step ends a period, and if so calls
+:meth:`Method.sync`. Methods only see the stacked workers (and, through them, the one
+communication point), so the same code runs in the simulation and on torch.distributed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dpl.engine.workers import StackedWorkers
+
+
+class Method:
+    name = "base"
+    synchronous = False  # True: gradients are averaged at every step of the whole run (DDP on ranks)
+    has_local_steps = False  # True: workers take local steps between syncs in some part of the run
+
+    def __init__(self, cfg: Any, local_momentum: str = "keep") -> None:
+        self.cfg, self.local_momentum = cfg, local_momentum
+
+    def start(self, workers: StackedWorkers) -> None:
+        """Called once, before training, with the workers at their initial (equal) weights."""
+
+    def on_epoch_start(self, workers: StackedWorkers, epoch: int) -> None:
+        """Called before the first step of every epoch."""
+
+    def on_gradients(self, workers: StackedWorkers, epoch: int) -> None:
+        """Called after backward, before the inner optimizer step."""
+
+    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool) -> bool:
+        """Whether the step that completed ``period`` local steps ends with a sync."""
+        return False
+
+    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        """The sync at the end of a period of local steps."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,121 @@
+"""The outer step of local methods: a real ``torch.optim`` optimizer on the pseudo-gradient.
+
+Local methods let each worker take local steps of the inner optimizer; at a sync (Wang et
+al. 2020, "SlowMo", Algorithm 1; Douillard et al. 2023, "DiLoCo", Algorithm 1):
+
+1. the workers' parameters are averaged through the one communication point
+   (:class:`dpl.comm.CommPoint`, which counts the bytes): x̄ = mean_k x_k;
+2. the pseudo-gradient is Δ = x − x̄, with x the anchor (the global model after the
+   previous sync). Δ points *against* the direction the workers moved;
+3. an outer optimizer over the anchor takes one step with gradient s·Δ (s = 1, or 1/γ for
+   SlowMo) and learning rate η_out: x ← OuterOpt(x, s·Δ);
+4. every worker restarts from the new x.
+
+With outer SGD, lr 1 and no momentum, step 3 gives x − Δ = x̄: plain LocalSGD averaging.
+The anchor and the outer optimizer's state are kept in float64, so that x − (x − x̄)
+gives back x̄ exactly (the difference of two float32 numbers is exact in float64) and
+LocalSGD through the outer step equals plain averaging bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dpl.engine.workers import StackedWorkers
+from dpl.methods.base import Method
+
+
+class OuterStep(Method):
+    """Base of the local methods: every H local steps (and at an epoch's end), the outer step.
+
+    Subclasses say which outer optimizer (:meth:`make_outer`), its learning rate and the
+    pseudo-gradient's scale for a given inner lr γ (:meth:`outer_lr`, :meth:`grad_scale`).
+    ``restart_each_epoch`` in the method's config clears the outer optimizer's state
+    (momentum) at every epoch start, as the study does for SlowMo.
+    """
+
+    has_local_steps = True
+
+    def __init__(self, cfg: Any, local_momentum: str = "keep") -> None:
+        super().__init__(cfg, local_momentum)
+        self.anchor: list[torch.Tensor] | None = None  # x: the global model after the previous sync
+        self.outer: torch.optim.Optimizer | None = None
+
+    # ------------------------------------------------------------------ what a subclass defines
+    def make_outer(self, anchor: list[torch.Tensor]) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def outer_lr(self, inner_lr: float) -> float:
+        return 1.0
+
+    def grad_scale(self, inner_lr: float) -> float:
+        return 1.0
+
+    # ------------------------------------------------------------------ the loop's calls
+    def start(self, workers: StackedWorkers) -> None:
+        self.anchor = [p.detach()[0].double().clone() for p in workers.params]
+        self.outer = self.make_outer(self.anchor)
+
+    def on_epoch_start(self, workers: StackedWorkers, epoch: int) -> None:
+        if getattr(self.cfg, "restart_each_epoch", False):
+            self.outer.state.clear()
+
+    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool) -> bool:
+        return period == H or last_step  # the last partial period of an epoch syncs too
+
+    @torch.no_grad()
+    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        if self.outer is None:
+            raise RuntimeError(f"{type(self).__name__}.start(workers) must be called before the first sync")
+        workers.average_params_()  # x_k <- x̄ for every k, through the comm point
+        scale = self.grad_scale(lr)
+        for x, p in zip(self.anchor, workers.params):
+            x.grad = (x - p[0]).mul_(scale)  # the pseudo-gradient Δ = x − x̄ (in float64)
+        for group in self.outer.param_groups:
+            group["lr"] = self.outer_lr(lr)
+        self.outer.step()
+        for x, p in zip(self.anchor, workers.params):
+            p.copy_(x.expand_as(p))  # every worker restarts from the new global model
+            x.grad = None
+        sync_inner_state(optimizer, workers, self.local_momentum)
+
+    def reset_anchor(self, workers: StackedWorkers) -> None:
+        """x <- the workers' current (equal) weights; the outer state restarts."""
+        with torch.no_grad():
+            for x, p in zip(self.anchor, workers.params):
+                x.copy_(p[0])
+        self.outer.state.clear()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"anchor": [x.clone() for x in self.anchor], "outer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():  # in place: the outer optimizer holds these very tensors
+            for x, saved in zip(self.anchor, state["anchor"]):
+                x.copy_(saved)
+        self.outer.load_state_dict(state["outer"])
+
+
+@torch.no_grad()
+def sync_inner_state(optimizer: torch.optim.Optimizer, workers: StackedWorkers, mode: str) -> None:
+    """What happens to the inner optimizer's state (momentum, Adam moments) at a sync.
+
+    keep: every worker keeps its own; reset: cleared, as after a restart; average: every
+    per-parameter state tensor is averaged across workers like the parameters (one more
+    all-reduce through the comm point, counted as ``state``).
+    """
+    if mode == "keep":
+        return
+    if mode == "reset":
+        optimizer.state.clear()
+        return
+    if mode != "average":
+        raise ValueError(f"local_momentum={mode!r} is invalid: allowed keep, reset, average")
+    stacked = [t for p in workers.params for t in optimizer.state.get(p, {}).values()
+               if torch.is_tensor(t) and t.shape == p.shape]
+    if stacked:  # before the first step (or after a restart) there is no state to send
+        workers.point.average_(stacked, "state")
+
