@@ -23,16 +23,58 @@ survive a checkpoint and a resumed run reports the same curves.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 
-def ring_allreduce_bytes(nbytes: int, K: int) -> float:
-    """Bytes each worker sends in one ring all-reduce of an ``nbytes`` buffer: 2 (K - 1) / K * nbytes."""
+TOPOLOGIES = ("ring", "ps")
+
+
+def bytes_sent(nbytes: float, K: int, topology: str = "ring") -> float:
+    """Bytes one worker sends in one all-reduce of an ``nbytes`` buffer: 2 (K - 1) / K * nbytes
+    on a ring (K - 1 chunks of n / K in each of its two phases); n to a parameter server."""
     if K < 1:
         raise ValueError(f"K={K} is invalid: allowed an integer >= 1")
-    return 2.0 * (K - 1) / K * nbytes
+    if K == 1:
+        return 0.0
+    return 2.0 * (K - 1) / K * nbytes if _topology(topology) == "ring" else float(nbytes)
+
+
+def ring_allreduce_bytes(nbytes: float, K: int) -> float:
+    """Bytes each worker sends in one ring all-reduce of an ``nbytes`` buffer: 2 (K - 1) / K * nbytes."""
+    return bytes_sent(nbytes, K, "ring")
+
+
+def latency_s(K: int, latency_us: float, topology: str = "ring") -> float:
+    """The latency part of one all-reduce: one per step, 2 (K - 1) on a ring, 2 (push, pull)
+    through a parameter server; 0 when K = 1."""
+    if K <= 1:
+        return 0.0
+    steps = 2 * (K - 1) if _topology(topology) == "ring" else 2
+    return steps * latency_us * 1e-6
+
+
+def transfer_s(nbytes: float, K: int, bandwidth_gbps: float, topology: str = "ring") -> float:
+    """Seconds on the busiest link for all-reducing ``nbytes`` per replica (Gb/s = 1e9 bits/s):
+    a ring worker's 2 (K - 1) / K n; a parameter server's link carries every worker's push
+    and pull, 2 K n."""
+    if K <= 1:
+        return 0.0
+    on_link = bytes_sent(nbytes, K, "ring") if _topology(topology) == "ring" else 2.0 * K * nbytes
+    return on_link * 8.0 / (bandwidth_gbps * 1e9)
+
+
+def sync_time_s(nbytes: float, K: int, bandwidth_gbps: float, latency_us: float, topology: str = "ring") -> float:
+    """Modelled seconds of one all-reduce of ``nbytes`` per replica among K workers: the
+    alpha-beta model, latency per step + bytes over the busiest link."""
+    return latency_s(K, latency_us, topology) + transfer_s(nbytes, K, bandwidth_gbps, topology)
+
+
+def _topology(name: str) -> str:
+    if name not in TOPOLOGIES:
+        raise ValueError(f"network.topology={name!r} is invalid: allowed {', '.join(TOPOLOGIES)}")
+    return name
 
 
 def param_bytes(tensors: Iterable[torch.Tensor], per_worker: bool = False) -> int:
@@ -46,24 +88,6 @@ def param_bytes(tensors: Iterable[torch.Tensor], per_worker: bool = False) -> in
         numel = t.numel() // t.shape[0] if per_worker else t.numel()
         total += numel * t.element_size()
     return total
-
-
-def ring_latency_s(K: int, latency_us: float) -> float:
-    """The latency part of one ring all-reduce: 2 (K - 1) steps of ``latency_us`` (0 when K = 1)."""
-    return 2 * max(K - 1, 0) * latency_us * 1e-6
-
-
-def transfer_s(nbytes_sent: float, bandwidth_gbps: float) -> float:
-    """Seconds to send ``nbytes_sent`` over a link of ``bandwidth_gbps`` (Gb/s = 1e9 bits/s)."""
-    return nbytes_sent * 8.0 / (bandwidth_gbps * 1e9)
-
-
-def sync_time_s(nbytes_sent: float, bandwidth_gbps: float, latency_us: float, K: int) -> float:
-    """Modelled seconds of one ring all-reduce among K workers that sends ``nbytes_sent`` per
-    worker: 2 (K - 1) latencies (one per ring step) + bytes / bandwidth."""
-    if K <= 1:
-        return 0.0
-    return ring_latency_s(K, latency_us) + transfer_s(nbytes_sent, bandwidth_gbps)
 
 
 @dataclass
@@ -110,17 +134,23 @@ class CommPoint:
 
 @dataclass
 class CommLedger:
-    """Running communication totals of one run; plain fields so it round-trips through a checkpoint.
+    """Running communication and modelled-time totals of one run; plain fields, so it
+    round-trips through a checkpoint.
 
-    Each epoch's :class:`Traffic` becomes bytes sent per worker (a ring all-reduce of
-    every averaged tensor) and modelled time. With K == 1 nothing is sent, so bytes and
-    communication time stay 0, but rounds are still counted (a 1-worker LocalSGD run
-    still has its sync points, they are just free).
+    Each epoch's :class:`Traffic` becomes bytes sent per worker and modelled communication
+    time (:func:`sync_time_s` per all-reduce), and its steps become modelled compute time
+    (:mod:`dpl.clock`): ``samples x sample_cost_s x slowest`` with ``slowest`` the largest
+    worker time factor. ``sample_cost_s`` None is measured from the first epoch, then fixed.
+    With K == 1 nothing is sent, so bytes and communication time stay 0, but rounds are
+    still counted (a 1-worker LocalSGD run still has its sync points, they are just free).
     """
 
     K: int
     bandwidth_gbps: float
     latency_us: float
+    topology: str = "ring"
+    sample_cost_s: Optional[float] = None  # compute seconds per sample of one worker at speed 1
+    slowest: float = 1.0  # the largest worker time factor
     rounds_total: int = 0
     collectives_total: int = 0
     steps_total: int = 0
@@ -128,23 +158,28 @@ class CommLedger:
     comm_time_total_s: float = 0.0
     compute_time_total_s: float = 0.0
 
-    def record_epoch(self, traffic: Traffic, steps: int, compute_time_s: float) -> dict[str, float]:
-        """Add one epoch of ``traffic`` over ``steps`` local steps; return this epoch's metrics.
+    def record_epoch(self, traffic: Traffic, steps: int, samples: float, measured_compute_s: float) -> dict[str, float]:
+        """Add one epoch of ``traffic`` over ``steps`` local steps on ``samples`` samples per worker;
+        return this epoch's metrics. ``measured_compute_s`` (one worker's measured compute of the
+        epoch) only calibrates ``sample_cost_s`` when it is not set.
 
         ``sync_rounds`` counts the syncs of the model, ``collectives`` every all-reduce.
         ``rounds_vs_sync`` is rounds / steps over the run so far: 1.0 for synchronous
         training (a round every step), about 1 / H for LocalSGD.
         """
-        comm_bytes = ring_allreduce_bytes(traffic.replica_bytes, self.K)
-        # one latency per ring step of every collective, then the bytes over the link (0 with K = 1)
-        comm_time = traffic.collectives * ring_latency_s(self.K, self.latency_us) + \
-            transfer_s(comm_bytes, self.bandwidth_gbps)
+        if self.sample_cost_s is None:
+            self.sample_cost_s = measured_compute_s / max(samples, 1)
+        comm_bytes = bytes_sent(traffic.replica_bytes, self.K, self.topology)
+        # the latency of every collective, then all of the epoch's bytes over the busiest link
+        comm_time = traffic.collectives * latency_s(self.K, self.latency_us, self.topology) + \
+            transfer_s(traffic.replica_bytes, self.K, self.bandwidth_gbps, self.topology)
+        compute_time = samples * self.sample_cost_s * self.slowest  # the slowest worker ends each period
         self.rounds_total += traffic.syncs
         self.collectives_total += traffic.collectives
         self.steps_total += steps
         self.bytes_total += comm_bytes
         self.comm_time_total_s += comm_time
-        self.compute_time_total_s += compute_time_s
+        self.compute_time_total_s += compute_time
         return {
             "sync_rounds": traffic.syncs,
             "sync_rounds_total": self.rounds_total,
@@ -153,6 +188,7 @@ class CommLedger:
             "comm_bytes_total": self.bytes_total,
             "rounds_vs_sync": self.rounds_total / self.steps_total if self.steps_total else 0.0,
             "comm_time_s": comm_time,
+            "compute_time_s": compute_time,
             "modelled_time_s": self.compute_time_total_s + self.comm_time_total_s,
         }
 

@@ -228,10 +228,31 @@ class NetworkConfig:
 
     bandwidth_gbps: float = 10.0
     latency_us: float = 50.0
+    topology: str = "ring"  # ring all-reduce | ps: one parameter server
 
     def __post_init__(self) -> None:
         _positive("network.bandwidth_gbps", self.bandwidth_gbps)
         _at_least("network.latency_us", self.latency_us, 0.0)
+        _one_of("network.topology", self.topology, ("ring", "ps"))
+
+
+@dataclass
+class ClockConfig:
+    """The modelled compute time of the workers (dpl.clock): per-sample cost and speed spread."""
+
+    sample_cost_us: Optional[float] = None  # per sample and worker at speed 1; null: measured in epoch 0
+    speed: str = "constant"  # constant | lognormal | slow: the workers' time factors, drawn from the seed
+    spread: float = 0.5  # lognormal: sigma of the log time factor (median 1)
+    slow_fraction: float = 0.25  # slow: this share of the workers ...
+    slow_factor: float = 2.0  # ... takes this many times longer per sample
+
+    def __post_init__(self) -> None:
+        if self.sample_cost_us is not None:
+            _positive("clock.sample_cost_us", self.sample_cost_us)
+        _one_of("clock.speed", self.speed, ("constant", "lognormal", "slow"))
+        _at_least("clock.spread", self.spread, 0.0)
+        _check(0.0 <= self.slow_fraction <= 1.0, "clock.slow_fraction", self.slow_fraction, "0 <= x <= 1")
+        _at_least("clock.slow_factor", self.slow_factor, 1.0)
 
 
 # ----------------------------------------------------------------------------- top level
@@ -254,6 +275,7 @@ class Config:
     engine: EngineConfig = MISSING
     logger: LoggerConfig = MISSING
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
 
     K: int = 1  # workers
     H: int = 1  # local steps between syncs (the dynamic_h group may change it per epoch)

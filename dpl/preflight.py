@@ -76,7 +76,7 @@ def check_value(key: str, value: Any, adding: bool = False) -> None:
         if adding:
             return
         raise ConfigError(f"{key} is not a dpl config key (see `python -m dpl --cfg job` for all keys)")
-    if name in GROUP_SCHEMAS or name == "network":
+    if name in GROUP_SCHEMAS or name in ("network", "clock"):
         return
     typ = typing.get_type_hints(schema)[name]
     value = _coerce(key, value, typ)

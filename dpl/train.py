@@ -3,8 +3,11 @@
 :meth:`Trainer.train_epoch` reads like Algorithm 1 of the LocalSGD and SlowMo papers
 (Lin et al. 2020; Wang et al. 2020): each worker draws a batch from its own shard and
 takes a step of the inner optimizer; every H local steps (and at the end of an epoch,
-so validation sees the averaged model) the method syncs the workers. Centralized
-training is the special case that averages gradients every step instead.
+so validation sees the averaged model) the method syncs the workers: their average through
+the one communication point, then the method's outer step on the pseudo-gradient
+(:mod:`dpl.methods`). Centralized training averages the gradients every step instead.
+The loop does not know which method runs: the method says when it syncs and what a sync
+does, and the bookkeeping of an epoch (sums, best model, early stop) is :mod:`dpl.meter`.
 
 Everything random on the training path is a pure function of (seed, epoch, step):
 shard order per epoch and augmentation per step. A checkpoint at any step therefore
@@ -23,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpl import checkpoint
+from dpl.clock import worker_speeds
 from dpl.comm import CommLedger, Traffic
 from dpl.data import DeviceData, batch_indices, epoch_order, eval_batches, make_batch, make_shards, steps_per_epoch
 from dpl.dynamic_h import HContext, next_h
@@ -113,8 +117,12 @@ class Trainer:
                                          per_worker=True)
         self.state = TrainState(H=cfg.H)
         self.sums = EpochSums(self.device)
-        self.ledger = CommLedger(K=workers.K, bandwidth_gbps=cfg.network.bandwidth_gbps,
-                                 latency_us=cfg.network.latency_us)
+        clock = cfg.clock
+        speeds = worker_speeds(workers.K, clock.speed, cfg.seed, clock.spread, clock.slow_fraction, clock.slow_factor)
+        self.ledger = CommLedger(
+            K=workers.K, bandwidth_gbps=cfg.network.bandwidth_gbps, latency_us=cfg.network.latency_us,
+            topology=cfg.network.topology, slowest=float(speeds.max()),
+            sample_cost_s=None if clock.sample_cost_us is None else clock.sample_cost_us * 1e-6)
         self.best_weights: Optional[dict[str, torch.Tensor]] = None
         self.on_epoch: list[Callable[[Trainer, dict], None]] = []
         self.on_step: list[Callable[[Trainer], None]] = []
@@ -189,8 +197,9 @@ class Trainer:
             "val_loss": val_loss, "val_acc": val_acc, "lr": s.lr, "H": s.H,
             "epoch_time_s": s.compute_s, "samples_per_s": seen / max(s.compute_s, 1e-9),
             "drift": drift_sum / s.syncs if s.syncs else 0.0,
-            # A worker of a real cluster computes only its own share of the simulated steps.
-            **self.ledger.record_epoch(self.workers.point.take(), s.step, compute_s / self.workers.k_local),
+            # modelled: a worker of a real cluster computes only its own share of the simulated steps
+            **self.ledger.record_epoch(self.workers.point.take(), s.step, seen / self.workers.K,
+                                       compute_s / self.workers.k_local),
             "comm_wall_s": comm_wall_s,  # measured in collectives (engine=distributed), beside the modelled bytes
         }
         s.history.append(record)

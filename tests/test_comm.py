@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from dpl.comm import CommLedger, CommPoint, Traffic, param_bytes, ring_allreduce_bytes, sync_time_s, worker_drift
+from dpl.comm import (CommLedger, CommPoint, Traffic, bytes_sent, param_bytes, ring_allreduce_bytes, sync_time_s,
+                      worker_drift)
 
 
 def test_ring_allreduce_bytes():
@@ -28,17 +30,25 @@ def test_param_bytes_of_one_replica():
 
 
 def test_sync_time_is_ring_latencies_plus_bytes_over_bandwidth():
-    # 1.25e9 bytes = 1e10 bits over 10 Gb/s = 1 s, plus 2 (K - 1) = 2 ring steps of 50 us at K=2
-    assert sync_time_s(1.25e9, 10.0, 50.0, K=2) == pytest.approx(1.0001, rel=1e-12)
-    assert sync_time_s(0.0, 10.0, 50.0, K=2) == pytest.approx(2 * 50e-6)
-    assert sync_time_s(0.0, 10.0, 50.0, K=8) == pytest.approx(14 * 50e-6)  # a ring of 8: 2 x 7 steps
-    assert sync_time_s(1000.0, 8.0, 0.0, K=4) == pytest.approx(1e-6)  # 8000 bits / 8e9 bit/s
-    assert sync_time_s(1000.0, 8.0, 50.0, K=1) == 0.0  # nobody to talk to
+    # a ring of 2 sends 2 x 1/2 of 1.25e9 bytes = 1e10 bits over 10 Gb/s = 1 s, plus 2 (K - 1) = 2 steps of 50 us
+    assert sync_time_s(1.25e9, 2, 10.0, 50.0) == pytest.approx(1.0001, rel=1e-12)
+    assert sync_time_s(0.0, 2, 10.0, 50.0) == pytest.approx(2 * 50e-6)
+    assert sync_time_s(0.0, 8, 10.0, 50.0) == pytest.approx(14 * 50e-6)  # a ring of 8: 2 x 7 steps
+    assert sync_time_s(1000.0, 4, 8.0, 0.0) == pytest.approx(1500 / 1e9)  # 2 x 3/4 x 1000 bytes at 1e9 B/s
+    assert sync_time_s(1000.0, 1, 8.0, 50.0) == 0.0  # nobody to talk to
+
+
+def test_parameter_server_model():
+    """One server: push and pull (2 latencies), and its link carries 2 K n bytes."""
+    assert sync_time_s(1000.0, 4, 8.0, 50.0, "ps") == pytest.approx(2 * 50e-6 + 2 * 4 * 1000 / 1e9)
+    assert bytes_sent(1000.0, 4, "ps") == 1000.0 and bytes_sent(1000.0, 4, "ring") == 1500.0
+    with pytest.raises(ValueError, match="network.topology='star'"):
+        sync_time_s(1.0, 2, 1.0, 1.0, "star")
 
 
 def make_ledger(K: int = 4) -> CommLedger:
-    # 8 Gb/s = 1e9 bytes/s, 100 us per ring step
-    return CommLedger(K=K, bandwidth_gbps=8.0, latency_us=100.0)
+    # 8 Gb/s = 1e9 bytes/s, 100 us per ring step; 10 steps of 20 samples = 200 samples in 2 s (calibrated)
+    return CommLedger(K=K, bandwidth_gbps=8.0, latency_us=100.0, sample_cost_s=0.01)
 
 
 def params_traffic(syncs: int, replica: float = 1000.0) -> Traffic:
@@ -52,7 +62,7 @@ def test_localsgd_run_counts():
     assert rounds == 3
     per_round_bytes = 2 * 3 / 4 * 1000  # 1500
     per_round_s = 2 * 3 * 100e-6 + 1500 / 1e9  # 6 ring steps of 100 us + 1.5 us
-    metrics = [ledger.record_epoch(params_traffic(rounds), 10, 2.0) for _ in range(3)]
+    metrics = [ledger.record_epoch(params_traffic(rounds), 10, 200, 2.0) for _ in range(3)]
     first, last = metrics[0], metrics[-1]
     assert first["sync_rounds"] == 3 and first["sync_rounds_total"] == 3
     assert first["comm_bytes"] == 3 * per_round_bytes == 4500.0
@@ -69,7 +79,7 @@ def test_localsgd_run_counts():
 def test_averaged_optimizer_state_is_counted_as_extra_collectives():
     """local_momentum=average: each sync all-reduces the momentum too (here 1000 bytes a replica)."""
     ledger = make_ledger()
-    m = ledger.record_epoch(Traffic(syncs=3, collectives=6, replica_bytes=6 * 1000), 10, 0.0)
+    m = ledger.record_epoch(Traffic(syncs=3, collectives=6, replica_bytes=6 * 1000), 10, 0, 0.0)
     assert m["sync_rounds"] == 3 and m["collectives"] == 6
     assert m["comm_bytes"] == 2 * 4500.0  # the state is the size of the parameters here
     assert m["comm_time_s"] == pytest.approx(6 * (2 * 3 * 100e-6 + 1500 / 1e9))
@@ -78,13 +88,13 @@ def test_averaged_optimizer_state_is_counted_as_extra_collectives():
 
 def test_synchronous_training_communicates_every_step():
     ledger = make_ledger()
-    m = ledger.record_epoch(params_traffic(10), 10, 1.0)
+    m = ledger.record_epoch(params_traffic(10), 10, 100, 1.0)
     assert m["rounds_vs_sync"] == 1.0 and m["comm_bytes"] == 15000.0
 
 
 def test_one_worker_sends_nothing_but_counts_rounds():
     ledger = make_ledger(K=1)
-    m = ledger.record_epoch(params_traffic(3), 10, 2.0)
+    m = ledger.record_epoch(params_traffic(3), 10, 200, 2.0)
     assert m["sync_rounds"] == 3 and m["rounds_vs_sync"] == pytest.approx(0.3)
     assert m["comm_bytes"] == 0.0 and m["comm_time_s"] == 0.0 and m["modelled_time_s"] == 2.0
 
@@ -108,12 +118,12 @@ def test_comm_point_averages_and_counts_every_collective():
 
 def test_ledger_state_round_trip():
     ledger = make_ledger()
-    ledger.record_epoch(params_traffic(3), 10, 2.0)
-    ledger.record_epoch(params_traffic(2), 10, 1.5)
+    ledger.record_epoch(params_traffic(3), 10, 200, 2.0)
+    ledger.record_epoch(params_traffic(2), 10, 150, 1.5)
     state = json.loads(json.dumps(ledger.state_dict()))  # plain numbers only
     restored = CommLedger.from_state(state)
     assert restored == ledger
-    assert restored.record_epoch(params_traffic(3), 10, 2.0) == ledger.record_epoch(params_traffic(3), 10, 2.0)
+    assert restored.record_epoch(params_traffic(3), 10, 200, 2.0) == ledger.record_epoch(params_traffic(3), 10, 200, 2.0)
 
 
 def test_worker_drift_flattens_all_parameters_of_a_replica():
@@ -136,3 +146,53 @@ def test_worker_drift_degenerate_cases():
     assert worker_drift([torch.tensor([[1.0, -1.0], [-1.0, 1.0]])]) == 0.0  # mean is 0
     assert worker_drift([torch.ones(4, 3, 2)]) == 0.0  # workers equal
     assert worker_drift([]) == 0.0
+
+
+# ----------------------------------------------------------------------------- modelled clock
+
+
+def test_modelled_compute_is_samples_times_cost_times_the_slowest_worker():
+    ledger = CommLedger(K=4, bandwidth_gbps=8.0, latency_us=0.0, sample_cost_s=1e-3, slowest=2.5)
+    m = ledger.record_epoch(Traffic(), 10, 640, measured_compute_s=123.0)  # the measurement is ignored
+    assert m["compute_time_s"] == pytest.approx(640 * 1e-3 * 2.5) and m["modelled_time_s"] == pytest.approx(1.6)
+
+
+def test_sample_cost_is_calibrated_once_from_the_first_epoch():
+    ledger = CommLedger(K=2, bandwidth_gbps=8.0, latency_us=0.0)
+    first = ledger.record_epoch(Traffic(), 10, 500, measured_compute_s=2.0)
+    second = ledger.record_epoch(Traffic(), 10, 500, measured_compute_s=9.0)  # a busy machine: ignored
+    assert ledger.sample_cost_s == pytest.approx(2.0 / 500)
+    assert first["compute_time_s"] == second["compute_time_s"] == pytest.approx(2.0)
+
+
+def test_worker_speeds_are_seeded_and_follow_their_distribution():
+    from dpl.clock import worker_speeds
+
+    assert worker_speeds(4, "constant", 0).tolist() == [1.0] * 4
+    a, b = worker_speeds(1000, "lognormal", 7, spread=0.5), worker_speeds(1000, "lognormal", 7, spread=0.5)
+    assert (a == b).all() and not (a == worker_speeds(1000, "lognormal", 8, spread=0.5)).all()
+    assert abs(float(np.median(a)) - 1.0) < 0.1 and abs(float(np.log(a).std()) - 0.5) < 0.05
+    slow = worker_speeds(8, "slow", 3, slow_fraction=0.25, slow_factor=3.0)
+    assert sorted(slow.tolist()) == [1.0] * 6 + [3.0] * 2
+    with pytest.raises(ValueError, match="clock.speed='fast'"):
+        worker_speeds(2, "fast", 0)
+
+
+def test_modelled_time_is_deterministic_with_a_configured_cost(make_cfg):
+    """Two runs of the same config and seed: the same modelled time to the last bit,
+    whatever the machine was doing; a slow worker makes every period longer."""
+    from dpl.app import build_trainer
+
+    def modelled(*extra):
+        trainer = build_trainer(make_cfg("method=localsgd", "K=4", "H=4", "epochs=1", "clock.sample_cost_us=50",
+                                         *extra), torch.device("cpu"))
+        trainer.fit()
+        return trainer.state.history[-1]
+
+    a, b = modelled(), modelled()
+    assert a["modelled_time_s"] == b["modelled_time_s"]
+    assert a["compute_time_s"] == pytest.approx(225 * 50e-6)  # 900 images / K=4 per worker
+    slow = modelled("clock.speed=slow", "clock.slow_factor=3.0")
+    assert slow["compute_time_s"] == pytest.approx(3 * a["compute_time_s"])
+    ps = modelled("network.topology=ps")
+    assert ps["comm_time_s"] != a["comm_time_s"] and ps["comm_bytes"] < a["comm_bytes"]
