@@ -16,21 +16,29 @@ job's Recorder then tags its run ``mlflow.parentRunId``, which the MLflow UI nes
 The parent carries the tag ``sweep_parent`` (not ``sweep``), so ``tags.sweep = '<name>'``
 selects exactly the jobs. When the sweep ends the parent gets a summary: how many jobs
 finished or failed, the best ``best_val_acc``, and Hydra's ``multirun.yaml`` (plus the
-Optuna sweeper's ``optimization_results.yaml``) as artifacts. A sweep killed before it
-ends leaves its parent RUNNING; its jobs are complete runs all the same.
+Optuna sweeper's ``optimization_results.yaml``) as artifacts. A sweep stopped by Ctrl-C
+or SIGTERM ends its parent KILLED (at interpreter exit); only SIGKILL leaves it RUNNING.
+
+:class:`OptunaSweeper` is Hydra's Optuna sweeper with two failure paths made explicit:
+an interrupted trial is marked FAIL in the study (not left RUNNING), and a search whose
+every trial failed or diverged says so instead of ending in Optuna's "No trials are
+completed yet" traceback.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
+import datetime
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _HydraOptunaSweeper
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger("dpl")
 
@@ -66,6 +74,7 @@ class MlflowParentRun(Callback):
                 "sweep_params": _sweep_params(config)}
         run_id = self.logger.start(base, tags)  # the sweep's base config as the parent's params
         os.environ[PARENT_RUN_ENV] = run_id
+        atexit.register(self._interrupted)  # Hydra skips on_multirun_end when a job's Ctrl-C ends the sweep
         log.info("sweep %s: MLflow parent run %s", name, run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -79,6 +88,15 @@ class MlflowParentRun(Callback):
                     self.logger.log_artifact(path)
         finally:
             self.logger.finish("FINISHED")
+            os.environ.pop(PARENT_RUN_ENV, None)
+            self.logger = None
+
+    def _interrupted(self) -> None:
+        if self.logger is None:
+            return  # ended normally
+        try:
+            self.logger.finish("KILLED", reason="the sweep was interrupted; run the same command to resume it")
+        finally:
             os.environ.pop(PARENT_RUN_ENV, None)
             self.logger = None
 
@@ -113,3 +131,56 @@ def _sweep_params(config: DictConfig) -> str:
         if "," in override or "(" in override:
             swept[override.split("=", 1)[0]] = override
     return " ".join(swept.values())
+
+
+class OptunaSweeper(_HydraOptunaSweeper):
+    """``hydra/sweeper: optuna`` with ``_target_: dpl.sweep.OptunaSweeper`` (sweeps/optuna_lr.yaml).
+
+    A diverged job returns NaN, which Optuna records as a FAIL trial, so a diverged lr is
+    never the best. The rest is Hydra's sweeper unchanged.
+    """
+
+    def sweep(self, arguments: List[str]) -> None:
+        started = datetime.datetime.now()
+        try:
+            return super().sweep(arguments)
+        except BaseException as e:
+            study = self._study()
+            if study is not None:
+                _fail_running_trials(study, since=started)
+            if isinstance(e, ValueError) and "No trials are completed" in str(e) and study is not None:
+                self._no_best(study)
+                return None
+            raise
+
+    def _study(self):
+        import optuna
+
+        impl = self.sweeper
+        try:
+            return optuna.load_study(study_name=impl.study_name, storage=impl.storage)
+        except Exception:  # no storage (in-memory study) or it was never created
+            return None
+
+    def _no_best(self, study) -> None:
+        states = [t.state.name for t in study.trials]
+        message = (f"optuna: no trial of study {study.study_name} completed ({len(states)} trials: "
+                   f"{states.count('FAIL')} failed or diverged): there are no best parameters")
+        log.error(message)
+        sweep_dir = Path(str(self.sweeper.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": None, "best_value": None,
+                                         "note": message}), sweep_dir / "optimization_results.yaml")
+
+
+def _fail_running_trials(study, since: datetime.datetime) -> None:
+    """Mark FAIL the trials of this invocation that are still RUNNING (their job was interrupted)."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.datetime_start is not None and t.datetime_start >= since:
+            try:
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                log.warning("optuna: trial %d was interrupted; marked FAIL", t.number)
+            except Exception as e:  # another process ended it meanwhile
+                log.warning("optuna: could not mark trial %d FAIL: %s", t.number, e)
