@@ -259,7 +259,7 @@ def culprits(reports: dict[int, str], world: int, exits: Optional[dict[int, Opti
             text = _fault(r, report, exits)
             if text:
                 parts.append(text)
-    if first is not None and len(parts) == 1:
+    if first is not None and len(parts) == 1 and reports.get(first) is None:
         parts.append("the other ranks stopped after it")
     return "; ".join(parts) or "every rank saw a collective fail and none reported a cause"
 
@@ -267,7 +267,7 @@ def culprits(reports: dict[int, str], world: int, exits: Optional[dict[int, Opti
 def _fault(r: int, report: Optional[str], exits: Optional[dict[int, Optional[int]]], when: str = "") -> str:
     when = f" {when}" if when else ""
     if report is not None and report.startswith("error: "):
-        return f"rank {r} failed{when}: {report[len('error: '):]}"
+        return f"rank {r} failed: {report[len('error: '):]}"
     if exits is None:
         return f"rank {r} died or hung (it stopped answering)"
     code = exits.get(r)
