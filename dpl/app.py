@@ -117,8 +117,9 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
         if done is not None:
             return done
     if launcher:
-        check_destinations(cfg, out_dir)
+        check_destinations(cfg, out_dir, ckpt.get("tracking_uri") if ckpt else None)
     if cfg.engine.name == "distributed" and comm is None:
+        _check_world(cfg)
         from dpl.engine.launch import launch
 
         return launch(cfg, out_dir, run, on_failure=lambda status, reason: salvage(cfg, out_dir, status, reason))
@@ -157,12 +158,23 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:500]
 
 
-def check_destinations(cfg: DictConfig, out_dir: Path) -> None:
+def check_destinations(cfg: DictConfig, out_dir: Path, resume_uri: Optional[str] = None) -> None:
     """Everything a run writes to, tried before any data is loaded: a run must not train for
     hours and then lose its results to a typo in ``results_csv`` or an unreachable server."""
     check_writable_file("results_csv", str(cfg.results_csv), resolve_path(cfg.results_csv))
     check_writable_dir("hydra.run.dir", out_dir)  # the job dir: checkpoints, history, plots, result.csv
-    check_tracking(cfg.logger)
+    check_tracking(cfg.logger, resume_uri)
+
+
+# Training images before the validation split, where the config alone tells (build_trainer checks exactly).
+TRAIN_SAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}
+
+
+def _check_world(cfg: DictConfig) -> None:
+    """engine=distributed: a K that no dataset split could feed fails here, once, before K processes start."""
+    n = cfg.dataset.num_train if cfg.dataset.name == "synthetic" else TRAIN_SAMPLES.get(cfg.dataset.name)
+    if n is not None and cfg.K > n:
+        raise ConfigError(f"K={cfg.K} is invalid: allowed at most {n} (the training samples of {cfg.dataset.name})")
 
 
 def finished(ckpt: dict[str, Any], cfg: DictConfig, out_dir: Path) -> bool:
@@ -220,6 +232,11 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
         log.info("resume: training to epochs=%d (was %d); the lr schedule follows the new length",
                  cfg.epochs, saved.epochs)
         saved.epochs = cfg.epochs
+    origin = ckpt.get("launch_dir")
+    for key in ("results_csv", "dataset.root"):  # relative to where the job was first started, not to here
+        value = str(OmegaConf.select(saved, key))
+        if origin and key not in overridden and not Path(value).expanduser().is_absolute():
+            OmegaConf.update(saved, key, str(Path(origin) / value))
     for key in ("device", "dataset.root", "dataset.download"):
         if key in overridden:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key))
@@ -314,7 +331,8 @@ class Recorder:
 
     def save(self, trainer: Trainer) -> None:
         trainer.save_checkpoint(self.ckpt_path, {"config": OmegaConf.to_container(self.cfg, resolve=True),
-                                                 "run_id": self.run_id, "tracking_uri": self.logger.tracking_uri})
+                                                 "run_id": self.run_id, "tracking_uri": self.logger.tracking_uri,
+                                                 "launch_dir": str(launch_dir())})
 
     def finish(self, trainer: Trainer, final: dict[str, Any]) -> None:
         self._close_bar()

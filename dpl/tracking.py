@@ -40,6 +40,7 @@ RESUMED_FROM_TAG = "resumed_from"
 PROBE_TIMEOUT_S = 5  # a remote tracking server gets this long to answer before training starts
 # Keys that change how a job runs or is displayed, not what it computes.
 NOT_HASHED = ("progress", "resume", "test_only", "checkpoint", "checkpoint_every", "results_csv", "device",
+              "dataset.root", "dataset.download",
               "engine.timeout_s", "engine.master_addr", "engine.master_port", "engine.spawn", "engine.simulate")
 
 
@@ -281,14 +282,12 @@ def open_store(uri: str, timeout_s: float | None = None):
     right now may still fail once; that is retried. ``timeout_s`` bounds a remote server's
     answer (MLflow's own default retries for minutes).
     """
-    from mlflow.exceptions import MlflowException
-
-    client = _mlflow_client(uri)
     db = _sqlite_path(uri)
     for attempt in range(5):
         try:
             with _file_lock(db), _http_limits(timeout_s):
-                client.search_experiments(max_results=1)  # opens (and on first use creates) the store
+                client = _mlflow_client(uri)  # MLflow may open (and create) the store here already
+                client.search_experiments(max_results=1)
             return client
         except Exception as e:  # sqlalchemy, alembic and requests errors reach here unwrapped
             text = str(e)
@@ -296,9 +295,9 @@ def open_store(uri: str, timeout_s: float | None = None):
                 time.sleep(0.2 * (attempt + 1))
                 continue
             first = (text.strip().splitlines() or [type(e).__name__])[0][:200]
-            what = "cannot be opened" if isinstance(e, MlflowException) or db else "is unreachable"
+            what = "cannot be opened" if db is not None else "is unreachable"
             raise TrackingError(f"logger.tracking_uri={uri!r} {what}: {first}") from None
-    return client
+    raise AssertionError("unreachable")
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -390,11 +389,15 @@ def find_finished_run(cfg_logger: Any, sweep: str, digest: str) -> Any:
     return runs[0] if runs else None
 
 
-def check_tracking(cfg_logger: Any) -> None:
-    """Before training: the tracking store opens (and a remote one answers within PROBE_TIMEOUT_S)."""
+def check_tracking(cfg_logger: Any, resume_uri: str | None = None) -> None:
+    """Before training: the tracking store opens (and a remote one answers within PROBE_TIMEOUT_S).
+    A resumed job checks the store it first ran in, if that is still there (as ``start`` picks it)."""
     if cfg_logger.name != "mlflow":
         return
-    open_store(resolve_tracking_uri(cfg_logger.tracking_uri, launch_dir()), timeout_s=PROBE_TIMEOUT_S)
+    uri = resolve_tracking_uri(cfg_logger.tracking_uri, launch_dir())
+    if resume_uri and _store_exists(resume_uri):
+        uri = resume_uri
+    open_store(uri, timeout_s=PROBE_TIMEOUT_S)
 
 
 def _quiet_mlflow() -> None:

@@ -267,9 +267,11 @@ def test_sigterm_on_the_distributed_launcher_ends_the_run_killed(tmp_path):
 
 
 def test_distributed_bad_input_is_one_line_from_the_launcher(tmp_path):
-    proc = dpl(tmp_path, *TRACKED, "logger=none", "engine=distributed", "engine.spawn=true",
-               "engine.master_port=0", "K=500", "epochs=1", check=False)  # 360 training samples
+    common = [*TRACKED, "logger=none", "engine=distributed", "engine.spawn=true", "engine.master_port=0", "epochs=1"]
+    proc = dpl(tmp_path, *common, "K=500", check=False, timeout=120)  # refused before 500 processes start
     assert proc.returncode == 2 and "K=500 is invalid" in one_error_line(proc)
+    proc = dpl(tmp_path, *common, "K=2", "dataset.image_size=8", check=False, timeout=180)  # each rank fails
+    assert proc.returncode == 2 and "dataset.image_size=8 is invalid" in one_error_line(proc)
 
 
 def test_port_in_use_is_one_line(make_cfg, tmp_path):
