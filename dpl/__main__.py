@@ -35,7 +35,7 @@ def _multirun() -> bool:
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | str:
     from dpl.app import job_dir, run
     from dpl.engine.launch import RankFailure, announce_run_dir
     from dpl.interrupt import EXIT_STATUS, signal_name
@@ -59,7 +59,9 @@ def main(cfg: DictConfig) -> float:
         if not _multirun():  # a sweep goes on: its other jobs are still worth running
             print(f"error: diverged: {result.get('error')} (the run is marked FAILED)", file=sys.stderr)
             sys.exit(1)
-        return math.nan  # Optuna records a failed trial
+        # Not a number, so Optuna's sweeper records a FAIL trial ("Return value must be
+        # float-castable. Got 'diverged'"); a NaN would crash it, a 0.0 could become "best".
+        return "diverged"
     return float(result.get("best_val_acc", math.nan))
 
 

@@ -30,8 +30,7 @@ from dpl.train import Diverged, Trainer
 
 log = logging.getLogger("dpl")
 
-# What a diverged run returns to a sweeper: NaN, which Optuna records as a failed trial
-# (never as a value that could be "best").
+# A diverged run's best_val_acc: no number (python -m dpl hands a sweeper "diverged", a failed trial).
 DIVERGED_OBJECTIVE = float("nan")
 # Keys a resume may pass that change how the job runs, not what it computes.
 RESUME_KEYS = ("resume", "progress", "engine.spawn", "device", "dataset.root", "dataset.download", "test_only",

@@ -19,7 +19,7 @@ finished or failed, the best ``best_val_acc``, and Hydra's ``multirun.yaml`` (pl
 Optuna sweeper's ``optimization_results.yaml``) as artifacts. A sweep stopped by Ctrl-C
 or SIGTERM ends its parent KILLED (at interpreter exit); only SIGKILL leaves it RUNNING.
 
-:class:`OptunaSweeper` is Hydra's Optuna sweeper with two failure paths made explicit:
+``hydra_plugins.dpl_sweepers.OptunaSweeper`` is Hydra's Optuna sweeper with two failure paths made explicit:
 an interrupted trial is marked FAIL in the study (not left RUNNING), and a search whose
 every trial failed or diverged says so instead of ending in Optuna's "No trials are
 completed yet" traceback.
@@ -34,11 +34,10 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _HydraOptunaSweeper
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger("dpl")
 
@@ -133,48 +132,9 @@ def _sweep_params(config: DictConfig) -> str:
     return " ".join(swept.values())
 
 
-class OptunaSweeper(_HydraOptunaSweeper):
-    """``hydra/sweeper: optuna`` with ``_target_: dpl.sweep.OptunaSweeper`` (sweeps/optuna_lr.yaml).
 
-    A diverged job returns NaN, which Optuna records as a FAIL trial, so a diverged lr is
-    never the best. The rest is Hydra's sweeper unchanged.
-    """
-
-    def sweep(self, arguments: List[str]) -> None:
-        started = datetime.datetime.now()
-        try:
-            return super().sweep(arguments)
-        except BaseException as e:
-            study = self._study()
-            if study is not None:
-                _fail_running_trials(study, since=started)
-            if isinstance(e, ValueError) and "No trials are completed" in str(e) and study is not None:
-                self._no_best(study)
-                return None
-            raise
-
-    def _study(self):
-        import optuna
-
-        impl = self.sweeper
-        try:
-            return optuna.load_study(study_name=impl.study_name, storage=impl.storage)
-        except Exception:  # no storage (in-memory study) or it was never created
-            return None
-
-    def _no_best(self, study) -> None:
-        states = [t.state.name for t in study.trials]
-        message = (f"optuna: no trial of study {study.study_name} completed ({len(states)} trials: "
-                   f"{states.count('FAIL')} failed or diverged): there are no best parameters")
-        log.error(message)
-        sweep_dir = Path(str(self.sweeper.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": None, "best_value": None,
-                                         "note": message}), sweep_dir / "optimization_results.yaml")
-
-
-def _fail_running_trials(study, since: datetime.datetime) -> None:
-    """Mark FAIL the trials of this invocation that are still RUNNING (their job was interrupted)."""
+def fail_running_trials(study, since: datetime.datetime) -> None:
+    """Mark FAIL the trials started since ``since`` that are still RUNNING (their job was interrupted)."""
     import optuna
 
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):

@@ -329,6 +329,29 @@ def test_rerun_sweep_skips_finished_jobs(tmp_path):
     assert sorted(r.data.params["K"] for r in jobs) == ["1", "2"]  # K=1 was not run twice
 
 
+def test_interrupted_optuna_trial_is_failed_and_the_sweep_parent_killed(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sweep_dir = tmp_path / "sw"
+    proc = subprocess.Popen([sys.executable, "-m", "dpl", "--config-dir", str(ROOT / "sweeps"), "--config-name",
+                             "optuna_lr", *TRACKED, "epochs=200", "checkpoint_every=2", "hydra.sweeper.n_trials=3",
+                             f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep_dir}"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(sweep_dir / "0", proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    (trial,) = optuna.load_study(study_name="optuna_lr-sgdm", storage=storage).trials
+    assert trial.state.name == "FAIL"
+    runs = job_runs(tmp_path / "mlflow.db", "optuna_lr")
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the job and the sweep's parent run
+
+
 # ----------------------------------------------------------------------------- 7. validation
 
 
