@@ -299,7 +299,8 @@ def test_resume_from_elsewhere_with_and_without_the_store(tmp_path):
     # finished: nothing to do
     proc = dpl(elsewhere, f"resume={job}")
     assert "already finished" in proc.stdout
-    assert not (elsewhere / "outputs").exists()  # no new, empty job dir
+    dpl(elsewhere, "test_only=true", f"checkpoint={job / 'checkpoint.pt'}")
+    assert not (elsewhere / "outputs").exists()  # resume= and test_only= make no new, empty job dir
     # from another directory: the same MLflow run, found through the checkpoint
     (job / ".checkpoint.pt.stale.pt").write_bytes(b"left by a kill")
     dpl(elsewhere, f"resume={job}", "epochs=2", "progress=false")

@@ -301,6 +301,7 @@ def spawn(body: Body, cfg: DictConfig, out_dir: Path, on_failure: Optional[OnFai
     on_failure = on_failure or (lambda status, reason: None)
     # port 0: the OS picks a free one, so concurrent jobs (and tests) do not collide
     try:
+        _probe_port(cfg.engine.master_addr, int(cfg.engine.master_port))  # TCPStore retries a busy port for long
         store = dist.TCPStore(cfg.engine.master_addr, int(cfg.engine.master_port), is_master=True,
                               wait_for_workers=False, timeout=STORE_TIMEOUT)
     except (RuntimeError, OSError) as e:
@@ -341,6 +342,16 @@ def spawn(body: Body, cfg: DictConfig, out_dir: Path, on_failure: Optional[OnFai
             on_failure("FAILED", _first_line(e))
             raise
     return outcome[0][1]
+
+
+def _probe_port(addr: str, port: int) -> None:
+    if port == 0:
+        return
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore: TIME_WAIT is no conflict
+        probe.bind((addr, port))
 
 
 def _stop(procs: list) -> None:
