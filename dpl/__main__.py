@@ -71,7 +71,8 @@ def _into_job_dir(argv: list[str]) -> list[str]:
     if any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in argv):
         return argv
     values = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
-    target = values.get("resume") or (values.get("checkpoint") if values.get("test_only", "").lower() == "true" else None)
+    testing = values.get("test_only", "").lower() == "true"
+    target = values.get("resume") or (values.get("checkpoint") if testing else None)
     if not target or target == "null":
         return argv
     path = Path(target.strip("'\"")).expanduser().resolve()

@@ -47,7 +47,7 @@ from dpl.engine.distributed import ProcessGroupComm
 log = logging.getLogger("dpl")
 
 OnFailure = Callable[[str, str], None]  # on_failure(status, reason): end the job's run (dpl.app.salvage)
-SETTLE_S = 5.0  # after the healthy ranks gave up, how long a silent rank still running may take to exit
+SETTLE_S = 3.0  # after the healthy ranks gave up, how long a silent rank still running may take to exit
 STOP_S = 10.0  # on the launcher's own signal: how long the ranks get to record KILLED before SIGKILL
 Body = Callable[..., Any]  # body(cfg, out_dir, comm) -> result; dpl.app.run
 STORE_TIMEOUT = timedelta(minutes=10)  # store handshakes (run dir, reports), not collectives
@@ -396,7 +396,9 @@ def _watch(procs: list, pipes: list, outcome: dict, store: dist.Store, timeout: 
             else:
                 settled_at = None
             now = time.monotonic()
-            if (settled_at is not None and now - settled_at > SETTLE_S) or now - failed_at > timeout + grace_s(timeout) + SETTLE_S:
+            if settled_at is not None and now - settled_at > SETTLE_S:
+                break  # the silent ranks still running are hung
+            if now - failed_at > timeout + grace_s(timeout) + SETTLE_S:
                 break
         multiprocessing.connection.wait([procs[r].sentinel for r in alive] +
                                         [recv for r, recv in enumerate(pipes) if r not in outcome], timeout=0.5)
