@@ -18,17 +18,23 @@ from dpl import checkpoint
 from dpl.config import Config, ConfigError, validate
 from dpl.data import load_dataset
 from dpl.engine import build_workers
-from dpl.io import write_csv
+from dpl.io import temp_files, write_csv
 from dpl.methods import build_method
 from dpl.models import build_model
 from dpl.plots import plot_history
 from dpl.sweep import parent_run_id
-from dpl.tracking import append_result_row, flatten_config, git_commit, launch_dir, make_logger
+from dpl.tracking import (CONFIG_HASH_TAG, append_result_row, check_tracking, check_writable_dir,
+                          check_writable_file, config_hash, end_run_if_running, find_finished_run,
+                          flatten_config, git_commit, launch_dir, make_logger)
 from dpl.train import Diverged, Trainer
 
 log = logging.getLogger("dpl")
 
-WORST_OBJECTIVE = 0.0  # what a diverged run returns to a sweeper that maximises val accuracy
+# A diverged run's best_val_acc: no number (python -m dpl hands a sweeper "diverged", a failed trial).
+DIVERGED_OBJECTIVE = float("nan")
+# Keys a resume may pass that change how the job runs, not what it computes.
+RESUME_KEYS = ("resume", "progress", "engine.spawn", "device", "dataset.root", "dataset.download", "test_only",
+               "checkpoint")
 
 
 def job_dir() -> Path:
@@ -61,10 +67,24 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=Non
 
     # engine=distributed: only rank 0 may download; the others wait for it
     data = load(True) if comm is None else comm.rank0_first(load)
+    n_train = int(data.train_y.shape[0])
+    if cfg.K > n_train:
+        raise ConfigError(f"K={cfg.K} is invalid: allowed at most {n_train} (the training samples of "
+                          f"{cfg.dataset.name})")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, data.channels, data.num_classes, data.image_size).to(device)
+    try:
+        model = build_model(cfg.model.name, data.channels, data.num_classes, data.image_size).to(device)
+    except ValueError as e:  # the model cannot take these images
+        raise ConfigError(f"dataset.image_size={data.image_size} is invalid: {e}") from None
     if cfg.pretrained:
-        model.load_state_dict(checkpoint.load_weights(resolve_path(cfg.pretrained)))
+        weights = checkpoint.load_weights(resolve_path(cfg.pretrained))
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:  # missing / unexpected keys or shapes: one line, not torch's list
+            first = str(e).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[1:3])[:300] or first[0][:300]
+            raise checkpoint.CheckpointError(f"pretrained={cfg.pretrained!r} does not fit model "
+                                             f"{cfg.model.name} on {cfg.dataset.name}: {detail}") from None
     workers = build_workers(cfg, model, device, comm)
     method = build_method(cfg.method, cfg.local_momentum)
     return Trainer(cfg, data, workers, method, rank=rank)
@@ -81,42 +101,173 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
     if cfg.test_only:
         return test_only(cfg)
     ckpt = None
+    launcher = comm is None  # the process the command started (not a rank it spawned)
     if cfg.resume:
         ckpt = checkpoint.load(resolve_path(cfg.resume))
         out_dir = checkpoint.locate(resolve_path(cfg.resume)).parent
         cfg = _resumed_config(cfg, ckpt)
+        if launcher and finished(ckpt, cfg, out_dir):
+            state = ckpt["state"]
+            print(f"resume: {out_dir} already finished ({state['epoch']} epochs, best_val_acc="
+                  f"{state['best_val_acc']:.4f}); nothing to do (add epochs=<more> to train on)")
+            return {"best_val_acc": state["best_val_acc"], "already_finished": True}
+    elif launcher:
+        done = _finished_in_sweep(cfg)
+        if done is not None:
+            return done
+    if launcher:
+        check_destinations(cfg, out_dir, ckpt.get("tracking_uri") if ckpt else None)
     if cfg.engine.name == "distributed" and comm is None:
+        _check_world(cfg)
         from dpl.engine.launch import launch
 
-        return launch(cfg, out_dir, run)
+        return launch(cfg, out_dir, run, on_failure=lambda status, reason: salvage(cfg, out_dir, status, reason))
     rank = 0 if comm is None else comm.rank
     trainer = build_trainer(cfg, pick_device(cfg.device) if comm is None else comm.device, rank, comm)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-    recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None, writer=rank == 0)
+    recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None,
+                        resume_uri=ckpt.get("tracking_uri") if ckpt else None, writer=rank == 0)
     recorder.attach(trainer)
     try:
+        recorder.save(trainer)  # at once: from here on the job dir can be resumed and names its run
         trainer.fit()
     except Diverged as e:
         log.error("diverged: %s", e)
-        recorder.fail(trainer, str(e))
-        return {"best_val_acc": WORST_OBJECTIVE, "diverged": True, "error": str(e)}
+        recorder.fail(trainer, f"diverged: {e}")
+        return {"best_val_acc": DIVERGED_OBJECTIVE, "diverged": True, "error": str(e)}
     except BaseException as e:
-        recorder.fail(trainer, f"{type(e).__name__}: {e}", status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if comm is not None:  # tell the launcher at once: writing plots below takes a while
+            from dpl.engine.launch import report_fault
+
+            report_fault(e, comm.store, rank)
+        if isinstance(e, KeyboardInterrupt):
+            from dpl.interrupt import signal_name
+
+            recorder.fail(trainer, f"interrupted by {signal_name(e)}", status="KILLED")
+        else:
+            recorder.fail(trainer, f"{type(e).__name__}: {_first_line(e)}")
         raise
     final = trainer.final_metrics()
     recorder.finish(trainer, final)
     return final
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:500]
+
+
+def check_destinations(cfg: DictConfig, out_dir: Path, resume_uri: Optional[str] = None) -> None:
+    """Everything a run writes to, tried before any data is loaded: a run must not train for
+    hours and then lose its results to a typo in ``results_csv`` or an unreachable server."""
+    check_writable_file("results_csv", str(cfg.results_csv), resolve_path(cfg.results_csv))
+    check_writable_dir("hydra.run.dir", out_dir)  # the job dir: checkpoints, history, plots, result.csv
+    check_tracking(cfg.logger, resume_uri)
+
+
+# Training images before the validation split, where the config alone tells (build_trainer checks exactly).
+TRAIN_SAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}
+
+
+def _check_world(cfg: DictConfig) -> None:
+    """engine=distributed: a K that no dataset split could feed fails here, once, before K processes start."""
+    n = cfg.dataset.num_train if cfg.dataset.name == "synthetic" else TRAIN_SAMPLES.get(cfg.dataset.name)
+    if n is not None and cfg.K > n:
+        raise ConfigError(f"K={cfg.K} is invalid: allowed at most {n} (the training samples of {cfg.dataset.name})")
+
+
+def finished(ckpt: dict[str, Any], cfg: DictConfig, out_dir: Path) -> bool:
+    """The checkpoint's training is complete and its row was recorded (``result.csv``)."""
+    state = ckpt["state"]
+    trained = state["step"] == 0 and (state["epoch"] >= cfg.epochs or state["stopped_early"])
+    return trained and (out_dir / "result.csv").is_file()
+
+
+def _finished_in_sweep(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """A re-run sweep: the metrics of this job's FINISHED run (same sweep tag and config), or None."""
+    if not cfg.sweep or cfg.logger.name != "mlflow":
+        return None
+    found = find_finished_run(cfg.logger, str(cfg.sweep), config_hash(cfg))
+    if found is None:
+        return None
+    metrics = dict(found.data.metrics)
+    print(f"sweep {cfg.sweep}: this job already finished as MLflow run {found.info.run_id}; skipped")
+    return {**metrics, "skipped": True}
+
+
+def salvage(cfg: DictConfig, out_dir: Path, status: str, reason: str) -> None:
+    """After a distributed job failed or was stopped: the history and plots up to the last
+    finished epoch (from the checkpoint, in case rank 0 died before writing them), and the
+    MLflow run ended as ``status`` unless rank 0 ended it already."""
+    try:
+        ckpt = checkpoint.load(out_dir / checkpoint.FILENAME)
+    except checkpoint.CheckpointError:
+        return  # it never got as far as a checkpoint: nothing was recorded
+    rows = ckpt["state"]["history"]
+    if rows:
+        write_csv(out_dir / "history.csv", rows)
+        if cfg.logger.plots:
+            plot_history(rows, out_dir / "plots")
+    if ckpt.get("run_id") and ckpt.get("tracking_uri"):
+        end_run_if_running(ckpt["tracking_uri"], ckpt["run_id"], status, reason)
+
+
 def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
-    """The checkpoint's config, so a resumed run is the same run (only display keys may change)."""
+    """The checkpoint's config, so a resumed run is the same run.
+
+    Only keys in RESUME_KEYS may differ on the command line, and ``epochs`` may be raised to
+    train on; any other override is refused in one line naming the keys, instead of being
+    silently dropped."""
     saved = OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"])
+    overridden = _command_line_keys()
+    differing = [k for k in overridden if k not in (*RESUME_KEYS, "epochs") and _differs(cfg, saved, k)]
+    if differing:
+        raise ConfigError(f"resume={cfg.resume} is invalid with {', '.join(differing)} changed: a resumed job "
+                          f"keeps its config (allowed with resume: {', '.join(RESUME_KEYS[1:])}, epochs=<more>)")
+    if "epochs" in overridden and cfg.epochs != saved.epochs:
+        done = int(ckpt["state"]["epoch"])
+        if cfg.epochs < done:
+            raise ConfigError(f"epochs={cfg.epochs} is invalid with resume: allowed >= {done} (the epochs done)")
+        log.info("resume: training to epochs=%d (was %d); the lr schedule follows the new length",
+                 cfg.epochs, saved.epochs)
+        saved.epochs = cfg.epochs
+    origin = ckpt.get("launch_dir")
+    for key in ("results_csv", "dataset.root"):  # relative to where the job was first started, not to here
+        value = str(OmegaConf.select(saved, key))
+        if origin and key not in overridden and not Path(value).expanduser().is_absolute():
+            OmegaConf.update(saved, key, str(Path(origin) / value))
+    for key in ("device", "dataset.root", "dataset.download"):
+        if key in overridden:
+            OmegaConf.update(saved, key, OmegaConf.select(cfg, key))
     saved.progress = cfg.progress
     saved.resume = cfg.resume
     saved.engine.spawn = saved.engine.spawn or cfg.engine.spawn  # how to start the processes, not what they compute
     validate(saved)
     return saved
+
+
+def _command_line_keys() -> list[str]:
+    """The keys given on the command line (``+`` stripped), or none outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    keys = []
+    for text in HydraConfig.get().overrides.task:
+        key = text.split("=", 1)[0].lstrip("+~")
+        if key and not key.startswith("hydra"):
+            keys.append(key)
+    return keys
+
+
+def _differs(cfg: DictConfig, saved: DictConfig, key: str) -> bool:
+    if key == "experiment":  # a whole preset: any key it sets counts
+        mine, theirs = flatten_config(cfg), flatten_config(saved)
+        return any(mine.get(k) != theirs.get(k) for k in mine
+                   if k.split(".")[0] not in ("hydra", "logger") and k not in (*RESUME_KEYS, "epochs", "results_csv"))
+    a, b = OmegaConf.select(cfg, key, default=None), OmegaConf.select(saved, key, default=None)
+    plain = lambda v: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # noqa: E731
+    return plain(a) != plain(b)
 
 
 def test_only(cfg: DictConfig) -> dict[str, Any]:
@@ -138,19 +289,22 @@ class Recorder:
     """Plumbing beside the loop: MLflow, checkpoints, progress bar, plots, results CSV."""
 
     def __init__(self, cfg: DictConfig, out_dir: Path, resume_run_id: Optional[str] = None,
-                 writer: bool = True) -> None:
+                 writer: bool = True, resume_uri: Optional[str] = None) -> None:
         self.cfg, self.out_dir = cfg, out_dir
         # Ranks other than 0 of engine=distributed take part in checkpoint gathers but write nothing.
         self.writer = writer
         self.ckpt_path = out_dir / checkpoint.FILENAME
+        if writer:
+            for stale in temp_files(self.ckpt_path):  # a process killed mid-write left it behind
+                stale.unlink(missing_ok=True)
         self.logger = make_logger(cfg.logger if writer else OmegaConf.create({"name": "none"}))
         tags = {"method": cfg.method.name, "optimizer": cfg.optimizer.name, "dataset": cfg.dataset.name,
-                "git_commit": git_commit()}
+                "git_commit": git_commit(), CONFIG_HASH_TAG: config_hash(cfg)}
         if cfg.sweep:
             tags["sweep"] = str(cfg.sweep)
         if parent_run_id():  # a job of a sweep that opened an MLflow parent run (dpl.sweep)
             tags["mlflow.parentRunId"] = parent_run_id()
-        self.run_id = self.logger.start(cfg, tags, resume_run_id=resume_run_id)
+        self.run_id = self.logger.start(cfg, tags, resume_run_id=resume_run_id, resume_uri=resume_uri)
         self.bar = None
 
     def attach(self, trainer: Trainer) -> None:
@@ -176,7 +330,8 @@ class Recorder:
 
     def save(self, trainer: Trainer) -> None:
         trainer.save_checkpoint(self.ckpt_path, {"config": OmegaConf.to_container(self.cfg, resolve=True),
-                                                 "run_id": self.run_id})
+                                                 "run_id": self.run_id, "tracking_uri": self.logger.tracking_uri,
+                                                 "launch_dir": str(launch_dir())})
 
     def finish(self, trainer: Trainer, final: dict[str, Any]) -> None:
         self._close_bar()
@@ -185,8 +340,13 @@ class Recorder:
         if not self.writer:
             return
         row = {**flatten_config(self.cfg), **final, "run_id": self.run_id or "", "job_dir": str(self.out_dir)}
-        append_result_row(resolve_path(self.cfg.results_csv), row)
+        # The job dir's copy first: if the shared CSV cannot be written now, the row is not lost.
         write_csv(self.out_dir / "result.csv", [row])  # this run's row of results_csv, as an artifact
+        shared = resolve_path(self.cfg.results_csv)
+        try:
+            append_result_row(shared, row)
+        except OSError as e:
+            log.error("could not add the row to %s (%s); it is in %s", shared, e, self.out_dir / "result.csv")
         self.logger.log_artifact(self.out_dir / "result.csv")
         self.logger.finish("FINISHED")
         log.info("test_acc=%.4f test_acc_best=%.4f best_val_acc=%.4f",

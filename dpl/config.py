@@ -8,6 +8,7 @@ therefore fails before any data is loaded, with one line naming the key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -24,12 +25,17 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: allowed {allowed}")
 
 
+def _finite(value: Any) -> bool:
+    # inf passes every ">= low" test, and an inf lr or coefficient trains nothing but NaNs
+    return value is not None and math.isfinite(value)
+
+
 def _at_least(key: str, value: Any, low: float, kind: str = "a number") -> None:
-    _check(value is not None and value >= low, key, value, f"{kind} >= {low}")
+    _check(_finite(value) and value >= low, key, value, f"{kind} >= {low}")
 
 
 def _positive(key: str, value: Any) -> None:
-    _check(value is not None and value > 0, key, value, "a number > 0")
+    _check(_finite(value) and value > 0, key, value, "a number > 0")
 
 
 def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -113,8 +119,9 @@ class OptimizerConfig:
             _positive("optimizer.max_trust_ratio", self.max_trust_ratio)
         if self.grad_clip_norm is not None:
             _positive("optimizer.grad_clip_norm", self.grad_clip_norm)
-            _check(self.name in ("lars", "lamb"), "optimizer.grad_clip_norm", self.grad_clip_norm,
-                   "null for optimizer " + self.name + " (only lars and lamb clip)")
+            if self.name != MISSING:  # the command-line pre-check knows the value, not the optimizer
+                _check(self.name in ("lars", "lamb"), "optimizer.grad_clip_norm", self.grad_clip_norm,
+                       "null for optimizer " + self.name + " (only lars and lamb clip)")
 
 
 @dataclass
@@ -221,6 +228,10 @@ class LoggerConfig:
     run_name: Optional[str] = None
     plots: bool = True
 
+    def __post_init__(self) -> None:
+        _check(bool(str(self.experiment).strip()), "logger.experiment", self.experiment, "a non-empty name")
+        _check(bool(str(self.tracking_uri).strip()), "logger.tracking_uri", self.tracking_uri, "a non-empty URI")
+
 
 @dataclass
 class NetworkConfig:
@@ -316,6 +327,7 @@ class Config:
         _at_least("epochs", self.epochs, 1, "an integer")
         _at_least("warmup_epochs", self.warmup_epochs, 0.0)
         _at_least("patience", self.patience, 0, "an integer")
+        _check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
         _one_of("device", self.device, DEVICES)
         _one_of("sharding", self.sharding, SHARDINGS)
         _positive("dirichlet_alpha", self.dirichlet_alpha)

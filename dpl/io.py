@@ -20,6 +20,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -49,7 +50,10 @@ class _TempPath:
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=self.path.suffix, dir=self.path.parent)
-        os.close(fd)
+        try:
+            os.fchmod(fd, _file_mode())
+        finally:
+            os.close(fd)
         self.tmp = Path(tmp)
         return self.tmp
 
@@ -61,6 +65,23 @@ class _TempPath:
             os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)
+
+
+def _file_mode() -> int:
+    """0666 less the umask: what ``open(path, "w")`` would create. ``mkstemp`` makes 0600 files,
+    which a shared results folder (or a colleague reading the job dir) cannot read."""
+    mask = os.umask(0)  # the only way to read the umask; set straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temp files that :func:`atomic_open` / :func:`atomic_temp_path` left beside ``path``
+    when the process was killed between creating and renaming them."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{path.name}.*") if p.is_file())
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -10,14 +10,38 @@ again; this only makes the common mistakes fail early and readably.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
 from typing import Any, Iterable
 
-from dpl.config import GROUP_SCHEMAS, Config, ConfigError
+from dpl.config import GROUP_SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = (*GROUP_SCHEMAS, "experiment", "ablation")
+NESTED_SCHEMAS = {**GROUP_SCHEMAS, "network": NetworkConfig, "clock": ClockConfig}  # every dotted key is <one of these>.<field>
+
+
+def config_keys() -> list[str]:
+    """Every key a dpl config has, dotted (``K``, ``optimizer.lr``, ``network.bandwidth_gbps``)."""
+    keys = [f.name for f in dataclasses.fields(Config) if f.name not in NESTED_SCHEMAS]
+    for group, schema in NESTED_SCHEMAS.items():
+        keys += [f"{group}.{f.name}" for f in dataclasses.fields(schema)]
+    return keys
+
+
+def check_key(key: str, adding: bool = False) -> None:
+    """An unknown key fails in one line naming the nearest real one: Hydra would accept
+    ``+network.bandwdith_gbps=1`` as a new key and train with the default bandwidth."""
+    if key in GROUPS or key.split(".", 1)[0] == "hydra":
+        return
+    keys = config_keys()
+    if key in keys:
+        return
+    near = difflib.get_close_matches(key, keys + list(GROUPS), n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]}?" if near else "see `python -m dpl --cfg job` for all keys"
+    shown = ("+" if adding else "") + key
+    raise ConfigError(f"{shown} is not a dpl config key: {hint}")
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -39,6 +63,7 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
         key = o.key_or_group
         if key.startswith("hydra") or o.is_delete() or o.package:
             continue
+        check_key(key, o.is_add())
         values = list(_values(o))
         if key in GROUPS:
             options = group_options(key, conf_dir)
@@ -68,15 +93,15 @@ def check_value(key: str, value: Any, adding: bool = False) -> None:
     schema, name = Config, key
     if "." in key:
         group, name = key.split(".", 1)
-        schema = GROUP_SCHEMAS.get(group)
+        schema = NESTED_SCHEMAS.get(group)
         if schema is None or "." in name:
-            return  # deeper keys (network.*, lists) are left to composition
+            check_key(key, adding)
+            return
     fields = {f.name: f for f in dataclasses.fields(schema)}
     if name not in fields:
-        if adding:
-            return
-        raise ConfigError(f"{key} is not a dpl config key (see `python -m dpl --cfg job` for all keys)")
-    if name in GROUP_SCHEMAS or name in ("network", "clock"):
+        check_key(key, adding)
+        return
+    if name in NESTED_SCHEMAS:
         return
     typ = typing.get_type_hints(schema)[name]
     value = _coerce(key, value, typ)

@@ -47,6 +47,8 @@ NOT_GROUPED = ("seed", "sweep", "results_csv", "progress", "resume", "checkpoint
 NOT_GROUPED_PREFIXES = ("logger.", "hydra.")
 LOCAL_METHODS = ("localsgd", "slowmo")
 FAILED = ("FAILED", "KILLED")
+# A RUNNING run whose process is gone (SIGKILL, a lost node): not a result, shown as such.
+INTERRUPTED = "interrupted"
 _MIB = 2.0**20
 _ACC = ("test_acc", "test_acc_best", "best_val_acc")
 
@@ -97,9 +99,29 @@ def _record(client, run, history_keys: Sequence[str]) -> RunRecord:
         for key in history_keys:
             points = client.get_metric_history(run.info.run_id, key)
             history[key] = sorted((int(m.step), float(m.value)) for m in points)
-    return RunRecord(run_id=run.info.run_id, status=run.info.status, params=dict(run.data.params),
+    status = INTERRUPTED if run.info.status == "RUNNING" and _process_gone(run.data.tags) else run.info.status
+    return RunRecord(run_id=run.info.run_id, status=status, params=dict(run.data.params),
                      metrics=dict(run.data.metrics), reason=run.data.tags.get("failure_reason", ""),
                      history=history)
+
+
+def _process_gone(tags: Mapping[str, str]) -> bool:
+    """The run's process (tags dpl.host / dpl.pid, set when it started) is not alive on this host.
+    A run from another host cannot be checked from here and stays RUNNING."""
+    import os
+    import socket
+
+    from dpl.tracking import HOST_TAG, PID_TAG
+
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return False
+    try:
+        os.kill(int(tags[PID_TAG]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -226,13 +248,14 @@ def markdown(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str], runs
     head = [*columns, "runs", "failed", *(_SHOWN.get(m, (m,))[0] for m in metrics)]
     lines = [f"# {title}", "",
              f"{sum(r.finished for r in runs)} finished, {sum(r.status in FAILED for r in runs)} failed, "
-             f"{sum(r.status not in ('FINISHED', *FAILED) for r in runs)} other runs; "
+             f"{sum(r.status == INTERRUPTED for r in runs)} interrupted (not counted), "
+             f"{sum(r.status not in ('FINISHED', INTERRUPTED, *FAILED) for r in runs)} other runs; "
              "mean ± sample std over the finished runs of a group (seeds).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [str(row[c]) for c in columns] + [str(row["runs"]), str(row["failed"])]
         lines.append("| " + " | ".join(cells + [_fmt(row, m) for m in metrics]) + " |")
-    failed = [r for r in runs if r.status in FAILED]
+    failed = [r for r in runs if r.status in (*FAILED, INTERRUPTED)]
     if failed:
         lines += ["", "## Failed runs", "", "| run | group | status | reason |", "|---|---|---|---|"]
         lines += [f"| {r.run_id} | {_label_of(_key(r, params), columns)} | {r.status} | {r.reason or '–'} |"

@@ -16,13 +16,20 @@ job's Recorder then tags its run ``mlflow.parentRunId``, which the MLflow UI nes
 The parent carries the tag ``sweep_parent`` (not ``sweep``), so ``tags.sweep = '<name>'``
 selects exactly the jobs. When the sweep ends the parent gets a summary: how many jobs
 finished or failed, the best ``best_val_acc``, and Hydra's ``multirun.yaml`` (plus the
-Optuna sweeper's ``optimization_results.yaml``) as artifacts. A sweep killed before it
-ends leaves its parent RUNNING; its jobs are complete runs all the same.
+Optuna sweeper's ``optimization_results.yaml``) as artifacts. A sweep stopped by Ctrl-C
+or SIGTERM ends its parent KILLED (at interpreter exit); only SIGKILL leaves it RUNNING.
+
+``hydra_plugins.dpl_sweepers.OptunaSweeper`` is Hydra's Optuna sweeper with two failure paths made explicit:
+an interrupted trial is marked FAIL in the study (not left RUNNING), and a search whose
+every trial failed or diverged says so instead of ending in Optuna's "No trials are
+completed yet" traceback.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
+import datetime
 import logging
 import math
 import os
@@ -66,6 +73,7 @@ class MlflowParentRun(Callback):
                 "sweep_params": _sweep_params(config)}
         run_id = self.logger.start(base, tags)  # the sweep's base config as the parent's params
         os.environ[PARENT_RUN_ENV] = run_id
+        atexit.register(self._interrupted)  # Hydra skips on_multirun_end when a job's Ctrl-C ends the sweep
         log.info("sweep %s: MLflow parent run %s", name, run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -79,6 +87,15 @@ class MlflowParentRun(Callback):
                     self.logger.log_artifact(path)
         finally:
             self.logger.finish("FINISHED")
+            os.environ.pop(PARENT_RUN_ENV, None)
+            self.logger = None
+
+    def _interrupted(self) -> None:
+        if self.logger is None:
+            return  # ended normally
+        try:
+            self.logger.finish("KILLED", reason="the sweep was interrupted; run the same command to resume it")
+        finally:
             os.environ.pop(PARENT_RUN_ENV, None)
             self.logger = None
 
@@ -113,3 +130,17 @@ def _sweep_params(config: DictConfig) -> str:
         if "," in override or "(" in override:
             swept[override.split("=", 1)[0]] = override
     return " ".join(swept.values())
+
+
+
+def fail_running_trials(study, since: datetime.datetime) -> None:
+    """Mark FAIL the trials started since ``since`` that are still RUNNING (their job was interrupted)."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.datetime_start is not None and t.datetime_start >= since:
+            try:
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                log.warning("optuna: trial %d was interrupted; marked FAIL", t.number)
+            except Exception as e:  # another process ended it meanwhile
+                log.warning("optuna: could not mark trial %d FAIL: %s", t.number, e)

@@ -11,12 +11,17 @@ safe for the jobs of a parallel sweep appending at the same time.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import re
+import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
@@ -26,7 +31,21 @@ from omegaconf import DictConfig, OmegaConf
 from dpl.io import write_csv
 from dpl.registry import lookup
 
+log = logging.getLogger("dpl")
+
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+HOST_TAG, PID_TAG = "dpl.host", "dpl.pid"  # where a run's process lives: dpl.report tells a dead RUNNING run
+CONFIG_HASH_TAG = "dpl.config_hash"  # the resolved config's digest: a re-run sweep skips what finished
+RESUMED_FROM_TAG = "resumed_from"
+PROBE_TIMEOUT_S = 5  # a remote tracking server gets this long to answer before training starts
+# Keys that change how a job runs or is displayed, not what it computes.
+NOT_HASHED = ("progress", "resume", "test_only", "checkpoint", "checkpoint_every", "results_csv", "device",
+              "dataset.root", "dataset.download",
+              "engine.timeout_s", "engine.master_addr", "engine.master_port", "engine.spawn", "engine.simulate")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be opened or reached; the one-line message names it."""
 _PARAM_LIMIT_FALLBACK = 6000  # MLflow's MAX_PARAM_VAL_LENGTH in 2.x / 3.x
 _TRUNCATED = "...[truncated]"
 
@@ -70,6 +89,14 @@ def _flatten(node: Mapping[str, Any], prefix: str, out: dict[str, str]) -> None:
             _flatten(value, name + ".", out)
         else:
             out[name] = str(value)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A digest of the resolved config (logger and bookkeeping keys left out): two jobs with
+    the same digest train the same model, whatever their output dirs."""
+    flat = {k: v for k, v in flatten_config(cfg).items()
+            if k not in NOT_HASHED and not k.startswith(("logger.", "hydra."))}
+    return hashlib.sha1(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_tracking_uri(uri: str, base_dir: str | Path) -> str:
@@ -129,8 +156,10 @@ class NullLogger:
 
     def __init__(self, cfg_logger: Any = None) -> None:
         self.run_id: str | None = None
+        self.tracking_uri: str | None = None
 
-    def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None) -> None:
+    def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None,
+              resume_uri: str | None = None) -> None:
         return None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -153,20 +182,34 @@ class MlflowLogger:
     def __init__(self, cfg_logger: Any) -> None:
         self.cfg = cfg_logger
         self.run_id: str | None = None
+        self.tracking_uri: str | None = None
         self._client = None
 
-    def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None) -> str:
+    def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None,
+              resume_uri: str | None = None) -> str:
+        """Open the run (a new one, or ``resume_run_id`` in the store at ``resume_uri``, where the
+        job first ran). A resumed run that is in neither store continues as a new run tagged
+        ``resumed_from``: the job dir survives a lost or moved ``mlflow.db``."""
         uri = resolve_tracking_uri(self.cfg.tracking_uri, launch_dir())
-        self._client = _mlflow_client(uri)
-        if resume_run_id is not None:
+        if resume_run_id is not None and resume_uri and _store_exists(resume_uri):
+            uri = resume_uri
+        self.tracking_uri = uri
+        self._client = open_store(uri)
+        tags = {**tags, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+        resumed = resume_run_id is not None and _run_exists(self._client, resume_run_id)
+        if resumed:
             self._client.update_run(resume_run_id, status="RUNNING")  # as mlflow.start_run(run_id=...)
             self.run_id = resume_run_id
         else:
             experiment_id = _experiment_id(self._client, self.cfg.experiment, uri)
             self.run_id = self._client.create_run(experiment_id, run_name=self.cfg.run_name).info.run_id
             self._log_params(flatten_config(cfg))
+            if resume_run_id is not None:
+                tags[RESUMED_FROM_TAG] = resume_run_id
+                log.warning("resume: MLflow run %s is not in %s; continuing as new run %s (tag %s)",
+                            resume_run_id, uri, self.run_id, RESUMED_FROM_TAG)
         # A resumed job keeps the first config.yaml; its own (maybe changed) config is kept too.
-        config_name = "config.yaml" if resume_run_id is None else "config_resumed.yaml"
+        config_name = "config.yaml" if not resumed else "config_resumed.yaml"
         self._client.log_text(self.run_id, OmegaConf.to_yaml(_resolved(cfg)), config_name)
         self._set_tags(tags)
         return self.run_id
@@ -228,6 +271,133 @@ def _mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def open_store(uri: str, timeout_s: float | None = None):
+    """An ``MlflowClient`` on ``uri`` whose store is open and answers, or a one-line TrackingError.
+
+    A new SQLite store is created under an exclusive ``flock`` of ``<db>.lock``: MLflow builds
+    the schema on first use, and jobs of a parallel sweep that start together on a fresh store
+    would otherwise race (``table ... already exists``). A store that another job is creating
+    right now may still fail once; that is retried. ``timeout_s`` bounds a remote server's
+    answer (MLflow's own default retries for minutes).
+    """
+    db = _sqlite_path(uri)
+    for attempt in range(5):
+        try:
+            with _file_lock(db), _http_limits(timeout_s):
+                client = _mlflow_client(uri)  # MLflow may open (and create) the store here already
+                client.search_experiments(max_results=1)
+            return client
+        except Exception as e:  # sqlalchemy, alembic and requests errors reach here unwrapped
+            text = str(e)
+            if attempt < 4 and ("already exists" in text or "database is locked" in text):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            first = (text.strip().splitlines() or [type(e).__name__])[0][:200]
+            what = "cannot be opened" if db is not None else "is unreachable"
+            raise TrackingError(f"logger.tracking_uri={uri!r} {what}: {first}") from None
+    raise AssertionError("unreachable")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+def _store_exists(uri: str) -> bool:
+    """A remote store is assumed to exist; a SQLite one exists if its file does."""
+    db = _sqlite_path(uri)
+    return db is None or db.is_file()
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+@contextlib.contextmanager
+def _file_lock(db: Path | None):
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _http_limits(timeout_s: float | None):
+    """MLflow reads its HTTP retry and timeout settings from the environment at each request."""
+    if timeout_s is None:
+        yield
+        return
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def end_run_if_running(uri: str, run_id: str, status: str, reason: str) -> bool:
+    """For the engine=distributed launcher, whose rank 0 may have died before it could end the run:
+    a RUNNING run is ended ``status``; the launcher's ``reason`` (it knows which rank failed)
+    replaces rank 0's on any run that did not finish. True if the run was ended here."""
+    try:
+        client = open_store(uri, timeout_s=PROBE_TIMEOUT_S)
+        current = client.get_run(run_id).info.status
+        if current == "FINISHED":
+            return False
+        client.set_tag(run_id, "failure_reason", _truncate(reason, _mlflow_limit("MAX_TAG_VAL_LENGTH")))
+        if current != "RUNNING":
+            return False
+        client.set_terminated(run_id, status)
+        return True
+    except Exception as e:  # the store is gone: nothing more to do, say so
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, e)
+        return False
+
+
+def find_finished_run(cfg_logger: Any, sweep: str, digest: str) -> Any:
+    """The FINISHED run of sweep ``sweep`` with config digest ``digest``, or None."""
+    uri = resolve_tracking_uri(cfg_logger.tracking_uri, launch_dir())
+    if not _store_exists(uri):
+        return None
+    client = open_store(uri, timeout_s=PROBE_TIMEOUT_S)
+    experiment = client.get_experiment_by_name(cfg_logger.experiment)
+    if experiment is None:
+        return None
+    query = (f"tags.sweep = '{sweep}' and tags.`{CONFIG_HASH_TAG}` = '{digest}' "
+             "and attributes.status = 'FINISHED'")
+    runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=1)
+    return runs[0] if runs else None
+
+
+def check_tracking(cfg_logger: Any, resume_uri: str | None = None) -> None:
+    """Before training: the tracking store opens (and a remote one answers within PROBE_TIMEOUT_S).
+    A resumed job checks the store it first ran in, if that is still there (as ``start`` picks it)."""
+    if cfg_logger.name != "mlflow":
+        return
+    uri = resolve_tracking_uri(cfg_logger.tracking_uri, launch_dir())
+    if resume_uri and _store_exists(resume_uri):
+        uri = resume_uri
+    open_store(uri, timeout_s=PROBE_TIMEOUT_S)
 
 
 def _quiet_mlflow() -> None:
@@ -292,11 +462,13 @@ def _mlflow_limit(name: str) -> int:
 # ----------------------------------------------------------------------------- results CSV
 
 
-def append_result_row(path: str | Path, row: Mapping[str, object]) -> None:
+def append_result_row(path: str | Path, row: Mapping[str, object], key: str = "job_dir") -> None:
     """Append one row to the results CSV, widening the header when the row has new columns.
 
     Jobs of a parallel sweep serialise on an exclusive ``flock`` of ``<path>.lock``; the
     file is rewritten whole into a temp file and renamed, so readers never see half a row.
+    A row with the same ``key`` (the job dir) replaces the old one: a job recorded twice
+    (finished again after a resume) is still one row.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,6 +477,8 @@ def append_result_row(path: str | Path, row: Mapping[str, object]) -> None:
         try:
             columns, rows = _read_csv(path)
             new = {str(k): _cell(v) for k, v in row.items()}
+            if new.get(key):
+                rows = [r for r in rows if r.get(key) != new[key]]
             columns += [k for k in new if k not in columns]
             write_csv(path, rows + [new], columns)  # temp file + rename: never half a row
         finally:
@@ -318,6 +492,42 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         reader = csv.DictReader(f)
         rows = list(reader)
         return list(reader.fieldnames or []), rows
+
+
+def check_writable_file(key: str, value: str, path: Path) -> None:
+    """``path`` can be written the way :func:`append_result_row` writes it, or a one-line ConfigError.
+
+    Tried, not inferred from permission bits: root ignores them, a read-only mount does not.
+    """
+    from dpl.config import ConfigError
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{key}={value!r} is invalid: {why}")
+
+    if not str(value).strip():
+        raise bad("allowed a file path")
+    if path.is_dir():
+        raise bad(f"{path} is a directory (allowed a file path)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+        with open(path.with_name(path.name + ".lock"), "a"):
+            pass
+    except OSError as e:
+        raise bad(f"cannot write in {path.parent} ({e.strerror or type(e).__name__})") from None
+
+
+def check_writable_dir(key: str, path: Path) -> None:
+    from dpl.config import ConfigError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}={str(path)!r} is invalid: cannot write there "
+                          f"({e.strerror or type(e).__name__})") from None
 
 
 def _cell(value: object) -> str:

@@ -146,7 +146,7 @@ def test_killed_rank_ends_the_job_naming_it_then_resume_finishes_the_run(make_cf
     out = proc.stdout.read()
     assert proc.wait(timeout=60) == 1
     assert time.time() - t0 < 30  # a dead peer is seen at once, well within engine.timeout_s
-    assert "error: rank 1 died (killed by SIGKILL)" in out, out[-3000:]
+    assert "error: rank 1 died first (killed by SIGKILL)" in out, out[-3000:]
     assert checkpoint.load(job)["state"]["epoch"] < 4  # it stopped early
     assert not (tmp_path / "results.csv").exists()
     # Resume with the same world size: the checkpoint holds every worker, each rank takes its row.

@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, IntervalSweep
 from omegaconf import OmegaConf
 
-from dpl.app import WORST_OBJECTIVE, build_trainer
+from dpl.app import build_trainer
 from dpl.config import ConfigError, register_configs, validate
 from dpl.preflight import group_options
 from dpl.sweep import PARENT_TAG
@@ -211,13 +211,14 @@ def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path
         assert by_lr[t.params["lr"]].data.metrics["best_val_acc"] == t.value
     assert parents[0].data.metrics["best_val_acc"] == best["best_value"]
 
-    # Resume the same study with a range of lrs that diverge: the trials are added, each gets the
-    # worst objective, the MLflow runs are FAILED with the reason, and the sweep finishes.
+    # Resume the same study with a range of lrs that diverge: the trials are added as FAIL (never
+    # a value that could be best), the MLflow runs are FAILED with the reason, and the sweep finishes.
     _dpl(tmp_path, *common, "hydra.sweeper.n_trials=2", "lr=tag(log, interval(1e8, 1e9))",
          f"hydra.sweep.dir={tmp_path / 'second'}")
     trials = _trials(storage, "optuna_lr-sgdm")
-    assert len(trials) == 5 and [t.state.name for t in trials[3:]] == ["COMPLETE"] * 2
-    assert [t.value for t in trials[3:]] == [WORST_OBJECTIVE] * 2
+    assert len(trials) == 5 and [t.state.name for t in trials[3:]] == ["FAIL"] * 2
+    assert yaml.safe_load((tmp_path / "second" / "optimization_results.yaml").read_text())["best_value"] == \
+        best["best_value"]  # still the best of the first three
     jobs, parents = _runs(client, "optuna_lr")
     failed = [r for r in jobs if r.info.status == "FAILED"]
     assert len(jobs) == 5 and len(failed) == 2 and len(parents) == 2
@@ -237,3 +238,11 @@ def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path
     assert all(r["test_acc_mean"] == "" for r in diverged)
     assert "## Failed runs" in (out / "report.md").read_text()
     assert not math.isnan(max(float(r["best_val_acc_mean"]) for r in rows if r["runs"] == "1"))
+
+    # A search where every trial diverges says so plainly, with no best parameters.
+    proc = _dpl(tmp_path, *common, "hydra.sweeper.study_name=all_diverge", "hydra.sweeper.n_trials=2",
+                "lr=tag(log, interval(1e8, 1e9))", f"hydra.sweep.dir={tmp_path / 'third'}")
+    assert [t.state.name for t in _trials(storage, "all_diverge")] == ["FAIL"] * 2
+    assert "no trial of study all_diverge completed" in proc.stdout + proc.stderr
+    third = yaml.safe_load((tmp_path / "third" / "optimization_results.yaml").read_text())
+    assert third["best_params"] is None and third["best_value"] is None

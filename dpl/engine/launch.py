@@ -13,7 +13,12 @@ Faults: the process group's timeout is ``engine.timeout_s``, so a collective wit
 dead or hung peer fails on the healthy ranks instead of waiting forever. Each rank
 that fails leaves a report in the store ("its peer failed" or its own error); the
 ranks that left none are the ones that died or hung, and the error names them. With
-spawn the parent also sees exit codes and kills what is left.
+spawn the parent also sees exit codes and the order of the exits: it names the first
+rank that exited without a "peer" report, with its exit status or signal, and gives a
+rank that reported "peer" time to finish writing (rank 0 writes the history and plots)
+before it kills what is left. It then ends the MLflow run itself (``on_failure``), so a
+rank 0 that died cannot leave it RUNNING; Ctrl-C and SIGTERM on the launcher stop the
+ranks (SIGTERM, then SIGKILL) and end the run KILLED.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,6 +46,9 @@ from dpl.engine.distributed import ProcessGroupComm
 
 log = logging.getLogger("dpl")
 
+OnFailure = Callable[[str, str], None]  # on_failure(status, reason): end the job's run (dpl.app.salvage)
+SETTLE_S = 3.0  # after the healthy ranks gave up, how long a silent rank still running may take to exit
+STOP_S = 10.0  # on the launcher's own signal: how long the ranks get to record KILLED before SIGKILL
 Body = Callable[..., Any]  # body(cfg, out_dir, comm) -> result; dpl.app.run
 STORE_TIMEOUT = timedelta(minutes=10)  # store handshakes (run dir, reports), not collectives
 # How a failed collective reads (gloo and NCCL put no common exception type on all of them).
@@ -106,7 +114,7 @@ def announce_run_dir(run_dir: str | Path) -> None:
 # ----------------------------------------------------------------------------- launching
 
 
-def launch(cfg: DictConfig, out_dir: Path, body: Body) -> Any:
+def launch(cfg: DictConfig, out_dir: Path, body: Body, on_failure: Optional[OnFailure] = None) -> Any:
     """Run ``body(cfg, out_dir, comm)`` on every rank; return this process's result.
 
     Under torchrun this process is one rank (``engine.spawn`` is ignored: torchrun started
@@ -120,7 +128,7 @@ def launch(cfg: DictConfig, out_dir: Path, body: Body) -> Any:
     if not cfg.engine.spawn:
         raise ConfigError("engine=distributed needs its processes: launch with torchrun --nproc-per-node=K "
                           "-m dpl engine=distributed ..., or add engine.spawn=true")
-    return spawn(body, cfg, out_dir)
+    return spawn(body, cfg, out_dir, on_failure)
 
 
 def backend_for(cfg: DictConfig) -> str:
@@ -189,6 +197,17 @@ def is_comm_error(e: BaseException) -> bool:
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in COMM_MARKERS))
 
 
+def report_fault(e: BaseException, store: dist.Store, rank: int) -> None:
+    """Leave this rank's report at once ("peer" for a failed collective, else its own error), so
+    the launcher does not take a rank still writing its history for a hung one."""
+    if isinstance(e, RankFailure):
+        return
+    try:
+        store.set(_report_key(rank), "peer" if is_comm_error(e) else f"error: {type(e).__name__}: {_first_line(e)}")
+    except Exception:  # the store lived on a rank that is gone
+        pass
+
+
 def explain(e: BaseException, store: dist.Store, rank: int, world: int, grace: float) -> BaseException:
     """What this rank raises: its own error as it is, or a collective failure that names the culprits."""
     if isinstance(e, RankFailure):
@@ -219,30 +238,46 @@ def _collect_reports(store: dist.Store, world: int, grace: float) -> dict[int, s
         time.sleep(0.05)
 
 
-def culprits(reports: dict[int, str], world: int, exits: Optional[dict[int, Optional[int]]] = None) -> str:
-    """Name the ranks at fault: those that reported an error of their own, and those silent.
+def culprits(reports: dict[int, str], world: int, exits: Optional[dict[int, Optional[int]]] = None,
+             order: Sequence[int] = ()) -> str:
+    """Name the ranks at fault: the first to exit without a "peer" report, those that reported an
+    error of their own, and those silent.
 
-    A report "peer" marks a rank that only saw a collective fail. ``exits`` (spawn only)
-    are exit codes: None for a process still running after the others had given up, a
-    negative code for the signal that killed it.
+    A report "peer" marks a rank that only saw a collective fail: it is never blamed. ``exits``
+    (spawn only) are exit codes: None for a process still running after the others had given
+    up, a negative code for the signal that killed it; ``order`` is the order they exited in.
     """
-    parts = []
+    first = next((r for r in order if reports.get(r) != "peer" and (exits or {}).get(r) not in (None, 0)), None)
+    parts = [] if first is None else [_fault(first, reports.get(first), exits, "first")]
     for r in range(world):
-        report = reports.get(r)
-        if report is not None:
-            if report.startswith("error: "):
-                parts.append(f"rank {r} failed: {report[len('error: '):]}")
+        if r == first:
             continue
-        code = None if exits is None else exits.get(r)
-        if exits is None:
-            parts.append(f"rank {r} died or hung (it stopped answering)")
-        elif code is None:
-            parts.append(f"rank {r} hung (no answer within engine.timeout_s; killed it)")
-        elif code < 0:
-            parts.append(f"rank {r} died (killed by {_signal_name(-code)})")
-        elif code != 0:
-            parts.append(f"rank {r} died (exit status {code})")
+        report = reports.get(r)
+        if report == "peer":
+            continue
+        if report is not None or exits is None or exits.get(r) != 0:
+            text = _fault(r, report, exits)
+            if text:
+                parts.append(text)
+    if first is not None and len(parts) == 1 and reports.get(first) is None:
+        parts.append("the other ranks stopped after it")
     return "; ".join(parts) or "every rank saw a collective fail and none reported a cause"
+
+
+def _fault(r: int, report: Optional[str], exits: Optional[dict[int, Optional[int]]], when: str = "") -> str:
+    when = f" {when}" if when else ""
+    if report is not None and report.startswith("error: "):
+        return f"rank {r} failed: {report[len('error: '):]}"
+    if exits is None:
+        return f"rank {r} died or hung (it stopped answering)"
+    code = exits.get(r)
+    if code is None:
+        return f"rank {r} hung (no answer within engine.timeout_s; killed it)"
+    if code < 0:
+        return f"rank {r} died{when} (killed by {_signal_name(-code)})"
+    if code != 0:
+        return f"rank {r} died{when} (exit status {code})"
+    return ""
 
 
 def _signal_name(num: int) -> str:
@@ -260,12 +295,19 @@ def _first_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- spawn
 
 
-def spawn(body: Body, cfg: DictConfig, out_dir: Path) -> Any:
+def spawn(body: Body, cfg: DictConfig, out_dir: Path, on_failure: Optional[OnFailure] = None) -> Any:
     """Start K local ranks, watch them, and return rank 0's result (or raise naming the failed rank)."""
     world, timeout = int(cfg.K), float(cfg.engine.timeout_s)
+    on_failure = on_failure or (lambda status, reason: None)
     # port 0: the OS picks a free one, so concurrent jobs (and tests) do not collide
-    store = dist.TCPStore(cfg.engine.master_addr, int(cfg.engine.master_port), is_master=True,
-                          wait_for_workers=False, timeout=STORE_TIMEOUT)
+    try:
+        _probe_port(cfg.engine.master_addr, int(cfg.engine.master_port))  # TCPStore retries a busy port for long
+        store = dist.TCPStore(cfg.engine.master_addr, int(cfg.engine.master_port), is_master=True,
+                              wait_for_workers=False, timeout=STORE_TIMEOUT)
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"engine.master_port={cfg.engine.master_port} is invalid: cannot listen on "
+                          f"{cfg.engine.master_addr}:{cfg.engine.master_port} ({_first_line(e)[:120]}); "
+                          f"allowed a free port, or 0 for any free port") from None
     ctx = multiprocessing.get_context("spawn")  # fork after torch started its threads is unsafe
     pipes = [ctx.Pipe(duplex=False) for _ in range(world)]  # (receive, send): each rank's outcome
     threads = max(1, (os.cpu_count() or 1) // world)
@@ -273,35 +315,73 @@ def spawn(body: Body, cfg: DictConfig, out_dir: Path) -> Any:
                          args=(body, cfg, Path(out_dir), cfg.engine.master_addr, store.port, r, world, threads,
                                os.getpid(), pipes[r][1]))
              for r in range(world)]
-    for r, p in enumerate(procs):
-        p.start()
-        pipes[r][1].close()  # the child holds the sending end now
-        log.info("engine=distributed: rank %d is pid %d", r, p.pid)
     outcome: dict[int, tuple[str, Any]] = {}
+    order: list[int] = []
     try:
-        exits = _watch(procs, [recv for recv, _ in pipes], outcome, store, timeout)
+        for r, p in enumerate(procs):
+            p.start()
+            pipes[r][1].close()  # the child holds the sending end now
+            log.info("engine=distributed: rank %d is pid %d", r, p.pid)
+        exits = _watch(procs, [recv for recv, _ in pipes], outcome, store, timeout, order)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM on the launcher: stop the ranks, end the run KILLED
+        from dpl.interrupt import signal_name
+
+        _stop(procs)
+        on_failure("KILLED", f"the launcher was interrupted by {signal_name(e)}")
+        raise
     finally:
         for p in procs:
-            if p.is_alive():
+            if p.pid is not None and p.is_alive():
                 p.kill()  # also ends a stopped (SIGSTOP) process
-            p.join()
+            if p.pid is not None:
+                p.join()
     if any(code != 0 for code in exits.values()):
-        _raise_failure(exits, outcome, store, world)
+        try:
+            _raise_failure(exits, outcome, store, world, order)
+        except RankFailure as e:  # (a user error is the same on every rank and came before any run)
+            on_failure("FAILED", _first_line(e))
+            raise
     return outcome[0][1]
 
 
-def _watch(procs: list, pipes: list, outcome: dict, store: dist.Store, timeout: float) -> dict[int, Optional[int]]:
-    """Exit codes once every rank ended, or once one failed and the others had their chance to report.
+def _probe_port(addr: str, port: int) -> None:
+    if port == 0:
+        return
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore: TIME_WAIT is no conflict
+        probe.bind((addr, port))
+
+
+def _stop(procs: list) -> None:
+    """SIGTERM every rank (rank 0 records KILLED and writes its history), SIGKILL what is left after STOP_S."""
+    for p in procs:
+        if p.pid is not None and p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + STOP_S
+    for p in procs:
+        if p.pid is not None:
+            p.join(max(0.0, deadline - time.monotonic()))
+
+
+def _watch(procs: list, pipes: list, outcome: dict, store: dist.Store, timeout: float,
+           order: Optional[list] = None) -> dict[int, Optional[int]]:
+    """Exit codes once every rank ended, or once one failed and the others had their chance to exit.
 
     After a failure, a rank still running is either blocked in a collective (it fails at
-    the latest ``timeout`` later, then reports) or hung. A rank that reported a failed
-    collective ("peer") waited for the others' reports before it exited: once one has,
-    the silent ones still running are hung.
+    the latest ``timeout`` later, reports "peer" and exits), busy writing its history after
+    reporting "peer", or hung. Once a rank that reported "peer" has exited, a rank still
+    running that has not reported anything gets SETTLE_S more, then counts as hung.
     Outcomes are read from ``pipes`` as they arrive (a rank blocked on a full pipe would
-    never exit).
+    never exit); ``order`` receives the ranks in the order they were seen to exit.
     """
-    failed_at = None
+    order = [] if order is None else order
+    failed_at = settled_at = None
     while True:
+        for r, p in enumerate(procs):
+            if p.exitcode is not None and r not in order:
+                order.append(r)
         alive = [r for r, p in enumerate(procs) if p.exitcode is None]
         _read_outcomes(pipes, outcome)  # after the liveness check: an exited rank's outcome is in its pipe
         if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
@@ -311,8 +391,14 @@ def _watch(procs: list, pipes: list, outcome: dict, store: dist.Store, timeout: 
         if failed_at is not None:
             reports = _reports(store, len(procs))
             waited = any(v == "peer" and r not in alive for r, v in reports.items())
-            settled = waited and not any(r in reports for r in alive)
-            if settled or time.monotonic() - failed_at > timeout + grace_s(timeout) + 2.0:
+            if waited and not any(r in reports for r in alive):
+                settled_at = settled_at or time.monotonic()
+            else:
+                settled_at = None
+            now = time.monotonic()
+            if settled_at is not None and now - settled_at > SETTLE_S:
+                break  # the silent ranks still running are hung
+            if now - failed_at > timeout + grace_s(timeout) + SETTLE_S:
                 break
         multiprocessing.connection.wait([procs[r].sentinel for r in alive] +
                                         [recv for r, recv in enumerate(pipes) if r not in outcome], timeout=0.5)
@@ -340,14 +426,15 @@ def _read_outcomes(pipes: list, outcome: dict) -> None:
                 outcome[r] = ("died", None)
 
 
-def _raise_failure(exits: dict[int, Optional[int]], outcome: dict, store: dist.Store, world: int) -> None:
+def _raise_failure(exits: dict[int, Optional[int]], outcome: dict, store: dist.Store, world: int,
+                   order: Sequence[int] = ()) -> None:
     from dpl.__main__ import user_errors
 
     errors = [v for r, (kind, v) in sorted(outcome.items()) if kind == "error"]
     for e in errors:  # a config, checkpoint or data error is the same on every rank: report it as such
         if isinstance(e, user_errors()):
             raise e
-    raise RankFailure(culprits(_reports(store, world), world, exits))
+    raise RankFailure(culprits(_reports(store, world), world, exits, order))
 
 
 def _spawned_rank(body: Body, cfg: DictConfig, out_dir: Path, addr: str, port: int, rank: int, world: int,
@@ -355,6 +442,13 @@ def _spawned_rank(body: Body, cfg: DictConfig, out_dir: Path, addr: str, port: i
     """Entry point of a spawned rank: connect to the parent's store, run, send back the result."""
     _exit_with_parent(parent)
     from tqdm import tqdm
+
+    from dpl.interrupt import catch_sigterm
+
+    # Ctrl-C reaches every process of the terminal: the launcher alone handles it (it sends
+    # the ranks SIGTERM), so that the ranks stop once, in order, without a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    catch_sigterm()
 
     # tqdm's default lock is a multiprocessing semaphore that a killed rank leaves behind
     # (and the launcher then warns about); a rank's bars only need a thread lock.
@@ -369,9 +463,9 @@ def _spawned_rank(body: Body, cfg: DictConfig, out_dir: Path, addr: str, port: i
     except BaseException as e:
         from dpl.__main__ import user_errors
 
-        if isinstance(e, (RankFailure, *user_errors())):  # one line; the parent reports it again
-            print(f"rank {rank}: error: {e}", file=sys.stderr, flush=True)
-        else:
+        # The launcher reports a user error, a rank failure or its own signal in one line;
+        # only an unexpected crash prints its traceback here.
+        if not isinstance(e, (RankFailure, KeyboardInterrupt, *user_errors())) and not is_comm_error(e):
             traceback.print_exc()
         send.send_bytes(pickle.dumps(("error", _picklable(e))))
         sys.stderr.flush()

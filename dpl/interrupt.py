@@ -1,0 +1,35 @@
+"""Signals that stop a run: SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler's time limit).
+
+Python turns SIGINT into ``KeyboardInterrupt``; :func:`catch_sigterm` makes SIGTERM raise
+:class:`Terminated`, a ``KeyboardInterrupt`` too, so one ``except`` path ends the run:
+the MLflow run is marked KILLED, history and plots so far are written, and the command
+prints one line. SIGKILL cannot be caught; a run it leaves RUNNING is continued by
+``resume=`` and shown as "interrupted" by ``dpl.report``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived."""
+
+    signal_name = "SIGTERM"
+
+
+def signal_name(e: BaseException) -> str:
+    return getattr(e, "signal_name", "SIGINT")
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def catch_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread (a no-op off it)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)

@@ -1,0 +1,410 @@
+"""Failure and recovery: nothing lost, nothing left RUNNING, one clear line for every bad input.
+
+Subprocess tests start ``python -m dpl`` as a user would (bounded by timeouts) and read the
+MLflow store back; each leaves no process behind (killed in ``finally``) and no run RUNNING
+unless that is what it checks.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpl import checkpoint
+from dpl.app import run
+from dpl.checkpoint import CheckpointError
+from dpl.config import ConfigError
+from dpl.io import write_csv
+from dpl.preflight import check_overrides
+from dpl.tracking import TrackingError, mlflow_client
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV.pop("DPL_SWEEP_PARENT_RUN_ID", None)
+# A tiny tracked run: synthetic data, MLflow in the launch dir, no plots.
+TRACKED = ["dataset=synthetic", "dataset.num_train=400", "dataset.num_test=100", "batch_size=32", "progress=false",
+           "device=cpu", "logger.plots=false"]
+
+
+def dpl(cwd: Path, *args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dpl", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+def job_runs(db: Path, experiment: str = "dpl"):
+    client = mlflow_client(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=100)
+
+
+def wait_for_checkpoint(job: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if checkpoint.load(job)["state"]["global_step"] > 0:
+                return
+        except CheckpointError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint in {job} (exit {proc.poll()})")
+
+
+# ----------------------------------------------------------------------------- 1. concurrency
+
+
+def test_four_processes_create_one_new_store_together(tmp_path):
+    """MLflow creates its SQLite schema on first use; four jobs that start at once must all land."""
+    code = ("import sys; from omegaconf import OmegaConf; from dpl.tracking import MlflowLogger\n"
+            "log = MlflowLogger(OmegaConf.create({'tracking_uri': sys.argv[1], 'experiment': 'dpl', "
+            "'run_name': None}))\n"
+            "log.start(OmegaConf.create({'K': 1}), {}); log.finish('FINISHED')\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], env=ENV, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    try:
+        errors = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-2000:] for e in errors)
+    runs = job_runs(tmp_path / "mlflow.db")
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.slow  # four full `python -m dpl` runs at once
+def test_four_runs_started_together_in_an_empty_dir_all_finish(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-m", "dpl", *TRACKED, "epochs=1", f"seed={i}"], cwd=tmp_path,
+                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    try:
+        errors = [p.communicate(timeout=600)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-2000:] for e in errors)
+    assert len(job_runs(tmp_path / "mlflow.db")) == 4
+    assert len(list(csv.DictReader(open(tmp_path / "results.csv")))) == 4
+
+
+# ----------------------------------------------------------------------------- 2. destinations first
+
+
+@pytest.mark.parametrize("where", ["dir", "under_file", "empty"])
+def test_unwritable_results_csv_fails_before_training(make_cfg, tmp_path, where):
+    (tmp_path / "a_file").write_text("x")
+    value = {"dir": str(tmp_path), "under_file": str(tmp_path / "a_file" / "r.csv"), "empty": "''"}[where]
+    with pytest.raises(ConfigError, match="^results_csv=.* is invalid") as e:
+        run(make_cfg(f"results_csv={value}"), out_dir=tmp_path / "job")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "job" / "checkpoint.pt").exists()  # nothing trained
+
+
+def test_unreachable_or_corrupt_tracking_store_fails_before_training(make_cfg, tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    with pytest.raises(TrackingError, match="is unreachable"):
+        run(make_cfg("logger=mlflow", f"logger.tracking_uri=http://127.0.0.1:{port}"), out_dir=tmp_path / "a")
+    assert time.time() - t0 < 60  # not MLflow's minutes of retries
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(TrackingError, match="cannot be opened") as e:
+        run(make_cfg("logger=mlflow", f"logger.tracking_uri=sqlite:///{bad}"), out_dir=tmp_path / "b")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "a" / "checkpoint.pt").exists() and not (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def test_read_only_cwd_is_one_line():
+    proc = dpl(Path("/proc"), "epochs=1", check=False)  # /proc refuses new files, even to root
+    assert proc.returncode == 2 and "is not writable" in one_error_line(proc)
+
+
+# ----------------------------------------------------------------------------- 3. no run left RUNNING
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_ends_the_run_killed_in_one_line(tmp_path, sig, status):
+    job = tmp_path / "job"
+    proc = subprocess.Popen([sys.executable, "-m", "dpl", *TRACKED, "epochs=200", "checkpoint_every=2",
+                             f"hydra.run.dir={job}"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(job, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == status
+    assert "the run is marked KILLED" in one_error_line(subprocess.CompletedProcess([], status, "", err))
+    (r,) = job_runs(tmp_path / "mlflow.db")
+    assert r.info.status == "KILLED" and sig.name in r.data.tags["failure_reason"]
+
+
+def test_single_diverged_run_is_failed_and_exits_nonzero(tmp_path):
+    proc = dpl(tmp_path, *TRACKED, "epochs=2", "lr=1e8", check=False)
+    assert proc.returncode == 1 and "diverged" in one_error_line(proc)
+    (r,) = job_runs(tmp_path / "mlflow.db")
+    assert r.info.status == "FAILED" and r.data.tags["failure_reason"].startswith("diverged")
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_report_shows_a_sigkilled_run_as_interrupted_and_does_not_count_it(tmp_path):
+    from dpl.report import fetch_runs, main as report
+
+    job = tmp_path / "job"
+    proc = subprocess.Popen([sys.executable, "-m", "dpl", *TRACKED, "epochs=200", "checkpoint_every=2",
+                             f"hydra.run.dir={job}"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_checkpoint(job, proc)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    (r,) = job_runs(tmp_path / "mlflow.db")
+    assert r.info.status == "RUNNING"  # SIGKILL cannot be caught
+    client = mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [x.status for x in fetch_runs(client, "dpl")] == ["interrupted"]
+    out = tmp_path / "report"
+    report(["--experiment", "dpl", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(out)])
+    text = (out / "report.md").read_text()
+    assert "0 finished, 0 failed, 1 interrupted (not counted)" in text and "| interrupted |" in text
+    # resume picks the same run up and finishes it (epochs=1 < done? no: train to 1 more epoch)
+    done = checkpoint.load(job)["state"]["epoch"]
+    dpl(tmp_path, f"resume={job}", f"epochs={done + 1}", "progress=false")
+    (r,) = job_runs(tmp_path / "mlflow.db")
+    assert r.info.status == "FINISHED"
+
+
+# ----------------------------------------------------------------------------- 4. distributed faults
+
+
+def _spawn_job(tmp_path: Path, job: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "dpl", *TRACKED, "engine=distributed", "engine.spawn=true", "engine.master_port=0",
+           "engine.timeout_s=60", *overrides, f"hydra.run.dir={job}"]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _rank_pids(proc: subprocess.Popen, world: int) -> dict[int, int]:
+    import re
+
+    pids: dict[int, int] = {}
+    for line in proc.stdout:
+        m = re.search(r"rank (\d+) is pid (\d+)", line)
+        if m:
+            pids[int(m.group(1))] = int(m.group(2))
+        if len(pids) == world:
+            return pids
+    raise AssertionError("the ranks never started")
+
+
+def _wait_epoch(job: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if checkpoint.load(job)["state"]["epoch"] >= 1:
+                return
+        except CheckpointError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("no epoch finished")
+
+
+def test_killed_rank_two_of_four_is_named_and_no_healthy_rank_is_blamed(tmp_path):
+    job = tmp_path / "job"
+    proc = _spawn_job(tmp_path, job, "K=4", "method=localsgd", "H=2", "epochs=100")
+    try:
+        pids = _rank_pids(proc, 4)
+        _wait_epoch(job, proc)
+        os.kill(pids[2], signal.SIGKILL)
+        out = proc.communicate(timeout=180)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[0]] and "rank 2 died first (killed by SIGKILL)" in errors[0], out[-3000:]
+    assert "hung" not in errors[0] and not any(f"rank {r}" in errors[0] for r in (0, 1, 3))
+    done = checkpoint.load(job)["state"]["epoch"]
+    assert len((job / "history.csv").read_text().splitlines()) == done + 1  # up to the last finished epoch
+    (r,) = job_runs(tmp_path / "mlflow.db")
+    assert r.info.status == "FAILED" and "rank 2" in r.data.tags["failure_reason"]
+
+
+@pytest.mark.slow  # a K=2 spawn job and its teardown
+def test_sigterm_on_the_distributed_launcher_ends_the_run_killed(tmp_path):
+    job = tmp_path / "job"
+    proc = _spawn_job(tmp_path, job, "K=2", "method=localsgd", "H=2", "epochs=100")
+    try:
+        _rank_pids(proc, 2)
+        _wait_epoch(job, proc)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out[-3000:]
+    assert len([line for line in out.splitlines() if line.startswith("error: ")]) == 1
+    (r,) = job_runs(tmp_path / "mlflow.db")
+    assert r.info.status == "KILLED"
+    assert (job / "history.csv").is_file()
+
+
+def test_distributed_bad_input_is_one_line_from_the_launcher(tmp_path):
+    common = [*TRACKED, "logger=none", "engine=distributed", "engine.spawn=true", "engine.master_port=0", "epochs=1"]
+    proc = dpl(tmp_path, *common, "K=500", check=False, timeout=120)  # refused before 500 processes start
+    assert proc.returncode == 2 and "K=500 is invalid" in one_error_line(proc)
+    proc = dpl(tmp_path, *common, "K=2", "dataset.image_size=8", check=False, timeout=180)  # each rank fails
+    assert proc.returncode == 2 and "dataset.image_size=8 is invalid" in one_error_line(proc)
+
+
+def test_port_in_use_is_one_line(make_cfg, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"^engine.master_port={port} is invalid"):
+            run(make_cfg("engine=distributed", "engine.spawn=true", "K=2", f"engine.master_port={port}"),
+                out_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- 5. resume from anywhere
+
+
+def test_resume_from_elsewhere_with_and_without_the_store(tmp_path):
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    first.mkdir(), elsewhere.mkdir()
+    job = first / "job"
+    dpl(first, *TRACKED, "epochs=1", f"hydra.run.dir={job}")
+    (run0,) = job_runs(first / "mlflow.db")
+    # overrides other than the allowed ones are refused, naming the keys
+    proc = dpl(elsewhere, f"resume={job}", "K=4", "method=localsgd", check=False)
+    assert proc.returncode == 2 and "K, method changed" in one_error_line(proc)
+    # finished: nothing to do
+    proc = dpl(elsewhere, f"resume={job}")
+    assert "already finished" in proc.stdout
+    dpl(elsewhere, "test_only=true", f"checkpoint={job / 'checkpoint.pt'}")
+    assert not (elsewhere / "outputs").exists()  # resume= and test_only= make no new, empty job dir
+    # from another directory: the same MLflow run, found through the checkpoint
+    (job / ".checkpoint.pt.stale.pt").write_bytes(b"left by a kill")
+    dpl(elsewhere, f"resume={job}", "epochs=2", "progress=false")
+    (run1,) = job_runs(first / "mlflow.db")
+    assert run1.info.run_id == run0.info.run_id and run1.info.status == "FINISHED"
+    assert not list(job.glob(".checkpoint.pt.*")) and not (elsewhere / "mlflow.db").exists()
+    # the store is gone: a new run in the current store, tagged resumed_from, said in one line
+    (first / "mlflow.db").unlink()
+    proc = dpl(elsewhere, f"resume={job}", "epochs=3", "progress=false")
+    assert f"MLflow run {run0.info.run_id} is not in" in proc.stdout + proc.stderr
+    (run2,) = job_runs(elsewhere / "mlflow.db")
+    assert run2.data.tags["resumed_from"] == run0.info.run_id and run2.info.status == "FINISHED"
+    rows = list(csv.DictReader(open(first / "results.csv")))
+    assert len(rows) == 1 and rows[0]["epochs_run"] == "3"  # one row per job, however often it finished
+
+
+# ----------------------------------------------------------------------------- 6. sweeps
+
+
+def test_rerun_sweep_skips_finished_jobs(tmp_path):
+    sweep = ["--config-dir", str(ROOT / "sweeps"), "--config-name", "localsgd_grid", *TRACKED, "epochs=1",
+             "H=2", "dataset.num_train=200"]
+    dpl(tmp_path, *sweep, "K=1", f"hydra.sweep.dir={tmp_path / 'a'}")  # as if it stopped after the first job
+    proc = dpl(tmp_path, *sweep, "K=1,2", f"hydra.sweep.dir={tmp_path / 'b'}")
+    assert proc.stdout.count("already finished") == 1
+    jobs = [r for r in job_runs(tmp_path / "mlflow.db", "localsgd_grid") if "sweep_parent" not in r.data.tags]
+    assert sorted(r.data.params["K"] for r in jobs) == ["1", "2"]  # K=1 was not run twice
+
+
+def test_interrupted_optuna_trial_is_failed_and_the_sweep_parent_killed(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sweep_dir = tmp_path / "sw"
+    proc = subprocess.Popen([sys.executable, "-m", "dpl", "--config-dir", str(ROOT / "sweeps"), "--config-name",
+                             "optuna_lr", *TRACKED, "epochs=200", "checkpoint_every=2", "hydra.sweeper.n_trials=3",
+                             f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep_dir}"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(sweep_dir / "0", proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    (trial,) = optuna.load_study(study_name="optuna_lr-sgdm", storage=storage).trials
+    assert trial.state.name == "FAIL"
+    runs = job_runs(tmp_path / "mlflow.db", "optuna_lr")
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the job and the sweep's parent run
+
+
+# ----------------------------------------------------------------------------- 7. validation
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("+foo=1", "+foo is not a dpl config key"),
+    ("+network.bandwdith_gbps=1", "did you mean network.bandwidth_gbps?"),
+    ("optimzer.lr=0.1", "did you mean optimizer.lr?"),
+    ("lr=inf", "lr=inf is invalid"), ("weight_decay=inf", "weight_decay=inf is invalid"),
+    ("method.alpha=inf", "method.alpha=inf is invalid"), ("optimizer.lr=nan", "optimizer.lr=nan is invalid"),
+    ("seed=1180591620717411303424", "seed="), ("logger.experiment=''", "logger.experiment='' is invalid"),
+])
+def test_bad_keys_and_values_are_one_line(override, needle):
+    with pytest.raises(ConfigError) as e:
+        check_overrides([override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_grad_clip_message_names_the_optimizer(make_cfg):
+    from dpl.config import validate
+
+    check_overrides(["optimizer.grad_clip_norm=1.0"])  # fine for lars / lamb: the optimizer is not known yet
+    with pytest.raises(ConfigError, match="null for optimizer sgdm") as e:
+        validate(make_cfg("optimizer.grad_clip_norm=1.0"))
+    assert "???" not in str(e.value)
+
+
+def test_bad_data_model_and_weights_are_one_line(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="^K=5000 is invalid: allowed at most 900"):
+        run(make_cfg("K=5000"), out_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match="^dataset.image_size=8 is invalid"):
+        run(make_cfg("dataset.image_size=8"), out_dir=tmp_path / "b")
+    weights = tmp_path / "w.pt"
+    torch.save({"features.0.weight": torch.zeros(3, 3)}, weights)
+    with pytest.raises(CheckpointError, match="does not fit model lenet5") as e:
+        run(make_cfg(f"pretrained={weights}"), out_dir=tmp_path / "c")
+    assert "\n" not in str(e.value)
+
+
+def test_cli_ctrl_c_free_bad_inputs_exit_2_in_one_line(tmp_path):
+    proc = dpl(tmp_path, "+network.bandwdith_gbps=1", check=False)
+    assert proc.returncode == 2 and "network.bandwidth_gbps" in one_error_line(proc)
+
+
+# ----------------------------------------------------------------------------- 8. permissions
+
+
+def test_output_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_csv(tmp_path / "a.csv", [{"x": 1}])
+        checkpoint.save({"x": 1}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.csv").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o640
