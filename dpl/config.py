@@ -173,7 +173,7 @@ class EngineConfig:
     spawn: bool = False  # start K local processes from one command
     timeout_s: float = 300.0  # a rank that dies or hangs ends the job after this long
     master_addr: str = "127.0.0.1"
-    master_port: int = 29512  # spawn: the launcher's store; 0 = a free port
+    master_port: int = 0  # spawn: the launcher's store; 0 = a free port
 
     def __post_init__(self) -> None:
         _one_of("engine.simulate", self.simulate, ("auto", "vmap", "loop"))
