@@ -298,4 +298,15 @@ def validate(cfg: DictConfig) -> Config:
     except Exception as e:  # OmegaConf type errors carry the key in their message
         raise ConfigError(str(e).splitlines()[0]) from None
     check_choices(cfg)
+    _check_dynamic_h(cfg)
     return obj
+
+
+def _check_dynamic_h(cfg: DictConfig) -> None:
+    """A dynamic H needs local steps: a method that averages every step would silently ignore it."""
+    from dpl.methods import METHODS
+
+    if cfg.dynamic_h.name != "constant" and not METHODS[cfg.method.name].local:
+        local = ", ".join(n for n, m in METHODS.items() if m.local)
+        raise ConfigError(f"dynamic_h={cfg.dynamic_h.name!r} is invalid with method={cfg.method.name!r}, "
+                          f"which has no local steps: allowed dynamic_h=constant, or method={local}")

@@ -21,8 +21,9 @@ def test_every_group_folder_matches_its_registry():
 
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
 def test_every_option_composes_and_validates(group):
+    local = ["method=localsgd"] if group == "dynamic_h" else []  # a dynamic H needs local steps
     for option in group_options(group):
-        cfg = compose_cfg(f"{group}={option}", tiny=False)
+        cfg = compose_cfg(f"{group}={option}", *local, tiny=False)
         assert cfg[group].name == option
         validate(cfg)
 
@@ -63,7 +64,17 @@ def test_validate_checks_composed_values():
         validate(cfg)
 
 
+def test_dynamic_h_needs_a_method_with_local_steps():
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg("method=centralized", "dynamic_h=loss"))
+    assert "dynamic_h='loss'" in str(e.value) and "method=localsgd, slowmo" in str(e.value)
+    for method in ("localsgd", "slowmo"):
+        validate(compose_cfg(f"method={method}", "dynamic_h=loss"))
+    validate(compose_cfg("method=centralized", "dynamic_h=constant"))
+
+
 @pytest.mark.parametrize("override,needle", [("K=0", "K=0"), ("optimizer=nope", "optimizer='nope'"),
+                                             ("dynamic_h=loss", "dynamic_h='loss' is invalid with method"),
                                              ("lr=abc", "lr='abc'"), ("batch_size=-1", "batch_size")])
 def test_cli_exits_nonzero_with_one_line(override, needle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dpl", override], capture_output=True, text=True, cwd=tmp_path,
