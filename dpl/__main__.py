@@ -16,6 +16,15 @@ from dpl.preflight import check_overrides
 register_configs()
 
 TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}  # torchrun's env:// variables
+# The sweep configs, found wherever the command runs (like conf/, found relative to this file).
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+
+
+def with_sweeps_dir(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config-dir <sweeps>`` added unless one is given: ``--config-name optuna_lr``
+    then works from any directory, and a user's own ``--config-dir`` still wins."""
+    given = any(a in ("--config-dir", "-cd") or a.startswith("--config-dir=") for a in argv)
+    return argv if given or not SWEEPS_DIR.is_dir() else [*argv, "--config-dir", str(SWEEPS_DIR)]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -111,6 +120,7 @@ def cli() -> None:
             sys.argv[1:] = agree_run_dir(sys.argv[1:])
         else:
             sys.argv[1:] = _into_job_dir(sys.argv[1:])
+        sys.argv[1:] = with_sweeps_dir(sys.argv[1:])  # sweep configs by name, from any directory
         main()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

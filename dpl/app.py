@@ -25,7 +25,7 @@ from dpl.plots import plot_history
 from dpl.sweep import parent_run_id
 from dpl.tracking import (CONFIG_HASH_TAG, append_result_row, check_tracking, check_writable_dir,
                           check_writable_file, config_hash, end_run_if_running, find_finished_run,
-                          flatten_config, git_commit, launch_dir, make_logger)
+                          flatten_config, launch_dir, make_logger, source_tags)
 from dpl.train import Diverged, Trainer
 
 log = logging.getLogger("dpl")
@@ -299,33 +299,60 @@ class Recorder:
                 stale.unlink(missing_ok=True)
         self.logger = make_logger(cfg.logger if writer else OmegaConf.create({"name": "none"}))
         tags = {"method": cfg.method.name, "optimizer": cfg.optimizer.name, "dataset": cfg.dataset.name,
-                "git_commit": git_commit(), CONFIG_HASH_TAG: config_hash(cfg)}
+                **source_tags(), CONFIG_HASH_TAG: config_hash(cfg)}
         if cfg.sweep:
             tags["sweep"] = str(cfg.sweep)
         if parent_run_id():  # a job of a sweep that opened an MLflow parent run (dpl.sweep)
             tags["mlflow.parentRunId"] = parent_run_id()
         self.run_id = self.logger.start(cfg, tags, resume_run_id=resume_run_id, resume_uri=resume_uri)
-        self.bar = None
+        self.bar = self.step_bar = self._redirect = None
 
     def attach(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-        self.bar = tqdm(total=self.cfg.epochs, initial=trainer.state.epoch, desc=f"{self.cfg.method.name}",
-                        unit="epoch", disable=not (self.cfg.progress and self.writer), dynamic_ncols=True)
+        show = bool(self.cfg.progress and self.writer)
+        s = trainer.state
+        self.bar = tqdm(total=self.cfg.epochs, initial=s.epoch, desc=f"{self.cfg.method.name}", unit="epoch",
+                        disable=not show, dynamic_ncols=True, position=0)
+        # The steps of the epoch in progress: redrawn at most every `mininterval` s, from host ints only
+        # (no device value is read per step, so a GPU run is not synchronised by its progress bar).
+        self.step_bar = tqdm(total=trainer.steps_per_epoch, initial=s.step, desc=self._epoch_desc(s.epoch),
+                             unit="step", leave=False, disable=not show, dynamic_ncols=True, position=1,
+                             mininterval=0.5)
+        if show:  # log lines (one per epoch) print above the bars instead of through them
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
         trainer.on_epoch.append(self.epoch_done)
-        if self.cfg.checkpoint_every:
-            trainer.on_step.append(self.step_done)
+        trainer.on_step.append(self.step_done)
+
+    def _epoch_desc(self, epoch: int) -> str:
+        return f"epoch {epoch + 1}/{self.cfg.epochs}"
 
     def epoch_done(self, trainer: Trainer, record: dict[str, float]) -> None:
         self.logger.log_metrics(record, step=int(record["epoch"]))
         self.save(trainer)
+        if self.writer:  # one line per epoch in <job dir>/dpl.log (and on stdout)
+            log.info("epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.4g H=%d (%.1f s)",
+                     int(record["epoch"]) + 1, self.cfg.epochs, record["train_loss"], record["train_acc"],
+                     record["val_loss"], record["val_acc"], record["lr"], int(record["H"]), record["epoch_time_s"])
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record['val_acc']:.3f}",
                                  H=int(record["H"]))
+        if self.step_bar is not None and trainer.state.epoch < self.cfg.epochs:
+            self.step_bar.reset(total=trainer.steps_per_epoch)
+            self.step_bar.set_description(self._epoch_desc(trainer.state.epoch), refresh=False)
 
     def step_done(self, trainer: Trainer) -> None:
-        if trainer.state.global_step % self.cfg.checkpoint_every == 0 and trainer.state.step != 0:
+        if self.step_bar is not None and not self.step_bar.disable:
+            s = trainer.state
+            # update() returns True only when it redraws: the running loss is formatted then, and only
+            # while it is a host float (reading a device tensor here would sync every step).
+            if self.step_bar.update(1) and isinstance(s.loss_sum, float) and s.seen:
+                self.step_bar.set_postfix(loss=f"{s.loss_sum / s.seen:.3f}", refresh=False)
+        every = self.cfg.checkpoint_every
+        if every and trainer.state.global_step % every == 0 and trainer.state.step != 0:
             self.save(trainer)
 
     def save(self, trainer: Trainer) -> None:
@@ -335,6 +362,7 @@ class Recorder:
 
     def finish(self, trainer: Trainer, final: dict[str, Any]) -> None:
         self._close_bar()
+        final = {**final, **h_summary(trainer.state.history)}
         self.logger.log_metrics({k: float(v) for k, v in final.items()}, step=trainer.state.epoch)
         self._artifacts(trainer)
         if not self.writer:
@@ -370,6 +398,19 @@ class Recorder:
             self.logger.log_artifact(csv)
 
     def _close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        for bar in (self.step_bar, self.bar):
+            if bar is not None:
+                bar.close()
+        self.bar = self.step_bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+
+def h_summary(history: list[dict[str, float]]) -> dict[str, float]:
+    """The local steps H trained with, over the epochs: first, last and mean (a dynamic_h run's H
+    changes per epoch; the config's H is only where it starts)."""
+    hs = [float(row["H"]) for row in history if "H" in row]
+    if not hs:
+        return {}
+    return {"H_first": hs[0], "H_last": hs[-1], "H_mean": sum(hs) / len(hs)}

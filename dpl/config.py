@@ -211,7 +211,7 @@ class EngineConfig:
     spawn: bool = False  # start K local processes from one command
     timeout_s: float = 300.0  # a rank that dies or hangs ends the job after this long
     master_addr: str = "127.0.0.1"
-    master_port: int = 29512  # spawn: the launcher's store; 0 = a free port
+    master_port: int = 0  # spawn: the launcher's store; 0 = a free port
 
     def __post_init__(self) -> None:
         _one_of("engine.simulate", self.simulate, ("auto", "vmap", "loop"))
@@ -371,4 +371,15 @@ def validate(cfg: DictConfig) -> Config:
     except Exception as e:  # OmegaConf type errors carry the key in their message
         raise ConfigError(str(e).splitlines()[0]) from None
     check_choices(cfg)
+    _check_dynamic_h(cfg)
     return obj
+
+
+def _check_dynamic_h(cfg: DictConfig) -> None:
+    """A dynamic H needs local steps: a method that averages every step would silently ignore it."""
+    from dpl.methods import METHODS
+
+    if cfg.dynamic_h.name != "constant" and not METHODS[cfg.method.name].has_local_steps:
+        local = ", ".join(n for n, m in METHODS.items() if m.has_local_steps)
+        raise ConfigError(f"dynamic_h={cfg.dynamic_h.name!r} is invalid with method={cfg.method.name!r}, "
+                          f"which has no local steps: allowed dynamic_h=constant, or method={local}")

@@ -11,8 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import math
+
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from dpl.io import atomic_temp_path
 
@@ -32,14 +35,14 @@ def plot_history(history: History, out_dir: str | Path) -> list[Path]:
 
 
 def _series(history: History, key: str, x_key: str = "epoch") -> tuple[list[float], list[float]]:
-    """(x, y) over the epochs that have ``key``; x is the epoch (or the row index if absent)."""
+    """(x, y) over the epochs that have ``key``; x is the epoch counted from 1 (the row number if absent)."""
     xs, ys = [], []
     for i, row in enumerate(history):
         if row.get(key) is None:
             continue
         x = row.get(x_key, i if x_key == "epoch" else None)
         if x is not None:
-            xs.append(float(x))
+            xs.append(float(x) + 1 if x_key == "epoch" else float(x))
             ys.append(float(row[key]))
     return xs, ys
 
@@ -52,10 +55,11 @@ def _curves(history: History, keys: Sequence[str], ylabel: str, title: str) -> F
         return None
     fig, ax = new_figure(1)
     for key, (xs, ys) in series.items():
-        ax[0].plot(xs, ys, label=key.replace("_", " "))
+        ax[0].plot(xs, ys, marker="o", markersize=3, label=key.replace("_", " "))  # markers: 1 epoch is a point
     label_axes(ax[0], "epoch", ylabel, title)
+    integer_ticks(ax[0])
     if len(series) > 1:
-        ax[0].legend()
+        legend_outside(fig)
     return fig
 
 
@@ -96,10 +100,52 @@ def _comm(history: History) -> Figure | None:
 _FIGURES = {"loss.png": _loss, "accuracy.png": _accuracy, "lr.png": _lr, "comm.png": _comm, "h.png": _h}
 
 
-def new_figure(panels: int) -> tuple[Figure, list]:
-    fig = Figure(figsize=(5.0 * panels, 3.6), layout="constrained")
+def new_figure(panels: int, width: float = 5.0) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width * panels, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, list(fig.subplots(1, panels, squeeze=False)[0])
+
+
+def short_number(value: float, _pos=None) -> str:
+    """A tick or table number in at most 3 significant digits: 0.0003, 120, 2k, 1.5M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def integer_ticks(ax, which: str = "x") -> None:
+    """Ticks at whole numbers only (epochs): no 0.5-epoch ticks on a 2-epoch run. Call after plotting:
+    a view narrower than one unit (a 1-epoch run) is widened to one unit around its whole number."""
+    getattr(ax, f"{which}axis").set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    lo, hi = getattr(ax, f"get_{which}lim")()
+    if hi - lo < 1:
+        mid = round((lo + hi) / 2)
+        getattr(ax, f"set_{which}lim")(mid - 0.5, mid + 0.5)
+
+
+def log_axis(ax, which: str = "x", lo: float | None = None, hi: float | None = None) -> None:
+    """A log axis labelled with plain short numbers at 1-2-5 (or decade) steps and no minor labels,
+    so labels never run together ("3040506080100")."""
+    axis = getattr(ax, f"{which}axis")
+    getattr(ax, f"set_{which}scale")("log")
+    decades = math.log10(hi / lo) if lo and hi and lo > 0 and hi > lo else 1.0
+    subs = (1.0, 2.0, 3.0, 5.0) if decades < 1 else (1.0, 2.0, 5.0) if decades <= 2 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=8))
+    axis.set_major_formatter(FuncFormatter(short_number))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def legend_outside(fig: Figure, max_entries: int = 20, title: str | None = None) -> None:
+    """One legend for the whole figure, right of the axes (never over the data); left out when it
+    would list more than ``max_entries`` entries."""
+    entries: dict[str, object] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if 0 < len(entries) <= max_entries:
+        fig.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize="small",
+                   title=title, title_fontsize="small")
 
 
 def label_axes(ax, xlabel: str, ylabel: str, title: str) -> None:

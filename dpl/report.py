@@ -11,11 +11,14 @@ Reads the local MLflow store (``sqlite:///mlflow.db`` in the current directory u
   counted per group and listed with their reason; they never enter a mean.
 * ``acc_vs_H.png`` (accuracy against H, a line per K), ``acc_vs_rounds.png`` (accuracy
   against communication rounds), ``learning_curves.png`` (validation accuracy per epoch,
-  one curve per group), ``h_over_epochs.png`` (H per epoch of each dynamic strategy) and
-  ``pareto.png`` (accuracy against bytes sent by every run, the Pareto front drawn).
+  one curve per group), ``h_over_epochs.png`` (H per epoch of each dynamic strategy),
+  ``pareto.png`` (accuracy against bytes sent by every run, the Pareto front drawn) and,
+  when lr takes three or more values (an Optuna search), ``acc_vs_lr.png``. Each figure
+  has a panel per dataset.
 
 Usage::
 
+    python -m dpl.report          # the latest sweep, or the single runs of experiment "dpl"
     python -m dpl.report --experiment localsgd_grid
     python -m dpl.report --sweep dynamic_h --tracking-uri sqlite:////data/mlflow.db --out reports/dyn
 """
@@ -31,21 +34,23 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dpl.io import atomic_write_text, write_csv
-from dpl.plots import label_axes, new_figure, save_figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, save_figure, short_number
 from dpl.sweep import PARENT_TAG
 
 # Column -> MLflow param; always grouped by when the runs carry the param.
-BASE_COLUMNS = {"method": "method.name", "K": "K", "H": "H", "dynamic_h": "dynamic_h.name",
+BASE_COLUMNS = {"dataset": "dataset.name", "method": "method.name", "K": "K", "H": "H", "dynamic_h": "dynamic_h.name",
                 "optimizer": "optimizer.name", "batch_size": "batch_size"}
 # Final metrics summarised per group (the last logged value of each).
 METRICS = ("test_acc", "test_acc_best", "best_val_acc", "test_loss", "sync_rounds_total", "comm_bytes_total",
-           "modelled_time_s", "epochs_run")
+           "modelled_time_s", "epochs_run", "H_first", "H_last", "H_mean")
 # Params that never split a group: the seed (what a group averages over) and bookkeeping.
 NOT_GROUPED = ("seed", "sweep", "results_csv", "progress", "resume", "checkpoint", "checkpoint_every", "test_only",
                "pretrained", "device", "dataset.root", "dataset.download", "engine.master_addr",
                "engine.master_port", "engine.timeout_s", "engine.spawn", "engine.backend", "engine.simulate")
 NOT_GROUPED_PREFIXES = ("logger.", "hydra.")
-LOCAL_METHODS = ("localsgd", "slowmo")
+LOCAL_METHODS = ("localsgd", "slowmo", "diloco", "post_local")
 FAILED = ("FAILED", "KILLED")
 # A RUNNING run whose process is gone (SIGKILL, a lost node): not a result, shown as such.
 INTERRUPTED = "interrupted"
@@ -230,7 +235,9 @@ def write_csv_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 _SHOWN = {"test_acc": ("test acc %", 100.0, 2), "test_acc_best": ("best-model test acc %", 100.0, 2),
           "best_val_acc": ("best val acc %", 100.0, 2), "test_loss": ("test loss", 1.0, 3),
           "sync_rounds_total": ("sync rounds", 1.0, 0), "comm_bytes_total": ("MiB sent / worker", 1 / _MIB, 1),
-          "modelled_time_s": ("modelled time s", 1.0, 1), "epochs_run": ("epochs", 1.0, 0)}
+          "modelled_time_s": ("modelled time s", 1.0, 1), "epochs_run": ("epochs run", 1.0, 0),
+          "H_mean": ("mean H", 1.0, 1)}
+_H_SUMMARY = ("H_first", "H_last", "H_mean")  # the H trained with (dpl.app.h_summary)
 
 
 def _fmt(row: Mapping[str, Any], metric: str) -> str:
@@ -242,33 +249,73 @@ def _fmt(row: Mapping[str, Any], metric: str) -> str:
     return text if math.isnan(std) else f"{text} ± {std * scale:.{digits}f}"
 
 
+def _param_text(value: Any) -> str:
+    """A parameter value as a table shows it: 3 significant digits for a fraction (an Optuna lr)."""
+    number = _float(value)
+    if math.isnan(number) or number == int(number) and "e" not in str(value).lower():
+        return str(value)
+    return short_number(number)
+
+
+def _h_cell(row: Mapping[str, Any]) -> str:
+    """The H a group trained with: the configured H when it is constant, ``first→last`` when dynamic."""
+    if row.get("dynamic_h", "constant") == "constant" or math.isnan(row.get("H_first_mean", math.nan)):
+        return str(row["H"])
+    return f"{short_number(row['H_first_mean'])}→{short_number(row['H_last_mean'])}"
+
+
 def markdown(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str], runs: Sequence[RunRecord],
              title: str, metrics: Sequence[str] = METRICS) -> str:
     params, columns = columns, list(columns)
-    head = [*columns, "runs", "failed", *(_SHOWN.get(m, (m,))[0] for m in metrics)]
+    local = any(r.params.get("method.name") in LOCAL_METHODS for r in runs)
+    shown = [m for m in metrics if m not in _H_SUMMARY or (m == "H_mean" and local)]
+    head = [*columns, "runs", "failed", *(_SHOWN.get(m, (m,))[0] for m in shown)]
     lines = [f"# {title}", "",
              f"{sum(r.finished for r in runs)} finished, {sum(r.status in FAILED for r in runs)} failed, "
              f"{sum(r.status == INTERRUPTED for r in runs)} interrupted (not counted), "
              f"{sum(r.status not in ('FINISHED', INTERRUPTED, *FAILED) for r in runs)} other runs; "
-             "mean ± sample std over the finished runs of a group (seeds).", "",
+             "mean ± sample std over the finished runs of a group (seeds)."
+             + (" H of a dynamic_h group: first→last epoch." if "dynamic_h" in columns else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [str(row[c]) for c in columns] + [str(row["runs"]), str(row["failed"])]
-        lines.append("| " + " | ".join(cells + [_fmt(row, m) for m in metrics]) + " |")
+        cells = [_h_cell(row) if c == "H" else _param_text(row[c]) for c in columns]
+        cells += [str(row["runs"]), str(row["failed"])]
+        lines.append("| " + " | ".join(cells + [_fmt(row, m) for m in shown]) + " |")
     failed = [r for r in runs if r.status in (*FAILED, INTERRUPTED)]
     if failed:
         lines += ["", "## Failed runs", "", "| run | group | status | reason |", "|---|---|---|---|"]
-        lines += [f"| {r.run_id} | {_label_of(_key(r, params), columns)} | {r.status} | {r.reason or '–'} |"
+        lines += [f"| {r.run_id} | {_group_label(_key(r, params), columns)} | {r.status} | {r.reason or '–'} |"
                   for r in failed]
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- figures
+#
+# Every figure has one panel per dataset (runs on different data are never on one axis), a
+# legend right of the panels, short labels (only the columns that tell the groups apart),
+# and 1-2-5 log ticks or integer epoch ticks; tests/test_report.py checks that no tick labels
+# overlap and no legend covers a panel.
+
+_NAMED = ("method", "dynamic_h", "optimizer")  # columns whose values are names: shown bare in labels
+_METRIC_LABEL = {"test_acc": "test accuracy", "test_acc_best": "best-model test accuracy",
+                 "best_val_acc": "best val accuracy"}
+
+
+def _short(column: str, value: str) -> str:
+    if column in _NAMED:
+        return value
+    number = _float(value)
+    return f"{column}={value if math.isnan(number) else short_number(number)}"
 
 
 def _label_of(key: Sequence[str], columns: Sequence[str], skip: Sequence[str] = ()) -> str:
-    """``K=4 H=8``: the columns that tell the groups apart (those in ``skip`` left out)."""
-    return " ".join(f"{c}={v}" for c, v in zip(columns, key) if c not in skip and v != "") or "all runs"
+    """``localsgd K=4 H=8``: the columns that tell the groups apart (those in ``skip`` left out)."""
+    return " ".join(_short(c, v) for c, v in zip(columns, key) if c not in skip and v != "") or "all runs"
+
+
+def _group_label(key: Sequence[str], columns: Sequence[str]) -> str:
+    """``method=localsgd K=4``: a group named in full (the failed-runs list of report.md)."""
+    return " ".join(f"{c}={v}" for c, v in zip(columns, key) if v != "") or "all runs"
 
 
 def _varying(groups: Mapping[tuple[str, ...], Any], columns: Sequence[str]) -> list[str]:
@@ -276,97 +323,129 @@ def _varying(groups: Mapping[tuple[str, ...], Any], columns: Sequence[str]) -> l
     return [c for i, c in enumerate(columns) if len({key[i] for key in groups}) > 1]
 
 
-def _log_x(ax) -> None:
-    """A log x axis labelled with plain numbers (120, not 1.2 x 10^2)."""
-    from matplotlib.ticker import ScalarFormatter
-
-    ax.set_xscale("log")
-    for axis_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-        fmt = ScalarFormatter()
-        fmt.set_scientific(False)
-        axis_formatter(fmt)
-
-
 def _float(value: str) -> float:
     try:
         return float(value)
-    except ValueError:
+    except (TypeError, ValueError):
         return math.nan
 
 
+def _by_dataset(groups: Mapping[tuple[str, ...], list[RunRecord]], columns: Sequence[str]) -> dict[str, dict]:
+    """The groups split by dataset (one panel each); one unnamed facet without a dataset column."""
+    i = list(columns).index("dataset") if "dataset" in columns else None
+    facets: dict[str, dict] = {}
+    for key, members in groups.items():
+        facets.setdefault(key[i] if i is not None else "", {})[key] = members
+    return facets
+
+
+def _panels(facets: Mapping[str, Any], title: str):
+    fig, axes = new_figure(len(facets), width=4.6)
+    fig.suptitle(title)
+    for ax, name in zip(axes, facets):
+        ax.set_title(name or "")
+        ax.grid(alpha=0.3)
+    return fig, axes
+
+
+def _metric_label(metric: str) -> str:
+    return _METRIC_LABEL.get(metric, metric.replace("_", " "))
+
+
 def fig_acc_vs_h(groups, columns: Sequence[str], metric: str):
-    """Accuracy against constant H, a line per K (and per any other column) of the local methods."""
+    """Accuracy against constant H (log2 axis), a line per K (and any other varying column), per dataset."""
     if "H" not in columns:
         return None
-    series: dict[str, list[tuple[float, float, float]]] = {}
-    shown = _varying(groups, columns)
-    for key, members in groups.items():
-        row = dict(zip(columns, key))
-        if row.get("method") not in LOCAL_METHODS or row.get("dynamic_h", "constant") != "constant":
-            continue
-        mean, std = mean_std(_values(members, metric))
-        if not math.isnan(mean):
-            label = _label_of(key, columns, skip=[c for c in columns if c == "H" or c not in shown])
-            series.setdefault(label, []).append((_float(row["H"]), mean, std))
-    if not series:
+    kept = {k: m for k, m in groups.items() if dict(zip(columns, k)).get("method") in LOCAL_METHODS
+            and dict(zip(columns, k)).get("dynamic_h", "constant") == "constant"}
+    skip = ["H", "dataset"] + [c for c in columns if c not in _varying(kept, columns)]
+    facets = {}
+    for name, sub in _by_dataset(kept, columns).items():
+        series: dict[str, list[tuple[float, float, float]]] = {}
+        for key, members in sub.items():
+            row = dict(zip(columns, key))
+            mean, std = mean_std(_values(members, metric))
+            if not math.isnan(mean):
+                series.setdefault(_label_of(key, columns, skip), []).append((_float(row["H"]), mean, std))
+        if series:
+            facets[name] = series
+    if not facets:
         return None
-    fig, (ax,) = new_figure(1)
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
-                    marker="o", capsize=3, label=label)
-    ax.set_xscale("log", base=2)
-    ticks = sorted({p[0] for pts in series.values() for p in pts})
-    ax.set_xticks(ticks, [f"{h:g}" for h in ticks])
-    ax.minorticks_off()
-    label_axes(ax, "local steps H", metric.replace("_", " "), f"{metric.replace('_', ' ')} against H")
-    ax.legend(fontsize="small")
+    fig, axes = _panels(facets, f"{_metric_label(metric)} against local steps H")
+    for ax, series in zip(axes, facets.values()):
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+                        marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({p[0] for pts in series.values() for p in pts})
+        ax.set_xticks(ticks, [f"{h:g}" for h in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("local steps H")
+        ax.set_ylabel(_metric_label(metric))
+    legend_outside(fig)
     return fig
 
 
 def fig_acc_vs_rounds(groups, columns: Sequence[str], metric: str):
-    """Mean accuracy of each group against its mean number of sync rounds, a colour per method."""
-    by_method: dict[str, list[tuple[float, float, str]]] = {}
-    skip = [c for c in columns if c == "method" or c not in _varying(groups, columns)]
-    for key, members in groups.items():
-        done = [r for r in members if r.finished and metric in r.metrics and "sync_rounds_total" in r.metrics]
-        if done:
-            x = statistics.fmean(r.metrics["sync_rounds_total"] for r in done)
-            y = statistics.fmean(r.metrics[metric] for r in done)
-            label = _label_of(key, columns, skip=skip)
-            by_method.setdefault(dict(zip(columns, key)).get("method", "runs"), []).append((x, y, label))
-    if not by_method:
+    """Each group's mean accuracy against its mean number of sync rounds: a colour per method, a
+    legend entry per group (per method when there are many groups), a panel per dataset."""
+    skip = ["dataset"] + [c for c in columns if c not in _varying(groups, columns)]
+    methods = sorted({dict(zip(columns, k)).get("method", "runs") for k in groups})
+    facets = {}
+    for name, sub in _by_dataset(groups, columns).items():
+        pts = []
+        for key, members in sub.items():
+            done = [r for r in members if r.finished and metric in r.metrics and "sync_rounds_total" in r.metrics]
+            if done:
+                pts.append((statistics.fmean(r.metrics["sync_rounds_total"] for r in done),
+                            statistics.fmean(r.metrics[metric] for r in done), key))
+        if pts:
+            facets[name] = pts
+    if not facets:
         return None
-    fig, (ax,) = new_figure(1)
-    for method, pts in sorted(by_method.items()):
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method)
-        if len(groups) <= 20:  # name each point while that stays readable
-            for x, y, label in pts:
-                note = ax.annotate(label, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
-                note.set_in_layout(False)  # labels may run past the axes rather than shrink them
-    if all(p[0] > 0 for pts in by_method.values() for p in pts):
-        _log_x(ax)
-    label_axes(ax, "sync rounds", metric.replace("_", " "), "Accuracy against communication rounds")
-    ax.legend(fontsize="small")
+    per_group = len(groups) <= 16
+    markers = "osD^v<>pPX*h"
+    fig, axes = _panels(facets, f"{_metric_label(metric)} against communication rounds")
+    for ax, pts in zip(axes, facets.values()):
+        for n, (x, y, key) in enumerate(sorted(pts, key=lambda p: p[2])):
+            method = dict(zip(columns, key)).get("method", "runs")
+            label = _label_of(key, columns, skip) if per_group else method
+            ax.scatter([x], [y], color=f"C{methods.index(method) % 10}", label=label,
+                       marker=markers[n % len(markers)] if per_group else "o")
+        xs = [p[0] for p in pts]
+        if min(xs) > 0:
+            log_axis(ax, "x", min(xs), max(xs))
+        ax.set_xlabel("sync rounds")
+        ax.set_ylabel(_metric_label(metric))
+    legend_outside(fig)
     return fig
 
 
-def _curves_fig(groups, columns: Sequence[str], history_key: str, ylabel: str, title: str, keep=lambda row: True):
-    fig, shown = None, _varying(groups, columns)
-    for key, members in groups.items():
-        if not keep(dict(zip(columns, key))):
-            continue
-        steps, values = mean_curve(r.history.get(history_key, []) for r in members if r.finished)
-        if not steps:
-            continue
-        if fig is None:
-            fig, (ax,) = new_figure(1)
-        ax.plot(steps, values, label=_label_of(key, columns, skip=[c for c in columns if c not in shown]))
-    if fig is None:
+def _curves_fig(groups, columns: Sequence[str], history_key: str, ylabel: str, title: str,
+                keep=lambda row: True, skip: Sequence[str] = ()):
+    """Mean curve per group over the epochs (counted from 1, markers so that one epoch shows), per dataset."""
+    kept = {k: m for k, m in groups.items() if keep(dict(zip(columns, k)))}
+    skip = ["dataset", *skip] + [c for c in columns if c not in _varying(kept, columns)]
+    facets = {}
+    for name, sub in _by_dataset(kept, columns).items():
+        curves = []
+        for key, members in sub.items():
+            steps, values = mean_curve(r.history.get(history_key, []) for r in members if r.finished)
+            if steps:
+                curves.append(([s + 1 for s in steps], values, _label_of(key, columns, skip)))
+        if curves:
+            facets[name] = curves
+    if not facets:
         return None
-    label_axes(ax, "epoch", ylabel, title)
-    if len(groups) <= 20:
-        ax.legend(fontsize="x-small")
+    fig, axes = _panels(facets, title)
+    for ax, curves in zip(axes, facets.values()):
+        for xs, ys, label in curves:
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        integer_ticks(ax)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+    legend_outside(fig)
     return fig
 
 
@@ -375,38 +454,91 @@ def fig_learning_curves(groups, columns: Sequence[str]):
 
 
 def fig_h_over_epochs(groups, columns: Sequence[str]):
-    return _curves_fig(groups, columns, "H", "local steps H", "H per epoch of each dynamic strategy",
-                       keep=lambda row: row.get("dynamic_h", "constant") != "constant")
-
-
-def fig_pareto(runs: Sequence[RunRecord], metric: str):
-    """Every finished run's accuracy against MiB sent per worker; the Pareto front joined."""
-    done = [r for r in runs if r.finished and metric in r.metrics and "comm_bytes_total" in r.metrics]
-    if not done:
-        return None
-    points = [(r.metrics["comm_bytes_total"] / _MIB, r.metrics[metric]) for r in done]
-    front = pareto_front(points)
-    fig, (ax,) = new_figure(1)
-    ax.scatter([p[0] for p in points], [p[1] for p in points], alpha=0.5, label="runs")
-    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="C3",
-            marker="o", label="Pareto front")
-    if all(p[0] > 0 for p in points):
-        _log_x(ax)
-    label_axes(ax, "MiB sent per worker", metric.replace("_", " "), "Accuracy against bytes sent")
-    ax.legend(fontsize="small")
+    """H per epoch of each dynamic strategy. The H column is only where a strategy starts (and is
+    clamped to its bounds), so it is left out of the labels: the curve shows the H trained with."""
+    fig = _curves_fig(groups, columns, "H", "local steps H", "H per epoch of each dynamic strategy",
+                      keep=lambda row: row.get("dynamic_h", "constant") != "constant", skip=["H"])
+    if fig is not None:
+        for ax in fig.axes:
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_locator(LogLocator(base=2, numticks=8))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
     return fig
 
 
-def write_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], out_dir: Path,
-                  metric: str = "test_acc") -> list[Path]:
+def fig_pareto(runs: Sequence[RunRecord], columns: Sequence[str], metric: str):
+    """Every finished run's accuracy against MiB sent per worker, the Pareto front joined, per dataset."""
+    facets = {}
+    for r in runs:
+        if r.finished and metric in r.metrics and "comm_bytes_total" in r.metrics:
+            name = r.params.get("dataset.name", "") if "dataset" in columns else ""
+            facets.setdefault(name, []).append((r.metrics["comm_bytes_total"] / _MIB, r.metrics[metric]))
+    if not facets:
+        return None
+    fig, axes = _panels(dict(sorted(facets.items())), f"{_metric_label(metric)} against bytes sent")
+    for ax, points in zip(axes, dict(sorted(facets.items())).values()):
+        front = pareto_front(points)
+        ax.scatter([p[0] for p in points], [p[1] for p in points], alpha=0.5, label="runs")
+        ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="C3",
+                marker="o", label="Pareto front")
+        xs = [p[0] for p in points]
+        if min(xs) > 0:
+            log_axis(ax, "x", min(xs), max(xs))
+        ax.set_xlabel("MiB sent per worker")
+        ax.set_ylabel(_metric_label(metric))
+    legend_outside(fig)
+    return fig
+
+
+def fig_acc_vs_lr(runs: Sequence[RunRecord], columns: Sequence[str], metric: str, min_values: int = 3):
+    """Accuracy of every run against its learning rate (log axis), a colour per optimizer, diverged
+    runs as crosses at the bottom: the picture of an Optuna search (drawn when lr takes at least
+    ``min_values`` values)."""
+    with_lr = [r for r in runs if not math.isnan(_float(r.params.get("lr")))]
+    if len({r.params["lr"] for r in with_lr}) < min_values:
+        return None
+    facets: dict[str, list[RunRecord]] = {}
+    for r in with_lr:
+        facets.setdefault(r.params.get("dataset.name", "") if "dataset" in columns else "", []).append(r)
+    facets = dict(sorted(facets.items()))
+    optimizers = sorted({r.params.get("optimizer.name", "") for r in with_lr})
+    fig, axes = _panels(facets, f"{_metric_label(metric)} against learning rate")
+    for ax, members in zip(axes, facets.values()):
+        for i, opt in enumerate(optimizers):
+            done = [r for r in members if r.params.get("optimizer.name", "") == opt and r.finished
+                    and math.isfinite(r.metrics.get(metric, math.nan))]
+            failed = [r for r in members if r.params.get("optimizer.name", "") == opt and r.status in FAILED]
+            if done:
+                ax.scatter([_float(r.params["lr"]) for r in done], [r.metrics[metric] for r in done],
+                           color=f"C{i % 10}", label=opt or "runs")
+            if failed:
+                ax.scatter([_float(r.params["lr"]) for r in failed], [0.0] * len(failed), color=f"C{i % 10}",
+                           marker="x", label=f"{opt} diverged".strip())
+        lrs = [_float(r.params["lr"]) for r in members]
+        log_axis(ax, "x", min(lrs), max(lrs))
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(_metric_label(metric))
+    legend_outside(fig)
+    return fig
+
+
+def build_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], metric: str = "test_acc") -> dict:
+    """File name -> matplotlib Figure, for the figures these runs have data for."""
     groups = group_runs(runs, columns)
     names = list(columns)
     figures = {"acc_vs_H.png": fig_acc_vs_h(groups, names, metric),
                "acc_vs_rounds.png": fig_acc_vs_rounds(groups, names, metric),
                "learning_curves.png": fig_learning_curves(groups, names),
                "h_over_epochs.png": fig_h_over_epochs(groups, names),
-               "pareto.png": fig_pareto(runs, metric)}
-    return [save_figure(fig, out_dir / name) for name, fig in figures.items() if fig is not None]
+               "pareto.png": fig_pareto(runs, names, metric),
+               "acc_vs_lr.png": fig_acc_vs_lr(runs, names, metric)}
+    return {name: fig for name, fig in figures.items() if fig is not None}
+
+
+def write_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], out_dir: Path,
+                  metric: str = "test_acc") -> list[Path]:
+    return [save_figure(fig, out_dir / name) for name, fig in build_figures(runs, columns, metric).items()]
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -423,27 +555,54 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, met
     return written + write_figures(runs, columns, out_dir, metric)
 
 
+DEFAULT_EXPERIMENT = "dpl"  # logger.experiment of a single run (conf/logger/mlflow.yaml)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dpl.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dpl.report", description=__doc__.split("\n\n")[0],
+                                epilog="With neither --experiment nor --sweep: the most recent of the latest sweep "
+                                       f"and the single runs of experiment {DEFAULT_EXPERIMENT!r}.")
     p.add_argument("--experiment", help="MLflow experiment name (a sweep's runs are in the experiment it names)")
     p.add_argument("--sweep", help="only runs with this sweep tag (across experiments unless --experiment)")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
                    help="MLflow store; a relative sqlite path is relative to the current directory")
     p.add_argument("--out", help="output folder (default reports/<experiment or sweep>)")
     p.add_argument("--metric", default="test_acc", choices=_ACC, help="accuracy used in the figures")
-    args = p.parse_args(argv)
-    if args.experiment is None and args.sweep is None:
-        p.error("give --experiment and/or --sweep")
-    return args
+    return p.parse_args(argv)
+
+
+def latest(client) -> tuple[Optional[str], Optional[str], str]:
+    """(experiment, sweep, why) to report when none is named: the newer of the latest sweep (by its
+    parent run) and the latest run of the default experiment."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return DEFAULT_EXPERIMENT, None, "the default experiment (the store holds no runs)"
+    newest = lambda query: next(iter(client.search_runs(experiments, filter_string=query, max_results=1,  # noqa: E731
+                                                          order_by=["attributes.start_time DESC"])), None)
+    sweep = newest(f"tags.{PARENT_TAG} LIKE '%'")
+    single = None
+    default = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    if default is not None:
+        single = next(iter(client.search_runs([default.experiment_id], max_results=1,
+                                              order_by=["attributes.start_time DESC"])), None)
+    if sweep is not None and (single is None or sweep.info.start_time >= single.info.start_time):
+        return None, sweep.data.tags[PARENT_TAG], "the latest sweep"
+    return DEFAULT_EXPERIMENT, None, "the default experiment of single runs (newer than any sweep)" \
+        if sweep is not None else "the default experiment of single runs (no sweep in the store)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from dpl.tracking import mlflow_client
 
     args = parse_args(argv)
+    client = mlflow_client(args.tracking_uri, Path.cwd())
+    if args.experiment is None and args.sweep is None:
+        args.experiment, args.sweep, why = latest(client)
+        what = f"sweep={args.sweep!r}" if args.sweep else f"experiment={args.experiment!r}"
+        print(f"reporting {what}: {why} in {args.tracking_uri} (choose with --sweep / --experiment)")
     name = args.sweep or args.experiment
     try:
-        runs = fetch_runs(mlflow_client(args.tracking_uri, Path.cwd()), args.experiment, args.sweep)
+        runs = fetch_runs(client, args.experiment, args.sweep)
     except LookupError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2

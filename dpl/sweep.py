@@ -58,9 +58,10 @@ class MlflowParentRun(Callback):
         self.logger = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        plain_optuna_logs()
         if config.logger.name != "mlflow":
             return
-        from dpl.tracking import MlflowLogger, git_commit
+        from dpl.tracking import MlflowLogger, source_tags
 
         name = str(config.sweep or config.logger.experiment)
         # The jobs' run_name may interpolate ${hydra:job...}, which has no value before a job starts.
@@ -68,7 +69,7 @@ class MlflowParentRun(Callback):
         with open_dict(base):
             base.logger.run_name = name
         self.logger = MlflowLogger(base.logger)
-        tags = {PARENT_TAG: name, "sweep_dir": str(_sweep_dir(config)), "git_commit": git_commit(),
+        tags = {PARENT_TAG: name, "sweep_dir": str(_sweep_dir(config)), **source_tags(),
                 "sweeper": str(config.hydra.sweeper.get("_target_", "")),
                 "sweep_params": _sweep_params(config)}
         run_id = self.logger.start(base, tags)  # the sweep's base config as the parent's params
@@ -117,6 +118,17 @@ class MlflowParentRun(Callback):
         if best:
             summary["best_val_acc"] = max(best)
         return summary
+
+
+def plain_optuna_logs() -> None:
+    """Send Optuna's log lines through Hydra's handlers (plain text in multirun.log and on the
+    console) instead of Optuna's own colorlog handler, whose ANSI colour codes end up in files."""
+    try:
+        import optuna
+    except ImportError:
+        return
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
 
 
 def _sweep_dir(config: DictConfig) -> Path:

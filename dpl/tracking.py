@@ -46,6 +46,16 @@ NOT_HASHED = ("progress", "resume", "test_only", "checkpoint", "checkpoint_every
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be opened or reached; the one-line message names it."""
+SOURCE_NAME = "python -m dpl"  # the Source column of the MLflow UI
+# MLflow 3's UI opens an experiment on its GenAI "Traces" tab unless the experiment's kind says
+# it holds model-training runs (the tag the UI itself sets when one picks "Machine learning").
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A saved runs-table view (the UI's "Share" state, an experiment tag): open the experiment with
+# ``?viewStateShareKey=dpl`` to see these columns without adding them by hand.
+VIEW_KEY = "dpl"
+VIEW_COLUMNS = ("params.`dataset.name`", "params.`method.name`", "params.`K`", "params.`H`",
+                "params.`dynamic_h.name`", "params.`optimizer.name`", "params.`lr`", "params.`seed`",
+                "metrics.`test_acc`", "metrics.`best_val_acc`", "metrics.`H_mean`", "metrics.`comm_bytes_total`")
 _PARAM_LIMIT_FALLBACK = 6000  # MLflow's MAX_PARAM_VAL_LENGTH in 2.x / 3.x
 _TRUNCATED = "...[truncated]"
 
@@ -140,6 +150,57 @@ def git_commit(path: str | Path | None = None) -> str:
     return sha + ("-dirty" if changes else "")
 
 
+def source_tags(entry: str = SOURCE_NAME, path: str | Path | None = None) -> dict[str, str]:
+    """MLflow's standard source tags: the UI's Source and Version columns.
+
+    ``mlflow.source.git.commit`` is the full sha of the repo holding ``path`` (default: the dpl
+    package); ``git_dirty`` says whether tracked files had uncommitted changes."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    tags = {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
+    sha = _git(where, "rev-parse", "HEAD")
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+        tags["git_dirty"] = str(bool(_git(where, "status", "--porcelain", "--untracked-files=no"))).lower()
+        branch = _git(where, "rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags["mlflow.source.git.branch"] = branch
+    return tags
+
+
+def run_name(cfg: DictConfig) -> str | None:
+    """A descriptive MLflow run name: ``localsgd-K4-H8-sgdm-s0`` (``-loss`` after H for a dynamic-H run;
+    no H for a method without local steps); a sweep's job is ``<sweep>-<job number>-<that>``.
+    None (MLflow picks a name) for a config without a method."""
+    from dpl.methods import METHODS
+
+    get = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
+    method = get("method.name")
+    if method is None:
+        return None
+    parts = [str(method), f"K{get('K', 1)}"]
+    if getattr(METHODS.get(method), "local", True):
+        parts.append(f"H{get('H', 1)}")
+        if get("dynamic_h.name", "constant") != "constant":
+            parts.append(str(get("dynamic_h.name")))
+    parts += [str(get("optimizer.name", "")), f"s{get('seed', 0)}"]
+    name = "-".join(p for p in parts if p)
+    if get("sweep"):
+        num = _job_num()
+        name = f"{get('sweep')}-{num}-{name}" if num is not None else f"{get('sweep')}-{name}"
+    return name
+
+
+def _job_num() -> int | None:
+    """The Hydra job number inside a multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return int(hc.job.num) if hc.mode == RunMode.MULTIRUN and hc.job.get("num") is not None else None
+
+
 def _git(where: Path, *args: str) -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10)
@@ -202,7 +263,8 @@ class MlflowLogger:
             self.run_id = resume_run_id
         else:
             experiment_id = _experiment_id(self._client, self.cfg.experiment, uri)
-            self.run_id = self._client.create_run(experiment_id, run_name=self.cfg.run_name).info.run_id
+            name = self.cfg.run_name or run_name(cfg)
+            self.run_id = self._client.create_run(experiment_id, run_name=name).info.run_id
             self._log_params(flatten_config(cfg))
             if resume_run_id is not None:
                 tags[RESUMED_FROM_TAG] = resume_run_id
@@ -417,17 +479,31 @@ def _experiment_id(client, name: str, uri: str) -> str:
 
     found = client.get_experiment_by_name(name)
     if found is not None:
+        _tag_experiment(client, found.experiment_id, found.tags)
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:////"):
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=experiment_tags())
     except MlflowException:  # another job of a parallel sweep created it first
         found = client.get_experiment_by_name(name)
         if found is None:
             raise
         return found.experiment_id
+
+
+def experiment_tags() -> dict[str, str]:
+    """Tags of a dpl experiment: the runs view first, and the saved column view :data:`VIEW_KEY`."""
+    view = {"selectedColumns": list(VIEW_COLUMNS), "orderByKey": "attributes.start_time", "orderByAsc": False}
+    return {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}
+
+
+def _tag_experiment(client, experiment_id: str, tags: Mapping[str, str]) -> None:
+    """Add the dpl experiment tags an older (or MLflow-created) experiment lacks; never overwrite."""
+    for key, value in experiment_tags().items():
+        if key not in tags:
+            client.set_experiment_tag(experiment_id, key, value)
 
 
 def _as_floats(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -21,8 +21,9 @@ def test_every_group_folder_matches_its_registry():
 
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
 def test_every_option_composes_and_validates(group):
+    local = ["method=localsgd"] if group == "dynamic_h" else []  # a dynamic H needs local steps
     for option in group_options(group):
-        cfg = compose_cfg(f"{group}={option}", tiny=False)
+        cfg = compose_cfg(f"{group}={option}", *local, tiny=False)
         node = cfg[group]  # ablation options set a plain key (and other keys, globally)
         assert (node.name if group != "ablation" else node) == option
         validate(cfg)
@@ -64,7 +65,17 @@ def test_validate_checks_composed_values():
         validate(cfg)
 
 
+def test_dynamic_h_needs_a_method_with_local_steps():
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg("method=centralized", "dynamic_h=loss"))
+    assert "dynamic_h='loss'" in str(e.value) and "method=localsgd, slowmo" in str(e.value)
+    for method in ("localsgd", "slowmo"):
+        validate(compose_cfg(f"method={method}", "dynamic_h=loss"))
+    validate(compose_cfg("method=centralized", "dynamic_h=constant"))
+
+
 @pytest.mark.parametrize("override,needle", [("K=0", "K=0"), ("optimizer=nope", "optimizer='nope'"),
+                                             ("dynamic_h=loss", "dynamic_h='loss' is invalid with method"),
                                              ("lr=abc", "lr='abc'"), ("batch_size=-1", "batch_size")])
 def test_cli_exits_nonzero_with_one_line(override, needle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dpl", override], capture_output=True, text=True, cwd=tmp_path,
@@ -73,3 +84,39 @@ def test_cli_exits_nonzero_with_one_line(override, needle, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:")
     assert not (tmp_path / "data").exists()  # failed before any data was touched
+
+
+def _same(doc: str, value) -> bool:
+    if value is None or isinstance(value, bool):
+        return doc == {None: "null", True: "true", False: "false"}[value]
+    try:
+        return float(doc) == float(value)
+    except (TypeError, ValueError):
+        return doc == str(value)
+
+
+def test_readme_defaults_match_the_config():
+    """Every `| key | default |` row of README.md's key tables states the composed default."""
+    import re
+
+    rows = re.findall(r"^\| ((?:`[\w.]+`(?:, | / )?)+) \| ([^|]+) \|", (CONF.parent / "README.md").read_text(), re.M)
+    assert len(rows) > 20
+    configs = [compose_cfg(tiny=False), compose_cfg("engine=distributed", tiny=False)]
+    checked = 0
+    for keys_cell, default_cell in rows:
+        keys = re.findall(r"`([\w.]+)`", keys_cell)
+        bold = re.findall(r"\*\*(\w+)\*\*", default_cell)
+        if len(keys) == 1 and bold:  # a config group: its default option in bold
+            assert configs[0][keys[0]].name == bold[0], keys[0]
+            checked += 1
+            continue
+        defaults = [d.strip() for d in re.split(r", | / ", default_cell.strip())]
+        if len(defaults) != len(keys):
+            continue  # prose ("the optimizer's")
+        for key, doc in zip(keys, defaults):
+            for cfg in configs:
+                value = OmegaConf.select(cfg, key, default="<absent>")
+                if value != "<absent>":
+                    assert _same(doc, value), f"README says {key}={doc}, the config {value}"
+                    checked += 1
+    assert checked > 25

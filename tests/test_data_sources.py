@@ -148,10 +148,14 @@ def test_truncated_cifar_file_is_reported(tmp_path):
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
 
-def test_fashion_mnist_falls_back_to_the_debian_files(tmp_path, monkeypatch):
+def test_fashion_mnist_falls_back_to_the_debian_files(tmp_path, monkeypatch, caplog):
     written = write_fashion_mnist_gz(tmp_path / "debian", n_train=120, n_test=30)
     monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
-    data = load_dataset(dataset_cfg("fashion_mnist", download=False), seed=0, device=CPU, root=tmp_path / "data")
+    with caplog.at_level("INFO", logger="dpl"):
+        data = load_dataset(dataset_cfg("fashion_mnist", download=False), seed=0, device=CPU, root=tmp_path / "data")
+    assert [r.message for r in caplog.records if "Debian" in r.message] == [
+        f"Fashion-MNIST: using the Debian package's files from {tmp_path / 'debian'}/ "
+        f"(copied to {tmp_path / 'data' / 'FashionMNIST' / 'raw'}/)"]
     assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
     assert (len(data.train_y), len(data.val_y), len(data.test_y)) == (108, 12, 30)
     assert (data.channels, data.image_size, data.num_classes) == (1, 28, 10)

@@ -95,3 +95,18 @@ def test_plotting_never_touches_pyplot(tmp_path):
 def test_single_key_figures(tmp_path, key):
     (path,) = plot_history([{"epoch": e, key: 1.0 + e} for e in range(2)], tmp_path)
     assert path.name == {"H": "h.png", "lr": "lr.png"}[key] and _is_png(path)
+
+
+@pytest.mark.parametrize("epochs", [1, 4])
+def test_every_run_figure_is_legible(epochs):
+    from dpl.plots import _FIGURES
+    from tests.legible import assert_legible
+
+    for name, draw in _FIGURES.items():
+        fig = draw(_history(epochs))
+        assert_legible(fig, name)
+        if name != "comm.png":  # epochs on x: whole numbers, counted from 1
+            ax = fig.axes[0]
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks and all(t == int(t) and t >= 1 for t in ticks), (name, ticks)

@@ -93,7 +93,7 @@ def test_markdown_shows_mean_pm_std_and_lists_the_failure(store):
     assert f"| {100 * mean:.2f} ± {100 * std:.2f} |" in text
     assert "4 finished, 1 failed" in text and "diverged" in text
     (failed,) = [r for r in _mlflow_runs(uri) if r.info.status == "FAILED"]
-    group = "method=centralized K=1 H=1 dynamic_h=constant optimizer=sgdm batch_size=32"
+    group = "dataset=synthetic method=centralized K=1 H=1 dynamic_h=constant optimizer=sgdm batch_size=32"
     assert f"| {failed.info.run_id} | {group} | FAILED | {failed.data.tags['failure_reason']} |" in text
 
 
@@ -119,6 +119,40 @@ def test_unknown_experiment_is_one_line_error(store, capsys):
     assert main(["--experiment", "nope", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "nope" in err[0]
+
+
+def test_no_arguments_reports_the_latest_sweep_or_the_default_experiment(tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from dpl.sweep import PARENT_TAG
+    from dpl.tracking import MlflowLogger
+
+    monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db, the default output ./reports/<name>
+
+    def one_run(experiment, tags, **cfg):
+        node = OmegaConf.create({**cfg, "logger": {"tracking_uri": "sqlite:///mlflow.db", "experiment": experiment,
+                                                   "run_name": None}})
+        logger = MlflowLogger(node.logger)
+        logger.start(node, tags)
+        logger.log_metrics({"test_acc": 0.5}, step=0)
+        logger.finish()
+
+    one_run("dpl", {}, K=1)
+    one_run("grid", {PARENT_TAG: "grid"}, K=2)
+    one_run("grid", {"sweep": "grid"}, K=2)
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("reporting sweep='grid': the latest sweep") and (tmp_path / "reports/grid/report.md").is_file()
+    one_run("dpl", {}, K=4)  # a single run after the sweep: now the default experiment is the latest
+    assert main([]) == 0
+    assert capsys.readouterr().out.startswith("reporting experiment='dpl': the default experiment of single runs")
+    assert "| 4 |" in (tmp_path / "reports/dpl/report.md").read_text()
+
+
+def test_default_experiment_is_the_logger_default():
+    from dpl.report import DEFAULT_EXPERIMENT
+
+    assert compose_cfg("logger=mlflow", tiny=False).logger.experiment == DEFAULT_EXPERIMENT
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -161,3 +195,70 @@ def test_summarise_keeps_failed_runs_out_of_the_means():
     (row,) = summarise(runs, group_columns(runs), metrics=("test_acc",))
     assert (row["runs"], row["failed"]) == (2, 1)
     assert row["test_acc_mean"] == pytest.approx(0.5) and row["test_acc_std"] == pytest.approx(math.sqrt(0.02))
+
+
+# ----------------------------------------------------------------------------- figures are legible
+
+
+def _study_runs(epochs: int) -> list[RunRecord]:
+    """Two datasets; a LocalSGD K x H grid with seeds, SlowMo, centralized baselines, two dynamic
+    strategies that start at the configured H=1 but train with larger ones, an lr search with a
+    diverged trial: every figure has something to draw."""
+    runs = []
+
+    def add(dataset, status="FINISHED", acc=0.5, rounds=100.0, mib=10.0, hs=(1,), **params):
+        base = {"dataset.name": dataset, "method.name": "localsgd", "K": "4", "H": "1", "dynamic_h.name": "constant",
+                "optimizer.name": "sgdm", "batch_size": "64", "seed": "0", "lr": "0.04"}
+        hs = list(hs) * epochs if len(hs) == 1 else list(hs)[:epochs]
+        history = {"val_acc": [(e, acc * (e + 1) / epochs) for e in range(epochs)],
+                   "H": [(e, float(hs[e])) for e in range(epochs)]}
+        metrics = {"test_acc": acc, "best_val_acc": acc, "sync_rounds_total": rounds, "comm_bytes_total": mib * 2**20,
+                   "H_first": hs[0], "H_last": hs[-1], "H_mean": sum(hs) / len(hs)} if status == "FINISHED" else {}
+        runs.append(RunRecord(run_id=str(next(_IDS)), status=status, params={**base, **params}, metrics=metrics,
+                              history=history if status == "FINISHED" else {}))
+
+    for dataset in ("cifar100", "fashion_mnist"):
+        for k, h, seed in itertools.product((2, 4, 8), (1, 2, 4, 8, 16, 32, 64), (0, 1)):
+            add(dataset, acc=0.3 + 0.01 * k - 0.002 * h + 0.001 * seed, rounds=30000 / h, mib=3000 / h,
+                K=str(k), H=str(h), seed=str(seed))
+        add(dataset, acc=0.45, rounds=30000, mib=3000, **{"method.name": "centralized", "K": "4"})
+        add(dataset, acc=0.44, rounds=3750, mib=375, H="8", **{"method.name": "slowmo"})
+        add(dataset, acc=0.41, rounds=2000, mib=200, hs=(4, 8, 16, 16, 32), **{"dynamic_h.name": "loss"})
+        add(dataset, acc=0.40, rounds=1500, mib=150, hs=(64, 32, 16, 8, 4), **{"dynamic_h.name": "desc_pow2"})
+    for i, lr in enumerate((1.3e-4, 4.7e-4, 0.0012345678901234567, 0.0093, 0.031, 0.17, 0.66)):
+        add("cifar100", acc=0.2 + 0.03 * i, rounds=30000, mib=3000, lr=str(lr), sweep="optuna_lr",
+            **{"method.name": "centralized", "K": "1", "optimizer.name": "adamw" if i % 2 else "sgdm"})
+    add("cifar100", status="FAILED", lr="0.9", **{"method.name": "centralized", "K": "1"})
+    return runs
+
+
+@pytest.mark.parametrize("epochs", [1, 5])
+def test_every_figure_is_legible(epochs):
+    from dpl.report import build_figures
+    from tests.legible import assert_legible
+
+    runs = _study_runs(epochs)
+    figures = build_figures(runs, group_columns(runs))
+    assert set(figures) == {"acc_vs_H.png", "acc_vs_rounds.png", "learning_curves.png", "h_over_epochs.png",
+                            "pareto.png", "acc_vs_lr.png"}
+    for name, fig in figures.items():
+        assert [ax.get_title() for ax in fig.axes] == ["cifar100", "fashion_mnist"], name  # a panel per dataset
+        assert_legible(fig, name)
+    for name in ("learning_curves.png", "h_over_epochs.png"):  # whole epochs, counted from 1
+        ticks = [t for ax in figures[name].axes for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert all(t == int(t) for t in ticks) and min(ticks) >= 0, name
+    labels = {t.get_text() for leg in figures["h_over_epochs.png"].legends for t in leg.get_texts()}
+    assert labels == {"loss", "desc_pow2"}  # no "H=1": the configured H is not what they trained with
+
+
+def test_table_has_a_dataset_column_rounded_params_and_the_h_trained_with():
+    from dpl.report import markdown
+
+    runs = _study_runs(5)
+    columns = group_columns(runs)
+    assert list(columns)[:2] == ["dataset", "method"] and "lr" in columns
+    text = markdown(summarise(runs, columns), columns, runs, "t")
+    head = text.splitlines()[4].strip("| ").split(" | ")
+    assert len(head) == len(set(head)) and head[0] == "dataset"  # no column twice
+    assert "0.00123" in text and "0.0012345678901234567" not in text  # an Optuna lr, rounded
+    assert "| 4→32 |" in text and "| 64→4 |" in text  # the dynamic rows' H: first→last, not the configured 1

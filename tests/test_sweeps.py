@@ -1,7 +1,9 @@
 """Sweeps as one command each: every sweep composes, a grid and an Optuna search run for real.
 
-The two end-to-end tests start ``python -m dpl`` as a subprocess (as a user would) on
-tiny synthetic data and read the results back from the MLflow and Optuna SQLite files.
+The two end-to-end tests start ``python -m dpl`` as a subprocess (as a user would, from a
+directory outside the repository and without ``--config-dir``: the sweep configs are found
+wherever the command runs) on tiny synthetic data and read the results back from the MLflow
+and Optuna SQLite files.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ def test_lr_scaling_is_validated_and_reaches_the_optimizer():
 def _dpl(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     env.pop("DPL_SWEEP_PARENT_RUN_ID", None)
-    proc = subprocess.run([sys.executable, "-m", "dpl", "--config-dir", str(SWEEPS), *args], cwd=cwd, env=env,
+    assert not (Path(cwd) / "sweeps").exists() and not Path(cwd).resolve().is_relative_to(ROOT)
+    proc = subprocess.run([sys.executable, "-m", "dpl", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -166,10 +169,18 @@ def test_grid_sweep_makes_one_child_run_per_cell_and_the_report_matches(tmp_path
         assert r.info.status == "FINISHED" and r.data.tags["sweep"] == "localsgd_grid"
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.data.params["method.name"] == "localsgd"
+        # named by the sweep, the job number and the config; MLflow's source tag
+        num = int(r.data.params["K"] == "4") * 2 + int(r.data.params["H"] == "4")  # K outer, H inner
+        assert r.info.run_name == f"localsgd_grid-{num}-localsgd-K{r.data.params['K']}-H{r.data.params['H']}-sgdm-s0"
+        assert r.data.tags["mlflow.source.name"] == "python -m dpl"
+    assert parent.info.run_name == "localsgd_grid"
     assert parent.info.status == "FINISHED" and parent.data.tags[PARENT_TAG] == "localsgd_grid"
     assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_finished"] == 4
     assert parent.data.metrics["best_val_acc"] == max(r.data.metrics["best_val_acc"] for r in jobs)
     assert len(list((tmp_path / "mr").glob("*/checkpoint.pt"))) == 4  # one job dir each
+    for log in (tmp_path / "mr").glob("*/dpl.log"):  # one line per epoch in each job's log (progress=false)
+        assert sum(" - epoch 1/1 train_loss=" in line for line in log.read_text().splitlines()) == 1
+    assert len(list((tmp_path / "mr").glob("*/dpl.log"))) == 4
 
     from dpl.report import main as report
 
@@ -213,7 +224,7 @@ def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path
 
     # Resume the same study with a range of lrs that diverge: the trials are added as FAIL (never
     # a value that could be best), the MLflow runs are FAILED with the reason, and the sweep finishes.
-    _dpl(tmp_path, *common, "hydra.sweeper.n_trials=2", "lr=tag(log, interval(1e8, 1e9))",
+    resumed = _dpl(tmp_path, *common, "hydra.sweeper.n_trials=2", "lr=tag(log, interval(1e8, 1e9))",
          f"hydra.sweep.dir={tmp_path / 'second'}")
     trials = _trials(storage, "optuna_lr-sgdm")
     assert len(trials) == 5 and [t.state.name for t in trials[3:]] == ["FAIL"] * 2
@@ -226,6 +237,12 @@ def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path
     assert all("test_acc" not in r.data.metrics for r in failed)
     second = max(parents, key=lambda r: r.info.start_time)
     assert second.data.metrics["jobs_failed"] == 2 and "best_val_acc" not in second.data.metrics
+    # Optuna's lines go through Hydra's plain handlers: no ANSI colour codes in a captured console
+    # (a SLURM or `tee` log) nor in the job logs.
+    console = resumed.stdout + resumed.stderr
+    assert "Using an existing study" in console and "\x1b[" not in console
+    for path in tmp_path.glob("*/*/dpl.log"):
+        assert "\x1b[" not in path.read_text(), path
 
     from dpl.report import main as report
 
@@ -238,6 +255,7 @@ def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path
     assert all(r["test_acc_mean"] == "" for r in diverged)
     assert "## Failed runs" in (out / "report.md").read_text()
     assert not math.isnan(max(float(r["best_val_acc_mean"]) for r in rows if r["runs"] == "1"))
+    assert (out / "acc_vs_lr.png").is_file()  # an Optuna search: accuracy against the sampled lr
 
     # A search where every trial diverges says so plainly, with no best parameters.
     proc = _dpl(tmp_path, *common, "hydra.sweeper.study_name=all_diverge", "hydra.sweeper.n_trials=2",

@@ -12,7 +12,7 @@ from dpl.app import run
 def test_run_contents_in_mlflow(make_cfg, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = make_cfg("logger=mlflow", f"logger.tracking_uri={uri}", "logger.experiment=e2e", "logger.plots=true",
-                   "method=localsgd", "K=2", "H=4", "epochs=2", "sweep=tiny")
+                   "method=localsgd", "K=2", "H=1", "dynamic_h=loss", "epochs=2", "sweep=tiny")
     final = run(cfg, out_dir=tmp_path / "job")
     client = MlflowClient(uri)
     (r,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
@@ -21,7 +21,16 @@ def test_run_contents_in_mlflow(make_cfg, tmp_path):
     assert r.data.params["method.name"] == "localsgd" and float(r.data.params["lr"]) == cfg.lr
     assert {k: r.data.tags[k] for k in ("method", "optimizer", "dataset", "sweep")} == \
         {"method": "localsgd", "optimizer": "sgdm", "dataset": "synthetic", "sweep": "tiny"}
-    assert r.data.tags["git_commit"]
+    # a descriptive name, and MLflow's own source tags (the UI's Source and Version columns)
+    assert r.info.run_name == "tiny-localsgd-K2-H1-loss-sgdm-s0"
+    assert r.data.tags["mlflow.source.name"] == "python -m dpl"
+    assert len(r.data.tags["mlflow.source.git.commit"]) == 40
+    experiment = client.get_experiment_by_name("e2e")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs
+    assert "metrics.`test_acc`" in experiment.tags["mlflow.sharedViewState.dpl"]
+    # dynamic_h=loss clamps H=1 up to h_min=4: the H trained with is recorded, not the configured 1
+    assert [m.value for m in client.get_metric_history(r.info.run_id, "H")] == [4, 4]
+    assert (r.data.metrics["H_first"], r.data.metrics["H_last"], r.data.metrics["H_mean"]) == (4, 4, 4)
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "samples_per_s", "H",
                 "sync_rounds", "sync_rounds_total", "comm_bytes", "comm_bytes_total", "rounds_vs_sync",
                 "modelled_time_s", "drift"):
@@ -39,6 +48,7 @@ def test_run_contents_in_mlflow(make_cfg, tmp_path):
         (row,) = list(csv.DictReader(f))
     assert row["run_id"] == r.info.run_id and float(row["test_acc"]) == final["test_acc"]
     assert row["K"] == "2" and row["method.name"] == "localsgd"
+    assert (row["H"], row["H_first"], row["H_last"], row["H_mean"]) == ("1", "4.0", "4.0", "4.0")
 
 
 def test_resume_logs_into_the_same_run(make_cfg, tmp_path):

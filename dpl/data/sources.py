@@ -9,6 +9,7 @@ download (whose archive md5 it does check) and parse the documented pickle layou
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 import shutil
@@ -24,6 +25,8 @@ from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
 from torchvision.datasets.utils import download_and_extract_archive
 
 from dpl.io import atomic_open
+
+log = logging.getLogger("dpl")
 
 # Where the Debian package `dataset-fashion-mnist` installs the four gzipped IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -187,6 +190,21 @@ def install_debian_fashion_mnist(raw_folder: Path, debian_dir: Path = DEBIAN_FAS
     return True
 
 
+def _download_fashion_mnist(cfg: Any, root: Path, raw_folder: Path, debian_dir: Path) -> None:
+    reason = "dataset.download=false"
+    if cfg.download:
+        try:
+            FashionMNIST(str(root), train=True, download=True)
+        except Exception as e:  # network, http and checksum failures all mean "not available"
+            reason = f"download failed: {_first_line(e)}"
+    if not _all_files(raw_folder, _fashion_raw_names()):
+        raise DatasetUnavailable(
+            f"Fashion-MNIST not found in {raw_folder.resolve()}/ ({reason}): put "
+            f"{', '.join(_fashion_raw_names())} there, or apt-get install dataset-fashion-mnist "
+            f"(read from {debian_dir}/); dataset=synthetic runs offline"
+        )
+
+
 def fashion_mnist(cfg: Any, root: str | Path | None = None, debian_dir: str | Path | None = None) -> RawData:
     """Fashion-MNIST (1x28x28, 10 classes) through torchvision, or the Debian package when offline.
 
@@ -196,19 +214,12 @@ def fashion_mnist(cfg: Any, root: str | Path | None = None, debian_dir: str | Pa
     debian_dir = Path(debian_dir if debian_dir is not None else DEBIAN_FASHION_MNIST)
     raw_folder = root / "FashionMNIST" / "raw"
     # Prefer the local package over the network: same pixels, no wait for a timeout offline.
-    if not _all_files(raw_folder, _fashion_raw_names()) and not install_debian_fashion_mnist(raw_folder, debian_dir):
-        reason = "dataset.download=false"
-        if cfg.download:
-            try:
-                FashionMNIST(str(root), train=True, download=True)
-            except Exception as e:  # network, http and checksum failures all mean "not available"
-                reason = f"download failed: {_first_line(e)}"
-        if not _all_files(raw_folder, _fashion_raw_names()):
-            raise DatasetUnavailable(
-                f"Fashion-MNIST not found in {raw_folder.resolve()}/ ({reason}): put "
-                f"{', '.join(_fashion_raw_names())} there, or apt-get install dataset-fashion-mnist "
-                f"(read from {debian_dir}/); dataset=synthetic runs offline"
-            )
+    if not _all_files(raw_folder, _fashion_raw_names()):
+        if install_debian_fashion_mnist(raw_folder, debian_dir):
+            log.info("Fashion-MNIST: using the Debian package's files from %s/ (copied to %s/)",
+                     debian_dir, raw_folder)
+        else:
+            _download_fashion_mnist(cfg, root, raw_folder, debian_dir)
     train, test = (FashionMNIST(str(root), train=t, download=False) for t in (True, False))
     return RawData(
         train.data.unsqueeze(1).contiguous(), train.targets.long(),

@@ -1,0 +1,60 @@
+"""Checks that a rendered matplotlib figure is legible: tick labels apart, legends off the data."""
+
+from __future__ import annotations
+
+import math
+
+PAD = 0.5  # pixels two boxes may touch by (antialiasing), not overlap
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 - PAD and b.x0 < a.x1 - PAD and a.y0 < b.y1 - PAD and b.y0 < a.y1 - PAD
+
+
+def _inside(box, outer) -> bool:
+    return box.x0 >= outer.x0 - 1 and box.y0 >= outer.y0 - 1 and box.x1 <= outer.x1 + 1 and box.y1 <= outer.y1 + 1
+
+
+def _in_view(value: float, lo: float, hi: float) -> bool:
+    tol = 1e-9 * max(abs(lo), abs(hi), 1e-300)
+    return lo - tol <= value <= hi + tol
+
+
+def tick_labels(ax, which: str) -> list:
+    """The non-empty major and minor tick labels drawn on one axis (ticks outside the view are not drawn)."""
+    axis = getattr(ax, f"{which}axis")
+    lo, hi = sorted(getattr(ax, f"get_{which}lim")())
+    labels = []
+    for minor in (False, True):
+        for tick in axis.get_minor_ticks() if minor else axis.get_major_ticks():
+            label = tick.label1
+            pos = tick.get_loc()
+            if label.get_visible() and label.get_text().strip() and pos is not None and math.isfinite(pos) \
+                    and _in_view(pos, lo, hi):
+                labels.append(label)
+    return labels
+
+
+def assert_legible(fig, name: str = "") -> None:
+    """No two tick labels of an axis overlap, every tick label and legend lies inside the figure,
+    no legend covers an axes, and every axes shows at least one x and one y tick label."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    fig_box = fig.bbox
+    axes_boxes = [ax.get_window_extent(renderer) for ax in fig.axes]
+    for ax in fig.axes:
+        for which in "xy":
+            labels = tick_labels(ax, which)
+            texts = [t.get_text() for t in labels]
+            assert labels, f"{name}: no {which} tick labels"
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            for i, a in enumerate(boxes):
+                assert _inside(a, fig_box), f"{name}: {which} tick label {texts[i]!r} is cut off"
+                for j in range(i + 1, len(boxes)):
+                    assert not _overlap(a, boxes[j]), f"{name}: {which} tick labels {texts[i]!r} and {texts[j]!r} overlap"
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert _inside(box, fig_box), f"{name}: legend is cut off"
+        for ax_box in axes_boxes:
+            assert not _overlap(box, ax_box), f"{name}: legend covers an axes"
