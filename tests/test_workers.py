@@ -119,6 +119,31 @@ def test_vmap_buffers_match_each_workers_own_module():
             torch.testing.assert_close(b[k], ref.get_buffer(name), atol=1e-6, rtol=1e-5)
 
 
+def test_vmap_equals_loop_in_float64_over_twenty_localsgd_steps():
+    """In float64 the two modes agree to 1e-10 after 20 steps with syncs at steps 8 and 16:
+    the same function, where float32 rounding differences grow with training."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        runs = {}
+        for mode in ("loop", "vmap"):
+            torch.manual_seed(0)
+            workers = StackedWorkers(ResNet20(3, 10, 8), 4, LocalComm(4), mode=mode)
+            opt = torch.optim.SGD(workers.params, lr=0.1, momentum=0.9)
+            for step in range(20):
+                opt.zero_grad()
+                x, y = _worker_inputs(4, 4, 8, step)
+                workers.forward_backward(x.double(), y)
+                opt.step()
+                if (step + 1) % 8 == 0:
+                    workers.average_params_()
+            runs[mode] = workers
+    finally:
+        torch.set_default_dtype(dtype)
+    for a, b in zip(runs["loop"].params + runs["loop"].buffers, runs["vmap"].params + runs["vmap"].buffers):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
 def test_evaluation_uses_the_averaged_running_statistics(mode):
     workers = _localsgd(mode, steps=3, H=2)  # the third step leaves each worker its own statistics
@@ -165,16 +190,24 @@ def test_gradient_averaging_keeps_weights_equal_and_statistics_per_worker(mode):
 
 def test_resnet20_localsgd_run_gives_equal_numbers_in_vmap_and_loop(make_cfg, tmp_path):
     """The issue's run, `model=resnet20 method=localsgd K=4 H=8 dataset=synthetic epochs=2`, small:
-    11 steps per epoch, so each epoch has a sync at step 8 and one at its end."""
+    10 steps per epoch, so each epoch has a sync at step 8 and one at its end.
+
+    In float32 the modes round differently (grouped convolutions, BatchNorm over K x C
+    channels) and early ResNet training amplifies that ~3x per step (1e-7 -> 1e-3 in the
+    weights after 20 steps), so the metrics agree to rounding growth, not bit for bit; the
+    float64 test above shows the two compute the same function.
+    """
     from dpl.app import run
 
-    small = ["model=resnet20", "method=localsgd", "K=4", "H=8", "epochs=2", "batch_size=8",
-             "dataset.num_train=400", "dataset.num_test=80", "dataset.image_size=12"]
+    small = ["model=resnet20", "method=localsgd", "K=4", "H=8", "epochs=2", "batch_size=32",
+             "dataset.num_train=1400", "dataset.num_test=200", "dataset.image_size=8"]
     loop = run(make_cfg(*small, "engine.simulate=loop"), tmp_path / "loop")
     vmap = run(make_cfg(*small, "engine.simulate=vmap"), tmp_path / "vmap")
     assert loop.keys() == vmap.keys()
     for key, value in loop.items():
-        if isinstance(value, float):
-            assert vmap[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        if "acc" in key:
+            assert vmap[key] == pytest.approx(value, abs=0.03), key  # a few of 200 near-tied images may flip
+        elif isinstance(value, float):
+            assert vmap[key] == pytest.approx(value, rel=1e-3), key
         else:
             assert vmap[key] == value, key
