@@ -123,7 +123,7 @@ def bench_local(device: torch.device, args) -> None:
     base = timed(step_fn(central), device, args.warmup, args.repeats, args.iters)
     print(f"[local] one step of K={K} x batch {b} (localsgd, no sync) vs one centralized step of batch {K * b}")
     print(f"  centralized batch {K * b:<4}        {summary(K * b, base)}")
-    auto = simulation_mode("auto", device, central.workers.model)
+    auto = simulation_mode("auto", device)
     for mode in ("loop", "vmap"):
         cfg = compose(f"device={device.type}", "dataset.num_train=12000", f"batch_size={b}", f"K={K}",
                       "method=localsgd", "H=1000000", f"engine.simulate={mode}")

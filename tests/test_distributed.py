@@ -36,6 +36,9 @@ VARIANTS = {
     # the comm point (no DDP), then local steps
     "diloco": ["method=diloco", "H=3", "epochs=1"],
     "post_local": ["method=post_local", "method.switch_epoch=1", "H=3", "epochs=2"],
+    # BatchNorm: per-worker running statistics, averaged at syncs (LocalSGD) or never (centralized)
+    "resnet20_localsgd": ["model=resnet20", "dataset.image_size=12", "method=localsgd", "H=3", "epochs=1"],
+    "resnet20_centralized": ["model=resnet20", "dataset.image_size=12", "method=centralized", "epochs=1"],
 }
 
 
@@ -56,18 +59,20 @@ def one_thread(monkeypatch):
 def simulated_params(make_cfg, *overrides: str) -> tuple[list[torch.Tensor], list[dict]]:
     trainer = build_trainer(make_cfg(*overrides), torch.device("cpu"))
     trainer.fit()
-    return [p.detach() for p in trainer.workers.params], trainer.state.history
+    return [t.detach() for t in trainer.workers.params + trainer.workers.buffers], trainer.state.history
 
 
 def saved_params(job_dir: Path) -> tuple[list[torch.Tensor], list[dict]]:
+    """Every worker's parameters and buffers (BatchNorm statistics), and the history."""
     ckpt = checkpoint.load(job_dir)
-    return ckpt["workers"]["params"], ckpt["state"]["history"]
+    return ckpt["workers"]["params"] + ckpt["workers"]["buffers"], ckpt["state"]["history"]
 
 
 def assert_same_run(sim, dist_run, atol=0.0):
-    """Same weights and per-epoch records. With K=2 the weights agree bit for bit: the ranks'
+    """Same weights (and buffers) and per-epoch records. With K=2 the weights agree bit for bit: the ranks'
     (a/2 + b/2) equals the simulation's mean (a + b)/2 exactly in binary floating point."""
     (sim_params, sim_hist), (dist_params, dist_hist) = sim, dist_run
+    assert len(sim_params) == len(dist_params)
     for a, b in zip(sim_params, dist_params):
         assert a.shape == b.shape  # every worker is in the checkpoint, stacked as in the simulation
         torch.testing.assert_close(a, b, atol=atol, rtol=0)

@@ -7,6 +7,12 @@ Averaging the workers is then ``mean(0)``, and an optimizer acting on the stacke
 tensors updates all workers at once (elementwise optimizers as they are; LARS/LAMB
 in their ``per_worker`` mode, which takes norms per slice).
 
+Model buffers (BatchNorm's running statistics) are stacked [K, ...] the same way, so each
+worker tracks its own and a sync averages them with the parameters. The loop updates
+them in place through per-worker views; vmap updates them functionally: each worker's
+forward runs on its own copy of its buffers, returns the updated copy as an output, and
+the stacked buffers take the new values afterwards. Both give the same numbers.
+
 The same class serves the multi-process engine with K_local = 1: there ``comm``
 averages across processes instead of across the leading dimension, and everything
 else is shared.
@@ -81,8 +87,6 @@ class StackedWorkers:
         self.params = [_stack(p, k_local).requires_grad_(True) for p in model.parameters()]
         self.buffers = [_stack(b, k_local) for b in model.buffers()]
         self.drift = 0.0  # of the workers before the last parameter average
-        if mode == "vmap" and self.buffers:
-            raise ValueError("simulate=vmap cannot update model buffers in place; use engine.simulate=loop")
 
     @property
     def K(self) -> int:
@@ -92,7 +96,14 @@ class StackedWorkers:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [K_local, B, classes] for per-worker inputs x [K_local, B, ...]."""
         if self.mode == "vmap":
-            return vmap(self._forward_one)(tuple(self.params), tuple(self.buffers), x)
+            if not self.buffers:
+                return vmap(self._forward_one)(tuple(self.params), (), x)
+            logits, buffers = vmap(self._forward_updating)(tuple(self.params), tuple(self.buffers), x)
+            with torch.no_grad():
+                for b, new in zip(self.buffers, buffers):
+                    b.copy_(new)
+            return logits
+        # each worker's buffers are views into the stacked ones, so BatchNorm updates them in place
         return torch.stack([self._forward_one([p[k] for p in self.params], [b[k] for b in self.buffers], x[k])
                             for k in range(self.k_local)])
 
@@ -100,6 +111,15 @@ class StackedWorkers:
         tensors = dict(zip(self.param_names, params))
         tensors.update(zip(self.buffer_names, buffers))
         return functional_call(self.model, tensors, (x,))
+
+    def _forward_updating(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], x: torch.Tensor):
+        """One worker's logits and its buffers after the forward (BatchNorm's running statistics).
+
+        The forward updates a copy, which is returned: writing in place into a tensor that
+        vmap passed in would rely on vmap propagating the write to the stacked original.
+        """
+        buffers = [b.clone() for b in buffers]
+        return self._forward_one(params, buffers, x), tuple(buffers)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each worker's mean cross-entropy on its own batch, and its correct count.
