@@ -10,7 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dpl.config import ConfigError, register_configs
+from dpl.config import register_configs
+from dpl.errors import ConfigError, RankFailure, user_errors
 from dpl.preflight import check_overrides
 
 register_configs()
@@ -27,15 +28,6 @@ def with_sweeps_dir(argv: list[str]) -> list[str]:
     return argv if given or not SWEEPS_DIR.is_dir() else [*argv, "--config-dir", str(SWEEPS_DIR)]
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: reported in one line, exit status 2."""
-    from dpl.checkpoint import CheckpointError
-    from dpl.data import DatasetUnavailable
-    from dpl.tracking import TrackingError
-
-    return ConfigError, CheckpointError, DatasetUnavailable, TrackingError
-
-
 def _multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -46,7 +38,7 @@ def _multirun() -> bool:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | str:
     from dpl.app import job_dir, run
-    from dpl.engine.launch import RankFailure, announce_run_dir
+    from dpl.engine.launch import announce_run_dir
     from dpl.interrupt import EXIT_STATUS, signal_name
 
     announce_run_dir(job_dir())  # under torchrun: the other ranks write under rank 0's dir

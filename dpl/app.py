@@ -15,9 +15,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpl import checkpoint
-from dpl.config import Config, ConfigError, validate
+from dpl.config import Config, ConfigError
+from dpl.preflight import validate
 from dpl.data import load_dataset
-from dpl.engine import build_workers
+from dpl.engine import build_workers, pick_device
 from dpl.io import temp_files, write_csv
 from dpl.methods import build_method
 from dpl.models import build_model
@@ -50,14 +51,6 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else launch_dir() / p
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' is invalid: no CUDA device is visible (allowed auto, cpu)")
-    return torch.device(name)
-
-
 def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=None) -> Trainer:
     """Data, model, workers, method and optimizer for ``cfg`` (seeded: the same on every rank)."""
 
@@ -85,8 +78,8 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=Non
             detail = " ".join(line.strip() for line in first[1:3])[:300] or first[0][:300]
             raise checkpoint.CheckpointError(f"pretrained={cfg.pretrained!r} does not fit model "
                                              f"{cfg.model.name} on {cfg.dataset.name}: {detail}") from None
-    workers = build_workers(cfg, model, device, comm)
     method = build_method(cfg.method, cfg.local_momentum)
+    workers = build_workers(cfg, model, device, comm, synchronous=method.synchronous)
     return Trainer(cfg, data, workers, method, rank=rank)
 
 

@@ -9,14 +9,11 @@ from typing import Any
 
 import torch
 
+from dpl.errors import CheckpointError
 from dpl.io import atomic_temp_path
 
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or not a dpl checkpoint; one-line message."""
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:

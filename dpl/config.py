@@ -15,9 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value outside its allowed range; the message is one line."""
+from dpl.errors import ConfigError
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -360,26 +358,15 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="dpl_schema", node=Config)
 
 
-def validate(cfg: DictConfig) -> Config:
-    """Instantiate the dataclasses (running every range check); raise ConfigError in one line."""
-    from dpl.registry import check_choices  # late import: the registries import torch
+def to_schema(cfg: DictConfig) -> Config:
+    """Instantiate the dataclasses (running every range check); raise ConfigError in one line.
 
+    Whether each group's name is a registered option, and checks across groups, are
+    :func:`dpl.preflight.validate`'s (it knows every registry; this module knows none).
+    """
     try:
-        obj = OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except ConfigError:
         raise
     except Exception as e:  # OmegaConf type errors carry the key in their message
         raise ConfigError(str(e).splitlines()[0]) from None
-    check_choices(cfg)
-    _check_dynamic_h(cfg)
-    return obj
-
-
-def _check_dynamic_h(cfg: DictConfig) -> None:
-    """A dynamic H needs local steps: a method that averages every step would silently ignore it."""
-    from dpl.methods import METHODS
-
-    if cfg.dynamic_h.name != "constant" and not METHODS[cfg.method.name].has_local_steps:
-        local = ", ".join(n for n, m in METHODS.items() if m.has_local_steps)
-        raise ConfigError(f"dynamic_h={cfg.dynamic_h.name!r} is invalid with method={cfg.method.name!r}, "
-                          f"which has no local steps: allowed dynamic_h=constant, or method={local}")

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from dpl.errors import Diverged
+
 
 class EpochSums:
     """Training loss and correct count of the epoch in progress, summed on the device.
@@ -39,10 +41,6 @@ class EpochSums:
 
     def reset(self) -> None:
         self.load(0.0, 0, 0)
-
-
-class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 def check_finite(train_loss: float, epoch: int) -> None:

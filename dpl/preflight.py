@@ -1,10 +1,12 @@
-"""Command-line checks that run before Hydra composes anything.
+"""Every check that runs before training: of the command line, and of the composed config.
 
 Hydra reports a bad override over several lines (and only after composing); a
 researcher wants one line naming the key and what it accepts, before any data is
-loaded. Every value of a sweep (``K=2,4,8``) is checked, so a sweep does not die at
-its fifth job. Composition and :func:`dpl.config.validate` still check everything
-again; this only makes the common mistakes fail early and readably.
+loaded. :func:`check_overrides` checks every value of a sweep (``K=2,4,8``) before Hydra
+composes anything, so a sweep does not die at its fifth job. :func:`validate` then checks
+the composed config: values against the schemas (:mod:`dpl.config`), each group's name
+against its registry (:func:`registries`, the one place that knows them all), and the
+checks across groups.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable
 
-from dpl.config import GROUP_SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig
+from omegaconf import DictConfig
+
+from dpl.config import GROUP_SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig, to_schema
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = (*GROUP_SCHEMAS, "experiment", "ablation")
@@ -134,3 +138,51 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 def _type_name(typ: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(typ, str(typ))
+
+
+# ----------------------------------------------------------------------------- the composed config
+
+
+def registries() -> dict[str, dict]:
+    """Every config group's registry: group name -> {YAML option name: builder}."""
+    from dpl.data import DATASETS
+    from dpl.dynamic_h import STRATEGIES
+    from dpl.engine import ENGINES
+    from dpl.methods import METHODS
+    from dpl.models import MODELS
+    from dpl.optim import OPTIMIZERS
+    from dpl.schedules import SCHEDULERS
+    from dpl.study import ABLATIONS
+    from dpl.tracking import LOGGERS
+
+    return {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+            "method": METHODS, "dynamic_h": STRATEGIES, "engine": ENGINES, "logger": LOGGERS,
+            "ablation": ABLATIONS}
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Each group's ``name`` must be a key of its registry."""
+    for group, registry in registries().items():
+        node = cfg[group]
+        name = node.name if isinstance(node, DictConfig) else node  # ablation: a plain key
+        if name not in registry:
+            raise ConfigError(f"{group}.name={name!r} is invalid: allowed one of {', '.join(sorted(registry))}")
+
+
+def check_dynamic_h(cfg: DictConfig) -> None:
+    """A dynamic H needs local steps: a method that averages every step would silently ignore it."""
+    from dpl.methods import METHODS
+
+    if cfg.dynamic_h.name != "constant" and not METHODS[cfg.method.name].has_local_steps:
+        local = ", ".join(n for n, m in METHODS.items() if m.has_local_steps)
+        raise ConfigError(f"dynamic_h={cfg.dynamic_h.name!r} is invalid with method={cfg.method.name!r}, "
+                          f"which has no local steps: allowed dynamic_h=constant, or method={local}")
+
+
+def validate(cfg: DictConfig) -> Config:
+    """The whole composed config: every value against its schema, every group's name against its
+    registry, and the checks across groups; raise ConfigError in one line."""
+    obj = to_schema(cfg)
+    check_choices(cfg)
+    check_dynamic_h(cfg)
+    return obj

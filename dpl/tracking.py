@@ -28,6 +28,7 @@ from typing import Any, Mapping, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
+from dpl.errors import ConfigError, TrackingError
 from dpl.io import write_csv
 from dpl.registry import lookup
 
@@ -44,8 +45,6 @@ NOT_HASHED = ("progress", "resume", "test_only", "checkpoint", "checkpoint_every
               "engine.timeout_s", "engine.master_addr", "engine.master_port", "engine.spawn", "engine.simulate")
 
 
-class TrackingError(RuntimeError):
-    """The tracking store cannot be opened or reached; the one-line message names it."""
 SOURCE_NAME = "python -m dpl"  # the Source column of the MLflow UI
 # MLflow 3's UI opens an experiment on its GenAI "Traces" tab unless the experiment's kind says
 # it holds model-training runs (the tag the UI itself sets when one picks "Machine learning").
@@ -575,7 +574,6 @@ def check_writable_file(key: str, value: str, path: Path) -> None:
 
     Tried, not inferred from permission bits: root ignores them, a read-only mount does not.
     """
-    from dpl.config import ConfigError
 
     def bad(why: str) -> ConfigError:
         return ConfigError(f"{key}={value!r} is invalid: {why}")
@@ -595,7 +593,6 @@ def check_writable_file(key: str, value: str, path: Path) -> None:
 
 
 def check_writable_dir(key: str, path: Path) -> None:
-    from dpl.config import ConfigError
 
     try:
         path.mkdir(parents=True, exist_ok=True)

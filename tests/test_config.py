@@ -8,9 +8,10 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from dpl.config import ConfigError, validate
+from dpl.config import ConfigError
+from dpl.preflight import validate
 from dpl.preflight import GROUPS, check_overrides, group_options
-from dpl.registry import registries
+from dpl.preflight import registries
 from tests.conftest import CONF, compose_cfg
 
 

@@ -371,7 +371,7 @@ def test_bad_keys_and_values_are_one_line(override, needle):
 
 
 def test_grad_clip_message_names_the_optimizer(make_cfg):
-    from dpl.config import validate
+    from dpl.preflight import validate
 
     check_overrides(["optimizer.grad_clip_norm=1.0"])  # fine for lars / lamb: the optimizer is not known yet
     with pytest.raises(ConfigError, match="null for optimizer sgdm") as e:

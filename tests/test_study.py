@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from dpl import train as train_mod
 from dpl.app import build_trainer, run
-from dpl.config import validate
+from dpl.preflight import validate
 from dpl.data import make_shards, steps_per_epoch
 from dpl.preflight import group_options
 from dpl.schedules import lr_table

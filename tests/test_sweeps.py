@@ -26,7 +26,8 @@ from hydra.core.override_parser.types import Glob, IntervalSweep
 from omegaconf import OmegaConf
 
 from dpl.app import build_trainer
-from dpl.config import ConfigError, register_configs, validate
+from dpl.config import ConfigError, register_configs
+from dpl.preflight import validate
 from dpl.preflight import group_options
 from dpl.sweep import PARENT_TAG
 from dpl.train import scaled_lr

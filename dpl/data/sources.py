@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
 from torchvision.datasets.utils import download_and_extract_archive
 
+from dpl.errors import DatasetUnavailable
 from dpl.io import atomic_open
 
 log = logging.getLogger("dpl")
@@ -34,10 +35,6 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SYNTHETIC_SEED = 20240917
 
 OFFLINE_HINT = "dataset=synthetic or dataset=fashion_mnist run offline"
-
-
-class DatasetUnavailable(RuntimeError):
-    """The dataset's files are missing or unreadable; the message (one line) says where to put them."""
 
 
 @dataclass

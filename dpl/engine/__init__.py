@@ -12,7 +12,17 @@ from torch import nn
 
 from dpl.engine.distributed import build_distributed
 from dpl.engine.workers import LocalComm, StackedWorkers
+from dpl.errors import ConfigError
 from dpl.registry import lookup
+
+
+def pick_device(name: str) -> torch.device:
+    """``device=auto|cpu|cuda`` as a torch device (auto: CUDA when one is visible)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' is invalid: no CUDA device is visible (allowed auto, cpu)")
+    return torch.device(name)
 
 
 def simulation_mode(requested: str, device: torch.device) -> str:
@@ -24,7 +34,8 @@ def simulation_mode(requested: str, device: torch.device) -> str:
     return "vmap" if device.type == "cuda" else "loop"
 
 
-def build_simulated(cfg: DictConfig, model: nn.Module, device: torch.device, comm=None) -> StackedWorkers:
+def build_simulated(cfg: DictConfig, model: nn.Module, device: torch.device, comm=None,
+                    synchronous: bool = False) -> StackedWorkers:
     mode = simulation_mode(cfg.engine.simulate, device)
     return StackedWorkers(model, cfg.K, comm or LocalComm(cfg.K), mode)
 
@@ -32,5 +43,7 @@ def build_simulated(cfg: DictConfig, model: nn.Module, device: torch.device, com
 ENGINES = {"simulated": build_simulated, "distributed": build_distributed}
 
 
-def build_workers(cfg: DictConfig, model: nn.Module, device: torch.device, comm=None) -> StackedWorkers:
-    return lookup(ENGINES, "engine", cfg.engine.name)(cfg, model, device, comm)
+def build_workers(cfg: DictConfig, model: nn.Module, device: torch.device, comm=None,
+                  synchronous: bool = False) -> StackedWorkers:
+    """The K workers of ``model``; ``synchronous``: the method averages gradients at every step."""
+    return lookup(ENGINES, "engine", cfg.engine.name)(cfg, model, device, comm, synchronous)

@@ -31,6 +31,7 @@ from torch.distributed.algorithms.model_averaging.utils import average_parameter
 from torch.nn.parallel import DistributedDataParallel
 
 from dpl.engine.workers import StackedWorkers
+from dpl.errors import CheckpointError, ConfigError, DatasetUnavailable
 
 T = TypeVar("T")
 
@@ -103,8 +104,6 @@ class ProcessGroupComm:
         self.store.wait([key], timedelta(seconds=wait_s))
         status = self.store.get(key).decode()
         if status != "ok":
-            from dpl.data import DatasetUnavailable
-
             raise DatasetUnavailable(f"rank 0 could not load the data: {status[len('error: '):]}")
         return load(False)
 
@@ -196,18 +195,17 @@ class DistributedWorkers(StackedWorkers):
         return loss_sum / max(count, 1.0), correct / max(count, 1.0)
 
 
-def build_distributed(cfg: Any, model: nn.Module, device: torch.device, comm=None) -> DistributedWorkers:
-    from dpl.config import ConfigError
-    from dpl.methods import METHODS
-
+def build_distributed(cfg: Any, model: nn.Module, device: torch.device, comm=None,
+                      synchronous: bool = False) -> DistributedWorkers:
+    """The rank's workers; ``synchronous`` (the method averages gradients at every step of the
+    run) wraps them in DDP, a method that switches (post-local SGD) all-reduces its gradients
+    through the comm point instead."""
     if not isinstance(comm, ProcessGroupComm):
         raise ConfigError("engine=distributed needs its processes: launch with torchrun --nproc-per-node=K "
                           "-m dpl engine=distributed ..., or add engine.spawn=true")
     if comm.world != cfg.K:
         raise ConfigError(f"K={cfg.K} is invalid: engine=distributed runs K = world size = {comm.world} workers")
-    # DDP where gradients are averaged at every step of the run; a method that switches
-    # (post-local SGD) all-reduces its gradients through the comm point instead
-    return DistributedWorkers(model, comm, ddp=METHODS[cfg.method.name].synchronous)
+    return DistributedWorkers(model, comm, ddp=synchronous)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -235,8 +233,6 @@ def stack_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def rank_state(state: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     """Rank ``rank``'s share of a state of every worker (the inverse of :func:`stack_states`)."""
-    from dpl.checkpoint import CheckpointError
-
     held = state["workers"]["params"][0].shape[0]
     if held != world:
         raise CheckpointError(f"the checkpoint holds K={held} workers, this run has {world} processes: "

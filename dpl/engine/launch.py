@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from dpl.config import ConfigError
+from dpl.errors import ConfigError, RankFailure, user_errors
 from dpl.engine.distributed import ProcessGroupComm
 
 log = logging.getLogger("dpl")
@@ -54,10 +54,6 @@ STORE_TIMEOUT = timedelta(minutes=10)  # store handshakes (run dir, reports), no
 # How a failed collective reads (gloo and NCCL put no common exception type on all of them).
 COMM_MARKERS = ("gloo", "nccl", "NCCL", "Connection", "Broken pipe", "timeout", "Timed out", "timed out",
                 "pair closure", "ProcessGroup", "c10d")
-
-
-class RankFailure(RuntimeError):
-    """A rank died, hung or failed, and the job stopped; the one-line message names the rank."""
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -133,7 +129,7 @@ def launch(cfg: DictConfig, out_dir: Path, body: Body, on_failure: Optional[OnFa
 
 def backend_for(cfg: DictConfig) -> str:
     """The collective backend: ``auto`` is NCCL on CUDA, gloo on CPU; NCCL needs CUDA."""
-    from dpl.app import pick_device
+    from dpl.engine import pick_device
 
     device = pick_device(cfg.device)
     backend = cfg.engine.backend
@@ -146,7 +142,7 @@ def backend_for(cfg: DictConfig) -> str:
 
 def rank_device(cfg: DictConfig, local_rank: int) -> torch.device:
     """CUDA: this rank's own GPU (the local rank's); CPU otherwise."""
-    from dpl.app import pick_device
+    from dpl.engine import pick_device
 
     device = pick_device(cfg.device)
     if device.type == "cuda":
@@ -428,7 +424,6 @@ def _read_outcomes(pipes: list, outcome: dict) -> None:
 
 def _raise_failure(exits: dict[int, Optional[int]], outcome: dict, store: dist.Store, world: int,
                    order: Sequence[int] = ()) -> None:
-    from dpl.__main__ import user_errors
 
     errors = [v for r, (kind, v) in sorted(outcome.items()) if kind == "error"]
     for e in errors:  # a config, checkpoint or data error is the same on every rank: report it as such
@@ -461,8 +456,7 @@ def _spawned_rank(body: Body, cfg: DictConfig, out_dir: Path, addr: str, port: i
     try:
         result = run_rank(body, cfg, out_dir, store, rank, world, local_rank=rank)
     except BaseException as e:
-        from dpl.__main__ import user_errors
-
+    
         # The launcher reports a user error, a rank failure or its own signal in one line;
         # only an unexpected crash prints its traceback here.
         if not isinstance(e, (RankFailure, KeyboardInterrupt, *user_errors())) and not is_comm_error(e):
