@@ -20,13 +20,13 @@ from dpl.preflight import validate
 from dpl.data import load_dataset
 from dpl.engine import build_workers, pick_device
 from dpl.io import temp_files, write_csv
-from dpl.methods import build_method
+from dpl.methods import METHODS, build_method
 from dpl.models import build_model
 from dpl.plots import plot_history
 from dpl.sweep import parent_run_id
-from dpl.tracking import (CONFIG_HASH_TAG, append_result_row, check_tracking, check_writable_dir,
+from dpl.tracking import (CONFIG_HASH_TAG, RUN_NAME_TAG, append_result_row, check_tracking, check_writable_dir,
                           check_writable_file, config_hash, end_run_if_running, find_finished_run,
-                          flatten_config, launch_dir, make_logger, source_tags)
+                          flatten_config, launch_dir, make_logger, run_name, source_tags)
 from dpl.train import Diverged, Trainer
 
 log = logging.getLogger("dpl")
@@ -292,7 +292,8 @@ class Recorder:
                 stale.unlink(missing_ok=True)
         self.logger = make_logger(cfg.logger if writer else OmegaConf.create({"name": "none"}))
         tags = {"method": cfg.method.name, "optimizer": cfg.optimizer.name, "dataset": cfg.dataset.name,
-                **source_tags(), CONFIG_HASH_TAG: config_hash(cfg)}
+                **source_tags(), CONFIG_HASH_TAG: config_hash(cfg),
+                RUN_NAME_TAG: run_name(cfg, local_steps=METHODS[cfg.method.name].has_local_steps)}
         if cfg.sweep:
             tags["sweep"] = str(cfg.sweep)
         if parent_run_id():  # a job of a sweep that opened an MLflow parent run (dpl.sweep)

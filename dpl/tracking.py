@@ -35,6 +35,7 @@ from dpl.registry import lookup
 log = logging.getLogger("dpl")
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+RUN_NAME_TAG = "mlflow.runName"  # MLflow's own tag for the run name
 HOST_TAG, PID_TAG = "dpl.host", "dpl.pid"  # where a run's process lives: dpl.report tells a dead RUNNING run
 CONFIG_HASH_TAG = "dpl.config_hash"  # the resolved config's digest: a re-run sweep skips what finished
 RESUMED_FROM_TAG = "resumed_from"
@@ -166,18 +167,16 @@ def source_tags(entry: str = SOURCE_NAME, path: str | Path | None = None) -> dic
     return tags
 
 
-def run_name(cfg: DictConfig) -> str | None:
+def run_name(cfg: DictConfig, local_steps: bool = True) -> str | None:
     """A descriptive MLflow run name: ``localsgd-K4-H8-sgdm-s0`` (``-loss`` after H for a dynamic-H run;
-    no H for a method without local steps); a sweep's job is ``<sweep>-<job number>-<that>``.
+    no H for a method without ``local_steps``); a sweep's job is ``<sweep>-<job number>-<that>``.
     None (MLflow picks a name) for a config without a method."""
-    from dpl.methods import METHODS
-
     get = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
     method = get("method.name")
     if method is None:
         return None
     parts = [str(method), f"K{get('K', 1)}"]
-    if getattr(METHODS.get(method), "local", True):
+    if local_steps:
         parts.append(f"H{get('H', 1)}")
         if get("dynamic_h.name", "constant") != "constant":
             parts.append(str(get("dynamic_h.name")))
@@ -256,13 +255,14 @@ class MlflowLogger:
         self.tracking_uri = uri
         self._client = open_store(uri)
         tags = {**tags, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+        suggested = tags.pop(RUN_NAME_TAG, None)  # the caller's name for a new run (a config's run_name wins)
         resumed = resume_run_id is not None and _run_exists(self._client, resume_run_id)
         if resumed:
             self._client.update_run(resume_run_id, status="RUNNING")  # as mlflow.start_run(run_id=...)
             self.run_id = resume_run_id
         else:
             experiment_id = _experiment_id(self._client, self.cfg.experiment, uri)
-            name = self.cfg.run_name or run_name(cfg)
+            name = self.cfg.run_name or suggested or run_name(cfg)
             self.run_id = self._client.create_run(experiment_id, run_name=name).info.run_id
             self._log_params(flatten_config(cfg))
             if resume_run_id is not None:

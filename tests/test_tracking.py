@@ -334,3 +334,15 @@ def test_append_result_row_concurrent_processes(tmp_path):
         assert r[f"only_{w}"] == str(w * 100 + int(r["i"]))
         assert all(r[f"only_{o}"] == "" for o in range(workers) if o != w)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.csv.lock"]
+
+
+def test_run_names_say_the_method_and_H_only_where_there_are_local_steps():
+    from omegaconf import OmegaConf
+
+    from dpl.tracking import run_name
+
+    cfg = OmegaConf.create({"method": {"name": "localsgd"}, "K": 4, "H": 8, "optimizer": {"name": "sgdm"},
+                            "seed": 0, "dynamic_h": {"name": "constant"}})
+    assert run_name(cfg) == "localsgd-K4-H8-sgdm-s0"
+    cfg.method.name = "centralized"
+    assert run_name(cfg, local_steps=False) == "centralized-K4-sgdm-s0"
