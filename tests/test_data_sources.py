@@ -236,6 +236,7 @@ def test_eval_batches_cover_the_split_in_order():
     assert torch.equal(x_all, make_batch(data, torch.arange(45), None, train=False, split="test")[0])
 
 
+@pytest.mark.slow  # tests/test_train.py::test_synthetic_run_learns checks the same through the whole pipeline
 def test_lenet_learns_synthetic_in_two_epochs():
     """The point of `synthetic`: a real model learns it far above chance (10%) offline, in seconds."""
     from dpl.models import LeNet5
