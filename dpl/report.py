@@ -12,7 +12,8 @@ Reads the local MLflow store (``sqlite:///mlflow.db`` in the current directory u
 * ``acc_vs_H.png`` (accuracy against H, a line per K), ``acc_vs_rounds.png`` (accuracy
   against communication rounds), ``learning_curves.png`` (validation accuracy per epoch,
   one curve per group), ``h_over_epochs.png`` (H per epoch of each dynamic strategy),
-  ``pareto.png`` (accuracy against bytes sent by every run, the Pareto front drawn) and,
+  ``pareto.png`` (accuracy against bytes sent, a curve per method, the Pareto front marked),
+  ``acc_vs_time.png`` (the same against modelled cluster time, :mod:`dpl.clock`) and,
   when lr takes three or more values (an Optuna search), ``acc_vs_lr.png``. Each figure
   has a panel per dataset.
 
@@ -467,28 +468,50 @@ def fig_h_over_epochs(groups, columns: Sequence[str]):
     return fig
 
 
-def fig_pareto(runs: Sequence[RunRecord], columns: Sequence[str], metric: str):
-    """Every finished run's accuracy against MiB sent per worker, the Pareto front joined, per dataset."""
-    facets = {}
+def _fig_against_cost(runs: Sequence[RunRecord], columns: Sequence[str], metric: str, cost: str, scale: float,
+                      xlabel: str, title: str):
+    """Every finished run's accuracy against a cost (bytes sent, modelled time), per dataset: one
+    curve per method (its runs joined in order of cost) and the Pareto front over all of them."""
+    facets: dict[str, list[tuple[float, float, str]]] = {}
     for r in runs:
-        if r.finished and metric in r.metrics and "comm_bytes_total" in r.metrics:
+        if r.finished and metric in r.metrics and cost in r.metrics:
             name = r.params.get("dataset.name", "") if "dataset" in columns else ""
-            facets.setdefault(name, []).append((r.metrics["comm_bytes_total"] / _MIB, r.metrics[metric]))
+            facets.setdefault(name, []).append((r.metrics[cost] / scale, r.metrics[metric],
+                                                r.params.get("method.name", "")))
     if not facets:
         return None
-    fig, axes = _panels(dict(sorted(facets.items())), f"{_metric_label(metric)} against bytes sent")
-    for ax, points in zip(axes, dict(sorted(facets.items())).values()):
-        front = pareto_front(points)
-        ax.scatter([p[0] for p in points], [p[1] for p in points], alpha=0.5, label="runs")
-        ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="C3",
-                marker="o", label="Pareto front")
-        xs = [p[0] for p in points]
+    facets = dict(sorted(facets.items()))
+    methods = sorted({m for points in facets.values() for _, _, m in points})
+    fig, axes = _panels(facets, title)
+    for ax, points in zip(axes, facets.values()):
+        for i, method in enumerate(methods):
+            mine = sorted((x, y) for x, y, m in points if m == method)
+            if mine:
+                ax.plot([x for x, _ in mine], [y for _, y in mine], marker="o", alpha=0.7, color=f"C{i % 10}",
+                        label=method or "runs")
+        xy = [(x, y) for x, y, _ in points]
+        front = pareto_front(xy)
+        ax.step([xy[i][0] for i in front], [xy[i][1] for i in front], where="post", color="black",
+                linestyle="--", marker="*", markersize=10, label="Pareto front")
+        xs = [x for x, _ in xy]
         if min(xs) > 0:
             log_axis(ax, "x", min(xs), max(xs))
-        ax.set_xlabel("MiB sent per worker")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(_metric_label(metric))
     legend_outside(fig)
     return fig
+
+
+def fig_pareto(runs: Sequence[RunRecord], columns: Sequence[str], metric: str):
+    """Accuracy against MiB sent per worker: a curve per method, the Pareto front marked."""
+    return _fig_against_cost(runs, columns, metric, "comm_bytes_total", _MIB, "MiB sent per worker",
+                             f"{_metric_label(metric)} against bytes sent")
+
+
+def fig_acc_vs_time(runs: Sequence[RunRecord], columns: Sequence[str], metric: str):
+    """Accuracy against modelled cluster time (dpl.clock): a curve per method, the Pareto front marked."""
+    return _fig_against_cost(runs, columns, metric, "modelled_time_s", 1.0, "modelled time (s)",
+                             f"{_metric_label(metric)} against modelled time")
 
 
 def fig_acc_vs_lr(runs: Sequence[RunRecord], columns: Sequence[str], metric: str, min_values: int = 3):
@@ -532,6 +555,7 @@ def build_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], metric:
                "learning_curves.png": fig_learning_curves(groups, names),
                "h_over_epochs.png": fig_h_over_epochs(groups, names),
                "pareto.png": fig_pareto(runs, names, metric),
+               "acc_vs_time.png": fig_acc_vs_time(runs, names, metric),
                "acc_vs_lr.png": fig_acc_vs_lr(runs, names, metric)}
     return {name: fig for name, fig in figures.items() if fig is not None}
 

@@ -99,7 +99,7 @@ def test_markdown_shows_mean_pm_std_and_lists_the_failure(store):
 
 def test_figures_are_written(store):
     _, _, out = store
-    for name in ("acc_vs_H", "acc_vs_rounds", "learning_curves", "h_over_epochs", "pareto"):
+    for name in ("acc_vs_H", "acc_vs_rounds", "learning_curves", "h_over_epochs", "pareto", "acc_vs_time"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not list(out.glob(".*.tmp")) and not list(out.glob(".*png"))  # no temp files left behind
 
@@ -213,6 +213,7 @@ def _study_runs(epochs: int) -> list[RunRecord]:
         history = {"val_acc": [(e, acc * (e + 1) / epochs) for e in range(epochs)],
                    "H": [(e, float(hs[e])) for e in range(epochs)]}
         metrics = {"test_acc": acc, "best_val_acc": acc, "sync_rounds_total": rounds, "comm_bytes_total": mib * 2**20,
+                   "modelled_time_s": 60.0 + mib / 10,
                    "H_first": hs[0], "H_last": hs[-1], "H_mean": sum(hs) / len(hs)} if status == "FINISHED" else {}
         runs.append(RunRecord(run_id=str(next(_IDS)), status=status, params={**base, **params}, metrics=metrics,
                               history=history if status == "FINISHED" else {}))
@@ -223,6 +224,7 @@ def _study_runs(epochs: int) -> list[RunRecord]:
                 K=str(k), H=str(h), seed=str(seed))
         add(dataset, acc=0.45, rounds=30000, mib=3000, **{"method.name": "centralized", "K": "4"})
         add(dataset, acc=0.44, rounds=3750, mib=375, H="8", **{"method.name": "slowmo"})
+        add(dataset, acc=0.43, rounds=3750, mib=375, H="8", **{"method.name": "diloco", "optimizer.name": "adamw"})
         add(dataset, acc=0.41, rounds=2000, mib=200, hs=(4, 8, 16, 16, 32), **{"dynamic_h.name": "loss"})
         add(dataset, acc=0.40, rounds=1500, mib=150, hs=(64, 32, 16, 8, 4), **{"dynamic_h.name": "desc_pow2"})
     for i, lr in enumerate((1.3e-4, 4.7e-4, 0.0012345678901234567, 0.0093, 0.031, 0.17, 0.66)):
@@ -240,7 +242,7 @@ def test_every_figure_is_legible(epochs):
     runs = _study_runs(epochs)
     figures = build_figures(runs, group_columns(runs))
     assert set(figures) == {"acc_vs_H.png", "acc_vs_rounds.png", "learning_curves.png", "h_over_epochs.png",
-                            "pareto.png", "acc_vs_lr.png"}
+                            "pareto.png", "acc_vs_time.png", "acc_vs_lr.png"}
     for name, fig in figures.items():
         assert [ax.get_title() for ax in fig.axes] == ["cifar100", "fashion_mnist"], name  # a panel per dataset
         assert_legible(fig, name)
@@ -262,3 +264,14 @@ def test_table_has_a_dataset_column_rounded_params_and_the_h_trained_with():
     assert len(head) == len(set(head)) and head[0] == "dataset"  # no column twice
     assert "0.00123" in text and "0.0012345678901234567" not in text  # an Optuna lr, rounded
     assert "| 4→32 |" in text and "| 64→4 |" in text  # the dynamic rows' H: first→last, not the configured 1
+
+
+def test_pareto_figure_draws_a_curve_per_method_and_marks_the_front():
+    from dpl.report import build_figures
+
+    runs = _study_runs(3)
+    figures = build_figures(runs, group_columns(runs))
+    for name in ("pareto.png", "acc_vs_time.png"):
+        ax = figures[name].axes[0]
+        labels = {line.get_label() for line in ax.get_lines()}
+        assert {"localsgd", "slowmo", "diloco", "centralized", "Pareto front"} <= labels, name
