@@ -159,6 +159,26 @@ def test_signal_ends_the_run_killed_in_one_line(tmp_path, sig, status):
     assert r.info.status == "KILLED" and sig.name in r.data.tags["failure_reason"]
 
 
+def test_crash_ends_the_run_failed_with_its_reason(make_cfg, tmp_path, monkeypatch):
+    from dpl import train as train_mod
+
+    original_fit = train_mod.Trainer.fit
+
+    def crash_at_step_3(self):
+        def hook(trainer):
+            if trainer.state.global_step == 3:
+                raise RuntimeError("boom")
+        self.on_step.append(hook)
+        original_fit(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "fit", crash_at_step_3)
+    db = tmp_path / "mlflow.db"
+    with pytest.raises(RuntimeError, match="boom"):
+        run(make_cfg("logger=mlflow", f"logger.tracking_uri=sqlite:///{db}"), out_dir=tmp_path / "job")
+    (r,) = job_runs(db)
+    assert r.info.status == "FAILED" and r.data.tags["failure_reason"] == "RuntimeError: boom"
+
+
 def test_single_diverged_run_is_failed_and_exits_nonzero(tmp_path):
     proc = dpl(tmp_path, *TRACKED, "epochs=2", "lr=1e8", check=False)
     assert proc.returncode == 1 and "diverged" in one_error_line(proc)
