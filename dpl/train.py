@@ -79,13 +79,6 @@ def scaled_lr(lr: float, rule: str, batch: int, base_batch: int) -> float:
     return lr * factors[rule]
 
 
-def step_generator(seed: int, global_step: int, device: torch.device) -> torch.Generator:
-    """The augmentation RNG of one step: a pure function of (seed, step), so resumes are exact."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + global_step) % (2**63 - 1))
-    return g
-
-
 class Trainer:
     """Owns the workers, the inner optimizer, the method and the training state.
 
@@ -152,8 +145,8 @@ class Trainer:
         s.lr = self.lr(s.global_step)
         idx = batch_indices(order, s.step, cfg.batch_size)
         # this process's workers (all of them in the simulation)
-        x, y = make_batch(self.data, idx, step_generator(cfg.seed, s.global_step, self.device), train=True,
-                          rows=self.rows)
+        # crops and flips: a hash of (seed, step, worker, sample) on the device (dpl.data.augment)
+        x, y = make_batch(self.data, idx, (cfg.seed, s.global_step), train=True, rows=self.rows)
         losses, correct = workers.forward_backward(x, y)  # each worker's gradient on its own batch
         method.on_gradients(workers, s.epoch)  # synchronous methods: all-reduce the gradients
         self.inner_step(s.lr)
