@@ -104,6 +104,12 @@ class Trainer:
         self.lr_table = lr_table(cfg.scheduler, self.base_lr, cfg.epochs, self.steps_per_epoch, cfg.warmup_epochs)
         self.optimizer = build_optimizer(workers.params, cfg.optimizer, self.base_lr, cfg.weight_decay,
                                          per_worker=True)
+        # The inner lr lives on the device: each step copies its entry of the table there
+        # (a device-side copy, no host sync). float64, so the optimizers multiply by exactly
+        # the value a Python float lr had.
+        self.lr_table_dev = torch.tensor(self.lr_table, dtype=torch.float64, device=self.device)
+        self.lr_now = torch.full((), self.base_lr, dtype=torch.float64, device=self.device)
+        self._point_lr()
         self.state = TrainState(H=cfg.H)
         self.sums = EpochSums(self.device)
         self.ledger = CommLedger(K=workers.K, bandwidth_gbps=cfg.network.bandwidth_gbps,
@@ -142,14 +148,15 @@ class Trainer:
         """One local step of every worker; a sync when the period (or the epoch) ends."""
         s, cfg, workers, method = self.state, self.hp, self.workers, self.method
         t0 = time.perf_counter()
-        s.lr = self.lr(s.global_step)
+        lr_i = self.lr_index(s.global_step)
+        s.lr = self.lr_table[lr_i]  # the host's copy, for the outer step and the record
         idx = batch_indices(order, s.step, cfg.batch_size)
         # this process's workers (all of them in the simulation)
         # crops and flips: a hash of (seed, step, worker, sample) on the device (dpl.data.augment)
         x, y = make_batch(self.data, idx, (cfg.seed, s.global_step), train=True, rows=self.rows)
         losses, correct = workers.forward_backward(x, y)  # each worker's gradient on its own batch
         method.on_gradients(workers, s.epoch)  # synchronous methods: all-reduce the gradients
-        self.inner_step(s.lr)
+        self.inner_step(lr_i)
         s.period += 1
         if method.syncs_after(s.epoch, s.period, s.H, last_step=s.step == self.steps_per_epoch - 1):
             method.sync(workers, self.optimizer, s.lr)  # average, then the outer step on the pseudo-gradient
@@ -161,9 +168,9 @@ class Trainer:
         self.sums.add(losses, correct, y.shape[1])
         s.compute_s += time.perf_counter() - t0
 
-    def inner_step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def inner_step(self, i: int) -> None:
+        """The inner optimizer's step at entry ``i`` of the lr table."""
+        self.lr_now.copy_(self.lr_table_dev[i])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -198,8 +205,16 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     def lr(self, step: int) -> float:
         """The lr of global step ``step`` (per ``scheduler.interval``: of its epoch or of the step)."""
-        return self.lr_table[min(lr_index(self.hp.scheduler.interval, step // self.steps_per_epoch, step),
-                                 len(self.lr_table) - 1)]
+        return self.lr_table[self.lr_index(step)]
+
+    def lr_index(self, step: int) -> int:
+        return min(lr_index(self.hp.scheduler.interval, step // self.steps_per_epoch, step), len(self.lr_table) - 1)
+
+    def _point_lr(self) -> None:
+        """Every param group reads the device lr (also after loading an optimizer state,
+        which would otherwise bring the checkpoint's own lr object)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_now
 
     def next_h(self) -> int:
         ctx = HContext(epoch=self.state.epoch, epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch,
@@ -244,6 +259,7 @@ class Trainer:
         self.workers.load_state_dict(_to(ckpt["workers"], self.device))
         self.best_weights = _to(ckpt["best_model"], self.device)
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._point_lr()
         self.method.load_state_dict(_to(ckpt["method"], self.device))
         self.ledger = CommLedger.from_state(ckpt["comm"])
         torch.set_rng_state(ckpt["rng"]["torch"])

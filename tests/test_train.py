@@ -118,3 +118,19 @@ def test_fashion_mnist_end_to_end(make_cfg, tmp_path):
     final = run(make_cfg("dataset=fashion_mnist", f"dataset.root={tmp_path / 'data'}", "epochs=1", "batch_size=128",
                          "lr=0.05"), out_dir=tmp_path)
     assert final["test_acc"] > 0.7
+
+
+def test_the_inner_lr_is_a_device_tensor_filled_from_the_table():
+    """Setting the lr is a device-side copy from the table: no Python float reaches the optimizer."""
+    from tests.conftest import compose_cfg
+    from dpl.app import build_trainer
+
+    t = build_trainer(compose_cfg("scheduler=cosine", "epochs=2", "method=localsgd", "K=2"), torch.device("cpu"))
+    order = t.shards
+    for _ in range(3):
+        t.train_step(order)
+        assert all(g["lr"] is t.lr_now for g in t.optimizer.param_groups)
+        assert t.lr_now.item() == t.lr_table[t.lr_index(t.state.global_step - 1)] == t.state.lr
+    # loading an optimizer state (which holds the checkpoint's lr object) re-points the groups
+    t.load_state_dict(t.state_dict())
+    assert all(g["lr"] is t.lr_now for g in t.optimizer.param_groups)
