@@ -112,6 +112,8 @@ class Trainer:
         self._point_lr()
         self.state = TrainState(H=cfg.H)
         self.sums = EpochSums(self.device)
+        # the epoch's drift sum, on the device like the loss sums (TrainState.drift_sum holds it in a checkpoint)
+        self.drift_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.ledger = CommLedger(K=workers.K, bandwidth_gbps=cfg.network.bandwidth_gbps,
                                  latency_us=cfg.network.latency_us)
         self.best_weights: Optional[dict[str, torch.Tensor]] = None
@@ -160,7 +162,7 @@ class Trainer:
         s.period += 1
         if method.syncs_after(s.epoch, s.period, s.H, last_step=s.step == self.steps_per_epoch - 1):
             method.sync(workers, self.optimizer, s.lr)  # average, then the outer step on the pseudo-gradient
-            s.drift_sum += workers.drift  # how far apart the workers were just before the average
+            self.drift_sum += workers.drift  # how far apart the workers were just before the average (no read)
             s.syncs += 1
             s.period = 0
         s.step += 1
@@ -176,7 +178,7 @@ class Trainer:
 
     def end_epoch(self) -> None:
         s, comm = self.state, self.workers.comm
-        s.loss_sum, s.correct, s.seen = self.sums.read()  # the epoch's one read of the device sums
+        self._read_sums()  # the epoch's one read of the device sums
         # Summed over every process's workers, so all ranks record (and choose H from) the same numbers.
         loss_sum, correct, seen, drift_sum = comm.all_sum([s.loss_sum, s.correct, s.seen, s.drift_sum])
         comm_wall_s, comm.wall_s = comm.wall_s, 0.0
@@ -199,10 +201,18 @@ class Trainer:
         s.epoch += 1
         s.reset_epoch()
         self.sums.reset()
+        self.drift_sum.zero_()
         for hook in self.on_epoch:
             hook(self, record)
 
     # ------------------------------------------------------------------ helpers
+    def _read_sums(self) -> TrainState:
+        """Copy the device sums of the epoch in progress into the state, as host numbers."""
+        s = self.state
+        s.loss_sum, s.correct, s.seen = self.sums.read()
+        s.drift_sum = float(self.drift_sum)
+        return s
+
     def lr(self, step: int) -> float:
         """The lr of global step ``step`` (per ``scheduler.interval``: of its epoch or of the step)."""
         return self.lr_table[self.lr_index(step)]
@@ -236,8 +246,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        s = self.state
-        s.loss_sum, s.correct, s.seen = self.sums.read()
+        s = self._read_sums()
         return {
             "state": asdict(s),
             "traffic": asdict(self.workers.point.traffic),
@@ -255,6 +264,7 @@ class Trainer:
         ckpt = self.workers.comm.local_state(ckpt)  # a rank's share of a checkpoint of every worker
         self.state = TrainState(**ckpt["state"])
         self.sums.load(self.state.loss_sum, self.state.correct, self.state.seen)
+        self.drift_sum.fill_(self.state.drift_sum)
         self.workers.point.traffic = Traffic(**ckpt["traffic"])
         self.workers.load_state_dict(_to(ckpt["workers"], self.device))
         self.best_weights = _to(ckpt["best_model"], self.device)

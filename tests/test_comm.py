@@ -136,3 +136,9 @@ def test_worker_drift_degenerate_cases():
     assert worker_drift([torch.tensor([[1.0, -1.0], [-1.0, 1.0]])]) == 0.0  # mean is 0
     assert worker_drift([torch.ones(4, 3, 2)]) == 0.0  # workers equal
     assert worker_drift([]) == 0.0
+
+
+def test_worker_drift_stays_on_the_device_as_a_float64_scalar():
+    """Returned unread (a 0-dim float64 tensor), so the trainer sums it without a host sync per sync."""
+    d = worker_drift([torch.tensor([[1.0, 2.0], [3.0, 4.0]])])
+    assert torch.is_tensor(d) and d.dim() == 0 and d.dtype == torch.float64
