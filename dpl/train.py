@@ -93,6 +93,7 @@ class Trainer:
         # Plain dataclasses for the per-step reads: DictConfig attribute access costs ~10 us each.
         self.hp = OmegaConf.to_object(cfg)
         self.device = data.train_x.device
+        workers.precision = cfg.get("precision", "fp32")
         # Shards are a function of the seed only, so every method and engine sees the same ones.
         # Every process holds all K rows: the shuffles and crops of a step are drawn jointly for
         # the K workers, so a rank of the multi-process engine draws them all and cuts its ``rows``.

@@ -73,3 +73,12 @@ def test_cli_exits_nonzero_with_one_line(override, needle, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:")
     assert not (tmp_path / "data").exists()  # failed before any data was touched
+
+
+def test_precision_is_fp32_by_default_and_checked():
+    assert compose_cfg().precision == "fp32"
+    cfg = compose_cfg("precision=bf16")
+    validate(cfg)
+    cfg.precision = "fp16"
+    with pytest.raises(ConfigError, match="precision='fp16' is invalid: allowed one of fp32, bf16"):
+        validate(cfg)
