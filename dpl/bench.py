@@ -15,6 +15,13 @@ Each measurement warms up, then repeats and reports the median and spread
    config (ratio simulated/distributed: > 1 means the processes are faster), and the
    fraction of the distributed epoch spent in collectives (``comm_wall_s``, waiting
    for the slowest rank included). The first epoch (connection setup) is warm-up.
+4. ``limit``: the same maths on pre-made tensors (K stacked LeNet-5 replicas through the
+   workers' forward/backward and torch SGD with momentum and weight decay: no batch cut,
+   augmentation, sync or bookkeeping), eager on CPU and replayed as one captured CUDA
+   graph on GPU; against it, real end-to-end epochs through the Trainer (median
+   samples/s over epochs after a warm-up epoch) for centralized K=1 and LocalSGD K=4
+   (H=8) and K=8 (H=16), in fp32 and bf16, printed as a table of ratios.
+   Goal on a GPU: every ratio >= 0.8.
 """
 
 from __future__ import annotations
@@ -170,7 +177,62 @@ def bench_distributed(device: torch.device, args) -> None:
                   f"time in collectives: {_spread(frac, '{:.1%}')}")
 
 
-BENCHES = {"step": bench_step, "local": bench_local, "distributed": bench_distributed}
+LIMIT_RUNS = (("centralized", 1, []), ("localsgd", 4, ["H=8"]), ("localsgd", 8, ["H=16"]))
+
+
+def limit_fn(trainer: Trainer, batch: int) -> Callable[[], None]:
+    """The step at its limit: forward/backward of the stacked workers and a torch SGD step
+    (float lr, so it is capturable) on pre-made tensors; one CUDA graph replay on GPU."""
+    w, data, device = trainer.workers, trainer.data, trainer.device
+    x = torch.randn(w.k_local, batch, data.channels, data.image_size, data.image_size, device=device)
+    y = torch.randint(0, data.num_classes, (w.k_local, batch), device=device)
+    opt = torch.optim.SGD(w.params, lr=trainer.base_lr, momentum=0.9, weight_decay=5e-4)
+
+    def step() -> None:
+        w.forward_backward(x, y)
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # graph capture needs the .grad tensors to persist
+
+    if device.type != "cuda":
+        return step
+    side = torch.cuda.Stream()  # warm up (lazy optimizer state, cuBLAS handles) off the capture stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def e2e_rate(trainer: Trainer) -> list[float]:
+    """samples/s of each real epoch through the Trainer after the first (warm-up) one."""
+    trainer.fit()
+    return [r["samples_per_s"] for r in trainer.state.history[1:]]
+
+
+def bench_limit(device: torch.device, args) -> None:
+    b = args.batch
+    print(f"[limit] end-to-end epochs through the Trainer vs the same maths on pre-made tensors "
+          f"({'one CUDA graph' if device.type == 'cuda' else 'eager'}), batch {b} per worker, "
+          f"{args.e2e_samples} synthetic images, median over {args.repeats} epochs after a warm-up one")
+    print(f"  {'run':<16} {'precision':<9} {'limit samples/s':>16} {'end-to-end':>12} {'ratio':>7}")
+    for method, K, extra in LIMIT_RUNS:
+        for precision in ("fp32", "bf16"):
+            ov = [f"device={device.type}", f"K={K}", f"method={method}", *extra, f"precision={precision}",
+                  f"dataset.num_train={args.e2e_samples}", "dataset.num_test=500", f"batch_size={b}",
+                  f"epochs={1 + args.repeats}", "scheduler=constant"]
+            limit = timed(limit_fn(build_trainer(compose(*ov), device), b), device, args.warmup, args.repeats,
+                          args.iters)
+            lim = statistics.median(K * b / t for t in limit)
+            e2e = statistics.median(e2e_rate(build_trainer(compose(*ov), device)))
+            print(f"  {method + f' K={K}':<16} {precision:<9} {lim:16.0f} {e2e:12.0f} {e2e / lim:7.2f}"
+                  f"   (goal on GPU >= 0.8)")
+
+
+BENCHES = {"step": bench_step, "local": bench_local, "distributed": bench_distributed, "limit": bench_limit}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=10, help="steps per repeat")
     parser.add_argument("--world", type=int, nargs="+", default=[2, 4], help="process counts of [distributed]")
     parser.add_argument("--samples", type=int, default=4000, help="synthetic images of [distributed]")
+    parser.add_argument("--e2e-samples", type=int, default=6000, help="synthetic images of [limit]'s epochs")
     args = parser.parse_args(argv)
     unknown = [w for w in args.which if w not in BENCHES]
     if unknown:

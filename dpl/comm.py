@@ -200,17 +200,18 @@ class CommLedger:
         return cls(**d)
 
 
-def worker_drift(stacked: Sequence[torch.Tensor]) -> float:
-    """How far the workers have moved apart: mean_k ||x_k - x̄|| / ||x̄||.
+def worker_drift(stacked: Sequence[torch.Tensor]) -> torch.Tensor:
+    """How far the workers have moved apart: mean_k ||x_k - x̄|| / ||x̄||, a float64 0-dim tensor.
 
     ``stacked`` holds every parameter as [K, ...]; the norms are taken over all of a
-    replica's parameters flattened together. 0.0 when K == 1 or x̄ == 0. Accumulated
+    replica's parameters flattened together. 0 when K == 1 or x̄ == 0. Accumulated
     in float64 so the small differences between workers are not lost to rounding.
+    The result stays on the parameters' device (the trainer sums it there and reads the
+    sum once per epoch), so a sync costs no device-to-host read.
     """
     if not stacked or stacked[0].shape[0] == 1:
-        return 0.0
+        return torch.zeros((), dtype=torch.float64, device=stacked[0].device if stacked else None)
     K, device = stacked[0].shape[0], stacked[0].device
-    # Sums stay on the device and are read once: one host sync per call, not one per tensor.
     dev_sq = torch.zeros(K, dtype=torch.float64, device=device)
     mean_sq = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -219,5 +220,6 @@ def worker_drift(stacked: Sequence[torch.Tensor]) -> float:
             mean = x.mean(0)
             dev_sq += (x - mean).pow(2).sum(1)
             mean_sq += mean.pow(2).sum()
-    spread, norm = torch.stack([dev_sq.sqrt().mean(), mean_sq.sqrt()]).tolist()
-    return spread / norm if norm > 0.0 else 0.0
+        norm = mean_sq.sqrt()
+        # x̄ == 0 gives 0, decided on the device (where: no branch on a device value)
+        return torch.where(norm > 0, dev_sq.sqrt().mean() / norm.clamp_min(torch.finfo(torch.float64).tiny), 0.0)

@@ -268,6 +268,7 @@ class ClockConfig:
 
 DEVICES = ("auto", "cpu", "cuda")
 SHARDINGS = ("iid", "random", "dirichlet")
+PRECISIONS = ("fp32", "bf16")
 SHUFFLES = ("epoch", "once")
 MOMENTUM_MODES = ("keep", "reset", "average")
 LR_SCALINGS = ("none", "linear", "sqrt")  # see dpl.train.scaled_lr
@@ -298,6 +299,7 @@ class Config:
     patience: int = 0  # early stopping on validation accuracy; 0 = off
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16: forward/backward under bf16 autocast, fp32 weights and optimizer state
     sharding: str = "iid"
     dirichlet_alpha: float = 0.5
     local_momentum: str = "keep"  # inner-optimizer state at a sync: keep | reset | average
@@ -327,6 +329,7 @@ class Config:
         _at_least("patience", self.patience, 0, "an integer")
         _check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
         _one_of("device", self.device, DEVICES)
+        _one_of("precision", self.precision, PRECISIONS)
         _one_of("sharding", self.sharding, SHARDINGS)
         _positive("dirichlet_alpha", self.dirichlet_alpha)
         _one_of("local_momentum", self.local_momentum, MOMENTUM_MODES)

@@ -83,13 +83,6 @@ def scaled_lr(lr: float, rule: str, batch: int, base_batch: int) -> float:
     return lr * factors[rule]
 
 
-def step_generator(seed: int, global_step: int, device: torch.device) -> torch.Generator:
-    """The augmentation RNG of one step: a pure function of (seed, step), so resumes are exact."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + global_step) % (2**63 - 1))
-    return g
-
-
 class Trainer:
     """Owns the workers, the inner optimizer, the method and the training state.
 
@@ -104,6 +97,7 @@ class Trainer:
         # Plain dataclasses for the per-step reads: DictConfig attribute access costs ~10 us each.
         self.hp = OmegaConf.to_object(cfg)
         self.device = data.train_x.device
+        workers.precision = cfg.get("precision", "fp32")
         # Shards are a function of the seed only, so every method and engine sees the same ones.
         # Every process holds all K rows: the shuffles and crops of a step are drawn jointly for
         # the K workers, so a rank of the multi-process engine draws them all and cuts its ``rows``.
@@ -115,8 +109,16 @@ class Trainer:
         self.lr_table = lr_table(cfg.scheduler, self.base_lr, cfg.epochs, self.steps_per_epoch, cfg.warmup_epochs)
         self.optimizer = build_optimizer(workers.params, cfg.optimizer, self.base_lr, cfg.weight_decay,
                                          per_worker=True)
+        # The inner lr lives on the device: each step copies its entry of the table there
+        # (a device-side copy, no host sync). float64, so the optimizers multiply by exactly
+        # the value a Python float lr had.
+        self.lr_table_dev = torch.tensor(self.lr_table, dtype=torch.float64, device=self.device)
+        self.lr_now = torch.full((), self.base_lr, dtype=torch.float64, device=self.device)
+        self._point_lr()
         self.state = TrainState(H=cfg.H)
         self.sums = EpochSums(self.device)
+        # the epoch's drift sum, on the device like the loss sums (TrainState.drift_sum holds it in a checkpoint)
+        self.drift_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         clock = cfg.clock
         speeds = worker_speeds(workers.K, clock.speed, cfg.seed, clock.spread, clock.slow_fraction, clock.slow_factor)
         self.ledger = CommLedger(
@@ -157,18 +159,19 @@ class Trainer:
         """One local step of every worker; a sync when the period (or the epoch) ends."""
         s, cfg, workers, method = self.state, self.hp, self.workers, self.method
         t0 = time.perf_counter()
-        s.lr = self.lr(s.global_step)
+        lr_i = self.lr_index(s.global_step)
+        s.lr = self.lr_table[lr_i]  # the host's copy, for the outer step and the record
         idx = batch_indices(order, s.step, cfg.batch_size)
         # this process's workers (all of them in the simulation)
-        x, y = make_batch(self.data, idx, step_generator(cfg.seed, s.global_step, self.device), train=True,
-                          rows=self.rows)
+        # crops and flips: a hash of (seed, step, worker, sample) on the device (dpl.data.augment)
+        x, y = make_batch(self.data, idx, (cfg.seed, s.global_step), train=True, rows=self.rows)
         losses, correct = workers.forward_backward(x, y)  # each worker's gradient on its own batch
         method.on_gradients(workers, s.epoch)  # synchronous methods: all-reduce the gradients
-        self.inner_step(s.lr)
+        self.inner_step(lr_i)
         s.period += 1
         if method.syncs_after(s.epoch, s.period, s.H, last_step=s.step == self.steps_per_epoch - 1):
             method.sync(workers, self.optimizer, s.lr)  # average, then the outer step on the pseudo-gradient
-            s.drift_sum += workers.drift  # how far apart the workers were just before the average
+            self.drift_sum += workers.drift  # how far apart the workers were just before the average (no read)
             s.syncs += 1
             s.period = 0
         s.step += 1
@@ -176,15 +179,15 @@ class Trainer:
         self.sums.add(losses, correct, y.shape[1])
         s.compute_s += time.perf_counter() - t0
 
-    def inner_step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def inner_step(self, i: int) -> None:
+        """The inner optimizer's step at entry ``i`` of the lr table."""
+        self.lr_now.copy_(self.lr_table_dev[i])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def end_epoch(self) -> None:
         s, comm = self.state, self.workers.comm
-        s.loss_sum, s.correct, s.seen = self.sums.read()  # the epoch's one read of the device sums
+        self._read_sums()  # the epoch's one read of the device sums
         # Summed over every process's workers, so all ranks record (and choose H from) the same numbers.
         loss_sum, correct, seen, drift_sum = comm.all_sum([s.loss_sum, s.correct, s.seen, s.drift_sum])
         comm_wall_s, comm.wall_s = comm.wall_s, 0.0
@@ -208,14 +211,30 @@ class Trainer:
         s.epoch += 1
         s.reset_epoch()
         self.sums.reset()
+        self.drift_sum.zero_()
         for hook in self.on_epoch:
             hook(self, record)
 
     # ------------------------------------------------------------------ helpers
+    def _read_sums(self) -> TrainState:
+        """Copy the device sums of the epoch in progress into the state, as host numbers."""
+        s = self.state
+        s.loss_sum, s.correct, s.seen = self.sums.read()
+        s.drift_sum = float(self.drift_sum)
+        return s
+
     def lr(self, step: int) -> float:
         """The lr of global step ``step`` (per ``scheduler.interval``: of its epoch or of the step)."""
-        return self.lr_table[min(lr_index(self.hp.scheduler.interval, step // self.steps_per_epoch, step),
-                                 len(self.lr_table) - 1)]
+        return self.lr_table[self.lr_index(step)]
+
+    def lr_index(self, step: int) -> int:
+        return min(lr_index(self.hp.scheduler.interval, step // self.steps_per_epoch, step), len(self.lr_table) - 1)
+
+    def _point_lr(self) -> None:
+        """Every param group reads the device lr (also after loading an optimizer state,
+        which would otherwise bring the checkpoint's own lr object)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_now
 
     def next_h(self) -> int:
         ctx = HContext(epoch=self.state.epoch, epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch,
@@ -237,8 +256,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        s = self.state
-        s.loss_sum, s.correct, s.seen = self.sums.read()
+        s = self._read_sums()
         return {
             "state": asdict(s),
             "traffic": asdict(self.workers.point.traffic),
@@ -256,10 +274,12 @@ class Trainer:
         ckpt = self.workers.comm.local_state(ckpt)  # a rank's share of a checkpoint of every worker
         self.state = TrainState(**ckpt["state"])
         self.sums.load(self.state.loss_sum, self.state.correct, self.state.seen)
+        self.drift_sum.fill_(self.state.drift_sum)
         self.workers.point.traffic = Traffic(**ckpt["traffic"])
         self.workers.load_state_dict(_to(ckpt["workers"], self.device))
         self.best_weights = _to(ckpt["best_model"], self.device)
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._point_lr()
         self.method.load_state_dict(_to(ckpt["method"], self.device))
         self.ledger = CommLedger.from_state(ckpt["comm"])
         torch.set_rng_state(ckpt["rng"]["torch"])

@@ -196,3 +196,10 @@ def test_modelled_time_is_deterministic_with_a_configured_cost(make_cfg):
     assert slow["compute_time_s"] == pytest.approx(3 * a["compute_time_s"])
     ps = modelled("network.topology=ps")
     assert ps["comm_time_s"] != a["comm_time_s"] and ps["comm_bytes"] < a["comm_bytes"]
+
+def test_worker_drift_stays_on_the_device_as_a_float64_scalar():
+    """Returned unread (a 0-dim float64 tensor), so the trainer sums it without a host sync per sync."""
+    d = worker_drift([torch.tensor([[1.0, 2.0], [3.0, 4.0]])])
+    assert torch.is_tensor(d) and d.dim() == 0 and d.dtype == torch.float64
+
+

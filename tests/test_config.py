@@ -121,3 +121,13 @@ def test_readme_defaults_match_the_config():
                     assert _same(doc, value), f"README says {key}={doc}, the config {value}"
                     checked += 1
     assert checked > 25
+
+def test_precision_is_fp32_by_default_and_checked():
+    assert compose_cfg().precision == "fp32"
+    cfg = compose_cfg("precision=bf16")
+    validate(cfg)
+    cfg.precision = "fp16"
+    with pytest.raises(ConfigError, match="precision='fp16' is invalid: allowed one of fp32, bf16"):
+        validate(cfg)
+
+

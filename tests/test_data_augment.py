@@ -1,4 +1,4 @@
-"""Batched crop + flip: per image, seeded, exact crops of the zero-padded image, exact mirrors."""
+"""Batched crop + flip: per image, counter-based, exact crops of the zero-padded image, exact mirrors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from dpl.data import DeviceData, make_batch
-from dpl.data.augment import normalize, random_crop_flip
+from dpl.data.augment import (
+    TRAIN, _mix, _mix_int, _signed, augment_bits, crop_flip_draws, normalize, random_crop_flip, stream_key,
+)
+
+
+def bits(seed: int, n: int, device: str = "cpu") -> torch.Tensor:
+    return augment_bits(stream_key(seed), 0, n, torch.device(device))
 
 
 def seeded(seed: int, device: str = "cpu") -> torch.Generator:
@@ -29,7 +35,7 @@ def candidates(img: torch.Tensor, p: int) -> list[torch.Tensor]:
 
 def test_each_output_is_a_zero_padded_crop_or_its_mirror():
     x = images(24)
-    out = random_crop_flip(x, padding=2, generator=seeded(1))
+    out = random_crop_flip(x, padding=2, bits=bits(1, len(x)))
     assert out.shape == x.shape and out.dtype == torch.uint8
     for img, o in zip(x, out):
         assert any(torch.equal(o, cand) for cand in candidates(img, 2))
@@ -38,7 +44,7 @@ def test_each_output_is_a_zero_padded_crop_or_its_mirror():
 def test_padding_area_is_zero_and_offsets_cover_the_range():
     p, n = 3, 2000
     x = torch.full((n, 1, 10, 10), 255, dtype=torch.uint8)
-    out = random_crop_flip(x, padding=p, generator=seeded(0))
+    out = random_crop_flip(x, padding=p, bits=bits(0, n))
     # Zero rows at the top mean the window started dy < p rows into the padded image.
     zero_top = (out[:, 0, :, :] == 0).all(2).int().cumprod(1).sum(1)
     zero_bottom = (out[:, 0, :, :] == 0).all(2).flip(1).int().cumprod(1).sum(1)
@@ -49,7 +55,7 @@ def test_padding_area_is_zero_and_offsets_cover_the_range():
 
 def test_flip_without_padding_is_an_exact_mirror_half_the_time():
     x = images(400, h=5, w=7)
-    out = random_crop_flip(x, padding=0, generator=seeded(3))
+    out = random_crop_flip(x, padding=0, bits=bits(3, len(x)))
     same = (out == x).flatten(1).all(1)
     mirrored = (out == x.flip(-1)).flatten(1).all(1)
     assert (same | mirrored).all()
@@ -58,16 +64,16 @@ def test_flip_without_padding_is_an_exact_mirror_half_the_time():
 
 def test_augmentation_is_per_image():
     x = images(1).expand(64, -1, -1, -1).contiguous()  # 64 copies of one image
-    out = random_crop_flip(x, padding=4, generator=seeded(0))
+    out = random_crop_flip(x, padding=4, bits=bits(0, len(x)))
     distinct = {bytes(o.flatten().tolist()) for o in out}
     assert len(distinct) > 20
 
 
 def test_same_seed_same_output_other_seed_other_output():
     x = images(32)
-    a = random_crop_flip(x, 4, seeded(7))
-    b = random_crop_flip(x, 4, seeded(7))
-    c = random_crop_flip(x, 4, seeded(8))
+    a = random_crop_flip(x, 4, bits(7, len(x)))
+    b = random_crop_flip(x, 4, bits(7, len(x)))
+    c = random_crop_flip(x, 4, bits(8, len(x)))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -89,25 +95,24 @@ def test_make_batch_augments_only_train_batches_with_augment_on():
     idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
     data = tiny_data(augment=True)
     plain = normalize(data.train_x[idx.flatten()], data.mean, data.std).view(2, 3, 3, 8, 8)
-    x_train, y = make_batch(data, idx, seeded(0), train=True)
+    x_train, y = make_batch(data, idx, (0, 5), train=True)
     assert x_train.shape == (2, 3, 3, 8, 8) and torch.equal(y, idx)
     assert not torch.equal(x_train, plain)
-    expected = normalize(random_crop_flip(data.train_x[idx.flatten()], 2, seeded(0)), data.mean, data.std)
+    step_bits = augment_bits(stream_key(0, TRAIN, 5), 0, 6, torch.device("cpu"))
+    expected = normalize(random_crop_flip(data.train_x[idx.flatten()], 2, step_bits), data.mean, data.std)
     assert torch.equal(x_train, expected.view(2, 3, 3, 8, 8))
-    assert torch.equal(make_batch(data, idx, seeded(0), train=False)[0], plain)
-    assert torch.equal(make_batch(tiny_data(augment=False), idx, seeded(0), train=True)[0], plain)
+    assert torch.equal(make_batch(data, idx, (0, 5), train=False)[0], plain)
+    assert torch.equal(make_batch(tiny_data(augment=False), idx, (0, 5), train=True)[0], plain)
+    assert not torch.equal(make_batch(data, idx, (0, 6), train=True)[0], x_train)  # the next step redraws
+    assert not torch.equal(make_batch(data, idx, (1, 5), train=True)[0], x_train)  # another seed too
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cpu_generator_gives_the_same_crops_on_cuda():
+def test_the_same_bits_give_the_same_crops_on_cuda():
     x = images(64)
-    on_cpu = random_crop_flip(x, 4, seeded(5))
-    on_cuda = random_crop_flip(x.cuda(), 4, seeded(5))
-    assert torch.equal(on_cpu, on_cuda.cpu())
-    cuda_a = random_crop_flip(x.cuda(), 4, seeded(5, "cuda"))
-    cuda_b = random_crop_flip(x.cuda(), 4, seeded(5, "cuda"))
-    assert torch.equal(cuda_a, cuda_b)
+    assert torch.equal(bits(5, 64), bits(5, 64, "cuda").cpu())  # the hash itself agrees across devices
+    assert torch.equal(random_crop_flip(x, 4, bits(5, 64)), random_crop_flip(x.cuda(), 4, bits(5, 64, "cuda")).cpu())
 
 
 def test_rows_of_a_batch_get_the_crops_of_the_full_batch():
@@ -119,6 +124,40 @@ def test_rows_of_a_batch_get_the_crops_of_the_full_batch():
     data = DeviceData(x, torch.arange(40), x[:1], torch.zeros(1, dtype=torch.long), x[:1],
                       torch.zeros(1, dtype=torch.long), torch.zeros(3), torch.ones(3), 40, True, 2)
     idx = torch.randperm(40, generator=g)[:24].view(4, 6)
-    full_x, full_y = make_batch(data, idx, torch.Generator().manual_seed(5), train=True)
-    part_x, part_y = make_batch(data, idx, torch.Generator().manual_seed(5), train=True, rows=slice(2, 3))
-    assert torch.equal(part_x, full_x[2:3]) and torch.equal(part_y, full_y[2:3])
+    full_x, full_y = make_batch(data, idx, (5, 17), train=True)
+    for rows in (slice(2, 3), slice(1, 3), slice(0, 1)):
+        part_x, part_y = make_batch(data, idx, (5, 17), train=True, rows=rows)
+        assert torch.equal(part_x, full_x[rows]) and torch.equal(part_y, full_y[rows])
+
+
+def test_the_device_hash_equals_splitmix64_on_python_ints():
+    """int64 tensor ops (wrapping multiply, masked logical shifts) compute SplitMix64 exactly."""
+    zs = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x9E3779B97F4A7C15, 123456789]
+    got = _mix(torch.tensor([_signed(z) for z in zs], dtype=torch.int64)).tolist()
+    assert got == [_signed(_mix_int(z)) for z in zs]
+    # SplitMix64's first output from seed 0 (Steele et al. 2014 reference implementation)
+    assert _mix_int(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF
+
+
+def test_draws_are_uniform_over_the_offsets_and_flip_half_the_time():
+    p, n = 4, 90_000
+    dy, dx, flip = crop_flip_draws(bits(11, n), p)
+    for d in (dy, dx):
+        counts = torch.bincount(d, minlength=2 * p + 1)
+        assert counts.numel() == 2 * p + 1 and int(d.min()) == 0 and int(d.max()) == 2 * p
+        assert (counts.float() / n - 1 / (2 * p + 1)).abs().max() < 0.01
+    assert abs(flip.float().mean().item() - 0.5) < 0.01
+    # the fields are independent of each other: every (dy, dx, flip) cell is about equally frequent
+    cells = torch.bincount((dy * (2 * p + 1) + dx) * 2 + flip.long(), minlength=2 * (2 * p + 1) ** 2)
+    expected = n / cells.numel()
+    assert ((cells.float() - expected).abs() / expected).max() < 0.25
+
+
+def test_neighbouring_steps_and_positions_are_not_correlated():
+    """A counter-based stream must not repeat across steps: consecutive keys give unrelated bits."""
+    a = augment_bits(stream_key(0, TRAIN, 0), 0, 4096, torch.device("cpu"))
+    b = augment_bits(stream_key(0, TRAIN, 1), 0, 4096, torch.device("cpu"))
+    shifted = augment_bits(stream_key(0, TRAIN, 0), 1, 4096, torch.device("cpu"))
+    assert torch.equal(a[1:], shifted[:-1])  # the counter is the position in the batch
+    same = (crop_flip_draws(a, 4)[0] == crop_flip_draws(b, 4)[0]).float().mean().item()
+    assert abs(same - 1 / 9) < 0.03  # chance agreement of two independent uniform offsets

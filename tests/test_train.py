@@ -120,3 +120,43 @@ def test_fashion_mnist_end_to_end(make_cfg, tmp_path):
     final = run(make_cfg("dataset=fashion_mnist", f"dataset.root={tmp_path / 'data'}", "epochs=1", "batch_size=128",
                          "lr=0.05"), out_dir=tmp_path)
     assert final["test_acc"] > 0.7
+
+
+def test_the_inner_lr_is_a_device_tensor_filled_from_the_table():
+    """Setting the lr is a device-side copy from the table: no Python float reaches the optimizer."""
+    from tests.conftest import compose_cfg
+    from dpl.app import build_trainer
+
+    t = build_trainer(compose_cfg("scheduler=cosine", "epochs=2", "method=localsgd", "K=2"), torch.device("cpu"))
+    order = t.shards
+    for _ in range(3):
+        t.train_step(order)
+        assert all(g["lr"] is t.lr_now for g in t.optimizer.param_groups)
+        assert t.lr_now.item() == t.lr_table[t.lr_index(t.state.global_step - 1)] == t.state.lr
+    # loading an optimizer state (which holds the checkpoint's lr object) re-points the groups
+    t.load_state_dict(t.state_dict())
+    assert all(g["lr"] is t.lr_now for g in t.optimizer.param_groups)
+
+
+def test_bf16_runs_and_learns_with_fp32_weights(make_cfg, tmp_path):
+    """precision=bf16: autocast forward, but the stacked weights (and so the optimizer state) stay fp32."""
+    final = run(make_cfg("epochs=3", "lr=0.05", "precision=bf16"), out_dir=tmp_path)
+    assert final["test_acc"] > 0.6  # chance is 0.1
+    ckpt = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert all(p.dtype == torch.float32 for p in ckpt["workers"]["params"])
+
+
+def test_bf16_forward_runs_in_bf16_and_fp32_is_untouched():
+    from tests.conftest import compose_cfg
+    from dpl.app import build_trainer
+
+    t = build_trainer(compose_cfg("precision=bf16"), torch.device("cpu"))
+    x = torch.randn(1, 4, *t.data.train_x.shape[1:])
+    y = torch.zeros(1, 4, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert t.workers.forward(x).dtype == torch.bfloat16
+    losses, _ = t.workers.forward_backward(x, y)
+    assert losses.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in t.workers.params)
+    fp32 = build_trainer(compose_cfg(), torch.device("cpu"))
+    bf = t.workers.forward_backward(x, y)[0]
+    assert fp32.workers.precision == "fp32" and not torch.equal(fp32.workers.forward_backward(x, y)[0], bf)

@@ -13,8 +13,8 @@ from typing import Any, Iterator
 
 import torch
 
-from dpl.data.augment import normalize, random_crop_flip
-from dpl.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, mix_seed, steps_per_epoch
+from dpl.data.augment import EVAL, TRAIN, augment_bits, normalize, random_crop_flip, stream_key
+from dpl.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, steps_per_epoch
 from dpl.data.sources import DATASETS, DatasetUnavailable, RawData
 from dpl.registry import lookup
 
@@ -85,7 +85,7 @@ def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | N
 
 
 def make_batch(
-    data: DeviceData, idx: torch.Tensor, generator: torch.Generator | None, train: bool, split: str = "train",
+    data: DeviceData, idx: torch.Tensor, key: tuple[int, int] | None, train: bool, split: str = "train",
     rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut the batch ``idx`` (int64, any shape S, e.g. ``[K, B]``) from ``split``.
@@ -93,10 +93,11 @@ def make_batch(
     Returns normalised float32 x ``[*S, C, H, W]`` and int64 y ``[*S]``.
 
     With ``train`` and ``data.augment`` (and the train split) each image gets its own random
-    crop and flip drawn from ``generator``; otherwise the images are only normalised.
-    ``rows`` (a slice of ``idx``'s first dimension, e.g. one rank's workers) returns only
-    those rows; the random draws are still made for the whole ``idx``, so the rows get
-    exactly the crops they would get as part of the full batch.
+    crop and flip, a hash of ``key`` = (seed, global step) and the image's position in the
+    full batch ``idx`` (worker k, sample b: position k * B + b; see dpl.data.augment);
+    otherwise the images are only normalised. ``rows`` (a slice of ``idx``'s first
+    dimension, e.g. one rank's workers) returns only those rows, and they get exactly the
+    crops they would get as part of the full batch.
     """
     xs, ys = data.split(split)
     rows = slice(0, idx.shape[0]) if rows is None else rows
@@ -104,9 +105,11 @@ def make_batch(
     flat = keep.reshape(-1).to(xs.device)
     x = xs[flat]
     if train and data.augment and split == "train":
+        if key is None:
+            raise ValueError("an augmented training batch needs its key (seed, step)")
         per_row = idx[0].numel() if idx.dim() > 0 else 1
-        span = slice(rows.start * per_row, rows.start * per_row + flat.numel())
-        x = random_crop_flip(x, data.crop_padding, generator, draws=idx.numel(), span=span)
+        bits = augment_bits(stream_key(key[0], TRAIN, key[1]), rows.start * per_row, flat.numel(), xs.device)
+        x = random_crop_flip(x, data.crop_padding, bits)
     x = normalize(x, data.mean, data.std)
     return x.view(*keep.shape, *x.shape[1:]), ys[flat].view(keep.shape)
 
@@ -116,14 +119,15 @@ def eval_batches(data: DeviceData, split: str, batch_size: int,
     """The whole ``split`` ('val' or 'test', or 'train') in order, normalised.
 
     Not augmented, unless ``augment_key`` = (seed, evaluation) is given: then every image gets
-    a random crop and flip drawn from a generator keyed by (seed, evaluation, batch), so the
-    draws are redrawn at each evaluation, reproducible, and the same whichever process
+    a random crop and flip hashed from (seed, evaluation, batch, position in the batch) with
+    the training batches' counter-based hash (in its own key domain), so the draws are
+    redrawn at each evaluation, reproducible, and the same whichever process or device
     evaluates a batch (the study validates on augmented images this way).
     """
     xs, ys = data.split(split)
     for i, start in enumerate(range(0, len(ys), batch_size)):
         x = xs[start: start + batch_size]
         if augment_key is not None:
-            g = torch.Generator().manual_seed(mix_seed(*augment_key, 3, i))
-            x = random_crop_flip(x, data.crop_padding, g)
+            bits = augment_bits(stream_key(augment_key[0], EVAL, augment_key[1], i), 0, x.shape[0], x.device)
+            x = random_crop_flip(x, data.crop_padding, bits)
         yield normalize(x, data.mean, data.std), ys[start: start + batch_size]

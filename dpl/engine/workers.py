@@ -20,6 +20,7 @@ else is shared.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
@@ -75,6 +76,8 @@ class LocalComm:
 class StackedWorkers:
     """``K_local`` replicas of ``model`` as stacked leaf tensors, all initialised from ``model``."""
 
+    precision = "fp32"  # the trainer sets the config's (fp32 | bf16)
+
     def __init__(self, model: nn.Module, k_local: int, comm: Communicator, mode: str = "loop") -> None:
         if mode not in ("loop", "vmap"):
             raise ValueError(f"simulate={mode!r} is invalid: allowed loop, vmap")
@@ -128,8 +131,11 @@ class StackedWorkers:
         parameter exactly its own worker's gradient, since worker k's loss depends
         only on slice k.
         """
-        logits = self.forward(x)
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        # precision=bf16: the forward under autocast (the stacked parameters stay fp32 masters,
+        # their gradients fp32); backward outside it, as torch.amp recommends
+        with _autocast(x.device, self.precision):
+            logits = self.forward(x)
+            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
         losses.sum().backward()
         correct = (logits.detach().argmax(-1) == y).sum(1)
         return losses.detach(), correct
@@ -204,6 +210,12 @@ class StackedWorkers:
         finally:
             self.model.train()
         return float(loss_sum), float(correct), count
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # fp32: not even a disabled autocast, so the maths is untouched
 
 
 def _stack(t: torch.Tensor, k: int) -> torch.Tensor:
