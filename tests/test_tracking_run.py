@@ -12,7 +12,7 @@ from dpl.app import run
 def test_run_contents_in_mlflow(make_cfg, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = make_cfg("logger=mlflow", f"logger.tracking_uri={uri}", "logger.experiment=e2e", "logger.plots=true",
-                   "method=localsgd", "K=2", "H=1", "dynamic_h=loss", "epochs=2", "sweep=tiny")
+                   "method=localsgd", "K=2", "H=1", "dynamic_h=asc_pow2", "epochs=2", "sweep=tiny")
     final = run(cfg, out_dir=tmp_path / "job")
     client = MlflowClient(uri)
     (r,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
@@ -22,21 +22,22 @@ def test_run_contents_in_mlflow(make_cfg, tmp_path):
     assert {k: r.data.tags[k] for k in ("method", "optimizer", "dataset", "sweep")} == \
         {"method": "localsgd", "optimizer": "sgdm", "dataset": "synthetic", "sweep": "tiny"}
     # a descriptive name, and MLflow's own source tags (the UI's Source and Version columns)
-    assert r.info.run_name == "tiny-localsgd-K2-H1-loss-sgdm-s0"
+    assert r.info.run_name == "tiny-localsgd-K2-H1-asc_pow2-sgdm-s0"
     assert r.data.tags["mlflow.source.name"] == "python -m dpl"
     assert len(r.data.tags["mlflow.source.git.commit"]) == 40
     experiment = client.get_experiment_by_name("e2e")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs
     assert "metrics.`test_acc`" in experiment.tags["mlflow.sharedViewState.dpl"]
-    # dynamic_h=loss clamps H=1 up to h_min=4: the H trained with is recorded, not the configured 1
-    assert [m.value for m in client.get_metric_history(r.info.run_id, "H")] == [4, 4]
-    assert (r.data.metrics["H_first"], r.data.metrics["H_last"], r.data.metrics["H_mean"]) == (4, 4, 4)
+    # asc_pow2 trains epoch 0 with the configured H=1, then (the study's one-epoch lag) 2^2 = 4:
+    # the H trained with is recorded per epoch, and summarised, not the configured 1
+    assert [m.value for m in client.get_metric_history(r.info.run_id, "H")] == [1, 4]
+    assert (r.data.metrics["H_first"], r.data.metrics["H_last"], r.data.metrics["H_mean"]) == (1, 4, 2.5)
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "samples_per_s", "H",
                 "sync_rounds", "sync_rounds_total", "comm_bytes", "comm_bytes_total", "rounds_vs_sync",
                 "modelled_time_s", "drift"):
         assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [0, 1], key
-    # 450 images per worker / batch 32 = 15 steps; H=4 -> 4 syncs per epoch
-    assert [m.value for m in client.get_metric_history(r.info.run_id, "sync_rounds_total")] == [4, 8]
+    # 450 images per worker / batch 32 = 15 steps: H=1 -> 15 syncs, then H=4 -> 4
+    assert [m.value for m in client.get_metric_history(r.info.run_id, "sync_rounds_total")] == [15, 19]
     assert r.data.metrics["test_acc"] == final["test_acc"]
     assert r.data.metrics["test_acc_best"] == final["test_acc_best"]
     assert r.data.metrics["best_val_acc"] == final["best_val_acc"]
@@ -48,7 +49,7 @@ def test_run_contents_in_mlflow(make_cfg, tmp_path):
         (row,) = list(csv.DictReader(f))
     assert row["run_id"] == r.info.run_id and float(row["test_acc"]) == final["test_acc"]
     assert row["K"] == "2" and row["method.name"] == "localsgd"
-    assert (row["H"], row["H_first"], row["H_last"], row["H_mean"]) == ("1", "4.0", "4.0", "4.0")
+    assert (row["H"], row["H_first"], row["H_last"], row["H_mean"]) == ("1", "1.0", "4.0", "2.5")
 
 
 def test_resume_logs_into_the_same_run(make_cfg, tmp_path):
