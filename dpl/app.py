@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpl import checkpoint
-from dpl.config import Config, ConfigError
+from dpl.config import Config
+from dpl.errors import ConfigError, Diverged
 from dpl.preflight import validate
 from dpl.data import load_dataset
 from dpl.engine import build_workers, pick_device
@@ -27,7 +28,7 @@ from dpl.sweep import parent_run_id
 from dpl.tracking import (CONFIG_HASH_TAG, RUN_NAME_TAG, append_result_row, check_tracking, check_writable_dir,
                           check_writable_file, config_hash, end_run_if_running, find_finished_run,
                           flatten_config, launch_dir, make_logger, run_name, source_tags)
-from dpl.train import Diverged, Trainer
+from dpl.train import Trainer
 
 log = logging.getLogger("dpl")
 

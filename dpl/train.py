@@ -31,7 +31,7 @@ from dpl.comm import CommLedger, Traffic
 from dpl.data import DeviceData, batch_indices, epoch_order, eval_batches, make_batch, make_shards, steps_per_epoch
 from dpl.dynamic_h import HContext, next_h
 from dpl.engine.workers import StackedWorkers
-from dpl.meter import Diverged, EpochSums, check_finite, track_best
+from dpl.meter import EpochSums, check_finite, track_best
 from dpl.methods import Method
 from dpl.optim import build_optimizer
 from dpl.schedules import lr_index, lr_table

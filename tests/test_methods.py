@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from dpl import train as train_mod
-from dpl.app import build_trainer, run
+from dpl.app import build_trainer
 from dpl.methods import METHODS, Method
+from tests.resume import assert_resume_is_exact
 
 
 def train(cfg, epochs: int | None = None):
@@ -169,29 +169,9 @@ def test_post_local_is_synchronous_before_the_switch_and_local_after(make_cfg):
 
 
 def test_post_local_resumes_exactly_across_the_switch(make_cfg, tmp_path, monkeypatch):
-    """Interrupted in epoch 1 (the first local epoch), resumed from the checkpoint of epoch 0's end."""
+    """Interrupted in epoch 1 (the first local epoch), resumed from its checkpoint at step 16."""
     overrides = ["method=post_local", "method.switch_epoch=1", "K=2", "H=4", "epochs=3", "checkpoint_every=4"]
-    full = run(make_cfg(*overrides), out_dir=tmp_path / "full")
-
-    class Stop(BaseException):
-        pass
-
-    original_fit = train_mod.Trainer.fit
-
-    def fit_then_stop(self):
-        def hook(t):
-            if t.state.global_step == 18:
-                raise Stop()
-        self.on_step.append(hook)
-        original_fit(self)
-
-    monkeypatch.setattr(train_mod.Trainer, "fit", fit_then_stop)
-    with pytest.raises(Stop):
-        run(make_cfg(*overrides), out_dir=tmp_path / "cut")
-    monkeypatch.setattr(train_mod.Trainer, "fit", original_fit)
-    resumed = run(make_cfg(f"resume={tmp_path / 'cut'}"))
-    for key in ("test_acc", "test_acc_best", "best_val_acc", "test_loss"):
-        assert resumed[key] == full[key], key
+    assert_resume_is_exact(make_cfg, overrides, tmp_path, monkeypatch, stop_at=18)
 
 
 def test_every_method_declares_how_it_communicates():

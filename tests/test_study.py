@@ -22,6 +22,7 @@ from dpl.preflight import group_options
 from dpl.schedules import lr_table
 from dpl.study import ABLATIONS
 from tests.conftest import CONF, compose_cfg
+from tests.resume import assert_resume_is_exact
 
 CPU = torch.device("cpu")
 
@@ -193,23 +194,7 @@ def test_study_rows_resume_exactly(make_cfg, tmp_path, monkeypatch, row):
     """Mid-epoch resume of a study-exact run (restarts, epoch lr, augmented validation)."""
     overrides = [f"experiment=study/{row}", "dataset=synthetic", "dataset.num_train=1000", "dataset.num_test=200",
                  "epochs=3", "checkpoint_every=5", "logger=none", "batch_size=32", "K=2"]
-    full = run(make_cfg(*overrides), out_dir=tmp_path / "full")
-    original_fit = train_mod.Trainer.fit
-
-    class Stop(BaseException):
-        pass
-
-    def fit_then_stop(self):
-        self.on_step.append(lambda t: (_ for _ in ()).throw(Stop()) if t.state.global_step == 22 else None)
-        original_fit(self)
-
-    monkeypatch.setattr(train_mod.Trainer, "fit", fit_then_stop)
-    with pytest.raises(Stop):
-        run(make_cfg(*overrides), out_dir=tmp_path / "cut")
-    monkeypatch.setattr(train_mod.Trainer, "fit", original_fit)
-    resumed = run(make_cfg(f"resume={tmp_path / 'cut'}"))
-    for key in ("test_acc", "test_acc_best", "best_val_acc", "test_loss"):
-        assert resumed[key] == full[key], key
+    assert_resume_is_exact(make_cfg, overrides, tmp_path, monkeypatch, stop_at=22)
 
 
 # ----------------------------------------------------------------------------- data
