@@ -41,11 +41,6 @@ def bytes_sent(nbytes: float, K: int, topology: str = "ring") -> float:
     return 2.0 * (K - 1) / K * nbytes if _topology(topology) == "ring" else float(nbytes)
 
 
-def ring_allreduce_bytes(nbytes: float, K: int) -> float:
-    """Bytes each worker sends in one ring all-reduce of an ``nbytes`` buffer: 2 (K - 1) / K * nbytes."""
-    return bytes_sent(nbytes, K, "ring")
-
-
 def latency_s(K: int, latency_us: float, topology: str = "ring") -> float:
     """The latency part of one all-reduce: one per step, 2 (K - 1) on a ring, 2 (push, pull)
     through a parameter server; 0 when K = 1."""

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from dpl.comm import (CommLedger, CommPoint, Traffic, bytes_sent, param_bytes, ring_allreduce_bytes, sync_time_s,
+from dpl.comm import (CommLedger, CommPoint, Traffic, bytes_sent, param_bytes, sync_time_s,
                       worker_drift)
 
 
-def test_ring_allreduce_bytes():
-    assert ring_allreduce_bytes(1000, 1) == 0.0
-    assert ring_allreduce_bytes(1000, 2) == 1000.0  # 2 * 1/2
-    assert ring_allreduce_bytes(1000, 8) == 1750.0  # 2 * 7/8
+def test_ring_allreduce_bytes_sent():
+    assert bytes_sent(1000, 1, "ring") == 0.0
+    assert bytes_sent(1000, 2, "ring") == 1000.0  # 2 * 1/2
+    assert bytes_sent(1000, 8, "ring") == 1750.0  # 2 * 7/8
     with pytest.raises(ValueError):
-        ring_allreduce_bytes(1000, 0)
+        bytes_sent(1000, 0, "ring")
 
 
 def test_param_bytes_of_one_replica():
