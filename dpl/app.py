@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpl import checkpoint
-from dpl.config import Config
+from dpl.config import typed
 from dpl.errors import ConfigError, Diverged
 from dpl.preflight import validate
 from dpl.data import load_dataset
@@ -56,8 +56,10 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=Non
     """Data, model, workers, method and optimizer for ``cfg`` (seeded: the same on every rank)."""
 
     def load(download: bool):
-        node = cfg.dataset if download else OmegaConf.merge(cfg.dataset, {"download": False})
-        return load_dataset(node, cfg.seed, device, root=resolve_path(cfg.dataset.root))
+        node = cfg.dataset if download or "download" not in cfg.dataset else \
+            OmegaConf.merge(cfg.dataset, {"download": False})
+        root = cfg.dataset.get("root")  # synthetic data has no files
+        return load_dataset(node, cfg.seed, device, root=resolve_path(root) if root else None)
 
     # engine=distributed: only rank 0 may download; the others wait for it
     data = load(True) if comm is None else comm.rank0_first(load)
@@ -212,7 +214,7 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
     Only keys in RESUME_KEYS may differ on the command line, and ``epochs`` may be raised to
     train on; any other override is refused in one line naming the keys, instead of being
     silently dropped."""
-    saved = OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"])
+    saved = typed(ckpt["config"])
     overridden = _command_line_keys()
     differing = [k for k in overridden if k not in (*RESUME_KEYS, "epochs") and _differs(cfg, saved, k)]
     if differing:
@@ -228,14 +230,17 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
     origin = ckpt.get("launch_dir")
     for key in ("results_csv", "dataset.root"):  # relative to where the job was first started, not to here
         value = str(OmegaConf.select(saved, key))
+        if OmegaConf.select(saved, key) is None:  # a dataset without files
+            continue
         if origin and key not in overridden and not Path(value).expanduser().is_absolute():
             OmegaConf.update(saved, key, str(Path(origin) / value))
     for key in ("device", "dataset.root", "dataset.download"):
-        if key in overridden:
+        if key in overridden and OmegaConf.select(saved, key) is not None:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key))
     saved.progress = cfg.progress
     saved.resume = cfg.resume
-    saved.engine.spawn = saved.engine.spawn or cfg.engine.spawn  # how to start the processes, not what they compute
+    if "spawn" in saved.engine:  # engine=distributed: how to start the processes, not what they compute
+        saved.engine.spawn = saved.engine.spawn or cfg.engine.get("spawn", False)
     validate(saved)
     return saved
 

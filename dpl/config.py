@@ -8,6 +8,7 @@ therefore fails before any data is loaded, with one line naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -41,19 +42,45 @@ def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 # ----------------------------------------------------------------------------- groups
+#
+# One dataclass per option of each group, holding only the keys that option reads (issue:
+# "the lars schema has trust_coefficient and sgdm does not"). Each group has a base class
+# with the keys every option shares; the top-level Config types the group's node with it,
+# and the option's YAML names its own schema in its defaults list
+# (``- /schema/optimizer/lars@_here_``), so Hydra merges the subclass in and a key the option
+# does not have fails composition. SCHEMAS (at the end of this section) is the registry:
+# group -> option -> dataclass, keyed like conf/<group>/<option>.yaml and the code registries.
+
+
+# --- dataset
 
 
 @dataclass
-class DatasetConfig:
+class DatasetBase:
     name: str = MISSING
-    root: str = "data"  # relative paths resolve against the launch directory
-    download: bool = True
     val_fraction: float = 0.1
     augment: bool = True  # random crop (with padding) + horizontal flip on train batches
     # the study: validation images augmented too, redrawn (seeded) at every evaluation
     augment_val: bool = False
     crop_padding: int = 4
-    # only `synthetic` reads these
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "dataset.val_fraction", self.val_fraction, "0 < x < 1")
+        _at_least("dataset.crop_padding", self.crop_padding, 0, "an integer")
+
+
+@dataclass
+class FileDatasetConfig(DatasetBase):
+    """A dataset read from files under ``root`` (cifar10, cifar100, fashion_mnist)."""
+
+    root: str = "data"  # relative paths resolve against the launch directory
+    download: bool = True
+
+
+@dataclass
+class SyntheticDatasetConfig(DatasetBase):
+    """Generated class prototypes plus Gaussian noise (dpl.data.sources.synthetic)."""
+
     num_train: int = 5000
     num_test: int = 1000
     num_classes: int = 10
@@ -62,12 +89,14 @@ class DatasetConfig:
     noise: float = 0.35
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.val_fraction < 1.0, "dataset.val_fraction", self.val_fraction, "0 < x < 1")
-        _at_least("dataset.crop_padding", self.crop_padding, 0, "an integer")
+        super().__post_init__()
         for key in ("num_train", "num_test", "channels", "image_size"):
             _at_least(f"dataset.{key}", getattr(self, key), 1, "an integer")
         _at_least("dataset.num_classes", self.num_classes, 2, "an integer")
         _at_least("dataset.noise", self.noise, 0.0)
+
+
+# --- model
 
 
 @dataclass
@@ -75,136 +104,297 @@ class ModelConfig:
     name: str = MISSING
 
 
-@dataclass
-class OptimizerConfig:
-    """Union of the optimizers' hyperparameters; each YAML sets those it uses.
+# --- optimizer
 
-    ``lr`` and ``weight_decay`` here are per-optimizer defaults; the top-level keys
-    ``lr`` / ``weight_decay`` (which interpolate these) are what training reads.
-    """
+
+@dataclass
+class OptimizerBase:
+    """``lr`` and ``weight_decay`` are the optimizer's defaults; the top-level keys ``lr`` /
+    ``weight_decay`` (which interpolate these) are what training reads."""
 
     name: str = MISSING
     lr: float = 0.01
     weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    # LARS / LAMB
-    trust_coefficient: float = 1.0
-    exclude_1d: bool = True  # biases and norm weights: no weight decay, no adaptation
-    max_trust_ratio: Optional[float] = None  # clip the trust ratio from above
-    grad_clip_norm: Optional[float] = None  # global gradient-norm clipping before the step
-    bias_correction: bool = True  # LAMB
-    trust_ratio_only_with_wd: bool = False  # LAMB as in the study: adapt only when wd != 0
-    wd_in_grad_norm: bool = False  # LARS as in the study: ratio (and its zero test) from ||g + wd*w||
-    # LARS: where the lr enters the momentum. lr_inside: v <- m v + lr d; w <- w - v (You et al.
-    # 2017, Alg. 1); lr_outside: v <- m v + d; w <- w - lr v (torch SGD). Same unless the lr changes.
-    momentum_form: str = "lr_inside"
 
     def __post_init__(self) -> None:
         _positive("optimizer.lr", self.lr)
         _at_least("optimizer.weight_decay", self.weight_decay, 0.0)
-        _check(0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum, "0 <= x < 1")
-        _check(
-            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
-            "optimizer.betas", list(self.betas), "two numbers in [0, 1)",
-        )
+
+
+def _momentum(value: float) -> None:
+    _check(0.0 <= value < 1.0, "optimizer.momentum", value, "0 <= x < 1")
+
+
+def _betas(value: list[float]) -> None:
+    _check(len(value) == 2 and all(0.0 <= b < 1.0 for b in value), "optimizer.betas", list(value),
+           "two numbers in [0, 1)")
+
+
+@dataclass
+class SgdmConfig(OptimizerBase):
+    """torch.optim.SGD with (heavy-ball or Nesterov) momentum."""
+
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _momentum(self.momentum)
+
+
+@dataclass
+class AdamwConfig(OptimizerBase):
+    """torch.optim.AdamW (Loshchilov & Hutter 2019)."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _betas(self.betas)
         _positive("optimizer.eps", self.eps)
-        _positive("optimizer.trust_coefficient", self.trust_coefficient)
-        _one_of("optimizer.momentum_form", self.momentum_form, ("lr_inside", "lr_outside"))
+
+
+@dataclass
+class TrustRatioBase(OptimizerBase):
+    """What LARS and LAMB share: a layer-wise trust ratio (dpl.optim)."""
+
+    eps: float = 1e-8
+    exclude_1d: bool = True  # biases and norm weights: no weight decay, no adaptation
+    max_trust_ratio: Optional[float] = None  # clip the trust ratio from above
+    grad_clip_norm: Optional[float] = None  # global gradient-norm clipping before the step
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("optimizer.eps", self.eps)
         if self.max_trust_ratio is not None:
             _positive("optimizer.max_trust_ratio", self.max_trust_ratio)
         if self.grad_clip_norm is not None:
             _positive("optimizer.grad_clip_norm", self.grad_clip_norm)
-            if self.name != MISSING:  # the command-line pre-check knows the value, not the optimizer
-                _check(self.name in ("lars", "lamb"), "optimizer.grad_clip_norm", self.grad_clip_norm,
-                       "null for optimizer " + self.name + " (only lars and lamb clip)")
 
 
 @dataclass
-class SchedulerConfig:
+class LarsConfig(TrustRatioBase):
+    """LARS (You et al. 2017) on SGD momentum."""
+
+    momentum: float = 0.9
+    trust_coefficient: float = 1.0
+    wd_in_grad_norm: bool = False  # the study: ratio (and its zero test) from ||g + wd*w||
+    # Where the lr enters the momentum. lr_inside: v <- m v + lr d; w <- w - v (You et al.
+    # 2017, Alg. 1); lr_outside: v <- m v + d; w <- w - lr v (torch SGD). Same unless the lr changes.
+    momentum_form: str = "lr_inside"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _momentum(self.momentum)
+        _positive("optimizer.trust_coefficient", self.trust_coefficient)
+        _one_of("optimizer.momentum_form", self.momentum_form, ("lr_inside", "lr_outside"))
+
+
+@dataclass
+class LambConfig(TrustRatioBase):
+    """LAMB (You et al. 2020, Algorithm 2) on Adam moments."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    bias_correction: bool = True
+    trust_ratio_only_with_wd: bool = False  # the study: adapt only where wd != 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _betas(self.betas)
+
+
+# --- scheduler
+
+
+@dataclass
+class SchedulerBase:
     """Learning-rate schedule after ``warmup_epochs`` of linear warmup (see dpl.schedules)."""
 
     name: str = MISSING
     interval: str = "step"  # step: the lr moves every optimizer step; epoch: once per epoch (the study)
     warmup_start_factor: Optional[float] = None  # warmup from this x lr (the study: 0.1); null: (t+1)/W
-    min_lr: float = 0.0  # cosine / poly floor
-    step_epochs: int = 30  # step: decay every this many epochs
-    gamma: float = 0.1  # step: decay factor
-    power: float = 1.0  # poly: exponent
 
     def __post_init__(self) -> None:
         _one_of("scheduler.interval", self.interval, ("step", "epoch"))
         if self.warmup_start_factor is not None:
             _check(0.0 < self.warmup_start_factor <= 1.0, "scheduler.warmup_start_factor",
                    self.warmup_start_factor, "null or 0 < x <= 1")
+
+
+@dataclass
+class DecayToFloorBase(SchedulerBase):
+    min_lr: float = 0.0  # the floor the lr decays to
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _at_least("scheduler.min_lr", self.min_lr, 0.0)
-        _at_least("scheduler.step_epochs", self.step_epochs, 1, "an integer")
-        _check(0.0 < self.gamma <= 1.0, "scheduler.gamma", self.gamma, "0 < x <= 1")
+
+
+@dataclass
+class CosineConfig(DecayToFloorBase):
+    """Cosine annealing (Loshchilov & Hutter 2017) from lr to min_lr over the run."""
+
+
+@dataclass
+class PolyConfig(DecayToFloorBase):
+    power: float = 1.0  # lr = min_lr + (lr0 - min_lr) (1 - t/T)^power
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _positive("scheduler.power", self.power)
 
 
 @dataclass
-class MethodConfig:
+class StepConfig(SchedulerBase):
+    step_epochs: int = 30  # decay every this many epochs ...
+    gamma: float = 0.1  # ... by this factor
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("scheduler.step_epochs", self.step_epochs, 1, "an integer")
+        _check(0.0 < self.gamma <= 1.0, "scheduler.gamma", self.gamma, "0 < x <= 1")
+
+
+# --- method
+
+
+@dataclass
+class MethodBase:
     name: str = MISSING
-    # slowmo (Wang et al. 2020): slow momentum beta and slow learning rate alpha
+
+
+@dataclass
+class OuterMomentumBase(MethodBase):
+    # zero the outer momentum at the start of every epoch (the study does for slowmo)
+    restart_each_epoch: bool = False
+
+
+@dataclass
+class SlowmoConfig(OuterMomentumBase):
+    """SlowMo (Wang et al. 2020): slow momentum beta and slow learning rate alpha."""
+
     beta: float = 0.6
     alpha: float = 1.0
-    # slowmo / diloco: zero the outer momentum at the start of every epoch (the study does for slowmo)
-    restart_each_epoch: bool = False
-    # diloco (Douillard et al. 2023): outer SGD with Nesterov momentum
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    nesterov: bool = True
-    # post_local (Lin et al. 2020): the first epoch of local steps
-    switch_epoch: int = 75
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.beta < 1.0, "method.beta", self.beta, "0 <= x < 1")
         _positive("method.alpha", self.alpha)
-        _positive("method.outer_lr", self.outer_lr)
-        _check(0.0 <= self.outer_momentum < 1.0, "method.outer_momentum", self.outer_momentum, "0 <= x < 1")
-        _at_least("method.switch_epoch", self.switch_epoch, 0, "an integer")
 
 
 @dataclass
-class DynamicHConfig:
-    """Shape parameters of the dynamic local-step strategies (see dpl.dynamic_h).
+class DilocoConfig(OuterMomentumBase):
+    """DiLoCo (Douillard et al. 2023): outer SGD with Nesterov momentum."""
 
-    Defaults are the study's values; conf/dynamic_h/avg_loss.yaml sets n_losses 10 (its reported runs)."""
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
 
+    def __post_init__(self) -> None:
+        _positive("method.outer_lr", self.outer_lr)
+        _check(0.0 <= self.outer_momentum < 1.0, "method.outer_momentum", self.outer_momentum, "0 <= x < 1")
+
+
+@dataclass
+class PostLocalConfig(MethodBase):
+    """Post-local SGD (Lin et al. 2020): synchronous until switch_epoch, then LocalSGD."""
+
+    switch_epoch: int = 75  # the first epoch of local steps
+
+    def __post_init__(self) -> None:
+        _at_least("method.switch_epoch", self.switch_epoch, 0, "an integer")
+
+
+# --- dynamic_h (defaults are the study's values; see dpl.dynamic_h)
+
+
+@dataclass
+class DynamicHBase:
     name: str = MISSING
-    h_min: int = 4  # linear / pow2 range and the halve (H > h_min) / double (H < h_max) guards
+
+
+@dataclass
+class HRangeConfig(DynamicHBase):
+    """linear / pow2 range, and the halve (H > h_min) / double (H < h_max) guards of the adaptive ones."""
+
+    h_min: int = 4
     h_max: int = 64
-    patience: int = 4  # improvement: halve after every epoch once this many in a row had no new best (study: c > 3)
-    n_losses: int = 3  # loss / avg_loss: act once more than this many val losses exist; avg_loss: window (even)
-    trend: int = 3  # loss: this many latest val losses must rise (fall) strictly to halve (double) H
-    midpoint: float = 75.0  # sigmoid: epoch of the midpoint
-    steepness: float = 0.5  # sigmoid
-    low_divisor: float = 22.0  # sigmoid / rev_cosine: lower bound = steps_per_epoch / this
-    high_divisor: float = 2.0  # sigmoid / rev_cosine: upper bound = steps_per_epoch / this
-    snap: float = 0.05  # sigmoid / rev_cosine: one more sync when the epoch's leftover steps are <= this fraction
 
     def __post_init__(self) -> None:
         _at_least("dynamic_h.h_min", self.h_min, 1, "an integer")
         _check(self.h_max >= self.h_min, "dynamic_h.h_max", self.h_max, f"an integer >= h_min ({self.h_min})")
+
+
+@dataclass
+class ImprovementConfig(HRangeConfig):
+    patience: int = 4  # halve after every epoch once this many in a row had no new best (study: c > 3)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _at_least("dynamic_h.patience", self.patience, 1, "an integer")
+
+
+@dataclass
+class AvgLossConfig(HRangeConfig):
+    n_losses: int = 3  # act once more than this many val losses exist; two windows of n_losses / 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.n_losses >= 2 and self.n_losses % 2 == 0, "dynamic_h.n_losses", self.n_losses,
+               "an even integer >= 2 for avg_loss")
+
+
+@dataclass
+class LossConfig(HRangeConfig):
+    n_losses: int = 3  # act once more than this many val losses exist
+    trend: int = 3  # this many latest val losses must rise (fall) strictly to halve (double) H
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _at_least("dynamic_h.n_losses", self.n_losses, 2, "an integer")
-        if self.name == "avg_loss":  # two windows of n_losses / 2 epochs each
-            _check(self.n_losses % 2 == 0, "dynamic_h.n_losses", self.n_losses, "an even integer >= 2 for avg_loss")
         _at_least("dynamic_h.trend", self.trend, 2, "an integer")
-        _positive("dynamic_h.steepness", self.steepness)
+
+
+@dataclass
+class RevCosineConfig(DynamicHBase):
+    low_divisor: float = 22.0  # lower bound = steps_per_epoch / this
+    high_divisor: float = 2.0  # upper bound = steps_per_epoch / this
+    snap: float = 0.05  # one more sync when the epoch's leftover steps are <= this fraction
+
+    def __post_init__(self) -> None:
         _positive("dynamic_h.low_divisor", self.low_divisor)
         _positive("dynamic_h.high_divisor", self.high_divisor)
         _check(0 <= self.snap < 1, "dynamic_h.snap", self.snap, "a number in [0, 1)")
 
 
 @dataclass
-class EngineConfig:
+class SigmoidConfig(RevCosineConfig):
+    midpoint: float = 75.0  # epoch of the midpoint
+    steepness: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("dynamic_h.steepness", self.steepness)
+
+
+# --- engine
+
+
+@dataclass
+class EngineBase:
     name: str = MISSING
-    simulate: str = "auto"  # simulated engine: how the K forwards run (auto picks per device)
-    # distributed engine
+
+
+@dataclass
+class SimulatedEngineConfig(EngineBase):
+    simulate: str = "auto"  # how the K forwards run: vmap | loop | auto (picks per device)
+
+    def __post_init__(self) -> None:
+        _one_of("engine.simulate", self.simulate, ("auto", "vmap", "loop"))
+
+
+@dataclass
+class DistributedEngineConfig(EngineBase):
     backend: str = "auto"  # auto: nccl on cuda, gloo on cpu
     spawn: bool = False  # start K local processes from one command
     timeout_s: float = 300.0  # a rank that dies or hangs ends the job after this long
@@ -212,23 +402,53 @@ class EngineConfig:
     master_port: int = 0  # spawn: the launcher's store; 0 = a free port
 
     def __post_init__(self) -> None:
-        _one_of("engine.simulate", self.simulate, ("auto", "vmap", "loop"))
         _one_of("engine.backend", self.backend, ("auto", "gloo", "nccl"))
         _positive("engine.timeout_s", self.timeout_s)
         _check(0 <= self.master_port < 65536, "engine.master_port", self.master_port, "0 (a free port) to 65535")
 
 
+# --- logger
+
+
 @dataclass
-class LoggerConfig:
+class LoggerBase:
     name: str = MISSING
-    tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the launch dir
+    plots: bool = True  # PNG figures of the run in its job dir (and in MLflow with logger=mlflow)
+    # The names a run is grouped and shown under (MLflow's experiment and run name). Every logger
+    # has them because sweeps and study rows set them, and `logger=none` must still compose there.
     experiment: str = "dpl"
     run_name: Optional[str] = None
-    plots: bool = True
 
     def __post_init__(self) -> None:
         _check(bool(str(self.experiment).strip()), "logger.experiment", self.experiment, "a non-empty name")
+
+
+@dataclass
+class MlflowLoggerConfig(LoggerBase):
+    tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the launch dir
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _check(bool(str(self.tracking_uri).strip()), "logger.tracking_uri", self.tracking_uri, "a non-empty URI")
+
+
+_HRANGE = ("asc_linear", "desc_linear", "asc_pow2", "desc_pow2")
+
+# group -> option -> schema; the options are the YAML files conf/<group>/<option>.yaml
+SCHEMAS: dict[str, dict[str, type]] = {
+    "dataset": {"cifar10": FileDatasetConfig, "cifar100": FileDatasetConfig,
+                "fashion_mnist": FileDatasetConfig, "synthetic": SyntheticDatasetConfig},
+    "model": {"lenet5": ModelConfig, "resnet20": ModelConfig},
+    "optimizer": {"sgdm": SgdmConfig, "adamw": AdamwConfig, "lars": LarsConfig, "lamb": LambConfig},
+    "scheduler": {"constant": SchedulerBase, "cosine": CosineConfig, "poly": PolyConfig, "step": StepConfig},
+    "method": {"centralized": MethodBase, "localsgd": MethodBase, "slowmo": SlowmoConfig,
+               "diloco": DilocoConfig, "post_local": PostLocalConfig},
+    "dynamic_h": {"constant": DynamicHBase, **{n: HRangeConfig for n in _HRANGE},
+                  "improvement": ImprovementConfig, "loss": LossConfig, "avg_loss": AvgLossConfig,
+                  "sigmoid": SigmoidConfig, "rev_cosine": RevCosineConfig},
+    "engine": {"simulated": SimulatedEngineConfig, "distributed": DistributedEngineConfig},
+    "logger": {"mlflow": MlflowLoggerConfig, "none": LoggerBase},
+}
 
 
 @dataclass
@@ -276,14 +496,15 @@ LR_SCALINGS = ("none", "linear", "sqrt")  # see dpl.train.scaled_lr
 
 @dataclass
 class Config:
-    dataset: DatasetConfig = MISSING
+    # typed by each group's base; the option's YAML merges its own schema (a subclass) in
+    dataset: DatasetBase = MISSING
     model: ModelConfig = MISSING
-    optimizer: OptimizerConfig = MISSING
-    scheduler: SchedulerConfig = MISSING
-    method: MethodConfig = MISSING
-    dynamic_h: DynamicHConfig = MISSING
-    engine: EngineConfig = MISSING
-    logger: LoggerConfig = MISSING
+    optimizer: OptimizerBase = MISSING
+    scheduler: SchedulerBase = MISSING
+    method: MethodBase = MISSING
+    dynamic_h: DynamicHBase = MISSING
+    engine: EngineBase = MISSING
+    logger: LoggerBase = MISSING
     network: NetworkConfig = field(default_factory=NetworkConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
 
@@ -334,33 +555,68 @@ class Config:
         _positive("dirichlet_alpha", self.dirichlet_alpha)
         _one_of("local_momentum", self.local_momentum, MOMENTUM_MODES)
         _one_of("shuffle", self.shuffle, SHUFFLES)
-        if isinstance(self.scheduler, SchedulerConfig) and self.scheduler.interval == "epoch":
+        if isinstance(self.scheduler, SchedulerBase) and self.scheduler.interval == "epoch":
             _check(float(self.warmup_epochs).is_integer(), "warmup_epochs", self.warmup_epochs,
                    "a whole number of epochs with scheduler.interval=epoch")
         _at_least("checkpoint_every", self.checkpoint_every, 0, "an integer")
 
 
-GROUP_SCHEMAS: dict[str, type] = {
-    "dataset": DatasetConfig,
-    "model": ModelConfig,
-    "optimizer": OptimizerConfig,
-    "scheduler": SchedulerConfig,
-    "method": MethodConfig,
-    "dynamic_h": DynamicHConfig,
-    "engine": EngineConfig,
-    "logger": LoggerConfig,
-}
+GROUPS = tuple(SCHEMAS)
+
+
+def option_schema(group: str, option: str) -> type:
+    """The schema of ``<group>=<option>``; ConfigError naming the options if there is none."""
+    options = SCHEMAS[group]
+    if option not in options:
+        raise ConfigError(f"{group}={option!r} is invalid: allowed one of {', '.join(sorted(options))}")
+    return options[option]
+
+
+def option_keys(group: str, option: str) -> list[str]:
+    """The keys ``<group>=<option>`` has (``name`` first)."""
+    return [f.name for f in dataclasses.fields(option_schema(group, option))]
 
 
 def register_configs() -> None:
-    """Store the top-level schema; ``conf/config.yaml`` names it first in its defaults.
+    """Store the top-level schema (``conf/config.yaml`` names it first in its defaults) and every
+    option's schema as ``schema/<group>/<option>``, which the option's YAML names in its defaults
+    (``- /schema/optimizer/lars@_here_``): a YAML or override with a key its option does not have
+    then fails composition."""
+    store = ConfigStore.instance()
+    store.store(name="dpl_schema", node=Config)
+    for group, options in SCHEMAS.items():
+        for option, schema in options.items():
+            store.store(group=f"schema/{group}", name=option, node=schema)
 
-    Group nodes are typed through the fields of :class:`Config`, so a YAML file in
-    ``conf/optimizer/`` with a misspelt key fails composition.
-    """
-    ConfigStore.instance().store(name="dpl_schema", node=Config)
+
+def typed(container: Any) -> DictConfig:
+    """A plain config (a checkpoint's, a test's dict) as the typed config Hydra would compose:
+    each group's node under its option's schema. Keys an option does not have are dropped:
+    checkpoints written before the per-option schemas carried every option's keys."""
+    data = OmegaConf.to_container(container) if isinstance(container, DictConfig) else dict(container)
+    cfg = OmegaConf.structured(Config)
+    for group in GROUPS:
+        node = data.get(group)
+        if not isinstance(node, dict) or "name" not in node:
+            continue
+        schema = option_schema(group, node["name"])
+        keys = {f.name for f in dataclasses.fields(schema)}
+        cfg[group] = OmegaConf.merge(OmegaConf.structured(schema), {k: v for k, v in node.items() if k in keys})
+        data[group] = cfg[group]
+    return OmegaConf.merge(cfg, data)
 
 
+def check_options(cfg: DictConfig) -> None:
+    """Each group's node must carry its option's schema: ``optimizer.name=lars`` on the command
+    line would keep sgdm's keys; the option is chosen with ``optimizer=lars``."""
+    for group in GROUPS:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        schema = option_schema(group, node.name)
+        if OmegaConf.get_type(node) is not schema:
+            raise ConfigError(f"{group}.name={node.name!r} is invalid: choose the option with {group}={node.name}, "
+                              f"which brings its keys")
 def to_schema(cfg: DictConfig) -> Config:
     """Instantiate the dataclasses (running every range check); raise ConfigError in one line.
 

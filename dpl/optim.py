@@ -257,21 +257,12 @@ class LAMB(_LayerwiseOptimizer):
 Builder = Callable[[list, object, float, float, bool], torch.optim.Optimizer]
 
 
-def _no_clip(cfg) -> None:
-    # torch's SGD/AdamW have no clipping; refusing beats silently ignoring the key
-    if cfg.grad_clip_norm is not None:
-        raise ValueError(f"optimizer.grad_clip_norm={cfg.grad_clip_norm} is invalid for "
-                         f"optimizer={cfg.name}: allowed only with lars or lamb")
-
-
 def _sgdm(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:
-    _no_clip(cfg)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            weight_decay=weight_decay)
 
 
 def _adamw(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:
-    _no_clip(cfg)
     return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
                              weight_decay=weight_decay)
 

@@ -19,18 +19,31 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig
 
-from dpl.config import GROUP_SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig, to_schema
+from dpl.config import SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig, option_keys, to_schema
+from dpl.config import GROUPS as SCHEMA_GROUPS
+from dpl.config import check_options
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = (*GROUP_SCHEMAS, "experiment", "ablation")
-NESTED_SCHEMAS = {**GROUP_SCHEMAS, "network": NetworkConfig, "clock": ClockConfig}  # every dotted key is <one of these>.<field>
+GROUPS = (*SCHEMA_GROUPS, "experiment", "ablation")
+NESTED = {"network": NetworkConfig, "clock": ClockConfig}  # sub-nodes of Config that are not groups
+
+
+def group_keys(group: str) -> list[str]:
+    """The keys any option of ``group`` has (in the order of first appearance)."""
+    keys: dict[str, None] = {}
+    for option in SCHEMAS[group]:
+        keys.update(dict.fromkeys(option_keys(group, option)))
+    return list(keys)
 
 
 def config_keys() -> list[str]:
-    """Every key a dpl config has, dotted (``K``, ``optimizer.lr``, ``network.bandwidth_gbps``)."""
-    keys = [f.name for f in dataclasses.fields(Config) if f.name not in NESTED_SCHEMAS]
-    for group, schema in NESTED_SCHEMAS.items():
-        keys += [f"{group}.{f.name}" for f in dataclasses.fields(schema)]
+    """Every key a dpl config can have, dotted (``K``, ``optimizer.lr``, ``network.bandwidth_gbps``);
+    a group's keys are those of any of its options."""
+    keys = [f.name for f in dataclasses.fields(Config) if f.name not in SCHEMAS and f.name not in NESTED]
+    for group in SCHEMAS:
+        keys += [f"{group}.{k}" for k in group_keys(group)]
+    for node, schema in NESTED.items():
+        keys += [f"{node}.{f.name}" for f in dataclasses.fields(schema)]
     return keys
 
 
@@ -48,6 +61,83 @@ def check_key(key: str, adding: bool = False) -> None:
     raise ConfigError(f"{shown} is not a dpl config key: {hint}")
 
 
+def _option_specific(key: str) -> bool:
+    """``optimizer.trust_coefficient`` (lars and lamb have it, sgdm not) but not ``optimizer.lr``."""
+    group, dot, name = key.partition(".")
+    return bool(dot) and group in SCHEMAS and not all(name in option_keys(group, o) for o in SCHEMAS[group])
+
+
+def check_applies(key: str, choices: dict[str, str]) -> None:
+    """``key`` must be a key of the option its group has in ``choices`` (Hydra's chosen options)."""
+    group, _, name = key.partition(".")
+    option = choices.get(group)
+    if option in SCHEMAS.get(group, {}) and name not in option_keys(group, option):
+        allowed = ", ".join(k for k in option_keys(group, option) if k != "name") or "none"
+        raise ConfigError(f"{key} is not a key of {group}={option}: allowed {allowed}")
+
+
+def check_ablation(choices: dict[str, str]) -> None:
+    """An ablation sets its keys; one whose keys the run's options lack (``paper_lars`` on SGDM) is refused."""
+    from dpl.study import ABLATIONS
+
+    departure = ABLATIONS.get(choices.get("ablation", "none"))
+    for key in departure.paper_values if departure else ():
+        try:
+            check_applies(key, choices)
+        except ConfigError as e:
+            raise ConfigError(f"ablation={choices['ablation']} does not apply here (it is for "
+                              f"{departure.applies_to}): {e}") from None
+
+
+def chosen_options(overrides: list, args: list[str], conf_dir: Path = CONF_DIR) -> list[dict[str, str]]:
+    """The options Hydra will choose for every group, once per combination of the group choices on the
+    command line (``optimizer=sgdm,lars`` gives two); an experiment or method may choose others
+    (``method=diloco`` brings ``optimizer=adamw``), so ask Hydra: it composes the defaults lists only."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+
+    from dpl.config import register_configs
+
+    choice_lists, ablations = [], [None]
+    for o in overrides:
+        if o.key_or_group in GROUPS and not o.package and not o.is_delete():
+            values = list(_values(o))
+            if not values:  # a glob: any option
+                return []
+            if o.key_or_group == "ablation":  # it only sets keys, which may not compose: checked apart
+                ablations = values
+                continue
+            choice_lists.append([f"{o.key_or_group}={v}" for v in values])
+    name = _flag(args, ("--config-name", "-cn")) or "config"
+    search = [d for d in (_flag(args, ("--config-dir", "-cd")), str(SWEEPS_DIR)) if d]
+    register_configs()
+    found = []
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        for combo in itertools.islice(itertools.product(*choice_lists), 64):
+            extra = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in search)}]"]
+            try:
+                cfg = compose(name, overrides=[*combo, *extra], return_hydra_config=True)
+            except Exception:  # a broken config: the run reports Hydra's own error
+                continue
+            choices = dict(cfg.hydra.runtime.choices)
+            found += [{**choices, **({"ablation": a} if a else {})} for a in ablations]
+    return found
+
+
+def _flag(args: list[str], names: tuple[str, ...]) -> str | None:
+    for i, a in enumerate(args):
+        for n in names:
+            if a == n and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
+SWEEPS_DIR = CONF_DIR.parent / "sweeps"
+
+
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     """The option names of ``group``: its YAML files, sub-folders included (``study/localsgd``)."""
     root = conf_dir / group
@@ -58,16 +148,24 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
     """Raise ConfigError for the first override whose key or value is invalid."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    args = list(args)
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:  # Hydra's grammar errors
         raise ConfigError(str(e).splitlines()[0]) from None
+    specific = []
     for o in parsed:
         key = o.key_or_group
         if key.startswith("hydra") or o.is_delete() or o.package:
             continue
         check_key(key, o.is_add())
+        group, _, name = key.partition(".")
+        if name == "name" and group in SCHEMAS:  # would keep the old option's keys and schema
+            raise ConfigError(f"{key} cannot be set: choose the option with {group}=<option> "
+                              f"(one of {', '.join(SCHEMAS[group])}), which brings its keys")
+        if _option_specific(key):
+            specific.append(key)
         values = list(_values(o))
         if key in GROUPS:
             options = group_options(key, conf_dir)
@@ -77,6 +175,12 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
             continue
         for v in values:
             check_value(key, v, o.is_add())
+    ablating = any(o.key_or_group == "ablation" for o in parsed)
+    if specific or ablating:  # a key only some options have: it must be one of the chosen option's
+        for choices in chosen_options(parsed, args, conf_dir):
+            for key in specific:
+                check_applies(key, choices)
+            check_ablation(choices)
 
 
 def _values(o) -> Iterable[Any]:
@@ -97,7 +201,9 @@ def check_value(key: str, value: Any, adding: bool = False) -> None:
     schema, name = Config, key
     if "." in key:
         group, name = key.split(".", 1)
-        schema = NESTED_SCHEMAS.get(group)
+        # a group's key: type- and range-checked by the first option that has it
+        schema = NESTED.get(group) or next(
+            (s for s in SCHEMAS.get(group, {}).values() if name in {f.name for f in dataclasses.fields(s)}), None)
         if schema is None or "." in name:
             check_key(key, adding)
             return
@@ -105,7 +211,7 @@ def check_value(key: str, value: Any, adding: bool = False) -> None:
     if name not in fields:
         check_key(key, adding)
         return
-    if name in NESTED_SCHEMAS:
+    if name in SCHEMAS or name in NESTED:
         return
     typ = typing.get_type_hints(schema)[name]
     value = _coerce(key, value, typ)
@@ -182,7 +288,8 @@ def check_dynamic_h(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> Config:
     """The whole composed config: every value against its schema, every group's name against its
     registry, and the checks across groups; raise ConfigError in one line."""
-    obj = to_schema(cfg)
     check_choices(cfg)
+    check_options(cfg)
+    obj = to_schema(cfg)
     check_dynamic_h(cfg)
     return obj

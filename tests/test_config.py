@@ -20,10 +20,15 @@ def test_every_group_folder_matches_its_registry():
         assert set(group_options(group)) == set(registry), group
 
 
+ABLATION_ROWS = {"paper_lars": "lars_bs512"}  # a row each ablation applies to (default: study/slowmo)
+
+
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
 def test_every_option_composes_and_validates(group):
     local = ["method=localsgd"] if group == "dynamic_h" else []  # a dynamic H needs local steps
     for option in group_options(group):
+        if group == "ablation":  # an ablation sets keys of the options of the rows it is for
+            local = [f"experiment=study/{ABLATION_ROWS.get(option, 'slowmo')}"]
         cfg = compose_cfg(f"{group}={option}", *local, tiny=False)
         node = cfg[group]  # ablation options set a plain key (and other keys, globally)
         assert (node.name if group != "ablation" else node) == option
@@ -77,7 +82,8 @@ def test_dynamic_h_needs_a_method_with_local_steps():
 
 @pytest.mark.parametrize("override,needle", [("K=0", "K=0"), ("optimizer=nope", "optimizer='nope'"),
                                              ("dynamic_h=loss", "dynamic_h='loss' is invalid with method"),
-                                             ("lr=abc", "lr='abc'"), ("batch_size=-1", "batch_size")])
+                                             ("lr=abc", "lr='abc'"), ("batch_size=-1", "batch_size"),
+                                             ("optimizer.trust_coefficient=0.1", "not a key of optimizer=sgdm")])
 def test_cli_exits_nonzero_with_one_line(override, needle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dpl", override], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
@@ -131,3 +137,109 @@ def test_precision_is_fp32_by_default_and_checked():
         validate(cfg)
 
 
+
+
+# ----------------------------------------------------------------------------- one schema per option
+
+
+def test_every_option_has_its_schema_in_the_config_store_under_its_name():
+    from hydra.core.config_store import ConfigStore
+
+    from dpl.config import SCHEMAS, register_configs
+
+    register_configs()
+    store = ConfigStore.instance()
+    for group, options in SCHEMAS.items():
+        assert set(options) == set(group_options(group)) == set(registries()[group]), group
+        assert set(store.list(f"schema/{group}")) == {f"{o}.yaml" for o in options}, group
+
+
+def test_each_option_composes_to_exactly_its_schemas_keys():
+    from dpl.config import SCHEMAS, option_keys, option_schema
+
+    for group, options in SCHEMAS.items():
+        for option in options:
+            node = compose_cfg(f"{group}={option}", tiny=False)[group]
+            assert OmegaConf.get_type(node) is option_schema(group, option), (group, option)
+            assert list(node) == option_keys(group, option), (group, option)
+    # the issue's examples: lars has trust_coefficient and sgdm does not; cifar100 shows no synthetic keys
+    assert "trust_coefficient" in compose_cfg("optimizer=lars").optimizer
+    assert "trust_coefficient" not in compose_cfg("optimizer=sgdm").optimizer
+    assert "num_train" not in compose_cfg(tiny=False).dataset
+    assert "root" not in compose_cfg("dataset=synthetic").dataset
+    assert "beta" not in compose_cfg("method=localsgd").method and "beta" in compose_cfg("method=slowmo").method
+
+
+def test_hydra_itself_refuses_a_key_the_option_lacks():
+    """Without the command-line pre-check (e.g. a YAML or the compose API), composition fails."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="trust_coefficient"):
+        compose_cfg("optimizer=sgdm", "optimizer.trust_coefficient=0.1")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optimizer.trust_coefficient=0.1"],
+     "optimizer.trust_coefficient is not a key of optimizer=sgdm: allowed lr, weight_decay, momentum, nesterov"),
+    (["dataset.num_train=10"], "dataset.num_train is not a key of dataset=cifar100: allowed val_fraction, augment, "
+                               "augment_val, crop_padding, root, download"),
+    (["dataset=synthetic", "dataset.root=x"], "dataset.root is not a key of dataset=synthetic"),
+    (["method=localsgd", "method.beta=0.5"], "method.beta is not a key of method=localsgd: allowed none"),
+    (["engine.backend=gloo"], "engine.backend is not a key of engine=simulated: allowed simulate"),
+    (["method=slowmo,diloco", "method.beta=0.5"], "method.beta is not a key of method=diloco"),
+    (["experiment=study/slowmo", "ablation=paper_lars"], "ablation=paper_lars does not apply here"),
+])
+def test_a_key_of_another_option_is_one_line_naming_the_allowed_keys(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        check_overrides(overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_key_of_the_chosen_option_passes_wherever_the_option_is_chosen():
+    check_overrides(["optimizer=lars", "optimizer.trust_coefficient=0.01"])
+    check_overrides(["experiment=study/lars_bs512", "optimizer.trust_coefficient=0.01"])  # the row chooses lars
+    check_overrides(["method=diloco", "optimizer.betas=[0.9,0.95]"])  # diloco chooses adamw
+    check_overrides(["--config-name", "outer_optimizers", "method=slowmo", "method.beta=0.5"])
+    check_overrides(["experiment=study/lars_bs512", "ablation=paper_lars"])
+    check_overrides(["dataset=synthetic", "dataset.num_train=10", "optimizer.lr=0.1"])  # lr: every optimizer's
+
+
+def test_typed_rebuilds_a_saved_config_and_drops_keys_its_option_lacks():
+    """A checkpoint's plain config becomes the typed one; configs saved before the per-option
+    schemas carried every option's keys, which are dropped."""
+    from dpl.config import LarsConfig, SgdmConfig, typed
+
+    cfg = compose_cfg("optimizer=lars")
+    again = typed(OmegaConf.to_container(cfg))
+    assert OmegaConf.get_type(again.optimizer) is LarsConfig and again == cfg
+    old = OmegaConf.to_container(compose_cfg())
+    old["optimizer"].update(trust_coefficient=1.0, betas=[0.9, 0.999], exclude_1d=True)
+    restored = typed(old)
+    assert OmegaConf.get_type(restored.optimizer) is SgdmConfig and "trust_coefficient" not in restored.optimizer
+    validate(restored)
+
+
+def test_cfg_job_and_mlflow_params_show_only_what_applies(tmp_path):
+    from dpl.tracking import flatten_config
+
+    out = subprocess.run([sys.executable, "-m", "dpl", "--cfg", "job"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120, check=True).stdout
+    for absent in ("trust_coefficient", "num_train", "betas", "switch_epoch", "h_min", "master_port"):
+        assert absent not in out, absent
+    flat = flatten_config(compose_cfg("optimizer=adamw"))
+    assert "optimizer.betas" in flat and "optimizer.momentum" not in flat and "optimizer.trust_coefficient" not in flat
+
+
+def test_readme_lists_every_options_keys():
+    """README.md's `| `group=option` | keys |` table states each option's schema."""
+    import re
+
+    from dpl.config import SCHEMAS, option_keys
+
+    rows = re.findall(r"^\| ((?:`\w+=\w+`(?:, )?)+) \| ([^|]+) \|$", (CONF.parent / "README.md").read_text(), re.M)
+    documented = {}
+    for options, keys in rows:
+        for option in re.findall(r"`(\w+=\w+)`", options):
+            documented[option] = [] if keys.strip() == "–" else [k.strip() for k in keys.split(",")]
+    assert documented == {f"{g}={o}": [k for k in option_keys(g, o) if k != "name"]
+                          for g, options in SCHEMAS.items() for o in options}

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from torchvision.datasets import CIFAR100
 
-from dpl.config import DatasetConfig
+from tests.conftest import compose_cfg
 from dpl.data import DATASETS, DatasetUnavailable, eval_batches, load_dataset, make_batch, split_train_val
 from dpl.data import sources
 from dpl.io import atomic_temp_path
@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 
 def dataset_cfg(name: str, **overrides):
     """The YAML in conf/dataset/ merged into its schema, as Hydra composes it."""
-    return OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(CONF / f"{name}.yaml"), overrides)
+    return OmegaConf.merge(compose_cfg(f"dataset={name}", tiny=False).dataset, overrides)
 
 
 def test_registry_keys_are_the_yaml_names():

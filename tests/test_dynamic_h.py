@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dpl.config import ConfigError, DynamicHConfig
+from dpl.config import ConfigError, option_schema
+from tests.conftest import compose_cfg
 from dpl.dynamic_h import STRATEGIES, HContext, next_h
 
 YAMLS = Path(__file__).resolve().parent.parent / "conf" / "dynamic_h"
@@ -27,7 +28,7 @@ GOLDEN = Path(__file__).resolve().parent / "data" / "dynamic_h_golden.json.gz"
 
 def load_cfg(name: str, **overrides):
     """The strategy's YAML merged into the schema, as Hydra composes it, plus overrides."""
-    return OmegaConf.merge(OmegaConf.structured(DynamicHConfig), OmegaConf.load(YAMLS / f"{name}.yaml"), overrides)
+    return OmegaConf.merge(compose_cfg(f"dynamic_h={name}", tiny=False).dynamic_h, overrides)
 
 
 def play(cfg, epochs: int, H0: int, steps_per_epoch: int, val_loss, val_acc) -> list[int]:
@@ -66,7 +67,7 @@ def test_golden_fixture_covers_every_study_strategy():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['strategy']}-S{c['steps_per_epoch']}-H{c['H0']}-{c['curve']}")
 def test_matches_the_study_in_every_epoch(case):
     cfg = load_cfg(case["strategy"])  # the shipped YAML: its defaults are the study's reported settings
-    assert cfg.n_losses == case["n_losses"]
+    assert cfg.get("n_losses", case["n_losses"]) == case["n_losses"]  # the loss strategies' window
     hs = play(cfg, case["epochs"], case["H0"], case["steps_per_epoch"], case["val_loss"], case["val_acc"])
     first_bad = next((e for e, (a, b) in enumerate(zip(hs, case["H_per_epoch"])) if a != b), None)
     assert hs == case["H_per_epoch"], f"first differing epoch: {first_bad}"
@@ -247,7 +248,8 @@ def test_bounded_strategies_stay_in_bounds(name):
     # waves that rise and fall for several epochs; H0 = h_min, so every halving / doubling lands on 8 or 16
     loss = [1.0 + 0.5 * math.sin(e / 3) for e in range(40)]
     acc = [0.5 + 0.3 * math.sin(e / 5) + 0.005 * e for e in range(40)]
-    hs = play(load_cfg(name, h_min=8, h_max=16, n_losses=4), 40, 8, 100, loss, acc)
+    window = {"n_losses": 4} if "loss" in name else {}  # only the loss strategies have a window
+    hs = play(load_cfg(name, h_min=8, h_max=16, **window), 40, 8, 100, loss, acc)
     assert set(hs) <= {8, 16} or (name.endswith("linear") and all(8 <= h <= 16 for h in hs))
     assert len(set(hs)) > 1  # the curve does move H
 
@@ -266,10 +268,11 @@ def test_registry_matches_yaml_files():
 
 @pytest.mark.parametrize("path", sorted(YAMLS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_yaml_composes_to_the_schema_with_study_defaults(path):
-    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DynamicHConfig), OmegaConf.load(path)))
-    assert isinstance(obj, DynamicHConfig) and obj.name == path.stem
+    schema = option_schema("dynamic_h", path.stem)
+    obj = OmegaConf.to_object(compose_cfg(f"dynamic_h={path.stem}", tiny=False).dynamic_h)
+    assert type(obj) is schema and obj.name == path.stem
     # the study's values: bounds 4..64, stale count c > 3, loss after more than 3 losses with 3 strict moves,
     # avg_loss over 10 (its reported runs), sigmoid 75 / 0.5, divisors 22 and 2, the 5 % snap
-    assert (obj.h_min, obj.h_max, obj.patience, obj.trend) == (4, 64, 4, 3)
-    assert obj.n_losses == (10 if obj.name == "avg_loss" else 3)
-    assert (obj.midpoint, obj.steepness, obj.low_divisor, obj.high_divisor, obj.snap) == (75.0, 0.5, 22.0, 2.0, 0.05)
+    study = {"h_min": 4, "h_max": 64, "patience": 4, "trend": 3, "n_losses": 10 if obj.name == "avg_loss" else 3,
+             "midpoint": 75.0, "steepness": 0.5, "low_divisor": 22.0, "high_divisor": 2.0, "snap": 0.05}
+    assert {k: getattr(obj, k) for k in study if hasattr(obj, k)} == {k: v for k, v in study.items() if hasattr(obj, k)}

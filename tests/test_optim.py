@@ -19,7 +19,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dpl.config import ConfigError, OptimizerConfig
+from dpl.config import ConfigError, LarsConfig
 from dpl.optim import LAMB, LARS, OPTIMIZERS, build_optimizer
 from tests.conftest import compose_cfg
 
@@ -527,7 +527,7 @@ def test_bad_momentum_form_is_one_clear_error():
         LARS([torch.ones(2, requires_grad=True)], lr=0.1, momentum_form="lr_in")
     with pytest.raises(ConfigError, match=r"^optimizer.momentum_form='x' is invalid: allowed one of lr_inside, "
                                           r"lr_outside$"):
-        OptimizerConfig(name="lars", momentum_form="x")
+        LarsConfig(name="lars", momentum_form="x")
 
 
 def test_momentum_form_reaches_lars_from_the_config():
@@ -691,7 +691,7 @@ def test_lars_per_worker_wd_in_grad_norm():
 
 
 def _cfg(name: str):
-    return OmegaConf.merge(OmegaConf.structured(OptimizerConfig), OmegaConf.load(CONF / f"{name}.yaml"))
+    return compose_cfg(f"optimizer={name}", tiny=False).optimizer
 
 
 def test_registry_keys_are_the_yaml_names():
