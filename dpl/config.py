@@ -219,6 +219,20 @@ class EngineConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """What a sync of a local method sends (dpl.compression): each worker's pseudo-gradient, compressed."""
+
+    name: str = MISSING
+    ratio: float = 0.01  # topk / randomk: the fraction of each tensor's elements sent
+    error_feedback: bool = False  # keep what was not sent in a per-worker residual, add it at the next sync
+    chunk: int = 1024  # int8: elements per fp32 scale (0: one scale per tensor)
+
+    def __post_init__(self) -> None:
+        _check(_finite(self.ratio) and 0.0 < self.ratio <= 1.0, "compression.ratio", self.ratio, "0 < x <= 1")
+        _at_least("compression.chunk", self.chunk, 0, "an integer")
+
+
+@dataclass
 class LoggerConfig:
     name: str = MISSING
     tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the launch dir
@@ -284,6 +298,7 @@ class Config:
     dynamic_h: DynamicHConfig = MISSING
     engine: EngineConfig = MISSING
     logger: LoggerConfig = MISSING
+    compression: CompressionConfig = MISSING
     network: NetworkConfig = field(default_factory=NetworkConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
 
@@ -349,6 +364,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "dynamic_h": DynamicHConfig,
     "engine": EngineConfig,
     "logger": LoggerConfig,
+    "compression": CompressionConfig,
 }
 
 

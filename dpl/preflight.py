@@ -145,6 +145,7 @@ def _type_name(typ: Any) -> str:
 
 def registries() -> dict[str, dict]:
     """Every config group's registry: group name -> {YAML option name: builder}."""
+    from dpl.compression import COMPRESSORS
     from dpl.data import DATASETS
     from dpl.dynamic_h import STRATEGIES
     from dpl.engine import ENGINES
@@ -157,7 +158,7 @@ def registries() -> dict[str, dict]:
 
     return {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
             "method": METHODS, "dynamic_h": STRATEGIES, "engine": ENGINES, "logger": LOGGERS,
-            "ablation": ABLATIONS}
+            "ablation": ABLATIONS, "compression": COMPRESSORS}
 
 
 def check_choices(cfg: DictConfig) -> None:
@@ -179,10 +180,25 @@ def check_dynamic_h(cfg: DictConfig) -> None:
                           f"which has no local steps: allowed dynamic_h=constant, or method={local}")
 
 
+def check_compression(cfg: DictConfig) -> None:
+    """Compression acts on the pseudo-gradient of local methods; a method that averages gradients
+    (centralized, post_local's first phase) would send them uncompressed, so it is refused."""
+    from dpl.methods import METHODS, Method
+
+    name = cfg.compression.name
+    method = METHODS[cfg.method.name]
+    if name != "none" and method.on_gradients is not Method.on_gradients:  # it all-reduces gradients
+        local = ", ".join(n for n, m in METHODS.items() if m.on_gradients is Method.on_gradients)
+        raise ConfigError(f"compression={name!r} is invalid with method={cfg.method.name!r}, which averages "
+                          f"gradients: allowed compression=none, or method={local}")
+
+
 def validate(cfg: DictConfig) -> Config:
     """The whole composed config: every value against its schema, every group's name against its
     registry, and the checks across groups; raise ConfigError in one line."""
     obj = to_schema(cfg)
     check_choices(cfg)
     check_dynamic_h(cfg)
+    if "compression" in cfg:  # a config composed before the group existed (an old job's) has none
+        check_compression(cfg)
     return obj
