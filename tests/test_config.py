@@ -22,7 +22,8 @@ def test_every_group_folder_matches_its_registry():
 
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
 def test_every_option_composes_and_validates(group):
-    local = ["method=localsgd"] if group == "dynamic_h" else []  # a dynamic H needs local steps
+    # a dynamic H needs local steps; compression acts on the pseudo-gradient of local methods
+    local = ["method=localsgd"] if group in ("dynamic_h", "compression") else []
     for option in group_options(group):
         cfg = compose_cfg(f"{group}={option}", *local, tiny=False)
         node = cfg[group]  # ablation options set a plain key (and other keys, globally)
