@@ -74,7 +74,8 @@ def grid(full) -> dict[str, list]:
 
 
 def test_the_issue_sweeps_exist():
-    assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h", "study_ablation", "outer_optimizers"}
+    assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h", "study_ablation", "outer_optimizers",
+                                 "compression"}
 
 
 @pytest.mark.parametrize("name", sweep_names())
@@ -102,6 +103,12 @@ def test_sweep_grids_are_the_issue_grids():
     assert optuna.hydra.sweeper.direction == "maximize" and optuna.hydra.sweeper.storage.startswith("sqlite:///")
     assert optuna.hydra.sweeper.study_name == "optuna_lr-adamw"  # one resumable study per optimizer
     assert grid(optuna) == {"lr": [1e-4, 1.0], "weight_decay": [1e-6, 1e-2]}
+    compression = compose_sweep("compression")
+    assert (compression.method.name, compression.K, compression.H) == ("localsgd", 4, 8)
+    assert grid(compression) == {"compression": ["topk", "randomk"], "compression.ratio": [0.001, 0.01, 0.1],
+                                 "compression.error_feedback": [False, True]}
+    for dense in ("none", "sign", "int8", "fp16", "bf16"):  # the header's second command
+        job_config(compose_sweep("compression", f"compression={dense}", "compression.ratio=1"))
 
 
 def test_large_batch_scales_the_lr_of_each_experiment():
