@@ -298,7 +298,8 @@ class Config:
     dynamic_h: DynamicHConfig = MISSING
     engine: EngineConfig = MISSING
     logger: LoggerConfig = MISSING
-    compression: CompressionConfig = MISSING
+    # a default, not MISSING: the config of a job from before the group existed resumes as compression=none
+    compression: CompressionConfig = field(default_factory=lambda: CompressionConfig(name="none"))
     network: NetworkConfig = field(default_factory=NetworkConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
 

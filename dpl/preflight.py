@@ -199,6 +199,5 @@ def validate(cfg: DictConfig) -> Config:
     obj = to_schema(cfg)
     check_choices(cfg)
     check_dynamic_h(cfg)
-    if "compression" in cfg:  # a config composed before the group existed (an old job's) has none
-        check_compression(cfg)
+    check_compression(cfg)
     return obj
