@@ -124,10 +124,10 @@ def param_bytes(tensors: Iterable[torch.Tensor], per_worker: bool = False) -> in
 class Traffic:
     """What crossed workers since the last epoch end, as counted by :class:`CommPoint`."""
 
-    syncs: int = 0  # all-reduces of the model: gradients (synchronous) or parameters (local methods)
-    collectives: int = 0  # every all-reduce: the syncs plus optimizer state (local_momentum=average)
-    replica_bytes: float = 0.0  # bytes of one worker's share of all of them, before the ring's 2 (K - 1) / K
-    # compressed payloads that each worker's own (top-k, sign): all-gathers, among the collectives
+    syncs: int = 0  # syncs of the model: gradients (synchronous) or parameters / pseudo-gradients (local methods)
+    collectives: int = 0  # every collective: the syncs plus optimizer state (local_momentum=average), buffers
+    replica_bytes: float = 0.0  # one worker's bytes of the all-reduces among them, before the ring's 2 (K - 1) / K
+    # compressed payloads that are each worker's own (top-k, sign): all-gathers, among the collectives
     gathers: int = 0
     gathered_bytes: float = 0.0  # one worker's payload of all of them, before the ring's K - 1
 
