@@ -22,6 +22,11 @@ Each measurement warms up, then repeats and reports the median and spread
    samples/s over epochs after a warm-up epoch) for centralized K=1 and LocalSGD K=4
    (H=8) and K=8 (H=16), in fp32 and bf16, printed as a table of ratios.
    Goal on a GPU: every ratio >= 0.8.
+5. ``compression``: the time of one sync of K=4 LocalSGD workers of LeNet-5 per compressor
+   (``compression=...`` with error feedback: each worker's Δ_k compressed, the residual updated,
+   the K payloads decoded and averaged, as :meth:`StackedWorkers.average_deltas_` does it)
+   against the plain parameter average of ``compression=none``, as a ratio (> 1: slower), beside
+   the payload's bytes per worker against the fp32 replica's.
 """
 
 from __future__ import annotations
@@ -232,7 +237,57 @@ def bench_limit(device: torch.device, args) -> None:
                   f"   (goal on GPU >= 0.8)")
 
 
-BENCHES = {"step": bench_step, "local": bench_local, "distributed": bench_distributed, "limit": bench_limit}
+def compression_rows(device: torch.device, args, K: int = 4) -> list[dict]:
+    """Per compressor: seconds of one compressed sync (median over repeats), their ratio to the plain
+    average's, and the payload's bytes per worker against the fp32 replica's."""
+    from omegaconf import OmegaConf
+
+    from dpl.compression import COMPRESSORS, Compression
+
+    trainer = build_trainer(compose(f"device={device.type}", f"K={K}", "method=localsgd", "dataset.num_train=2000"),
+                            device)
+    w = trainer.workers
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():  # workers a local period apart: Δ_k of the size local steps give
+        for p in w.params:
+            p.add_(1e-3 * torch.randn(p.shape, generator=gen, device=device))
+    anchor = [p.detach()[0].double().clone() for p in w.params]
+    saved = [p.detach().clone() for p in w.params]
+
+    def plain() -> None:
+        w.average_params_()
+        with torch.no_grad():
+            for p, s in zip(w.params, saved):
+                p.copy_(s)
+
+    base = statistics.median(timed(plain, device, args.warmup, args.repeats, args.iters))
+    replica = sum(p[0].numel() * 4 for p in w.params)
+    rows = [{"name": "none", "seconds": base, "ratio": 1.0, "bytes": replica, "bytes_ratio": 1.0}]
+    for name, build in COMPRESSORS.items():
+        if name == "none":
+            continue
+        w.point.compression = Compression(build(OmegaConf.create({"ratio": 0.01, "chunk": 1024})), True, 0)
+        w.point.compression.start(w.params)
+        secs = statistics.median(timed(lambda: w.average_deltas_(anchor, 0), device, args.warmup, args.repeats,
+                                       args.iters))
+        nbytes = w.point.compression.payload_bytes(w.params)
+        rows.append({"name": name, "seconds": secs, "ratio": secs / base, "bytes": nbytes,
+                     "bytes_ratio": nbytes / replica})
+    w.point.compression = None
+    return rows
+
+
+def bench_compression(device: torch.device, args) -> None:
+    print(f"[compression] one sync of K=4 LeNet-5 workers on {device}: each worker's Δ compressed with error "
+          f"feedback, the payloads decoded and averaged (ratio 0.01 for topk/randomk, int8 chunks of 1024), "
+          f"against the plain average of compression=none; median over {args.repeats} repeats")
+    print(f"  {'compression':<12} {'ms/sync':>9} {'vs none':>8} {'bytes/worker':>13} {'vs fp32':>8}")
+    for r in compression_rows(device, args):
+        print(f"  {r['name']:<12} {1e3 * r['seconds']:9.2f} {r['ratio']:8.2f} {r['bytes']:13d} {r['bytes_ratio']:8.4f}")
+
+
+BENCHES = {"step": bench_step, "local": bench_local, "distributed": bench_distributed, "limit": bench_limit,
+           "compression": bench_compression}
 
 
 def main(argv: list[str] | None = None) -> None:

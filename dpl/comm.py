@@ -11,6 +11,16 @@ model: each of its 2 (K - 1) ring steps pays the latency alpha once, so
 T = 2 (K - 1) alpha + n_sent / beta (Thakur, Rabenseifner & Gropp 2005, Sec. 4.4 for
 the reduce-scatter + all-gather ring; Patarasuk & Yuan 2009).
 
+Compressed syncs (``compression``, :mod:`dpl.compression`) send a payload of p bytes per
+worker instead of the n bytes of the replica. A payload the workers can sum as it is (fp16,
+bf16, int8 through a quantized reduce-scatter/all-gather, random-k on shared coordinates)
+is all-reduced as above, with p in place of n. A payload that is each worker's own (top-k
+values with their indices, scaled signs) must reach every other worker: a ring all-gather
+(Thakur et al. 2005, Sec. 4.1) takes K - 1 steps, in each of which every worker forwards one
+payload to its neighbour, so each worker sends (K - 1) p and the time is
+T = (K - 1) alpha + (K - 1) p / beta. Through a parameter server each worker pushes its p and
+pulls the K - 1 others: 2 alpha + K * K p / beta on the server's link (K p in, K (K - 1) p out).
+
 Every tensor averaged across workers passes :class:`CommPoint`, which counts it: the
 syncs of the model (gradients or parameters) and anything else, e.g. the inner
 optimizer's state with ``local_momentum=average`` (one more all-reduce per sync).
@@ -66,6 +76,31 @@ def sync_time_s(nbytes: float, K: int, bandwidth_gbps: float, latency_us: float,
     return latency_s(K, latency_us, topology) + transfer_s(nbytes, K, bandwidth_gbps, topology)
 
 
+def gather_bytes_sent(nbytes: float, K: int, topology: str = "ring") -> float:
+    """Bytes one worker sends in one all-gather of an ``nbytes`` payload per worker: (K - 1) p on
+    a ring (it forwards every other worker's payload once); p to a parameter server; 0 when K = 1."""
+    if K <= 1:
+        return 0.0
+    return (K - 1) * float(nbytes) if _topology(topology) == "ring" else float(nbytes)
+
+
+def gather_latency_s(K: int, latency_us: float, topology: str = "ring") -> float:
+    """The latency part of one all-gather: K - 1 ring steps; 2 (push, pull) through a server."""
+    if K <= 1:
+        return 0.0
+    steps = K - 1 if _topology(topology) == "ring" else 2
+    return steps * latency_us * 1e-6
+
+
+def gather_transfer_s(nbytes: float, K: int, bandwidth_gbps: float, topology: str = "ring") -> float:
+    """Seconds on the busiest link for all-gathering ``nbytes`` per worker: a ring worker's (K - 1) p;
+    the server's link K p in and K (K - 1) p out, K * K p."""
+    if K <= 1:
+        return 0.0
+    on_link = gather_bytes_sent(nbytes, K, "ring") if _topology(topology) == "ring" else float(K * K) * nbytes
+    return on_link * 8.0 / (bandwidth_gbps * 1e9)
+
+
 def _topology(name: str) -> str:
     if name not in TOPOLOGIES:
         raise ValueError(f"network.topology={name!r} is invalid: allowed {', '.join(TOPOLOGIES)}")
@@ -89,9 +124,12 @@ def param_bytes(tensors: Iterable[torch.Tensor], per_worker: bool = False) -> in
 class Traffic:
     """What crossed workers since the last epoch end, as counted by :class:`CommPoint`."""
 
-    syncs: int = 0  # all-reduces of the model: gradients (synchronous) or parameters (local methods)
-    collectives: int = 0  # every all-reduce: the syncs plus optimizer state (local_momentum=average)
-    replica_bytes: float = 0.0  # bytes of one worker's share of all of them, before the ring's 2 (K - 1) / K
+    syncs: int = 0  # syncs of the model: gradients (synchronous) or parameters / pseudo-gradients (local methods)
+    collectives: int = 0  # every collective: the syncs plus optimizer state (local_momentum=average), buffers
+    replica_bytes: float = 0.0  # one worker's bytes of the all-reduces among them, before the ring's 2 (K - 1) / K
+    # compressed payloads that are each worker's own (top-k, sign): all-gathers, among the collectives
+    gathers: int = 0
+    gathered_bytes: float = 0.0  # one worker's payload of all of them, before the ring's K - 1
 
 
 class CommPoint:
@@ -101,25 +139,51 @@ class CommPoint:
     dimension in the simulation, one all-reduce on torch.distributed) and counts what
     was sent, so the bytes of a run are measured in one place whatever the method.
     ``kind`` says what the tensors are: ``grads`` and ``params`` are syncs of the model,
-    ``state`` is optimizer state. ``sent=False`` counts a collective that happened
-    elsewhere (DistributedDataParallel's gradient buckets, or none at all with K = 1,
-    where a synchronous step still counts as a round).
+    ``state`` is optimizer state, ``buffers`` the model's buffers sent beside a compressed
+    sync. ``sent=False`` counts a collective that happened elsewhere (DistributedDataParallel's
+    gradient buckets, or none at all with K = 1, where a synchronous step still counts as a round).
+
+    ``compression`` (:class:`dpl.compression.Compression`, None for ``compression=none``) is
+    used by :meth:`average_compressed`, the sync of local methods that send compressed
+    pseudo-gradients.
     """
 
     MODEL = ("grads", "params")
+    KINDS = (*MODEL, "state", "buffers")
 
-    def __init__(self, comm: Any) -> None:
+    def __init__(self, comm: Any, compression: Any = None) -> None:
         self.comm = comm
+        self.compression = compression
         self.traffic = Traffic()
 
     def average_(self, tensors: Sequence[torch.Tensor], kind: str, sent: bool = True) -> None:
-        if kind not in (*self.MODEL, "state"):
-            raise ValueError(f"kind={kind!r} is invalid: allowed grads, params, state")
+        if kind not in self.KINDS:
+            raise ValueError(f"kind={kind!r} is invalid: allowed {', '.join(self.KINDS)}")
         if sent:
             self.comm.mean_(tensors)
         self.traffic.collectives += 1
         self.traffic.syncs += kind in self.MODEL
         self.traffic.replica_bytes += param_bytes(tensors, per_worker=True)
+
+    def average_compressed(self, tensors: Sequence[torch.Tensor], sync: int) -> list[torch.Tensor]:
+        """mean_k D(C(t_k (+ e_k))) of each stacked float64 tensor [K_local, ...], as one tensor of
+        one worker's shape: every worker's payload reaches every process (``comm.all_gather``, a no-op
+        in one process), which decodes all K of them in worker order. Counted as one sync whose
+        payload a cluster would all-reduce or all-gather (``compressor.collective``)."""
+        c = self.compression
+        payloads = c.encode(tensors, sync)
+        parts = [part for payload in payloads for part in payload]
+        gathered = iter(self.comm.all_gather(parts))
+        everyone = [tuple(next(gathered) for _ in payload) for payload in payloads]
+        nbytes = c.payload_bytes(tensors)
+        self.traffic.collectives += 1
+        self.traffic.syncs += 1
+        if c.compressor.collective == "allgather":
+            self.traffic.gathers += 1
+            self.traffic.gathered_bytes += nbytes
+        else:
+            self.traffic.replica_bytes += nbytes
+        return c.decode_mean(everyone, [t.shape[1:] for t in tensors], sync)
 
     def take(self) -> Traffic:
         """This epoch's traffic; the counters restart."""
@@ -166,8 +230,12 @@ class CommLedger:
             self.sample_cost_s = measured_compute_s / max(samples, 1)
         comm_bytes = bytes_sent(traffic.replica_bytes, self.K, self.topology)
         # the latency of every collective, then all of the epoch's bytes over the busiest link
-        comm_time = traffic.collectives * latency_s(self.K, self.latency_us, self.topology) + \
+        comm_time = (traffic.collectives - traffic.gathers) * latency_s(self.K, self.latency_us, self.topology) + \
             transfer_s(traffic.replica_bytes, self.K, self.bandwidth_gbps, self.topology)
+        if traffic.gathers:  # compressed payloads that are each worker's own (dpl.compression)
+            comm_bytes += gather_bytes_sent(traffic.gathered_bytes, self.K, self.topology)
+            comm_time += traffic.gathers * gather_latency_s(self.K, self.latency_us, self.topology) + \
+                gather_transfer_s(traffic.gathered_bytes, self.K, self.bandwidth_gbps, self.topology)
         compute_time = samples * self.sample_cost_s * self.slowest  # the slowest worker ends each period
         self.rounds_total += traffic.syncs
         self.collectives_total += traffic.collectives

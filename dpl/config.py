@@ -407,6 +407,41 @@ class DistributedEngineConfig(EngineBase):
         _check(0 <= self.master_port < 65536, "engine.master_port", self.master_port, "0 (a free port) to 65535")
 
 
+# --- compression (dpl.compression): what a sync of a local method sends
+
+
+@dataclass
+class CompressionBase:
+    name: str = MISSING
+
+
+@dataclass
+class CompressorConfig(CompressionBase):
+    """A lossy compressor of each worker's pseudo-gradient (fp16, bf16, sign)."""
+
+    # keep what was not sent in a per-worker residual and add it at the next sync
+    # (Stich et al. 2018; Karimireddy et al. 2019)
+    error_feedback: bool = False
+
+
+@dataclass
+class SparseConfig(CompressorConfig):
+    """top-k / random-k: a fraction of each tensor's elements."""
+
+    ratio: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check(_finite(self.ratio) and 0.0 < self.ratio <= 1.0, "compression.ratio", self.ratio, "0 < x <= 1")
+
+
+@dataclass
+class Int8Config(CompressorConfig):
+    chunk: int = 1024  # elements per fp32 scale (0: one scale per tensor)
+
+    def __post_init__(self) -> None:
+        _at_least("compression.chunk", self.chunk, 0, "an integer")
+
+
 # --- logger
 
 
@@ -448,6 +483,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
                   "sigmoid": SigmoidConfig, "rev_cosine": RevCosineConfig},
     "engine": {"simulated": SimulatedEngineConfig, "distributed": DistributedEngineConfig},
     "logger": {"mlflow": MlflowLoggerConfig, "none": LoggerBase},
+    "compression": {"none": CompressionBase, "topk": SparseConfig, "randomk": SparseConfig, "sign": CompressorConfig,
+                    "int8": Int8Config, "fp16": CompressorConfig, "bf16": CompressorConfig},
 }
 
 
@@ -505,6 +542,8 @@ class Config:
     dynamic_h: DynamicHBase = MISSING
     engine: EngineBase = MISSING
     logger: LoggerBase = MISSING
+    # a default, not MISSING: the config of a job from before the group existed resumes as compression=none
+    compression: CompressionBase = field(default_factory=lambda: CompressionBase(name="none"))
     network: NetworkConfig = field(default_factory=NetworkConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
 

@@ -110,10 +110,14 @@ def chosen_options(overrides: list, args: list[str], conf_dir: Path = CONF_DIR) 
                 continue
             choice_lists.append([f"{o.key_or_group}={v}" for v in values])
     name = _flag(args, ("--config-name", "-cn")) or "config"
-    search = [d for d in (_flag(args, ("--config-dir", "-cd")), str(SWEEPS_DIR)) if d]
+    # Hydra finds the primary config only in the primary dir (not in hydra.searchpath): a sweep's is
+    # in sweeps/ (or the user's --config-dir), and its `- config` default is found through the search path
+    dirs = [d for d in (_flag(args, ("--config-dir", "-cd")), str(SWEEPS_DIR)) if d]
+    primary = next((Path(d) for d in dirs if (Path(d) / f"{name}.yaml").is_file()), conf_dir)
+    search = [str(conf_dir), *dirs]
     register_configs()
     found = []
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(primary.resolve()), version_base="1.3"):
         for combo in itertools.islice(itertools.product(*choice_lists), 64):
             extra = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in search)}]"]
             try:
@@ -251,6 +255,7 @@ def _type_name(typ: Any) -> str:
 
 def registries() -> dict[str, dict]:
     """Every config group's registry: group name -> {YAML option name: builder}."""
+    from dpl.compression import COMPRESSORS
     from dpl.data import DATASETS
     from dpl.dynamic_h import STRATEGIES
     from dpl.engine import ENGINES
@@ -263,7 +268,7 @@ def registries() -> dict[str, dict]:
 
     return {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
             "method": METHODS, "dynamic_h": STRATEGIES, "engine": ENGINES, "logger": LOGGERS,
-            "ablation": ABLATIONS}
+            "ablation": ABLATIONS, "compression": COMPRESSORS}
 
 
 def check_choices(cfg: DictConfig) -> None:
@@ -285,6 +290,19 @@ def check_dynamic_h(cfg: DictConfig) -> None:
                           f"which has no local steps: allowed dynamic_h=constant, or method={local}")
 
 
+def check_compression(cfg: DictConfig) -> None:
+    """Compression acts on the pseudo-gradient of local methods; a method that averages gradients
+    (centralized, post_local's first phase) would send them uncompressed, so it is refused."""
+    from dpl.methods import METHODS, Method
+
+    name = cfg.compression.name
+    method = METHODS[cfg.method.name]
+    if name != "none" and method.on_gradients is not Method.on_gradients:  # it all-reduces gradients
+        local = ", ".join(n for n, m in METHODS.items() if m.on_gradients is Method.on_gradients)
+        raise ConfigError(f"compression={name!r} is invalid with method={cfg.method.name!r}, which averages "
+                          f"gradients: allowed compression=none, or method={local}")
+
+
 def validate(cfg: DictConfig) -> Config:
     """The whole composed config: every value against its schema, every group's name against its
     registry, and the checks across groups; raise ConfigError in one line."""
@@ -292,4 +310,5 @@ def validate(cfg: DictConfig) -> Config:
     check_options(cfg)
     obj = to_schema(cfg)
     check_dynamic_h(cfg)
+    check_compression(cfg)
     return obj

@@ -12,7 +12,8 @@ Reads the local MLflow store (``sqlite:///mlflow.db`` in the current directory u
 * ``acc_vs_H.png`` (accuracy against H, a line per K), ``acc_vs_rounds.png`` (accuracy
   against communication rounds), ``learning_curves.png`` (validation accuracy per epoch,
   one curve per group), ``h_over_epochs.png`` (H per epoch of each dynamic strategy),
-  ``pareto.png`` (accuracy against bytes sent, a curve per method, the Pareto front marked),
+  ``pareto.png`` (accuracy against bytes sent, a curve per method, or per compressor and error
+  feedback in a sweep over compression, the Pareto front marked),
   ``acc_vs_time.png`` (the same against modelled cluster time, :mod:`dpl.clock`) and,
   when lr takes three or more values (an Optuna search), ``acc_vs_lr.png``. Each figure
   has a panel per dataset.
@@ -42,7 +43,10 @@ from dpl.sweep import PARENT_TAG
 
 # Column -> MLflow param; always grouped by when the runs carry the param.
 BASE_COLUMNS = {"dataset": "dataset.name", "method": "method.name", "K": "K", "H": "H", "dynamic_h": "dynamic_h.name",
-                "optimizer": "optimizer.name", "batch_size": "batch_size"}
+                "optimizer": "optimizer.name", "batch_size": "batch_size", "compression": "compression.name"}
+# Base columns shown only when some run has another value than this one (runs without compression
+# keep the table they had before the option existed).
+QUIET_DEFAULTS = {"compression": "none"}
 # Final metrics summarised per group (the last logged value of each).
 METRICS = ("test_acc", "test_acc_best", "best_val_acc", "test_loss", "sync_rounds_total", "comm_bytes_total",
            "modelled_time_s", "epochs_run", "H_first", "H_last", "H_mean")
@@ -138,7 +142,9 @@ def group_columns(runs: Sequence[RunRecord]) -> dict[str, str]:
     the groups they make (a swept lr or slow momentum); params that follow from the base columns,
     like each optimizer's own lr in a sweep over optimizers, do not split groups."""
     keys = set().union(*(r.params for r in runs)) if runs else set()
-    base = {name: p for name, p in BASE_COLUMNS.items() if p in keys}
+    base = {name: p for name, p in BASE_COLUMNS.items() if p in keys
+            and (name not in QUIET_DEFAULTS or any(r.params.get(p, QUIET_DEFAULTS[name]) != QUIET_DEFAULTS[name]
+                                                   for r in runs))}
     extra = {}
     for key in sorted(keys - set(base.values())):
         if key in NOT_GROUPED or key.startswith(NOT_GROUPED_PREFIXES):
@@ -297,7 +303,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str], runs
 # and 1-2-5 log ticks or integer epoch ticks; tests/test_report.py checks that no tick labels
 # overlap and no legend covers a panel.
 
-_NAMED = ("method", "dynamic_h", "optimizer")  # columns whose values are names: shown bare in labels
+_NAMED = ("method", "dynamic_h", "optimizer", "compression")  # columns whose values are names: shown bare in labels
 _METRIC_LABEL = {"test_acc": "test accuracy", "test_acc_best": "best-model test accuracy",
                  "best_val_acc": "best val accuracy"}
 
@@ -471,13 +477,14 @@ def fig_h_over_epochs(groups, columns: Sequence[str]):
 def _fig_against_cost(runs: Sequence[RunRecord], columns: Sequence[str], metric: str, cost: str, scale: float,
                       xlabel: str, title: str):
     """Every finished run's accuracy against a cost (bytes sent, modelled time), per dataset: one
-    curve per method (its runs joined in order of cost) and the Pareto front over all of them."""
+    curve per method, or per compressor when the runs were compressed differently (its runs joined
+    in order of cost), and the Pareto front over all of them."""
     facets: dict[str, list[tuple[float, float, str]]] = {}
+    curve = _curve_of(runs)
     for r in runs:
         if r.finished and metric in r.metrics and cost in r.metrics:
             name = r.params.get("dataset.name", "") if "dataset" in columns else ""
-            facets.setdefault(name, []).append((r.metrics[cost] / scale, r.metrics[metric],
-                                                r.params.get("method.name", "")))
+            facets.setdefault(name, []).append((r.metrics[cost] / scale, r.metrics[metric], curve(r)))
     if not facets:
         return None
     facets = dict(sorted(facets.items()))
@@ -502,8 +509,24 @@ def _fig_against_cost(runs: Sequence[RunRecord], columns: Sequence[str], metric:
     return fig
 
 
+def _curve_of(runs: Sequence[RunRecord]):
+    """The curve a run belongs to in the figures against cost: its method; with compressors that
+    differ between the runs, its compressor too (``+EF`` with error feedback), the method only
+    where methods differ. A curve then joins one compressor's ratios (and Hs)."""
+    def compression(r: RunRecord) -> str:
+        name = r.params.get("compression.name", "none")
+        return name + ("+EF" if name != "none" and r.params.get("compression.error_feedback") in ("True", "true")
+                       else "")
+
+    if len({compression(r) for r in runs}) <= 1:
+        return lambda r: r.params.get("method.name", "")
+    methods = len({r.params.get("method.name", "") for r in runs}) > 1
+    return lambda r: f"{r.params.get('method.name', '')} {compression(r)}" if methods else compression(r)
+
+
 def fig_pareto(runs: Sequence[RunRecord], columns: Sequence[str], metric: str):
-    """Accuracy against MiB sent per worker: a curve per method, the Pareto front marked."""
+    """Accuracy against MiB sent per worker: a curve per method (per compressor in a sweep over
+    compression), the Pareto front marked."""
     return _fig_against_cost(runs, columns, metric, "comm_bytes_total", _MIB, "MiB sent per worker",
                              f"{_metric_label(metric)} against bytes sent")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dpl.app import build_trainer
@@ -17,3 +18,17 @@ def test_limit_baseline_trains_the_stacked_workers_on_cpu():
     step()
     assert all(not torch.equal(a, p) for a, p in zip(before, t.workers.params))
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in t.workers.params)
+
+
+def test_compression_bench_times_a_sync_per_compressor_and_states_its_bytes():
+    from types import SimpleNamespace
+
+    from dpl.bench import compression_rows
+    from dpl.compression import COMPRESSORS
+
+    rows = {r["name"]: r for r in compression_rows(torch.device("cpu"), SimpleNamespace(warmup=0, repeats=1, iters=1))}
+    assert set(rows) == set(COMPRESSORS) and rows["none"]["ratio"] == 1.0
+    replica = rows["none"]["bytes"]
+    assert rows["fp16"]["bytes"] == rows["bf16"]["bytes"] == replica // 2
+    assert rows["topk"]["bytes"] == 2 * rows["randomk"]["bytes"]  # the indices top-k sends beside its values
+    assert rows["randomk"]["bytes_ratio"] == pytest.approx(0.01, rel=0.05)

@@ -25,7 +25,8 @@ ABLATION_ROWS = {"paper_lars": "lars_bs512"}  # a row each ablation applies to (
 
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
 def test_every_option_composes_and_validates(group):
-    local = ["method=localsgd"] if group == "dynamic_h" else []  # a dynamic H needs local steps
+    # a dynamic H needs local steps; compression acts on the pseudo-gradient of local methods
+    local = ["method=localsgd"] if group in ("dynamic_h", "compression") else []
     for option in group_options(group):
         if group == "ablation":  # an ablation sets keys of the options of the rows it is for
             local = [f"experiment=study/{ABLATION_ROWS.get(option, 'slowmo')}"]
@@ -200,6 +201,11 @@ def test_a_key_of_the_chosen_option_passes_wherever_the_option_is_chosen():
     check_overrides(["experiment=study/lars_bs512", "optimizer.trust_coefficient=0.01"])  # the row chooses lars
     check_overrides(["method=diloco", "optimizer.betas=[0.9,0.95]"])  # diloco chooses adamw
     check_overrides(["--config-name", "outer_optimizers", "method=slowmo", "method.beta=0.5"])
+    # a sweep's config (in sweeps/) is composed too, not skipped: it chooses the method here
+    with pytest.raises(ConfigError, match="method.beta is not a key of method=localsgd"):
+        check_overrides(["--config-name", "outer_optimizers", "method=localsgd", "method.beta=0.5"])
+    with pytest.raises(ConfigError, match="compression.error_feedback is not a key of compression=none"):
+        check_overrides(["--config-name", "compression_dense", "compression=none,sign", "compression.error_feedback=true"])
     check_overrides(["experiment=study/lars_bs512", "ablation=paper_lars"])
     check_overrides(["dataset=synthetic", "dataset.num_train=10", "optimizer.lr=0.1"])  # lr: every optimizer's
 

@@ -39,6 +39,13 @@ VARIANTS = {
     # BatchNorm: per-worker running statistics, averaged at syncs (LocalSGD) or never (centralized)
     "resnet20_localsgd": ["model=resnet20", "dataset.image_size=12", "method=localsgd", "H=3", "epochs=1"],
     "resnet20_centralized": ["model=resnet20", "dataset.image_size=12", "method=centralized", "epochs=1"],
+    # compressed pseudo-gradients: payloads all-gathered (top-k with its residuals), quantized (int8)
+    # under SlowMo's outer step, and scaled signs beside BatchNorm buffers averaged as they are
+    "topk_ef": ["method=localsgd", "H=3", "compression=topk", "compression.ratio=0.05",
+                "compression.error_feedback=true", "epochs=1"],
+    "int8_slowmo": ["method=slowmo", "H=3", "compression=int8", "epochs=1"],
+    "resnet20_sign_ef": ["model=resnet20", "dataset.image_size=12", "method=localsgd", "H=3", "compression=sign",
+                         "compression.error_feedback=true", "epochs=1"],
 }
 
 
@@ -98,10 +105,15 @@ def test_every_method_on_two_processes_equals_the_simulation(make_cfg, tmp_path)
 
 def test_four_processes_equal_the_simulation(make_cfg, tmp_path):
     ov = [*SMALL, "K=4", "method=localsgd", "H=3", "epochs=1"]
+    compressed = [*ov, "compression=randomk", "compression.ratio=0.1", "compression.error_feedback=true"]
     cfg = make_cfg(*DIST, *ov)
-    spawn(functools.partial(train_variants, {"job": cfg}), cfg, tmp_path)
+    spawn(functools.partial(train_variants, {"job": cfg, "randomk": make_cfg(*DIST, *compressed)}), cfg, tmp_path)
     # a ring of 4 sums in another order than mean(0): equal to rounding
     assert_same_run(simulated_params(make_cfg, *ov), saved_params(tmp_path / "job"), atol=1e-5)
+    # compressed payloads are all-gathered and decoded in worker order on every rank: bit for bit
+    assert_same_run(simulated_params(make_cfg, *compressed), saved_params(tmp_path / "randomk"))
+    residuals = checkpoint.load(tmp_path / "randomk")["workers"]["residuals"]  # every rank's, stacked [K, ...]
+    assert [r.shape[0] for r in residuals] == [4] * len(residuals)
 
 
 def cli_args(tmp_path: Path, *overrides: str) -> list[str]:

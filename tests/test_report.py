@@ -275,3 +275,29 @@ def test_pareto_figure_draws_a_curve_per_method_and_marks_the_front():
         ax = figures[name].axes[0]
         labels = {line.get_label() for line in ax.get_lines()}
         assert {"localsgd", "slowmo", "diloco", "centralized", "Pareto front"} <= labels, name
+
+
+def test_pareto_figure_of_a_compression_sweep_draws_a_curve_per_compressor():
+    from dpl.report import build_figures
+    from tests.legible import assert_legible
+
+    runs = []
+    for name, ef, ratios in (("topk", "True", ("0.001", "0.01", "0.1")), ("topk", "False", ("0.001", "0.01", "0.1")),
+                             ("randomk", "True", ("0.01", "0.1")), ("int8", "False", ("1",)),
+                             ("none", "False", ("1",))):
+        for ratio in ratios:
+            mib = 40.0 * float(ratio)
+            runs.append(RunRecord(run_id=str(next(_IDS)), status="FINISHED",
+                                  params={"method.name": "localsgd", "K": "4", "H": "8", "compression.name": name,
+                                          "compression.ratio": ratio, "compression.error_feedback": ef},
+                                  metrics={"test_acc": 0.3 + 0.01 * len(name) + mib / 100,
+                                           "comm_bytes_total": mib * 2**20, "modelled_time_s": 10.0 + mib}))
+    columns = group_columns(runs)
+    assert list(columns)[:4] == ["method", "K", "H", "compression"]
+    assert {"compression.ratio", "compression.error_feedback"} <= set(columns)
+    fig = build_figures(runs, columns)["pareto.png"]
+    ax = fig.axes[0]
+    curves = {line.get_label(): len(line.get_xdata()) for line in ax.get_lines()}
+    # one curve per compressor and error feedback, through its ratios; one method: not named
+    assert curves == {"topk+EF": 3, "topk": 3, "randomk+EF": 2, "int8": 1, "none": 1, "Pareto front": curves["Pareto front"]}
+    assert_legible(fig, "pareto.png")

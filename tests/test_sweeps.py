@@ -74,16 +74,18 @@ def grid(full) -> dict[str, list]:
 
 
 def test_the_issue_sweeps_exist():
-    assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h", "study_ablation", "outer_optimizers"}
+    assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h", "study_ablation", "outer_optimizers",
+                                 "compression", "compression_dense"}
 
 
 @pytest.mark.parametrize("name", sweep_names())
 def test_every_sweep_composes_and_every_value_validates(name):
     full = compose_sweep(name)
-    assert full.hydra.mode.name == "MULTIRUN" and full.sweep == name
+    # compression_dense adds the dense formats to the compression sweep's experiment
+    assert full.hydra.mode.name == "MULTIRUN" and full.sweep == {"compression_dense": "compression"}.get(name, name)
     assert full.hydra.callbacks.mlflow_parent._target_ == "dpl.sweep.MlflowParentRun"
     cfg = job_config(full)
-    assert cfg.logger.experiment == name  # one MLflow experiment per sweep
+    assert cfg.logger.experiment == full.sweep  # one MLflow experiment per sweep
     values = grid(full)
     assert values
     for key, choices in values.items():  # every value of every axis makes a valid job
@@ -102,6 +104,17 @@ def test_sweep_grids_are_the_issue_grids():
     assert optuna.hydra.sweeper.direction == "maximize" and optuna.hydra.sweeper.storage.startswith("sqlite:///")
     assert optuna.hydra.sweeper.study_name == "optuna_lr-adamw"  # one resumable study per optimizer
     assert grid(optuna) == {"lr": [1e-4, 1.0], "weight_decay": [1e-6, 1e-2]}
+    compression = compose_sweep("compression")
+    assert (compression.method.name, compression.K, compression.H) == ("localsgd", 4, 8)
+    assert grid(compression) == {"compression": ["topk", "randomk"], "compression.ratio": [0.001, 0.01, 0.1],
+                                 "compression.error_feedback": [False, True]}
+    assert compression.compression.name == "topk"  # the base job has the axes' keys
+    dense = compose_sweep("compression_dense")
+    assert grid(dense) == {"compression": ["none", "sign", "int8", "fp16", "bf16"]}
+    assert (dense.method.name, dense.K, dense.H, dense.sweep) == ("localsgd", 4, 8, "compression")
+    for lossy in ("sign", "int8", "fp16", "bf16"):  # the header's second command
+        assert job_config(compose_sweep("compression_dense", f"compression={lossy}",
+                                        "compression.error_feedback=true")).compression.error_feedback
 
 
 def test_large_batch_scales_the_lr_of_each_experiment():

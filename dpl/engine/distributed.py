@@ -65,6 +65,24 @@ class ProcessGroupComm:
         average_parameters(iter(tensors), None)  # rebinds each tensor's .data to a slice of the buffer
         self._collective_done(t0)
 
+    def all_gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every rank's tensors [1, ...] as [K, ...] in rank order: one all_gather of their bytes
+        (a compressed payload: values, indices, packed signs, scales, whatever their dtypes)."""
+        if not tensors:
+            return []
+        t0 = time.perf_counter()
+        flat = torch.cat([t.contiguous().view(torch.uint8).reshape(-1) for t in tensors])
+        everyone = [torch.empty_like(flat) for _ in range(self.world)]
+        dist.all_gather(everyone, flat)
+        self._collective_done(t0)
+        out, start = [], 0
+        for t in tensors:
+            size = t.numel() * t.element_size()
+            # a copy per slice: a dtype view needs its offset aligned to the dtype's size
+            out.append(torch.cat([e[start:start + size].clone().view(t.dtype).view(t.shape) for e in everyone]))
+            start += size
+        return out
+
     def all_sum(self, values: Sequence[float]) -> list[float]:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
@@ -179,6 +197,14 @@ class DistributedWorkers(StackedWorkers):
             after = _flat64(self.params)
             norm = float(after.norm())
             self.drift = float((before - after).norm()) / norm / self.K if norm > 0.0 else 0.0
+
+    def measure_drift(self) -> float:
+        """This rank's term of the drift, (1/K) ||x_k − x̄|| / ||x̄||; x̄ from an all-reduce of a copy that
+        is not counted as traffic (a compressed sync never forms the exact average, only the drift needs it)."""
+        before = _flat64(self.params)
+        mean = _flat64(self.comm.average_copy(self.params))
+        norm = float(mean.norm())
+        return float((before - mean).norm()) / norm / self.K if norm > 0.0 else 0.0
 
     def mean_replica(self) -> dict[str, torch.Tensor]:
         names = self.param_names + self.buffer_names

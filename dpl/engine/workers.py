@@ -40,6 +40,9 @@ class Communicator(Protocol):
     def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replace every tensor [K_local, ...] by the mean over all workers, in place."""
 
+    def all_gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every tensor [K_local, ...] of every worker, as [K, ...] in worker order (compressed payloads)."""
+
     def all_sum(self, values: Sequence[float]) -> list[float]:
         """Each value summed over all processes (so every process reads the same numbers)."""
 
@@ -62,7 +65,10 @@ class LocalComm:
             # integer buffers (BatchNorm's num_batches_tracked) average in float, then truncate
             t.copy_(t.mean(0, keepdim=True) if t.is_floating_point() else t.double().mean(0, keepdim=True))
 
-    # One process holds every worker: sums and states are already complete.
+    # One process holds every worker: payloads, sums and states are already complete.
+    def all_gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(tensors)
+
     def all_sum(self, values: Sequence[float]) -> list[float]:
         return [float(v) for v in values]
 
@@ -150,6 +156,25 @@ class StackedWorkers:
             self.drift = worker_drift(self.params)
             self.point.average_(self.params + self.buffers, "params")
 
+    def average_deltas_(self, anchor: Sequence[torch.Tensor], sync: int) -> list[torch.Tensor]:
+        """A compressed sync: every worker sends Δ_k = x − x_k (x the float64 ``anchor``) through the
+        comm point's compression; returns mean_k of the decoded Δ_k (float64), the pseudo-gradient.
+        Buffers (BatchNorm statistics) are averaged as they are, one more all-reduce.
+
+        Records in ``drift`` how far apart the workers were (as :meth:`average_params_` does).
+        """
+        with torch.no_grad():
+            self.drift = self.measure_drift()
+            deltas = [x.unsqueeze(0) - p.detach().double() for x, p in zip(anchor, self.params)]
+            mean = self.point.average_compressed(deltas, sync)
+            if self.buffers:
+                self.point.average_(self.buffers, "buffers")
+        return mean
+
+    def measure_drift(self):
+        """mean_k ||x_k − x̄|| / ||x̄|| of the workers now (dpl.comm.worker_drift)."""
+        return worker_drift(self.params)
+
     def average_grads_(self) -> None:
         """Synchronous data parallelism: every worker steps with the mean gradient.
 
@@ -180,7 +205,11 @@ class StackedWorkers:
                 t.copy_(state[n].to(t.device, t.dtype).unsqueeze(0).expand_as(t))
 
     def state_dict(self) -> dict[str, list[torch.Tensor]]:
-        return {"params": [p.detach().clone() for p in self.params], "buffers": [b.clone() for b in self.buffers]}
+        """Every per-worker tensor ([K_local, ...]): parameters, buffers and, with error feedback,
+        the compression residuals (the multi-process engine stacks each key's tensors over ranks)."""
+        compression = self.point.compression.state_dict() if self.point.compression is not None else {}
+        return {"params": [p.detach().clone() for p in self.params], "buffers": [b.clone() for b in self.buffers],
+                **compression}
 
     def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
         with torch.no_grad():
@@ -188,6 +217,8 @@ class StackedWorkers:
                 if dst.shape != src.shape:
                     raise ValueError(f"checkpoint holds workers of shape {tuple(src.shape)}, this run {tuple(dst.shape)}")
                 dst.copy_(src)
+        if self.point.compression is not None:
+            self.point.compression.load_state_dict(state)
 
     @torch.no_grad()
     def evaluate(self, batches, weights: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:

@@ -11,6 +11,11 @@ al. 2020, "SlowMo", Algorithm 1; Douillard et al. 2023, "DiLoCo", Algorithm 1):
    SlowMo) and learning rate η_out: x ← OuterOpt(x, s·Δ);
 4. every worker restarts from the new x.
 
+With ``compression`` other than none (:mod:`dpl.compression`), steps 1-2 become: every worker
+sends its own Δ_k = x − x_k compressed (with error feedback, plus its residual), and the mean
+over workers of the decoded Δ_k is the pseudo-gradient; with no compression that mean is
+exactly x − x̄, and the path without compression is kept as it was.
+
 With outer SGD, lr 1 and no momentum, step 3 gives x − Δ = x̄: plain LocalSGD averaging.
 The anchor and the outer optimizer's state are kept in float64, so that x − (x − x̄)
 gives back x̄ exactly (the difference of two float32 numbers is exact in float64) and
@@ -42,6 +47,7 @@ class OuterStep(Method):
         super().__init__(cfg, local_momentum)
         self.anchor: list[torch.Tensor] | None = None  # x: the global model after the previous sync
         self.outer: torch.optim.Optimizer | None = None
+        self.syncs = 0  # syncs so far in the run: the key of a compressor's randomness (random-k)
 
     # ------------------------------------------------------------------ what a subclass defines
     def make_outer(self, anchor: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -57,6 +63,8 @@ class OuterStep(Method):
     def start(self, workers: StackedWorkers) -> None:
         self.anchor = [p.detach()[0].double().clone() for p in workers.params]
         self.outer = self.make_outer(self.anchor)
+        if workers.point.compression is not None:
+            workers.point.compression.start(workers.params)
 
     def on_epoch_start(self, workers: StackedWorkers, epoch: int) -> None:
         if getattr(self.cfg, "restart_each_epoch", False):
@@ -69,10 +77,15 @@ class OuterStep(Method):
     def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> None:
         if self.outer is None:
             raise RuntimeError(f"{type(self).__name__}.start(workers) must be called before the first sync")
-        workers.average_params_()  # x_k <- x̄ for every k, through the comm point
         scale = self.grad_scale(lr)
-        for x, p in zip(self.anchor, workers.params):
-            x.grad = (x - p[0]).mul_(scale)  # the pseudo-gradient Δ = x − x̄ (in float64)
+        if workers.point.compression is None:
+            workers.average_params_()  # x_k <- x̄ for every k, through the comm point
+            for x, p in zip(self.anchor, workers.params):
+                x.grad = (x - p[0]).mul_(scale)  # the pseudo-gradient Δ = x − x̄ (in float64)
+        else:  # Δ = mean_k D(C(Δ_k)), each worker's Δ_k = x − x_k compressed, through the comm point
+            for x, delta in zip(self.anchor, workers.average_deltas_(self.anchor, self.syncs)):
+                x.grad = delta.mul_(scale)
+        self.syncs += 1
         for group in self.outer.param_groups:
             group["lr"] = self.outer_lr(lr)
         self.outer.step()
@@ -90,13 +103,14 @@ class OuterStep(Method):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"anchor": [x.clone() for x in self.anchor], "outer": self.outer.state_dict()}
+        return {"anchor": [x.clone() for x in self.anchor], "outer": self.outer.state_dict(), "syncs": self.syncs}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():  # in place: the outer optimizer holds these very tensors
             for x, saved in zip(self.anchor, state["anchor"]):
                 x.copy_(saved)
         self.outer.load_state_dict(state["outer"])
+        self.syncs = state.get("syncs", 0)  # checkpoints before compression existed lack it
 
 
 @torch.no_grad()
