@@ -204,6 +204,10 @@ class DynamicHConfig:
 class EngineConfig:
     name: str = MISSING
     simulate: str = "auto"  # simulated engine: how the K forwards run (auto picks per device)
+    # how the local step runs (dpl.engine.step): auto (graph on CUDA where it can, none otherwise) |
+    # none (eager) | graph (one replayed CUDA graph) | compile (torch.compile)
+    compile: str = "auto"
+    eval_batch_size: int = 1000  # images per evaluation batch (the results do not depend on it)
     # distributed engine
     backend: str = "auto"  # auto: nccl on cuda, gloo on cpu
     spawn: bool = False  # start K local processes from one command
@@ -213,6 +217,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _one_of("engine.simulate", self.simulate, ("auto", "vmap", "loop"))
+        _one_of("engine.compile", self.compile, ("auto", "none", "graph", "compile"))
+        _at_least("engine.eval_batch_size", self.eval_batch_size, 1, "an integer")
         _one_of("engine.backend", self.backend, ("auto", "gloo", "nccl"))
         _positive("engine.timeout_s", self.timeout_s)
         _check(0 <= self.master_port < 65536, "engine.master_port", self.master_port, "0 (a free port) to 65535")

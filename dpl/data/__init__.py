@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from dpl.data.augment import EVAL, TRAIN, augment_bits, normalize, random_crop_flip, stream_key
+from dpl.data.augment import EVAL, TRAIN, augment_bits, normalize, random_crop_flip, signed64, stream_key
 from dpl.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, steps_per_epoch
 from dpl.data.sources import DATASETS, DatasetUnavailable, RawData
 from dpl.registry import lookup
@@ -21,7 +21,7 @@ from dpl.registry import lookup
 __all__ = [
     "DATASETS", "SHARDINGS", "DatasetUnavailable", "DeviceData", "RawData",
     "batch_indices", "epoch_order", "eval_batches", "load_dataset", "make_batch", "make_shards",
-    "split_train_val", "steps_per_epoch",
+    "split_train_val", "steps_per_epoch", "train_key",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -84,8 +84,14 @@ def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | N
     )
 
 
+def train_key(seed: int, step: int) -> int:
+    """The augmentation key of training step ``step`` (global) under ``seed``: a 64-bit host int,
+    stored as the int64 value torch holds, so it can also be written into a device tensor."""
+    return signed64(stream_key(seed, TRAIN, step))
+
+
 def make_batch(
-    data: DeviceData, idx: torch.Tensor, key: tuple[int, int] | None, train: bool, split: str = "train",
+    data: DeviceData, idx: torch.Tensor, key: tuple[int, int] | torch.Tensor | None, train: bool, split: str = "train",
     rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut the batch ``idx`` (int64, any shape S, e.g. ``[K, B]``) from ``split``.
@@ -93,7 +99,8 @@ def make_batch(
     Returns normalised float32 x ``[*S, C, H, W]`` and int64 y ``[*S]``.
 
     With ``train`` and ``data.augment`` (and the train split) each image gets its own random
-    crop and flip, a hash of ``key`` = (seed, global step) and the image's position in the
+    crop and flip, a hash of ``key`` = (seed, global step) (or ``train_key(seed, step)`` held in an
+    int64 device tensor, so a compiled or captured step reads it without recompiling) and the image's position in the
     full batch ``idx`` (worker k, sample b: position k * B + b; see dpl.data.augment);
     otherwise the images are only normalised. ``rows`` (a slice of ``idx``'s first
     dimension, e.g. one rank's workers) returns only those rows, and they get exactly the
@@ -108,7 +115,8 @@ def make_batch(
         if key is None:
             raise ValueError("an augmented training batch needs its key (seed, step)")
         per_row = idx[0].numel() if idx.dim() > 0 else 1
-        bits = augment_bits(stream_key(key[0], TRAIN, key[1]), rows.start * per_row, flat.numel(), xs.device)
+        stream = key if torch.is_tensor(key) else train_key(*key)
+        bits = augment_bits(stream, rows.start * per_row, flat.numel(), xs.device)
         x = random_crop_flip(x, data.crop_padding, bits)
     x = normalize(x, data.mean, data.std)
     return x.view(*keep.shape, *x.shape[1:]), ys[flat].view(keep.shape)

@@ -77,6 +77,9 @@ class StackedWorkers:
     """``K_local`` replicas of ``model`` as stacked leaf tensors, all initialised from ``model``."""
 
     precision = "fp32"  # the trainer sets the config's (fp32 | bf16)
+    # autocast's cast cache: off while a CUDA graph is captured (the cached casts would be
+    # tensors of the capture, stale at the next replay; torch.cuda.graph's notes)
+    autocast_cache = True
 
     def __init__(self, model: nn.Module, k_local: int, comm: Communicator, mode: str = "loop") -> None:
         if mode not in ("loop", "vmap"):
@@ -124,6 +127,19 @@ class StackedWorkers:
         buffers = [b.clone() for b in buffers]
         return self._forward_one(params, buffers, x), tuple(buffers)
 
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each worker's mean cross-entropy on its own batch (attached to the graph), and its correct count.
+
+        precision=bf16: the forward runs under autocast (the stacked parameters stay fp32
+        masters, their gradients fp32); the caller's backward runs outside it, as torch.amp
+        recommends.
+        """
+        with _autocast(x.device, self.precision, self.autocast_cache):
+            logits = self.forward(x)
+            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        correct = (logits.detach().argmax(-1) == y).sum(1)
+        return losses, correct
+
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each worker's mean cross-entropy on its own batch, and its correct count.
 
@@ -131,13 +147,8 @@ class StackedWorkers:
         parameter exactly its own worker's gradient, since worker k's loss depends
         only on slice k.
         """
-        # precision=bf16: the forward under autocast (the stacked parameters stay fp32 masters,
-        # their gradients fp32); backward outside it, as torch.amp recommends
-        with _autocast(x.device, self.precision):
-            logits = self.forward(x)
-            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        losses, correct = self.losses(x, y)
         losses.sum().backward()
-        correct = (logits.detach().argmax(-1) == y).sum(1)
         return losses.detach(), correct
 
     # ------------------------------------------------------------------ state
@@ -212,9 +223,9 @@ class StackedWorkers:
         return float(loss_sum), float(correct), count
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str, cache: bool = True):
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()  # fp32: not even a disabled autocast, so the maths is untouched
 
 
