@@ -141,7 +141,8 @@ class Trainer:
         method.start(workers)
         self.local_step = build_local_step(
             self.compile, data, workers, self.optimizer, lambda epoch: method.on_gradients(workers, epoch),
-            method.edits_gradients, cfg.seed, self.rows, self.lr_now, self.lr_table_dev)
+            method.edits_gradients, cfg.seed, self.rows, self.lr_now, self.lr_table_dev,
+            optimizer_name=cfg.optimizer.name)
 
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> None:

@@ -121,19 +121,28 @@ class LocalStep:
 class CompiledStep(LocalStep):
     """The local step with its two compute parts through ``torch.compile`` (one graph per batch shape)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, optimizer_name: str = "sgdm", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # the forward part compiles whole (fullgraph): a failure in a later recompile comes before any of it ran
         self._losses = torch.compile(self.batch_losses, fullgraph=True, dynamic=False)
-        self._update = torch.compile(self.optimizer_step, dynamic=False)
-        self.failed = False
+        # torch's optimizers break the graph on purpose (profiling hooks) before their maths; only optimizers
+        # whose per-step values are tensors compile: LAMB's Python step count would recompile it every step
+        self._update = (torch.compile(self.optimizer_step, dynamic=False)
+                        if optimizer_name in CAPTURABLE else None)
         self.shapes: set[tuple[int, ...]] = set()  # batch shapes run compiled once already
 
     def __call__(self, idx: torch.Tensor, step: int, lr_i: int, epoch: int) -> Outputs:
         self.set_inputs(step, lr_i)
         first = tuple(idx.shape) not in self.shapes
-        losses, correct = self._attempt(lambda: self._gradients(idx), lambda: self.gradients(idx), first)
+        if self._losses is None:
+            losses, correct = self.gradients(idx)
+        else:
+            losses, correct = self._attempt("_losses", lambda: self._gradients(idx), lambda: self.gradients(idx), first)
         self.on_gradients(epoch)  # eager, and outside the attempts: its errors are the run's
-        self._attempt(self._update, self.optimizer_step, first)
+        if self._update is None:
+            self.optimizer_step()
+        else:
+            self._attempt("_update", self._update, self.optimizer_step, first)
         self.zero_grads()
         self.shapes.add(tuple(idx.shape))
         return losses, correct
@@ -143,20 +152,21 @@ class CompiledStep(LocalStep):
         total.backward()  # the compiled backward
         return losses, correct
 
-    def _attempt(self, compiled: Callable[[], Any], eager: Callable[[], Any], first: bool) -> Any:
-        """``compiled()``; on a shape's first call (when it compiles) a failure undoes what ran of it,
-        logs one warning and switches the step to ``eager`` for good."""
-        if self.failed:
-            return eager()
-        if not first:
-            return compiled()
-        saved = _snapshot(self.workers, self.optimizer)
+    def _attempt(self, part: str, compiled: Callable[[], Any], eager: Callable[[], Any], first: bool) -> Any:
+        """``compiled()``, or on a compiler failure: one warning, then ``eager`` for this part from now on.
+
+        On a shape's first call (when it compiles) a failure first undoes what ran of it (the compiled
+        backward compiles after the forward ran, and the optimizer's graph breaks split its step).
+        """
+        saved = _snapshot(self.workers, self.optimizer) if first else None
         try:
             return compiled()
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is the same maths
-            _restore(self.workers, self.optimizer, saved)
-            self.failed = True
-            log.warning("engine.compile=compile failed (%s: %s); the step runs eagerly",
+            if saved is not None:
+                _restore(self.workers, self.optimizer, saved)
+            setattr(self, part, None)
+            what = "forward and backward" if part == "_losses" else "optimizer step"
+            log.warning("engine.compile=compile failed on the %s (%s: %s); it runs eagerly", what,
                         type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
             return eager()
 
@@ -258,9 +268,11 @@ class GraphStep(LocalStep):
         return (*[id(p.grad) for p in params], *state)
 
 
-def build_local_step(mode: str, *args: Any, **kwargs: Any) -> LocalStep:
+def build_local_step(mode: str, *args: Any, optimizer_name: str = "sgdm", **kwargs: Any) -> LocalStep:
     """The step for a resolved ``engine.compile`` mode (see :func:`compile_mode`)."""
-    return {"none": LocalStep, "compile": CompiledStep, "graph": GraphStep}[mode](*args, **kwargs)
+    if mode == "compile":
+        return CompiledStep(*args, optimizer_name=optimizer_name, **kwargs)
+    return {"none": LocalStep, "graph": GraphStep}[mode](*args, **kwargs)
 
 
 def _snapshot(workers: StackedWorkers, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
