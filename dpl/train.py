@@ -38,7 +38,7 @@ from dpl.methods import Method
 from dpl.optim import build_optimizer
 from dpl.schedules import lr_index, lr_table
 
-EVAL_BATCH = 1000
+EVAL_BATCH = 1000  # engine.eval_batch_size of configs written before the key existed
 log = logging.getLogger(__name__)
 
 
@@ -114,14 +114,17 @@ class Trainer:
         self.compile, why = compile_mode(cfg.engine.get("compile", "auto"), self.device, workers, cfg.optimizer.name)
         if why:
             log.warning(why)
+        # On CUDA torch's optimizers in their graph-safe form (fused SGD, capturable AdamW): they read the
+        # tensor lr on the device, where the default foreach SGD reads it back to the host every step.
+        capturable = self.device.type == "cuda"
         self.optimizer = build_optimizer(workers.params, cfg.optimizer, self.base_lr, cfg.weight_decay,
-                                         per_worker=True, capturable=self.compile == "graph")
+                                         per_worker=True, capturable=capturable)
         self._group_flags = [{k: g[k] for k in ("fused", "capturable") if k in g} for g in self.optimizer.param_groups]
         # The inner lr lives on the device: each step copies its entry of the table there
         # (a device-side copy, no host sync). float64, so the optimizers multiply by exactly
-        # the value a Python float lr had; float32 for a captured step, as torch's fused kernels
-        # read it (the same number for fp32 weights: their kernels multiply in float32 either way).
-        lr_dtype = torch.float32 if self.compile == "graph" else torch.float64
+        # the value a Python float lr had; float32 on CUDA, as torch's fused kernels read it (the
+        # same number for fp32 weights: their kernels multiply in float32 either way).
+        lr_dtype = torch.float32 if capturable else torch.float64
         self.lr_table_dev = torch.tensor(self.lr_table, dtype=lr_dtype, device=self.device)
         self.lr_now = torch.full((), self.base_lr, dtype=lr_dtype, device=self.device)
         self._point_lr()
@@ -255,7 +258,8 @@ class Trainer:
 
     def evaluate(self, split: str, weights: Optional[dict[str, torch.Tensor]] = None,
                  augment_key: Optional[tuple[int, int]] = None) -> tuple[float, float]:
-        return self.workers.evaluate(eval_batches(self.data, split, EVAL_BATCH, augment_key), weights)
+        batches = eval_batches(self.data, split, self.cfg.engine.get("eval_batch_size", EVAL_BATCH), augment_key)
+        return self.workers.evaluate(batches, weights)
 
     def final_metrics(self) -> dict[str, float]:
         """Test accuracy of the final (averaged) model and of the best-validation model."""

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from dpl.data.augment import EVAL, TRAIN, augment_bits, normalize, random_crop_flip, signed64, stream_key
+from dpl.data.augment import EVAL, TRAIN, augment_bits, draw_bits, normalize, random_crop_flip, signed64, stream_key
 from dpl.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, steps_per_epoch
 from dpl.data.sources import DATASETS, DatasetUnavailable, RawData
 from dpl.registry import lookup
@@ -122,20 +122,33 @@ def make_batch(
     return x.view(*keep.shape, *x.shape[1:]), ys[flat].view(keep.shape)
 
 
+# Augmented validation draws its crops in blocks of this many images of the split: image i gets
+# the bits of counter i % AUGMENT_BLOCK under the key of block i // AUGMENT_BLOCK, whatever the
+# evaluation batch size (1000 was the fixed batch size these keys were first drawn with).
+AUGMENT_BLOCK = 1000
+
+
 def eval_batches(data: DeviceData, split: str, batch_size: int,
                  augment_key: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The whole ``split`` ('val' or 'test', or 'train') in order, normalised.
 
     Not augmented, unless ``augment_key`` = (seed, evaluation) is given: then every image gets
-    a random crop and flip hashed from (seed, evaluation, batch, position in the batch) with
-    the training batches' counter-based hash (in its own key domain), so the draws are
-    redrawn at each evaluation, reproducible, and the same whichever process or device
-    evaluates a batch (the study validates on augmented images this way).
+    a random crop and flip hashed from (seed, evaluation, block, position in the block; blocks of
+    :data:`AUGMENT_BLOCK` images) with the training batches' counter-based hash (in its own key
+    domain), so the draws are redrawn at each evaluation, reproducible, the same whichever
+    process or device evaluates a batch, and the same for every ``batch_size`` (the study
+    validates on augmented images this way).
     """
     xs, ys = data.split(split)
-    for i, start in enumerate(range(0, len(ys), batch_size)):
+    keys = None
+    if augment_key is not None:  # one key per block, mixed on the host and sent to the device once
+        blocks = range((len(ys) + AUGMENT_BLOCK - 1) // AUGMENT_BLOCK)
+        keys = torch.tensor([signed64(stream_key(augment_key[0], EVAL, augment_key[1], b)) for b in blocks],
+                            dtype=torch.int64, device=xs.device)
+    for start in range(0, len(ys), batch_size):
         x = xs[start: start + batch_size]
-        if augment_key is not None:
-            bits = augment_bits(stream_key(augment_key[0], EVAL, augment_key[1], i), 0, x.shape[0], x.device)
+        if keys is not None:
+            pos = torch.arange(start, start + x.shape[0], device=x.device)
+            bits = draw_bits(keys[pos // AUGMENT_BLOCK], pos % AUGMENT_BLOCK)
             x = random_crop_flip(x, data.crop_padding, bits)
         yield normalize(x, data.mean, data.std), ys[start: start + batch_size]

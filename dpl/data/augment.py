@@ -62,7 +62,7 @@ def stream_key(*parts: int) -> int:
 
 
 def draw_bits(key: int | torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """int64 hash of each counter under ``key`` (a host int or an int64 device scalar)."""
+    """int64 hash of each counter under ``key`` (a host int, an int64 device scalar, or one int64 key per counter)."""
     if isinstance(key, int):
         key = signed64(key)
     return _mix(counters * signed64(_GOLDEN) + key)

@@ -43,6 +43,7 @@ from dpl.optim import CAPTURABLE
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "none", "graph", "compile")
+BACKEND = "inductor"  # torch.compile's backend for engine.compile=compile
 Outputs = tuple[torch.Tensor, torch.Tensor]  # each worker's mean loss [K_local] and correct count [K_local]
 
 
@@ -124,10 +125,10 @@ class CompiledStep(LocalStep):
     def __init__(self, *args: Any, optimizer_name: str = "sgdm", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # the forward part compiles whole (fullgraph): a failure in a later recompile comes before any of it ran
-        self._losses = torch.compile(self.batch_losses, fullgraph=True, dynamic=False)
+        self._losses = torch.compile(self.batch_losses, fullgraph=True, dynamic=False, backend=BACKEND)
         # torch's optimizers break the graph on purpose (profiling hooks) before their maths; only optimizers
         # whose per-step values are tensors compile: LAMB's Python step count would recompile it every step
-        self._update = (torch.compile(self.optimizer_step, dynamic=False)
+        self._update = (torch.compile(self.optimizer_step, dynamic=False, backend=BACKEND)
                         if optimizer_name in CAPTURABLE else None)
         self.shapes: set[tuple[int, ...]] = set()  # batch shapes run compiled once already
 
@@ -164,9 +165,12 @@ class CompiledStep(LocalStep):
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is the same maths
             if saved is not None:
                 _restore(self.workers, self.optimizer, saved)
-            setattr(self, part, None)
-            what = "forward and backward" if part == "_losses" else "optimizer step"
-            log.warning("engine.compile=compile failed on the %s (%s: %s); it runs eagerly", what,
+            if part == "_losses":  # the compiler fails on the forward: the whole step runs eagerly
+                self._losses = self._update = None
+            else:  # e.g. an inductor failure on one optimizer's maths: only its step runs eagerly
+                self._update = None
+            what = "the step" if part == "_losses" else "the optimizer step"
+            log.warning("engine.compile=compile failed on %s (%s: %s); it runs eagerly", what,
                         type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
             return eager()
 

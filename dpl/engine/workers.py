@@ -209,18 +209,27 @@ class StackedWorkers:
 
     @torch.no_grad()
     def eval_sums(self, batches, weights: dict[str, torch.Tensor]) -> tuple[float, float, int]:
-        """Summed loss, correct count and sample count of ``weights`` over (x, y) batches."""
-        loss_sum = correct = count = 0
+        """Summed loss, correct count and sample count of ``weights`` over (x, y) batches.
+
+        The sums stay on the device until the last batch is done (one read, not one per batch).
+        """
+        loss_sum = correct = None
+        count = 0
         self.model.eval()
         try:
             for x, y in batches:
                 logits = functional_call(self.model, weights, (x,))
-                loss_sum += F.cross_entropy(logits, y, reduction="sum")
-                correct += (logits.argmax(-1) == y).sum()
+                loss = F.cross_entropy(logits, y, reduction="sum")
+                hits = (logits.argmax(-1) == y).sum()
+                loss_sum = loss if loss_sum is None else loss_sum + loss
+                correct = hits if correct is None else correct + hits
                 count += y.numel()
         finally:
             self.model.train()
-        return float(loss_sum), float(correct), count
+        if loss_sum is None:
+            return 0.0, 0.0, 0
+        sums = torch.stack([loss_sum.double(), correct.double()]).tolist()  # the evaluation's one read
+        return sums[0], sums[1], count
 
 
 def _autocast(device: torch.device, precision: str, cache: bool = True):
