@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from dpl.data import DeviceData, make_batch, train_key
-from dpl.engine.workers import StackedWorkers
+from dpl.engine.workers import LocalComm, StackedWorkers
 from dpl.optim import CAPTURABLE
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def compile_mode(requested: str, device: torch.device, workers: StackedWorkers, 
     """
     if requested not in COMPILE_MODES:
         raise ValueError(f"engine.compile={requested!r} is invalid: allowed {', '.join(COMPILE_MODES)}")
-    distributed = workers.comm.__class__.__name__ != "LocalComm"
+    distributed = not isinstance(workers.comm, LocalComm)
     ddp = getattr(workers, "ddp", None) is not None
     graph_blocker = ("it needs CUDA" if device.type != "cuda" else
                      "the distributed engine moves parameter storage" if distributed else
@@ -124,6 +124,9 @@ class CompiledStep(LocalStep):
 
     def __init__(self, *args: Any, optimizer_name: str = "sgdm", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # A fresh compiler cache: the code compiled for an earlier trainer in this process (a benchmark,
+        # a test run) would otherwise count towards torch's recompile limit, past which it runs eagerly.
+        torch._dynamo.reset()
         # the forward part compiles whole (fullgraph): a failure in a later recompile comes before any of it ran
         self._losses = torch.compile(self.batch_losses, fullgraph=True, dynamic=False, backend=BACKEND)
         # torch's optimizers break the graph on purpose (profiling hooks) before their maths; only optimizers
@@ -232,6 +235,8 @@ class GraphStep(LocalStep):
         with torch.cuda.stream(self.side):
             out = fn()
         main.wait_stream(self.side)
+        for t in out:  # made on the side stream, read on the main one: not to be reused before that
+            t.record_stream(main)
         return out
 
     def _capture(self, idx: torch.Tensor, epoch: int) -> Optional[_Captured]:
