@@ -383,6 +383,14 @@ class SigmoidConfig(RevCosineConfig):
 @dataclass
 class EngineBase:
     name: str = MISSING
+    # how the local step runs (dpl.engine.step): auto (graph on CUDA where it can, none otherwise) |
+    # none (eager) | graph (one replayed CUDA graph) | compile (torch.compile)
+    compile: str = "auto"
+    eval_batch_size: int = 1000  # images per evaluation batch (the results do not depend on it)
+
+    def __post_init__(self) -> None:
+        _one_of("engine.compile", self.compile, ("auto", "none", "graph", "compile"))
+        _at_least("engine.eval_batch_size", self.eval_batch_size, 1, "an integer")
 
 
 @dataclass
@@ -390,6 +398,7 @@ class SimulatedEngineConfig(EngineBase):
     simulate: str = "auto"  # how the K forwards run: vmap | loop | auto (picks per device)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _one_of("engine.simulate", self.simulate, ("auto", "vmap", "loop"))
 
 
@@ -402,6 +411,7 @@ class DistributedEngineConfig(EngineBase):
     master_port: int = 0  # spawn: the launcher's store; 0 = a free port
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _one_of("engine.backend", self.backend, ("auto", "gloo", "nccl"))
         _positive("engine.timeout_s", self.timeout_s)
         _check(0 <= self.master_port < 65536, "engine.master_port", self.master_port, "0 (a free port) to 65535")

@@ -254,27 +254,39 @@ class LAMB(_LayerwiseOptimizer):
 
 # ----------------------------------------------------------------------------- registry
 
-Builder = Callable[[list, object, float, float, bool], torch.optim.Optimizer]
+Builder = Callable[..., torch.optim.Optimizer]
+
+# Optimizers whose step a CUDA graph can capture: every value that changes between steps lives
+# in a device tensor. LAMB counts its steps in a Python int (bias correction), which a capture
+# would freeze at its value then.
+CAPTURABLE = ("sgdm", "adamw", "lars")
 
 
-def _sgdm(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:
+def _sgdm(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
+          capturable: bool = False) -> torch.optim.Optimizer:
+    # capturable: the fused kernel reads a tensor lr on the device; the foreach path would read it
+    # on the host (an item() per step, which a CUDA graph cannot capture)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=weight_decay)
+                           weight_decay=weight_decay, fused=True if capturable else None)
 
 
-def _adamw(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:
+def _adamw(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
+           capturable: bool = False) -> torch.optim.Optimizer:
+    # capturable: the step count lives on the device too, so a captured step advances it on replay
     return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
-                             weight_decay=weight_decay)
+                             weight_decay=weight_decay, capturable=capturable)
 
 
-def _lars(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:
+def _lars(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
+          capturable: bool = False) -> torch.optim.Optimizer:
     return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay,
                 trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, exclude_1d=cfg.exclude_1d,
                 max_trust_ratio=cfg.max_trust_ratio, grad_clip_norm=cfg.grad_clip_norm,
                 wd_in_grad_norm=cfg.wd_in_grad_norm, momentum_form=cfg.momentum_form, per_worker=per_worker)
 
 
-def _lamb(params: list, cfg, lr: float, weight_decay: float, per_worker: bool) -> torch.optim.Optimizer:
+def _lamb(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
+          capturable: bool = False) -> torch.optim.Optimizer:
     return LAMB(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
                 weight_decay=weight_decay, exclude_1d=cfg.exclude_1d, max_trust_ratio=cfg.max_trust_ratio,
                 grad_clip_norm=cfg.grad_clip_norm, bias_correction=cfg.bias_correction,
@@ -286,10 +298,13 @@ OPTIMIZERS: dict[str, Builder] = {"sgdm": _sgdm, "adamw": _adamw, "lars": _lars,
 
 
 def build_optimizer(params: Iterable[torch.Tensor], cfg, lr: float, weight_decay: float,
-                    per_worker: bool = False) -> torch.optim.Optimizer:
+                    per_worker: bool = False, capturable: bool = False) -> torch.optim.Optimizer:
     """The optimizer named ``cfg.name`` over ``params``; ``cfg`` is the ``optimizer`` node.
 
     ``lr`` and ``weight_decay`` come from the top-level config, not from ``cfg``.
     ``per_worker`` says every parameter carries a leading worker dimension [K, ...].
+    ``capturable``: torch's optimizers in their graph-safe form (fused SGD, capturable AdamW),
+    for a step replayed as a CUDA graph (:mod:`dpl.engine.step`).
     """
-    return lookup(OPTIMIZERS, "optimizer", cfg.name)(list(params), cfg, lr, weight_decay, per_worker)
+    return lookup(OPTIMIZERS, "optimizer", cfg.name)(list(params), cfg, lr, weight_decay, per_worker,
+                                                     capturable=capturable)

@@ -53,7 +53,8 @@ METRICS = ("test_acc", "test_acc_best", "best_val_acc", "test_loss", "sync_round
 # Params that never split a group: the seed (what a group averages over) and bookkeeping.
 NOT_GROUPED = ("seed", "sweep", "results_csv", "progress", "resume", "checkpoint", "checkpoint_every", "test_only",
                "pretrained", "device", "dataset.root", "dataset.download", "engine.master_addr",
-               "engine.master_port", "engine.timeout_s", "engine.spawn", "engine.backend", "engine.simulate")
+               "engine.master_port", "engine.timeout_s", "engine.spawn", "engine.backend", "engine.simulate",
+               "engine.compile", "engine.eval_batch_size")
 NOT_GROUPED_PREFIXES = ("logger.", "hydra.")
 LOCAL_METHODS = ("localsgd", "slowmo", "diloco", "post_local")
 FAILED = ("FAILED", "KILLED")

@@ -43,7 +43,8 @@ PROBE_TIMEOUT_S = 5  # a remote tracking server gets this long to answer before 
 # Keys that change how a job runs or is displayed, not what it computes.
 NOT_HASHED = ("progress", "resume", "test_only", "checkpoint", "checkpoint_every", "results_csv", "device",
               "dataset.root", "dataset.download",
-              "engine.timeout_s", "engine.master_addr", "engine.master_port", "engine.spawn", "engine.simulate")
+              "engine.timeout_s", "engine.master_addr", "engine.master_port", "engine.spawn", "engine.simulate",
+              "engine.compile", "engine.eval_batch_size")
 
 
 SOURCE_NAME = "python -m dpl"  # the Source column of the MLflow UI

@@ -16,6 +16,7 @@ resumes to exactly the numbers of an uninterrupted run.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,15 +29,17 @@ from omegaconf import DictConfig, OmegaConf
 from dpl import checkpoint
 from dpl.clock import worker_speeds
 from dpl.comm import CommLedger, Traffic
-from dpl.data import DeviceData, batch_indices, epoch_order, eval_batches, make_batch, make_shards, steps_per_epoch
+from dpl.data import DeviceData, batch_indices, epoch_order, eval_batches, make_shards, steps_per_epoch
 from dpl.dynamic_h import HContext, next_h
+from dpl.engine.step import build_local_step, compile_mode
 from dpl.engine.workers import StackedWorkers
 from dpl.meter import EpochSums, check_finite, track_best
 from dpl.methods import Method
 from dpl.optim import build_optimizer
 from dpl.schedules import lr_index, lr_table
 
-EVAL_BATCH = 1000
+EVAL_BATCH = 1000  # engine.eval_batch_size of configs written before the key existed
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,13 +110,23 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(self.shards.shape[1], cfg.batch_size)
         self.base_lr = scaled_lr(cfg.lr, cfg.lr_scaling, cfg.K * cfg.batch_size, cfg.base_batch_size)
         self.lr_table = lr_table(cfg.scheduler, self.base_lr, cfg.epochs, self.steps_per_epoch, cfg.warmup_epochs)
+        # how the local step runs (engine.compile): eager, torch.compile, or a replayed CUDA graph
+        self.compile, why = compile_mode(cfg.engine.get("compile", "auto"), self.device, workers, cfg.optimizer.name)
+        if why:
+            log.warning(why)
+        # On CUDA torch's optimizers in their graph-safe form (fused SGD, capturable AdamW): they read the
+        # tensor lr on the device, where the default foreach SGD reads it back to the host every step.
+        capturable = self.device.type == "cuda"
         self.optimizer = build_optimizer(workers.params, cfg.optimizer, self.base_lr, cfg.weight_decay,
-                                         per_worker=True)
+                                         per_worker=True, capturable=capturable)
+        self._group_flags = [{k: g[k] for k in ("fused", "capturable") if k in g} for g in self.optimizer.param_groups]
         # The inner lr lives on the device: each step copies its entry of the table there
         # (a device-side copy, no host sync). float64, so the optimizers multiply by exactly
-        # the value a Python float lr had.
-        self.lr_table_dev = torch.tensor(self.lr_table, dtype=torch.float64, device=self.device)
-        self.lr_now = torch.full((), self.base_lr, dtype=torch.float64, device=self.device)
+        # the value a Python float lr had; float32 on CUDA, as torch's fused kernels read it (the
+        # same number for fp32 weights: their kernels multiply in float32 either way).
+        lr_dtype = torch.float32 if capturable else torch.float64
+        self.lr_table_dev = torch.tensor(self.lr_table, dtype=lr_dtype, device=self.device)
+        self.lr_now = torch.full((), self.base_lr, dtype=lr_dtype, device=self.device)
         self._point_lr()
         self.state = TrainState(H=cfg.H)
         self.sums = EpochSums(self.device)
@@ -129,6 +142,10 @@ class Trainer:
         self.on_epoch: list[Callable[[Trainer, dict], None]] = []
         self.on_step: list[Callable[[Trainer], None]] = []
         method.start(workers)
+        self.local_step = build_local_step(
+            self.compile, data, workers, self.optimizer, lambda epoch: method.on_gradients(workers, epoch),
+            method.edits_gradients, cfg.seed, self.rows, self.lr_now, self.lr_table_dev,
+            optimizer_name=cfg.optimizer.name)
 
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> None:
@@ -162,12 +179,10 @@ class Trainer:
         lr_i = self.lr_index(s.global_step)
         s.lr = self.lr_table[lr_i]  # the host's copy, for the outer step and the record
         idx = batch_indices(order, s.step, cfg.batch_size)
-        # this process's workers (all of them in the simulation)
-        # crops and flips: a hash of (seed, step, worker, sample) on the device (dpl.data.augment)
-        x, y = make_batch(self.data, idx, (cfg.seed, s.global_step), train=True, rows=self.rows)
-        losses, correct = workers.forward_backward(x, y)  # each worker's gradient on its own batch
-        method.on_gradients(workers, s.epoch)  # synchronous methods: all-reduce the gradients
-        self.inner_step(lr_i)
+        # Each of this process's workers: its batch, cropped and flipped by a hash of (seed, step, worker,
+        # sample), forward, backward, the method's gradient hook (synchronous methods all-reduce the
+        # gradients), the inner optimizer's step at lr_table[lr_i] (dpl.engine.step: eager, compiled or a graph)
+        losses, correct = self.local_step(idx, s.global_step, lr_i, s.epoch)
         s.period += 1
         if method.syncs_after(s.epoch, s.period, s.H, last_step=s.step == self.steps_per_epoch - 1):
             method.sync(workers, self.optimizer, s.lr)  # average, then the outer step on the pseudo-gradient
@@ -176,14 +191,8 @@ class Trainer:
             s.period = 0
         s.step += 1
         s.global_step += 1
-        self.sums.add(losses, correct, y.shape[1])
+        self.sums.add(losses, correct, idx.shape[1])
         s.compute_s += time.perf_counter() - t0
-
-    def inner_step(self, i: int) -> None:
-        """The inner optimizer's step at entry ``i`` of the lr table."""
-        self.lr_now.copy_(self.lr_table_dev[i])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def end_epoch(self) -> None:
         s, comm = self.state, self.workers.comm
@@ -232,9 +241,15 @@ class Trainer:
 
     def _point_lr(self) -> None:
         """Every param group reads the device lr (also after loading an optimizer state,
-        which would otherwise bring the checkpoint's own lr object)."""
-        for group in self.optimizer.param_groups:
+        which would otherwise bring the checkpoint's own lr object), with the graph-safe
+        flags it was built with (a checkpoint of an eager run brings its own)."""
+        for group, flags in zip(self.optimizer.param_groups, self._group_flags):
             group["lr"] = self.lr_now
+            group.update(flags)
+        if self._group_flags and self._group_flags[0].get("capturable"):  # AdamW: its step counts on the device
+            for st in self.optimizer.state.values():
+                if torch.is_tensor(st.get("step")) and st["step"].device != self.device:
+                    st["step"] = st["step"].to(self.device, torch.float32)
 
     def next_h(self) -> int:
         ctx = HContext(epoch=self.state.epoch, epochs=self.cfg.epochs, steps_per_epoch=self.steps_per_epoch,
@@ -243,7 +258,8 @@ class Trainer:
 
     def evaluate(self, split: str, weights: Optional[dict[str, torch.Tensor]] = None,
                  augment_key: Optional[tuple[int, int]] = None) -> tuple[float, float]:
-        return self.workers.evaluate(eval_batches(self.data, split, EVAL_BATCH, augment_key), weights)
+        batches = eval_batches(self.data, split, self.cfg.engine.get("eval_batch_size", EVAL_BATCH), augment_key)
+        return self.workers.evaluate(batches, weights)
 
     def final_metrics(self) -> dict[str, float]:
         """Test accuracy of the final (averaged) model and of the best-validation model."""

@@ -7,7 +7,7 @@ import torch
 
 from dpl.data import DeviceData, make_batch
 from dpl.data.augment import (
-    TRAIN, _mix, _mix_int, _signed, augment_bits, crop_flip_draws, normalize, random_crop_flip, stream_key,
+    TRAIN, _mix, _mix_int, augment_bits, crop_flip_draws, normalize, random_crop_flip, signed64, stream_key,
 )
 
 
@@ -133,8 +133,8 @@ def test_rows_of_a_batch_get_the_crops_of_the_full_batch():
 def test_the_device_hash_equals_splitmix64_on_python_ints():
     """int64 tensor ops (wrapping multiply, masked logical shifts) compute SplitMix64 exactly."""
     zs = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x9E3779B97F4A7C15, 123456789]
-    got = _mix(torch.tensor([_signed(z) for z in zs], dtype=torch.int64)).tolist()
-    assert got == [_signed(_mix_int(z)) for z in zs]
+    got = _mix(torch.tensor([signed64(z) for z in zs], dtype=torch.int64)).tolist()
+    assert got == [signed64(_mix_int(z)) for z in zs]
     # SplitMix64's first output from seed 0 (Steele et al. 2014 reference implementation)
     assert _mix_int(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF
 

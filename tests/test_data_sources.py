@@ -236,6 +236,30 @@ def test_eval_batches_cover_the_split_in_order():
     assert torch.equal(x_all, make_batch(data, torch.arange(45), None, train=False, split="test")[0])
 
 
+def _augmented_eval_as_first_written(data, split, key):
+    """The augmented evaluation batches as they were drawn with a fixed batch of 1000 images:
+    batch i hashed under (seed, EVAL, evaluation, i), counters 0.. within the batch."""
+    from dpl.data.augment import EVAL, augment_bits, normalize, random_crop_flip, stream_key
+
+    xs, ys = data.split(split)
+    for i, start in enumerate(range(0, len(ys), 1000)):
+        x = xs[start: start + 1000]
+        x = random_crop_flip(x, data.crop_padding, augment_bits(stream_key(key[0], EVAL, key[1], i), 0, len(x), CPU))
+        yield normalize(x, data.mean, data.std), ys[start: start + 1000]
+
+
+def test_augmented_evaluation_draws_the_same_crops_for_every_batch_size():
+    data = load_dataset(dataset_cfg("synthetic", num_train=100, num_test=2300), seed=0, device=CPU)
+    ref = torch.cat([x for x, _ in _augmented_eval_as_first_written(data, "test", (3, 7))])
+    for batch in (1000, 300, 64, 5000):
+        x = torch.cat([x for x, _ in eval_batches(data, "test", batch, augment_key=(3, 7))])
+        assert torch.equal(x, ref), batch
+    clean = torch.cat([x for x, _ in eval_batches(data, "test", 300)])
+    assert not torch.equal(clean, ref)  # the augmentation did something
+    other = torch.cat([x for x, _ in eval_batches(data, "test", 300, augment_key=(3, 8))])
+    assert not torch.equal(other, ref)  # redrawn at the next evaluation
+
+
 @pytest.mark.slow  # tests/test_train.py::test_synthetic_run_learns checks the same through the whole pipeline
 def test_lenet_learns_synthetic_in_two_epochs():
     """The point of `synthetic`: a real model learns it far above chance (10%) offline, in seconds."""

@@ -211,3 +211,26 @@ def test_resnet20_localsgd_run_gives_equal_numbers_in_vmap_and_loop(make_cfg, tm
             assert vmap[key] == pytest.approx(value, rel=1e-3), key
         else:
             assert vmap[key] == value, key
+
+
+def test_evaluation_sums_equal_a_per_batch_host_loop_for_any_batch_size():
+    """The device-side sums (one read per evaluation) give the numbers of reading every batch."""
+    from dpl.data import eval_batches, load_dataset
+    from tests.test_data_sources import dataset_cfg
+
+    torch.manual_seed(0)
+    data = load_dataset(dataset_cfg("synthetic", num_train=100, num_test=1300), seed=0, device=torch.device("cpu"))
+    model = LeNet5(3, 10, 32)
+    workers = StackedWorkers(model, 2, LocalComm(2))
+    weights = workers.mean_replica()
+    loss_ref = correct_ref = 0.0
+    with torch.no_grad():
+        for x, y in eval_batches(data, "test", 1000):
+            logits = model(x)
+            loss_ref += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct_ref += int((logits.argmax(-1) == y).sum())
+    for batch in (1000, 256, 1300):
+        loss, acc = workers.evaluate(eval_batches(data, "test", batch), weights)
+        assert loss == pytest.approx(loss_ref / 1300, rel=1e-5)
+        assert acc == correct_ref / 1300
+    assert workers.evaluate(iter([]), weights) == (0.0, 0.0)

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from dpl.data.augment import EVAL, TRAIN, augment_bits, normalize, random_crop_flip, stream_key
+from dpl.data.augment import EVAL, TRAIN, augment_bits, draw_bits, normalize, random_crop_flip, signed64, stream_key
 from dpl.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, steps_per_epoch
 from dpl.data.sources import DATASETS, DatasetUnavailable, RawData
 from dpl.registry import lookup
@@ -21,7 +21,7 @@ from dpl.registry import lookup
 __all__ = [
     "DATASETS", "SHARDINGS", "DatasetUnavailable", "DeviceData", "RawData",
     "batch_indices", "epoch_order", "eval_batches", "load_dataset", "make_batch", "make_shards",
-    "split_train_val", "steps_per_epoch",
+    "split_train_val", "steps_per_epoch", "train_key",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -84,8 +84,14 @@ def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | N
     )
 
 
+def train_key(seed: int, step: int) -> int:
+    """The augmentation key of training step ``step`` (global) under ``seed``: a 64-bit host int,
+    stored as the int64 value torch holds, so it can also be written into a device tensor."""
+    return signed64(stream_key(seed, TRAIN, step))
+
+
 def make_batch(
-    data: DeviceData, idx: torch.Tensor, key: tuple[int, int] | None, train: bool, split: str = "train",
+    data: DeviceData, idx: torch.Tensor, key: tuple[int, int] | torch.Tensor | None, train: bool, split: str = "train",
     rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut the batch ``idx`` (int64, any shape S, e.g. ``[K, B]``) from ``split``.
@@ -93,7 +99,8 @@ def make_batch(
     Returns normalised float32 x ``[*S, C, H, W]`` and int64 y ``[*S]``.
 
     With ``train`` and ``data.augment`` (and the train split) each image gets its own random
-    crop and flip, a hash of ``key`` = (seed, global step) and the image's position in the
+    crop and flip, a hash of ``key`` = (seed, global step) (or ``train_key(seed, step)`` held in an
+    int64 device tensor, so a compiled or captured step reads it without recompiling) and the image's position in the
     full batch ``idx`` (worker k, sample b: position k * B + b; see dpl.data.augment);
     otherwise the images are only normalised. ``rows`` (a slice of ``idx``'s first
     dimension, e.g. one rank's workers) returns only those rows, and they get exactly the
@@ -108,10 +115,17 @@ def make_batch(
         if key is None:
             raise ValueError("an augmented training batch needs its key (seed, step)")
         per_row = idx[0].numel() if idx.dim() > 0 else 1
-        bits = augment_bits(stream_key(key[0], TRAIN, key[1]), rows.start * per_row, flat.numel(), xs.device)
+        stream = key if torch.is_tensor(key) else train_key(*key)
+        bits = augment_bits(stream, rows.start * per_row, flat.numel(), xs.device)
         x = random_crop_flip(x, data.crop_padding, bits)
     x = normalize(x, data.mean, data.std)
     return x.view(*keep.shape, *x.shape[1:]), ys[flat].view(keep.shape)
+
+
+# Augmented validation draws its crops in blocks of this many images of the split: image i gets
+# the bits of counter i % AUGMENT_BLOCK under the key of block i // AUGMENT_BLOCK, whatever the
+# evaluation batch size (1000 was the fixed batch size these keys were first drawn with).
+AUGMENT_BLOCK = 1000
 
 
 def eval_batches(data: DeviceData, split: str, batch_size: int,
@@ -119,15 +133,22 @@ def eval_batches(data: DeviceData, split: str, batch_size: int,
     """The whole ``split`` ('val' or 'test', or 'train') in order, normalised.
 
     Not augmented, unless ``augment_key`` = (seed, evaluation) is given: then every image gets
-    a random crop and flip hashed from (seed, evaluation, batch, position in the batch) with
-    the training batches' counter-based hash (in its own key domain), so the draws are
-    redrawn at each evaluation, reproducible, and the same whichever process or device
-    evaluates a batch (the study validates on augmented images this way).
+    a random crop and flip hashed from (seed, evaluation, block, position in the block; blocks of
+    :data:`AUGMENT_BLOCK` images) with the training batches' counter-based hash (in its own key
+    domain), so the draws are redrawn at each evaluation, reproducible, the same whichever
+    process or device evaluates a batch, and the same for every ``batch_size`` (the study
+    validates on augmented images this way).
     """
     xs, ys = data.split(split)
-    for i, start in enumerate(range(0, len(ys), batch_size)):
+    keys = None
+    if augment_key is not None:  # one key per block, mixed on the host and sent to the device once
+        blocks = range((len(ys) + AUGMENT_BLOCK - 1) // AUGMENT_BLOCK)
+        keys = torch.tensor([signed64(stream_key(augment_key[0], EVAL, augment_key[1], b)) for b in blocks],
+                            dtype=torch.int64, device=xs.device)
+    for start in range(0, len(ys), batch_size):
         x = xs[start: start + batch_size]
-        if augment_key is not None:
-            bits = augment_bits(stream_key(augment_key[0], EVAL, augment_key[1], i), 0, x.shape[0], x.device)
+        if keys is not None:
+            pos = torch.arange(start, start + x.shape[0], device=x.device)
+            bits = draw_bits(keys[pos // AUGMENT_BLOCK], pos % AUGMENT_BLOCK)
             x = random_crop_flip(x, data.crop_padding, bits)
         yield normalize(x, data.mean, data.std), ys[start: start + batch_size]

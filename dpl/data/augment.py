@@ -26,7 +26,7 @@ _C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 TRAIN, EVAL = 1, 3
 
 
-def _signed(v: int) -> int:
+def signed64(v: int) -> int:
     """A 64-bit pattern as the int64 value torch stores."""
     v &= _M64
     return v - (1 << 64) if v >= 1 << 63 else v
@@ -47,8 +47,8 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
 
 def _mix(z: torch.Tensor) -> torch.Tensor:
     """The SplitMix64 output function on int64 tensors; multiplication wraps mod 2^64."""
-    z = (z ^ _shr(z, 30)) * _signed(_C1)
-    z = (z ^ _shr(z, 27)) * _signed(_C2)
+    z = (z ^ _shr(z, 30)) * signed64(_C1)
+    z = (z ^ _shr(z, 27)) * signed64(_C2)
     return z ^ _shr(z, 31)
 
 
@@ -62,10 +62,10 @@ def stream_key(*parts: int) -> int:
 
 
 def draw_bits(key: int | torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """int64 hash of each counter under ``key`` (a host int or an int64 device scalar)."""
+    """int64 hash of each counter under ``key`` (a host int, an int64 device scalar, or one int64 key per counter)."""
     if isinstance(key, int):
-        key = _signed(key)
-    return _mix(counters * _signed(_GOLDEN) + key)
+        key = signed64(key)
+    return _mix(counters * signed64(_GOLDEN) + key)
 
 
 def crop_flip_draws(bits: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -83,6 +83,9 @@ class StackedWorkers:
     """``K_local`` replicas of ``model`` as stacked leaf tensors, all initialised from ``model``."""
 
     precision = "fp32"  # the trainer sets the config's (fp32 | bf16)
+    # autocast's cast cache: off while a CUDA graph is captured (the cached casts would be
+    # tensors of the capture, stale at the next replay; torch.cuda.graph's notes)
+    autocast_cache = True
 
     def __init__(self, model: nn.Module, k_local: int, comm: Communicator, mode: str = "loop") -> None:
         if mode not in ("loop", "vmap"):
@@ -130,6 +133,19 @@ class StackedWorkers:
         buffers = [b.clone() for b in buffers]
         return self._forward_one(params, buffers, x), tuple(buffers)
 
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each worker's mean cross-entropy on its own batch (attached to the graph), and its correct count.
+
+        precision=bf16: the forward runs under autocast (the stacked parameters stay fp32
+        masters, their gradients fp32); the caller's backward runs outside it, as torch.amp
+        recommends.
+        """
+        with _autocast(x.device, self.precision, self.autocast_cache):
+            logits = self.forward(x)
+            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        correct = (logits.detach().argmax(-1) == y).sum(1)
+        return losses, correct
+
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each worker's mean cross-entropy on its own batch, and its correct count.
 
@@ -137,13 +153,8 @@ class StackedWorkers:
         parameter exactly its own worker's gradient, since worker k's loss depends
         only on slice k.
         """
-        # precision=bf16: the forward under autocast (the stacked parameters stay fp32 masters,
-        # their gradients fp32); backward outside it, as torch.amp recommends
-        with _autocast(x.device, self.precision):
-            logits = self.forward(x)
-            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        losses, correct = self.losses(x, y)
         losses.sum().backward()
-        correct = (logits.detach().argmax(-1) == y).sum(1)
         return losses.detach(), correct
 
     # ------------------------------------------------------------------ state
@@ -229,23 +240,32 @@ class StackedWorkers:
 
     @torch.no_grad()
     def eval_sums(self, batches, weights: dict[str, torch.Tensor]) -> tuple[float, float, int]:
-        """Summed loss, correct count and sample count of ``weights`` over (x, y) batches."""
-        loss_sum = correct = count = 0
+        """Summed loss, correct count and sample count of ``weights`` over (x, y) batches.
+
+        The sums stay on the device until the last batch is done (one read, not one per batch).
+        """
+        loss_sum = correct = None
+        count = 0
         self.model.eval()
         try:
             for x, y in batches:
                 logits = functional_call(self.model, weights, (x,))
-                loss_sum += F.cross_entropy(logits, y, reduction="sum")
-                correct += (logits.argmax(-1) == y).sum()
+                loss = F.cross_entropy(logits, y, reduction="sum")
+                hits = (logits.argmax(-1) == y).sum()
+                loss_sum = loss if loss_sum is None else loss_sum + loss
+                correct = hits if correct is None else correct + hits
                 count += y.numel()
         finally:
             self.model.train()
-        return float(loss_sum), float(correct), count
+        if loss_sum is None:
+            return 0.0, 0.0, 0
+        sums = torch.stack([loss_sum.double(), correct.double()]).tolist()  # the evaluation's one read
+        return sums[0], sums[1], count
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str, cache: bool = True):
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()  # fp32: not even a disabled autocast, so the maths is untouched
 
 

@@ -20,6 +20,9 @@ class Method:
     name = "base"
     synchronous = False  # True: gradients are averaged at every step of the whole run (DDP on ranks)
     has_local_steps = False  # True: workers take local steps between syncs in some part of the run
+    # True: on_gradients may change the gradients (an all-reduce); a captured step then replays in two
+    # graphs with the hook between them, instead of one (dpl.engine.step)
+    edits_gradients = False
 
     def __init__(self, cfg: Any, local_momentum: str = "keep") -> None:
         self.cfg, self.local_momentum = cfg, local_momentum

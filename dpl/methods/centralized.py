@@ -15,6 +15,7 @@ class Centralized(Method):
 
     name = "centralized"
     synchronous = True
+    edits_gradients = True
 
     def on_gradients(self, workers: StackedWorkers, epoch: int) -> None:
         workers.average_grads_()

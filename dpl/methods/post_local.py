@@ -17,6 +17,7 @@ class PostLocal(LocalSGD):
     """
 
     name = "post_local"
+    edits_gradients = True  # in its synchronous epochs
 
     def on_epoch_start(self, workers: StackedWorkers, epoch: int) -> None:
         if epoch <= self.cfg.switch_epoch:

@@ -1,0 +1,154 @@
+"""The local step (dpl.engine.step): torch.compile and the CUDA graph give eager's numbers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from dpl.app import build_trainer
+from dpl.engine import step as step_module
+from dpl.engine.step import CompiledStep, GraphStep, LocalStep, compile_mode
+from tests.conftest import compose_cfg
+
+CPU = torch.device("cpu")
+RECORDED = ("train_loss", "train_acc", "val_loss", "val_acc", "drift")
+
+
+def _run(*overrides: str, device: torch.device = CPU):
+    t = build_trainer(compose_cfg("epochs=1", *overrides), device)
+    t.fit()
+    return t
+
+
+def _assert_same_run(a, b, rel: float, atol: float = 1e-5) -> None:
+    for ra, rb in zip(a.state.history, b.state.history, strict=True):
+        for key in RECORDED:
+            assert rb[key] == pytest.approx(ra[key], rel=rel, abs=1e-6), key
+    for pa, pb in zip(a.workers.params + a.workers.buffers, b.workers.params + b.workers.buffers, strict=True):
+        torch.testing.assert_close(pb.float(), pa.float(), rtol=rel, atol=atol)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("K=1", "method=centralized"),
+    ("K=4", "method=localsgd", "H=4", "engine.simulate=loop"),
+], ids=["centralized", "localsgd-K4"])
+def test_compile_equals_eager(overrides):
+    eager = _run(*overrides, "engine.compile=none")
+    compiled = _run(*overrides, "engine.compile=compile")
+    step = compiled.local_step
+    assert isinstance(eager.local_step, LocalStep) and type(eager.local_step) is LocalStep
+    assert isinstance(step, CompiledStep) and step._losses is not None and step._update is not None  # no fallback
+    # 900 training images: the epoch's last batch is shorter and got its own compiled graph
+    b = compiled.cfg.batch_size
+    assert {s[1] for s in step.shapes} == {b, (900 // compiled.cfg.K) % b}
+    _assert_same_run(eager, compiled, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_equals_eager_resnet20_under_vmap():
+    ov = ("K=2", "method=localsgd", "H=2", "model=resnet20", "engine.simulate=vmap", "dataset.num_train=300")
+    eager, compiled = _run(*ov, "engine.compile=none"), _run(*ov, "engine.compile=compile")
+    assert compiled.local_step._losses is not None
+    # BatchNorm statistics included (buffers); a BatchNorm ResNet's early training amplifies rounding
+    # (measured: 3e-5 at most after an epoch)
+    _assert_same_run(eager, compiled, rel=1e-3, atol=1e-4)
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("this backend compiles nothing")
+
+
+def test_a_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(step_module, "BACKEND", _failing_backend)
+    ov = ("K=2", "method=localsgd", "H=3", "dataset.num_train=300")
+    with caplog.at_level(logging.WARNING, logger="dpl.engine.step"):
+        compiled = _run(*ov, "engine.compile=compile")
+    warnings = [r for r in caplog.records if r.name == "dpl.engine.step"]
+    assert len(warnings) == 1 and "runs eagerly" in warnings[0].getMessage()
+    assert compiled.local_step._losses is None and compiled.local_step._update is None
+    eager = _run(*ov, "engine.compile=none")
+    for rc, re in zip(compiled.state.history, eager.state.history, strict=True):
+        assert all(rc[k] == re[k] for k in RECORDED)
+    for pc, pe in zip(compiled.workers.params, eager.workers.params):
+        assert torch.equal(pc, pe)  # the eager maths exactly: nothing the failed compile touched remains
+
+
+def test_compile_mode_auto_and_what_a_graph_needs():
+    t = build_trainer(compose_cfg("K=2", "method=localsgd"), CPU)
+    assert compile_mode("auto", CPU, t.workers, "sgdm") == ("none", "")
+    assert compile_mode("compile", CPU, t.workers, "lamb") == ("compile", "")
+    mode, why = compile_mode("graph", CPU, t.workers, "sgdm")
+    assert mode == "none" and "needs CUDA" in why
+    cuda = torch.device("cuda")
+    assert compile_mode("auto", cuda, t.workers, "sgdm") == ("graph", "")
+    assert compile_mode("auto", cuda, t.workers, "lamb")[0] == "none"  # a host step count cannot be captured
+    assert "host step count" in compile_mode("graph", cuda, t.workers, "lamb")[1]
+    assert t.compile == "none"  # the trainer's resolution of the default (auto) on CPU
+
+
+def test_engine_compile_is_checked_at_startup():
+    from dpl.config import to_schema
+    from dpl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"engine.compile='jit' is invalid: allowed one of auto, none, graph, compile"):
+        to_schema(compose_cfg("engine.compile=jit"))
+    with pytest.raises(ConfigError, match="engine.eval_batch_size"):
+        to_schema(compose_cfg("engine.eval_batch_size=0"))
+
+
+# ----------------------------------------------------------------------------- CUDA only
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("overrides", [
+    ("K=1", "method=centralized"),
+    ("K=4", "method=localsgd", "H=4"),
+    ("K=4", "method=slowmo", "H=4", "optimizer=adamw"),
+    ("K=2", "method=localsgd", "H=2", "model=resnet20", "precision=bf16"),
+], ids=["centralized", "localsgd-K4", "slowmo-adamw", "resnet20-bf16"])
+def test_cuda_graph_equals_eager(overrides):
+    dev = torch.device("cuda")
+    # three epochs: the shorter last batch of an epoch warms up twice, then is captured too
+    graph = _run(*overrides, "engine.compile=graph", "device=cuda", "epochs=3", device=dev)
+    eager = _run(*overrides, "engine.compile=none", "device=cuda", "epochs=3", device=dev)
+    step = graph.local_step
+    assert isinstance(step, GraphStep) and not step.failed  # replayed, no fallback
+    assert len(step.captured) == 2  # the full batch and the epoch's shorter last batch
+    resnet = "model=resnet20" in overrides
+    _assert_same_run(eager, graph, rel=1e-3 if resnet else 1e-4, atol=1e-4 if resnet else 1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_recaptures_after_the_optimizer_state_restarts():
+    ov = ("K=2", "method=localsgd", "H=3", "restart_inner_each_epoch=true", "device=cuda", "epochs=3")
+    dev = torch.device("cuda")
+    graph, eager = _run(*ov, "engine.compile=graph", device=dev), _run(*ov, "engine.compile=none", device=dev)
+    assert not graph.local_step.failed
+    _assert_same_run(eager, graph, rel=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", ["graph", "none"])
+def test_training_steps_do_not_synchronize_with_the_host(mode):
+    t = build_trainer(compose_cfg("K=4", "method=localsgd", "H=4", "device=cuda", f"engine.compile={mode}"),
+                      torch.device("cuda"))
+    t.start_epoch()
+    from dpl.data import epoch_order
+
+    order = epoch_order(t.shards, 0, t.cfg.seed)
+    for _ in range(4):  # warm-up and capture may allocate and synchronise
+        t.train_step(order)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):  # replays, a sync every 4 steps, the device sums
+            t.train_step(order)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
