@@ -21,9 +21,14 @@ TINY = [
 
 
 def compose_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
+    """The real config with TINY's settings first; a test that picks another dataset gets none of
+    TINY's synthetic-only dataset keys (that dataset's schema does not have them)."""
     register_configs()
+    base = TINY if tiny else []
+    if any(o.startswith("dataset=") and o != "dataset=synthetic" for o in overrides):
+        base = [o for o in base if not o.startswith("dataset")]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[*(TINY if tiny else []), *overrides])
+        return compose("config", overrides=[*base, *overrides])
 
 
 @pytest.fixture
