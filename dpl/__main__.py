@@ -12,13 +12,11 @@ from omegaconf import DictConfig
 
 from dpl.config import register_configs
 from dpl.errors import ConfigError, RankFailure, user_errors
-from dpl.preflight import check_overrides
+from dpl.preflight import SWEEPS_DIR, check_overrides
 
 register_configs()
 
 TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}  # torchrun's env:// variables
-# The sweep configs, found wherever the command runs (like conf/, found relative to this file).
-SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 
 
 def with_sweeps_dir(argv: list[str]) -> list[str]:

@@ -649,9 +649,9 @@ def typed(container: Any) -> DictConfig:
         if not isinstance(node, dict) or "name" not in node:
             continue
         schema = option_schema(group, node["name"])
-        keys = {f.name for f in dataclasses.fields(schema)}
-        cfg[group] = OmegaConf.merge(OmegaConf.structured(schema), {k: v for k, v in node.items() if k in keys})
-        data[group] = cfg[group]
+        cfg[group] = OmegaConf.structured(schema)
+        keys = set(option_keys(group, node["name"]))
+        data[group] = {k: v for k, v in node.items() if k in keys}
     return OmegaConf.merge(cfg, data)
 
 

@@ -19,11 +19,11 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig
 
-from dpl.config import SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig, option_keys, to_schema
 from dpl.config import GROUPS as SCHEMA_GROUPS
-from dpl.config import check_options
+from dpl.config import SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig, check_options, option_keys, to_schema
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SWEEPS_DIR = CONF_DIR.parent / "sweeps"  # the sweep configs (`--config-name <sweep>`)
 GROUPS = (*SCHEMA_GROUPS, "experiment", "ablation")
 NESTED = {"network": NetworkConfig, "clock": ClockConfig}  # sub-nodes of Config that are not groups
 
@@ -114,14 +114,13 @@ def chosen_options(overrides: list, args: list[str], conf_dir: Path = CONF_DIR) 
     # in sweeps/ (or the user's --config-dir), and its `- config` default is found through the search path
     dirs = [d for d in (_flag(args, ("--config-dir", "-cd")), str(SWEEPS_DIR)) if d]
     primary = next((Path(d) for d in dirs if (Path(d) / f"{name}.yaml").is_file()), conf_dir)
-    search = [str(conf_dir), *dirs]
+    search = f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in (conf_dir, *dirs))}]"
     register_configs()
     found = []
     with initialize_config_dir(config_dir=str(primary.resolve()), version_base="1.3"):
         for combo in itertools.islice(itertools.product(*choice_lists), 64):
-            extra = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in search)}]"]
             try:
-                cfg = compose(name, overrides=[*combo, *extra], return_hydra_config=True)
+                cfg = compose(name, overrides=[*combo, search], return_hydra_config=True)
             except Exception:  # a broken config: the run reports Hydra's own error
                 continue
             choices = dict(cfg.hydra.runtime.choices)
@@ -138,8 +137,6 @@ def _flag(args: list[str], names: tuple[str, ...]) -> str | None:
                 return a.split("=", 1)[1]
     return None
 
-
-SWEEPS_DIR = CONF_DIR.parent / "sweeps"
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:

@@ -53,6 +53,12 @@ def test_defaults_follow_the_study():
     ("K=0", "K=0"), ("batch_size=-1", "batch_size=-1"), ("lr=abc", "lr='abc'"),
     ("optimizer=nope", "adamw, lamb, lars, sgdm"), ("K=2,4,0", "K=0"), ("device=gpu", "auto, cpu, cuda"),
     ("optimizer.momentum=1.5", "optimizer.momentum"), ("nokey=1", "nokey"),
+    ("+foo=1", "+foo is not a dpl config key"),
+    ("+network.bandwdith_gbps=1", "did you mean network.bandwidth_gbps?"),
+    ("optimzer.lr=0.1", "did you mean optimizer.lr?"),
+    ("lr=inf", "lr=inf is invalid"), ("weight_decay=inf", "weight_decay=inf is invalid"),
+    ("method.alpha=inf", "method.alpha=inf is invalid"), ("optimizer.lr=nan", "optimizer.lr=nan is invalid"),
+    ("seed=1180591620717411303424", "seed="), ("logger.experiment=''", "logger.experiment='' is invalid"),
 ])
 def test_preflight_rejects_in_one_line(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -194,6 +200,24 @@ def test_a_key_of_another_option_is_one_line_naming_the_allowed_keys(overrides, 
     with pytest.raises(ConfigError) as e:
         check_overrides(overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_key_the_chosen_option_lacks_is_one_line_naming_its_keys():
+    check_overrides(["optimizer=lars", "optimizer.grad_clip_norm=1.0"])  # lars and lamb clip
+    with pytest.raises(ConfigError) as e:
+        check_overrides(["optimizer.grad_clip_norm=1.0"])  # the default optimizer, sgdm, does not
+    assert str(e.value) == ("optimizer.grad_clip_norm is not a key of optimizer=sgdm: "
+                            "allowed lr, weight_decay, momentum, nesterov")
+    # an option chosen by another group's option: diloco brings adamw, which has no momentum
+    with pytest.raises(ConfigError, match=r"^optimizer.momentum is not a key of optimizer=adamw: allowed "
+                                          r"lr, weight_decay, betas, eps$"):
+        check_overrides(["method=diloco", "optimizer.momentum=0.5"])
+    # every option of a sweep over the group must have it
+    with pytest.raises(ConfigError, match="not a key of optimizer=sgdm"):
+        check_overrides(["optimizer=lamb,sgdm", "optimizer.grad_clip_norm=1.0"])
+    # the option comes with its keys: setting only its name is refused
+    with pytest.raises(ConfigError, match=r"^optimizer.name cannot be set: choose the option with optimizer="):
+        check_overrides(["optimizer.name=lars"])
 
 
 def test_a_key_of_the_chosen_option_passes_wherever_the_option_is_chosen():
