@@ -212,6 +212,9 @@ class LAMB(_LayerwiseOptimizer):
     decay on the update, not the gradient);  w ← w − lr (||w|| / ||r||) r, with the ratio
     1 when either norm is 0.  ``trust_ratio_only_with_wd`` (the study's variant) keeps the
     ratio at 1 for tensors whose weight decay is 0.
+
+    The step count t is a float64 tensor on the parameter's device (``state["step"]``), so the
+    step reads nothing on the host and a captured CUDA graph advances t on every replay.
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
@@ -228,16 +231,16 @@ class LAMB(_LayerwiseOptimizer):
     def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
         state = self.state[p]
         if not state:
-            state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
+        t = state["step"] = _step_count(state.get("step", 0), p.device)
+        t += 1  # in place, on the device
         beta1, beta2 = group["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         if group["bias_correction"]:
-            t = state["step"]
+            # float64 powers of the device count: the very numbers Python's beta ** t gave
             m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
         else:
             m_hat, v_hat = m, v
@@ -252,14 +255,24 @@ class LAMB(_LayerwiseOptimizer):
         p.sub_(r.mul_(group["lr"]))  # not alpha=lr: a tensor lr stays on its device
 
 
+def _step_count(step, device: torch.device) -> torch.Tensor:
+    """LAMB's step count as a float64 tensor on ``device``: as stored, or converted once from a
+    checkpoint that counted in a Python int (before the count moved to the device) or was
+    loaded onto another device or dtype."""
+    if not torch.is_tensor(step):  # made on the device (a fill, not a copy from the host: no sync)
+        return torch.full((), float(step), dtype=torch.float64, device=device)
+    if step.device == device and step.dtype == torch.float64:
+        return step
+    return step.to(device, torch.float64)
+
+
 # ----------------------------------------------------------------------------- registry
 
 Builder = Callable[..., torch.optim.Optimizer]
 
-# Optimizers whose step a CUDA graph can capture: every value that changes between steps lives
-# in a device tensor. LAMB counts its steps in a Python int (bias correction), which a capture
-# would freeze at its value then.
-CAPTURABLE = ("sgdm", "adamw", "lars")
+# Optimizers whose step a CUDA graph can capture (and torch.compile compiles once): every value
+# that changes between steps lives in a device tensor (the lr; AdamW's and LAMB's step counts).
+CAPTURABLE = ("sgdm", "adamw", "lars", "lamb")
 
 
 def _sgdm(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,

@@ -32,7 +32,7 @@ from dpl.comm import CommLedger, Traffic
 from dpl.data import DeviceData, batch_indices, epoch_order, eval_batches, make_shards, steps_per_epoch
 from dpl.dynamic_h import HContext, next_h
 from dpl.engine.step import build_local_step, compile_mode
-from dpl.engine.workers import StackedWorkers
+from dpl.engine.workers import StackedWorkers, memory_format
 from dpl.meter import EpochSums, check_finite, track_best
 from dpl.methods import Method
 from dpl.optim import build_optimizer
@@ -101,6 +101,7 @@ class Trainer:
         self.hp = OmegaConf.to_object(cfg)
         self.device = data.train_x.device
         workers.precision = cfg.get("precision", "fp32")
+        workers.channels_last = memory_format(cfg.engine.get("memory_format", "auto"), self.device) == "channels_last"
         # Shards are a function of the seed only, so every method and engine sees the same ones.
         # Every process holds all K rows: the shuffles and crops of a step are drawn jointly for
         # the K workers, so a rank of the multi-process engine draws them all and cuts its ``rows``.

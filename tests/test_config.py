@@ -192,7 +192,7 @@ def test_hydra_itself_refuses_a_key_the_option_lacks():
                                "augment_val, crop_padding, root, download"),
     (["dataset=synthetic", "dataset.root=x"], "dataset.root is not a key of dataset=synthetic"),
     (["method=localsgd", "method.beta=0.5"], "method.beta is not a key of method=localsgd: allowed none"),
-    (["engine.backend=gloo"], "engine.backend is not a key of engine=simulated: allowed compile, eval_batch_size, simulate"),
+    (["engine.backend=gloo"], "engine.backend is not a key of engine=simulated: allowed compile, eval_batch_size, memory_format, simulate"),
     (["method=slowmo,diloco", "method.beta=0.5"], "method.beta is not a key of method=diloco"),
     (["experiment=study/slowmo", "ablation=paper_lars"], "ablation=paper_lars does not apply here"),
 ])

@@ -11,6 +11,7 @@ written out as numbers, never from calling dpl.optim.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from pathlib import Path
@@ -599,6 +600,32 @@ def test_step_with_cuda_lr_does_not_synchronize():
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_lamb_counts_steps_on_the_device_and_resumes_a_python_int_count():
+    """LAMB's step count is a float64 tensor beside its parameter (nothing read on the host, so a
+    captured step advances it); a checkpoint written when it was a Python int resumes to the same bits."""
+    def fresh():
+        w = torch.tensor(W0, dtype=torch.float32).reshape(2, 2).requires_grad_(True)
+        return w, LAMB([w], lr=0.1, weight_decay=0.01)
+
+    def steps(w, opt, grads):
+        for g in grads:
+            w.grad = torch.tensor(g, dtype=torch.float32).reshape(2, 2)
+            opt.step()
+
+    w, opt = fresh()
+    steps(w, opt, GW[:2])
+    count = opt.state[w]["step"]
+    assert torch.is_tensor(count) and count.dtype == torch.float64 and count.device == w.device and count == 2
+    saved = copy.deepcopy(opt.state_dict())  # a checkpoint: the state's tensors as they are now
+    steps(w, opt, GW[2:])
+    w2, opt2 = fresh()
+    steps(w2, opt2, GW[:2])
+    saved["state"][0]["step"] = 2  # as checkpoints stored it before the count moved to the device
+    opt2.load_state_dict(saved)
+    steps(w2, opt2, GW[2:])
+    assert torch.equal(w2, w) and opt2.state[w2]["step"] == 4
 
 
 def test_constructor_accepts_a_tensor_lr_and_rejects_a_vector():

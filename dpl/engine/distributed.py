@@ -194,17 +194,12 @@ class DistributedWorkers(StackedWorkers):
         with torch.no_grad():
             before = _flat64(self.params)
             self.point.average_(self.params + self.buffers, "params")
-            after = _flat64(self.params)
-            norm = float(after.norm())
-            self.drift = float((before - after).norm()) / norm / self.K if norm > 0.0 else 0.0
+            self.drift = _rank_drift(before, _flat64(self.params), self.K)
 
-    def measure_drift(self) -> float:
+    def measure_drift(self) -> torch.Tensor:
         """This rank's term of the drift, (1/K) ||x_k − x̄|| / ||x̄||; x̄ from an all-reduce of a copy that
         is not counted as traffic (a compressed sync never forms the exact average, only the drift needs it)."""
-        before = _flat64(self.params)
-        mean = _flat64(self.comm.average_copy(self.params))
-        norm = float(mean.norm())
-        return float((before - mean).norm()) / norm / self.K if norm > 0.0 else 0.0
+        return _rank_drift(_flat64(self.params), _flat64(self.comm.average_copy(self.params)), self.K)
 
     def mean_replica(self) -> dict[str, torch.Tensor]:
         names = self.param_names + self.buffer_names
@@ -281,6 +276,13 @@ def _per_worker(v: Any) -> bool:
 
 def _flat64(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
+def _rank_drift(mine: torch.Tensor, mean: torch.Tensor, K: int) -> torch.Tensor:
+    """(1/K) ||x_k − x̄|| / ||x̄|| (0 when x̄ == 0) as a 0-dim float64 tensor on the device: the trainer
+    sums it there and reads the sum once per epoch, as it does the simulation's drift."""
+    norm = mean.norm()
+    return torch.where(norm > 0, (mine - mean).norm() / norm.clamp_min(torch.finfo(torch.float64).tiny) / K, 0.0)
 
 
 def _to_cpu(obj: Any) -> Any:

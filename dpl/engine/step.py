@@ -130,7 +130,7 @@ class CompiledStep(LocalStep):
         # the forward part compiles whole (fullgraph): a failure in a later recompile comes before any of it ran
         self._losses = torch.compile(self.batch_losses, fullgraph=True, dynamic=False, backend=BACKEND)
         # torch's optimizers break the graph on purpose (profiling hooks) before their maths; only optimizers
-        # whose per-step values are tensors compile: LAMB's Python step count would recompile it every step
+        # whose per-step values are tensors compile (a Python step count would recompile it every step)
         self._update = (torch.compile(self.optimizer_step, dynamic=False, backend=BACKEND)
                         if optimizer_name in CAPTURABLE else None)
         self.shapes: set[tuple[int, ...]] = set()  # batch shapes run compiled once already
