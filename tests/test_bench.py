@@ -32,3 +32,16 @@ def test_compression_bench_times_a_sync_per_compressor_and_states_its_bytes():
     assert rows["fp16"]["bytes"] == rows["bf16"]["bytes"] == replica // 2
     assert rows["topk"]["bytes"] == 2 * rows["randomk"]["bytes"]  # the indices top-k sends beside its values
     assert rows["randomk"]["bytes_ratio"] == pytest.approx(0.01, rel=0.05)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_script_refuses_without_cuda(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "no CUDA device is visible" in done.stderr
+    assert not (tmp_path / "out" / "tests.log").exists()  # nothing ran

@@ -586,6 +586,7 @@ def test_step_never_reads_a_tensor_lr_on_the_host(per_worker):
         opt.step()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to observe a device sync")
 def test_step_with_cuda_lr_does_not_synchronize():
     params = [torch.randn(s, device="cuda", requires_grad=True) for s in STUDY_SHAPES]

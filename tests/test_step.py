@@ -74,6 +74,16 @@ def test_compile_equals_eager_lamb_compiled_once_per_batch_shape():
     _assert_same_run(eager, compiled, rel=1e-3, atol=3e-4)
 
 
+def test_compiled_lamb_run_resumes_exactly(make_cfg, tmp_path, monkeypatch):
+    """A compiled run resumes to the very numbers of an uninterrupted compiled run: the checkpoint
+    holds LAMB's device step count, and the resumed process compiles the same step again."""
+    from tests.resume import assert_resume_is_exact
+
+    overrides = ["optimizer=lamb", "engine.compile=compile", "method=localsgd", "K=2", "H=3", "epochs=2",
+                 "checkpoint_every=5", "dataset.num_train=600", "logger=none"]
+    assert_resume_is_exact(make_cfg, overrides, tmp_path, monkeypatch, stop_at=7)
+
+
 def _failing_backend(gm, example_inputs):
     raise RuntimeError("this backend compiles nothing")
 
