@@ -94,14 +94,25 @@ def test_every_study_row_trains_on_synthetic_data(make_cfg, tmp_path, name):
     assert final["epochs_run"] == 2 and math.isfinite(final["test_loss"])
 
 
+# LARS at the study's lr 15 (bs 512, the shortest warmup in epochs of these three steps) blows up on the
+# synthetic data (README, "Reproduction"): its loss reaches 1e24 by epoch 3, and whether it is still a
+# finite number there or already nan depends on float rounding (the convolutions' memory format, say).
+DIVERGES_ON_SYNTHETIC = {"lars_bs512"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STUDY))
 def test_study_row_command_runs(tmp_path, name):
-    """`python -m dpl experiment=study/<row> dataset=synthetic epochs=3`, as the README gives it."""
+    """`python -m dpl experiment=study/<row> dataset=synthetic epochs=3`, as the README gives it: it
+    trains to the end, or (a row known to blow up here) stops with the one-line divergence error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "dpl", f"experiment=study/{name}", "dataset=synthetic", "epochs=3",
                            "logger=none", "progress=false"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
+    if name in DIVERGES_ON_SYNTHETIC and proc.returncode != 0:
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: diverged: training loss is"), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        return
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
