@@ -23,7 +23,11 @@ Each measurement warms up, then repeats and reports the median and spread
    (H=8) and K=8 (H=16), in fp32 and bf16, printed as a table of ratios, one column per
    ``engine.compile`` mode (none and compile; graph too on GPU).
    Goal on a GPU: every ratio of the default mode >= 0.8.
-5. ``compression``: the time of one sync of K=4 LocalSGD workers of LeNet-5 per compressor
+5. ``layout``: full training steps with ``engine.memory_format=channels_last`` against
+   ``contiguous``, timed in alternation, for centralized K=1 at batch 64 and 512 and LocalSGD
+   K=8 x 64, in fp32 and bf16, with ``engine.simulate=loop`` (vmap's stacked batches keep their
+   layout): where channels_last pays (what ``auto`` should pick per device).
+6. ``compression``: the time of one sync of K=4 LocalSGD workers of LeNet-5 per compressor
    (``compression=...`` with error feedback: each worker's Δ_k compressed, the residual updated,
    the K payloads decoded and averaged, as :meth:`StackedWorkers.average_deltas_` does it)
    against the plain parameter average of ``compression=none``, as a ratio (> 1: slower), beside
@@ -45,6 +49,7 @@ import torch
 from dpl.app import build_trainer
 from dpl.data import epoch_order
 from dpl.engine import simulation_mode
+from dpl.engine.workers import memory_format
 from dpl.train import Trainer
 
 
@@ -244,6 +249,46 @@ def bench_limit(device: torch.device, args) -> None:
     print("  goal on GPU: ratio >= 0.8 for the default (engine.compile=auto: graph on CUDA, none on CPU)")
 
 
+LAYOUT_RUNS = (("centralized K=1 x 64", ["K=1", "method=centralized", "batch_size=64"]),
+               ("centralized K=1 x 512", ["K=1", "method=centralized", "batch_size=512"]),
+               ("localsgd K=8 x 64", ["K=8", "method=localsgd", "H=16", "batch_size=64"]))
+
+
+def layout_rows(device: torch.device, args) -> list[dict]:
+    """Per run and precision: full training steps per second with ``engine.memory_format=contiguous``
+    and ``channels_last``, timed in alternation (one repeat of each in turn), so the slow drifts of a
+    shared machine fall on both alike; the ratio is channels_last over contiguous (> 1: faster).
+    ``engine.simulate=loop`` throughout: the layout applies to a worker's own [B, C, H, W] batch, which
+    vmap's stacked batches are not (torch's vmap cannot query channels_last strides)."""
+    rows = []
+    for label, ov in LAYOUT_RUNS:
+        for precision in ("fp32", "bf16"):
+            steps = {}
+            for fmt in ("contiguous", "channels_last"):
+                cfg = compose(f"device={device.type}", "dataset.num_train=12000", f"precision={precision}",
+                              f"engine.memory_format={fmt}", "engine.simulate=loop", *ov)
+                steps[fmt] = step_fn(build_trainer(cfg, device))
+                timed(steps[fmt], device, args.warmup, 0, 1)
+            secs: dict[str, list[float]] = {fmt: [] for fmt in steps}
+            for _ in range(args.repeats):
+                for fmt, fn in steps.items():
+                    secs[fmt] += timed(fn, device, 0, 1, args.iters)
+            med = {fmt: statistics.median(v) for fmt, v in secs.items()}
+            rows.append({"run": label, "precision": precision, "contiguous_s": med["contiguous"],
+                         "channels_last_s": med["channels_last"], "ratio": med["contiguous"] / med["channels_last"]})
+    return rows
+
+
+def bench_layout(device: torch.device, args) -> None:
+    print(f"[layout] full training steps with image batches channels_last vs contiguous (engine.memory_format) on "
+          f"{device}, engine.simulate=loop, alternating, median over {args.repeats} repeats of {args.iters} steps; "
+          f"auto picks {memory_format('auto', device)} here")
+    print(f"  {'run':<22} {'precision':<9} {'contiguous ms':>13} {'channels_last ms':>16} {'speed-up':>9}")
+    for r in layout_rows(device, args):
+        print(f"  {r['run']:<22} {r['precision']:<9} {1e3 * r['contiguous_s']:13.1f} "
+              f"{1e3 * r['channels_last_s']:16.1f} {r['ratio']:9.2f}")
+
+
 def compression_rows(device: torch.device, args, K: int = 4) -> list[dict]:
     """Per compressor: seconds of one compressed sync (median over repeats), their ratio to the plain
     average's, and the payload's bytes per worker against the fp32 replica's."""
@@ -294,7 +339,7 @@ def bench_compression(device: torch.device, args) -> None:
 
 
 BENCHES = {"step": bench_step, "local": bench_local, "distributed": bench_distributed, "limit": bench_limit,
-           "compression": bench_compression}
+           "layout": bench_layout, "compression": bench_compression}
 
 
 def main(argv: list[str] | None = None) -> None:

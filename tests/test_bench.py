@@ -34,6 +34,22 @@ def test_compression_bench_times_a_sync_per_compressor_and_states_its_bytes():
     assert rows["randomk"]["bytes_ratio"] == pytest.approx(0.01, rel=0.05)
 
 
+def test_layout_bench_times_both_memory_formats_in_each_precision(monkeypatch):
+    from types import SimpleNamespace
+
+    from dpl import bench
+
+    monkeypatch.setattr(bench, "LAYOUT_RUNS", bench.LAYOUT_RUNS[:1])  # one run (K=1 x 64) keeps it short
+    built = []
+    real_build = bench.build_trainer
+    monkeypatch.setattr(bench, "build_trainer", lambda cfg, device: built.append(cfg) or real_build(cfg, device))
+    rows = bench.layout_rows(torch.device("cpu"), SimpleNamespace(warmup=1, repeats=2, iters=1))
+    assert [(r["run"], r["precision"]) for r in rows] == [("centralized K=1 x 64", "fp32"), ("centralized K=1 x 64", "bf16")]
+    assert all(r["contiguous_s"] > 0 and r["channels_last_s"] > 0 and r["ratio"] > 0 for r in rows)
+    assert [(c.engine.memory_format, c.precision) for c in built] == [
+        ("contiguous", "fp32"), ("channels_last", "fp32"), ("contiguous", "bf16"), ("channels_last", "bf16")]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_check_script_refuses_without_cuda(tmp_path):
     import subprocess

@@ -278,12 +278,14 @@ MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 def memory_format(requested: str, device: torch.device) -> str:
     """``engine.memory_format``: the layout of image batches entering the model.
 
-    ``auto``: channels_last on CPU, where oneDNN's NHWC convolutions measured faster (LeNet-5 at
-    batch 512 on this project's 2-core CPU: 1.4x in fp32 and 1.6x in bf16 for the bare model;
-    the K=8 LocalSGD loop step 1.2x end to end, ``python -m dpl.bench local``); contiguous on
-    CUDA, where it has not been measured yet. It applies where a worker sees a plain
+    ``auto``: channels_last on CPU, where oneDNN's NHWC convolutions measured faster (``python -m
+    dpl.bench layout`` on this project's 2-core CPU, LeNet-5, full training steps: 1.15x at K=1 x 64
+    in fp32, 1.3-1.4x at K=1 x 512 and K=8 x 64, 1.5x in bf16); contiguous on CUDA, where it has
+    not been measured yet. It applies where a worker sees a plain
     [B, C, H, W] batch: ``engine.simulate=loop``, every ``engine=distributed`` rank and
-    evaluation; under ``simulate=vmap`` the K stacked batches keep their layout.
+    evaluation; under ``simulate=vmap`` (CUDA's default) the K stacked batches keep their layout:
+    torch's vmap cannot query channels_last strides, and its batched convolution folds the workers
+    into the channels, which would undo the layout anyway.
     """
     if requested not in MEMORY_FORMATS:
         raise ValueError(f"engine.memory_format={requested!r} is invalid: allowed {', '.join(MEMORY_FORMATS)}")
