@@ -268,7 +268,7 @@ def layout_rows(device: torch.device, args) -> list[dict]:
                 cfg = compose(f"device={device.type}", "dataset.num_train=12000", f"precision={precision}",
                               f"engine.memory_format={fmt}", "engine.simulate=loop", *ov)
                 steps[fmt] = step_fn(build_trainer(cfg, device))
-                timed(steps[fmt], device, args.warmup, 0, 1)
+                timed(steps[fmt], device, args.warmup, 0, 1)  # its warm-up steps only
             secs: dict[str, list[float]] = {fmt: [] for fmt in steps}
             for _ in range(args.repeats):
                 for fmt, fn in steps.items():

@@ -379,6 +379,8 @@ class SigmoidConfig(RevCosineConfig):
 
 # --- engine
 
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")  # engine.memory_format (dpl.engine.workers.memory_format)
+
 
 @dataclass
 class EngineBase:
@@ -393,7 +395,7 @@ class EngineBase:
 
     def __post_init__(self) -> None:
         _one_of("engine.compile", self.compile, ("auto", "none", "graph", "compile"))
-        _one_of("engine.memory_format", self.memory_format, ("auto", "contiguous", "channels_last"))
+        _one_of("engine.memory_format", self.memory_format, MEMORY_FORMATS)
         _at_least("engine.eval_batch_size", self.eval_batch_size, 1, "an integer")
 
 

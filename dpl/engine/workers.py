@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from dpl.comm import CommPoint, worker_drift
+from dpl.config import MEMORY_FORMATS
 
 
 class Communicator(Protocol):
@@ -265,14 +266,10 @@ class StackedWorkers:
         sums = torch.stack([loss_sum.double(), correct.double()]).tolist()  # the evaluation's one read
         return sums[0], sums[1], count
 
-
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """One batch of images [B, C, H, W] in the memory format the convolutions get (the same
         numbers either way; only the order in memory, and so the kernels picked, differ)."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
-
-
-MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
 def memory_format(requested: str, device: torch.device) -> str:
@@ -281,9 +278,8 @@ def memory_format(requested: str, device: torch.device) -> str:
     ``auto``: channels_last on CPU, where oneDNN's NHWC convolutions measured faster (``python -m
     dpl.bench layout`` on this project's 2-core CPU, LeNet-5, full training steps: 1.15x at K=1 x 64
     in fp32, 1.3-1.4x at K=1 x 512 and K=8 x 64, 1.5x in bf16); contiguous on CUDA, where it has
-    not been measured yet. It applies where a worker sees a plain
-    [B, C, H, W] batch: ``engine.simulate=loop``, every ``engine=distributed`` rank and
-    evaluation; under ``simulate=vmap`` (CUDA's default) the K stacked batches keep their layout:
+    not been measured yet. It applies where a worker sees a plain [B, C, H, W] batch:
+    ``engine.simulate=loop``, every ``engine=distributed`` rank and evaluation; under ``simulate=vmap`` (CUDA's default) the K stacked batches keep their layout:
     torch's vmap cannot query channels_last strides, and its batched convolution folds the workers
     into the channels, which would undo the layout anyway.
     """
