@@ -37,7 +37,7 @@ log = logging.getLogger("dpl")
 DIVERGED_OBJECTIVE = float("nan")
 # Keys a resume may pass that change how the job runs, not what it computes.
 RESUME_KEYS = ("resume", "progress", "engine.spawn", "device", "dataset.root", "dataset.download", "test_only",
-               "checkpoint", "engine.compile", "engine.eval_batch_size")
+               "checkpoint", "engine.compile", "engine.eval_batch_size", "engine.memory_format")
 
 
 def job_dir() -> Path:
@@ -236,7 +236,8 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
             continue
         if origin and key not in overridden and not Path(value).expanduser().is_absolute():
             OmegaConf.update(saved, key, str(Path(origin) / value))
-    for key in ("device", "dataset.root", "dataset.download", "engine.compile", "engine.eval_batch_size"):
+    for key in ("device", "dataset.root", "dataset.download", "engine.compile", "engine.eval_batch_size",
+                "engine.memory_format"):
         if key in overridden and OmegaConf.select(saved, key) is not None:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key))
     saved.progress = cfg.progress

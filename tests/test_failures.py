@@ -320,7 +320,10 @@ def test_resume_from_elsewhere_with_and_without_the_store(tmp_path):
     assert not (elsewhere / "outputs").exists()  # resume= and test_only= make no new, empty job dir
     # from another directory: the same MLflow run, found through the checkpoint
     (job / ".checkpoint.pt.stale.pt").write_bytes(b"left by a kill")
-    dpl(elsewhere, f"resume={job}", "epochs=2", "progress=false")
+    # how the step runs may change on resume (a checkpoint from before engine.memory_format picked
+    # channels_last on CPU resumes bit-exactly in its old layout)
+    dpl(elsewhere, f"resume={job}", "epochs=2", "progress=false", "engine.memory_format=contiguous")
+    assert checkpoint.load(job)["config"]["engine"]["memory_format"] == "contiguous"
     (run1,) = job_runs(first / "mlflow.db")
     assert run1.info.run_id == run0.info.run_id and run1.info.status == "FINISHED"
     assert not list(job.glob(".checkpoint.pt.*")) and not (elsewhere / "mlflow.db").exists()
