@@ -2,7 +2,7 @@
 
 Reads the local MLflow store (``sqlite:///mlflow.db`` in the current directory unless
 ``--tracking-uri`` says otherwise; nothing goes over the network) and writes, into
-``--out`` (default ``reports/<experiment or sweep>``):
+``--out`` (default ``reports/<experiment or sweep>``, the name made one safe folder name):
 
 * ``report.md`` and ``report.csv``: final metrics grouped by method / K / H / dynamic_h /
   optimizer / batch size, plus any other parameter that varies inside those groups (the
@@ -28,7 +28,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, save_figure, short_number
 from dpl.sweep import PARENT_TAG
+from dpl.tracking import tag_filter
 
 # Column -> MLflow param; always grouped by when the runs carry the param.
 BASE_COLUMNS = {"dataset": "dataset.name", "method": "method.name", "K": "K", "H": "H", "dynamic_h": "dynamic_h.name",
@@ -93,11 +96,12 @@ def fetch_runs(client, experiment: Optional[str] = None, sweep: Optional[str] = 
         ids = [found.experiment_id]
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
-    query = f"tags.sweep = '{sweep}'" if sweep is not None else ""
+    query = tag_filter("sweep", sweep) if sweep is not None else ""
     runs, token = [], None
     while True:
-        page = client.search_runs(ids, filter_string=query, max_results=1000, page_token=token)
-        runs += [r for r in page if PARENT_TAG not in r.data.tags]
+        page = client.search_runs(ids, filter_string=query or "", max_results=1000, page_token=token)
+        runs += [r for r in page if PARENT_TAG not in r.data.tags
+                 and (sweep is None or r.data.tags.get("sweep") == sweep)]  # the only test when query is None
         token = page.token
         if not token:
             break
@@ -228,6 +232,28 @@ def mean_curve(histories: Iterable[Sequence[tuple[int, float]]]) -> tuple[list[i
 # ----------------------------------------------------------------------------- tables
 
 
+_MD_PUNCT = re.compile(r"[\\`*\[\]|#~]|(?<![^\W_])_|_(?![^\W_])")  # `_` inside a word never formats
+_NEWLINE = re.compile(r"\r\n|[\r\n\u2028\u2029]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def md_escape(value: Any) -> str:
+    """``value`` as literal text in a Markdown table cell or heading of report.md.
+
+    Names, tags and params come from the store, where anyone who logged a run chose them: a ``|``
+    or newline would split a row, a backtick, ``[x](javascript:…)`` or ``<script>`` would format,
+    link or inject. ``& < >`` become entities, Markdown punctuation gets a backslash, a newline
+    becomes ``<br>`` (the row stays one line) and other control characters a space.
+    """
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _MD_PUNCT.sub(lambda m: "\\" + m.group(0), text)
+    return _CONTROL.sub(" ", _NEWLINE.sub("<br>", text))
+
+
+def _md_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(md_escape(c) for c in cells) + " |"
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
@@ -278,21 +304,20 @@ def markdown(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str], runs
     local = any(r.params.get("method.name") in LOCAL_METHODS for r in runs)
     shown = [m for m in metrics if m not in _H_SUMMARY or (m == "H_mean" and local)]
     head = [*columns, "runs", "failed", *(_SHOWN.get(m, (m,))[0] for m in shown)]
-    lines = [f"# {title}", "",
+    lines = [f"# {md_escape(title)}", "",
              f"{sum(r.finished for r in runs)} finished, {sum(r.status in FAILED for r in runs)} failed, "
              f"{sum(r.status == INTERRUPTED for r in runs)} interrupted (not counted), "
              f"{sum(r.status not in ('FINISHED', INTERRUPTED, *FAILED) for r in runs)} other runs; "
              "mean ± sample std over the finished runs of a group (seeds)."
              + (" H of a dynamic_h group: first→last epoch." if "dynamic_h" in columns else ""), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             _md_row(head), "|" + "---|" * len(head)]
     for row in rows:
         cells = [_h_cell(row) if c == "H" else _param_text(row[c]) for c in columns]
-        cells += [str(row["runs"]), str(row["failed"])]
-        lines.append("| " + " | ".join(cells + [_fmt(row, m) for m in shown]) + " |")
+        lines.append(_md_row([*cells, row["runs"], row["failed"], *(_fmt(row, m) for m in shown)]))
     failed = [r for r in runs if r.status in (*FAILED, INTERRUPTED)]
     if failed:
         lines += ["", "## Failed runs", "", "| run | group | status | reason |", "|---|---|---|---|"]
-        lines += [f"| {r.run_id} | {_group_label(_key(r, params), columns)} | {r.status} | {r.reason or '–'} |"
+        lines += [_md_row([r.run_id, _group_label(_key(r, params), columns), r.status, r.reason or "–"])
                   for r in failed]
     return "\n".join(lines) + "\n"
 
@@ -309,6 +334,14 @@ _METRIC_LABEL = {"test_acc": "test accuracy", "test_acc_best": "best-model test 
                  "best_val_acc": "best val accuracy"}
 
 
+def mpl_escape(text: str) -> str:
+    """``text`` shown literally by matplotlib: a ``$`` pair in a name would be parsed as mathtext
+    (``$\\frac{a}{b}$`` drawn as a fraction, an unknown ``$\\cmd$`` fails the whole figure), and a
+    legend hides labels that start with ``_`` (a zero-width space keeps them)."""
+    text = text.replace("$", r"\$")
+    return "\u200b" + text if text.startswith("_") else text
+
+
 def _short(column: str, value: str) -> str:
     if column in _NAMED:
         return value
@@ -318,7 +351,7 @@ def _short(column: str, value: str) -> str:
 
 def _label_of(key: Sequence[str], columns: Sequence[str], skip: Sequence[str] = ()) -> str:
     """``localsgd K=4 H=8``: the columns that tell the groups apart (those in ``skip`` left out)."""
-    return " ".join(_short(c, v) for c, v in zip(columns, key) if c not in skip and v != "") or "all runs"
+    return mpl_escape(" ".join(_short(c, v) for c, v in zip(columns, key) if c not in skip and v != "") or "all runs")
 
 
 def _group_label(key: Sequence[str], columns: Sequence[str]) -> str:
@@ -351,7 +384,7 @@ def _panels(facets: Mapping[str, Any], title: str):
     fig, axes = new_figure(len(facets), width=4.6)
     fig.suptitle(title)
     for ax, name in zip(axes, facets):
-        ax.set_title(name or "")
+        ax.set_title(mpl_escape(name or ""))
         ax.grid(alpha=0.3)
     return fig, axes
 
@@ -418,7 +451,7 @@ def fig_acc_vs_rounds(groups, columns: Sequence[str], metric: str):
     for ax, pts in zip(axes, facets.values()):
         for n, (x, y, key) in enumerate(sorted(pts, key=lambda p: p[2])):
             method = dict(zip(columns, key)).get("method", "runs")
-            label = _label_of(key, columns, skip) if per_group else method
+            label = _label_of(key, columns, skip) if per_group else mpl_escape(method)
             ax.scatter([x], [y], color=f"C{methods.index(method) % 10}", label=label,
                        marker=markers[n % len(markers)] if per_group else "o")
         xs = [p[0] for p in pts]
@@ -496,7 +529,7 @@ def _fig_against_cost(runs: Sequence[RunRecord], columns: Sequence[str], metric:
             mine = sorted((x, y) for x, y, m in points if m == method)
             if mine:
                 ax.plot([x for x, _ in mine], [y for _, y in mine], marker="o", alpha=0.7, color=f"C{i % 10}",
-                        label=method or "runs")
+                        label=mpl_escape(method or "runs"))
         xy = [(x, y) for x, y, _ in points]
         front = pareto_front(xy)
         ax.step([xy[i][0] for i in front], [xy[i][1] for i in front], where="post", color="black",
@@ -558,10 +591,10 @@ def fig_acc_vs_lr(runs: Sequence[RunRecord], columns: Sequence[str], metric: str
             failed = [r for r in members if r.params.get("optimizer.name", "") == opt and r.status in FAILED]
             if done:
                 ax.scatter([_float(r.params["lr"]) for r in done], [r.metrics[metric] for r in done],
-                           color=f"C{i % 10}", label=opt or "runs")
+                           color=f"C{i % 10}", label=mpl_escape(opt or "runs"))
             if failed:
                 ax.scatter([_float(r.params["lr"]) for r in failed], [0.0] * len(failed), color=f"C{i % 10}",
-                           marker="x", label=f"{opt} diverged".strip())
+                           marker="x", label=mpl_escape(f"{opt} diverged".strip()))
         lrs = [_float(r.params["lr"]) for r in members]
         log_axis(ax, "x", min(lrs), max(lrs))
         ax.set_xlabel("learning rate")
@@ -603,6 +636,32 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, met
     return written + write_figures(runs, columns, out_dir, metric)
 
 
+_FOLDER_MAX_BYTES = 100  # well under the 255-byte file name limit of common file systems
+
+
+def safe_folder_name(name: str) -> str:
+    """``name`` as one folder name: never a path, never hidden, never empty.
+
+    Experiment and sweep names come from the store, so ``../../x``, ``a/b`` or ``</script>`` in
+    one would put the report above or below ``reports/``. Anything but letters, digits and
+    ``._+=-`` becomes ``_``, runs of dots become one and leading or trailing dots go (no ``..``);
+    a name cut to length ends in a hash of the whole, so two long names keep two folders.
+    """
+    safe = re.sub(r"\.{2,}", ".", re.sub(r"[^\w.+=-]", "_", name)).strip(".")
+    if len(safe.encode()) > _FOLDER_MAX_BYTES:
+        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        safe = safe.encode()[:_FOLDER_MAX_BYTES - 9].decode(errors="ignore").rstrip(".") + "-" + digest
+    return safe or "unnamed"
+
+
+def default_out_dir(kind: str, name: str) -> Path:
+    """``reports/<name>`` under the current directory, said in one line when the name had to change."""
+    folder = safe_folder_name(name)
+    if folder != name:
+        print(f"writing to reports/{folder}: {kind}={name!r} is not a safe folder name")
+    return Path("reports") / folder
+
+
 DEFAULT_EXPERIMENT = "dpl"  # logger.experiment of a single run (conf/logger/mlflow.yaml)
 
 
@@ -614,7 +673,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sweep", help="only runs with this sweep tag (across experiments unless --experiment)")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
                    help="MLflow store; a relative sqlite path is relative to the current directory")
-    p.add_argument("--out", help="output folder (default reports/<experiment or sweep>)")
+    p.add_argument("--out", help="output folder, used as given (default reports/<experiment or sweep>, made one "
+                                 "safe folder name)")
     p.add_argument("--metric", default="test_acc", choices=_ACC, help="accuracy used in the figures")
     return p.parse_args(argv)
 
@@ -648,17 +708,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.experiment, args.sweep, why = latest(client)
         what = f"sweep={args.sweep!r}" if args.sweep else f"experiment={args.experiment!r}"
         print(f"reporting {what}: {why} in {args.tracking_uri} (choose with --sweep / --experiment)")
-    name = args.sweep or args.experiment
+    kind = "sweep" if args.sweep is not None else "experiment"
+    name = args.sweep if args.sweep is not None else args.experiment
     try:
         runs = fetch_runs(client, args.experiment, args.sweep)
     except LookupError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
     if not runs:
-        print(f"error: no runs found for {'sweep' if args.sweep else 'experiment'}={name!r} in {args.tracking_uri}",
-              file=sys.stderr)
+        print(f"error: no runs found for {kind}={name!r} in {args.tracking_uri}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path("reports") / name
+    out = Path(args.out) if args.out else default_out_dir(kind, name)
     for path in write_report(runs, out, title=f"dpl report: {name}", metric=args.metric):
         print(path)
     return 0

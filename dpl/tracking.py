@@ -436,6 +436,21 @@ def end_run_if_running(uri: str, run_id: str, status: str, reason: str) -> bool:
         return False
 
 
+def tag_filter(key: str, value: str) -> str | None:
+    """``tags.<key> = '<value>'`` in MLflow's search syntax, or None when that syntax cannot say it.
+
+    MLflow (3.16) strips a value's outer quotes and keeps the rest verbatim: there is no escape,
+    so a ``'`` inside ``'...'`` ends the string early and breaks or alters the query. The value is
+    quoted with the quote it does not contain; one with both kinds gets no filter, and the caller
+    matches the tag itself (as ``dpl.report.fetch_runs`` does: slower on a big store, but every
+    name is found).
+    """
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"tags.{key} = {quote}{value}{quote}"
+    return None
+
+
 def find_finished_run(cfg_logger: Any, sweep: str, digest: str) -> Any:
     """The FINISHED run of sweep ``sweep`` with config digest ``digest``, or None."""
     uri = resolve_tracking_uri(cfg_logger.tracking_uri, launch_dir())

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import re
 import statistics
 
 import pytest
 
 from dpl.app import run
-from dpl.report import (RunRecord, fetch_runs, group_columns, main, mean_curve, mean_std, pareto_front,
-                        summarise)
+from dpl.report import (RunRecord, fetch_runs, group_columns, main, md_escape, mean_curve, mean_std, pareto_front,
+                        safe_folder_name, summarise, tag_filter)
 from dpl.tracking import mlflow_client
 from tests.conftest import compose_cfg
 
@@ -39,6 +40,22 @@ def store(tmp_path_factory):
     out = tmp / "out"
     assert main(["--experiment", "rep", "--tracking-uri", uri, "--out", str(out)]) == 0
     return uri, results, out
+
+
+def _log_run(uri, experiment, tags, metrics=None, status="FINISHED", reason=None, **cfg):
+    """One fake job run in the store at ``uri``, through dpl's own logger: params from ``cfg``,
+    ``metrics`` as {key: value or [value per epoch]}; no model is trained."""
+    from omegaconf import OmegaConf
+
+    from dpl.tracking import MlflowLogger
+
+    node = OmegaConf.create({**cfg, "logger": {"tracking_uri": uri, "experiment": experiment, "run_name": None}})
+    logger = MlflowLogger(node.logger)
+    logger.start(node, tags)
+    for key, values in (metrics if metrics is not None else {"test_acc": 0.5}).items():
+        for step, value in enumerate(values if isinstance(values, list) else [values]):
+            logger.log_metrics({key: value}, step=step)
+    logger.finish(status, reason)
 
 
 def _mlflow_runs(uri):
@@ -122,20 +139,12 @@ def test_unknown_experiment_is_one_line_error(store, capsys):
 
 
 def test_no_arguments_reports_the_latest_sweep_or_the_default_experiment(tmp_path, monkeypatch, capsys):
-    from omegaconf import OmegaConf
-
     from dpl.sweep import PARENT_TAG
-    from dpl.tracking import MlflowLogger
 
     monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db, the default output ./reports/<name>
 
     def one_run(experiment, tags, **cfg):
-        node = OmegaConf.create({**cfg, "logger": {"tracking_uri": "sqlite:///mlflow.db", "experiment": experiment,
-                                                   "run_name": None}})
-        logger = MlflowLogger(node.logger)
-        logger.start(node, tags)
-        logger.log_metrics({"test_acc": 0.5}, step=0)
-        logger.finish()
+        _log_run("sqlite:///mlflow.db", experiment, tags, **cfg)
 
     one_run("dpl", {}, K=1)
     one_run("grid", {PARENT_TAG: "grid"}, K=2)
@@ -147,6 +156,125 @@ def test_no_arguments_reports_the_latest_sweep_or_the_default_experiment(tmp_pat
     assert main([]) == 0
     assert capsys.readouterr().out.startswith("reporting experiment='dpl': the default experiment of single runs")
     assert "| 4 |" in (tmp_path / "reports/dpl/report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- hostile names
+#
+# Experiment, sweep and param names come from the store: whoever logged a run chose them. The
+# report must stay in reports/, keep its table whole, inject nothing and still find the runs.
+
+HOSTILE = ["../../../X", "a/b", "</script><script>alert(1)</script>", "x|y", "two\nlines", "it's", "both'\"quotes",
+           r"$\frac{a}{b}$", "[x](javascript:alert(1))"]
+
+
+@pytest.fixture(scope="module")
+def hostile_store(tmp_path_factory):
+    """One store; per hostile name an experiment and a sweep of that name whose dataset, method
+    and failure reason carry it too: two seeds and a diverged run of it, and a localsgd run."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('hostile') / 'mlflow.db'}"
+    for name in HOSTILE:
+        metrics = {"test_acc": 0.5, "val_acc": [0.3, 0.4], "comm_bytes_total": 2.0**20, "modelled_time_s": 3.0}
+        for seed, method in ((0, name), (1, name), (0, "localsgd")):
+            _log_run(uri, name, {"sweep": name}, metrics, K=2, seed=seed, dataset={"name": name},
+                     method={"name": method})
+        _log_run(uri, name, {"sweep": name}, {}, status="FAILED", reason=f"diverged: {name}", K=2, seed=2,
+                 dataset={"name": name}, method={"name": name})
+    return uri
+
+
+def _cells(line: str) -> int:
+    """The number of cells of a Markdown table row: its ``|`` that no backslash escapes, less one."""
+    return sum(token == "|" for token in re.findall(r"\\.|\|", line)) - 1
+
+
+def _tables(text: str) -> list[list[str]]:
+    tables, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
+            tables.append([])
+        if line.startswith("|"):
+            tables[-1].append(line)
+    return tables
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_hostile_name_reports_inside_reports_and_injects_nothing(hostile_store, name, tmp_path, monkeypatch,
+                                                                    capsys):
+    launch = tmp_path / "a" / "b" / "c" / "launch"  # deep enough that ../../../X would still land in tmp_path
+    launch.mkdir(parents=True)
+    monkeypatch.chdir(launch)
+    for kind in ("--sweep", "--experiment"):
+        assert main([kind, name, "--tracking-uri", hostile_store]) == 0, kind
+    (folder,) = (launch / "reports").iterdir()
+    assert folder.name == safe_folder_name(name) and folder.is_dir()
+    written = {p for p in tmp_path.rglob("*") if p.is_file()}
+    assert written and all(p.parent == folder for p in written)  # nothing anywhere else
+    out = capsys.readouterr().out
+    if folder.name != name:
+        assert out.count(f"writing to reports/{folder.name}: sweep={name!r} is not a safe folder name") == 1
+    text = (folder / "report.md").read_text()
+    assert "<script" not in text.lower() and not re.search(r"(?<!\\)[\[\]`]", text)  # no tag, no link, no code
+    assert text.startswith(f"# dpl report: {md_escape(name)}\n")
+    assert "3 finished, 1 failed" in text  # the sweep (or experiment) of this name, all of it
+    main_table, failed = _tables(text)
+    assert len(main_table) == 4 and len(failed) == 3  # header, rule, a row per group / per failed run
+    for table in (main_table, failed):
+        assert all(_cells(line) == _cells(table[0]) for line in table), table
+    assert main_table[0].startswith("| dataset | method | K | runs | failed | test acc % |") and _cells(failed[0]) == 4
+
+
+def test_a_name_with_both_quotes_is_matched_after_the_search(hostile_store):
+    client = mlflow_client(hostile_store)
+    for name in ("it's", 'both\'"quotes'):
+        runs = fetch_runs(client, sweep=name, history_keys=())
+        assert len(runs) == 4 and {r.params["dataset.name"] for r in runs} == {name}
+    assert tag_filter("sweep", "it's") == 'tags.sweep = "it\'s"'
+    assert tag_filter("sweep", 'both\'"quotes') is None  # MLflow's syntax has no escape for it
+
+
+def test_safe_folder_name_is_one_plain_path_component():
+    for name in [*HOSTILE, "..", ".", "", ".hidden", "a\\b", "nul\x00byte", "x" * 300, "é" * 200, "a..b"]:
+        safe = safe_folder_name(name)
+        assert safe and len(safe.encode()) <= 100 and not safe.startswith(".") and ".." not in safe, name
+        assert "/" not in safe and "\\" not in safe and safe.isprintable(), name
+    assert safe_folder_name("x" * 300) != safe_folder_name("x" * 299)  # cut names keep apart
+    for plain in ("localsgd_grid", "dynamic_h", "optuna-lr.v2", "study"):
+        assert safe_folder_name(plain) == plain
+
+
+def test_md_escape_keeps_text_literal():
+    assert md_escape("</script>") == "&lt;/script&gt;"
+    assert md_escape("x|y") == "x\\|y" and md_escape("two\nlines") == "two<br>lines"
+    assert md_escape("[x](javascript:alert(1))") == "\\[x\\](javascript:alert(1))"
+    assert md_escape("`a` *b* _c_ a&b") == "\\`a\\` \\*b\\* \\_c\\_ a&amp;b"
+    assert md_escape("dynamic_h batch_size 0.001 4→32 –") == "dynamic_h batch_size 0.001 4→32 –"  # unchanged
+    assert md_escape("a\\") + " |" == "a\\\\ |"  # a trailing backslash cannot escape the cell's end
+
+
+def test_figures_show_names_literally():
+    from matplotlib.cbook import is_math_text
+    from matplotlib.text import Text
+
+    from dpl.report import build_figures
+    from tests.legible import assert_legible
+
+    names = [r"$\frac{a}{b}$", r"$\nosuchcommand$", "_hidden"]
+    runs = [RunRecord(run_id=str(next(_IDS)), status="FINISHED",
+                      params={"dataset.name": name, "method.name": method, "K": "2", "H": str(h)},
+                      metrics={"test_acc": 0.5, "sync_rounds_total": 10.0 / h, "comm_bytes_total": 2.0**20 / h,
+                               "modelled_time_s": 1.0 / h},
+                      history={"val_acc": [(0, 0.3), (1, 0.4)]})
+            for name in names[:2] for method in names for h in (1, 2)]
+    figures = build_figures(runs, group_columns(runs))
+    assert len(figures) >= 4
+    for fig_name, fig in figures.items():
+        assert_legible(fig, fig_name)  # draws: an unknown mathtext command would raise here
+        texts = [t.get_text() for t in fig.findobj(Text)]
+        assert not any(is_math_text(t) for t in texts if "$" in t.replace(r"\$", "")), fig_name
+        shown = {t.replace(r"\$", "$").lstrip("\u200b") for t in texts}
+        assert set(names[:2]) <= shown, fig_name  # the dataset panels, titled by the names as written
+        legend = {t.get_text().lstrip("\u200b") for leg in fig.legends for t in leg.get_texts()}
+        assert not legend or any("_hidden" in t for t in legend), fig_name  # a leading _ no longer hides it
 
 
 def test_default_experiment_is_the_logger_default():
