@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from dpl.config import register_configs
 from dpl.errors import ConfigError, RankFailure, user_errors
 from dpl.preflight import SWEEPS_DIR, check_overrides
+from dpl.tracking import in_multirun
 
 register_configs()
 
@@ -26,13 +27,6 @@ def with_sweeps_dir(argv: list[str]) -> list[str]:
     return argv if given or not SWEEPS_DIR.is_dir() else [*argv, "--config-dir", str(SWEEPS_DIR)]
 
 
-def _multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | str:
     from dpl.app import job_dir, run
@@ -43,6 +37,7 @@ def main(cfg: DictConfig) -> float | str:
     try:
         result = run(cfg)
     except user_errors() as e:
+        remove_refused_job_dir(job_dir())
         msg = e.args[0] if e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
@@ -55,7 +50,7 @@ def main(cfg: DictConfig) -> float | str:
               file=sys.stderr)
         sys.exit(EXIT_STATUS.get(name, 130))
     if result.get("diverged"):
-        if not _multirun():  # a sweep goes on: its other jobs are still worth running
+        if not in_multirun():  # a sweep goes on: its other jobs are still worth running
             print(f"error: diverged: {result.get('error')} (the run is marked FAILED)", file=sys.stderr)
             sys.exit(1)
         # Not a number, so Optuna's sweeper records a FAIL trial ("Return value must be
@@ -82,35 +77,102 @@ def _into_job_dir(argv: list[str]) -> list[str]:
     return [*argv, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null"]
 
 
-def _check_cwd(argv: list[str]) -> None:
-    """Hydra writes ``outputs/`` under the current directory: fail in one line if it cannot."""
-    if any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=", "--help", "-h", "--cfg", "-c", "--info"))
-           for a in argv):
+def check_output_dirs(argv: list[str]) -> None:
+    """Hydra creates the job dir (``outputs/`` under the current directory, or ``hydra.run.dir``;
+    ``multirun/`` or ``hydra.sweep.dir`` for ``-m``) before dpl runs, and fails on an unwritable
+    one with a traceback: try each where it would be made, in one line, creating nothing."""
+    if any(a.startswith(("--help", "-h", "--cfg", "-c", "--info", "--hydra-help")) for a in argv):
         return
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith(key + "=")]
+    if given and "${" in given[-1]:  # an interpolation: Hydra resolves it, dpl cannot tell where yet
+        return
+    target = Path(given[-1]).expanduser() if given else Path.cwd()
+    base = target if target.is_absolute() else Path.cwd() / target
+    while not base.exists() and base != base.parent:  # the deepest folder that exists
+        base = base.parent
     import tempfile
 
     try:
-        with tempfile.TemporaryFile(dir=os.getcwd()):
+        if not base.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        with tempfile.TemporaryFile(dir=base):
             pass
     except OSError as e:
+        if given:
+            raise ConfigError(f"{key}={given[-1]!r} is invalid: cannot create it in {base} "
+                              f"({e.strerror})") from None
         raise ConfigError(f"the current directory {os.getcwd()} is not writable ({e.strerror}): run from "
-                          f"another directory or set hydra.run.dir=<dir>") from None
+                          f"another directory or set {key}=<dir>") from None
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """Hydra's flags (``-m``, ``--config-name x``) before the overrides: Hydra's argument parser
+    stops reading overrides at the first flag and rejects the rest (``dataset=synthetic -m K=1,2``)."""
+    from dpl.preflight import override_args
+
+    overrides = override_args(argv)
+    flags, rest = [], list(overrides)
+    for a in argv:
+        if rest and a == rest[0]:
+            rest.pop(0)
+        else:
+            flags.append(a)
+    return [*flags, *overrides]
+
+
+def remove_refused_job_dir(job: Path) -> None:
+    """A run refused before it trained leaves no trace: the job dir Hydra made for it (``.hydra/``
+    and ``dpl.log``, nothing else) is removed, with the empty folders above it up to the launch
+    dir (``outputs/<date>/``), and a sweep dir that holds only Hydra's ``multirun.yaml``. A dir
+    with anything else in it stays; in a job dir that resume or test_only wrote into, only an
+    empty ``dpl.log`` goes (Hydra opened it for the refused run)."""
+    from dpl.tracking import launch_dir
+
+    made = {".hydra", "dpl.log", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
+    try:
+        job = job.resolve()
+        log_file = job / "dpl.log"
+        if log_file.is_file() and log_file.stat().st_size == 0:  # opened for this run, nothing logged
+            log_file.unlink()
+        if not (job / ".hydra").is_dir():  # resume / test_only write into their job (hydra.output_subdir=null)
+            return
+        if not {str(p.relative_to(job)) for p in job.rglob("*")} <= made:
+            return
+        for name in sorted(made, reverse=True):  # files before their folder
+            p = job / name
+            p.rmdir() if p.is_dir() else p.unlink(missing_ok=True)
+        job.rmdir()
+        top, parent = launch_dir().resolve(), job.parent
+        if in_multirun() and {p.name for p in parent.iterdir()} <= {"multirun.yaml"}:
+            (parent / "multirun.yaml").unlink(missing_ok=True)
+        while parent != top and top in parent.parents and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    except OSError:  # cleaning up is a courtesy: the error line matters more
+        pass
 
 
 def cli() -> None:
+    import logging
+
     from dpl.interrupt import EXIT_STATUS, catch_sigterm, signal_name
 
     catch_sigterm()
+    # A log file that cannot be written (a full disk) must not print a traceback per record
+    # ("--- Logging error ---"): the run's own one-line error says what happened.
+    logging.raiseExceptions = False
     try:
         check_overrides(sys.argv[1:])
-        _check_cwd(sys.argv[1:])
+        check_output_dirs(sys.argv[1:])
         if TORCHRUN_ENV <= os.environ.keys():  # checked here so that plain runs do not import torch yet
             from dpl.engine.launch import agree_run_dir
 
             sys.argv[1:] = agree_run_dir(sys.argv[1:])
         else:
             sys.argv[1:] = _into_job_dir(sys.argv[1:])
-        sys.argv[1:] = with_sweeps_dir(sys.argv[1:])  # sweep configs by name, from any directory
+        sys.argv[1:] = with_sweeps_dir(flags_first(sys.argv[1:]))  # sweep configs by name, from any directory
         main()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,9 +26,9 @@ from dpl.methods import METHODS, build_method
 from dpl.models import build_model
 from dpl.plots import plot_history
 from dpl.sweep import parent_run_id
-from dpl.tracking import (CONFIG_HASH_TAG, RUN_NAME_TAG, append_result_row, check_tracking, check_writable_dir,
-                          check_writable_file, config_hash, end_run_if_running, find_finished_run,
-                          flatten_config, launch_dir, make_logger, run_name, source_tags)
+from dpl.tracking import (CONFIG_HASH_TAG, MULTIRUN_TAG, RUN_NAME_TAG, append_result_row, check_results_file,
+                          check_tracking, check_writable_dir, config_hash, end_run_if_running, find_finished_run,
+                          flatten_config, in_multirun, launch_dir, make_logger, run_name, source_tags)
 from dpl.train import Trainer
 
 log = logging.getLogger("dpl")
@@ -101,10 +101,12 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
     ckpt = None
     launcher = comm is None  # the process the command started (not a rank it spawned)
     if cfg.resume:
-        ckpt = checkpoint.load(resolve_path(cfg.resume))
-        out_dir = checkpoint.locate(resolve_path(cfg.resume)).parent
+        ckpt, out_dir = checkpoint.load_resumable(resolve_path(cfg.resume))
         cfg = _resumed_config(cfg, ckpt)
-        if launcher and finished(ckpt, cfg, out_dir):
+        if "state" not in ckpt:
+            log.warning("resume: %s was stopped before its first checkpoint was written; it starts over "
+                        "(the same MLflow run)", out_dir)
+        elif launcher and finished(ckpt, cfg, out_dir):
             state = ckpt["state"]
             print(f"resume: {out_dir} already finished ({state['epoch']} epochs, best_val_acc="
                   f"{state['best_val_acc']:.4f}); nothing to do (add epochs=<more> to train on)")
@@ -122,8 +124,8 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
         return launch(cfg, out_dir, run, on_failure=lambda status, reason: salvage(cfg, out_dir, status, reason))
     rank = 0 if comm is None else comm.rank
     trainer = build_trainer(cfg, pick_device(cfg.device) if comm is None else comm.device, rank, comm)
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt)
+    if ckpt is not None and "state" in ckpt:
+        load_training_state(trainer, ckpt, out_dir)
     recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None,
                         resume_uri=ckpt.get("tracking_uri") if ckpt else None, writer=rank == 0)
     recorder.attach(trainer)
@@ -151,6 +153,16 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
     return final
 
 
+def load_training_state(trainer: Trainer, ckpt: dict[str, Any], where: Path) -> None:
+    """``trainer.load_state_dict(ckpt)``; a checkpoint whose contents do not fit its own config
+    (edited, or from another dpl) is one line naming it, not a KeyError or a shape traceback."""
+    try:
+        trainer.load_state_dict(ckpt)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise checkpoint.CheckpointError(f"checkpoint {where} does not fit the run it describes "
+                                         f"({type(e).__name__}: {_first_line(e)[:200]})") from None
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:500]
 
@@ -158,7 +170,7 @@ def _first_line(e: BaseException) -> str:
 def check_destinations(cfg: DictConfig, out_dir: Path, resume_uri: Optional[str] = None) -> None:
     """Everything a run writes to, tried before any data is loaded: a run must not train for
     hours and then lose its results to a typo in ``results_csv`` or an unreachable server."""
-    check_writable_file("results_csv", str(cfg.results_csv), resolve_path(cfg.results_csv))
+    check_results_file("results_csv", str(cfg.results_csv), resolve_path(cfg.results_csv))
     check_writable_dir("hydra.run.dir", out_dir)  # the job dir: checkpoints, history, plots, result.csv
     check_tracking(cfg.logger, resume_uri)
 
@@ -182,14 +194,17 @@ def finished(ckpt: dict[str, Any], cfg: DictConfig, out_dir: Path) -> bool:
 
 
 def _finished_in_sweep(cfg: DictConfig) -> Optional[dict[str, Any]]:
-    """A re-run sweep: the metrics of this job's FINISHED run (same sweep tag and config), or None."""
-    if not cfg.sweep or cfg.logger.name != "mlflow":
+    """A re-run sweep: the metrics of this job's FINISHED run (same sweep tag, or both of a multirun
+    without one, and the same config), or None."""
+    if not (cfg.sweep or in_multirun()) or cfg.logger.name != "mlflow":
         return None
-    found = find_finished_run(cfg.logger, str(cfg.sweep), config_hash(cfg))
+    found = find_finished_run(cfg.logger, str(cfg.sweep) if cfg.sweep else None, config_hash(cfg))
     if found is None:
         return None
     metrics = dict(found.data.metrics)
-    print(f"sweep {cfg.sweep}: this job already finished as MLflow run {found.info.run_id}; skipped")
+    what = f"sweep {cfg.sweep}" if cfg.sweep else "multirun"
+    print(f"{what}: this job already finished as MLflow run {found.info.run_id}; skipped "
+          f"(name the sweep anew, sweep=<name>, to run it again)")
     return {**metrics, "skipped": True}
 
 
@@ -198,10 +213,10 @@ def salvage(cfg: DictConfig, out_dir: Path, status: str, reason: str) -> None:
     finished epoch (from the checkpoint, in case rank 0 died before writing them), and the
     MLflow run ended as ``status`` unless rank 0 ended it already."""
     try:
-        ckpt = checkpoint.load(out_dir / checkpoint.FILENAME)
+        ckpt, _ = checkpoint.load_resumable(out_dir)
     except checkpoint.CheckpointError:
-        return  # it never got as far as a checkpoint: nothing was recorded
-    rows = ckpt["state"]["history"]
+        return  # it never got as far as starting its run: nothing was recorded
+    rows = ckpt["state"]["history"] if "state" in ckpt else []
     if rows:
         write_csv(out_dir / "history.csv", rows)
         if cfg.logger.plots:
@@ -223,7 +238,7 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
         raise ConfigError(f"resume={cfg.resume} is invalid with {', '.join(differing)} changed: a resumed job "
                           f"keeps its config (allowed with resume: {', '.join(RESUME_KEYS[1:])}, epochs=<more>)")
     if "epochs" in overridden and cfg.epochs != saved.epochs:
-        done = int(ckpt["state"]["epoch"])
+        done = int(ckpt["state"]["epoch"]) if "state" in ckpt else 0
         if cfg.epochs < done:
             raise ConfigError(f"epochs={cfg.epochs} is invalid with resume: allowed >= {done} (the epochs done)")
         log.info("resume: training to epochs=%d (was %d); the lr schedule follows the new length",
@@ -281,7 +296,7 @@ def test_only(cfg: DictConfig) -> dict[str, Any]:
     saved.pretrained = None
     saved.engine.name = "simulated"  # a checkpoint holds every worker, stacked: one process evaluates it
     trainer = build_trainer(saved, pick_device(cfg.device))
-    trainer.load_state_dict(ckpt)
+    load_training_state(trainer, ckpt, checkpoint.locate(resolve_path(cfg.checkpoint or cfg.resume)))
     final = trainer.final_metrics()
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
     return final
@@ -305,9 +320,17 @@ class Recorder:
                 RUN_NAME_TAG: run_name(cfg, local_steps=METHODS[cfg.method.name].has_local_steps)}
         if cfg.sweep:
             tags["sweep"] = str(cfg.sweep)
+        elif in_multirun():
+            tags[MULTIRUN_TAG] = "true"
         if parent_run_id():  # a job of a sweep that opened an MLflow parent run (dpl.sweep)
             tags["mlflow.parentRunId"] = parent_run_id()
         self.run_id = self.logger.start(cfg, tags, resume_run_id=resume_run_id, resume_uri=resume_uri)
+        # What a checkpoint carries beside the training state; also written to run.json at once, so a
+        # job killed before its first checkpoint was complete can be resumed (it starts over).
+        self.extras = {"config": OmegaConf.to_container(self.cfg, resolve=True), "run_id": self.run_id,
+                       "tracking_uri": self.logger.tracking_uri, "launch_dir": str(launch_dir())}
+        if writer:
+            checkpoint.save_run_file(self.extras, out_dir)
         self.bar = self.step_bar = self._redirect = None
 
     def attach(self, trainer: Trainer) -> None:
@@ -359,9 +382,7 @@ class Recorder:
             self.save(trainer)
 
     def save(self, trainer: Trainer) -> None:
-        trainer.save_checkpoint(self.ckpt_path, {"config": OmegaConf.to_container(self.cfg, resolve=True),
-                                                 "run_id": self.run_id, "tracking_uri": self.logger.tracking_uri,
-                                                 "launch_dir": str(launch_dir())})
+        trainer.save_checkpoint(self.ckpt_path, self.extras)
 
     def finish(self, trainer: Trainer, final: dict[str, Any]) -> None:
         self._close_bar()
@@ -384,11 +405,18 @@ class Recorder:
                  final["test_acc"], final["test_acc_best"], final["best_val_acc"])
 
     def fail(self, trainer: Trainer, reason: str, status: str = "FAILED") -> None:
+        """Record what there is and end the run ``status``. Each step may fail in turn (a full disk
+        fails the history too, and a store on that disk): a warning each, then the run's own error."""
         self._close_bar()
         try:
             self._artifacts(trainer)
-        finally:
+        except OSError as e:
+            log.warning("could not write the history and plots in %s: %s", self.out_dir, e.strerror or e)
+        try:
             self.logger.finish(status, reason=reason)
+        except Exception as e:  # noqa: BLE001 - the store's own error (sqlite: "database or disk is full")
+            log.warning("could not end MLflow run %s %s (%s); dpl.report ends it KILLED once this process "
+                        "is gone", self.run_id, status, _first_line(e)[:200])
 
     def _artifacts(self, trainer: Trainer) -> None:
         rows = trainer.state.history if self.writer else []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -24,17 +24,27 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: allowed {allowed}")
 
 
+# Numbers become float32 tensors (lr tables, coefficients): beyond this they overflow there.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _finite(value: Any) -> bool:
     # inf passes every ">= low" test, and an inf lr or coefficient trains nothing but NaNs
-    return value is not None and math.isfinite(value)
+    return isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+def _bounds(allowed: str, value: Any) -> str:
+    """``allowed``, plus the float32 bound when that is what ``value`` broke (``lr=1e300``)."""
+    big = isinstance(value, (int, float)) and math.isfinite(value) and abs(value) > FLOAT32_MAX
+    return f"{allowed} and at most {FLOAT32_MAX:.4g} (float32)" if big else allowed
 
 
 def _at_least(key: str, value: Any, low: float, kind: str = "a number") -> None:
-    _check(_finite(value) and value >= low, key, value, f"{kind} >= {low}")
+    _check(_finite(value) and value >= low, key, value, _bounds(f"{kind} >= {low}", value))
 
 
 def _positive(key: str, value: Any) -> None:
-    _check(_finite(value) and value > 0, key, value, "a number > 0")
+    _check(_finite(value) and value > 0, key, value, _bounds("a number > 0", value))
 
 
 def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -90,7 +100,9 @@ class SyntheticDatasetConfig(DatasetBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("num_train", "num_test", "channels", "image_size"):
+        # two training images at least: the validation split takes one of them
+        _at_least("dataset.num_train", self.num_train, 2, "an integer")
+        for key in ("num_test", "channels", "image_size"):
             _at_least(f"dataset.{key}", getattr(self, key), 1, "an integer")
         _at_least("dataset.num_classes", self.num_classes, 2, "an integer")
         _at_least("dataset.noise", self.noise, 0.0)
@@ -125,9 +137,11 @@ def _momentum(value: float) -> None:
     _check(0.0 <= value < 1.0, "optimizer.momentum", value, "0 <= x < 1")
 
 
-def _betas(value: list[float]) -> None:
-    _check(len(value) == 2 and all(0.0 <= b < 1.0 for b in value), "optimizer.betas", list(value),
-           "two numbers in [0, 1)")
+def _betas(value: Any) -> None:
+    pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+    ok = pair and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)
+    shown = list(value) if pair or (isinstance(value, Sequence) and not isinstance(value, str)) else value
+    _check(ok, "optimizer.betas", shown, "two numbers in [0, 1), e.g. [0.9,0.999]")
 
 
 @dataclass

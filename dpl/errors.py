@@ -25,6 +25,10 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be opened or reached; the one-line message names it."""
 
 
+class WriteError(RuntimeError):
+    """A file the run writes could not be written (a full disk, a read-only mount); one line naming it."""
+
+
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -35,4 +39,4 @@ class RankFailure(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported in one line, exit status 2."""
-    return ConfigError, CheckpointError, DatasetUnavailable, TrackingError
+    return ConfigError, CheckpointError, DatasetUnavailable, TrackingError, WriteError

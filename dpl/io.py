@@ -39,7 +39,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_temp_path(path: str | os.PathLike) -> "_TempPath":
-    """For writers that want a filename (matplotlib, torch.save): ``with atomic_temp_path(p) as tmp``."""
+    """For writers that want a filename (matplotlib): ``with atomic_temp_path(p) as tmp``."""
     return _TempPath(Path(path))
 
 

@@ -26,8 +26,9 @@ class LeNet5(nn.Module):
             nn.Conv2d(64, 64, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2),
         )
         side = ((image_size - 4) // 2 - 4) // 2
-        if side < 1:
-            raise ValueError(f"LeNet5 needs images of at least 12x12 pixels, got {image_size}x{image_size}")
+        if side < 1:  # each 5x5 conv takes 4 pixels, each pool halves: 16 -> 12 -> 6 -> 2 -> 1
+            raise ValueError(f"allowed at least 16 for LeNet5 (images of {image_size}x{image_size} pixels "
+                             f"vanish in its two conv+pool stages)")
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(64 * side * side, 384), nn.ReLU(),
@@ -85,7 +86,7 @@ class ResNet20(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, n: int = 3) -> None:
         super().__init__()
         if image_size < 4:
-            raise ValueError(f"ResNet20 needs images of at least 4x4 pixels, got {image_size}x{image_size}")
+            raise ValueError(f"allowed at least 4 for ResNet20 (its two stride-2 stages need 4x4 pixels)")
         self.conv = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(16)
         blocks, planes = [], 16

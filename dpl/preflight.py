@@ -11,11 +11,13 @@ checks across groups.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import itertools
 import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from omegaconf import DictConfig
 
@@ -52,8 +54,12 @@ def check_key(key: str, adding: bool = False) -> None:
     ``+network.bandwdith_gbps=1`` as a new key and train with the default bandwidth."""
     if key in GROUPS or key.split(".", 1)[0] == "hydra":
         return
+    if not key:
+        raise ConfigError("an override needs a key: key=value (e.g. K=4)")
     keys = config_keys()
     if key in keys:
+        if adding:  # Hydra: "Could not append to config. An item is already at 'K'" and a traceback
+            raise ConfigError(f"+{key} is invalid: {key} is already a dpl config key (set it with {key}=...)")
         return
     near = difflib.get_close_matches(key, keys + list(GROUPS), n=1, cutoff=0.6)
     hint = f"did you mean {near[0]}?" if near else "see `python -m dpl --cfg job` for all keys"
@@ -93,12 +99,6 @@ def chosen_options(overrides: list, args: list[str], conf_dir: Path = CONF_DIR) 
     """The options Hydra will choose for every group, once per combination of the group choices on the
     command line (``optimizer=sgdm,lars`` gives two); an experiment or method may choose others
     (``method=diloco`` brings ``optimizer=adamw``), so ask Hydra: it composes the defaults lists only."""
-    import itertools
-
-    from hydra import compose, initialize_config_dir
-
-    from dpl.config import register_configs
-
     choice_lists, ablations = [], [None]
     for o in overrides:
         if o.key_or_group in GROUPS and not o.package and not o.is_delete():
@@ -109,18 +109,11 @@ def chosen_options(overrides: list, args: list[str], conf_dir: Path = CONF_DIR) 
                 ablations = values
                 continue
             choice_lists.append([f"{o.key_or_group}={v}" for v in values])
-    name = _flag(args, ("--config-name", "-cn")) or "config"
-    # Hydra finds the primary config only in the primary dir (not in hydra.searchpath): a sweep's is
-    # in sweeps/ (or the user's --config-dir), and its `- config` default is found through the search path
-    dirs = [d for d in (_flag(args, ("--config-dir", "-cd")), str(SWEEPS_DIR)) if d]
-    primary = next((Path(d) for d in dirs if (Path(d) / f"{name}.yaml").is_file()), conf_dir)
-    search = f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in (conf_dir, *dirs))}]"
-    register_configs()
     found = []
-    with initialize_config_dir(config_dir=str(primary.resolve()), version_base="1.3"):
+    with composer(args, conf_dir) as compose:
         for combo in itertools.islice(itertools.product(*choice_lists), 64):
             try:
-                cfg = compose(name, overrides=[*combo, search], return_hydra_config=True)
+                cfg = compose(list(combo))
             except Exception:  # a broken config: the run reports Hydra's own error
                 continue
             choices = dict(cfg.hydra.runtime.choices)
@@ -148,19 +141,28 @@ def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
 def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
     """Raise ConfigError for the first override whose key or value is invalid."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
 
     args = list(args)
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as e:  # Hydra's grammar errors
-        raise ConfigError(str(e).splitlines()[0]) from None
+    parser = OverridesParser.create()
+    parsed = []
+    for text in override_args(args):
+        try:
+            parsed += parser.parse_overrides([text])
+        except Exception as e:  # Hydra's grammar errors, several lines each
+            raise ConfigError(f"{text} is not a valid override: {str(e).strip().splitlines()[0]}") from None
     specific = []
     for o in parsed:
         key = o.key_or_group
-        if key.startswith("hydra") or o.is_delete() or o.package:
+        if key.startswith("hydra") or o.package:
+            continue
+        if o.is_delete():
+            if key not in GROUPS:  # a key of the typed schema: Hydra fails with a traceback
+                raise ConfigError(f"~{key} is invalid: dpl config keys cannot be deleted (set a value, {key}=...)")
             continue
         check_key(key, o.is_add())
+        if o.is_sweep_override() and not isinstance(o.value(), Glob) and not list(_values(o)):
+            raise ConfigError(f"{o.input_line} is invalid: the sweep has no values")
         group, _, name = key.partition(".")
         if name == "name" and group in SCHEMAS:  # would keep the old option's keys and schema
             raise ConfigError(f"{key} cannot be set: choose the option with {group}=<option> "
@@ -176,12 +178,106 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
             continue
         for v in values:
             check_value(key, v, o.is_add())
+    check_hydra_overrides(parsed, args, conf_dir)
     ablating = any(o.key_or_group == "ablation" for o in parsed)
     if specific or ablating:  # a key only some options have: it must be one of the chosen option's
         for choices in chosen_options(parsed, args, conf_dir):
             for key in specific:
                 check_applies(key, choices)
             check_ablation(choices)
+
+
+# Hydra's flags that take a value (``--config-name optuna_lr``); the value is not an override.
+VALUE_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
+               "--package", "-p", "--experimental-rerun")
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def override_args(args: list[str]) -> list[str]:
+    """The overrides of a command line: every argument that is neither a flag nor a flag's value."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a in VALUE_FLAGS or (a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in INFO_TOPICS):
+            i += 2
+            continue
+        if not a.startswith("-"):
+            out.append(a)
+        i += 1
+    return out
+
+
+def check_hydra_overrides(parsed: list, args: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """The primary config exists; an interval sweep has a sweeper that samples it; the Optuna
+    sweeper's own keys hold values it accepts (Hydra and Optuna report them in tracebacks)."""
+    name = _flag(args, ("--config-name", "-cn"))
+    if name is not None and _flag(args, ("--config-path", "-cp")) is None:  # a --config-path: Hydra's to find
+        dirs = [d for d in (_flag(args, ("--config-dir", "-cd")), str(SWEEPS_DIR), str(conf_dir)) if d]
+        if not any((Path(d) / f"{name.removesuffix('.yaml')}.yaml").is_file() for d in dirs):
+            known = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+            raise ConfigError(f"--config-name {name} is invalid: allowed config, or a sweep of sweeps/ "
+                              f"({', '.join(known)}), or a YAML of your --config-dir")
+    from hydra.core.override_parser.types import IntervalSweep
+
+    hydra_groups = [o.input_line for o in parsed if o.key_or_group.startswith("hydra/")]
+    if hydra_groups:
+        try:
+            with composer(args, conf_dir) as compose:
+                compose(hydra_groups)
+        except Exception as e:  # Hydra's "Could not find ..." and its list of options, over several lines
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            at = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
+            listed = [] if at is None else list(itertools.takewhile(lambda line: not line.endswith(":"),
+                                                                    lines[at + 1:]))
+            options = f": allowed one of {', '.join(listed)}" if listed else ""
+            raise ConfigError(f"{' '.join(hydra_groups)} is invalid: {lines[0] if lines else type(e).__name__}"
+                              f"{options}") from None
+    interval = next((o for o in parsed if o.is_sweep_override() and isinstance(o.value(), IntervalSweep)), None)
+    sweeper_keys = [o for o in parsed if o.key_or_group.startswith("hydra.sweeper.")]
+    if interval is None and not sweeper_keys:
+        return
+    sweeper = sweeper_config(parsed, args, conf_dir)
+    optuna = "optuna" in str(sweeper.get("_target_", "")).lower()
+    if interval is not None and not optuna:
+        raise ConfigError(f"{interval.input_line} is invalid with Hydra's basic sweeper, which needs values to "
+                          f"list: sample it with hydra/sweeper=optuna (or --config-name optuna_lr), or list "
+                          f"values ({interval.key_or_group}=0.1,0.3,1)")
+    for o in sweeper_keys:
+        key = o.key_or_group[len("hydra.sweeper."):]
+        if key.split(".")[0] not in sweeper:
+            allowed = ", ".join(str(k) for k in sweeper.keys() if k != "_target_")
+            raise ConfigError(f"{o.key_or_group} is not a key of this sweeper ({sweeper.get('_target_', 'basic')}): "
+                              f"allowed {allowed}")
+        value = o.value()
+        if key == "direction" and value not in ("minimize", "maximize"):
+            raise ConfigError(f"{o.input_line} is invalid: allowed minimize or maximize")
+        if key in ("n_trials", "n_jobs") and not (isinstance(value, int) and not isinstance(value, bool)
+                                                   and value >= 1):
+            raise ConfigError(f"{o.input_line} is invalid: allowed an integer >= 1")
+
+
+def sweeper_config(parsed: list, args: list[str], conf_dir: Path = CONF_DIR) -> DictConfig:
+    """``hydra.sweeper`` as Hydra composes it for this command line (its config name and sweeper choice)."""
+    with composer(args, conf_dir) as compose:
+        return compose([o.input_line for o in parsed if o.key_or_group == "hydra/sweeper"]).hydra.sweeper
+
+
+@contextlib.contextmanager
+def composer(args: list[str], conf_dir: Path = CONF_DIR) -> Iterator[Callable[[list[str]], DictConfig]]:
+    """``compose(overrides)`` of the command line's primary config, Hydra's own config included."""
+    from hydra import compose, initialize_config_dir
+
+    from dpl.config import register_configs
+
+    name = _flag(args, ("--config-name", "-cn")) or "config"
+    # Hydra finds the primary config only in the primary dir (not in hydra.searchpath): a sweep's is
+    # in sweeps/ (or the user's --config-dir), and its `- config` default is found through the search path
+    dirs = [d for d in (_flag(args, ("--config-dir", "-cd")), str(SWEEPS_DIR)) if d]
+    primary = next((Path(d) for d in dirs if (Path(d) / f"{name}.yaml").is_file()), conf_dir)
+    search = f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in (conf_dir, *dirs))}]"
+    register_configs()
+    with initialize_config_dir(config_dir=str(primary.resolve()), version_base="1.3"):
+        yield lambda overrides: compose(name, overrides=[*overrides, search], return_hydra_config=True)
 
 
 def _values(o) -> Iterable[Any]:
@@ -231,6 +327,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return None
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
     if typing.get_origin(typ) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is invalid: allowed a list, e.g. {key}=[0.9,0.999]")
         return value
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -300,6 +398,14 @@ def check_compression(cfg: DictConfig) -> None:
                           f"gradients: allowed compression=none, or method={local}")
 
 
+def check_checkpoint_use(cfg: DictConfig) -> None:
+    """``checkpoint=`` is what ``test_only=true`` evaluates; alone it would be ignored, and a fresh
+    model trained where the user meant to continue or start from one."""
+    if cfg.checkpoint and not cfg.test_only:
+        raise ConfigError(f"checkpoint={cfg.checkpoint!r} is only read with test_only=true: to continue its "
+                          f"training use resume=<job dir>, to start from its weights pretrained=<file>")
+
+
 def validate(cfg: DictConfig) -> Config:
     """The whole composed config: every value against its schema, every group's name against its
     registry, and the checks across groups; raise ConfigError in one line."""
@@ -308,4 +414,5 @@ def validate(cfg: DictConfig) -> Config:
     obj = to_schema(cfg)
     check_dynamic_h(cfg)
     check_compression(cfg)
+    check_checkpoint_use(cfg)
     return obj

@@ -42,7 +42,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, save_figure, short_number
 from dpl.sweep import PARENT_TAG
-from dpl.tracking import tag_filter
+from dpl.tracking import INTERRUPTED_TAG, end_if_dead, process_gone, tag_filter
 
 # Column -> MLflow param; always grouped by when the runs carry the param.
 BASE_COLUMNS = {"dataset": "dataset.name", "method": "method.name", "K": "K", "H": "H", "dynamic_h": "dynamic_h.name",
@@ -114,29 +114,16 @@ def _record(client, run, history_keys: Sequence[str]) -> RunRecord:
         for key in history_keys:
             points = client.get_metric_history(run.info.run_id, key)
             history[key] = sorted((int(m.step), float(m.value)) for m in points)
-    status = INTERRUPTED if run.info.status == "RUNNING" and _process_gone(run.data.tags) else run.info.status
+    # A RUNNING run whose process is gone is ended KILLED in the store here (it would stay RUNNING
+    # for good); one a report ended before still reads as interrupted, not as a failure of its config.
+    dead = run.info.status == "RUNNING" and process_gone(run.data.tags)
+    if dead:
+        end_if_dead(client, run)
+    interrupted = dead or run.info.status == "KILLED" and run.data.tags.get(INTERRUPTED_TAG) == "true"
+    status = INTERRUPTED if interrupted else run.info.status
     return RunRecord(run_id=run.info.run_id, status=status, params=dict(run.data.params),
                      metrics=dict(run.data.metrics), reason=run.data.tags.get("failure_reason", ""),
                      history=history)
-
-
-def _process_gone(tags: Mapping[str, str]) -> bool:
-    """The run's process (tags dpl.host / dpl.pid, set when it started) is not alive on this host.
-    A run from another host cannot be checked from here and stays RUNNING."""
-    import os
-    import socket
-
-    from dpl.tracking import HOST_TAG, PID_TAG
-
-    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
-        return False
-    try:
-        os.kill(int(tags[PID_TAG]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
 
 
 # ----------------------------------------------------------------------------- grouping

@@ -72,7 +72,12 @@ class MlflowParentRun(Callback):
         tags = {PARENT_TAG: name, "sweep_dir": str(_sweep_dir(config)), **source_tags(),
                 "sweeper": str(config.hydra.sweeper.get("_target_", "")),
                 "sweep_params": _sweep_params(config)}
-        run_id = self.logger.start(base, tags)  # the sweep's base config as the parent's params
+        earlier = _unfinished_parent(config, name, tags["sweep_params"])
+        # the sweep's base config as the parent's params; a re-run of a sweep that was stopped goes on
+        # in its parent run, so the parent ends (FINISHED) when the re-run completes the sweep
+        run_id = self.logger.start(base, tags, resume_run_id=earlier)
+        if earlier:
+            log.info("sweep %s: continuing the parent run %s of the stopped sweep", name, earlier)
         os.environ[PARENT_RUN_ENV] = run_id
         atexit.register(self._interrupted)  # Hydra skips on_multirun_end when a job's Ctrl-C ends the sweep
         log.info("sweep %s: MLflow parent run %s", name, run_id)
@@ -118,6 +123,33 @@ class MlflowParentRun(Callback):
         if best:
             summary["best_val_acc"] = max(best)
         return summary
+
+
+def _unfinished_parent(config: DictConfig, name: str, params: str) -> Optional[str]:
+    """The parent run of an earlier, stopped run of this sweep (same name and swept values, not
+    FINISHED), or None. Its children that a kill left RUNNING with their process gone are ended
+    KILLED here: the re-run runs those jobs again."""
+    from dpl.tracking import end_if_dead, mlflow_client, tag_filter
+
+    client = mlflow_client(config.logger.tracking_uri)
+    experiment = client.get_experiment_by_name(str(config.logger.experiment))
+    query = tag_filter(PARENT_TAG, name)
+    if experiment is None or query is None:
+        return None
+    parents = [r for r in client.search_runs([experiment.experiment_id], filter_string=query,
+                                             order_by=["attributes.start_time DESC"], max_results=20)
+               if r.data.tags.get("sweep_params") == params and r.data.tags.get(PARENT_TAG) == name]
+    if not parents or parents[0].info.status == "FINISHED":
+        return None
+    parent = parents[0]
+    if parent.info.status == "RUNNING" and not end_if_dead(client, parent):
+        return None  # alive: another process is running this sweep now
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                "and attributes.status = 'RUNNING'", max_results=50_000)
+    for child in children:
+        end_if_dead(client, child)
+    return parent.info.run_id
 
 
 def plain_optuna_logs() -> None:

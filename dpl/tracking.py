@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +38,8 @@ log = logging.getLogger("dpl")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 RUN_NAME_TAG = "mlflow.runName"  # MLflow's own tag for the run name
 HOST_TAG, PID_TAG = "dpl.host", "dpl.pid"  # where a run's process lives: dpl.report tells a dead RUNNING run
+MULTIRUN_TAG = "dpl.multirun"  # a job of a multirun without a sweep name: a re-run skips what finished
+INTERRUPTED_TAG = "dpl.interrupted"  # set on a run ended KILLED because its process had died (end_if_dead)
 CONFIG_HASH_TAG = "dpl.config_hash"  # the resolved config's digest: a re-run sweep skips what finished
 RESUMED_FROM_TAG = "resumed_from"
 PROBE_TIMEOUT_S = 5  # a remote tracking server gets this long to answer before training starts
@@ -189,15 +192,22 @@ def run_name(cfg: DictConfig, local_steps: bool = True) -> str | None:
     return name
 
 
-def _job_num() -> int | None:
-    """The Hydra job number inside a multirun, else None."""
+def in_multirun() -> bool:
+    """This job is one of a Hydra multirun (``-m``, or a sweep config)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_num() -> int | None:
+    """The Hydra job number inside a multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not in_multirun():
         return None
     hc = HydraConfig.get()
-    return int(hc.job.num) if hc.mode == RunMode.MULTIRUN and hc.job.get("num") is not None else None
+    return int(hc.job.num) if hc.job.get("num") is not None else None
 
 
 def _git(where: Path, *args: str) -> str | None:
@@ -232,6 +242,24 @@ class NullLogger:
         pass
 
 
+def _store_write(method):
+    """A store that fails mid-run (a schema damaged by hand, a full disk, a server gone) raises
+    :class:`TrackingError` in one line naming it: MLflow's own errors are SQLAlchemy or HTTP
+    exceptions over dozens of lines (and it logs them once more)."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (TrackingError, ValueError):  # ours, or a bad status: already one line
+            raise
+        except Exception as e:  # noqa: BLE001 - sqlalchemy, alembic, requests, MlflowException
+            raise TrackingError(f"logger.tracking_uri={self.tracking_uri!r} cannot be written: "
+                                f"{_first_line(e)}") from None
+
+    return wrapped
+
+
 class MlflowLogger:
     """One MLflow run per job, written through ``MlflowClient``.
 
@@ -245,6 +273,7 @@ class MlflowLogger:
         self.tracking_uri: str | None = None
         self._client = None
 
+    @_store_write
     def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None,
               resume_uri: str | None = None) -> str:
         """Open the run (a new one, or ``resume_run_id`` in the store at ``resume_uri``, where the
@@ -261,6 +290,7 @@ class MlflowLogger:
         if resumed:
             self._client.update_run(resume_run_id, status="RUNNING")  # as mlflow.start_run(run_id=...)
             self.run_id = resume_run_id
+            _delete_tag(self._client, resume_run_id, INTERRUPTED_TAG)  # alive again
         else:
             experiment_id = _experiment_id(self._client, self.cfg.experiment, uri)
             name = self.cfg.run_name or suggested or run_name(cfg)
@@ -276,6 +306,7 @@ class MlflowLogger:
         self._set_tags(tags)
         return self.run_id
 
+    @_store_write
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -283,12 +314,14 @@ class MlflowLogger:
         batch = [Metric(k, v, now, int(step)) for k, v in _as_floats(metrics).items()]
         self._client.log_batch(self.run_id, metrics=batch)
 
+    @_store_write
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():
             self._client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_store_write
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         if status not in RUN_STATUSES:
             raise ValueError(f"status={status!r} is invalid: allowed {', '.join(RUN_STATUSES)}")
@@ -356,9 +389,8 @@ def open_store(uri: str, timeout_s: float | None = None):
             if attempt < 4 and ("already exists" in text or "database is locked" in text):
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            first = (text.strip().splitlines() or [type(e).__name__])[0][:200]
             what = "cannot be opened" if db is not None else "is unreachable"
-            raise TrackingError(f"logger.tracking_uri={uri!r} {what}: {first}") from None
+            raise TrackingError(f"logger.tracking_uri={uri!r} {what}: {_first_line(e)}") from None
     raise AssertionError("unreachable")
 
 
@@ -390,10 +422,16 @@ def _file_lock(db: Path | None):
         yield
         return
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
+    path = db.with_name(db.name + ".lock")
+    made = not path.exists()
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
+        except BaseException:
+            if made:  # a store that did not open leaves no lock file of this process's making
+                path.unlink(missing_ok=True)
+            raise
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -451,8 +489,60 @@ def tag_filter(key: str, value: str) -> str | None:
     return None
 
 
-def find_finished_run(cfg_logger: Any, sweep: str, digest: str) -> Any:
-    """The FINISHED run of sweep ``sweep`` with config digest ``digest``, or None."""
+def process_gone(tags: Mapping[str, str]) -> bool:
+    """The run's process (tags dpl.host / dpl.pid, set when it started) is not alive on this host.
+    A run from another host cannot be checked from here and counts as alive."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return False
+    try:
+        os.kill(int(tags[PID_TAG]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def end_if_dead(client, run) -> bool:
+    """End KILLED a RUNNING ``run`` whose process is gone (SIGKILL, power loss, a full disk: nothing
+    could end it), tagged :data:`INTERRUPTED_TAG` so a report tells it from a Ctrl-C; True if ended.
+
+    Called by ``dpl.report`` and by a re-run sweep on the runs they read; ``resume=`` of the job
+    sets the run RUNNING again and removes the tag. A store that cannot be written is left as it is."""
+    if run.info.status != "RUNNING" or not process_gone(run.data.tags):
+        return False
+    reason = (f"interrupted: its process (pid {run.data.tags.get(PID_TAG)} on {run.data.tags.get(HOST_TAG)}) "
+              "ended without ending the run (SIGKILL, power loss or a full disk); resume=<job dir> continues it")
+    try:
+        client.set_tag(run.info.run_id, "failure_reason", reason)
+        client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")
+        client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as e:  # a read-only or full store: the caller still knows it is not running
+        log.warning("could not mark MLflow run %s KILLED: %s", run.info.run_id, _first_line(e))
+        return False
+    return True
+
+
+def _delete_tag(client, run_id: str, key: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_tag(run_id, key)
+    except MlflowException:  # not set
+        pass
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of an error that says what went wrong: SQLAlchemy's may open with advice
+    ("(raised as a result of Query-invoked autoflush ...") before "(sqlite3.OperationalError) ..."."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    cause = next((line for line in lines if re.match(r"\(\w+(\.\w+)*(Error|Exception)\)", line)), lines[0])
+    return cause[:200]
+
+
+def find_finished_run(cfg_logger: Any, sweep: str | None, digest: str) -> Any:
+    """The FINISHED run with config digest ``digest`` of sweep ``sweep`` (``None``: of a multirun
+    without a sweep name, tag :data:`MULTIRUN_TAG`), or None."""
     uri = resolve_tracking_uri(cfg_logger.tracking_uri, launch_dir())
     if not _store_exists(uri):
         return None
@@ -460,9 +550,12 @@ def find_finished_run(cfg_logger: Any, sweep: str, digest: str) -> Any:
     experiment = client.get_experiment_by_name(cfg_logger.experiment)
     if experiment is None:
         return None
-    query = (f"tags.sweep = '{sweep}' and tags.`{CONFIG_HASH_TAG}` = '{digest}' "
-             "and attributes.status = 'FINISHED'")
-    runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=1)
+    group = f"tags.`{MULTIRUN_TAG}` = 'true'" if sweep is None else tag_filter("sweep", sweep)
+    query = " and ".join(q for q in (group, f"tags.`{CONFIG_HASH_TAG}` = '{digest}'",
+                                     "attributes.status = 'FINISHED'") if q)
+    runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=1000)
+    # a sweep name with both quotes has no filter (tag_filter): matched here
+    runs = [r for r in runs if sweep is None or r.data.tags.get("sweep") == sweep]
     return runs[0] if runs else None
 
 
@@ -474,6 +567,14 @@ def check_tracking(cfg_logger: Any, resume_uri: str | None = None) -> None:
     uri = resolve_tracking_uri(cfg_logger.tracking_uri, launch_dir())
     if resume_uri and _store_exists(resume_uri):
         uri = resume_uri
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        # A new store is made when the run starts (after the data loaded): a run refused before
+        # then leaves no empty mlflow.db behind. Here: it can be made.
+        check_writable_file("logger.tracking_uri", uri, db)
+        return
+    if db is not None and not db.is_file():
+        raise TrackingError(f"logger.tracking_uri={uri!r} cannot be opened: {db} is not a file")
     open_store(uri, timeout_s=PROBE_TIMEOUT_S)
 
 
@@ -485,6 +586,9 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # It logs each database error (and each retry of an engine it cannot create) over many lines,
+    # then raises it; dpl reports the raised error in one line (open_store, _store_write).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -589,6 +693,7 @@ def check_writable_file(key: str, value: str, path: Path) -> None:
     """``path`` can be written the way :func:`append_result_row` writes it, or a one-line ConfigError.
 
     Tried, not inferred from permission bits: root ignores them, a read-only mount does not.
+    Nothing is created: a folder that does not exist yet is tried at its deepest existing parent.
     """
 
     def bad(why: str) -> ConfigError:
@@ -598,14 +703,38 @@ def check_writable_file(key: str, value: str, path: Path) -> None:
         raise bad("allowed a file path")
     if path.is_dir():
         raise bad(f"{path} is a directory (allowed a file path)")
+    if path.suffix == ".lock":
+        raise bad("a .lock file is where dpl serialises its writers: allowed another file name")
+    base = path.parent
+    while not base.exists() and base != base.parent:  # made when first written: tried where it would be
+        base = base.parent
+    lock = path.with_name(path.name + ".lock")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        if not base.is_dir():
+            raise NotADirectoryError(20, f"{base} is not a directory")
+        with tempfile.TemporaryFile(dir=base):  # creates nothing that stays: a refused run leaves no trace
             pass
-        with open(path.with_name(path.name + ".lock"), "a"):
-            pass
+        if lock.exists():
+            with open(lock, "a"):
+                pass
     except OSError as e:
         raise bad(f"cannot write in {path.parent} ({e.strerror or type(e).__name__})") from None
+
+
+def check_results_file(key: str, value: str, path: Path, marker: str = "job_dir") -> None:
+    """An existing results file must be one dpl wrote (its header has ``marker``, a column of every
+    row): appended to, any other CSV or text file would get its first line taken as the header."""
+    check_writable_file(key, value, path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{key}={value!r} is invalid: {path} cannot be read ({type(e).__name__})") from None
+    if marker not in header:
+        raise ConfigError(f"{key}={value!r} is invalid: {path} is not a dpl results file (its header has no "
+                          f"{marker} column); give a new file name")
 
 
 def check_writable_dir(key: str, path: Path) -> None:

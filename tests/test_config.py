@@ -68,7 +68,12 @@ def test_preflight_rejects_in_one_line(override, needle):
 
 def test_preflight_accepts_sweeps_and_valid_values():
     check_overrides(["K=2,4,8", "H=4,16,64", "lr=1e-3", "method=localsgd,slowmo", "optimizer.betas=[0.9,0.99]",
-                     "dynamic_h=glob(*)", "lr=tag(log,interval(1e-4,1))"])
+                     "dynamic_h=glob(*)"])
+    # an interval is sampled by the Optuna sweeper; Hydra's basic sweeper cannot list it
+    check_overrides(["--config-name", "optuna_lr", "lr=tag(log,interval(1e-4,1))", "hydra.sweeper.n_trials=4"])
+    check_overrides(["hydra/sweeper=optuna", "lr=interval(1e-4,1)", "hydra.sweeper.direction=maximize"])
+    with pytest.raises(ConfigError, match=r"^lr=interval\(1e-4,1\) is invalid with Hydra's basic sweeper"):
+        check_overrides(["-m", "lr=interval(1e-4,1)"])
 
 
 def test_validate_checks_composed_values():

@@ -211,6 +211,79 @@ def test_report_shows_a_sigkilled_run_as_interrupted_and_does_not_count_it(tmp_p
     assert r.info.status == "FINISHED"
 
 
+def _killed_during_first_checkpoint(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m dpl`` SIGKILLed half-way through writing its first checkpoint (a real kill, timed
+    by replacing ``dpl.checkpoint.save`` with one that kills its own process mid-write)."""
+    code = (
+        "import os, signal, sys\n"
+        "import dpl.checkpoint as c, dpl.io\n"
+        "def dying_save(state, path):\n"
+        "    with dpl.io.atomic_open(path, 'wb') as f:\n"
+        "        f.write(b'half a checkpoint')\n"
+        "        f.flush()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "c.save = dying_save\n"
+        f"sys.argv = ['dpl', *{list(args)!r}]\n"
+        "import runpy\n"
+        "runpy.run_module('dpl', run_name='__main__', alter_sys=True)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_kill_during_the_first_checkpoint_is_never_running_for_good_and_resumes(tmp_path):
+    from dpl.report import fetch_runs
+
+    job = tmp_path / "job"
+    proc = _killed_during_first_checkpoint(tmp_path, *TRACKED, "epochs=1", f"hydra.run.dir={job}")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (job / "checkpoint.pt").exists() and list(job.glob(".checkpoint.pt.*"))  # as the kill left it
+    assert (job / "run.json").is_file()
+    (r,) = job_runs(tmp_path / "mlflow.db")
+    assert r.info.status == "RUNNING"
+    # the next report ends it KILLED in the store (its process is gone) and shows it as interrupted
+    client = mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [x.status for x in fetch_runs(client, "dpl")] == ["interrupted"]
+    (r,) = job_runs(tmp_path / "mlflow.db")
+    assert r.info.status == "KILLED" and r.data.tags["dpl.interrupted"] == "true"
+    assert [x.status for x in fetch_runs(client, "dpl")] == ["interrupted"]  # and still says so later
+    # resume starts it over in the same job dir and the same MLflow run
+    proc = dpl(tmp_path, f"resume={job}")
+    assert "stopped before its first checkpoint" in proc.stdout + proc.stderr
+    (r2,) = job_runs(tmp_path / "mlflow.db")
+    assert r2.info.run_id == r.info.run_id and r2.info.status == "FINISHED"
+    assert "dpl.interrupted" not in r2.data.tags
+    assert checkpoint.load(job)["state"]["epoch"] == 1 and not list(job.glob(".checkpoint.pt.*"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MiB file system (a tmpfs): room for this run's first checkpoints, not for a later one
+    beside the previous (a checkpoint is written next to the last one, then renamed over it)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_ends_failed(small_disk):
+    job = small_disk / "job"  # the MLflow store is on the full disk too
+    proc = dpl(small_disk, *TRACKED, "epochs=5", f"hydra.run.dir={job}", check=False)
+    line = one_error_line(proc)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert "no space left on device" in line.lower() and str(job / "checkpoint.pt") in line
+    kept = checkpoint.load(job)["state"]  # the last checkpoint that fitted, whole
+    assert 1 <= kept["epoch"] < 5 and not list(job.glob(".checkpoint.pt.*"))
+    (r,) = job_runs(small_disk / "mlflow.db")
+    assert r.info.status == "FAILED" and "No space left on device" in r.data.tags["failure_reason"]
+
+
 # ----------------------------------------------------------------------------- 4. distributed faults
 
 
@@ -348,6 +421,43 @@ def test_rerun_sweep_skips_finished_jobs(tmp_path):
     assert proc.stdout.count("already finished") == 1
     jobs = [r for r in job_runs(tmp_path / "mlflow.db", "localsgd_grid") if "sweep_parent" not in r.data.tags]
     assert sorted(r.data.params["K"] for r in jobs) == ["1", "2"]  # K=1 was not run twice
+
+
+def test_rerun_multirun_without_a_sweep_name_skips_finished_jobs(tmp_path):
+    common = [*TRACKED, "epochs=1", "dataset.num_train=200"]
+    dpl(tmp_path, "-m", *common, "seed=0", f"hydra.sweep.dir={tmp_path / 'a'}")  # as if stopped after one job
+    proc = dpl(tmp_path, "-m", *common, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'b'}")
+    assert proc.stdout.count("already finished") == 1
+    runs = job_runs(tmp_path / "mlflow.db")
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]  # seed 0 was not trained twice
+    assert all(r.data.tags["dpl.multirun"] == "true" and r.info.status == "FINISHED" for r in runs)
+    dpl(tmp_path, *common, "seed=0", "hydra.run.dir=single")  # a single run is never skipped
+    assert len(job_runs(tmp_path / "mlflow.db")) == 3
+
+
+def test_sigkilled_sweep_rerun_ends_its_parent_and_leaves_nothing_running(tmp_path):
+    sweep = ["--config-dir", str(ROOT / "sweeps"), "--config-name", "localsgd_grid", *TRACKED, "H=2",
+             "dataset.num_train=200", "K=1,2", "checkpoint_every=1"]
+    first = tmp_path / "first"
+    proc = subprocess.Popen([sys.executable, "-m", "dpl", *sweep, "epochs=1", f"hydra.sweep.dir={first}"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_checkpoint(first / "1", proc)  # the first job finished, the second is training
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    runs = job_runs(tmp_path / "mlflow.db", "localsgd_grid")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "RUNNING", "RUNNING"]  # job 0; job 1, parent
+    proc = dpl(tmp_path, *sweep, "epochs=1", f"hydra.sweep.dir={tmp_path / 'again'}")
+    assert proc.stdout.count("already finished") == 1
+    runs = job_runs(tmp_path / "mlflow.db", "localsgd_grid")
+    parents = [r for r in runs if "sweep_parent" in r.data.tags]
+    assert [p.info.status for p in parents] == ["FINISHED"]  # one parent: the stopped sweep's, ended
+    children = [r for r in runs if "sweep_parent" not in r.data.tags]
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert sorted((c.data.params["K"], c.info.status) for c in children) == [
+        ("1", "FINISHED"), ("2", "FINISHED"), ("2", "KILLED")]  # the killed job ended, and run again
 
 
 def test_interrupted_optuna_trial_is_failed_and_the_sweep_parent_killed(tmp_path):

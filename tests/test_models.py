@@ -49,8 +49,17 @@ def test_resnet20_downsamples_twice_with_zero_padded_shortcuts():
     assert not s[:, :8].any() and not s[:, 24:].any()
 
 
+def test_lenet5_takes_16_pixels_and_refuses_fewer_naming_16():
+    from dpl.models import LeNet5
+
+    assert LeNet5(1, 10, 16)(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    for size in (15, 12):
+        with pytest.raises(ValueError, match="at least 16 for LeNet5"):
+            LeNet5(1, 10, size)
+
+
 def test_resnet20_rejects_images_too_small():
-    with pytest.raises(ValueError, match="at least 4x4"):
+    with pytest.raises(ValueError, match="at least 4 for ResNet20"):
         ResNet20(1, 10, 3)
 
 

@@ -21,8 +21,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
-from torchvision.datasets.utils import download_and_extract_archive
 
 from dpl.errors import DatasetUnavailable
 from dpl.io import atomic_open
@@ -74,7 +72,7 @@ def read_cifar_batches(folder: Path, names: list[str], label_key: str) -> tuple[
         path = folder / name
         try:
             with open(path, "rb") as f:
-                entry = {_key(k): v for k, v in pickle.load(f, encoding="latin1").items()}
+                entry = {_key(k): v for k, v in _ArrayUnpickler(f, encoding="latin1").load().items()}
             data = np.asarray(entry["data"], dtype=np.uint8)
             labels = np.asarray(entry[label_key], dtype=np.int64)
         except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, AttributeError) as e:
@@ -88,6 +86,24 @@ def read_cifar_batches(folder: Path, names: list[str], label_key: str) -> tuple[
         xs.append(data.reshape(-1, 3, 32, 32))
         ys.append(labels)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """A pickle reader that builds NumPy arrays and plain containers only.
+
+    A CIFAR file is a pickle, and a plain ``pickle.load`` calls whatever the file names
+    (a dataset folder from elsewhere could run code when read). The official files and
+    :mod:`tests.fakes` need exactly these globals: NumPy's array reconstruction (under its
+    NumPy 1 and NumPy 2 module names) and ``_codecs.encode``, which protocol 2 uses for bytes.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a data file must not (loading could run it)")
+        return super().find_class(module, name)
 
 
 def _key(k: str | bytes) -> str:
@@ -129,6 +145,8 @@ def _download_cifar(tv_class: type, root: Path) -> None:
     Extracting into a temporary folder and renaming each file means a run killed
     mid-extraction never leaves a truncated pickle under ``base_folder``.
     """
+    from torchvision.datasets.utils import download_and_extract_archive
+
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=root) as tmp:
         download_and_extract_archive(tv_class.url, str(root), extract_root=tmp,
@@ -141,9 +159,19 @@ def _download_cifar(tv_class: type, root: Path) -> None:
                 os.replace(extracted, folder / name)
 
 
-def _cifar(tv_class: type, title: str, label_key: str, num_classes: int,
+def _torchvision(name: str) -> Any:
+    """``torchvision.datasets.<name>``, imported when a real dataset is read: importing torchvision
+    takes as long as importing torch (it loads its models too), which runs on synthetic data,
+    the tests and a refused command would pay for nothing."""
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, name)
+
+
+def _cifar(tv_name: str, title: str, label_key: str, num_classes: int,
            mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[..., RawData]:
     def load(cfg: Any, root: str | Path | None = None) -> RawData:
+        tv_class = _torchvision(tv_name)
         folder = _ensure_cifar(tv_class, title, _root(cfg, root), bool(cfg.download))
         train_x, train_y = read_cifar_batches(folder, [n for n, _ in tv_class.train_list], label_key)
         test_x, test_y = read_cifar_batches(folder, [n for n, _ in tv_class.test_list], label_key)
@@ -158,9 +186,9 @@ def _cifar(tv_class: type, title: str, label_key: str, num_classes: int,
 
 
 # The study's normalisation for CIFAR-100 (see shared/study/RESULTS.md); the usual one for CIFAR-10.
-cifar100 = _cifar(CIFAR100, "CIFAR-100", "fine_labels", 100,
+cifar100 = _cifar("CIFAR100", "CIFAR-100", "fine_labels", 100,
                   (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
-cifar10 = _cifar(CIFAR10, "CIFAR-10", "labels", 10,
+cifar10 = _cifar("CIFAR10", "CIFAR-10", "labels", 10,
                  (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
@@ -168,7 +196,7 @@ cifar10 = _cifar(CIFAR10, "CIFAR-10", "labels", 10,
 
 
 def _fashion_raw_names() -> list[str]:
-    return [name.removesuffix(".gz") for name, _ in FashionMNIST.resources]
+    return [name.removesuffix(".gz") for name, _ in _torchvision("FashionMNIST").resources]
 
 
 def install_debian_fashion_mnist(raw_folder: Path, debian_dir: Path = DEBIAN_FASHION_MNIST) -> bool:
@@ -191,7 +219,7 @@ def _download_fashion_mnist(cfg: Any, root: Path, raw_folder: Path, debian_dir: 
     reason = "dataset.download=false"
     if cfg.download:
         try:
-            FashionMNIST(str(root), train=True, download=True)
+            _torchvision("FashionMNIST")(str(root), train=True, download=True)
         except Exception as e:  # network, http and checksum failures all mean "not available"
             reason = f"download failed: {_first_line(e)}"
     if not _all_files(raw_folder, _fashion_raw_names()):
@@ -217,7 +245,8 @@ def fashion_mnist(cfg: Any, root: str | Path | None = None, debian_dir: str | Pa
                      debian_dir, raw_folder)
         else:
             _download_fashion_mnist(cfg, root, raw_folder, debian_dir)
-    train, test = (FashionMNIST(str(root), train=t, download=False) for t in (True, False))
+    fashion = _torchvision("FashionMNIST")
+    train, test = (fashion(str(root), train=t, download=False) for t in (True, False))
     return RawData(
         train.data.unsqueeze(1).contiguous(), train.targets.long(),
         test.data.unsqueeze(1).contiguous(), test.targets.long(),
