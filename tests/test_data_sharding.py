@@ -37,6 +37,42 @@ def test_shards_are_disjoint_equal_and_seeded(strategy, K):
         assert not torch.equal(shards, make_shards(y, K, strategy, seed=4, alpha=0.3))
 
 
+def study_dealing(y: torch.Tensor, K: int) -> list[torch.Tensor]:
+    """The study's ``iid_sharding`` (src/utils/load_dataset.py), written from its description in the
+    study's FIDELITY notes: sort the split's indices by class, deal the sorted list round-robin,
+    shard i taking positions i, i+K, i+2K, ... (sizes differ by at most one)."""
+    ordered = torch.sort(y, stable=True).indices
+    return [ordered[i::K] for i in range(K)]
+
+
+@pytest.mark.parametrize("K", [2, 4, 8])
+def test_iid_is_the_studys_dealing_on_its_45000_split(K):
+    """Per worker and class, dpl's iid shards hold what the study's dealing gives them. The class
+    counts are uneven and none divisible by 8 (so workers differ by one within a class), the
+    split's 45,000 images divide by K = 2, 4, 8 as in every study row."""
+    g = torch.Generator().manual_seed(1)
+    sizes = 300 + torch.randperm(301, generator=g)[:100]  # 100 classes, 300..600 images each
+    sizes[-1] += 45_000 - int(sizes.sum())
+    y = torch.repeat_interleave(torch.arange(100), sizes)[torch.randperm(45_000, generator=g)]
+    assert (sizes % 8 != 0).sum() >= 80
+    mine = make_shards(y, K, "iid", seed=5)
+    theirs = study_dealing(y, K)
+    assert mine.shape == (K, 45_000 // K) and [len(t) for t in theirs] == [45_000 // K] * K
+    assert torch.equal(class_counts(y, mine, 100), torch.stack([torch.bincount(y[t], minlength=100) for t in theirs]))
+
+
+def test_iid_drops_the_remainder_where_the_studys_shards_would_differ_by_one():
+    """N not divisible by K: the study's shards differ in size by one (its budget is the largest);
+    dpl's workers are stacked with equal shards, so iid first drops N mod K random images.
+    No study row is in this case (45,000 images, K = 2, 4, 8)."""
+    y = labels(1003)
+    mine = make_shards(y, 4, "iid", seed=0)
+    theirs = study_dealing(y, 4)
+    assert mine.shape == (4, 250) and sorted(len(t) for t in theirs) == [250, 251, 251, 251]
+    dropped = torch.bincount(y, minlength=10) - class_counts(y, mine).sum(0)
+    assert dropped.min() >= 0 and dropped.sum() == 1003 % 4  # the only images the study's workers have more of
+
+
 def test_iid_shards_balance_every_class():
     y = labels(n=2000, seed=1)
     counts = class_counts(y, make_shards(y, 7, "iid", seed=0))

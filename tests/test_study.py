@@ -66,7 +66,7 @@ def test_every_study_row_has_a_config_with_its_settings():
             assert (cfg.method.alpha, cfg.method.beta, cfg.method.restart_each_epoch) == (1.0, 0.6, True)
         if local:  # the study's distributed defaults
             assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.optimizer.momentum) == (64, 0.04, 1e-3, 0.9)
-            assert cfg.sharding == "random"
+            assert cfg.sharding == "iid"  # the study's iid_sharding (tests/test_data_sharding.py)
         if cfg.optimizer.name == "lars":
             o = cfg.optimizer
             assert (o.trust_coefficient, o.eps, o.wd_in_grad_norm, o.exclude_1d) == (0.3, 1e-6, True, False)
@@ -250,10 +250,10 @@ def test_fixed_order_reads_the_same_batches_every_epoch(make_cfg, monkeypatch):
 
 
 def test_steps_per_epoch_is_the_studys_budget():
-    """45,000 training images in K equal random shards of batch 64: the budgets of golden/dynamic_h.json."""
+    """45,000 training images dealt to K workers as the study does, batch 64: the budgets of golden/dynamic_h.json."""
     labels = torch.randint(0, 100, (45_000,))
     for K, budget in ((2, 352), (4, 176), (8, 88)):
-        shards = make_shards(labels, K, "random", seed=0)
+        shards = make_shards(labels, K, "iid", seed=0)
         assert shards.shape == (K, 45_000 // K)  # equal: the largest shard is every shard
         assert steps_per_epoch(shards.shape[1], 64) == budget
 
