@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from datetime import timedelta
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
@@ -119,7 +118,8 @@ class ProcessGroupComm:
                 raise
             self.store.set(key, "ok")
             return out
-        self.store.wait([key], timedelta(seconds=wait_s))
+        if not wait_for_key(self.store, key, wait_s):
+            raise RuntimeError(f"timed out after {wait_s:.0f} s waiting for rank 0 to load the data")
         status = self.store.get(key).decode()
         if status != "ok":
             raise DatasetUnavailable(f"rank 0 could not load the data: {status[len('error: '):]}")
@@ -129,6 +129,23 @@ class ProcessGroupComm:
         if self.device.type == "cuda":  # NCCL returns before the GPU has finished
             torch.cuda.synchronize(self.device)
         self.wall_s += time.perf_counter() - t0
+
+
+def wait_for_key(store: dist.Store, key: str, timeout_s: float) -> bool:
+    """Wait until ``key`` is in ``store``; False after ``timeout_s``.
+
+    In short slices, not one ``store.wait``: a signal (SIGTERM from the launcher or torchrun's
+    agent, Ctrl-C) reaches Python only once the C++ call returns, so one long wait would hold
+    it off until the key came or the wait ran out. The slices grow to 1 s, so that K ranks
+    waiting out a long download do not flood the store.
+    """
+    deadline, pause = time.monotonic() + timeout_s, 0.02
+    while not store.check([key]):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(2 * pause, 1.0)
+    return True
 
 
 def _timed_allreduce(comm: ProcessGroupComm, bucket):  # no annotations: DDP checks them against real types

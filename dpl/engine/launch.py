@@ -7,28 +7,35 @@ Two launchers, one process per rank either way:
   meets the other ranks on torchrun's store (the ``env://`` rendezvous) and hands ranks
   1..K-1 rank 0's output dir, so one job has one dir and only rank 0 writes there.
 - **spawn** (``engine.spawn=true``): the Hydra job starts K processes itself and
-  supervises them; it hosts their store, so the store outlives any rank.
+  supervises them; it hosts their store, so the store outlives any rank. The store and
+  gloo's connections between the ranks listen on ``engine.master_addr`` alone.
 
 Faults: the process group's timeout is ``engine.timeout_s``, so a collective with a
 dead or hung peer fails on the healthy ranks instead of waiting forever. Each rank
-that fails leaves a report in the store ("its peer failed" or its own error); the
+that fails leaves a report in the store at once ("its peer failed" or its own error)
+and leaves the process group, so that a rank waiting on it fails at once too; the
 ranks that left none are the ones that died or hung, and the error names them. With
 spawn the parent also sees exit codes and the order of the exits: it names the first
-rank that exited without a "peer" report, with its exit status or signal, and gives a
-rank that reported "peer" time to finish writing (rank 0 writes the history and plots)
-before it kills what is left. It then ends the MLflow run itself (``on_failure``), so a
-rank 0 that died cannot leave it RUNNING; Ctrl-C and SIGTERM on the launcher stop the
-ranks (SIGTERM, then SIGKILL) and end the run KILLED.
+rank that exited without a "peer" report, with its exit status or signal. From the
+first fault on it gives a silent rank SETTLE_S to report and a rank that reported
+WRITE_S to finish writing (rank 0 writes the history and plots), then kills what is
+left. It then ends the MLflow run itself (``on_failure``), so a rank 0 that died cannot
+leave it RUNNING; Ctrl-C and SIGTERM on the launcher stop the ranks (SIGTERM, then
+SIGKILL) and end the run KILLED.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
@@ -42,12 +49,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from dpl.errors import ConfigError, RankFailure, user_errors
-from dpl.engine.distributed import ProcessGroupComm
+from dpl.engine.distributed import ProcessGroupComm, wait_for_key
 
 log = logging.getLogger("dpl")
 
 OnFailure = Callable[[str, str], None]  # on_failure(status, reason): end the job's run (dpl.app.salvage)
-SETTLE_S = 3.0  # after the healthy ranks gave up, how long a silent rank still running may take to exit
+SETTLE_S = 3.0  # after the first fault, how long a rank that left no report may run on before it is killed
+WRITE_S = 10.0  # after the first fault, how long a rank that reported may take to write its history and exit
 STOP_S = 10.0  # on the launcher's own signal: how long the ranks get to record KILLED before SIGKILL
 Body = Callable[..., Any]  # body(cfg, out_dir, comm) -> result; dpl.app.run
 STORE_TIMEOUT = timedelta(minutes=10)  # store handshakes (run dir, reports), not collectives
@@ -68,10 +76,21 @@ _boot: Optional[tuple[dist.Store, int, int]] = None  # this process's (store, ra
 
 
 def torchrun_store() -> tuple[dist.Store, int, int]:
-    """The store of torchrun's rendezvous (its agent's, when it serves one), made once per process."""
+    """The store of torchrun's rendezvous (its agent's, when it serves one), made once per process.
+
+    A store that cannot be hosted or reached (a busy or wrong MASTER_PORT) is one line: it is
+    the user's launch command to fix, not a traceback of this rank's.
+    """
     global _boot
     if _boot is None:
-        _boot = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
+        try:
+            _boot = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
+        except (RuntimeError, OSError, ValueError) as e:
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise ConfigError(f"MASTER_ADDR:MASTER_PORT={where} is invalid: rank {os.environ.get('RANK')} cannot "
+                              f"host or reach the rendezvous store there ({_first_line(e)[:160]}); allowed a "
+                              f"free port on the master, reachable from every node (torchrun --master-port, "
+                              f"--rdzv-endpoint)") from None
     return _boot
 
 
@@ -85,6 +104,8 @@ def agree_run_dir(argv: list[str]) -> list[str]:
     Each rank composes its own config, and ``${now:...}`` in ``hydra.run.dir`` may differ
     between them; ranks > 0 therefore wait for rank 0 to announce its dir
     (:func:`announce_run_dir`) and run there without Hydra's ``.hydra/`` copy or log file.
+    The wait is in short slices: a rank 0 that fails first makes torchrun's agent SIGTERM
+    the others, and one long wait in the store would hold that signal off until it ends.
     """
     if not under_torchrun():
         return argv
@@ -93,7 +114,9 @@ def agree_run_dir(argv: list[str]) -> list[str]:
     store, rank, _ = torchrun_store()
     if rank == 0:
         return argv
-    store.wait([_run_dir_key()], STORE_TIMEOUT)
+    if not wait_for_key(store, _run_dir_key(), STORE_TIMEOUT.total_seconds()):
+        raise ConfigError(f"rank {rank}: rank 0 did not start the job within {STORE_TIMEOUT.total_seconds():.0f} s "
+                          f"(its own error says why)")
     run_dir = store.get(_run_dir_key()).decode()
     quoted = run_dir.replace("\\", "\\\\").replace("'", "\\'")
     return [*argv, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
@@ -120,7 +143,8 @@ def launch(cfg: DictConfig, out_dir: Path, body: Body, on_failure: Optional[OnFa
     backend_for(cfg)  # a bad backend fails here, before any process starts
     if under_torchrun():
         store, rank, world = torchrun_store()
-        return run_rank(body, cfg, out_dir, store, rank, world, int(os.environ.get("LOCAL_RANK", rank)))
+        return run_rank(body, cfg, out_dir, store, rank, world, int(os.environ.get("LOCAL_RANK", rank)),
+                        supervised=False)
     if not cfg.engine.spawn:
         raise ConfigError("engine=distributed needs its processes: launch with torchrun --nproc-per-node=K "
                           "-m dpl engine=distributed ..., or add engine.spawn=true")
@@ -152,24 +176,54 @@ def rank_device(cfg: DictConfig, local_rank: int) -> torch.device:
 
 
 def run_rank(body: Body, cfg: DictConfig, out_dir: Path, store: dist.Store, rank: int, world: int,
-             local_rank: int) -> Any:
-    """Join the process group as ``rank`` and run ``body``; a failure names the rank at fault."""
+             local_rank: int, supervised: bool = True) -> Any:
+    """Join the process group as ``rank`` and run ``body``; a failure names the rank at fault.
+
+    ``supervised``: spawn's launcher names the culprits from the reports and exit codes
+    itself, so a rank does not wait for the others' reports to word its own error.
+    """
+    timeout = float(cfg.engine.timeout_s)
     if cfg.K != world:
+        meet(store, f"dpl/world_mismatch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", world, timeout)
         raise ConfigError(f"K={cfg.K} is invalid: engine=distributed runs K = world size = {world} workers")
     backend, device = backend_for(cfg), rank_device(cfg, local_rank)
-    timeout = float(cfg.engine.timeout_s)
     try:
         dist.init_process_group(backend, store=dist.PrefixStore("dpl/pg", store), rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout))
         return body(cfg, out_dir, ProcessGroupComm(store, device))
     except BaseException as e:
-        failure = explain(e, store, rank, world, grace_s(timeout))
+        report_fault(e, store, rank)  # (again, if body reported already: the same report)
+        failure = explain(e, store, rank, world, 0.0 if supervised else grace_s(timeout))
         if failure is e:
             raise
         raise failure from e
     finally:
-        if dist.is_initialized():  # a group whose collective timed out aborts the interpreter unless destroyed
-            dist.destroy_process_group()
+        leave_group()
+
+
+def meet(store: dist.Store, key: str, world: int, timeout_s: float) -> None:
+    """Wait until every rank has called ``meet`` with ``key`` (at most ``timeout_s``).
+
+    An error that every rank finds alike (K other than the world size) is raised by all of
+    them after meeting here: under torchrun the first rank to exit makes the agent SIGTERM
+    the others, which would then say "interrupted" instead of the error.
+    """
+    deadline = time.monotonic() + timeout_s
+    try:
+        arrived = store.add(key, 1)
+        while arrived < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+            arrived = store.add(key, 0)
+    except Exception:  # the store lived on a rank that met the others and is gone
+        pass
+
+
+def leave_group() -> None:
+    """Destroy the default process group if there is one: a peer blocked in a collective with this
+    rank then fails at once, and a group whose collective timed out aborts the interpreter at exit
+    unless destroyed."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def grace_s(timeout_s: float) -> float:
@@ -195,28 +249,25 @@ def is_comm_error(e: BaseException) -> bool:
 
 def report_fault(e: BaseException, store: dist.Store, rank: int) -> None:
     """Leave this rank's report at once ("peer" for a failed collective, else its own error), so
-    the launcher does not take a rank still writing its history for a hung one."""
-    if isinstance(e, RankFailure):
-        return
+    the launcher does not take a rank still writing its history for a hung one; and leave the
+    process group, which no collective can use any more, so that a rank blocked on this one
+    fails now instead of after this rank's history is written, or after the timeout."""
     try:
-        store.set(_report_key(rank), "peer" if is_comm_error(e) else f"error: {type(e).__name__}: {_first_line(e)}")
+        if not isinstance(e, RankFailure):
+            store.set(_report_key(rank), "peer" if is_comm_error(e) else f"error: {type(e).__name__}: {_first_line(e)}")
     except Exception:  # the store lived on a rank that is gone
         pass
+    leave_group()
 
 
 def explain(e: BaseException, store: dist.Store, rank: int, world: int, grace: float) -> BaseException:
-    """What this rank raises: its own error as it is, or a collective failure that names the culprits."""
-    if isinstance(e, RankFailure):
+    """What this rank raises, after :func:`report_fault`: its own error as it is, or a collective
+    failure that names the culprits from the reports that arrive within ``grace``."""
+    if isinstance(e, RankFailure) or not is_comm_error(e):
         return e
     try:
-        if not is_comm_error(e):
-            store.set(_report_key(rank), f"error: {type(e).__name__}: {_first_line(e)}")
-            return e
-        store.set(_report_key(rank), "peer")
         reports = _collect_reports(store, world, grace)
     except Exception:  # the store lived on a rank that is gone
-        if not is_comm_error(e):
-            return e
         return RankFailure(f"rank {rank}: a collective failed and the store is unreachable: {_first_line(e)}")
     return RankFailure(f"{culprits(reports, world)}; rank {rank} stopped too ({_first_line(e)})")
 
@@ -240,21 +291,22 @@ def culprits(reports: dict[int, str], world: int, exits: Optional[dict[int, Opti
     error of their own, and those silent.
 
     A report "peer" marks a rank that only saw a collective fail: it is never blamed. ``exits``
-    (spawn only) are exit codes: None for a process still running after the others had given
-    up, a negative code for the signal that killed it; ``order`` is the order they exited in.
+    (spawn only) are exit codes: None for a process the launcher killed because it was still
+    running after the first fault, a negative code for the signal that killed it; ``order`` is
+    the order they exited in. A rank killed silent after another rank had died or failed was
+    most likely waiting on that one: it is not blamed either; with no such rank, it hung.
     """
     first = next((r for r in order if reports.get(r) != "peer" and (exits or {}).get(r) not in (None, 0)), None)
     parts = [] if first is None else [_fault(first, reports.get(first), exits, "first")]
     for r in range(world):
-        if r == first:
-            continue
         report = reports.get(r)
-        if report == "peer":
+        if r == first or report == "peer":
             continue
-        if report is not None or exits is None or exits.get(r) != 0:
-            text = _fault(r, report, exits)
-            if text:
-                parts.append(text)
+        if report is None and exits is not None and (exits.get(r) == 0 or (first is not None and exits.get(r) is None)):
+            continue  # finished, or killed while it waited on the first
+        text = _fault(r, report, exits)
+        if text:
+            parts.append(text)
     if first is not None and len(parts) == 1 and reports.get(first) is None:
         parts.append("the other ranks stopped after it")
     return "; ".join(parts) or "every rank saw a collective fail and none reported a cause"
@@ -293,22 +345,14 @@ def _first_line(e: BaseException) -> str:
 
 def spawn(body: Body, cfg: DictConfig, out_dir: Path, on_failure: Optional[OnFailure] = None) -> Any:
     """Start K local ranks, watch them, and return rank 0's result (or raise naming the failed rank)."""
-    world, timeout = int(cfg.K), float(cfg.engine.timeout_s)
+    world = int(cfg.K)
     on_failure = on_failure or (lambda status, reason: None)
-    # port 0: the OS picks a free one, so concurrent jobs (and tests) do not collide
-    try:
-        _probe_port(cfg.engine.master_addr, int(cfg.engine.master_port))  # TCPStore retries a busy port for long
-        store = dist.TCPStore(cfg.engine.master_addr, int(cfg.engine.master_port), is_master=True,
-                              wait_for_workers=False, timeout=STORE_TIMEOUT)
-    except (RuntimeError, OSError) as e:
-        raise ConfigError(f"engine.master_port={cfg.engine.master_port} is invalid: cannot listen on "
-                          f"{cfg.engine.master_addr}:{cfg.engine.master_port} ({_first_line(e)[:120]}); "
-                          f"allowed a free port, or 0 for any free port") from None
+    store, host = host_store(cfg.engine.master_addr, int(cfg.engine.master_port))
     ctx = multiprocessing.get_context("spawn")  # fork after torch started its threads is unsafe
     pipes = [ctx.Pipe(duplex=False) for _ in range(world)]  # (receive, send): each rank's outcome
     threads = max(1, (os.cpu_count() or 1) // world)
     procs = [ctx.Process(target=_spawned_rank, name=f"dpl-rank-{r}",
-                         args=(body, cfg, Path(out_dir), cfg.engine.master_addr, store.port, r, world, threads,
+                         args=(body, cfg, Path(out_dir), host, store.port, r, world, threads,
                                os.getpid(), pipes[r][1]))
              for r in range(world)]
     outcome: dict[int, tuple[str, Any]] = {}
@@ -318,7 +362,7 @@ def spawn(body: Body, cfg: DictConfig, out_dir: Path, on_failure: Optional[OnFai
             p.start()
             pipes[r][1].close()  # the child holds the sending end now
             log.info("engine=distributed: rank %d is pid %d", r, p.pid)
-        exits = _watch(procs, [recv for recv, _ in pipes], outcome, store, timeout, order)
+        exits = _watch(procs, [recv for recv, _ in pipes], outcome, store, order)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM on the launcher: stop the ranks, end the run KILLED
         from dpl.interrupt import signal_name
 
@@ -340,14 +384,46 @@ def spawn(body: Body, cfg: DictConfig, out_dir: Path, on_failure: Optional[OnFai
     return outcome[0][1]
 
 
-def _probe_port(addr: str, port: int) -> None:
-    if port == 0:
-        return
-    import socket
+def host_store(addr: str, port: int) -> tuple[dist.TCPStore, str]:
+    """The launcher's store, listening on ``addr`` alone; and the numeric address the ranks connect to.
 
-    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore: TIME_WAIT is no conflict
-        probe.bind((addr, port))
+    Given a host and port, TCPStore binds ``*:port`` (every interface, whatever ``addr`` says)
+    and retries an address it cannot reach for STORE_TIMEOUT; on a socket bound here it
+    listens where asked, and a bad address or a busy port is one line at once.
+    """
+    sock = _listen(addr, port)
+    host, bound = sock.getsockname()[:2]
+    try:
+        store = dist.TCPStore(host, bound, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT,
+                              master_listen_fd=sock.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):  # (unless the store closed it already)
+            sock.close()
+        raise
+    sock.detach()  # the store closes it
+    return store, host
+
+
+def _listen(addr: str, port: int) -> socket.socket:
+    """A socket bound to ``addr:port`` (port 0: a free one) and listening; ConfigError if it cannot be."""
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"engine.master_addr={addr} is invalid: it does not resolve ({e}); allowed an "
+                          f"address of this machine, e.g. 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore: TIME_WAIT is no conflict
+        sock.bind(where)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as e:
+        sock.close()
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise ConfigError(f"engine.master_port={port} is invalid: cannot listen on {addr}:{port} "
+                              f"({e.strerror}); allowed a free port, or 0 for any free port") from None
+        raise ConfigError(f"engine.master_addr={addr} is invalid: cannot listen on {addr}:{port} ({e.strerror}); "
+                          f"allowed an address of this machine, e.g. 127.0.0.1") from None
+    return sock
 
 
 def _stop(procs: list) -> None:
@@ -361,44 +437,53 @@ def _stop(procs: list) -> None:
             p.join(max(0.0, deadline - time.monotonic()))
 
 
-def _watch(procs: list, pipes: list, outcome: dict, store: dist.Store, timeout: float,
+def _watch(procs: list, pipes: list, outcome: dict, store: dist.Store,
            order: Optional[list] = None) -> dict[int, Optional[int]]:
-    """Exit codes once every rank ended, or once one failed and the others had their chance to exit.
+    """Exit codes once every rank ended; None for a rank killed here because it ran on after a fault.
 
-    After a failure, a rank still running is either blocked in a collective (it fails at
-    the latest ``timeout`` later, reports "peer" and exits), busy writing its history after
-    reporting "peer", or hung. Once a rank that reported "peer" has exited, a rank still
-    running that has not reported anything gets SETTLE_S more, then counts as hung.
-    Outcomes are read from ``pipes`` as they arrive (a rank blocked on a full pipe would
-    never exit); ``order`` receives the ranks in the order they were seen to exit.
+    The first fault is the first rank to exit non-zero or to leave a report. The healthy
+    ranks see it within moments: a dead peer's connections close at once, a hung one fails
+    their collectives at the timeout they share, and each rank that fails reports and
+    leaves the group at once, so the ranks waiting on it fail too. A rank still silent
+    SETTLE_S after the fault is hung, or stuck waiting on the faulty one; a rank that
+    reported is writing its history and gets WRITE_S (``on_failure`` writes the history
+    and plots again from the checkpoint, for a rank 0 killed meanwhile). Outcomes are read
+    from ``pipes`` as they arrive (a rank blocked on a full pipe would never exit); ``order``
+    receives the ranks in the order they were seen to exit by themselves.
     """
     order = [] if order is None else order
-    failed_at = settled_at = None
+    killed: set[int] = set()
+    fault_at = None
     while True:
         for r, p in enumerate(procs):
-            if p.exitcode is not None and r not in order:
+            if p.exitcode is not None and r not in order and r not in killed:
                 order.append(r)
         alive = [r for r, p in enumerate(procs) if p.exitcode is None]
         _read_outcomes(pipes, outcome)  # after the liveness check: an exited rank's outcome is in its pipe
-        if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
-            failed_at = time.monotonic()
         if not alive:
             break
-        if failed_at is not None:
-            reports = _reports(store, len(procs))
-            waited = any(v == "peer" and r not in alive for r, v in reports.items())
-            if waited and not any(r in reports for r in alive):
-                settled_at = settled_at or time.monotonic()
-            else:
-                settled_at = None
-            now = time.monotonic()
-            if settled_at is not None and now - settled_at > SETTLE_S:
-                break  # the silent ranks still running are hung
-            if now - failed_at > timeout + grace_s(timeout) + SETTLE_S:
-                break
+        reports = _reports(store, len(procs))
+        if fault_at is None and (reports or any(p.exitcode not in (None, 0) for p in procs)):
+            fault_at = time.monotonic()
+        if fault_at is not None:
+            for r in overdue(alive, reports, time.monotonic() - fault_at):
+                if r not in killed:
+                    procs[r].kill()  # also ends a stopped (SIGSTOP) process
+                    killed.add(r)
         multiprocessing.connection.wait([procs[r].sentinel for r in alive] +
-                                        [recv for r, recv in enumerate(pipes) if r not in outcome], timeout=0.5)
-    return {r: p.exitcode for r, p in enumerate(procs)}
+                                        [recv for r, recv in enumerate(pipes) if r not in outcome],
+                                        timeout=0.5 if fault_at is None else 0.1)
+    return {r: None if r in killed else p.exitcode for r, p in enumerate(procs)}
+
+
+def overdue(alive: list[int], reports: dict[int, str], since_fault: float) -> list[int]:
+    """The ranks still running that have had their time since the first fault (see :func:`_watch`).
+
+    A silent rank gets SETTLE_S, or 1 s once the ranks that reported have all exited: with them
+    gone, a healthy rank fails (and reports) the moment it enters a collective.
+    """
+    settle = min(SETTLE_S, 1.0) if reports and not any(r in reports for r in alive) else SETTLE_S
+    return [r for r in alive if since_fault > (WRITE_S if r in reports else settle)]
 
 
 def _reports(store: dist.Store, world: int) -> dict[int, str]:
@@ -452,6 +537,7 @@ def _spawned_rank(body: Body, cfg: DictConfig, out_dir: Path, addr: str, port: i
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}][%(name)s][%(levelname)s] - %(message)s")
+    gloo_on(addr)
     store = dist.TCPStore(addr, port, is_master=False, timeout=STORE_TIMEOUT)
     try:
         result = run_rank(body, cfg, out_dir, store, rank, world, local_rank=rank)
@@ -467,6 +553,51 @@ def _spawned_rank(body: Body, cfg: DictConfig, out_dir: Path, addr: str, port: i
     # plain pickle: torch's multiprocessing pickler would share tensors through this process's
     # memory, which is gone once it exits
     send.send_bytes(pickle.dumps(("result", result if rank == 0 else None)))
+
+
+def gloo_on(addr: str) -> None:
+    """Make gloo's listeners (each rank's, for its peers) bind the interface of ``addr``, the store's.
+
+    gloo binds the address the machine's hostname resolves to, on most machines a public one,
+    even when ``engine.master_addr`` is 127.0.0.1; ``GLOO_SOCKET_IFNAME`` names the interface
+    instead. One the user set is kept; where no interface holds ``addr`` gloo keeps its default.
+    """
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        name = interface_of(addr)
+        if name is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
+def interface_of(addr: str) -> Optional[str]:
+    """The name of the local network interface that holds ``addr`` (the loopback one for any
+    loopback address), or None where none does or it cannot be told (not Linux)."""
+    ip = ipaddress.ip_address(addr.split("%")[0])
+    for name, held in _interface_addresses().items():
+        if ip in held or (ip.is_loopback and any(a.is_loopback for a in held)):
+            return name
+    return None
+
+
+def _interface_addresses() -> dict[str, list]:
+    """Every interface's addresses, on Linux: IPv4 from SIOCGIFADDR, IPv6 from /proc/net/if_inet6."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    import fcntl
+    import struct
+
+    found: dict[str, list] = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:  # no IPv4 address
+                continue
+            found.setdefault(name, []).append(ipaddress.ip_address(raw[20:24]))
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            fields = line.split()
+            found.setdefault(fields[-1], []).append(ipaddress.ip_address(bytes.fromhex(fields[0])))
+    return found
 
 
 def _picklable(e: BaseException) -> BaseException:
