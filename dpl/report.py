@@ -4,11 +4,19 @@ Reads the local MLflow store (``sqlite:///mlflow.db`` in the current directory u
 ``--tracking-uri`` says otherwise; nothing goes over the network) and writes, into
 ``--out`` (default ``reports/<experiment or sweep>``, the name made one safe folder name):
 
-* ``report.md`` and ``report.csv``: final metrics grouped by method / K / H / dynamic_h /
-  optimizer / batch size, plus any other parameter that varies inside those groups (the
-  slow momentum of a SlowMo grid, the lr of an Optuna search), as mean ± sample std over
-  the runs of a group, which differ only in their seed. Failed (diverged) runs are
-  counted per group and listed with their reason; they never enter a mean.
+* ``summary.csv`` and the table of ``report.md``: final metrics grouped by method / K / H /
+  dynamic_h / optimizer / batch size / compression / ablation, plus any other parameter that
+  varies inside those groups (the slow momentum of a SlowMo grid, the lr of an Optuna search):
+  per group n, mean, sample std and the 95 % confidence interval of the mean (Student's t,
+  n − 1 df; :mod:`dpl.stats`) over the runs of a group, which differ only in their seed.
+  Failed (diverged) runs are counted per group and listed with their reason; they never
+  enter a mean. ``runs.csv``: the same metrics per run.
+* ``comparisons.csv`` and the second table: every group against its baseline (``--baseline``):
+  the difference of the means with its 95 % interval, the p-value of a paired (shared
+  seeds) or Welch t-test and the p-value adjusted by Holm's method.
+* ``budget.csv`` and the third table: the first epoch each run reached a target validation
+  accuracy (``--target-acc``), and the samples, syncs, bytes and modelled time spent by then
+  (:mod:`dpl.budget`), per group with intervals; ``budget_to_target.png`` draws it.
 * ``acc_vs_H.png`` (accuracy against H, a line per K), ``acc_vs_rounds.png`` (accuracy
   against communication rounds), ``learning_curves.png`` (validation accuracy per epoch,
   one curve per group), ``h_over_epochs.png`` (H per epoch of each dynamic strategy),
@@ -23,6 +31,7 @@ Usage::
     python -m dpl.report          # the latest sweep, or the single runs of experiment "dpl"
     python -m dpl.report --experiment localsgd_grid
     python -m dpl.report --sweep dynamic_h --tracking-uri sqlite:////data/mlflow.db --out reports/dyn
+    python -m dpl.report --experiment study_ablation --baseline ablation=none --target-acc 0.3
 """
 
 from __future__ import annotations
@@ -37,22 +46,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from dpl.io import atomic_write_text, write_csv
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from dpl import stats
+from dpl.budget import BUDGETS, final_value, to_target
+from dpl.io import atomic_write_text, write_csv
 from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, save_figure, short_number
 from dpl.sweep import PARENT_TAG
 from dpl.tracking import INTERRUPTED_TAG, end_if_dead, process_gone, tag_filter
 
 # Column -> MLflow param; always grouped by when the runs carry the param.
 BASE_COLUMNS = {"dataset": "dataset.name", "method": "method.name", "K": "K", "H": "H", "dynamic_h": "dynamic_h.name",
-                "optimizer": "optimizer.name", "batch_size": "batch_size", "compression": "compression.name"}
+                "optimizer": "optimizer.name", "batch_size": "batch_size", "compression": "compression.name",
+                "ablation": "ablation"}
 # Base columns shown only when some run has another value than this one (runs without compression
-# keep the table they had before the option existed).
-QUIET_DEFAULTS = {"compression": "none"}
+# keep the table they had before the option existed). An ablation is a base column so that the keys
+# it sets (scheduler.interval for lr_per_step, ...) follow from it instead of splitting the table.
+QUIET_DEFAULTS = {"compression": "none", "ablation": "none"}
 # Final metrics summarised per group (the last logged value of each).
 METRICS = ("test_acc", "test_acc_best", "best_val_acc", "test_loss", "sync_rounds_total", "comm_bytes_total",
-           "modelled_time_s", "epochs_run", "H_first", "H_last", "H_mean")
+           "samples_total", "modelled_time_s", "epochs_run", "H_first", "H_last", "H_mean")
+# Metrics whose difference to the baseline group is tested (comparisons.csv).
+COMPARED = ("test_acc", "test_acc_best", "best_val_acc")
 # Params that never split a group: the seed (what a group averages over) and bookkeeping.
 NOT_GROUPED = ("seed", "sweep", "results_csv", "progress", "resume", "checkpoint", "checkpoint_every", "test_only",
                "pretrained", "device", "dataset.root", "dataset.download", "engine.master_addr",
@@ -87,7 +104,7 @@ class RunRecord:
 
 
 def fetch_runs(client, experiment: Optional[str] = None, sweep: Optional[str] = None,
-               history_keys: Sequence[str] = ("val_acc", "H")) -> list[RunRecord]:
+               history_keys: Sequence[str] = ("val_acc", "H", *BUDGETS)) -> list[RunRecord]:
     """The job runs of ``experiment`` (by name) and/or with tag ``sweep``; sweep parent runs are left out."""
     if experiment is not None:
         found = client.get_experiment_by_name(experiment)
@@ -114,6 +131,10 @@ def _record(client, run, history_keys: Sequence[str]) -> RunRecord:
         for key in history_keys:
             points = client.get_metric_history(run.info.run_id, key)
             history[key] = sorted((int(m.step), float(m.value)) for m in points)
+        # Epochs are numbered from 1; a run logged before that convention has step 0 for its first
+        # epoch, so its history is shifted to read like a new one.
+        if any(step == 0 for points in history.values() for step, _ in points):
+            history = {k: [(step + 1, v) for step, v in points] for k, points in history.items()}
     # A RUNNING run whose process is gone is ended KILLED in the store here (it would stay RUNNING
     # for good); one a report ended before still reads as interrupted, not as a failure of its config.
     dead = run.info.status == "RUNNING" and process_gone(run.data.tags)
@@ -177,14 +198,138 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def summarise(runs: Sequence[RunRecord], columns: Mapping[str, str],
               metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
-    """One row per group: its column values, ``runs`` (finished), ``failed``, and mean/std per metric."""
+    """One row per group (summary.csv): its column values, ``n`` (finished runs), ``failed``, and per
+    metric the mean, the sample std and the 95 % confidence interval of the mean over the seeds
+    (:func:`dpl.stats.describe`; std and interval empty for n = 1)."""
     rows = []
     for key, members in group_runs(runs, columns).items():
         row: dict[str, Any] = dict(zip(columns, key))
-        row["runs"] = sum(r.finished for r in members)
+        row["n"] = sum(r.finished for r in members)
         row["failed"] = sum(r.status in FAILED for r in members)
         for m in metrics:
-            row[f"{m}_mean"], row[f"{m}_std"] = mean_std(_values(members, m))
+            s = stats.describe(_values(members, m))
+            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_ci95_lo"], row[f"{m}_ci95_hi"] = s.mean, s.std, s.lo, s.hi
+        rows.append(row)
+    return rows
+
+
+def run_rows(runs: Sequence[RunRecord], columns: Mapping[str, str],
+             metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
+    """One row per run (runs.csv): its id, status, group columns, seed and final metrics: the numbers
+    behind every mean, for a researcher's own analysis."""
+    return [{"run_id": r.run_id, "status": r.status, **dict(zip(columns, _key(r, columns))),
+             "seed": r.params.get("seed", ""), **{m: r.metrics.get(m, math.nan) for m in metrics}}
+            for r in runs]
+
+
+# ----------------------------------------------------------------------------- differences to a baseline
+
+
+class BaselineError(ValueError):
+    """A --baseline that names no column or matches no group."""
+
+
+def parse_baseline(text: str, columns: Mapping[str, str]) -> dict[str, str]:
+    """``KEY=VALUE[,KEY=VALUE]`` -> {column: value}; a key is a table column (``method``, ``K``) or
+    the param behind it (``method.name``)."""
+    by_param = {p: c for c, p in columns.items()}
+    spec = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        column = key if key in columns else by_param.get(key)
+        if not sep or column is None:
+            raise BaselineError(f"--baseline {text!r}: {key or part!r} is not a KEY=VALUE of a column of this report "
+                             f"(columns: {', '.join(columns)})")
+        spec[column] = value.strip()
+    return spec
+
+
+def default_baseline(groups: Mapping[tuple[str, ...], Sequence[RunRecord]], columns: Sequence[str]) -> dict[str, str]:
+    """The reference the runs mark themselves (``ablation=none`` in an ablation), else the first group
+    with a finished run."""
+    if "ablation" in columns and any(dict(zip(columns, k))["ablation"] == "none" for k in groups):
+        return {"ablation": "none"}
+    first = next((k for k, members in groups.items() if any(r.finished for r in members)), None)
+    return dict(zip(columns, first)) if first is not None else {}
+
+
+def baseline_of(groups: Sequence[tuple[str, ...]], columns: Sequence[str],
+                spec: Mapping[str, str]) -> dict[tuple[str, ...], Optional[tuple[str, ...]]]:
+    """Each group's baseline: the group that matches ``spec`` and agrees with it on every other column
+    (``ablation=none`` of its own study row); else the one group that matches ``spec``, when there is
+    one; else none (the group is not compared). A baseline is not compared with itself."""
+    index = [list(columns).index(c) for c in spec]
+    matching = [k for k in groups if all(k[i] == v for i, v in zip(index, spec.values()))]
+    rest = [i for i in range(len(columns)) if i not in index]
+    found: dict[tuple[str, ...], Optional[tuple[str, ...]]] = {}
+    for key in groups:
+        if key in matching:
+            continue
+        same = [b for b in matching if all(b[i] == key[i] for i in rest)]
+        found[key] = same[0] if len(same) == 1 else matching[0] if len(matching) == 1 else None
+    return found
+
+
+def _by_seed(runs: Iterable[RunRecord], metric: str) -> list[tuple[str, float]]:
+    return [(r.params.get("seed", ""), r.metrics[metric]) for r in runs
+            if r.finished and math.isfinite(r.metrics.get(metric, math.nan))]
+
+
+def compare_groups(runs: Sequence[RunRecord], columns: Mapping[str, str], spec: Mapping[str, str],
+                   metrics: Sequence[str] = COMPARED) -> list[dict[str, Any]]:
+    """comparisons.csv: for every group with a baseline and every metric, the difference of the means
+    with its 95 % interval and p-value (:func:`dpl.stats.compare`: paired over shared seeds, Welch
+    otherwise), and the p-value adjusted by Holm's method over the comparisons of that metric (one
+    family per metric: the rows of one column of the report's table); ``exact`` rows had no spread to
+    test (their p is 1 for no difference, 0 for one)."""
+    names = list(columns)
+    groups = group_runs(runs, columns)
+    pairs = [(k, b) for k, b in baseline_of(list(groups), names, spec).items() if b is not None]
+    rows = []
+    for metric in metrics:
+        family = []
+        for key, base in pairs:
+            d = stats.compare(_by_seed(groups[key], metric), _by_seed(groups[base], metric))
+            if d.n and d.n_baseline:
+                family.append({"group": _group_label(key, names), "baseline": _group_label(base, names),
+                               "metric": metric, "delta_mean": d.delta, "delta_ci95_lo": d.lo, "delta_ci95_hi": d.hi,
+                               "p_value": d.p, "p_holm": d.p if d.exact else math.nan, "test": d.test, "n": d.n,
+                               "n_baseline": d.n_baseline, "exact": d.exact})
+        # Only real tests count in Holm's family: an exact difference (a departure that leaves the
+        # metric unchanged on every seed) makes no error to guard against.
+        tested = [r for r in family if not r["exact"]]
+        for row, adjusted in zip(tested, stats.holm([r["p_value"] for r in tested])):
+            row["p_holm"] = adjusted
+        rows += family
+    return rows
+
+
+# ----------------------------------------------------------------------------- equal budgets
+
+
+def default_target(runs: Sequence[RunRecord], columns: Mapping[str, str]) -> float:
+    """The lowest of the groups' mean final validation accuracies: a target every group reaches on average."""
+    means = [statistics.fmean(v) for v in ([final_value(r.history) for r in members if r.finished
+                                            and math.isfinite(final_value(r.history))]
+                                           for members in group_runs(runs, columns).values()) if v]
+    return min(means) if means else math.nan
+
+
+def budget_rows(runs: Sequence[RunRecord], columns: Mapping[str, str], target: float) -> list[dict[str, Any]]:
+    """budget.csv: per group, how many finished runs reached ``target`` validation accuracy, and over
+    those the mean and 95 % interval of the first epoch that did and of each budget spent by its end."""
+    rows = []
+    for key, members in group_runs(runs, columns).items():
+        done = [r for r in members if r.finished and r.history.get("val_acc")]
+        if not done:
+            continue
+        spent = [s for s in (to_target(r.history, target) for r in done) if s is not None]
+        row: dict[str, Any] = {**dict(zip(columns, key)), "target_val_acc": target, "n": len(done),
+                               "reached": len(spent)}
+        for budget in ("epoch", *BUDGETS):
+            s = stats.describe([x[budget] for x in spent if math.isfinite(x[budget])])
+            row[f"{budget}_mean"], row[f"{budget}_ci95_lo"], row[f"{budget}_ci95_hi"] = s.mean, s.lo, s.hi
         rows.append(row)
     return rows
 
@@ -206,14 +351,24 @@ def _values(runs: Iterable[RunRecord], metric: str) -> list[float]:
     return [r.metrics[metric] for r in runs if r.finished and math.isfinite(r.metrics.get(metric, math.nan))]
 
 
-def mean_curve(histories: Iterable[Sequence[tuple[int, float]]]) -> tuple[list[int], list[float]]:
-    """The per-step mean over the runs that logged that step."""
+def _by_step(histories: Iterable[Sequence[tuple[int, float]]]) -> dict[int, list[float]]:
     by_step: dict[int, list[float]] = {}
     for h in histories:
         for step, value in h:
             by_step.setdefault(step, []).append(value)
-    steps = sorted(by_step)
-    return steps, [statistics.fmean(by_step[s]) for s in steps]
+    return dict(sorted(by_step.items()))
+
+
+def mean_curve(histories: Iterable[Sequence[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    """The per-step mean over the runs that logged that step."""
+    by_step = _by_step(histories)
+    return list(by_step), [statistics.fmean(v) for v in by_step.values()]
+
+
+def ci_curve(histories: Iterable[Sequence[tuple[int, float]]]) -> tuple[list[float], list[float]]:
+    """The per-step 95 % interval of the mean (nan where fewer than two runs logged the step)."""
+    summaries = [stats.describe(v) for v in _by_step(histories).values()]
+    return [s.lo for s in summaries], [s.hi for s in summaries]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -237,8 +392,10 @@ def md_escape(value: Any) -> str:
     return _CONTROL.sub(" ", _NEWLINE.sub("<br>", text))
 
 
-def _md_row(cells: Sequence[Any]) -> str:
-    return "| " + " | ".join(md_escape(c) for c in cells) + " |"
+def _md_row(cells: Sequence[Any], bold: Iterable[int] = ()) -> str:
+    """One table row, each cell escaped; the cells at the indices in ``bold`` set in bold."""
+    bold = set(bold)
+    return "| " + " | ".join(f"**{md_escape(c)}**" if i in bold else md_escape(c) for i, c in enumerate(cells)) + " |"
 
 
 def _cell(value: Any) -> str:
@@ -256,18 +413,25 @@ def write_csv_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 _SHOWN = {"test_acc": ("test acc %", 100.0, 2), "test_acc_best": ("best-model test acc %", 100.0, 2),
           "best_val_acc": ("best val acc %", 100.0, 2), "test_loss": ("test loss", 1.0, 3),
           "sync_rounds_total": ("sync rounds", 1.0, 0), "comm_bytes_total": ("MiB sent / worker", 1 / _MIB, 1),
-          "modelled_time_s": ("modelled time s", 1.0, 1), "epochs_run": ("epochs run", 1.0, 0),
-          "H_mean": ("mean H", 1.0, 1)}
+          "samples_total": ("samples seen", 1.0, 0), "modelled_time_s": ("modelled time s", 1.0, 1),
+          "epochs_run": ("epochs run", 1.0, 0), "H_mean": ("mean H", 1.0, 1), "epoch": ("epoch", 1.0, 1)}
+_TABLE = ("test_acc", "test_acc_best", "best_val_acc", "test_loss", "sync_rounds_total", "comm_bytes_total",
+          "modelled_time_s", "epochs_run", "H_mean")  # the main table's columns (summary.csv has every metric)
 _H_SUMMARY = ("H_first", "H_last", "H_mean")  # the H trained with (dpl.app.h_summary)
 
 
-def _fmt(row: Mapping[str, Any], metric: str) -> str:
-    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-    if math.isnan(mean):
-        return "diverged" if row["failed"] and not row["runs"] else "–"
+def _number(value: float, metric: str, signed: bool = False) -> str:
     _, scale, digits = _SHOWN.get(metric, (metric, 1.0, 4))
-    text = f"{mean * scale:.{digits}f}"
-    return text if math.isnan(std) else f"{text} ± {std * scale:.{digits}f}"
+    return f"{value * scale:{'+' if signed else ''}.{digits}f}"
+
+
+def _fmt(row: Mapping[str, Any], metric: str, n_key: str = "n") -> str:
+    """``mean ± half-width (n)`` of the 95 % interval; ``mean ± ? (1)`` where one run leaves it undefined."""
+    mean, lo, hi = row[f"{metric}_mean"], row[f"{metric}_ci95_lo"], row[f"{metric}_ci95_hi"]
+    if math.isnan(mean):
+        return "diverged" if row.get("failed") and not row[n_key] else "–"
+    half = "?" if math.isnan(lo) else _number((hi - lo) / 2, metric)
+    return f"{_number(mean, metric)} ± {half} ({row[n_key]})"
 
 
 def _param_text(value: Any) -> str:
@@ -286,27 +450,84 @@ def _h_cell(row: Mapping[str, Any]) -> str:
 
 
 def markdown(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str], runs: Sequence[RunRecord],
-             title: str, metrics: Sequence[str] = METRICS) -> str:
+             title: str, metrics: Sequence[str] = _TABLE, comparisons: Sequence[Mapping[str, Any]] = (),
+             budget: Sequence[Mapping[str, Any]] = (), baseline: Mapping[str, str] | None = None) -> str:
     params, columns = columns, list(columns)
     local = any(r.params.get("method.name") in LOCAL_METHODS for r in runs)
     shown = [m for m in metrics if m not in _H_SUMMARY or (m == "H_mean" and local)]
-    head = [*columns, "runs", "failed", *(_SHOWN.get(m, (m,))[0] for m in shown)]
+    head = [*columns, "failed", *(_SHOWN.get(m, (m,))[0] for m in shown)]
     lines = [f"# {md_escape(title)}", "",
              f"{sum(r.finished for r in runs)} finished, {sum(r.status in FAILED for r in runs)} failed, "
              f"{sum(r.status == INTERRUPTED for r in runs)} interrupted (not counted), "
-             f"{sum(r.status not in ('FINISHED', INTERRUPTED, *FAILED) for r in runs)} other runs; "
-             "mean ± sample std over the finished runs of a group (seeds)."
+             f"{sum(r.status not in ('FINISHED', INTERRUPTED, *FAILED) for r in runs)} other runs. "
+             f"Each cell: mean ± half-width of the {stats.INTERVAL} over the finished runs of a group, which "
+             "differ only in their seed, and (n) those runs; ± ?: one run, no interval."
              + (" H of a dynamic_h group: first→last epoch." if "dynamic_h" in columns else ""), "",
              _md_row(head), "|" + "---|" * len(head)]
     for row in rows:
         cells = [_h_cell(row) if c == "H" else _param_text(row[c]) for c in columns]
-        lines.append(_md_row([*cells, row["runs"], row["failed"], *(_fmt(row, m) for m in shown)]))
+        lines.append(_md_row([*cells, row["failed"], *(_fmt(row, m) for m in shown)]))
+    if comparisons:
+        lines += ["", *_comparison_lines(comparisons, baseline or {})]
+    if budget:
+        lines += ["", *_budget_lines(budget, columns)]
     failed = [r for r in runs if r.status in (*FAILED, INTERRUPTED)]
     if failed:
         lines += ["", "## Failed runs", "", "| run | group | status | reason |", "|---|---|---|---|"]
         lines += [_md_row([r.run_id, _group_label(_key(r, params), columns), r.status, r.reason or "–"])
                   for r in failed]
     return "\n".join(lines) + "\n"
+
+
+ALPHA = 0.05  # family-wise error rate of the marked differences (Holm)
+
+
+def _p_text(p: float) -> str:
+    return "–" if math.isnan(p) else f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _comparison_lines(comparisons: Sequence[Mapping[str, Any]], baseline: Mapping[str, str]) -> list[str]:
+    """The differences to the baseline, one row per group and metric; ``**`` marks those that survive
+    Holm's adjustment at 5 %, the rest say that the seeds cannot tell them apart."""
+    spec = ", ".join(f"{k}={v}" for k, v in baseline.items())
+    # Labels name groups in full (comparisons.csv); the table leaves out what every group shares.
+    common = set.intersection(*(set(c[k].split()) for c in comparisons for k in ("group", "baseline")))
+    short = lambda label: " ".join(w for w in label.split() if w not in common) or "all runs"  # noqa: E731
+    lines = [f"## Differences to the baseline ({md_escape(spec)})", "",
+             "Δ = group mean − baseline mean, in the metric's unit, with its 95 % CI; p: two-sided, from a "
+             "paired t-test over the seeds both groups ran when every seed is paired, Welch's t-test otherwise; "
+             f"p (Holm): adjusted over the comparisons of that metric. **Bold**: distinguishable at "
+             f"{ALPHA:g} after adjustment.", "",
+             _md_row(["group", "baseline", "metric", "Δ (95 % CI)", "p", "p (Holm)", "test", "n / n baseline",
+                      "verdict"]), "|" + "---|" * 9]
+    for c in comparisons:
+        m = c["metric"]
+        interval = ("" if math.isnan(c["delta_ci95_lo"]) else
+                    f" ({_number(c['delta_ci95_lo'], m, True)} to {_number(c['delta_ci95_hi'], m, True)})")
+        told = not math.isnan(c["p_holm"]) and c["p_holm"] < ALPHA
+        verdict = ("too few runs to test" if not c["test"] else
+                   "identical on every seed" if c["exact"] and c["delta_mean"] == 0 else
+                   "distinguishable" if told else "not distinguishable")
+        lines.append(_md_row([short(c["group"]), short(c["baseline"]), _SHOWN.get(m, (m,))[0],
+                              _number(c["delta_mean"], m, True) + interval, _p_text(c["p_value"]),
+                              _p_text(c["p_holm"]), c["test"] or "–", f"{c['n']} / {c['n_baseline']}", verdict],
+                             bold=(3, 8) if told else ()))
+    return lines
+
+
+def _budget_lines(budget: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
+    target = budget[0]["target_val_acc"]
+    shown = ("epoch", "samples_total", "sync_rounds_total", "comm_bytes_total", "modelled_time_s")
+    lines = [f"## Budget to reach {100 * target:.2f} % validation accuracy", "",
+             "Per group, over the runs that reached the target: the first epoch whose validation accuracy "
+             "did, and what was spent by the end of it; mean ± half-width of the 95 % CI (n runs that reached "
+             "it). Reached: how many of the finished runs did; a group none of whose runs reached it shows –.",
+             "", _md_row([*columns, "reached", *(_SHOWN[b][0] for b in shown)]), "|" + "---|" * (len(columns) + 6)]
+    for row in budget:
+        cells = [_param_text(row[c]) for c in columns]
+        lines.append(_md_row([*cells, f"{row['reached']} of {row['n']}",
+                              *(_fmt(row, b, "reached") for b in shown)]))
+    return lines
 
 
 # ----------------------------------------------------------------------------- figures
@@ -316,7 +537,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str], runs
 # and 1-2-5 log ticks or integer epoch ticks; tests/test_report.py checks that no tick labels
 # overlap and no legend covers a panel.
 
-_NAMED = ("method", "dynamic_h", "optimizer", "compression")  # columns whose values are names: shown bare in labels
+_CI_NOTE = " (bars: 95 % CI over seeds)"  # what every error bar and band of the report is
+_NAMED = ("method", "dynamic_h", "optimizer", "compression", "ablation")  # columns whose values are names: shown bare in labels
 _METRIC_LABEL = {"test_acc": "test accuracy", "test_acc_best": "best-model test accuracy",
                  "best_val_acc": "best val accuracy"}
 
@@ -344,6 +566,11 @@ def _label_of(key: Sequence[str], columns: Sequence[str], skip: Sequence[str] = 
 def _group_label(key: Sequence[str], columns: Sequence[str]) -> str:
     """``method=localsgd K=4``: a group named in full (the failed-runs list of report.md)."""
     return " ".join(f"{c}={v}" for c, v in zip(columns, key) if v != "") or "all runs"
+
+
+def _n_text(ns: Sequence[int]) -> str:
+    """``n=5``, or ``n=3-5`` when the points of one line rest on different numbers of runs."""
+    return f"n={min(ns)}" if min(ns) == max(ns) else f"n={min(ns)}-{max(ns)}"
 
 
 def _varying(groups: Mapping[tuple[str, ...], Any], columns: Sequence[str]) -> list[str]:
@@ -392,19 +619,20 @@ def fig_acc_vs_h(groups, columns: Sequence[str], metric: str):
         series: dict[str, list[tuple[float, float, float]]] = {}
         for key, members in sub.items():
             row = dict(zip(columns, key))
-            mean, std = mean_std(_values(members, metric))
-            if not math.isnan(mean):
-                series.setdefault(_label_of(key, columns, skip), []).append((_float(row["H"]), mean, std))
+            s = stats.describe(_values(members, metric))
+            if not math.isnan(s.mean):
+                series.setdefault(_label_of(key, columns, skip), []).append((_float(row["H"]), s.mean, s.half_width,
+                                                                              s.n))
         if series:
             facets[name] = series
     if not facets:
         return None
-    fig, axes = _panels(facets, f"{_metric_label(metric)} against local steps H")
+    fig, axes = _panels(facets, f"{_metric_label(metric)} against local steps H{_CI_NOTE}")
     for ax, series in zip(axes, facets.values()):
         for label, pts in sorted(series.items()):
             pts.sort()
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
-                        marker="o", capsize=3, label=label)
+                        marker="o", capsize=3, label=f"{label} ({_n_text([p[3] for p in pts])})")
         ax.set_xscale("log", base=2)
         ticks = sorted({p[0] for pts in series.values() for p in pts})
         ax.set_xticks(ticks, [f"{h:g}" for h in ticks])
@@ -426,21 +654,23 @@ def fig_acc_vs_rounds(groups, columns: Sequence[str], metric: str):
         for key, members in sub.items():
             done = [r for r in members if r.finished and metric in r.metrics and "sync_rounds_total" in r.metrics]
             if done:
-                pts.append((statistics.fmean(r.metrics["sync_rounds_total"] for r in done),
-                            statistics.fmean(r.metrics[metric] for r in done), key))
+                s = stats.describe([r.metrics[metric] for r in done])
+                pts.append((statistics.fmean(r.metrics["sync_rounds_total"] for r in done), s.mean, key,
+                            s.half_width, s.n))
         if pts:
             facets[name] = pts
     if not facets:
         return None
     per_group = len(groups) <= 16
     markers = "osD^v<>pPX*h"
-    fig, axes = _panels(facets, f"{_metric_label(metric)} against communication rounds")
+    fig, axes = _panels(facets, f"{_metric_label(metric)} against communication rounds{_CI_NOTE}")
     for ax, pts in zip(axes, facets.values()):
-        for n, (x, y, key) in enumerate(sorted(pts, key=lambda p: p[2])):
+        for n, (x, y, key, half, runs) in enumerate(sorted(pts, key=lambda p: p[2])):
             method = dict(zip(columns, key)).get("method", "runs")
-            label = _label_of(key, columns, skip) if per_group else mpl_escape(method)
-            ax.scatter([x], [y], color=f"C{methods.index(method) % 10}", label=label,
-                       marker=markers[n % len(markers)] if per_group else "o")
+            label = f"{_label_of(key, columns, skip)} (n={runs})" if per_group else mpl_escape(method)
+            ax.errorbar([x], [y], yerr=[0 if math.isnan(half) else half], color=f"C{methods.index(method) % 10}",
+                        label=label, marker=markers[n % len(markers)] if per_group else "o", linestyle="none",
+                        capsize=3)
         xs = [p[0] for p in pts]
         if min(xs) > 0:
             log_axis(ax, "x", min(xs), max(xs))
@@ -452,24 +682,30 @@ def fig_acc_vs_rounds(groups, columns: Sequence[str], metric: str):
 
 def _curves_fig(groups, columns: Sequence[str], history_key: str, ylabel: str, title: str,
                 keep=lambda row: True, skip: Sequence[str] = ()):
-    """Mean curve per group over the epochs (counted from 1, markers so that one epoch shows), per dataset."""
+    """Mean curve per group over the epochs (markers so that one epoch shows) with its 95 % interval
+    over the seeds as a band, per dataset."""
     kept = {k: m for k, m in groups.items() if keep(dict(zip(columns, k)))}
     skip = ["dataset", *skip] + [c for c in columns if c not in _varying(kept, columns)]
     facets = {}
     for name, sub in _by_dataset(kept, columns).items():
         curves = []
         for key, members in sub.items():
-            steps, values = mean_curve(r.history.get(history_key, []) for r in members if r.finished)
+            done = [r.history.get(history_key, []) for r in members if r.finished]
+            steps, values = mean_curve(done)
             if steps:
-                curves.append(([s + 1 for s in steps], values, _label_of(key, columns, skip)))
+                lo, hi = ci_curve(done)
+                curves.append((steps, values, f"{_label_of(key, columns, skip)} (n={sum(bool(h) for h in done)})",
+                               lo, hi))
         if curves:
             facets[name] = curves
     if not facets:
         return None
     fig, axes = _panels(facets, title)
     for ax, curves in zip(axes, facets.values()):
-        for xs, ys, label in curves:
-            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        for xs, ys, label, lo, hi in curves:
+            line, = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            if any(math.isfinite(v) for v in lo):
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         integer_ticks(ax)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -478,7 +714,8 @@ def _curves_fig(groups, columns: Sequence[str], history_key: str, ylabel: str, t
 
 
 def fig_learning_curves(groups, columns: Sequence[str]):
-    return _curves_fig(groups, columns, "val_acc", "val accuracy", "Validation accuracy (mean over seeds)")
+    return _curves_fig(groups, columns, "val_acc", "val accuracy",
+                       "Validation accuracy (mean over seeds, band: 95 % CI)")
 
 
 def fig_h_over_epochs(groups, columns: Sequence[str]):
@@ -590,7 +827,45 @@ def fig_acc_vs_lr(runs: Sequence[RunRecord], columns: Sequence[str], metric: str
     return fig
 
 
-def build_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], metric: str = "test_acc") -> dict:
+_BUDGET_PANELS = {"samples_total": ("samples seen", 1.0), "comm_bytes_total": ("MiB sent per worker", _MIB),
+                  "modelled_time_s": ("modelled time (s)", 1.0)}
+
+
+def fig_budget(budget: Sequence[Mapping[str, Any]], columns: Sequence[str]):
+    """Budget to the target accuracy per group: a horizontal bar per group in each panel (samples,
+    bytes, modelled time) with its 95 % interval; a group whose runs never reached it is named
+    with ``reached 0 of n`` and has no bar."""
+    if not budget:
+        return None
+    panels = {b: v for b, v in _BUDGET_PANELS.items() if any(math.isfinite(r[f"{b}_mean"]) for r in budget)}
+    if not panels:
+        return None
+    keys = [tuple(r[c] for c in columns) for r in budget]
+    varying = _varying(dict.fromkeys(keys), columns)
+    labels = [f"{_label_of(k, columns, [c for c in columns if c not in varying])} "
+              f"(reached {r['reached']} of {r['n']})" for k, r in zip(keys, budget)]
+    fig = Figure(figsize=(4.2 * len(panels) + 3.0, 1.4 + 0.35 * len(budget)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(1, len(panels), squeeze=False, sharey=True)[0])
+    fig.suptitle(f"Budget to reach {100 * budget[0]['target_val_acc']:.2f} % validation accuracy{_CI_NOTE}")
+    ys = list(range(len(budget)))
+    for ax, (name, (xlabel, scale)) in zip(axes, panels.items()):
+        means = [r[f"{name}_mean"] / scale for r in budget]
+        err = [[(r[f"{name}_mean"] - r[f"{name}_ci95_lo"]) / scale for r in budget],
+               [(r[f"{name}_ci95_hi"] - r[f"{name}_mean"]) / scale for r in budget]]
+        err = [[0.0 if not math.isfinite(e) else e for e in side] for side in err]
+        ax.barh(ys, [m if math.isfinite(m) else 0.0 for m in means], xerr=err, capsize=3,
+                color=[f"C{i % 10}" for i in ys], alpha=0.8)
+        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_formatter(FuncFormatter(short_number))
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(ys, labels)
+    axes[0].invert_yaxis()
+    return fig
+
+
+def build_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], metric: str = "test_acc",
+                  budget: Sequence[Mapping[str, Any]] = ()) -> dict:
     """File name -> matplotlib Figure, for the figures these runs have data for."""
     groups = group_runs(runs, columns)
     names = list(columns)
@@ -600,27 +875,43 @@ def build_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], metric:
                "h_over_epochs.png": fig_h_over_epochs(groups, names),
                "pareto.png": fig_pareto(runs, names, metric),
                "acc_vs_time.png": fig_acc_vs_time(runs, names, metric),
-               "acc_vs_lr.png": fig_acc_vs_lr(runs, names, metric)}
+               "acc_vs_lr.png": fig_acc_vs_lr(runs, names, metric),
+               "budget_to_target.png": fig_budget(budget, names)}
     return {name: fig for name, fig in figures.items() if fig is not None}
 
 
 def write_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], out_dir: Path,
-                  metric: str = "test_acc") -> list[Path]:
-    return [save_figure(fig, out_dir / name) for name, fig in build_figures(runs, columns, metric).items()]
+                  metric: str = "test_acc", budget: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+    return [save_figure(fig, out_dir / name) for name, fig in build_figures(runs, columns, metric, budget).items()]
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, metric: str = "test_acc") -> list[Path]:
-    """Write report.md, report.csv and the figures for ``runs``; return the paths written."""
+def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, metric: str = "test_acc",
+                 baseline: Optional[str] = None, target_acc: Optional[float] = None) -> list[Path]:
+    """Write summary.csv, comparisons.csv, budget.csv, runs.csv, report.md and the figures for ``runs``;
+    return the paths written. ``baseline`` is ``KEY=VALUE[,KEY=VALUE]`` (default: ``ablation=none``
+    where there is one, else the first group); ``target_acc`` the validation accuracy of the budget
+    table (default: the lowest of the groups' mean final validation accuracies)."""
     out_dir = Path(out_dir)
     columns = group_columns(runs)
     rows = summarise(runs, columns)
-    written = [write_csv_table(rows, out_dir / "report.csv")]
-    atomic_write_text(out_dir / "report.md", markdown(rows, columns, runs, title))
+    groups = group_runs(runs, columns)
+    spec = parse_baseline(baseline, columns) if baseline else default_baseline(groups, list(columns))
+    if baseline and not any(all(dict(zip(columns, k))[c] == v for c, v in spec.items()) for k in groups):
+        raise BaselineError(f"--baseline {baseline!r} matches no group of this report")
+    comparisons = compare_groups(runs, columns, spec)
+    target = default_target(runs, columns) if target_acc is None else target_acc
+    budget = budget_rows(runs, columns, target) if math.isfinite(target) else []
+    written = [write_csv_table(rows, out_dir / "summary.csv"),
+               write_csv_table(comparisons, out_dir / "comparisons.csv") if comparisons else None,
+               write_csv_table(budget, out_dir / "budget.csv") if budget else None,
+               write_csv_table(run_rows(runs, columns), out_dir / "runs.csv")]
+    atomic_write_text(out_dir / "report.md", markdown(rows, columns, runs, title, comparisons=comparisons,
+                                                      budget=budget, baseline=spec))
     written.append(out_dir / "report.md")
-    return written + write_figures(runs, columns, out_dir, metric)
+    return [p for p in written if p is not None] + write_figures(runs, columns, out_dir, metric, budget)
 
 
 _FOLDER_MAX_BYTES = 100  # well under the 255-byte file name limit of common file systems
@@ -652,8 +943,16 @@ def default_out_dir(kind: str, name: str) -> Path:
 DEFAULT_EXPERIMENT = "dpl"  # logger.experiment of a single run (conf/logger/mlflow.yaml)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (its default prints the whole usage first)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see python -m dpl.report --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dpl.report", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="python -m dpl.report", description=__doc__.split("\n\n")[0],
                                 epilog="With neither --experiment nor --sweep: the most recent of the latest sweep "
                                        f"and the single runs of experiment {DEFAULT_EXPERIMENT!r}.")
     p.add_argument("--experiment", help="MLflow experiment name (a sweep's runs are in the experiment it names)")
@@ -663,7 +962,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder, used as given (default reports/<experiment or sweep>, made one "
                                  "safe folder name)")
     p.add_argument("--metric", default="test_acc", choices=_ACC, help="accuracy used in the figures")
+    p.add_argument("--baseline", metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="the group every other is compared with (comparisons.csv); a group's baseline also agrees "
+                        "with it on the other columns (default: ablation=none where the runs have it, else the "
+                        "first group)")
+    p.add_argument("--target-acc", type=_fraction, metavar="ACC",
+                   help="validation accuracy (0-1) of the budget-to-target table (default: the lowest of the groups' "
+                        "mean final validation accuracies, which every group reaches on average)")
     return p.parse_args(argv)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not an accuracy between 0 and 1")
+    return value
 
 
 def latest(client) -> tuple[Optional[str], Optional[str], str]:
@@ -706,7 +1019,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: no runs found for {kind}={name!r} in {args.tracking_uri}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else default_out_dir(kind, name)
-    for path in write_report(runs, out, title=f"dpl report: {name}", metric=args.metric):
+    try:
+        paths = write_report(runs, out, title=f"dpl report: {name}", metric=args.metric, baseline=args.baseline,
+                             target_acc=args.target_acc)
+    except BaselineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0
 

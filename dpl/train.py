@@ -214,6 +214,8 @@ class Trainer:
             **self.ledger.record_epoch(self.workers.point.take(), s.step, seen / self.workers.K,
                                        compute_s / self.workers.k_local),
             "comm_wall_s": comm_wall_s,  # measured in collectives (engine=distributed), beside the modelled bytes
+            # every worker's training samples so far: the budget of an equal-samples comparison (dpl.budget)
+            "samples_total": (s.history[-1].get("samples_total", 0.0) if s.history else 0.0) + seen,
         }
         s.history.append(record)
         if track_best(s, val_acc, self.cfg.patience):

@@ -11,17 +11,18 @@ import statistics
 import pytest
 
 from dpl.app import run
-from dpl.report import (RunRecord, fetch_runs, group_columns, main, md_escape, mean_curve, mean_std, pareto_front,
-                        safe_folder_name, summarise, tag_filter)
+from scipy import stats as scipy_stats
+
+from dpl.report import (RunRecord, budget_rows, compare_groups, fetch_runs, group_columns, group_runs, main,
+                        markdown, md_escape, mean_curve, mean_std, pareto_front, safe_folder_name, summarise,
+                        tag_filter)
 from dpl.tracking import mlflow_client
 from tests.conftest import compose_cfg
 
 BASE = ["dataset=synthetic", "dataset.num_train=400", "dataset.num_test=100", "epochs=2", "batch_size=32",
         "progress=false", "device=cpu", "logger=mlflow", "logger.plots=false", "logger.experiment=rep", "sweep=rep"]
-JOBS = {  # name -> overrides: two seeds of one cell, another H, a dynamic strategy, a diverging lr
-    "h2_seed0": ["method=localsgd", "K=2", "H=2", "seed=0"],
-    "h2_seed1": ["method=localsgd", "K=2", "H=2", "seed=1"],
-    "h4": ["method=localsgd", "K=2", "H=4"],
+JOBS = {  # name -> overrides: 3 seeds x 2 configs (H=2, H=4), a dynamic strategy, a diverging lr
+    **{f"h{h}_seed{s}": ["method=localsgd", "K=2", f"H={h}", f"seed={s}"] for h in (2, 4) for s in range(3)},
     "dynamic": ["method=localsgd", "K=2", "H=2", "dynamic_h=loss", "dynamic_h.h_min=1"],
     "diverged": ["method=centralized", "lr=1e9"],
 }
@@ -64,8 +65,8 @@ def _mlflow_runs(uri):
     return client.search_runs([exp.experiment_id], max_results=100)
 
 
-def _rows(out):
-    with open(out / "report.csv", newline="") as f:
+def _rows(out, name="summary.csv"):
+    with open(out / name, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -85,30 +86,40 @@ def test_divergence_fails_the_run_with_its_reason_and_returns_no_objective(store
 def test_table_numbers_are_mlflow_numbers(store):
     uri, _, out = store
     rows = _rows(out)
-    assert len(rows) == 4  # (centralized), (K=2 H=2 constant, two seeds), (K=2 H=2 loss), (K=2 H=4)
+    assert len(rows) == 4  # (centralized), (K=2 H=2 constant, 3 seeds), (K=2 H=2 loss), (K=2 H=4, 3 seeds)
     by_seed = {r.data.params["seed"]: r for r in _mlflow_runs(uri)
                if r.data.params["H"] == "2" and r.data.params["dynamic_h.name"] == "constant"}
-    pair = _cell(rows, method="localsgd", H="2", dynamic_h="constant")
-    assert pair["runs"] == "2" and pair["failed"] == "0"
-    for metric in ("test_acc", "best_val_acc", "test_loss", "comm_bytes_total"):
-        values = [by_seed[s].data.metrics[metric] for s in ("0", "1")]
-        assert float(pair[f"{metric}_mean"]) == statistics.fmean(values)
-        assert float(pair[f"{metric}_std"]) == statistics.stdev(values)
-    single = _cell(rows, H="4")
-    (h4,) = [r for r in _mlflow_runs(uri) if r.data.params["H"] == "4"]
-    assert float(single["test_acc_mean"]) == h4.data.metrics["test_acc"] and single["test_acc_std"] == ""
-    assert float(single["sync_rounds_total_mean"]) == h4.data.metrics["sync_rounds_total"]
+    cell = _cell(rows, method="localsgd", H="2", dynamic_h="constant")
+    assert cell["n"] == "3" and cell["failed"] == "0"
+    for metric in ("test_acc", "best_val_acc", "test_loss", "comm_bytes_total", "samples_total", "modelled_time_s"):
+        values = [by_seed[s].data.metrics[metric] for s in ("0", "1", "2")]
+        mean, sd = statistics.fmean(values), statistics.stdev(values)
+        half = scipy_stats.t.ppf(0.975, 2) * sd / math.sqrt(3)
+        assert float(cell[f"{metric}_mean"]) == pytest.approx(mean, rel=1e-12)
+        assert float(cell[f"{metric}_std"]) == pytest.approx(sd, rel=1e-9, abs=1e-12)
+        if sd:
+            assert float(cell[f"{metric}_ci95_lo"]) == pytest.approx(mean - half)
+            assert float(cell[f"{metric}_ci95_hi"]) == pytest.approx(mean + half)
+    single = _cell(rows, dynamic_h="loss")  # one run: no std, no interval
+    (dyn,) = [r for r in _mlflow_runs(uri) if r.data.params["dynamic_h.name"] == "loss"]
+    assert single["n"] == "1" and float(single["test_acc_mean"]) == dyn.data.metrics["test_acc"]
+    assert single["test_acc_std"] == single["test_acc_ci95_lo"] == single["test_acc_ci95_hi"] == ""
     diverged = _cell(rows, method="centralized")
-    assert (diverged["runs"], diverged["failed"], diverged["test_acc_mean"]) == ("0", "1", "")
+    assert (diverged["n"], diverged["failed"], diverged["test_acc_mean"]) == ("0", "1", "")
+    per_run = _rows(out, "runs.csv")
+    assert len(per_run) == len(JOBS) and {r["seed"] for r in per_run} == {"0", "1", "2"}
 
 
-def test_markdown_shows_mean_pm_std_and_lists_the_failure(store):
+def test_markdown_shows_mean_pm_ci_half_width_and_n_and_lists_the_failure(store):
     uri, _, out = store
     text = (out / "report.md").read_text()
-    pair = _cell(_rows(out), method="localsgd", H="2", dynamic_h="constant")
-    mean, std = float(pair["test_acc_mean"]), float(pair["test_acc_std"])
-    assert f"| {100 * mean:.2f} ± {100 * std:.2f} |" in text
-    assert "4 finished, 1 failed" in text and "diverged" in text
+    cell = _cell(_rows(out), method="localsgd", H="2", dynamic_h="constant")
+    mean, lo, hi = (float(cell[f"test_acc_{k}"]) for k in ("mean", "ci95_lo", "ci95_hi"))
+    assert f"| {100 * mean:.2f} ± {100 * (hi - lo) / 2:.2f} (3) |" in text
+    single = _cell(_rows(out), dynamic_h="loss")
+    assert f"| {100 * float(single['test_acc_mean']):.2f} ± ? (1) |" in text  # one seed: no interval, not ± 0
+    assert "95 % CI, Student's t with n−1 df" in text
+    assert "7 finished, 1 failed" in text and "diverged" in text
     (failed,) = [r for r in _mlflow_runs(uri) if r.info.status == "FAILED"]
     group = "dataset=synthetic method=centralized K=1 H=1 dynamic_h=constant optimizer=sgdm batch_size=32"
     assert f"| {failed.info.run_id} | {group} | FAILED | {failed.data.tags['failure_reason']} |" in text
@@ -116,9 +127,80 @@ def test_markdown_shows_mean_pm_std_and_lists_the_failure(store):
 
 def test_figures_are_written(store):
     _, _, out = store
-    for name in ("acc_vs_H", "acc_vs_rounds", "learning_curves", "h_over_epochs", "pareto", "acc_vs_time"):
+    for name in ("acc_vs_H", "acc_vs_rounds", "learning_curves", "h_over_epochs", "pareto", "acc_vs_time",
+                 "budget_to_target"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not list(out.glob(".*.tmp")) and not list(out.glob(".*png"))  # no temp files left behind
+
+
+def test_comparisons_against_the_default_baseline_equal_scipy(store):
+    uri, _, out = store
+    rows = _rows(out, "comparisons.csv")
+    runs = {(r.data.params["H"], r.data.params["dynamic_h.name"], r.data.params["seed"]): r
+            for r in _mlflow_runs(uri) if r.data.params["method.name"] == "localsgd"}
+    # the first group with a finished run (the centralized one diverged): K=2 H=2 constant
+    assert {r["baseline"] for r in rows} == {"dataset=synthetic method=localsgd K=2 H=2 dynamic_h=constant "
+                                             "optimizer=sgdm batch_size=32"}
+    for metric in ("test_acc", "best_val_acc"):
+        (h4,) = [r for r in rows if r["metric"] == metric and "H=4" in r["group"]]
+        a = [runs[("4", "constant", s)].data.metrics[metric] for s in "012"]
+        b = [runs[("2", "constant", s)].data.metrics[metric] for s in "012"]
+        assert h4["test"] == "paired" and (h4["n"], h4["n_baseline"]) == ("3", "3")  # the same three seeds
+        assert float(h4["delta_mean"]) == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
+        if len({x - y for x, y in zip(a, b)}) > 1:
+            assert float(h4["p_value"]) == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue)
+            assert h4["p_holm"] == h4["p_value"]  # the dynamic group cannot be tested: a family of one
+        (dyn,) = [r for r in rows if r["metric"] == metric and "dynamic_h=loss" in r["group"]]
+        assert (dyn["test"], dyn["p_value"], dyn["n"]) == ("", "", "1")  # one run: a difference, no test
+    text = (out / "report.md").read_text()
+    assert "## Differences to the baseline" in text and "too few runs to test" in text
+
+
+def test_budget_to_target_equals_the_numbers_in_history_csv(store):
+    _, results, out = store
+    histories = {name: _rows(out.parent / name, "history.csv") for name in results if name != "diverged"}
+    finals = {}
+    for name, rows in histories.items():
+        finals.setdefault(name.split("_seed")[0], []).append(float(rows[-1]["val_acc"]))
+    target = min(statistics.fmean(v) for v in finals.values())  # the default: every group reaches it on average
+    budget = _rows(out, "budget.csv")
+    assert [float(r["target_val_acc"]) for r in budget] == pytest.approx([target] * len(budget))
+    for h in (2, 4):
+        spent = []
+        for s in range(3):
+            rows = histories[f"h{h}_seed{s}"]
+            i = next((i for i, r in enumerate(rows) if float(r["val_acc"]) >= target), None)  # by hand
+            if i is not None:  # a seed below its group's mean may never reach the target: counted, not averaged
+                spent.append({"epoch": i + 1, **{k: float(rows[i][k]) for k in (
+                    "samples_total", "sync_rounds_total", "comm_bytes_total", "modelled_time_s")}})
+        row = _cell(budget, H=str(h), dynamic_h="constant")
+        assert (row["n"], row["reached"]) == ("3", str(len(spent))) and spent
+        for key in spent[0]:
+            assert float(row[f"{key}_mean"]) == pytest.approx(statistics.fmean(x[key] for x in spent)), key
+    assert "## Budget to reach" in (out / "report.md").read_text()
+
+
+def test_baseline_and_target_options(store, tmp_path, capsys):
+    uri, _, _ = store
+    out = tmp_path / "o"
+    assert main(["--experiment", "rep", "--tracking-uri", uri, "--out", str(out), "--baseline", "H=4",
+                 "--target-acc", "1.0"]) == 0
+    rows = _rows(out, "comparisons.csv")
+    assert rows and all("H=4" in r["baseline"] and "H=4" not in r["group"] for r in rows)
+    budget = _rows(out, "budget.csv")  # nobody reaches 100 %: counted, not dropped
+    assert budget and all(r["reached"] == "0" and r["epoch_mean"] == "" for r in budget)
+    for bad in (["--baseline", "nope=1"], ["--baseline", "H=99"], ["--target-acc", "7"]):
+        capsys.readouterr()
+        code = _exit_code(lambda: main(["--experiment", "rep", "--tracking-uri", uri, "--out", str(out), *bad]))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "error" in err[0], (bad, err)
+
+
+def _exit_code(call) -> int:
+    try:
+        return call()
+    except SystemExit as e:  # argparse's own errors (usage line + error line go to stderr)
+        return e.code
 
 
 def test_sweep_tag_selects_the_same_runs(store):
@@ -126,9 +208,9 @@ def test_sweep_tag_selects_the_same_runs(store):
     client = mlflow_client(uri)
     by_tag = fetch_runs(client, sweep="rep", history_keys=())
     by_name = fetch_runs(client, experiment="rep", history_keys=())
-    assert sorted(r.run_id for r in by_tag) == sorted(r.run_id for r in by_name) and len(by_tag) == 5
+    assert sorted(r.run_id for r in by_tag) == sorted(r.run_id for r in by_name) and len(by_tag) == len(JOBS)
     dynamic = [r for r in fetch_runs(client, experiment="rep") if r.params.get("dynamic_h.name") == "loss"]
-    assert [step for step, _ in dynamic[0].history["H"]] == [0, 1]  # H of each epoch, from the metric history
+    assert [step for step, _ in dynamic[0].history["H"]] == [1, 2]  # H of each epoch (from 1), from the metric history
 
 
 def test_unknown_experiment_is_one_line_error(store, capsys):
@@ -216,11 +298,12 @@ def test_a_hostile_name_reports_inside_reports_and_injects_nothing(hostile_store
     assert "<script" not in text.lower() and not re.search(r"(?<!\\)[\[\]`]", text)  # no tag, no link, no code
     assert text.startswith(f"# dpl report: {md_escape(name)}\n")
     assert "3 finished, 1 failed" in text  # the sweep (or experiment) of this name, all of it
-    main_table, failed = _tables(text)
+    tables = _tables(text)  # the groups, (the differences, the budget), the failed runs
+    main_table, failed = tables[0], tables[-1]
     assert len(main_table) == 4 and len(failed) == 3  # header, rule, a row per group / per failed run
-    for table in (main_table, failed):
+    for table in tables:
         assert all(_cells(line) == _cells(table[0]) for line in table), table
-    assert main_table[0].startswith("| dataset | method | K | runs | failed | test acc % |") and _cells(failed[0]) == 4
+    assert main_table[0].startswith("| dataset | method | K | failed | test acc % |") and _cells(failed[0]) == 4
 
 
 def test_a_name_with_both_quotes_is_matched_after_the_search(hostile_store):
@@ -321,7 +404,7 @@ def test_group_columns_add_swept_params_but_not_seeds_or_dependent_ones():
 def test_summarise_keeps_failed_runs_out_of_the_means():
     runs = [_rec(acc=0.4), _rec(acc=0.6, seed="1"), _rec(status="FAILED", seed="2")]
     (row,) = summarise(runs, group_columns(runs), metrics=("test_acc",))
-    assert (row["runs"], row["failed"]) == (2, 1)
+    assert (row["n"], row["failed"]) == (2, 1)
     assert row["test_acc_mean"] == pytest.approx(0.5) and row["test_acc_std"] == pytest.approx(math.sqrt(0.02))
 
 
@@ -378,7 +461,7 @@ def test_every_figure_is_legible(epochs):
         ticks = [t for ax in figures[name].axes for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert all(t == int(t) for t in ticks) and min(ticks) >= 0, name
     labels = {t.get_text() for leg in figures["h_over_epochs.png"].legends for t in leg.get_texts()}
-    assert labels == {"loss", "desc_pow2"}  # no "H=1": the configured H is not what they trained with
+    assert labels == {"loss (n=1)", "desc_pow2 (n=1)"}  # no "H=1": the configured H is not what they trained with
 
 
 def test_table_has_a_dataset_column_rounded_params_and_the_h_trained_with():
@@ -429,3 +512,60 @@ def test_pareto_figure_of_a_compression_sweep_draws_a_curve_per_compressor():
     # one curve per compressor and error feedback, through its ratios; one method: not named
     assert curves == {"topk+EF": 3, "topk": 3, "randomk+EF": 2, "int8": 1, "none": 1, "Pareto front": curves["Pareto front"]}
     assert_legible(fig, "pareto.png")
+
+
+# ----------------------------------------------------------------------------- statistics on hand-made runs
+
+
+def _hist(*accs):
+    return {"val_acc": [(e + 1, a) for e, a in enumerate(accs)],
+            "samples_total": [(e + 1, 100.0 * (e + 1)) for e in range(len(accs))]}
+
+
+def test_groups_ignore_the_seed_and_only_the_seed():
+    same = [_rec(seed=s, results_csv=f"/r{s}.csv", **{"logger.experiment": s}) for s in ("0", "1", "2")]
+    assert len(group_runs(same, group_columns(same))) == 1  # seeds and bookkeeping: one group
+    for key, values in (("lr", ("0.1", "0.2")), ("dataset.num_train", ("100", "200")), ("K", ("2", "4"))):
+        runs = [_rec(seed=s, **{key: v}) for v in values for s in ("0", "1")]
+        groups = group_runs(runs, group_columns(runs))
+        assert len(groups) == 2 and all(len(m) == 2 for m in groups.values()), key
+
+
+def test_a_target_that_some_runs_never_reach_is_reported_as_such():
+    runs = [_rec(seed="0", **{"H": "2"}), _rec(seed="1", **{"H": "2"}), _rec(seed="0", **{"H": "4"}),
+            _rec(seed="1", **{"H": "4"})]
+    for r, h in zip(runs, (_hist(0.2, 0.6), _hist(0.3, 0.4), _hist(0.1, 0.2), _hist(0.1, 0.3))):
+        r.history = h
+    columns = group_columns(runs)
+    rows = budget_rows(runs, columns, target=0.5)
+    h2, h4 = (_cell(rows, H=h) for h in ("2", "4"))
+    assert (h2["n"], h2["reached"], h2["epoch_mean"], h2["samples_total_mean"]) == (2, 1, 2.0, 200.0)
+    assert math.isnan(h2["epoch_ci95_lo"])  # one run reached it: no interval
+    assert (h4["n"], h4["reached"]) == (2, 0) and math.isnan(h4["epoch_mean"])
+    text = markdown(summarise(runs, columns), columns, runs, "t", budget=rows)
+    assert "| 1 of 2 | 2.0 ± ? (1) |" in text and "| 0 of 2 | – |" in text
+
+
+def test_default_baseline_is_each_rows_own_ablation_none():
+    from dpl.report import default_baseline
+
+    runs = []
+    for method, shift in (("slowmo", 0.0), ("centralized", 0.3)):
+        for ablation, gain in (("none", 0.0), ("lr_per_step", 0.05), ("clean_val", 0.0)):
+            for s in range(3):
+                runs.append(_rec(acc=0.4 + shift + gain + 0.01 * s * (1 + gain), seed=str(s), ablation=ablation,
+                                 **{"method.name": method}))
+    columns = group_columns(runs)
+    assert "ablation" in columns
+    spec = default_baseline(group_runs(runs, columns), list(columns))
+    assert spec == {"ablation": "none"}
+    rows = compare_groups(runs, columns, spec, metrics=("test_acc",))
+    assert len(rows) == 4 and all(r["baseline"].replace("ablation=none", "") == r["group"].split("ablation=")[0]
+                                  for r in rows)  # each compared with its own row's none
+    lr = [r for r in rows if "lr_per_step" in r["group"]]
+    assert all(r["test"] == "paired" and r["delta_mean"] == pytest.approx(0.05 + 0.0005) for r in lr)
+    clean = [r for r in rows if "clean_val" in r["group"]]
+    assert all(r["exact"] and r["p_value"] == 1.0 for r in clean)  # unchanged on every seed: not a test
+    # Holm's family is the two real tests of the metric
+    assert all(r["p_holm"] == pytest.approx(min(1.0, 2 * min(x["p_value"] for x in lr)))
+               or r["p_holm"] == pytest.approx(max(x["p_value"] for x in lr)) for r in lr)

@@ -201,12 +201,12 @@ def test_grid_sweep_makes_one_child_run_per_cell_and_the_report_matches(tmp_path
     out = tmp_path / "report"
     assert report(["--sweep", "localsgd_grid", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                    "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out / "report.csv")))
+    rows = list(csv.DictReader(open(out / "summary.csv")))
     assert len(rows) == 4  # the parent run is not a row
     by_cell = {(r.data.params["K"], r.data.params["H"]): r for r in jobs}
     for row in rows:
         run = by_cell[(row["K"], row["H"])]
-        assert row["runs"] == "1" and row["failed"] == "0"
+        assert row["n"] == "1" and row["failed"] == "0"
         for metric in ("test_acc", "best_val_acc", "sync_rounds_total", "comm_bytes_total"):
             assert float(row[f"{metric}_mean"]) == run.data.metrics[metric]
     assert (out / "report.md").is_file() and (out / "acc_vs_H.png").is_file() and (out / "pareto.png").is_file()
@@ -263,12 +263,12 @@ def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path
     out = tmp_path / "report"
     assert report(["--experiment", "optuna_lr", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                    "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out / "report.csv")))
-    assert sum(int(r["failed"]) for r in rows) == 2 and sum(int(r["runs"]) for r in rows) == 3
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert sum(int(r["failed"]) for r in rows) == 2 and sum(int(r["n"]) for r in rows) == 3
     diverged = [r for r in rows if r["failed"] == "1"]
     assert all(r["test_acc_mean"] == "" for r in diverged)
     assert "## Failed runs" in (out / "report.md").read_text()
-    assert not math.isnan(max(float(r["best_val_acc_mean"]) for r in rows if r["runs"] == "1"))
+    assert not math.isnan(max(float(r["best_val_acc_mean"]) for r in rows if r["n"] == "1"))
     assert (out / "acc_vs_lr.png").is_file()  # an Optuna search: accuracy against the sampled lr
 
     # A search where every trial diverges says so plainly, with no best parameters.

@@ -1,0 +1,39 @@
+"""Equal-budget comparisons: what a run spent before it first reached a target accuracy.
+
+Step-matched comparisons (the same epochs for every method) favour whichever method spends more
+per epoch. Local methods are compared in the field at an equal budget instead: the samples seen,
+the bytes sent or the (modelled) time needed to reach a target quality (Lin et al., "Don't use
+large mini-batches, use local SGD", ICLR 2020; Douillard et al., "DiLoCo", 2023). A run's history
+has, per epoch, the validation accuracy and each cumulative budget; the budget to target is their
+value at the first epoch whose validation accuracy reaches the target.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Sequence
+
+# Cumulative per-epoch metrics (history.csv columns, MLflow metric histories): what was spent so far.
+BUDGETS = ("samples_total", "sync_rounds_total", "comm_bytes_total", "modelled_time_s")
+ACCURACY = "val_acc"
+
+History = Mapping[str, Sequence[tuple[int, float]]]  # key -> [(epoch number from 1, value)]
+
+
+def final_value(history: History, key: str = ACCURACY) -> float:
+    """The last epoch's value of ``key`` (nan without one)."""
+    points = history.get(key) or []
+    return max(points)[1] if points else math.nan
+
+
+def to_target(history: History, target: float, key: str = ACCURACY) -> Optional[dict[str, float]]:
+    """``{"epoch": e, budget: value at e, ...}`` for the first epoch e whose ``key`` is at least
+    ``target``; None when no epoch reaches it. A budget the run did not log is nan."""
+    for epoch, value in sorted(history.get(key) or []):
+        if value >= target:
+            spent = {"epoch": float(epoch)}
+            for budget in BUDGETS:
+                at = dict(history.get(budget) or [])
+                spent[budget] = float(at.get(epoch, math.nan))
+            return spent
+    return None
