@@ -213,13 +213,18 @@ def summarise(runs: Sequence[RunRecord], columns: Mapping[str, str],
     return rows
 
 
-def run_rows(runs: Sequence[RunRecord], columns: Mapping[str, str],
-             metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
-    """One row per run (runs.csv): its id, status, group columns, seed and final metrics: the numbers
-    behind every mean, for a researcher's own analysis."""
-    return [{"run_id": r.run_id, "status": r.status, **dict(zip(columns, _key(r, columns))),
-             "seed": r.params.get("seed", ""), **{m: r.metrics.get(m, math.nan) for m in metrics}}
-            for r in runs]
+def run_rows(runs: Sequence[RunRecord], columns: Mapping[str, str], metrics: Sequence[str] = METRICS,
+             target: float = math.nan) -> list[dict[str, Any]]:
+    """One row per run (runs.csv): its id, status, group columns, seed, final metrics and, for the
+    budget table's target, the epoch it first reached it and what it had spent by then (empty when it
+    never did): the numbers behind every mean, for a researcher's own analysis."""
+    rows = []
+    for r in runs:
+        spent = to_target(r.history, target) if r.finished and math.isfinite(target) else None
+        rows.append({"run_id": r.run_id, "status": r.status, **dict(zip(columns, _key(r, columns))),
+                     "seed": r.params.get("seed", ""), **{m: r.metrics.get(m, math.nan) for m in metrics},
+                     **{f"to_target_{b}": (spent or {}).get(b, math.nan) for b in ("epoch", *BUDGETS)}})
+    return rows
 
 
 # ----------------------------------------------------------------------------- differences to a baseline
@@ -907,7 +912,7 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, met
     written = [write_csv_table(rows, out_dir / "summary.csv"),
                write_csv_table(comparisons, out_dir / "comparisons.csv") if comparisons else None,
                write_csv_table(budget, out_dir / "budget.csv") if budget else None,
-               write_csv_table(run_rows(runs, columns), out_dir / "runs.csv")]
+               write_csv_table(run_rows(runs, columns, target=target), out_dir / "runs.csv")]
     atomic_write_text(out_dir / "report.md", markdown(rows, columns, runs, title, comparisons=comparisons,
                                                       budget=budget, baseline=spec))
     written.append(out_dir / "report.md")

@@ -175,6 +175,9 @@ def test_budget_to_target_equals_the_numbers_in_history_csv(store):
                     "samples_total", "sync_rounds_total", "comm_bytes_total", "modelled_time_s")}})
         row = _cell(budget, H=str(h), dynamic_h="constant")
         assert (row["n"], row["reached"]) == ("3", str(len(spent))) and spent
+        per_run = [r for r in _rows(out, "runs.csv") if r["H"] == str(h) and r["dynamic_h"] == "constant"]
+        assert sorted(float(r["to_target_epoch"]) for r in per_run if r["to_target_epoch"]) == \
+            sorted(x["epoch"] for x in spent)
         for key in spent[0]:
             assert float(row[f"{key}_mean"]) == pytest.approx(statistics.fmean(x[key] for x in spent)), key
     assert "## Budget to reach" in (out / "report.md").read_text()
