@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from dpl.config import GROUPS as SCHEMA_GROUPS
 from dpl.config import SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig, check_options, option_keys, to_schema
+from dpl.sweep import check_seeds
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"  # the sweep configs (`--config-name <sweep>`)
@@ -234,9 +235,11 @@ def check_hydra_overrides(parsed: list, args: list[str], conf_dir: Path = CONF_D
                               f"{options}") from None
     interval = next((o for o in parsed if o.is_sweep_override() and isinstance(o.value(), IntervalSweep)), None)
     sweeper_keys = [o for o in parsed if o.key_or_group.startswith("hydra.sweeper.")]
-    if interval is None and not sweeper_keys:
+    seed = next((o for o in parsed if o.key_or_group == "seed"), None)
+    searching = name is not None or any(o.key_or_group == "hydra/sweeper" for o in parsed)
+    if interval is None and not sweeper_keys and not (seed is not None and searching):
         return
-    sweeper = sweeper_config(parsed, args, conf_dir)
+    sweeper = sweeper_config(parsed, args, conf_dir)  # (the hydra.sweeper.* overrides not applied)
     optuna = "optuna" in str(sweeper.get("_target_", "")).lower()
     if interval is not None and not optuna:
         raise ConfigError(f"{interval.input_line} is invalid with Hydra's basic sweeper, which needs values to "
@@ -254,6 +257,21 @@ def check_hydra_overrides(parsed: list, args: list[str], conf_dir: Path = CONF_D
         if key in ("n_trials", "n_jobs") and not (isinstance(value, int) and not isinstance(value, bool)
                                                    and value >= 1):
             raise ConfigError(f"{o.input_line} is invalid: allowed an integer >= 1")
+        if key == "seeds":
+            check_seeds(value, o.input_line)
+    seeds = next((o.value() for o in reversed(sweeper_keys) if o.key_or_group == "hydra.sweeper.seeds"),
+                 sweeper.get("seeds"))
+    searched = next((o.input_line for o in sweeper_keys if o.key_or_group == "hydra.sweeper.params.seed"),
+                    "hydra.sweeper.params.seed" if "seed" in (sweeper.get("params") or {}) else None)
+    check_seed_source(seeds, seed.input_line if seed is not None else searched)
+
+
+def check_seed_source(seeds: Any, seed: str | None) -> None:
+    """With ``hydra.sweeper.seeds`` the sweeper sets each job's seed: a ``seed`` override or a
+    searched seed (``seed``, the line that sets it) as well would be overridden in silence."""
+    if seeds is not None and seed is not None:
+        raise ConfigError(f"{seed} is invalid with hydra.sweeper.seeds={list(seeds)}, which sets each job's "
+                          f"seed: drop one of them")
 
 
 def sweeper_config(parsed: list, args: list[str], conf_dir: Path = CONF_DIR) -> DictConfig:

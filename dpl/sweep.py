@@ -22,7 +22,8 @@ or SIGTERM ends its parent KILLED (at interpreter exit); only SIGKILL leaves it 
 ``hydra_plugins.dpl_sweepers.OptunaSweeper`` is Hydra's Optuna sweeper with two failure paths made explicit:
 an interrupted trial is marked FAIL in the study (not left RUNNING), and a search whose
 every trial failed or diverged says so instead of ending in Optuna's "No trials are
-completed yet" traceback.
+completed yet" traceback. With ``hydra.sweeper.seeds=[0,1,2]`` each trial runs once per seed,
+as ordinary jobs of the sweep, and Optuna is told the mean (:func:`check_seeds`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
+
+from dpl.errors import ConfigError
 
 log = logging.getLogger("dpl")
 
@@ -188,3 +191,21 @@ def fail_running_trials(study, since: datetime.datetime) -> None:
                 log.warning("optuna: trial %d was interrupted; marked FAIL", t.number)
             except Exception as e:  # another process ended it meanwhile
                 log.warning("optuna: could not mark trial %d FAIL: %s", t.number, e)
+
+
+SEED_RANGE = 2**63  # Config.seed's bound
+
+
+def check_seeds(seeds: Any, line: Optional[str] = None) -> Optional[list[int]]:
+    """``hydra.sweeper.seeds`` as a list of ints, or None (one job per trial, with the config's
+    seed). ConfigError in one line otherwise: an empty list would run no job, and a seed listed
+    twice would train the same model twice and count it twice in the mean."""
+    if seeds is None:
+        return None
+    line = line or f"hydra.sweeper.seeds={seeds}"
+    items = list(seeds) if isinstance(seeds, (list, tuple, ListConfig)) else []
+    valid = all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SEED_RANGE for s in items)
+    if not items or not valid or len(set(items)) != len(items):
+        raise ConfigError(f"{line} is invalid: allowed null or a list of distinct seeds in [0, 2**63), "
+                          f"e.g. hydra.sweeper.seeds='[0,1,2]'")
+    return items

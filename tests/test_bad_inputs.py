@@ -149,7 +149,7 @@ CASES = [
     C("dynamic_h.h_min=0", ["method=localsgd", "dynamic_h=loss", "dynamic_h.h_min=0"], "dynamic_h.h_min=0"),
     C("compression.ratio=2", ["method=localsgd", "compression=topk", "compression.ratio=2"], "compression.ratio="),
     C("key of another option", ["logger=none", "logger.tracking_uri=x"], "is not a key of logger=none"),
-    C("hydra/sweeper=nope", ["hydra/sweeper=nope"], "allowed one of basic, optuna"),
+    C("hydra/sweeper=nope", ["hydra/sweeper=nope"], "allowed one of basic, dpl_optuna, optuna"),
     *([C("device=cuda without one", ["device=cuda"], "device='cuda' is invalid")]
       if not torch.cuda.is_available() else []),
     C("logger.experiment empty", ["logger.experiment="], "logger.experiment='' is invalid"),
@@ -204,6 +204,12 @@ CASES = [
     C("optuna direction sideways", ["hydra.sweeper.direction=sideways"], "direction", config_name="optuna_lr"),
     C("optuna n_trials=0", ["hydra.sweeper.n_trials=0"], "n_trials", config_name="optuna_lr"),
     C("sweeper key of optuna on basic", ["-m", "K=1,2", "hydra.sweeper.n_trials=3"], "is not a key of this sweeper"),
+    C("optuna seeds twice", ["hydra.sweeper.seeds=[0,0]"], "hydra.sweeper.seeds=[0,0] is invalid",
+      config_name="optuna_lr"),
+    C("optuna seeds a count", ["hydra.sweeper.seeds=3"], "allowed null or a list of distinct seeds",
+      config_name="optuna_lr"),
+    C("optuna seeds and seed", ["hydra.sweeper.seeds=[0,1]", "seed=4"], "seed=4 is invalid with hydra.sweeper.seeds",
+      config_name="optuna_lr"),
     C("flags after overrides", ["-m", "K=1,0"], "K=0 is invalid"),
 ]
 

@@ -103,6 +103,7 @@ def test_sweep_grids_are_the_issue_grids():
     optuna = compose_sweep("optuna_lr", "optimizer=adamw")
     assert optuna.hydra.sweeper.direction == "maximize" and optuna.hydra.sweeper.storage.startswith("sqlite:///")
     assert optuna.hydra.sweeper.study_name == "optuna_lr-adamw"  # one resumable study per optimizer
+    assert optuna.hydra.sweeper.seeds is None  # one job per trial unless asked (hydra.sweeper.seeds=[0,1,2])
     assert grid(optuna) == {"lr": [1e-4, 1.0], "weight_decay": [1e-6, 1e-2]}
     compression = compose_sweep("compression")
     assert (compression.method.name, compression.K, compression.H) == ("localsgd", 4, 8)
@@ -278,3 +279,77 @@ def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path
     assert "no trial of study all_diverge completed" in proc.stdout + proc.stderr
     third = yaml.safe_load((tmp_path / "third" / "optimization_results.yaml").read_text())
     assert third["best_params"] is None and third["best_value"] is None
+
+
+def test_optuna_seeds_per_trial_are_jobs_scored_by_their_mean(tmp_path):
+    """2 trials x 2 seeds: four ordinary jobs, one trial told the mean of its seeds, and one
+    trial FAIL because one of its seeds diverged (the other did not)."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    # lr=3 is at the edge of divergence for this tiny net: there one seed diverges and the other
+    # does not (which one is chaotic, so the checks below hold for whichever). A seeded random
+    # sampler over the two values gives each trial one of them.
+    _dpl(tmp_path, "--config-name", "optuna_lr", *TINY, f"hydra.sweeper.storage={storage}",
+         "hydra.sweeper.seeds=[0,1]", "hydra.sweeper.n_trials=2", "hydra/sweeper/sampler=random",
+         "hydra.sweeper.sampler.seed=0", "lr=choice(0.05,3)", "hydra.sweeper.params.weight_decay=5e-4",
+         f"hydra.sweep.dir={tmp_path / 'mr'}")
+    trials = _trials(storage, "optuna_lr-sgdm")
+    assert sorted(t.params["lr"] for t in trials) == [0.05, 3]
+
+    # Trial t's seeds are jobs 2t and 2t+1: their own job dirs, seed added to the trial's overrides.
+    dirs = sorted((tmp_path / "mr").glob("[0-9]*"), key=lambda p: int(p.name))
+    assert [p.name for p in dirs] == ["0", "1", "2", "3"]
+    for num, d in enumerate(dirs):
+        overrides = yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())
+        assert overrides[-1] == f"seed={num % 2}"
+        assert f"lr={trials[num // 2].params['lr']}" in overrides
+
+    # Each job is its own MLflow run under the sweep's one parent.
+    jobs, parents = _runs(_client(tmp_path / "mlflow.db"), "optuna_lr")
+    assert len(parents) == 1 and len(jobs) == 4
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in jobs)
+    by_job = {(float(r.data.params["lr"]), int(r.data.params["seed"])): r for r in jobs}
+    assert set(by_job) == {(lr, s) for lr in (0.05, 3.0) for s in (0, 1)}
+
+    mixed = 0
+    for t in trials:
+        runs = [by_job[(t.params["lr"], s)] for s in (0, 1)]
+        values = [r.data.metrics["best_val_acc"] if r.info.status == "FINISHED" else None for r in runs]
+        assert t.user_attrs["seeds"] == [0, 1] and t.user_attrs["seed_values"] == values
+        if None in values:  # a diverged seed: the trial is FAIL, whatever the other seed scored
+            assert t.state.name == "FAIL" and t.value is None
+            mixed += values.count(None) == 1
+        else:
+            assert t.state.name == "COMPLETE" and t.value == pytest.approx(sum(values) / 2)
+    (small,) = [t for t in trials if t.params["lr"] == 0.05]
+    assert small.state.name == "COMPLETE"
+    assert mixed == 1, "lr=3 no longer splits its two seeds here: pick another lr at the edge (2 to 16)"
+    best = yaml.safe_load((tmp_path / "mr" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == small.value and best["best_params"]["lr"] == 0.05
+
+    # Three rows in results.csv (the diverged job has none), and the report groups a trial's seeds.
+    assert len(list(csv.DictReader(open(tmp_path / "results.csv")))) == 3
+    from dpl.report import main as report
+
+    out = tmp_path / "report"
+    assert report(["--experiment", "optuna_lr", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   "--out", str(out)]) == 0
+    rows = {float(r["lr"]): r for r in csv.DictReader(open(out / "report.csv"))}
+    assert (rows[0.05]["runs"], rows[0.05]["failed"]) == ("2", "0")
+    assert (rows[3.0]["runs"], rows[3.0]["failed"]) == ("1", "1")
+    assert float(rows[0.05]["best_val_acc_mean"]) == pytest.approx(small.value)
+
+
+def test_a_trial_is_its_failed_or_diverged_seed_or_the_mean():
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.dpl_sweepers._seeds import fold
+
+    def job(value, status=JobStatus.COMPLETED):
+        return JobReturn(overrides=["lr=0.1", "seed=0"], status=status, _return_value=value)
+
+    assert fold(["lr=0.1"], [job(0.25), job(0.5)], [0, 1]).return_value == 0.375
+    assert fold(["lr=0.1"], [job(0.25), job(0.5)], [0, 1]).overrides == ["lr=0.1"]
+    assert fold(["lr=0.1"], [job(0.25), job("diverged")], [3, 7]).return_value == "diverged (seed 7)"
+    assert fold(["lr=0.1"], [job(math.nan), job(0.5)], [3, 7]).return_value == "diverged (seed 3)"
+    crashed = job(RuntimeError("out of memory"), JobStatus.FAILED)
+    assert fold(["lr=0.1"], [job(0.25), crashed], [0, 1]) is crashed  # the sweeper raises its error

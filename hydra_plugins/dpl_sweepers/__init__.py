@@ -1,32 +1,47 @@
-"""dpl's Optuna sweeper: Hydra's, with failed and interrupted trials made explicit.
+"""dpl's Optuna sweeper: Hydra's, with failed and interrupted trials made explicit, and
+optionally several seeds per trial.
 
 Hydra instantiates sweepers only from the ``hydra_plugins`` namespace, hence this package;
-``sweeps/optuna_lr.yaml`` selects it with ``hydra.sweeper._target_``. See dpl/sweep.py.
+``sweeps/optuna_lr.yaml`` selects it with ``hydra/sweeper: dpl_optuna``, the schema stored
+here (Hydra's ``optuna`` schema plus ``seeds``). See dpl/sweep.py.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import Any, List, Optional
 
+from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _HydraOptunaSweeper
 from omegaconf import OmegaConf
 
-from dpl.sweep import fail_running_trials
+from dpl.errors import ConfigError
+from dpl.sweep import check_seeds, fail_running_trials
+from hydra_plugins.dpl_sweepers._seeds import SeedsLauncher
 
 log = logging.getLogger("dpl")
 
 
 class OptunaSweeper(_HydraOptunaSweeper):
-    """``hydra/sweeper: optuna`` with ``_target_: hydra_plugins.dpl_sweepers.OptunaSweeper``.
+    """``hydra/sweeper: dpl_optuna`` (or ``optuna`` with ``_target_: hydra_plugins.dpl_sweepers.OptunaSweeper``).
 
-    A diverged job returns NaN, which Optuna records as a FAIL trial, so a diverged lr is
-    never the best. The rest is Hydra's sweeper unchanged.
+    A diverged job returns a non-number, which Optuna records as a FAIL trial, so a diverged lr
+    is never the best. ``seeds``: see :class:`SeededOptunaSweeperImpl`. The rest is Hydra's
+    sweeper unchanged.
     """
 
+    def __init__(self, seeds: Optional[List[int]] = None, **kwargs: Any) -> None:
+        # Hydra's __init__ does nothing but build its OptunaSweeperImpl from these arguments:
+        # dpl's subclass of it is built instead.
+        self.sweeper = SeededOptunaSweeperImpl(seeds=seeds, **kwargs)
+
     def sweep(self, arguments: List[str]) -> None:
+        self.sweeper.check_no_seed(arguments)  # before any trial: an error here is no failed trial
         started = datetime.datetime.now()
         try:
             return super().sweep(arguments)
@@ -60,3 +75,50 @@ class OptunaSweeper(_HydraOptunaSweeper):
         OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": None, "best_value": None,
                                          "note": message}), sweep_dir / "optimization_results.yaml")
 
+
+class SeededOptunaSweeperImpl(OptunaSweeperImpl):
+    """Hydra's sweeper loop with ``seeds``: each trial runs once per seed (``seed=<s>`` added
+    to its overrides), as ordinary jobs of the sweep, and Optuna is told their mean; a trial
+    with a failed or diverged seed is FAIL. ``seeds=None``: one job per trial, Hydra's way."""
+
+    def __init__(self, seeds: Optional[List[int]] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seeds = check_seeds(seeds)
+        if self.seeds is not None and len(self._get_directions()) > 1:
+            raise ConfigError(f"hydra.sweeper.seeds={self.seeds} is invalid with several directions: "
+                              "the mean over seeds is taken of one objective")
+
+    def check_no_seed(self, arguments: List[str]) -> None:
+        """With seeds, the sweep's own overrides and params must not set the seed (dpl's preflight
+        says so first for a command line; this is for any other way in)."""
+        if self.seeds is None:
+            return
+        for line in [*arguments, *self._parse_sweeper_params_config()]:
+            if line.split("=", 1)[0].lstrip("+~") == "seed":
+                raise ConfigError(f"{line} is invalid with hydra.sweeper.seeds={self.seeds}, which sets each "
+                                  f"job's seed: drop one of them")
+
+    def setup(self, **kwargs: Any) -> None:
+        super().setup(**kwargs)
+        if self.seeds is not None:
+            self.launcher = SeedsLauncher(self.launcher, self.seeds)
+
+    def _configure_trials(self, trials, search_space_distributions, fixed_params):
+        overrides = super()._configure_trials(trials, search_space_distributions, fixed_params)
+        if self.seeds is not None:
+            self.launcher.trials = list(trials)  # for the per-seed values, set before the trials are told
+        return overrides
+
+
+@dataclass
+class DplOptunaSweeperConf(OptunaSweeperConf):
+    """``hydra/sweeper: dpl_optuna``: Hydra's Optuna schema, dpl's sweeper, and ``seeds``."""
+
+    _target_: str = "hydra_plugins.dpl_sweepers.OptunaSweeper"
+    # Seeds per trial: each trial runs once per seed and is scored by the mean. None: one job
+    # per trial with the config's seed.
+    seeds: Optional[List[int]] = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="dpl_optuna", node=DplOptunaSweeperConf,
+                             provider="dpl")
