@@ -333,9 +333,9 @@ def test_optuna_seeds_per_trial_are_jobs_scored_by_their_mean(tmp_path):
     out = tmp_path / "report"
     assert report(["--experiment", "optuna_lr", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                    "--out", str(out)]) == 0
-    rows = {float(r["lr"]): r for r in csv.DictReader(open(out / "report.csv"))}
-    assert (rows[0.05]["runs"], rows[0.05]["failed"]) == ("2", "0")
-    assert (rows[3.0]["runs"], rows[3.0]["failed"]) == ("1", "1")
+    rows = {float(r["lr"]): r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert (rows[0.05]["n"], rows[0.05]["failed"]) == ("2", "0")
+    assert (rows[3.0]["n"], rows[3.0]["failed"]) == ("1", "1")
     assert float(rows[0.05]["best_val_acc_mean"]) == pytest.approx(small.value)
 
 
