@@ -103,6 +103,7 @@ def test_every_method_on_two_processes_equals_the_simulation(make_cfg, tmp_path)
     assert all(r["comm_wall_s"] > 0 for r in hist)  # measured time in the all-reduces
 
 
+@pytest.mark.slow  # K=4 ranks; the two-process test of every method stays in the default run
 def test_four_processes_equal_the_simulation(make_cfg, tmp_path):
     ov = [*SMALL, "K=4", "method=localsgd", "H=3", "epochs=1"]
     compressed = [*ov, "compression=randomk", "compression.ratio=0.1", "compression.error_feedback=true"]

@@ -57,6 +57,7 @@ def test_compile_equals_eager_resnet20_under_vmap():
     _assert_same_run(eager, compiled, rel=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # inductor compiles LAMB's update for ~30 s on 2 CPU cores
 def test_compile_equals_eager_lamb_compiled_once_per_batch_shape():
     """LAMB's step count is a device tensor: its compiled update is not recompiled every step."""
     from torch._dynamo.utils import counters
@@ -74,6 +75,7 @@ def test_compile_equals_eager_lamb_compiled_once_per_batch_shape():
     _assert_same_run(eager, compiled, rel=1e-3, atol=3e-4)
 
 
+@pytest.mark.slow  # as above; LAMB resuming its device step count is in test_optim (default run)
 def test_compiled_lamb_run_resumes_exactly(make_cfg, tmp_path, monkeypatch):
     """A compiled run resumes to the very numbers of an uninterrupted compiled run: the checkpoint
     holds LAMB's device step count, and the resumed process compiles the same step again."""

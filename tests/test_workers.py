@@ -188,6 +188,7 @@ def test_gradient_averaging_keeps_weights_equal_and_statistics_per_worker(mode):
     torch.testing.assert_close(workers.mean_replica()["bn.running_var"], var.mean(0))
 
 
+@pytest.mark.slow  # a ResNet-20 run; vmap == loop is held on LeNet-5 in float64 in the default run
 def test_resnet20_localsgd_run_gives_equal_numbers_in_vmap_and_loop(make_cfg, tmp_path):
     """The issue's run, `model=resnet20 method=localsgd K=4 H=8 dataset=synthetic epochs=2`, small:
     10 steps per epoch, so each epoch has a sync at step 8 and one at its end.
