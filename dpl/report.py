@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from dpl.io import atomic_write_text, write_csv
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, save_figure, short_number
+from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, percent_axis, save_figure, short_number
 from dpl.sweep import PARENT_TAG
 from dpl.tracking import INTERRUPTED_TAG, end_if_dead, process_gone, tag_filter
 
@@ -411,6 +411,7 @@ def fig_acc_vs_h(groups, columns: Sequence[str], metric: str):
         ax.minorticks_off()
         ax.set_xlabel("local steps H")
         ax.set_ylabel(_metric_label(metric))
+        percent_axis(ax)
     legend_outside(fig)
     return fig
 
@@ -446,6 +447,7 @@ def fig_acc_vs_rounds(groups, columns: Sequence[str], metric: str):
             log_axis(ax, "x", min(xs), max(xs))
         ax.set_xlabel("sync rounds")
         ax.set_ylabel(_metric_label(metric))
+        percent_axis(ax)
     legend_outside(fig)
     return fig
 
@@ -478,7 +480,10 @@ def _curves_fig(groups, columns: Sequence[str], history_key: str, ylabel: str, t
 
 
 def fig_learning_curves(groups, columns: Sequence[str]):
-    return _curves_fig(groups, columns, "val_acc", "val accuracy", "Validation accuracy (mean over seeds)")
+    fig = _curves_fig(groups, columns, "val_acc", "val accuracy", "Validation accuracy (mean over seeds)")
+    for ax in fig.axes if fig is not None else ():
+        percent_axis(ax)
+    return fig
 
 
 def fig_h_over_epochs(groups, columns: Sequence[str]):
@@ -526,6 +531,7 @@ def _fig_against_cost(runs: Sequence[RunRecord], columns: Sequence[str], metric:
             log_axis(ax, "x", min(xs), max(xs))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(_metric_label(metric))
+        percent_axis(ax)
     legend_outside(fig)
     return fig
 
@@ -586,6 +592,7 @@ def fig_acc_vs_lr(runs: Sequence[RunRecord], columns: Sequence[str], metric: str
         log_axis(ax, "x", min(lrs), max(lrs))
         ax.set_xlabel("learning rate")
         ax.set_ylabel(_metric_label(metric))
+        percent_axis(ax)
     legend_outside(fig)
     return fig
 

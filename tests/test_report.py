@@ -429,3 +429,54 @@ def test_pareto_figure_of_a_compression_sweep_draws_a_curve_per_compressor():
     # one curve per compressor and error feedback, through its ratios; one method: not named
     assert curves == {"topk+EF": 3, "topk": 3, "randomk+EF": 2, "int8": 1, "none": 1, "Pareto front": curves["Pareto front"]}
     assert_legible(fig, "pareto.png")
+
+
+def _single_runs(groups: int, label_len: int = 1) -> list[RunRecord]:
+    """Single runs of experiment "dpl" that differ in engine, epochs and data size (and, with
+    ``label_len`` > 1, in a long-valued param): the groups the report labels with long names."""
+    runs = []
+    for i in range(groups):
+        params = {"dataset.name": "synthetic", "method.name": "localsgd", "K": "2", "H": str(2 ** (i % 4)),
+                  "dynamic_h.name": "constant", "optimizer.name": "sgdm", "batch_size": "64", "seed": "0",
+                  "engine.name": ("simulated", "distributed")[i % 2], "epochs": str(1 + i),
+                  "dataset.num_train": str(1000 * (i + 1)), "model.name": f"resnet{i}" + "_wide" * label_len}
+        acc = 0.19 + 0.0005 * i
+        runs.append(RunRecord(run_id=str(next(_IDS)), status="FINISHED", params=params,
+                              metrics={"test_acc": acc, "best_val_acc": acc, "sync_rounds_total": 100.0 * (i + 1),
+                                       "comm_bytes_total": 2**20 * (i + 1), "modelled_time_s": 10.0 + i},
+                              history={"val_acc": [(e, acc - 0.001 * (3 - e)) for e in range(1, 4)]}))
+    return runs
+
+
+@pytest.mark.parametrize("groups,label_len", [(1, 1), (2, 1), (7, 1), (7, 8), (20, 1), (20, 6)])
+def test_figures_of_many_long_named_groups_are_legible(groups, label_len):
+    """The "dpl" experiment's figures, 1 to 20 groups with long labels: the legend sits right of the
+    panels below the title, covers no data, title or tick label, and lies wholly in the figure."""
+    from dpl.report import build_figures
+    from tests.legible import assert_legible
+
+    runs = _single_runs(groups, label_len)
+    figures = build_figures(runs, group_columns(runs))
+    assert {"acc_vs_H.png", "acc_vs_rounds.png", "learning_curves.png"} <= set(figures)
+    for name, fig in figures.items():
+        assert_legible(fig, name)
+    if groups > 1:  # a curve and an entry per group: every label is there to be measured
+        (legend,) = figures["learning_curves.png"].legends
+        assert len(legend.get_texts()) == groups
+
+
+def test_accuracy_axes_are_percent_from_a_round_floor():
+    """Accuracies 19.0-19.95% are drawn on a 10-20% axis labelled in percent, not stretched over
+    0.190-0.200; the other figures' accuracy axes are percent too."""
+    from dpl.report import build_figures
+
+    runs = _single_runs(20)
+    figures = build_figures(runs, group_columns(runs))
+    for name in ("acc_vs_H.png", "acc_vs_rounds.png", "learning_curves.png", "pareto.png", "acc_vs_time.png"):
+        fig = figures[name]
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        lo, hi = ax.get_ylim()
+        assert lo <= 0.10 < 0.19 and 0.20 <= hi and hi - lo >= 0.1 - 1e-9, (name, lo, hi)
+        shown = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
+        assert "10%" in shown and "20%" in shown and all(s.endswith("%") for s in shown), (name, shown)
