@@ -22,7 +22,8 @@ def test_run_contents_in_mlflow(make_cfg, tmp_path):
     assert {k: r.data.tags[k] for k in ("method", "optimizer", "dataset", "sweep")} == \
         {"method": "localsgd", "optimizer": "sgdm", "dataset": "synthetic", "sweep": "tiny"}
     # a descriptive name, and MLflow's own source tags (the UI's Source and Version columns)
-    assert r.info.run_name == "tiny-localsgd-K2-H1-asc_pow2-sgdm-s0"
+    assert r.info.run_name == "localsgd-K2-H1-asc_pow2-sgdm-s0"  # no Hydra overrides: the base name
+    assert r.data.tags["dpl.job_dir"] == str((tmp_path / "job").resolve())  # what resume= is told
     assert r.data.tags["mlflow.source.name"] == "python -m dpl"
     assert len(r.data.tags["mlflow.source.git.commit"]) == 40
     experiment = client.get_experiment_by_name("e2e")
