@@ -361,7 +361,7 @@ class Recorder:
         self.save(trainer)
         if self.writer:  # one line per epoch in <job dir>/dpl.log (and on stdout)
             log.info("epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.4g H=%d (%.1f s)",
-                     int(record["epoch"]) + 1, self.cfg.epochs, record["train_loss"], record["train_acc"],
+                     int(record["epoch"]), self.cfg.epochs, record["train_loss"], record["train_acc"],
                      record["val_loss"], record["val_acc"], record["lr"], int(record["H"]), record["epoch_time_s"])
         if self.bar is not None:
             self.bar.update(1)

@@ -35,14 +35,15 @@ def plot_history(history: History, out_dir: str | Path) -> list[Path]:
 
 
 def _series(history: History, key: str, x_key: str = "epoch") -> tuple[list[float], list[float]]:
-    """(x, y) over the epochs that have ``key``; x is the epoch counted from 1 (the row number if absent)."""
+    """(x, y) over the epochs that have ``key``; x is the epoch, counted from 1 as history.csv
+    counts it (the row number from 1 where a row has none)."""
     xs, ys = [], []
     for i, row in enumerate(history):
         if row.get(key) is None:
             continue
-        x = row.get(x_key, i if x_key == "epoch" else None)
+        x = row.get(x_key, i + 1 if x_key == "epoch" else None)
         if x is not None:
-            xs.append(float(x) + 1 if x_key == "epoch" else float(x))
+            xs.append(float(x))
             ys.append(float(row[key]))
     return xs, ys
 

@@ -114,6 +114,10 @@ def _record(client, run, history_keys: Sequence[str]) -> RunRecord:
         for key in history_keys:
             points = client.get_metric_history(run.info.run_id, key)
             history[key] = sorted((int(m.step), float(m.value)) for m in points)
+            if history[key] and history[key][0][0] == 0:
+                # Logged before epochs were counted from 1 (step 0 was the first epoch): shifted,
+                # so old and new runs share an x axis. A run now logs no per-epoch step 0.
+                history[key] = [(step + 1, value) for step, value in history[key]]
     # A RUNNING run whose process is gone is ended KILLED in the store here (it would stay RUNNING
     # for good); one a report ended before still reads as interrupted, not as a failure of its config.
     dead = run.info.status == "RUNNING" and process_gone(run.data.tags)
@@ -463,7 +467,7 @@ def _curves_fig(groups, columns: Sequence[str], history_key: str, ylabel: str, t
         for key, members in sub.items():
             steps, values = mean_curve(r.history.get(history_key, []) for r in members if r.finished)
             if steps:
-                curves.append(([s + 1 for s in steps], values, _label_of(key, columns, skip)))
+                curves.append((steps, values, _label_of(key, columns, skip)))
         if curves:
             facets[name] = curves
     if not facets:

@@ -16,7 +16,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def _history(epochs: int = 4) -> list[dict[str, float]]:
     return [
         {
-            "epoch": e,
+            "epoch": e + 1,  # as history.csv counts them
             "train_loss": 2.0 / (e + 1),
             "val_loss": 2.2 / (e + 1),
             "train_acc": 0.2 * e,

@@ -42,9 +42,9 @@ def store(tmp_path_factory):
     return uri, results, out
 
 
-def _log_run(uri, experiment, tags, metrics=None, status="FINISHED", reason=None, **cfg):
+def _log_run(uri, experiment, tags, metrics=None, status="FINISHED", reason=None, first_step=0, **cfg):
     """One fake job run in the store at ``uri``, through dpl's own logger: params from ``cfg``,
-    ``metrics`` as {key: value or [value per epoch]}; no model is trained."""
+    ``metrics`` as {key: value or [value per epoch, from step ``first_step``]}; no model is trained."""
     from omegaconf import OmegaConf
 
     from dpl.tracking import MlflowLogger
@@ -53,7 +53,7 @@ def _log_run(uri, experiment, tags, metrics=None, status="FINISHED", reason=None
     logger = MlflowLogger(node.logger)
     logger.start(node, tags)
     for key, values in (metrics if metrics is not None else {"test_acc": 0.5}).items():
-        for step, value in enumerate(values if isinstance(values, list) else [values]):
+        for step, value in enumerate(values if isinstance(values, list) else [values], start=first_step):
             logger.log_metrics({key: value}, step=step)
     logger.finish(status, reason)
 
@@ -128,7 +128,7 @@ def test_sweep_tag_selects_the_same_runs(store):
     by_name = fetch_runs(client, experiment="rep", history_keys=())
     assert sorted(r.run_id for r in by_tag) == sorted(r.run_id for r in by_name) and len(by_tag) == 5
     dynamic = [r for r in fetch_runs(client, experiment="rep") if r.params.get("dynamic_h.name") == "loss"]
-    assert [step for step, _ in dynamic[0].history["H"]] == [0, 1]  # H of each epoch, from the metric history
+    assert [step for step, _ in dynamic[0].history["H"]] == [1, 2]  # H of each epoch (from 1), from the metric history
 
 
 def test_unknown_experiment_is_one_line_error(store, capsys):
@@ -338,8 +338,8 @@ def _study_runs(epochs: int) -> list[RunRecord]:
         base = {"dataset.name": dataset, "method.name": "localsgd", "K": "4", "H": "1", "dynamic_h.name": "constant",
                 "optimizer.name": "sgdm", "batch_size": "64", "seed": "0", "lr": "0.04"}
         hs = list(hs) * epochs if len(hs) == 1 else list(hs)[:epochs]
-        history = {"val_acc": [(e, acc * (e + 1) / epochs) for e in range(epochs)],
-                   "H": [(e, float(hs[e])) for e in range(epochs)]}
+        history = {"val_acc": [(e + 1, acc * (e + 1) / epochs) for e in range(epochs)],  # steps from 1, as logged
+                   "H": [(e + 1, float(hs[e])) for e in range(epochs)]}
         metrics = {"test_acc": acc, "best_val_acc": acc, "sync_rounds_total": rounds, "comm_bytes_total": mib * 2**20,
                    "modelled_time_s": 60.0 + mib / 10,
                    "H_first": hs[0], "H_last": hs[-1], "H_mean": sum(hs) / len(hs)} if status == "FINISHED" else {}
@@ -480,3 +480,14 @@ def test_accuracy_axes_are_percent_from_a_round_floor():
         assert lo <= 0.10 < 0.19 and 0.20 <= hi and hi - lo >= 0.1 - 1e-9, (name, lo, hi)
         shown = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
         assert "10%" in shown and "20%" in shown and all(s.endswith("%") for s in shown), (name, shown)
+
+
+def test_histories_of_old_runs_logged_from_step_0_read_as_epochs_from_1(tmp_path):
+    """Runs logged before epochs were counted from 1 have their first epoch at step 0: the report
+    shifts them, so an old and a new run of the same curve land on the same epochs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    curve = [0.2, 0.3, 0.4]
+    _log_run(uri, "old_new", {}, metrics={"val_acc": curve}, first_step=0, seed=0)  # an old run
+    _log_run(uri, "old_new", {}, metrics={"val_acc": curve}, first_step=1, seed=1)  # a run of today
+    runs = fetch_runs(mlflow_client(uri), "old_new")
+    assert [r.history["val_acc"] for r in runs] == [list(zip((1, 2, 3), curve))] * 2
