@@ -31,7 +31,7 @@ def with_sweeps_dir(argv: list[str]) -> list[str]:
 def main(cfg: DictConfig) -> float | str:
     from dpl.app import job_dir, run
     from dpl.engine.launch import announce_run_dir
-    from dpl.interrupt import EXIT_STATUS, signal_name
+    from dpl.interrupt import EXIT_STATUS, resume_hint, signal_name
 
     announce_run_dir(job_dir())  # under torchrun: the other ranks write under rank 0's dir
     try:
@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> float | str:
         sys.exit(1)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the run is marked KILLED and can be resumed
         name = signal_name(e)
-        print(f"error: interrupted by {name}; the run is marked KILLED (resume with resume=<job dir>)",
+        print(f"error: interrupted by {name}; the run is marked KILLED ({resume_hint(job_dir())})",
               file=sys.stderr)
         sys.exit(EXIT_STATUS.get(name, 130))
     if result.get("diverged"):

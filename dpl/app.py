@@ -26,9 +26,10 @@ from dpl.methods import METHODS, build_method
 from dpl.models import build_model
 from dpl.plots import plot_history
 from dpl.sweep import parent_run_id
-from dpl.tracking import (CONFIG_HASH_TAG, MULTIRUN_TAG, RUN_NAME_TAG, append_result_row, check_results_file,
-                          check_tracking, check_writable_dir, config_hash, end_run_if_running, find_finished_run,
-                          flatten_config, in_multirun, launch_dir, make_logger, run_name, source_tags)
+from dpl.tracking import (CONFIG_HASH_TAG, JOB_DIR_TAG, MULTIRUN_TAG, RUN_NAME_TAG, append_result_row,
+                          check_results_file, check_tracking, check_writable_dir, config_hash, end_run_if_running,
+                          find_finished_run, flatten_config, in_multirun, launch_dir, link_line, make_logger, run_name,
+                          source_tags)
 from dpl.train import Trainer
 
 log = logging.getLogger("dpl")
@@ -316,7 +317,7 @@ class Recorder:
                 stale.unlink(missing_ok=True)
         self.logger = make_logger(cfg.logger if writer else OmegaConf.create({"name": "none"}))
         tags = {"method": cfg.method.name, "optimizer": cfg.optimizer.name, "dataset": cfg.dataset.name,
-                **source_tags(), CONFIG_HASH_TAG: config_hash(cfg),
+                **source_tags(), CONFIG_HASH_TAG: config_hash(cfg), JOB_DIR_TAG: str(out_dir.resolve()),
                 RUN_NAME_TAG: run_name(cfg, local_steps=METHODS[cfg.method.name].has_local_steps)}
         if cfg.sweep:
             tags["sweep"] = str(cfg.sweep)
@@ -360,7 +361,7 @@ class Recorder:
         self.save(trainer)
         if self.writer:  # one line per epoch in <job dir>/dpl.log (and on stdout)
             log.info("epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.4g H=%d (%.1f s)",
-                     int(record["epoch"]) + 1, self.cfg.epochs, record["train_loss"], record["train_acc"],
+                     int(record["epoch"]), self.cfg.epochs, record["train_loss"], record["train_acc"],
                      record["val_loss"], record["val_acc"], record["lr"], int(record["H"]), record["epoch_time_s"])
         if self.bar is not None:
             self.bar.update(1)
@@ -403,6 +404,7 @@ class Recorder:
         self.logger.finish("FINISHED")
         log.info("test_acc=%.4f test_acc_best=%.4f best_val_acc=%.4f",
                  final["test_acc"], final["test_acc_best"], final["best_val_acc"])
+        self._print_link()
 
     def fail(self, trainer: Trainer, reason: str, status: str = "FAILED") -> None:
         """Record what there is and end the run ``status``. Each step may fail in turn (a full disk
@@ -417,6 +419,13 @@ class Recorder:
         except Exception as e:  # noqa: BLE001 - the store's own error (sqlite: "database or disk is full")
             log.warning("could not end MLflow run %s %s (%s); dpl.report ends it KILLED once this process "
                         "is gone", self.run_id, status, _first_line(e)[:200])
+        self._print_link()
+
+    def _print_link(self) -> None:
+        """Where to see this run: its experiment's runs table in dpl's column view (MLflow only)."""
+        line = link_line(self.logger.tracking_uri, self.logger.experiment_id) if self.writer else None
+        if line is not None:
+            log.info("%s", line)
 
     def _artifacts(self, trainer: Trainer) -> None:
         rows = trainer.state.history if self.writer else []

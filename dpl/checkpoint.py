@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dpl.errors import CheckpointError, WriteError
+from dpl.interrupt import resume_hint
 from dpl.io import atomic_open, atomic_write_text
 
 FILENAME = "checkpoint.pt"
@@ -45,7 +46,7 @@ def save(state: dict[str, Any], path: str | Path) -> None:
             f.write(buffer.getbuffer())
     except OSError as e:
         raise WriteError(f"could not write the checkpoint {path}: {e.strerror or type(e).__name__} "
-                         f"(the previous checkpoint is kept; resume=<job dir> continues from it)") from None
+                         f"(the previous checkpoint is kept; {resume_hint(Path(path).parent)})") from None
 
 
 def save_run_file(extras: dict[str, Any], job: Path) -> None:

@@ -9,8 +9,10 @@ prints one line. SIGKILL cannot be caught; a run it leaves RUNNING is continued 
 
 from __future__ import annotations
 
+import shlex
 import signal
 import threading
+from pathlib import Path
 
 EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports it
 
@@ -23,6 +25,13 @@ class Terminated(KeyboardInterrupt):
 
 def signal_name(e: BaseException) -> str:
     return getattr(e, "signal_name", "SIGINT")
+
+
+def resume_hint(job: str | Path | None) -> str:
+    """``resume with: python -m dpl resume=/abs/path/of/the/job``, the path quoted for a shell; the
+    placeholder only where the job dir is not known (a run logged before dpl tagged it)."""
+    where = shlex.quote(str(Path(job).resolve())) if job else "<job dir>"
+    return f"resume with: python -m dpl resume={where}"
 
 
 def _raise_terminated(signum, frame) -> None:

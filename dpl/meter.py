@@ -50,10 +50,11 @@ def check_finite(train_loss: float, epoch: int) -> None:
 
 def track_best(state: Any, val_acc: float, patience: int) -> bool:
     """Update ``state``'s best validation accuracy, its epoch and the early-stopping count
-    after epoch ``state.epoch``; True when this epoch is a new best."""
+    after epoch ``state.epoch`` (0-based while it runs; ``best_epoch`` counts from 1, as the log
+    and history.csv do); True when this epoch is a new best."""
     improved = val_acc > state.best_val_acc
     if improved:
-        state.best_val_acc, state.best_epoch, state.bad_epochs = val_acc, state.epoch, 0
+        state.best_val_acc, state.best_epoch, state.bad_epochs = val_acc, state.epoch + 1, 0
     else:
         state.bad_epochs += 1
     state.stopped_early = 0 < patience <= state.bad_epochs

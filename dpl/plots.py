@@ -15,7 +15,7 @@ import math
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, PercentFormatter
 
 from dpl.io import atomic_temp_path
 
@@ -35,14 +35,15 @@ def plot_history(history: History, out_dir: str | Path) -> list[Path]:
 
 
 def _series(history: History, key: str, x_key: str = "epoch") -> tuple[list[float], list[float]]:
-    """(x, y) over the epochs that have ``key``; x is the epoch counted from 1 (the row number if absent)."""
+    """(x, y) over the epochs that have ``key``; x is the epoch, counted from 1 as history.csv
+    counts it (the row number from 1 where a row has none)."""
     xs, ys = [], []
     for i, row in enumerate(history):
         if row.get(key) is None:
             continue
-        x = row.get(x_key, i if x_key == "epoch" else None)
+        x = row.get(x_key, i + 1 if x_key == "epoch" else None)
         if x is not None:
-            xs.append(float(x) + 1 if x_key == "epoch" else float(x))
+            xs.append(float(x))
             ys.append(float(row[key]))
     return xs, ys
 
@@ -68,7 +69,10 @@ def _loss(history: History) -> Figure | None:
 
 
 def _accuracy(history: History) -> Figure | None:
-    return _curves(history, ("train_acc", "val_acc"), "accuracy", "Accuracy")
+    fig = _curves(history, ("train_acc", "val_acc"), "accuracy", "Accuracy")
+    if fig is not None:
+        percent_axis(fig.axes[0])
+    return fig
 
 
 def _lr(history: History) -> Figure | None:
@@ -94,14 +98,18 @@ def _comm(history: History) -> Figure | None:
     for ax, (xs, ys, xlabel, title) in zip(axes, panels):
         ax.plot(xs, ys, marker=".")
         label_axes(ax, xlabel, "val accuracy", title)
+        percent_axis(ax)
     return fig
 
 
 _FIGURES = {"loss.png": _loss, "accuracy.png": _accuracy, "lr.png": _lr, "comm.png": _comm, "h.png": _h}
 
 
+_DPI = 120  # drawn at the dpi it is saved at, so what a test measures is what the PNG shows
+
+
 def new_figure(panels: int, width: float = 5.0) -> tuple[Figure, list]:
-    fig = Figure(figsize=(width * panels, 3.6), layout="constrained")
+    fig = Figure(figsize=(width * panels, 3.6), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, list(fig.subplots(1, panels, squeeze=False)[0])
 
@@ -136,16 +144,69 @@ def log_axis(ax, which: str = "x", lo: float | None = None, hi: float | None = N
     axis.set_minor_formatter(NullFormatter())
 
 
+# Between the legend and the panels, and between the legend and the figure's edge (inches).
+_LEGEND_PAD = 0.1
+
+
 def legend_outside(fig: Figure, max_entries: int = 20, title: str | None = None) -> None:
-    """One legend for the whole figure, right of the axes (never over the data); left out when it
-    would list more than ``max_entries`` entries."""
+    """One legend for the whole figure in a column right of the panels, its top below the figure's
+    title; left out when it would list more than ``max_entries`` entries.
+
+    The figure grows by the legend's measured size (wider by its width, taller when it has more
+    rows than the panels are high) and the panels keep their own size. Leaving the space to
+    constrained layout's "outside" legend does neither: a wide legend squeezes the panels until
+    the layout gives up and the legend lands on the data, a tall one runs off the figure, and it
+    is put at the very top, over the suptitle.
+    """
     entries: dict[str, object] = {}
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
-    if 0 < len(entries) <= max_entries:
-        fig.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize="small",
-                   title=title, title_fontsize="small")
+    if not 0 < len(entries) <= max_entries:
+        return
+    legend = fig.legend(list(entries.values()), list(entries), loc="upper left", borderaxespad=0,
+                        fontsize="small", title=title, title_fontsize="small")
+    renderer = fig.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    leg_w, leg_h = box.width / fig.dpi, box.height / fig.dpi
+    engine = fig.get_layout_engine()
+    pad = engine.get()["h_pad"] if engine is not None else 0.04
+    top = _LEGEND_PAD
+    suptitle = fig._suptitle  # no public getter for the artist; its height is where the legend starts
+    if suptitle is not None and suptitle.get_text():
+        top = suptitle.get_window_extent(renderer).height / fig.dpi + 2 * pad + _LEGEND_PAD
+    width, height = fig.get_size_inches()
+    new_w = width + leg_w + 2 * _LEGEND_PAD
+    new_h = max(height, top + leg_h + _LEGEND_PAD)
+    fig.set_size_inches(new_w, new_h)
+    if engine is not None:
+        engine.set(rect=(0, 0, width / new_w, 1))  # the panels lay out left of the legend's column
+    legend.set_bbox_to_anchor(((width + _LEGEND_PAD) / new_w, 1 - top / new_h), transform=fig.transFigure)
+
+
+def percent_axis(ax, lo: float | None = None, hi: float | None = None, which: str = "y") -> None:
+    """An accuracy axis in percent (as the tables show it) from a round floor to a round ceiling.
+
+    ``lo``/``hi`` are the lowest and highest values drawn, fractions in [0, 1], error bars included
+    (the axes' data limits when not given). The view runs from the multiple of 10 points below the
+    lowest value to the one above the highest, so it always spans at least 10 points: autoscaling
+    to 0.190-0.200 makes one point look like the whole range. It does not always start at 0, as
+    that would flatten the few points that tell runs at 90% apart.
+    """
+    if lo is None or hi is None:
+        data_lo, data_hi = (ax.dataLim.y0, ax.dataLim.y1) if which == "y" else (ax.dataLim.x0, ax.dataLim.x1)
+        lo = data_lo if lo is None else lo
+        hi = data_hi if hi is None else hi
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo, hi = 0.0, 1.0
+    floor = max(0.0, math.floor(lo * 10 - 1e-9) / 10)  # strictly below: no point sits on the bottom spine
+    ceil = min(1.0, math.ceil(hi * 10 + 1e-9) / 10)
+    ceil = max(ceil, floor + 0.1)
+    margin = 0.02 * (ceil - floor)  # a marker at 0% or 100% is drawn whole
+    getattr(ax, f"set_{which}lim")(floor - margin, ceil + margin)
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
+    axis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
 
 
 def label_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
@@ -157,6 +218,6 @@ def label_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
 
 def save_figure(fig: Figure, path: Path) -> Path:
     with atomic_temp_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=fig.dpi)
     fig.clear()  # drop the artists now rather than waiting for the collector
     return path

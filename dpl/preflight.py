@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import difflib
 import itertools
+import shlex
 import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -421,7 +422,14 @@ def check_checkpoint_use(cfg: DictConfig) -> None:
     model trained where the user meant to continue or start from one."""
     if cfg.checkpoint and not cfg.test_only:
         raise ConfigError(f"checkpoint={cfg.checkpoint!r} is only read with test_only=true: to continue its "
-                          f"training use resume=<job dir>, to start from its weights pretrained=<file>")
+                          f"training use resume={_job_of(cfg.checkpoint)}, to start from its weights "
+                          f"pretrained={cfg.checkpoint}")
+
+
+def _job_of(checkpoint: str) -> str:
+    """The job dir a checkpoint path belongs to (``resume=`` takes the dir, or the file itself)."""
+    path = Path(str(checkpoint)).expanduser()
+    return shlex.quote(str(path.parent if path.suffix == ".pt" else path))
 
 
 def validate(cfg: DictConfig) -> Config:

@@ -53,7 +53,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from dpl import stats
 from dpl.budget import BUDGETS, final_value, to_target
 from dpl.io import atomic_write_text, write_csv
-from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, save_figure, short_number
+from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, percent_axis, save_figure, short_number
 from dpl.sweep import PARENT_TAG
 from dpl.tracking import INTERRUPTED_TAG, end_if_dead, process_gone, tag_filter
 
@@ -131,10 +131,10 @@ def _record(client, run, history_keys: Sequence[str]) -> RunRecord:
         for key in history_keys:
             points = client.get_metric_history(run.info.run_id, key)
             history[key] = sorted((int(m.step), float(m.value)) for m in points)
-        # Epochs are numbered from 1; a run logged before that convention has step 0 for its first
-        # epoch, so its history is shifted to read like a new one.
-        if any(step == 0 for points in history.values() for step, _ in points):
-            history = {k: [(step + 1, v) for step, v in points] for k, points in history.items()}
+            if history[key] and history[key][0][0] == 0:
+                # Logged before epochs were counted from 1 (step 0 was the first epoch): shifted,
+                # so old and new runs share an x axis. A run now logs no per-epoch step 0.
+                history[key] = [(step + 1, value) for step, value in history[key]]
     # A RUNNING run whose process is gone is ended KILLED in the store here (it would stay RUNNING
     # for good); one a report ended before still reads as interrupted, not as a failure of its config.
     dead = run.info.status == "RUNNING" and process_gone(run.data.tags)
@@ -542,7 +542,7 @@ def _budget_lines(budget: Sequence[Mapping[str, Any]], columns: Sequence[str]) -
 # and 1-2-5 log ticks or integer epoch ticks; tests/test_report.py checks that no tick labels
 # overlap and no legend covers a panel.
 
-_CI_NOTE = " (bars: 95 % CI over seeds)"  # what every error bar and band of the report is
+_CI_NOTE = "\nbars: 95 % CI over seeds"  # what every error bar and band of the report is (a line of its own)
 _NAMED = ("method", "dynamic_h", "optimizer", "compression", "ablation")  # columns whose values are names: shown bare in labels
 _METRIC_LABEL = {"test_acc": "test accuracy", "test_acc_best": "best-model test accuracy",
                  "best_val_acc": "best val accuracy"}
@@ -644,6 +644,7 @@ def fig_acc_vs_h(groups, columns: Sequence[str], metric: str):
         ax.minorticks_off()
         ax.set_xlabel("local steps H")
         ax.set_ylabel(_metric_label(metric))
+        percent_axis(ax)
     legend_outside(fig)
     return fig
 
@@ -681,6 +682,7 @@ def fig_acc_vs_rounds(groups, columns: Sequence[str], metric: str):
             log_axis(ax, "x", min(xs), max(xs))
         ax.set_xlabel("sync rounds")
         ax.set_ylabel(_metric_label(metric))
+        percent_axis(ax)
     legend_outside(fig)
     return fig
 
@@ -719,8 +721,11 @@ def _curves_fig(groups, columns: Sequence[str], history_key: str, ylabel: str, t
 
 
 def fig_learning_curves(groups, columns: Sequence[str]):
-    return _curves_fig(groups, columns, "val_acc", "val accuracy",
-                       "Validation accuracy (mean over seeds, band: 95 % CI)")
+    fig = _curves_fig(groups, columns, "val_acc", "val accuracy",
+                      "Validation accuracy, mean over seeds\nband: 95 % CI over seeds")
+    for ax in fig.axes if fig is not None else ():
+        percent_axis(ax)
+    return fig
 
 
 def fig_h_over_epochs(groups, columns: Sequence[str]):
@@ -768,6 +773,7 @@ def _fig_against_cost(runs: Sequence[RunRecord], columns: Sequence[str], metric:
             log_axis(ax, "x", min(xs), max(xs))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(_metric_label(metric))
+        percent_axis(ax)
     legend_outside(fig)
     return fig
 
@@ -828,6 +834,7 @@ def fig_acc_vs_lr(runs: Sequence[RunRecord], columns: Sequence[str], metric: str
         log_axis(ax, "x", min(lrs), max(lrs))
         ax.set_xlabel("learning rate")
         ax.set_ylabel(_metric_label(metric))
+        percent_axis(ax)
     legend_outside(fig)
     return fig
 

@@ -42,6 +42,8 @@ from omegaconf import DictConfig, ListConfig, open_dict
 
 from dpl.errors import ConfigError
 
+from dpl.run_names import SWEPT_KEYS_ENV, swept_keys
+
 log = logging.getLogger("dpl")
 
 PARENT_RUN_ENV = "DPL_SWEEP_PARENT_RUN_ID"
@@ -62,6 +64,9 @@ class MlflowParentRun(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         plain_optuna_logs()
+        # Before any job starts, so each names its run by the keys the sweep varies (dpl.run_names).
+        os.environ[SWEPT_KEYS_ENV] = " ".join(swept_keys(config.hydra.sweeper.get("params"),
+                                                         config.hydra.overrides.task))
         if config.logger.name != "mlflow":
             return
         from dpl.tracking import MlflowLogger, source_tags
@@ -76,9 +81,10 @@ class MlflowParentRun(Callback):
                 "sweeper": str(config.hydra.sweeper.get("_target_", "")),
                 "sweep_params": _sweep_params(config)}
         earlier = _unfinished_parent(config, name, tags["sweep_params"])
-        # the sweep's base config as the parent's params; a re-run of a sweep that was stopped goes on
-        # in its parent run, so the parent ends (FINISHED) when the re-run completes the sweep
-        run_id = self.logger.start(base, tags, resume_run_id=earlier)
+        # The parent's params are the sweep's own settings, not a job's config (K=4 H=4 of the base
+        # config would make it read as one more run in the table). A re-run of a sweep that was
+        # stopped goes on in its parent run, so the parent ends (FINISHED) when the re-run completes it.
+        run_id = self.logger.start(base, tags, resume_run_id=earlier, params=sweep_settings(config, name))
         if earlier:
             log.info("sweep %s: continuing the parent run %s of the stopped sweep", name, earlier)
         os.environ[PARENT_RUN_ENV] = run_id
@@ -96,8 +102,18 @@ class MlflowParentRun(Callback):
                     self.logger.log_artifact(path)
         finally:
             self.logger.finish("FINISHED")
-            os.environ.pop(PARENT_RUN_ENV, None)
-            self.logger = None
+            self._close()
+
+    def _close(self) -> None:
+        """Say where the sweep's runs are; forget the parent run."""
+        from dpl.tracking import link_line
+
+        line = link_line(self.logger.tracking_uri, self.logger.experiment_id)
+        if line is not None:
+            log.info("%s", line)
+        os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEPT_KEYS_ENV, None)
+        self.logger = None
 
     def _interrupted(self) -> None:
         if self.logger is None:
@@ -105,8 +121,7 @@ class MlflowParentRun(Callback):
         try:
             self.logger.finish("KILLED", reason="the sweep was interrupted; run the same command to resume it")
         finally:
-            os.environ.pop(PARENT_RUN_ENV, None)
-            self.logger = None
+            self._close()
 
     def _summary(self, config: DictConfig) -> dict[str, float]:
         """Counts of the child runs by status and the best objective among the finished ones."""
@@ -164,6 +179,33 @@ def plain_optuna_logs() -> None:
         return
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
+
+
+def sweep_settings(config: DictConfig, name: str) -> dict[str, str]:
+    """The parent run's params: sweep name, sweeper, each swept key's values (``swept.K``: ``2,4,8``),
+    the fixed command-line overrides every job shares, and the number of jobs planned."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    by_key = {str(k): f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()}
+    fixed = []
+    for override in config.hydra.overrides.task:  # the command line wins over the YAML's grid
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "," in override or "(" in override or key in by_key:
+            by_key[key] = override
+        else:
+            fixed.append(override)
+    parsed = OverridesParser.create().parse_overrides(list(by_key.values()))
+    settings = {"sweep": name, "sweeper": str(sweeper.get("_target_", "")).rsplit(".", 1)[-1]}
+    settings.update({f"swept.{o.key_or_group}": text.split("=", 1)[1] for o, text in zip(parsed, by_key.values())
+                     if o.is_sweep_override()})
+    if fixed:
+        settings["overrides"] = " ".join(fixed)
+    jobs = sweeper.get("n_trials")  # a search: as many trials as asked for
+    if jobs is None:
+        jobs = math.prod(len(list(o.sweep_string_iterator())) for o in parsed if o.is_sweep_override())
+    settings["jobs"] = str(jobs)
+    return settings
 
 
 def _sweep_dir(config: DictConfig) -> Path:

@@ -30,33 +30,33 @@ from typing import Any, Mapping, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from dpl.errors import ConfigError, TrackingError
+from dpl.interrupt import resume_hint
 from dpl.io import write_csv
 from dpl.registry import lookup
+from dpl.run_names import BOOKKEEPING, in_multirun, run_name  # noqa: F401 - in_multirun: dpl.tracking's API
 
 log = logging.getLogger("dpl")
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 RUN_NAME_TAG = "mlflow.runName"  # MLflow's own tag for the run name
 HOST_TAG, PID_TAG = "dpl.host", "dpl.pid"  # where a run's process lives: dpl.report tells a dead RUNNING run
+JOB_DIR_TAG = "dpl.job_dir"  # where its checkpoint is: what resume= of a run found dead is given
 MULTIRUN_TAG = "dpl.multirun"  # a job of a multirun without a sweep name: a re-run skips what finished
 INTERRUPTED_TAG = "dpl.interrupted"  # set on a run ended KILLED because its process had died (end_if_dead)
 CONFIG_HASH_TAG = "dpl.config_hash"  # the resolved config's digest: a re-run sweep skips what finished
 RESUMED_FROM_TAG = "resumed_from"
 PROBE_TIMEOUT_S = 5  # a remote tracking server gets this long to answer before training starts
-# Keys that change how a job runs or is displayed, not what it computes.
-NOT_HASHED = ("progress", "resume", "test_only", "checkpoint", "checkpoint_every", "results_csv", "device",
-              "dataset.root", "dataset.download",
-              "engine.timeout_s", "engine.master_addr", "engine.master_port", "engine.spawn", "engine.simulate",
-              "engine.compile", "engine.eval_batch_size")
+NOT_HASHED = BOOKKEEPING  # keys that change how a job runs or is displayed, not what it computes
 
 
 SOURCE_NAME = "python -m dpl"  # the Source column of the MLflow UI
 # MLflow 3's UI opens an experiment on its GenAI "Traces" tab unless the experiment's kind says
 # it holds model-training runs (the tag the UI itself sets when one picks "Machine learning").
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-# A saved runs-table view (the UI's "Share" state, an experiment tag): open the experiment with
-# ``?viewStateShareKey=dpl`` to see these columns without adding them by hand.
+# A saved runs-table view (the UI's "Share" state, an experiment tag): open the experiment's runs
+# table with ``?viewStateShareKey=dpl`` to see these columns without adding them by hand.
 VIEW_KEY = "dpl"
+UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store by default
 VIEW_COLUMNS = ("params.`dataset.name`", "params.`method.name`", "params.`K`", "params.`H`",
                 "params.`dynamic_h.name`", "params.`optimizer.name`", "params.`lr`", "params.`seed`",
                 "metrics.`test_acc`", "metrics.`best_val_acc`", "metrics.`H_mean`", "metrics.`comm_bytes_total`")
@@ -66,6 +66,8 @@ _TRUNCATED = "...[truncated]"
 
 class Logger(Protocol):
     run_id: str | None
+    tracking_uri: str | None
+    experiment_id: str | None
 
     def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None) -> str | None: ...
 
@@ -171,43 +173,27 @@ def source_tags(entry: str = SOURCE_NAME, path: str | Path | None = None) -> dic
     return tags
 
 
-def run_name(cfg: DictConfig, local_steps: bool = True) -> str | None:
-    """A descriptive MLflow run name: ``localsgd-K4-H8-sgdm-s0`` (``-loss`` after H for a dynamic-H run;
-    no H for a method without ``local_steps``); a sweep's job is ``<sweep>-<job number>-<that>``.
-    None (MLflow picks a name) for a config without a method."""
-    get = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
-    method = get("method.name")
-    if method is None:
+def runs_link(tracking_uri: str | None, experiment_id: str | None) -> str | None:
+    """The MLflow UI address of an experiment's runs table in dpl's saved column view.
+
+    The ``/runs`` is needed: MLflow 3 opens ``#/experiments/<id>`` on its overview page, where
+    the view key is ignored. A local store is shown by ``mlflow ui`` at :data:`UI_URL`; a
+    tracking server shows its own. None without a run to point at.
+    """
+    if tracking_uri is None or experiment_id is None:
         return None
-    parts = [str(method), f"K{get('K', 1)}"]
-    if local_steps:
-        parts.append(f"H{get('H', 1)}")
-        if get("dynamic_h.name", "constant") != "constant":
-            parts.append(str(get("dynamic_h.name")))
-    parts += [str(get("optimizer.name", "")), f"s{get('seed', 0)}"]
-    name = "-".join(p for p in parts if p)
-    if get("sweep"):
-        num = _job_num()
-        name = f"{get('sweep')}-{num}-{name}" if num is not None else f"{get('sweep')}-{name}"
-    return name
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI_URL
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
-def in_multirun() -> bool:
-    """This job is one of a Hydra multirun (``-m``, or a sweep config)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _job_num() -> int | None:
-    """The Hydra job number inside a multirun, else None."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not in_multirun():
+def link_line(tracking_uri: str | None, experiment_id: str | None) -> str | None:
+    """``MLflow: <link>``, and for a local store the command that serves it."""
+    link = runs_link(tracking_uri, experiment_id)
+    if link is None:
         return None
-    hc = HydraConfig.get()
-    return int(hc.job.num) if hc.job.get("num") is not None else None
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow: {link}"
+    return f"MLflow: {link} (serve it with: mlflow ui --backend-store-uri {tracking_uri})"
 
 
 def _git(where: Path, *args: str) -> str | None:
@@ -227,6 +213,7 @@ class NullLogger:
     def __init__(self, cfg_logger: Any = None) -> None:
         self.run_id: str | None = None
         self.tracking_uri: str | None = None
+        self.experiment_id: str | None = None
 
     def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None,
               resume_uri: str | None = None) -> None:
@@ -271,14 +258,16 @@ class MlflowLogger:
         self.cfg = cfg_logger
         self.run_id: str | None = None
         self.tracking_uri: str | None = None
+        self.experiment_id: str | None = None
         self._client = None
 
     @_store_write
     def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None,
-              resume_uri: str | None = None) -> str:
+              resume_uri: str | None = None, params: Mapping[str, str] | None = None) -> str:
         """Open the run (a new one, or ``resume_run_id`` in the store at ``resume_uri``, where the
         job first ran). A resumed run that is in neither store continues as a new run tagged
-        ``resumed_from``: the job dir survives a lost or moved ``mlflow.db``."""
+        ``resumed_from``: the job dir survives a lost or moved ``mlflow.db``. A new run's params
+        are ``params``, by default the flattened config."""
         uri = resolve_tracking_uri(self.cfg.tracking_uri, launch_dir())
         if resume_run_id is not None and resume_uri and _store_exists(resume_uri):
             uri = resume_uri
@@ -290,12 +279,14 @@ class MlflowLogger:
         if resumed:
             self._client.update_run(resume_run_id, status="RUNNING")  # as mlflow.start_run(run_id=...)
             self.run_id = resume_run_id
+            self.experiment_id = self._client.get_run(resume_run_id).info.experiment_id
             _delete_tag(self._client, resume_run_id, INTERRUPTED_TAG)  # alive again
         else:
             experiment_id = _experiment_id(self._client, self.cfg.experiment, uri)
             name = self.cfg.run_name or suggested or run_name(cfg)
             self.run_id = self._client.create_run(experiment_id, run_name=name).info.run_id
-            self._log_params(flatten_config(cfg))
+            self.experiment_id = experiment_id
+            self._log_params(flatten_config(cfg) if params is None else params)
             if resume_run_id is not None:
                 tags[RESUMED_FROM_TAG] = resume_run_id
                 log.warning("resume: MLflow run %s is not in %s; continuing as new run %s (tag %s)",
@@ -512,7 +503,8 @@ def end_if_dead(client, run) -> bool:
     if run.info.status != "RUNNING" or not process_gone(run.data.tags):
         return False
     reason = (f"interrupted: its process (pid {run.data.tags.get(PID_TAG)} on {run.data.tags.get(HOST_TAG)}) "
-              "ended without ending the run (SIGKILL, power loss or a full disk); resume=<job dir> continues it")
+              f"ended without ending the run (SIGKILL, power loss or a full disk); "
+              f"{resume_hint(run.data.tags.get(JOB_DIR_TAG))}")
     try:
         client.set_tag(run.info.run_id, "failure_reason", reason)
         client.set_tag(run.info.run_id, INTERRUPTED_TAG, "true")

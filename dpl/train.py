@@ -205,8 +205,10 @@ class Trainer:
         train_loss = loss_sum / max(seen, 1)
         check_finite(train_loss, s.epoch)
         val_loss, val_acc = self.evaluate("val", augment_key=(self.cfg.seed, s.epoch) if self.data.augment_val else None)
+        # Epochs are counted from 1 wherever they are shown (log, history.csv, best_epoch, MLflow steps);
+        # s.epoch stays the number of epochs done, which the schedules and the checkpoint count by.
         record = {
-            "epoch": s.epoch, "train_loss": train_loss, "train_acc": correct / max(seen, 1),
+            "epoch": s.epoch + 1, "train_loss": train_loss, "train_acc": correct / max(seen, 1),
             "val_loss": val_loss, "val_acc": val_acc, "lr": s.lr, "H": s.H,
             "epoch_time_s": s.compute_s, "samples_per_s": seen / max(s.compute_s, 1e-9),
             "drift": drift_sum / s.syncs if s.syncs else 0.0,

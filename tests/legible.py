@@ -1,4 +1,5 @@
-"""Checks that a rendered matplotlib figure is legible: tick labels apart, legends off the data."""
+"""Checks that a rendered matplotlib figure is legible: tick labels apart, legends off the data and the
+titles, everything inside the figure. Extents are the renderer's, at the dpi the figure is saved at."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ def _overlap(a, b) -> bool:
 
 def _inside(box, outer) -> bool:
     return box.x0 >= outer.x0 - 1 and box.y0 >= outer.y0 - 1 and box.x1 <= outer.x1 + 1 and box.y1 <= outer.y1 + 1
+
+
+def _edges(box, outer) -> str:
+    """Which edges of ``outer`` a box crosses, for the failure message."""
+    crossed = [side for side, out in (("left", box.x0 < outer.x0 - 1), ("bottom", box.y0 < outer.y0 - 1),
+                                      ("right", box.x1 > outer.x1 + 1), ("top", box.y1 > outer.y1 + 1)) if out]
+    return "past the " + " and ".join(crossed) + " edge"
 
 
 def _in_view(value: float, lo: float, hi: float) -> bool:
@@ -35,14 +43,27 @@ def tick_labels(ax, which: str) -> list:
     return labels
 
 
+def titles(fig, renderer) -> list[tuple[str, object]]:
+    """(text, extent) of the figure's suptitle and of every axes title that is drawn."""
+    texts = [fig._suptitle] if fig._suptitle is not None else []  # the artist has no public getter
+    texts += [ax.title for ax in fig.axes]
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text().strip()]
+
+
 def assert_legible(fig, name: str = "") -> None:
-    """No two tick labels of an axis overlap, every tick label and legend lies inside the figure,
-    no legend covers an axes, and every axes shows at least one x and one y tick label."""
+    """No two tick labels of an axis overlap; every tick label, title and legend lies inside the
+    figure; no legend covers an axes' data area, a title or a tick label; no tick label runs into a
+    title or another axes; every axes shows at least one x and one y tick label."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     fig_box = fig.bbox
     axes_boxes = [ax.get_window_extent(renderer) for ax in fig.axes]
-    for ax in fig.axes:
+    named = titles(fig, renderer)
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    legend_boxes = [legend.get_window_extent(renderer) for legend in legends]
+    for text, box in named:
+        assert _inside(box, fig_box), f"{name}: title {text!r} is cut off ({_edges(box, fig_box)})"
+    for n, ax in enumerate(fig.axes):
         for which in "xy":
             labels = tick_labels(ax, which)
             texts = [t.get_text() for t in labels]
@@ -52,9 +73,15 @@ def assert_legible(fig, name: str = "") -> None:
                 assert _inside(a, fig_box), f"{name}: {which} tick label {texts[i]!r} is cut off"
                 for j in range(i + 1, len(boxes)):
                     assert not _overlap(a, boxes[j]), f"{name}: {which} tick labels {texts[i]!r} and {texts[j]!r} overlap"
-    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
-    for legend in legends:
-        box = legend.get_window_extent(renderer)
-        assert _inside(box, fig_box), f"{name}: legend is cut off"
+                for text, box in named:
+                    assert not _overlap(a, box), f"{name}: {which} tick label {texts[i]!r} runs into title {text!r}"
+                for box in legend_boxes:
+                    assert not _overlap(a, box), f"{name}: legend covers {which} tick label {texts[i]!r}"
+                for m, box in enumerate(axes_boxes):
+                    assert m == n or not _overlap(a, box), f"{name}: {which} tick label {texts[i]!r} is on another axes"
+    for box in legend_boxes:
+        assert _inside(box, fig_box), f"{name}: legend is cut off ({_edges(box, fig_box)})"
         for ax_box in axes_boxes:
             assert not _overlap(box, ax_box), f"{name}: legend covers an axes"
+        for text, title in named:
+            assert not _overlap(box, title), f"{name}: legend covers title {text!r}"

@@ -151,7 +151,9 @@ def test_signal_ends_the_run_killed_in_one_line(tmp_path, sig, status):
     finally:
         proc.kill()
     assert proc.returncode == status
-    assert "the run is marked KILLED" in one_error_line(subprocess.CompletedProcess([], status, "", err))
+    line = one_error_line(subprocess.CompletedProcess([], status, "", err))
+    assert "the run is marked KILLED" in line
+    assert line.endswith(f"(resume with: python -m dpl resume={job.resolve()})")  # the path, ready to paste
     (r,) = job_runs(tmp_path / "mlflow.db")
     assert r.info.status == "KILLED" and sig.name in r.data.tags["failure_reason"]
 

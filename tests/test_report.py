@@ -43,9 +43,9 @@ def store(tmp_path_factory):
     return uri, results, out
 
 
-def _log_run(uri, experiment, tags, metrics=None, status="FINISHED", reason=None, **cfg):
+def _log_run(uri, experiment, tags, metrics=None, status="FINISHED", reason=None, first_step=0, **cfg):
     """One fake job run in the store at ``uri``, through dpl's own logger: params from ``cfg``,
-    ``metrics`` as {key: value or [value per epoch]}; no model is trained."""
+    ``metrics`` as {key: value or [value per epoch, from step ``first_step``]}; no model is trained."""
     from omegaconf import OmegaConf
 
     from dpl.tracking import MlflowLogger
@@ -54,7 +54,7 @@ def _log_run(uri, experiment, tags, metrics=None, status="FINISHED", reason=None
     logger = MlflowLogger(node.logger)
     logger.start(node, tags)
     for key, values in (metrics if metrics is not None else {"test_acc": 0.5}).items():
-        for step, value in enumerate(values if isinstance(values, list) else [values]):
+        for step, value in enumerate(values if isinstance(values, list) else [values], start=first_step):
             logger.log_metrics({key: value}, step=step)
     logger.finish(status, reason)
 
@@ -424,8 +424,8 @@ def _study_runs(epochs: int) -> list[RunRecord]:
         base = {"dataset.name": dataset, "method.name": "localsgd", "K": "4", "H": "1", "dynamic_h.name": "constant",
                 "optimizer.name": "sgdm", "batch_size": "64", "seed": "0", "lr": "0.04"}
         hs = list(hs) * epochs if len(hs) == 1 else list(hs)[:epochs]
-        history = {"val_acc": [(e, acc * (e + 1) / epochs) for e in range(epochs)],
-                   "H": [(e, float(hs[e])) for e in range(epochs)]}
+        history = {"val_acc": [(e + 1, acc * (e + 1) / epochs) for e in range(epochs)],  # steps from 1, as logged
+                   "H": [(e + 1, float(hs[e])) for e in range(epochs)]}
         metrics = {"test_acc": acc, "best_val_acc": acc, "sync_rounds_total": rounds, "comm_bytes_total": mib * 2**20,
                    "modelled_time_s": 60.0 + mib / 10,
                    "H_first": hs[0], "H_last": hs[-1], "H_mean": sum(hs) / len(hs)} if status == "FINISHED" else {}
@@ -547,6 +547,13 @@ def test_a_target_that_some_runs_never_reach_is_reported_as_such():
     assert (h4["n"], h4["reached"]) == (2, 0) and math.isnan(h4["epoch_mean"])
     text = markdown(summarise(runs, columns), columns, runs, "t", budget=rows)
     assert "| 1 of 2 | 2.0 ± ? (1) |" in text and "| 0 of 2 | – |" in text
+    from dpl.report import fig_budget
+    from tests.legible import assert_legible
+
+    fig = fig_budget(rows, list(columns))
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["H=2 (reached 1 of 2)", "H=4 (reached 0 of 2)"]  # never reached: named, no bar
+    assert_legible(fig, "budget_to_target.png")
 
 
 def test_default_baseline_is_each_rows_own_ablation_none():
@@ -572,3 +579,65 @@ def test_default_baseline_is_each_rows_own_ablation_none():
     # Holm's family is the two real tests of the metric
     assert all(r["p_holm"] == pytest.approx(min(1.0, 2 * min(x["p_value"] for x in lr)))
                or r["p_holm"] == pytest.approx(max(x["p_value"] for x in lr)) for r in lr)
+
+
+def _single_runs(groups: int, label_len: int = 1) -> list[RunRecord]:
+    """Single runs of experiment "dpl" that differ in engine, epochs and data size (and, with
+    ``label_len`` > 1, in a long-valued param): the groups the report labels with long names."""
+    runs = []
+    for i in range(groups):
+        params = {"dataset.name": "synthetic", "method.name": "localsgd", "K": "2", "H": str(2 ** (i % 4)),
+                  "dynamic_h.name": "constant", "optimizer.name": "sgdm", "batch_size": "64", "seed": "0",
+                  "engine.name": ("simulated", "distributed")[i % 2], "epochs": str(1 + i),
+                  "dataset.num_train": str(1000 * (i + 1)), "model.name": f"resnet{i}" + "_wide" * label_len}
+        acc = 0.19 + 0.0005 * i
+        runs.append(RunRecord(run_id=str(next(_IDS)), status="FINISHED", params=params,
+                              metrics={"test_acc": acc, "best_val_acc": acc, "sync_rounds_total": 100.0 * (i + 1),
+                                       "comm_bytes_total": 2**20 * (i + 1), "modelled_time_s": 10.0 + i},
+                              history={"val_acc": [(e, acc - 0.001 * (3 - e)) for e in range(1, 4)]}))
+    return runs
+
+
+@pytest.mark.parametrize("groups,label_len", [(1, 1), (2, 1), (7, 1), (7, 8), (20, 1), (20, 6)])
+def test_figures_of_many_long_named_groups_are_legible(groups, label_len):
+    """The "dpl" experiment's figures, 1 to 20 groups with long labels: the legend sits right of the
+    panels below the title, covers no data, title or tick label, and lies wholly in the figure."""
+    from dpl.report import build_figures
+    from tests.legible import assert_legible
+
+    runs = _single_runs(groups, label_len)
+    figures = build_figures(runs, group_columns(runs))
+    assert {"acc_vs_H.png", "acc_vs_rounds.png", "learning_curves.png"} <= set(figures)
+    for name, fig in figures.items():
+        assert_legible(fig, name)
+    if groups > 1:  # a curve and an entry per group: every label is there to be measured
+        (legend,) = figures["learning_curves.png"].legends
+        assert len(legend.get_texts()) == groups
+
+
+def test_accuracy_axes_are_percent_from_a_round_floor():
+    """Accuracies 19.0-19.95% are drawn on a 10-20% axis labelled in percent, not stretched over
+    0.190-0.200; the other figures' accuracy axes are percent too."""
+    from dpl.report import build_figures
+
+    runs = _single_runs(20)
+    figures = build_figures(runs, group_columns(runs))
+    for name in ("acc_vs_H.png", "acc_vs_rounds.png", "learning_curves.png", "pareto.png", "acc_vs_time.png"):
+        fig = figures[name]
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        lo, hi = ax.get_ylim()
+        assert lo <= 0.10 < 0.19 and 0.20 <= hi and hi - lo >= 0.1 - 1e-9, (name, lo, hi)
+        shown = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
+        assert "10%" in shown and "20%" in shown and all(s.endswith("%") for s in shown), (name, shown)
+
+
+def test_histories_of_old_runs_logged_from_step_0_read_as_epochs_from_1(tmp_path):
+    """Runs logged before epochs were counted from 1 have their first epoch at step 0: the report
+    shifts them, so an old and a new run of the same curve land on the same epochs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    curve = [0.2, 0.3, 0.4]
+    _log_run(uri, "old_new", {}, metrics={"val_acc": curve}, first_step=0, seed=0)  # an old run
+    _log_run(uri, "old_new", {}, metrics={"val_acc": curve}, first_step=1, seed=1)  # a run of today
+    runs = fetch_runs(mlflow_client(uri), "old_new")
+    assert [r.history["val_acc"] for r in runs] == [list(zip((1, 2, 3), curve))] * 2

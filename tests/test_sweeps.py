@@ -186,9 +186,13 @@ def test_grid_sweep_makes_one_child_run_per_cell_and_the_report_matches(tmp_path
         assert r.data.params["method.name"] == "localsgd"
         # named by the sweep, the job number and the config; MLflow's source tag
         num = int(r.data.params["K"] == "4") * 2 + int(r.data.params["H"] == "4")  # K outer, H inner
-        assert r.info.run_name == f"localsgd_grid-{num}-localsgd-K{r.data.params['K']}-H{r.data.params['H']}-sgdm-s0"
+        assert r.info.run_name == f"localsgd-K{r.data.params['K']}-H{r.data.params['H']}-sgdm-s0-#{num}"
         assert r.data.tags["mlflow.source.name"] == "python -m dpl"
     assert parent.info.run_name == "localsgd_grid"
+    # the parent's params are the sweep's settings, not a job's K and H
+    assert {k: v for k, v in parent.data.params.items() if k != "overrides"} == \
+        {"sweep": "localsgd_grid", "sweeper": "BasicSweeper", "swept.K": "2,4", "swept.H": "2,4", "jobs": "4"}
+    assert parent.data.params["overrides"] == " ".join(TINY)
     assert parent.info.status == "FINISHED" and parent.data.tags[PARENT_TAG] == "localsgd_grid"
     assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_finished"] == 4
     assert parent.data.metrics["best_val_acc"] == max(r.data.metrics["best_val_acc"] for r in jobs)

@@ -346,3 +346,40 @@ def test_run_names_say_the_method_and_H_only_where_there_are_local_steps():
     assert run_name(cfg) == "localsgd-K4-H8-sgdm-s0"
     cfg.method.name = "centralized"
     assert run_name(cfg, local_steps=False) == "centralized-K4-sgdm-s0"
+
+
+def test_run_names_tell_runs_apart_by_their_overrides_and_job_number():
+    """Seven runs once all named localsgd-K2-H4-sgdm-s0: the overrides that differ now name them,
+    K and H first so a narrow column still shows them, a sweep's job number last."""
+    from omegaconf import OmegaConf
+
+    from dpl.run_names import run_name, short_override
+
+    cfg = OmegaConf.create({"method": {"name": "localsgd"}, "K": 2, "H": 4, "optimizer": {"name": "sgdm"},
+                            "seed": 0, "dynamic_h": {"name": "constant"}, "engine": {"name": "distributed"}})
+    overrides = ["engine=distributed", "epochs=3", "dataset.num_train=2000", "progress=false",
+                 "logger.tracking_uri=sqlite:///x.db", "K=2", "+compression.error_feedback=true", "lr=0.012345"]
+    name = run_name(cfg, overrides=overrides, job=None)
+    assert name == "localsgd-K2-H4-sgdm-s0-distributed-epochs3-num_train2k-error_feedback=true-lr0.0123"
+    assert run_name(cfg, overrides=["H=4", "lr=0.1"], job=7) == "localsgd-K2-H4-sgdm-s0-lr0.1-#7"
+    names = {run_name(cfg, overrides=o, job=None) for o in
+             (["engine=distributed"], ["epochs=3"], ["dataset.num_train=2000"], ["epochs=3", "dataset.num_train=45000"])}
+    assert len(names) == 4 and all(n.startswith("localsgd-K2-H4-") for n in names)
+    assert short_override("dataset.num_train=1500") == "num_train1.5k"
+
+
+def test_runs_link_opens_the_runs_table_in_the_saved_view():
+    from dpl.tracking import link_line, runs_link
+
+    assert runs_link("sqlite:////a/mlflow.db", "3") == "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=dpl"
+    assert runs_link("http://mlflow.lab:8080/", "12") == "http://mlflow.lab:8080/#/experiments/12/runs?viewStateShareKey=dpl"
+    assert runs_link("sqlite:////a/mlflow.db", None) is None
+    assert link_line("sqlite:////a/mlflow.db", "3").endswith("(serve it with: mlflow ui --backend-store-uri "
+                                                               "sqlite:////a/mlflow.db)")
+
+
+def test_resume_hint_names_the_job_dir(tmp_path):
+    from dpl.interrupt import resume_hint
+
+    assert resume_hint(tmp_path / "job 1") == f"resume with: python -m dpl resume='{tmp_path / 'job 1'}'"
+    assert resume_hint(None) == "resume with: python -m dpl resume=<job dir>"

@@ -22,7 +22,8 @@ def test_run_contents_in_mlflow(make_cfg, tmp_path):
     assert {k: r.data.tags[k] for k in ("method", "optimizer", "dataset", "sweep")} == \
         {"method": "localsgd", "optimizer": "sgdm", "dataset": "synthetic", "sweep": "tiny"}
     # a descriptive name, and MLflow's own source tags (the UI's Source and Version columns)
-    assert r.info.run_name == "tiny-localsgd-K2-H1-asc_pow2-sgdm-s0"
+    assert r.info.run_name == "localsgd-K2-H1-asc_pow2-sgdm-s0"  # no Hydra overrides: the base name
+    assert r.data.tags["dpl.job_dir"] == str((tmp_path / "job").resolve())  # what resume= is told
     assert r.data.tags["mlflow.source.name"] == "python -m dpl"
     assert len(r.data.tags["mlflow.source.git.commit"]) == 40
     experiment = client.get_experiment_by_name("e2e")
@@ -35,7 +36,7 @@ def test_run_contents_in_mlflow(make_cfg, tmp_path):
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "samples_per_s", "H",
                 "sync_rounds", "sync_rounds_total", "comm_bytes", "comm_bytes_total", "rounds_vs_sync",
                 "modelled_time_s", "drift"):
-        assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [0, 1], key
+        assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1, 2], key  # epochs from 1
     # 450 images per worker / batch 32 = 15 steps: H=1 -> 15 syncs, then H=4 -> 4
     assert [m.value for m in client.get_metric_history(r.info.run_id, "sync_rounds_total")] == [15, 19]
     assert r.data.metrics["test_acc"] == final["test_acc"]
@@ -50,6 +51,13 @@ def test_run_contents_in_mlflow(make_cfg, tmp_path):
     assert row["run_id"] == r.info.run_id and float(row["test_acc"]) == final["test_acc"]
     assert row["K"] == "2" and row["method.name"] == "localsgd"
     assert (row["H"], row["H_first"], row["H_last"], row["H_mean"]) == ("1", "1.0", "4.0", "2.5")
+    # epochs from 1 in history.csv and best_epoch too, as in the log's "epoch 1/2"
+    with open(tmp_path / "job" / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    assert [h["epoch"] for h in history] == ["1", "2"]
+    best = final["best_epoch"]
+    assert best in (1, 2) and float(history[best - 1]["val_acc"]) == final["best_val_acc"]
+    assert r.data.metrics["best_epoch"] == best
 
 
 def test_resume_logs_into_the_same_run(make_cfg, tmp_path):
@@ -66,4 +74,4 @@ def test_resume_logs_into_the_same_run(make_cfg, tmp_path):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert len(runs) == 1
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_acc")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_acc")] == [1, 2]
