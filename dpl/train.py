@@ -86,6 +86,21 @@ def scaled_lr(lr: float, rule: str, batch: int, base_batch: int) -> float:
     return lr * factors[rule]
 
 
+def epochs_from_one(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's TrainState fields with its history's epochs and ``best_epoch`` counted from 1.
+
+    Checkpoints written before epochs were counted from 1 everywhere hold 0-based records; a
+    resumed run would otherwise append epoch 3 after epochs 0 and 1 (and report the wrong best
+    epoch). Newer checkpoints are returned unchanged.
+    """
+    history = state.get("history") or []
+    if not history or history[0].get("epoch") != 0:
+        return state
+    best = state.get("best_epoch", -1)
+    return {**state, "history": [{**row, "epoch": row["epoch"] + 1} for row in history],
+            "best_epoch": best + 1 if best >= 0 else best}
+
+
 class Trainer:
     """Owns the workers, the inner optimizer, the method and the training state.
 
@@ -293,7 +308,7 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         ckpt = self.workers.comm.local_state(ckpt)  # a rank's share of a checkpoint of every worker
-        self.state = TrainState(**ckpt["state"])
+        self.state = TrainState(**epochs_from_one(ckpt["state"]))
         self.sums.load(self.state.loss_sum, self.state.correct, self.state.seen)
         self.drift_sum.fill_(self.state.drift_sum)
         self.workers.point.traffic = Traffic(**ckpt["traffic"])

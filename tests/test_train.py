@@ -160,3 +160,13 @@ def test_bf16_forward_runs_in_bf16_and_fp32_is_untouched():
     fp32 = build_trainer(compose_cfg(), torch.device("cpu"))
     bf = t.workers.forward_backward(x, y)[0]
     assert fp32.workers.precision == "fp32" and not torch.equal(fp32.workers.forward_backward(x, y)[0], bf)
+
+
+def test_a_checkpoint_with_epochs_from_0_resumes_counting_from_1():
+    from dpl.train import epochs_from_one
+
+    old = {"epoch": 2, "best_epoch": 1, "history": [{"epoch": 0, "val_acc": 0.1}, {"epoch": 1, "val_acc": 0.2}]}
+    new = epochs_from_one(old)
+    assert [r["epoch"] for r in new["history"]] == [1, 2] and new["best_epoch"] == 2 and new["epoch"] == 2
+    assert epochs_from_one(new) == new  # already from 1: unchanged
+    assert epochs_from_one({"history": [], "best_epoch": -1}) == {"history": [], "best_epoch": -1}
