@@ -26,6 +26,8 @@ from dpl.config import ConfigError
 from dpl.io import write_csv
 from dpl.tracking import TrackingError, mlflow_client
 
+from tests.processes import rank_pids, wait_epoch
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 ENV.pop("DPL_SWEEP_PARENT_RUN_ID", None)
@@ -295,37 +297,12 @@ def _spawn_job(tmp_path: Path, job: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _rank_pids(proc: subprocess.Popen, world: int) -> dict[int, int]:
-    import re
-
-    pids: dict[int, int] = {}
-    for line in proc.stdout:
-        m = re.search(r"rank (\d+) is pid (\d+)", line)
-        if m:
-            pids[int(m.group(1))] = int(m.group(2))
-        if len(pids) == world:
-            return pids
-    raise AssertionError("the ranks never started")
-
-
-def _wait_epoch(job: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if checkpoint.load(job)["state"]["epoch"] >= 1:
-                return
-        except CheckpointError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("no epoch finished")
-
-
 def test_killed_rank_two_of_four_is_named_and_no_healthy_rank_is_blamed(tmp_path):
     job = tmp_path / "job"
     proc = _spawn_job(tmp_path, job, "K=4", "method=localsgd", "H=2", "epochs=100")
     try:
-        pids = _rank_pids(proc, 4)
-        _wait_epoch(job, proc)
+        pids = rank_pids(proc, 4)
+        wait_epoch(job, proc)
         os.kill(pids[2], signal.SIGKILL)
         out = proc.communicate(timeout=180)[0]
     finally:
@@ -345,8 +322,8 @@ def test_sigterm_on_the_distributed_launcher_ends_the_run_killed(tmp_path):
     job = tmp_path / "job"
     proc = _spawn_job(tmp_path, job, "K=2", "method=localsgd", "H=2", "epochs=100")
     try:
-        _rank_pids(proc, 2)
-        _wait_epoch(job, proc)
+        rank_pids(proc, 2)
+        wait_epoch(job, proc)
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=120)[0]
     finally:

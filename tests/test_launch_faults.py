@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from dpl import checkpoint
 from dpl.app import run
-from dpl.checkpoint import CheckpointError
 from dpl.config import ConfigError
 from dpl.engine.launch import host_store, interface_of, overdue, spawn
 from tests.conftest import TINY
+from tests.processes import rank_pids, wait_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -194,21 +193,8 @@ def _spawn_job(tmp_path: Path, K: int, *overrides: str) -> tuple[subprocess.Pope
            "batch_size=32", "progress=false", "device=cpu", "logger.plots=false", "engine=distributed",
            "engine.spawn=true", f"K={K}", "method=localsgd", "H=2", "epochs=100", *overrides, f"hydra.run.dir={job}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pids: dict[int, int] = {}
-    for line in proc.stdout:
-        m = re.search(r"rank (\d+) is pid (\d+)", line)
-        if m:
-            pids[int(m.group(1))] = int(m.group(2))
-        if len(pids) == K:
-            break
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if checkpoint.load(job)["state"]["epoch"] >= 1:
-                break
-        except CheckpointError:
-            pass
-        time.sleep(0.05)
+    pids = rank_pids(proc, K)
+    wait_epoch(job, proc, timeout=240)
     return proc, pids, job
 
 
