@@ -108,10 +108,10 @@ _FIGURES = {"loss.png": _loss, "accuracy.png": _accuracy, "lr.png": _lr, "comm.p
 _DPI = 120  # drawn at the dpi it is saved at, so what a test measures is what the PNG shows
 
 
-def new_figure(panels: int, width: float = 5.0) -> tuple[Figure, list]:
-    fig = Figure(figsize=(width * panels, 3.6), dpi=_DPI, layout="constrained")
+def new_figure(panels: int, width: float = 5.0, height: float = 3.6, sharey: bool = False) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width * panels, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, list(fig.subplots(1, panels, squeeze=False)[0])
+    return fig, list(fig.subplots(1, panels, squeeze=False, sharey=sharey)[0])
 
 
 def short_number(value: float, _pos=None) -> str:

@@ -46,8 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from dpl import stats
@@ -188,14 +186,6 @@ def group_runs(runs: Sequence[RunRecord], columns: Mapping[str, str]) -> dict[tu
     return dict(sorted(groups.items(), key=lambda kv: tuple(_sort_value(v) for v in kv[0])))
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1); std is nan for fewer than two values, both nan for none."""
-    if not values:
-        return math.nan, math.nan
-    mean = statistics.fmean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
-
-
 def summarise(runs: Sequence[RunRecord], columns: Mapping[str, str],
               metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
     """One row per group (summary.csv): its column values, ``n`` (finished runs), ``failed``, and per
@@ -277,6 +267,7 @@ def baseline_of(groups: Sequence[tuple[str, ...]], columns: Sequence[str],
 
 
 def _by_seed(runs: Iterable[RunRecord], metric: str) -> list[tuple[str, float]]:
+    """(seed, value) of a final metric over the finished runs where it is finite."""
     return [(r.params.get("seed", ""), r.metrics[metric]) for r in runs
             if r.finished and math.isfinite(r.metrics.get(metric, math.nan))]
 
@@ -315,9 +306,11 @@ def compare_groups(runs: Sequence[RunRecord], columns: Mapping[str, str], spec: 
 
 def default_target(runs: Sequence[RunRecord], columns: Mapping[str, str]) -> float:
     """The lowest of the groups' mean final validation accuracies: a target every group reaches on average."""
-    means = [statistics.fmean(v) for v in ([final_value(r.history) for r in members if r.finished
-                                            and math.isfinite(final_value(r.history))]
-                                           for members in group_runs(runs, columns).values()) if v]
+    means = []
+    for members in group_runs(runs, columns).values():
+        finals = [v for v in (final_value(r.history) for r in members if r.finished) if math.isfinite(v)]
+        if finals:
+            means.append(statistics.fmean(finals))
     return min(means) if means else math.nan
 
 
@@ -353,7 +346,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def _values(runs: Iterable[RunRecord], metric: str) -> list[float]:
     """The finite values of a final metric over the finished runs."""
-    return [r.metrics[metric] for r in runs if r.finished and math.isfinite(r.metrics.get(metric, math.nan))]
+    return [value for _, value in _by_seed(runs, metric)]
 
 
 def _by_step(histories: Iterable[Sequence[tuple[int, float]]]) -> dict[int, list[float]]:
@@ -856,9 +849,8 @@ def fig_budget(budget: Sequence[Mapping[str, Any]], columns: Sequence[str]):
     varying = _varying(dict.fromkeys(keys), columns)
     labels = [f"{_label_of(k, columns, [c for c in columns if c not in varying])} "
               f"(reached {r['reached']} of {r['n']})" for k, r in zip(keys, budget)]
-    fig = Figure(figsize=(4.2 * len(panels) + 3.0, 1.4 + 0.35 * len(budget)), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = list(fig.subplots(1, len(panels), squeeze=False, sharey=True)[0])
+    # 3 inches more across for the group labels left of the first panel, a line of height per group
+    fig, axes = new_figure(len(panels), width=4.2 + 3.0 / len(panels), height=1.4 + 0.35 * len(budget), sharey=True)
     fig.suptitle(f"Budget to reach {100 * budget[0]['target_val_acc']:.2f} % validation accuracy{_CI_NOTE}")
     ys = list(range(len(budget)))
     for ax, (name, (xlabel, scale)) in zip(axes, panels.items()):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from scipy import stats
 
 CONFIDENCE = 0.95
 INTERVAL = "95 % CI, Student's t with n−1 df"  # what the tables say their ± is
@@ -42,8 +43,6 @@ class Summary:
 
 def describe(values: Sequence[float], confidence: float = CONFIDENCE) -> Summary:
     """Mean, sample std (n − 1) and the Student-t confidence interval of the mean of ``values``."""
-    from scipy import stats
-
     x = np.asarray([float(v) for v in values], dtype=np.float64)
     n = len(x)
     if n == 0:
@@ -84,8 +83,6 @@ def compare(group: Sequence[tuple[str, float]], baseline: Sequence[tuple[str, fl
     that changes nothing, or a metric that the seed does not move) gives a zero-width interval and
     p = 1 for no difference, 0 for a difference.
     """
-    from scipy import stats
-
     a = np.asarray([v for _, v in group], dtype=np.float64)
     b = np.asarray([v for _, v in baseline], dtype=np.float64)
     n, m = len(a), len(b)
