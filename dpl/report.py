@@ -52,6 +52,7 @@ from dpl import stats
 from dpl.budget import BUDGETS, final_value, to_target
 from dpl.io import atomic_write_text, write_csv
 from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, percent_axis, save_figure, short_number
+from dpl.run_names import BOOKKEEPING
 from dpl.sweep import PARENT_TAG
 from dpl.tracking import INTERRUPTED_TAG, end_if_dead, process_gone, tag_filter
 
@@ -68,11 +69,10 @@ METRICS = ("test_acc", "test_acc_best", "best_val_acc", "test_loss", "sync_round
            "samples_total", "modelled_time_s", "epochs_run", "H_first", "H_last", "H_mean")
 # Metrics whose difference to the baseline group is tested (comparisons.csv).
 COMPARED = ("test_acc", "test_acc_best", "best_val_acc")
-# Params that never split a group: the seed (what a group averages over) and bookkeeping.
-NOT_GROUPED = ("seed", "sweep", "results_csv", "progress", "resume", "checkpoint", "checkpoint_every", "test_only",
-               "pretrained", "device", "dataset.root", "dataset.download", "engine.master_addr",
-               "engine.master_port", "engine.timeout_s", "engine.spawn", "engine.backend", "engine.simulate",
-               "engine.compile", "engine.eval_batch_size")
+# Params that never split a group: the seed (what a group averages over), the sweep tag, the
+# keys that never change what a run computes (dpl.run_names: the same list never names a run),
+# engine.backend (gloo and NCCL compute the same sums) and pretrained (kept out, as before).
+NOT_GROUPED = ("seed", "sweep", "pretrained", "engine.backend", *BOOKKEEPING)
 NOT_GROUPED_PREFIXES = ("logger.", "hydra.")
 LOCAL_METHODS = ("localsgd", "slowmo", "diloco", "post_local")
 FAILED = ("FAILED", "KILLED")
