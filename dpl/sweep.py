@@ -41,7 +41,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, open_dict
 
 from dpl.errors import ConfigError
-
 from dpl.run_names import SWEPT_KEYS_ENV, swept_keys
 
 log = logging.getLogger("dpl")
@@ -201,7 +200,9 @@ def sweep_settings(config: DictConfig, name: str) -> dict[str, str]:
                      if o.is_sweep_override()})
     if fixed:
         settings["overrides"] = " ".join(fixed)
-    jobs = sweeper.get("n_trials")  # a search: as many trials as asked for
+    jobs = sweeper.get("n_trials")  # a search: as many trials as asked for, each once per seed
+    if jobs is not None and sweeper.get("seeds"):
+        jobs *= len(sweeper.get("seeds"))
     if jobs is None:
         jobs = math.prod(len(list(o.sweep_string_iterator())) for o in parsed if o.is_sweep_override())
     settings["jobs"] = str(jobs)

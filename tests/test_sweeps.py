@@ -310,6 +310,7 @@ def test_optuna_seeds_per_trial_are_jobs_scored_by_their_mean(tmp_path):
     # Each job is its own MLflow run under the sweep's one parent.
     jobs, parents = _runs(_client(tmp_path / "mlflow.db"), "optuna_lr")
     assert len(parents) == 1 and len(jobs) == 4
+    assert parents[0].data.params["jobs"] == "4"  # 2 trials x 2 seeds
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in jobs)
     by_job = {(float(r.data.params["lr"]), int(r.data.params["seed"])): r for r in jobs}
     assert set(by_job) == {(lr, s) for lr in (0.05, 3.0) for s in (0, 1)}
