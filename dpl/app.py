@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpl import checkpoint
-from dpl.compression import build_compression
+from dpl.comm import build_compression
 from dpl.config import typed
 from dpl.errors import ConfigError, Diverged
 from dpl.preflight import validate
@@ -85,7 +85,7 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=Non
                                              f"{cfg.model.name} on {cfg.dataset.name}: {detail}") from None
     method = build_method(cfg.method, cfg.local_momentum)
     workers = build_workers(cfg, model, device, comm, synchronous=method.synchronous)
-    workers.point.compression = build_compression(cfg.get("compression"), cfg.seed)  # None: none
+    workers.point.compression = build_compression(cfg.get("compression"), cfg.seed)
     return Trainer(cfg, data, workers, method, rank=rank)
 
 

@@ -29,7 +29,7 @@ Each measurement warms up, then repeats and reports the median and spread
    layout): where channels_last pays (what ``auto`` should pick per device).
 6. ``compression``: the time of one sync of K=4 LocalSGD workers of LeNet-5 per compressor
    (``compression=...`` with error feedback: each worker's Δ_k compressed, the residual updated,
-   the K payloads decoded and averaged, as :meth:`StackedWorkers.average_deltas_` does it)
+   the K payloads decoded and averaged, as :meth:`StackedWorkers.pseudo_gradient_` does it)
    against the plain parameter average of ``compression=none``, as a ratio (> 1: slower), beside
    the payload's bytes per worker against the fp32 replica's.
 """
@@ -294,7 +294,7 @@ def compression_rows(device: torch.device, args, K: int = 4) -> list[dict]:
     average's, and the payload's bytes per worker against the fp32 replica's."""
     from omegaconf import OmegaConf
 
-    from dpl.compression import COMPRESSORS, Compression
+    from dpl.comm import COMPRESSORS, Compression, PlainAverage
 
     trainer = build_trainer(compose(f"device={device.type}", f"K={K}", "method=localsgd", "dataset.num_train=2000"),
                             device)
@@ -307,7 +307,7 @@ def compression_rows(device: torch.device, args, K: int = 4) -> list[dict]:
     saved = [p.detach().clone() for p in w.params]
 
     def plain() -> None:
-        w.average_params_()
+        w.pseudo_gradient_(anchor, 0)
         with torch.no_grad():
             for p, s in zip(w.params, saved):
                 p.copy_(s)
@@ -320,12 +320,12 @@ def compression_rows(device: torch.device, args, K: int = 4) -> list[dict]:
             continue
         w.point.compression = Compression(build(OmegaConf.create({"ratio": 0.01, "chunk": 1024})), True, 0)
         w.point.compression.start(w.params)
-        secs = statistics.median(timed(lambda: w.average_deltas_(anchor, 0), device, args.warmup, args.repeats,
+        secs = statistics.median(timed(lambda: w.pseudo_gradient_(anchor, 0), device, args.warmup, args.repeats,
                                        args.iters))
         nbytes = w.point.compression.payload_bytes(w.params)
         rows.append({"name": name, "seconds": secs, "ratio": secs / base, "bytes": nbytes,
                      "bytes_ratio": nbytes / replica})
-    w.point.compression = None
+    w.point.compression = PlainAverage()
     return rows
 
 

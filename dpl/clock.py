@@ -8,7 +8,7 @@ as in the DiLoCo line of work, Douillard et al. 2023 / 2025):
 - compute: each worker processes a sample in ``c`` seconds times its own speed factor
   s_k (1 = nominal, 2 = twice as slow). A period of local steps ends when the slowest
   worker has finished it, so a period of P steps of batch B costs P · B · c · max_k s_k;
-- communication (:func:`dpl.comm.sync_time_s`): every all-reduce of n bytes per replica
+- communication (:func:`dpl.comm.cost.sync_time_s`): every all-reduce of n bytes per replica
   costs, on a ring, 2 (K − 1) α + 2 (K − 1)/K · n / β; through one parameter server,
   2 α + 2 K n / β (the server's link carries every worker's push and pull);
 - modelled time = Σ over the run of compute + communication.

@@ -437,7 +437,7 @@ class DistributedEngineConfig(EngineBase):
         _check(0 <= self.master_port < 65536, "engine.master_port", self.master_port, "0 (a free port) to 65535")
 
 
-# --- compression (dpl.compression): what a sync of a local method sends
+# --- compression (dpl.comm.compression): what a sync of a local method sends
 
 
 @dataclass

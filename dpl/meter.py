@@ -59,3 +59,18 @@ def track_best(state: Any, val_acc: float, patience: int) -> bool:
         state.bad_epochs += 1
     state.stopped_early = 0 < patience <= state.bad_epochs
     return improved
+
+
+def drift_term(workers: torch.Tensor, mean: torch.Tensor, K: int) -> torch.Tensor:
+    """This process's share of the workers' drift, sum_k ||x_k − x̄|| / (K ||x̄||) over its workers.
+
+    ``workers`` [K_local, n] holds each local worker's parameters flattened together, ``mean`` [n]
+    the average x̄ over all K; summed over the processes (the trainer's end-of-epoch sum) the terms
+    give mean_k ||x_k − x̄|| / ||x̄||: how far the workers moved apart before a sync. 0 when x̄ = 0 or
+    the workers are equal. Float64, so the small differences between workers are not lost to
+    rounding, and a 0-dim tensor left on the device (the trainer sums it there and reads the sum
+    once per epoch), so a sync costs no device-to-host read; x̄ = 0 is decided on the device too.
+    """
+    norm = mean.norm()
+    spread = (workers - mean).norm(dim=1).sum()
+    return torch.where(norm > 0, spread / norm.clamp_min(torch.finfo(torch.float64).tiny) / K, 0.0)

@@ -369,7 +369,7 @@ def _type_name(typ: Any) -> str:
 
 def registries() -> dict[str, dict]:
     """Every config group's registry: group name -> {YAML option name: builder}."""
-    from dpl.compression import COMPRESSORS
+    from dpl.comm.compression import COMPRESSORS
     from dpl.data import DATASETS
     from dpl.dynamic_h import STRATEGIES
     from dpl.engine import ENGINES

@@ -124,7 +124,7 @@ class Trainer:
         self.shards = shards.to(self.device)
         self.rows = slice(rank, rank + workers.k_local)
         self.steps_per_epoch = steps_per_epoch(self.shards.shape[1], cfg.batch_size)
-        self.base_lr = scaled_lr(cfg.lr, cfg.lr_scaling, cfg.K * cfg.batch_size, cfg.base_batch_size)
+        self.base_lr = scaled_lr(cfg.lr, cfg.lr_scaling, workers.K * cfg.batch_size, cfg.base_batch_size)
         self.lr_table = lr_table(cfg.scheduler, self.base_lr, cfg.epochs, self.steps_per_epoch, cfg.warmup_epochs)
         # how the local step runs (engine.compile): eager, torch.compile, or a replayed CUDA graph
         self.compile, why = compile_mode(cfg.engine.get("compile", "auto"), self.device, workers, cfg.optimizer.name)
@@ -211,11 +211,11 @@ class Trainer:
         s.compute_s += time.perf_counter() - t0
 
     def end_epoch(self) -> None:
-        s, comm = self.state, self.workers.comm
+        s, point = self.state, self.workers.point
         self._read_sums()  # the epoch's one read of the device sums
         # Summed over every process's workers, so all ranks record (and choose H from) the same numbers.
-        loss_sum, correct, seen, drift_sum = comm.all_sum([s.loss_sum, s.correct, s.seen, s.drift_sum])
-        comm_wall_s, comm.wall_s = comm.wall_s, 0.0
+        loss_sum, correct, seen, drift_sum = point.all_sum([s.loss_sum, s.correct, s.seen, s.drift_sum], "metrics")
+        comm_wall_s = point.take_wall_s()
         compute_s = max(s.compute_s - comm_wall_s, 0.0)  # the rest of the step: forward, backward, optimizer
         train_loss = loss_sum / max(seen, 1)
         check_finite(train_loss, s.epoch)
@@ -230,7 +230,7 @@ class Trainer:
             # modelled: a worker of a real cluster computes only its own share of the simulated steps
             **self.ledger.record_epoch(self.workers.point.take(), s.step, seen / self.workers.K,
                                        compute_s / self.workers.k_local),
-            "comm_wall_s": comm_wall_s,  # measured in collectives (engine=distributed), beside the modelled bytes
+            "comm_wall_s": comm_wall_s,  # measured in the algorithm's collectives, beside the modelled bytes
             # every worker's training samples so far: the budget of an equal-samples comparison (dpl.budget)
             "samples_total": (s.history[-1].get("samples_total", 0.0) if s.history else 0.0) + seen,
         }
@@ -297,7 +297,7 @@ class Trainer:
             "state": asdict(s),
             "traffic": asdict(self.workers.point.traffic),
             "workers": self.workers.state_dict(),
-            "model": self.workers.mean_replica(),
+            "model": self.workers.mean_replica("checkpoint"),
             "best_model": self.best_weights,
             "optimizer": self.optimizer.state_dict(),
             "method": self.method.state_dict(),
@@ -307,7 +307,7 @@ class Trainer:
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        ckpt = self.workers.comm.local_state(ckpt)  # a rank's share of a checkpoint of every worker
+        ckpt = self.workers.point.local_state(ckpt)  # a rank's share of a checkpoint of every worker
         self.state = TrainState(**epochs_from_one(ckpt["state"]))
         self.sums.load(self.state.loss_sum, self.state.correct, self.state.seen)
         self.drift_sum.fill_(self.state.drift_sum)
@@ -323,7 +323,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any]) -> None:
-        state = self.workers.comm.gather_state(self.state_dict())  # every worker, on the writing process
+        state = self.workers.point.gather_state(self.state_dict())  # every worker, on the writing process
         if state is not None:
             checkpoint.save({**state, **extra}, path)
 

@@ -24,7 +24,7 @@ def test_compression_bench_times_a_sync_per_compressor_and_states_its_bytes():
     from types import SimpleNamespace
 
     from dpl.bench import compression_rows
-    from dpl.compression import COMPRESSORS
+    from dpl.comm import COMPRESSORS
 
     rows = {r["name"]: r for r in compression_rows(torch.device("cpu"), SimpleNamespace(warmup=0, repeats=1, iters=1))}
     assert set(rows) == set(COMPRESSORS) and rows["none"]["ratio"] == 1.0

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpl.comm import (CommLedger, CommPoint, Traffic, bytes_sent, param_bytes, sync_time_s,
-                      worker_drift)
+from dpl.comm import CommLedger, CommPoint, StackedComm, Traffic, bytes_sent, param_bytes, sync_time_s
+from dpl.meter import drift_term
 
 
 def test_ring_allreduce_bytes_sent():
@@ -101,16 +101,20 @@ def test_one_worker_sends_nothing_but_counts_rounds():
 
 def test_comm_point_averages_and_counts_every_collective():
     """The one communication point: it averages over the workers and counts one replica's bytes."""
-    from dpl.engine.workers import LocalComm
-
-    point = CommPoint(LocalComm(3))
+    point = CommPoint(StackedComm(3))
     params = [torch.arange(6.0).view(3, 2), torch.ones(3, 4)]  # [K, ...]: 2 + 4 floats per replica
     point.average_(params, "params")
     assert torch.equal(params[0], torch.tensor([[2.0, 3.0]] * 3))
     point.average_([torch.zeros(3, 5)], "state")
-    point.average_([torch.zeros(3, 2)], "grads", sent=False)
+    point.average_([torch.zeros(3, 2)], "grads")
+    assert point.all_sum([1.5, 2.0], "metrics") == [1.5, 2.0]  # one process: its sums are the totals
+    point.average_copy([torch.zeros(3, 7)], "eval")
+    point.average_copy([torch.zeros(3, 9)], "checkpoint")
     traffic = point.take()
     assert (traffic.syncs, traffic.collectives, traffic.replica_bytes) == (2, 3, (6 + 5 + 2) * 4)
+    # bookkeeping apart from the algorithm's traffic; checkpoints apart from any epoch
+    assert (traffic.bookkeeping_collectives, traffic.bookkeeping_bytes) == (2, 2 * 8 + 7 * 4)
+    assert (point.checkpoint.collectives, point.checkpoint.bytes) == (1, 9 * 4)
     assert point.take() == Traffic()  # counters restart each epoch
     with pytest.raises(ValueError, match="kind='weights'"):
         point.average_(params, "weights")
@@ -126,29 +130,34 @@ def test_ledger_state_round_trip():
     assert restored.record_epoch(params_traffic(3), 10, 200, 2.0) == ledger.record_epoch(params_traffic(3), 10, 200, 2.0)
 
 
-def test_worker_drift_flattens_all_parameters_of_a_replica():
+def _drift(stacked):
+    """The drift by its definition, mean_k ||x_k − x̄|| / ||x̄||, from the stacked terms of dpl.meter."""
+    flat = torch.cat([t.reshape(t.shape[0], -1).double() for t in stacked], dim=1)
+    return float(drift_term(flat, flat.mean(0), flat.shape[0]))
+
+
+def test_drift_flattens_all_parameters_of_a_replica():
     # worker 0: (1 | 0, 4), worker 1: (3 | 0, 0); mean (2 | 0, 2), ||mean|| = sqrt(8)
-    # deviations (-1 | 0, 2) and (1 | 0, -2): both sqrt(5)  ->  sqrt(5 / 8)
-    a = torch.tensor([[1.0], [3.0]], requires_grad=True)
+    a = torch.tensor([[1.0], [3.0]])
     b = torch.tensor([[0.0, 4.0], [0.0, 0.0]])
-    assert worker_drift([a, b]) == pytest.approx(math.sqrt(5 / 8), rel=1e-12)
+    # ||x_0 - mean|| = sqrt(1 + 4) = ||x_1 - mean||; drift = sqrt(5) / sqrt(8)
+    assert _drift([a, b]) == pytest.approx(math.sqrt(5 / 8), rel=1e-12)
 
 
-def test_worker_drift_means_over_workers():
-    # mean (1, 1); deviations (-1, -1), (2, -1), (-1, 2): sqrt(2), sqrt(5), sqrt(5)
-    x = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
-    expected = (math.sqrt(2) + 2 * math.sqrt(5)) / 3 / math.sqrt(2)
-    assert worker_drift([x]) == pytest.approx(expected, rel=1e-12)
+def test_drift_terms_of_the_processes_add_up_to_the_mean_over_workers():
+    """Each rank holds one row; the sum of the ranks' terms is the simulation's term of all K rows."""
+    x = torch.randn(5, 7, dtype=torch.float64)
+    mean = x.mean(0)
+    whole = drift_term(x, mean, 5)
+    assert float(sum(drift_term(x[k:k + 1], mean, 5) for k in range(5))) == pytest.approx(float(whole), rel=1e-12)
+    expected = float(sum((x[k] - mean).norm() for k in range(5)) / 5 / mean.norm())
+    assert float(whole) == pytest.approx(expected, rel=1e-12)
 
 
-def test_worker_drift_degenerate_cases():
-    assert worker_drift([torch.tensor([[1.0, 2.0]])]) == 0.0  # K = 1
-    assert worker_drift([torch.tensor([[1.0, -1.0], [-1.0, 1.0]])]) == 0.0  # mean is 0
-    assert worker_drift([torch.ones(4, 3, 2)]) == 0.0  # workers equal
-    assert worker_drift([]) == 0.0
-
-
-# ----------------------------------------------------------------------------- modelled clock
+def test_drift_degenerate_cases():
+    assert _drift([torch.tensor([[1.0, 2.0]])]) == 0.0  # K = 1
+    assert _drift([torch.tensor([[1.0, -1.0], [-1.0, 1.0]])]) == 0.0  # mean is 0
+    assert _drift([torch.ones(4, 3, 2)]) == 0.0  # workers equal
 
 
 def test_modelled_compute_is_samples_times_cost_times_the_slowest_worker():
@@ -197,9 +206,10 @@ def test_modelled_time_is_deterministic_with_a_configured_cost(make_cfg):
     ps = modelled("network.topology=ps")
     assert ps["comm_time_s"] != a["comm_time_s"] and ps["comm_bytes"] < a["comm_bytes"]
 
-def test_worker_drift_stays_on_the_device_as_a_float64_scalar():
+def test_drift_stays_on_the_device_as_a_float64_scalar():
     """Returned unread (a 0-dim float64 tensor), so the trainer sums it without a host sync per sync."""
-    d = worker_drift([torch.tensor([[1.0, 2.0], [3.0, 4.0]])])
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    d = drift_term(x, x.mean(0), 2)
     assert torch.is_tensor(d) and d.dim() == 0 and d.dtype == torch.float64
 
 

@@ -17,9 +17,9 @@ from omegaconf import OmegaConf, open_dict
 
 from dpl.app import build_trainer
 from dpl.comm import CommLedger, CommPoint, bytes_sent, gather_bytes_sent
-from dpl.compression import COMPRESSORS, Compression, RandomK, kept
+from dpl.comm.compression import COMPRESSORS, Compression, PlainAverage, RandomK, kept
 from dpl.config import ConfigError
-from dpl.engine.workers import LocalComm
+from dpl.comm import StackedComm
 from dpl.preflight import validate
 from tests.resume import assert_resume_is_exact
 
@@ -145,8 +145,8 @@ def test_comm_point_averages_the_decoded_payloads_and_counts_what_a_cluster_send
     deltas = [rows(K, 600, seed=1).view(K, 20, 30), rows(K, 400, seed=2)]
     for name, collective in (("topk", "allgather"), ("sign", "allgather"), ("randomk", "allreduce"),
                              ("int8", "allreduce"), ("bf16", "allreduce")):
-        point = CommPoint(LocalComm(K), Compression(COMPRESSORS[name](CFG), error_feedback=False, seed=0))
-        mean = point.average_compressed(deltas, sync=7)
+        point = CommPoint(StackedComm(K), Compression(COMPRESSORS[name](CFG), error_feedback=False, seed=0))
+        mean = point.exchange(point.compression, deltas, sync=7)
         for d, m, i in zip(deltas, mean, range(2)):
             decoded = point.compression.compressor.decompress(
                 point.compression.compressor.compress(d.reshape(K, -1), (0, 7, i)), d[0].numel(), (0, 7, i))
@@ -195,7 +195,7 @@ def test_none_is_bit_identical_to_a_run_without_the_key():
     with open_dict(without):
         del without["compression"]  # as a config composed before the group existed
     bare = build_trainer(without, torch.device("cpu"))
-    assert with_none.workers.point.compression is None
+    assert isinstance(with_none.workers.point.compression, PlainAverage)
     with_none.fit()
     bare.fit()
     for a, b in zip(with_none.workers.params, bare.workers.params):

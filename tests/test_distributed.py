@@ -17,7 +17,7 @@ import torch
 
 from dpl import checkpoint
 from dpl.app import build_trainer, run
-from dpl.engine.distributed import rank_state, stack_states
+from dpl.comm.process_group import rank_state, stack_states
 from dpl.engine.launch import RankFailure, culprits, spawn
 from tests.conftest import TINY
 
@@ -196,7 +196,7 @@ def test_rank_with_its_own_error_is_named(make_cfg, tmp_path):
 def _fail_on_rank1(_cfg, _out_dir, comm):
     if comm.rank == 1:
         raise ValueError("only rank 1 breaks")
-    comm.all_sum([1.0])  # rank 0 waits in a collective that rank 1 never joins
+    comm.all_reduce_([torch.ones(1, 1)], "sum")  # rank 0 waits in a collective that rank 1 never joins
 
 
 def test_culprits_reads_reports_and_exit_codes():

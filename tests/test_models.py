@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dpl.engine.workers import LocalComm, StackedWorkers
+from dpl.comm import StackedComm
+from dpl.engine.workers import StackedWorkers
 from dpl.models import MODELS, ResNet20, build_model
 
 
@@ -65,7 +66,7 @@ def test_resnet20_rejects_images_too_small():
 
 def test_resnet20_runs_as_stacked_workers_on_fashion_mnist_shapes():
     for mode in ("loop", "vmap"):
-        workers = StackedWorkers(build_model("resnet20", 1, 10, 28), 2, LocalComm(2), mode=mode)
+        workers = StackedWorkers(build_model("resnet20", 1, 10, 28), 2, StackedComm(2), mode=mode)
         losses, correct = workers.forward_backward(torch.randn(2, 4, 1, 28, 28), torch.randint(0, 10, (2, 4)))
         assert losses.shape == (2,) and correct.shape == (2,)
         assert all(p.grad is not None for p in workers.params)

@@ -6,14 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from dpl.engine.workers import LocalComm, StackedWorkers
+from dpl.comm import StackedComm
+from dpl.engine.workers import StackedWorkers
 from dpl.models import LeNet5, ResNet20
 
 
 def test_each_slice_gets_its_own_workers_gradient():
     torch.manual_seed(0)
     model = LeNet5(3, 10, 32)
-    workers = StackedWorkers(model, 3, LocalComm(3))
+    workers = StackedWorkers(model, 3, StackedComm(3))
     x, y = torch.randn(3, 4, 3, 32, 32), torch.randint(0, 10, (3, 4))
     workers.forward_backward(x, y)
     for k in range(3):
@@ -36,7 +37,7 @@ class TinyBN(nn.Module):
 
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
 def test_buffers_are_per_worker_and_averaged_at_sync(mode):
-    workers = StackedWorkers(TinyBN(), 2, LocalComm(2), mode=mode)
+    workers = StackedWorkers(TinyBN(), 2, StackedComm(2), mode=mode)
     x = torch.stack([torch.randn(8, 3, 6, 6), 3 + 2 * torch.randn(8, 3, 6, 6)])
     workers.forward_backward(x, torch.randint(0, 5, (2, 8)))
     mean, var = workers.buffers[0], workers.buffers[1]
@@ -49,7 +50,7 @@ def test_buffers_are_per_worker_and_averaged_at_sync(mode):
 
 
 def test_average_grads_makes_every_worker_step_alike():
-    workers = StackedWorkers(LeNet5(3, 10, 32), 4, LocalComm(4))
+    workers = StackedWorkers(LeNet5(3, 10, 32), 4, StackedComm(4))
     workers.forward_backward(torch.randn(4, 2, 3, 32, 32), torch.randint(0, 10, (4, 2)))
     expected = [p.grad.mean(0) for p in workers.params]
     workers.average_grads_()
@@ -60,7 +61,7 @@ def test_average_grads_makes_every_worker_step_alike():
 
 def test_replica_roundtrip_and_pretrained_load():
     model = LeNet5(1, 10, 28)
-    workers = StackedWorkers(model, 2, LocalComm(2))
+    workers = StackedWorkers(model, 2, StackedComm(2))
     state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
     workers.load_replica_(state)
     for k in (0, 1):
@@ -78,7 +79,7 @@ def _worker_inputs(K: int, B: int, size: int, seed: int):
 def _localsgd(mode: str, K: int = 3, steps: int = 5, H: int = 2) -> StackedWorkers:
     """``steps`` SGD-with-momentum steps of ResNet-20 workers, averaging every H steps."""
     torch.manual_seed(0)
-    workers = StackedWorkers(ResNet20(3, 10, 12), K, LocalComm(K), mode=mode)
+    workers = StackedWorkers(ResNet20(3, 10, 12), K, StackedComm(K), mode=mode)
     opt = torch.optim.SGD(workers.params, lr=0.1, momentum=0.9)
     for step in range(steps):
         opt.zero_grad()
@@ -108,7 +109,7 @@ def test_vmap_buffers_match_each_workers_own_module():
     """The functional update of the stacked buffers is what BatchNorm does to a plain module."""
     torch.manual_seed(0)
     model = ResNet20(3, 10, 12)
-    workers = StackedWorkers(model, 3, LocalComm(3), mode="vmap")
+    workers = StackedWorkers(model, 3, StackedComm(3), mode="vmap")
     x, y = _worker_inputs(3, 8, 12, 0)
     workers.forward_backward(x, y)
     for k in range(3):
@@ -128,7 +129,7 @@ def test_vmap_equals_loop_in_float64_over_twenty_localsgd_steps():
         runs = {}
         for mode in ("loop", "vmap"):
             torch.manual_seed(0)
-            workers = StackedWorkers(ResNet20(3, 10, 8), 4, LocalComm(4), mode=mode)
+            workers = StackedWorkers(ResNet20(3, 10, 8), 4, StackedComm(4), mode=mode)
             opt = torch.optim.SGD(workers.params, lr=0.1, momentum=0.9)
             for step in range(20):
                 opt.zero_grad()
@@ -174,7 +175,7 @@ def test_gradient_averaging_keeps_weights_equal_and_statistics_per_worker(mode):
     rank 0's buffers), every worker normalises with its own batch and tracks its own running
     statistics; the evaluated model averages them."""
     torch.manual_seed(0)
-    workers = StackedWorkers(ResNet20(3, 10, 12), 3, LocalComm(3), mode=mode)
+    workers = StackedWorkers(ResNet20(3, 10, 12), 3, StackedComm(3), mode=mode)
     opt = torch.optim.SGD(workers.params, lr=0.1, momentum=0.9)
     for step in range(3):
         opt.zero_grad()
@@ -222,7 +223,7 @@ def test_evaluation_sums_equal_a_per_batch_host_loop_for_any_batch_size():
     torch.manual_seed(0)
     data = load_dataset(dataset_cfg("synthetic", num_train=100, num_test=1300), seed=0, device=torch.device("cpu"))
     model = LeNet5(3, 10, 32)
-    workers = StackedWorkers(model, 2, LocalComm(2))
+    workers = StackedWorkers(model, 2, StackedComm(2))
     weights = workers.mean_replica()
     loss_ref = correct_ref = 0.0
     with torch.no_grad():
@@ -265,7 +266,7 @@ def test_channels_last_gives_the_contiguous_numbers_and_reaches_the_convolutions
         args[0].is_contiguous(memory_format=torch.channels_last)))
     results = {}
     for layout in (False, True):
-        workers = StackedWorkers(model, 2, LocalComm(2), mode="loop")
+        workers = StackedWorkers(model, 2, StackedComm(2), mode="loop")
         workers.channels_last = layout
         seen.clear()
         opt = torch.optim.SGD(workers.params, lr=0.05, momentum=0.9)

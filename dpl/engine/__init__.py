@@ -10,8 +10,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dpl.comm import StackedComm
 from dpl.engine.distributed import build_distributed
-from dpl.engine.workers import LocalComm, StackedWorkers
+from dpl.engine.workers import StackedWorkers
 from dpl.errors import ConfigError
 from dpl.registry import lookup
 
@@ -37,7 +38,7 @@ def simulation_mode(requested: str, device: torch.device) -> str:
 def build_simulated(cfg: DictConfig, model: nn.Module, device: torch.device, comm=None,
                     synchronous: bool = False) -> StackedWorkers:
     mode = simulation_mode(cfg.engine.simulate, device)
-    return StackedWorkers(model, cfg.K, comm or LocalComm(cfg.K), mode)
+    return StackedWorkers(model, cfg.K, comm or StackedComm(cfg.K), mode)
 
 
 ENGINES = {"simulated": build_simulated, "distributed": build_distributed}
@@ -45,5 +46,10 @@ ENGINES = {"simulated": build_simulated, "distributed": build_distributed}
 
 def build_workers(cfg: DictConfig, model: nn.Module, device: torch.device, comm=None,
                   synchronous: bool = False) -> StackedWorkers:
-    """The K workers of ``model``; ``synchronous``: the method averages gradients at every step."""
+    """The K workers of ``model``; ``synchronous``: the method averages gradients at every step.
+
+    From here on K is the workers' (``workers.K``, their communicator's world): the simulation builds
+    its communicator from ``cfg.K``, and a process group's world size is checked against ``cfg.K``
+    once, where a rank joins it (:func:`dpl.engine.launch.run_rank`).
+    """
     return lookup(ENGINES, "engine", cfg.engine.name)(cfg, model, device, comm, synchronous)

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from dpl.errors import ConfigError, RankFailure, user_errors
-from dpl.engine.distributed import ProcessGroupComm, wait_for_key
+from dpl.comm.process_group import ProcessGroupComm, wait_for_key
 
 log = logging.getLogger("dpl")
 

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from dpl.data import DeviceData, make_batch, train_key
-from dpl.engine.workers import LocalComm, StackedWorkers
+from dpl.engine.workers import StackedWorkers
 from dpl.optim import CAPTURABLE
 
 log = logging.getLogger(__name__)
@@ -50,23 +50,21 @@ Outputs = tuple[torch.Tensor, torch.Tensor]  # each worker's mean loss [K_local]
 def compile_mode(requested: str, device: torch.device, workers: StackedWorkers, optimizer: str) -> tuple[str, str]:
     """The mode the step runs in, and why it differs from ``requested`` ('' when it does not).
 
-    A CUDA graph needs CUDA, one process holding its tensors in place (the distributed
-    engine's averaging rebinds parameter storage) and an optimizer whose per-step values live
-    on the device (:data:`dpl.optim.CAPTURABLE`). torch.compile runs anywhere except through
-    DistributedDataParallel's gradient hooks.
+    A CUDA graph needs CUDA, workers whose collectives can run beside it (the workers say which,
+    :meth:`~dpl.engine.workers.StackedWorkers.graph_blocker`) and an optimizer whose per-step values
+    live on the device (:data:`dpl.optim.CAPTURABLE`). torch.compile runs anywhere except through
+    DistributedDataParallel's gradient hooks (``workers.reduces_in_backward``).
     """
     if requested not in COMPILE_MODES:
         raise ValueError(f"engine.compile={requested!r} is invalid: allowed {', '.join(COMPILE_MODES)}")
-    distributed = not isinstance(workers.comm, LocalComm)
-    ddp = getattr(workers, "ddp", None) is not None
-    graph_blocker = ("it needs CUDA" if device.type != "cuda" else
-                     "the distributed engine moves parameter storage" if distributed else
-                     f"optimizer={optimizer} keeps a host step count" if optimizer not in CAPTURABLE else "")
+    graph_blocker = "it needs CUDA" if device.type != "cuda" else workers.graph_blocker()
+    if not graph_blocker and optimizer not in CAPTURABLE:
+        graph_blocker = f"optimizer={optimizer} keeps a host step count"
     if requested == "auto":
         return ("none", "") if graph_blocker else ("graph", "")
     if requested == "graph" and graph_blocker:
         return "none", f"engine.compile=graph runs eagerly: {graph_blocker}"
-    if requested == "compile" and ddp:
+    if requested == "compile" and workers.reduces_in_backward:
         return "none", "engine.compile=compile runs eagerly: DistributedDataParallel's hooks are not compiled here"
     return requested, ""
 

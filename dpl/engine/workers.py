@@ -14,70 +14,24 @@ forward runs on its own copy of its buffers, returns the updated copy as an outp
 the stacked buffers take the new values afterwards. Both give the same numbers.
 
 The same class serves the multi-process engine with K_local = 1: there ``comm``
-averages across processes instead of across the leading dimension, and everything
-else is shared.
+reduces across processes instead of across the leading dimension, and everything
+else is shared. Every collective goes through ``point`` (:class:`dpl.comm.CommPoint`),
+which counts and times it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from dpl.comm import CommPoint, worker_drift
+from dpl.comm import CommPoint, Communicator
 from dpl.config import MEMORY_FORMATS
-
-
-class Communicator(Protocol):
-    """The one primitive that differs between simulation and torch.distributed."""
-
-    world: int  # total number of workers
-    wall_s: float  # measured seconds in collectives since the trainer last reset it (0 in one process)
-
-    def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Replace every tensor [K_local, ...] by the mean over all workers, in place."""
-
-    def all_gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Every tensor [K_local, ...] of every worker, as [K, ...] in worker order (compressed payloads)."""
-
-    def all_sum(self, values: Sequence[float]) -> list[float]:
-        """Each value summed over all processes (so every process reads the same numbers)."""
-
-    def gather_state(self, state: dict[str, Any]) -> Optional[dict[str, Any]]:
-        """A trainer state of every worker, stacked [K, ...]; None on processes that do not write it."""
-
-    def local_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """This process's part of a state of every worker (the inverse of ``gather_state``)."""
-
-
-class LocalComm:
-    """Simulation: the workers are the leading dimension of each tensor."""
-
-    def __init__(self, world: int) -> None:
-        self.world = world
-        self.wall_s = 0.0  # nothing is sent
-
-    def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
-        for t in tensors:
-            # integer buffers (BatchNorm's num_batches_tracked) average in float, then truncate
-            t.copy_(t.mean(0, keepdim=True) if t.is_floating_point() else t.double().mean(0, keepdim=True))
-
-    # One process holds every worker: payloads, sums and states are already complete.
-    def all_gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return list(tensors)
-
-    def all_sum(self, values: Sequence[float]) -> list[float]:
-        return [float(v) for v in values]
-
-    def gather_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        return state
-
-    def local_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        return state
+from dpl.meter import drift_term
 
 
 class StackedWorkers:
@@ -94,19 +48,28 @@ class StackedWorkers:
     def __init__(self, model: nn.Module, k_local: int, comm: Communicator, mode: str = "loop") -> None:
         if mode not in ("loop", "vmap"):
             raise ValueError(f"simulate={mode!r} is invalid: allowed loop, vmap")
-        self.model, self.k_local, self.comm, self.mode = model, k_local, comm, mode
-        self.point = CommPoint(comm)  # every average across workers goes through it, and is counted there
+        self.model, self.k_local, self.mode = model, k_local, mode
+        self.point = CommPoint(comm)  # every collective among the workers goes through it, and is counted there
         # Every worker starts from the same weights (a peer-implementation failure mode
         # is workers initialised differently).
         self.param_names = [n for n, _ in model.named_parameters()]
         self.buffer_names = [n for n, _ in model.named_buffers()]
         self.params = [_stack(p, k_local).requires_grad_(True) for p in model.parameters()]
         self.buffers = [_stack(b, k_local) for b in model.buffers()]
-        self.drift = 0.0  # of the workers before the last parameter average
+        self.drift = 0.0  # this process's term of the workers' drift before the last sync
+        # DistributedDataParallel all-reduces the gradients during backward (through the point's hook)
+        self.reduces_in_backward = False
 
     @property
     def K(self) -> int:
-        return self.comm.world
+        """Every worker of the run (the communicator's world: the one K, checked once at build time)."""
+        return self.point.world
+
+    def graph_blocker(self) -> str:
+        """Why the step cannot be captured as a CUDA graph with these workers ('' when it can)."""
+        if self.reduces_in_backward:
+            return "DistributedDataParallel all-reduces inside the backward"
+        return self.point.comm.graph_blocker
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,51 +126,47 @@ class StackedWorkers:
 
     # ------------------------------------------------------------------ state
     def average_params_(self) -> None:
-        """x_k <- mean_j x_j for every worker (and buffers, e.g. BatchNorm statistics).
-
-        Records in ``drift`` how far apart the workers were just before (dpl.comm.worker_drift).
-        """
+        """x_k <- mean_j x_j for every worker (and buffers, e.g. BatchNorm statistics), one round."""
         with torch.no_grad():
-            self.drift = worker_drift(self.params)
             self.point.average_(self.params + self.buffers, "params")
 
-    def average_deltas_(self, anchor: Sequence[torch.Tensor], sync: int) -> list[torch.Tensor]:
-        """A compressed sync: every worker sends Δ_k = x − x_k (x the float64 ``anchor``) through the
-        comm point's compression; returns mean_k of the decoded Δ_k (float64), the pseudo-gradient.
-        Buffers (BatchNorm statistics) are averaged as they are, one more all-reduce.
+    def pseudo_gradient_(self, anchor: Sequence[torch.Tensor], sync: int) -> list[torch.Tensor]:
+        """A local method's sync: Δ = mean_k (x − x_k) per tensor (float64, one worker's shape; x the
+        float64 ``anchor``), as the run's compression sends it through the point. With ``none`` the
+        workers are left at x̄; otherwise at their own x_k (the outer step overwrites them either way).
 
-        Records in ``drift`` how far apart the workers were (as :meth:`average_params_` does).
+        Records in ``drift`` this process's term of mean_k ||x_k − x̄|| / ||x̄|| (:func:`dpl.meter.drift_term`).
         """
         with torch.no_grad():
-            self.drift = self.measure_drift()
-            deltas = [x.unsqueeze(0) - p.detach().double() for x, p in zip(anchor, self.params)]
-            mean = self.point.average_compressed(deltas, sync)
-            if self.buffers:
-                self.point.average_(self.buffers, "buffers")
-        return mean
-
-    def measure_drift(self):
-        """mean_k ||x_k − x̄|| / ||x̄|| of the workers now (dpl.comm.worker_drift)."""
-        return worker_drift(self.params)
+            before = _flat64(self.params)
+            deltas, mean = self.point.mean_delta(anchor, self.params, self.buffers, sync)
+            if mean is None:  # only compressed Δ_k crossed: the drift metric needs x̄, one bookkeeping all-reduce
+                mean = self.point.average_copy(self.params, "metrics")
+            self.drift = drift_term(before, _flat64(mean)[0], self.K)
+        return deltas
 
     def average_grads_(self) -> None:
         """Synchronous data parallelism: every worker steps with the mean gradient.
 
         One worker has nothing to average, but the step still counts as a synchronous round.
+        Under DistributedDataParallel the backward has averaged (and counted) them already.
         """
+        if self.reduces_in_backward:
+            return
         grads = [p.grad for p in self.params if p.grad is not None]
         with torch.no_grad():
-            self.point.average_(grads, "grads", sent=self.K > 1)
+            self.point.average_(grads, "grads")
 
     def replica(self, k: int = 0) -> dict[str, torch.Tensor]:
         """Worker k's weights as a plain ``state_dict`` of the model (detached copies)."""
         names = self.param_names + self.buffer_names
         return {n: t[k].detach().clone() for n, t in zip(names, self.params + self.buffers)}
 
-    def mean_replica(self) -> dict[str, torch.Tensor]:
-        """The average of the local workers' weights (all equal right after a sync)."""
+    def mean_replica(self, kind: str = "eval") -> dict[str, torch.Tensor]:
+        """The average of every worker's weights (all equal right after a sync), through the point
+        (``kind``: ``eval``, or ``checkpoint`` for the model a checkpoint stores)."""
         names = self.param_names + self.buffer_names
-        return {n: t.detach().float().mean(0).to(t.dtype) for n, t in zip(names, self.params + self.buffers)}
+        return {n: t[0] for n, t in zip(names, self.point.average_copy(self.params + self.buffers, kind))}
 
     def load_replica_(self, state: dict[str, torch.Tensor]) -> None:
         """Set every worker to the same weights (pretrained initialisation)."""
@@ -222,9 +181,8 @@ class StackedWorkers:
     def state_dict(self) -> dict[str, list[torch.Tensor]]:
         """Every per-worker tensor ([K_local, ...]): parameters, buffers and, with error feedback,
         the compression residuals (the multi-process engine stacks each key's tensors over ranks)."""
-        compression = self.point.compression.state_dict() if self.point.compression is not None else {}
         return {"params": [p.detach().clone() for p in self.params], "buffers": [b.clone() for b in self.buffers],
-                **compression}
+                **self.point.compression.state_dict()}
 
     def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
         with torch.no_grad():
@@ -232,15 +190,19 @@ class StackedWorkers:
                 if dst.shape != src.shape:
                     raise ValueError(f"checkpoint holds workers of shape {tuple(src.shape)}, this run {tuple(dst.shape)}")
                 dst.copy_(src)
-        if self.point.compression is not None:
-            self.point.compression.load_state_dict(state)
+        self.point.compression.load_state_dict(state)
 
     @torch.no_grad()
     def evaluate(self, batches, weights: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
-        """Mean loss and accuracy over (x, y) batches of ``weights`` (default: the averaged model)."""
+        """Mean loss and accuracy over (x, y) batches of ``weights`` (default: the averaged model).
+
+        Each process evaluates every ``processes``-th batch (all of them in the simulation); the
+        sums are added over the processes through the point."""
         weights = self.mean_replica() if weights is None else weights
-        loss_sum, correct, count = self.eval_sums(batches, weights)
-        return loss_sum / max(count, 1), correct / max(count, 1)
+        comm = self.point.comm
+        mine = (b for i, b in enumerate(batches) if i % comm.processes == comm.rank)
+        loss_sum, correct, count = self.point.all_sum(self.eval_sums(mine, weights), "eval")
+        return loss_sum / max(count, 1.0), correct / max(count, 1.0)
 
     @torch.no_grad()
     def eval_sums(self, batches, weights: dict[str, torch.Tensor]) -> tuple[float, float, int]:
@@ -294,6 +256,11 @@ def _autocast(device: torch.device, precision: str, cache: bool = True):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()  # fp32: not even a disabled autocast, so the maths is untouched
+
+
+def _flat64(stacked: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Every worker's tensors flattened together in float64, [K_local, n]."""
+    return torch.cat([t.detach().reshape(t.shape[0], -1).double() for t in stacked], dim=1)
 
 
 def _stack(t: torch.Tensor, k: int) -> torch.Tensor:

@@ -4,17 +4,17 @@ Local methods let each worker take local steps of the inner optimizer; at a sync
 al. 2020, "SlowMo", Algorithm 1; Douillard et al. 2023, "DiLoCo", Algorithm 1):
 
 1. the workers' parameters are averaged through the one communication point
-   (:class:`dpl.comm.CommPoint`, which counts the bytes): x̄ = mean_k x_k;
+   (:class:`dpl.comm.point.CommPoint`, which counts the bytes): x̄ = mean_k x_k;
 2. the pseudo-gradient is Δ = x − x̄, with x the anchor (the global model after the
    previous sync). Δ points *against* the direction the workers moved;
 3. an outer optimizer over the anchor takes one step with gradient s·Δ (s = 1, or 1/γ for
    SlowMo) and learning rate η_out: x ← OuterOpt(x, s·Δ);
 4. every worker restarts from the new x.
 
-With ``compression`` other than none (:mod:`dpl.compression`), steps 1-2 become: every worker
+With ``compression`` other than none (:mod:`dpl.comm.compression`), steps 1-2 become: every worker
 sends its own Δ_k = x − x_k compressed (with error feedback, plus its residual), and the mean
-over workers of the decoded Δ_k is the pseudo-gradient; with no compression that mean is
-exactly x − x̄, and the path without compression is kept as it was.
+over workers of the decoded Δ_k is the pseudo-gradient. Which of the two happens is the
+compression's business (:meth:`dpl.comm.point.CommPoint.mean_delta`): the step below has one path.
 
 With outer SGD, lr 1 and no momentum, step 3 gives x − Δ = x̄: plain LocalSGD averaging.
 The anchor and the outer optimizer's state are kept in float64, so that x − (x − x̄)
@@ -63,8 +63,7 @@ class OuterStep(Method):
     def start(self, workers: StackedWorkers) -> None:
         self.anchor = [p.detach()[0].double().clone() for p in workers.params]
         self.outer = self.make_outer(self.anchor)
-        if workers.point.compression is not None:
-            workers.point.compression.start(workers.params)
+        workers.point.compression.start(workers.params)
 
     def on_epoch_start(self, workers: StackedWorkers, epoch: int) -> None:
         if getattr(self.cfg, "restart_each_epoch", False):
@@ -78,13 +77,9 @@ class OuterStep(Method):
         if self.outer is None:
             raise RuntimeError(f"{type(self).__name__}.start(workers) must be called before the first sync")
         scale = self.grad_scale(lr)
-        if workers.point.compression is None:
-            workers.average_params_()  # x_k <- x̄ for every k, through the comm point
-            for x, p in zip(self.anchor, workers.params):
-                x.grad = (x - p[0]).mul_(scale)  # the pseudo-gradient Δ = x − x̄ (in float64)
-        else:  # Δ = mean_k D(C(Δ_k)), each worker's Δ_k = x − x_k compressed, through the comm point
-            for x, delta in zip(self.anchor, workers.average_deltas_(self.anchor, self.syncs)):
-                x.grad = delta.mul_(scale)
+        # the pseudo-gradient Δ = mean_k (x − x_k) in float64, as the run's compression sends it
+        for x, delta in zip(self.anchor, workers.pseudo_gradient_(self.anchor, self.syncs)):
+            x.grad = delta.mul_(scale)
         self.syncs += 1
         for group in self.outer.param_groups:
             group["lr"] = self.outer_lr(lr)

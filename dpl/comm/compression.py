@@ -1,20 +1,23 @@
-"""Compressed communication at the one communication point, with error feedback.
+"""What a local method's sync sends through the one communication point, with error feedback.
 
-At a sync of a local method every worker k sends its pseudo-gradient Δ_k = x − x_k (x the
-anchor, x_k the worker's parameters) compressed; the mean over workers of the decoded Δ_k is
-the pseudo-gradient of the outer step (:mod:`dpl.methods.outer`). Each compressor below
+A sync yields the pseudo-gradient of the outer step (:mod:`dpl.methods.outer`), Δ = mean_k Δ_k
+with Δ_k = x − x_k (x the anchor, x_k the worker's parameters). ``compression=none``
+(:class:`PlainAverage`) all-reduces the parameters themselves, so Δ = x − x̄ exactly. Any other
+compressor has every worker k send its Δ_k compressed; the mean over workers of the decoded Δ_k
+is the pseudo-gradient (:class:`Compression`). Both answer :meth:`PlainAverage.mean_delta`, so
+the outer step has one path. Each compressor below
 works on a batch of rows [W, n] (a tensor of every local worker, flattened), so one call
 serves the K stacked workers of the simulation and the one worker of a rank alike; every
 row is compressed on its own.
 
 Compressors (``compression.name``), with what one worker sends for a tensor of n elements
 (:meth:`Compressor.payload_bytes`) and the collective a cluster would move it with
-(``collective``; :mod:`dpl.comm` counts its bytes):
+(``collective``; :mod:`dpl.comm.point` counts its bytes):
 
 ========= ===================================================== ===========================
 name      payload of n elements                                 collective
 ========= ===================================================== ===========================
-none      4 n (fp32)                                            all-reduce
+none      4 n (fp32: the parameters themselves)                 all-reduce
 topk      k = max(1, floor(ratio n)) fp32 values + k int32       all-gather (each worker's
           indices (int64 when n >= 2^31): 8 k                   coordinates differ)
 randomk   k fp32 values; the k coordinates are drawn from        all-reduce (every worker
@@ -39,6 +42,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from dpl.comm.cost import param_bytes
 from dpl.errors import CheckpointError
 from dpl.registry import lookup
 
@@ -70,8 +74,8 @@ class Compressor:
 
 
 class NoCompression(Compressor):
-    """fp32 values as they are: the payload of ``compression=none`` (which takes the plain
-    parameter average of :class:`dpl.comm.CommPoint` instead; this class only states its size)."""
+    """fp32 values as they are: the payload size of ``compression=none``, which :class:`PlainAverage`
+    sends as the parameters themselves (this class states its size and serves the compressors' tests)."""
 
     name = "none"
 
@@ -269,6 +273,34 @@ COMPRESSORS = {
 }
 
 
+class PlainAverage:
+    """``compression=none``: the parameters (and buffers) all-reduced as they are, x_k <- x̄, and the
+    pseudo-gradient Δ = x − x̄ taken in float64 from the float64 anchor x. x − x̄ of float32 values is
+    exact in float64, so an outer SGD with lr 1 gives back x̄ bit for bit (plain LocalSGD)."""
+
+    name = "none"
+
+    def start(self, like: Sequence[torch.Tensor]) -> None:
+        """Nothing to set up: no residuals."""
+
+    def payload_bytes(self, tensors: Sequence[torch.Tensor]) -> int:
+        """Bytes one worker sends for stacked tensors [K_local, ...]: the tensors themselves."""
+        return param_bytes(tensors, per_worker=True)
+
+    @torch.no_grad()
+    def mean_delta(self, point: Any, anchor: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                   buffers: Sequence[torch.Tensor], sync: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Δ per tensor and x̄ (the workers' parameters, now averaged in place): one all-reduce."""
+        point.average_([*params, *buffers], "params")
+        return [x - p[0] for x, p in zip(anchor, params)], list(params)
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing is kept between syncs."""
+
+
 class Compression:
     """The compressor of a run and, with error feedback, each local worker's residual per tensor.
 
@@ -317,6 +349,19 @@ class Compression:
             out.append(decoded.mean(0).view(shape))
         return out
 
+    @torch.no_grad()
+    def mean_delta(self, point: Any, anchor: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                   buffers: Sequence[torch.Tensor], sync: int) -> tuple[list[torch.Tensor], None]:
+        """Δ = mean_k D(C(Δ_k (+ e_k))) per tensor, each worker's Δ_k = x − x_k sent compressed through
+        ``point`` (:meth:`dpl.comm.point.CommPoint.exchange`); the buffers (BatchNorm statistics) are
+        averaged as they are, one more all-reduce. The workers' parameters are left as they are, and no
+        exact x̄ is formed (None)."""
+        deltas = [x.unsqueeze(0) - p.detach().double() for x, p in zip(anchor, params)]
+        mean = point.exchange(self, deltas, sync)
+        if buffers:
+            point.average_(buffers, "buffers")
+        return mean, None
+
     # ------------------------------------------------------------------ checkpoints (per worker)
     def state_dict(self) -> dict[str, list[torch.Tensor]]:
         return {} if self.residuals is None else {"residuals": [e.clone() for e in self.residuals]}
@@ -333,9 +378,9 @@ class Compression:
                 e.copy_(s)
 
 
-def build_compression(cfg: Any, seed: int) -> Optional[Compression]:
-    """The run's compression from the ``compression`` config node; None for ``none`` (or no node):
-    the plain parameter average, unchanged."""
+def build_compression(cfg: Any, seed: int) -> PlainAverage | Compression:
+    """The run's compression from the ``compression`` config node; :class:`PlainAverage` for ``none``
+    (or no node)."""
     if cfg is None or cfg.name == "none":
-        return None
+        return PlainAverage()
     return Compression(lookup(COMPRESSORS, "compression", cfg.name)(cfg), bool(cfg.error_feedback), seed)

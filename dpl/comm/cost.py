@@ -11,7 +11,7 @@ model: each of its 2 (K - 1) ring steps pays the latency alpha once, so
 T = 2 (K - 1) alpha + n_sent / beta (Thakur, Rabenseifner & Gropp 2005, Sec. 4.4 for
 the reduce-scatter + all-gather ring; Patarasuk & Yuan 2009).
 
-Compressed syncs (``compression``, :mod:`dpl.compression`) send a payload of p bytes per
+Compressed syncs (``compression``, :mod:`dpl.comm.compression`) send a payload of p bytes per
 worker instead of the n bytes of the replica. A payload the workers can sum as it is (fp16,
 bf16, int8 through a quantized reduce-scatter/all-gather, random-k on shared coordinates)
 is all-reduced as above, with p in place of n. A payload that is each worker's own (top-k
@@ -21,10 +21,14 @@ payload to its neighbour, so each worker sends (K - 1) p and the time is
 T = (K - 1) alpha + (K - 1) p / beta. Through a parameter server each worker pushes its p and
 pulls the K - 1 others: 2 alpha + K * K p / beta on the server's link (K p in, K (K - 1) p out).
 
-Every tensor averaged across workers passes :class:`CommPoint`, which counts it: the
-syncs of the model (gradients or parameters) and anything else, e.g. the inner
-optimizer's state with ``local_momentum=average`` (one more all-reduce per sync).
-:class:`CommLedger` turns those counts into bytes and modelled time per epoch.
+Every collective passes :class:`dpl.comm.point.CommPoint`, which counts it in a
+:class:`Traffic`: the traffic a real cluster sends for the algorithm (the syncs of the model,
+gradients or parameters, and anything sent with them: the inner optimizer's state with
+``local_momentum=average``, the model's buffers) apart from bookkeeping (the epoch's metric
+sums, evaluation, the exact average a compressed sync's drift metric needs).
+:class:`CommLedger` turns the algorithm's counts into bytes and modelled time per epoch, and
+reports the bookkeeping bytes beside them (never in the modelled time: a cluster could log
+less often, the algorithm could not sync less).
 
 Everything here is a pure function or a ledger of plain numbers, so the totals
 survive a checkpoint and a resumed run reports the same curves.
@@ -33,7 +37,7 @@ survive a checkpoint and a resumed run reports the same curves.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -122,7 +126,7 @@ def param_bytes(tensors: Iterable[torch.Tensor], per_worker: bool = False) -> in
 
 @dataclass
 class Traffic:
-    """What crossed workers since the last epoch end, as counted by :class:`CommPoint`."""
+    """What crossed workers since the last epoch end, as counted by :class:`dpl.comm.point.CommPoint`."""
 
     syncs: int = 0  # syncs of the model: gradients (synchronous) or parameters / pseudo-gradients (local methods)
     collectives: int = 0  # every collective: the syncs plus optimizer state (local_momentum=average), buffers
@@ -130,65 +134,9 @@ class Traffic:
     # compressed payloads that are each worker's own (top-k, sign): all-gathers, among the collectives
     gathers: int = 0
     gathered_bytes: float = 0.0  # one worker's payload of all of them, before the ring's K - 1
-
-
-class CommPoint:
-    """The one communication point: every tensor averaged across workers passes here.
-
-    It averages through the engine's communicator (a mean over the stacked leading
-    dimension in the simulation, one all-reduce on torch.distributed) and counts what
-    was sent, so the bytes of a run are measured in one place whatever the method.
-    ``kind`` says what the tensors are: ``grads`` and ``params`` are syncs of the model,
-    ``state`` is optimizer state, ``buffers`` the model's buffers sent beside a compressed
-    sync. ``sent=False`` counts a collective that happened elsewhere (DistributedDataParallel's
-    gradient buckets, or none at all with K = 1, where a synchronous step still counts as a round).
-
-    ``compression`` (:class:`dpl.compression.Compression`, None for ``compression=none``) is
-    used by :meth:`average_compressed`, the sync of local methods that send compressed
-    pseudo-gradients.
-    """
-
-    MODEL = ("grads", "params")
-    KINDS = (*MODEL, "state", "buffers")
-
-    def __init__(self, comm: Any, compression: Any = None) -> None:
-        self.comm = comm
-        self.compression = compression
-        self.traffic = Traffic()
-
-    def average_(self, tensors: Sequence[torch.Tensor], kind: str, sent: bool = True) -> None:
-        if kind not in self.KINDS:
-            raise ValueError(f"kind={kind!r} is invalid: allowed {', '.join(self.KINDS)}")
-        if sent:
-            self.comm.mean_(tensors)
-        self.traffic.collectives += 1
-        self.traffic.syncs += kind in self.MODEL
-        self.traffic.replica_bytes += param_bytes(tensors, per_worker=True)
-
-    def average_compressed(self, tensors: Sequence[torch.Tensor], sync: int) -> list[torch.Tensor]:
-        """mean_k D(C(t_k (+ e_k))) of each stacked float64 tensor [K_local, ...], as one tensor of
-        one worker's shape: every worker's payload reaches every process (``comm.all_gather``, a no-op
-        in one process), which decodes all K of them in worker order. Counted as one sync whose
-        payload a cluster would all-reduce or all-gather (``compressor.collective``)."""
-        c = self.compression
-        payloads = c.encode(tensors, sync)
-        parts = [part for payload in payloads for part in payload]
-        gathered = iter(self.comm.all_gather(parts))
-        everyone = [tuple(next(gathered) for _ in payload) for payload in payloads]
-        nbytes = c.payload_bytes(tensors)
-        self.traffic.collectives += 1
-        self.traffic.syncs += 1
-        if c.compressor.collective == "allgather":
-            self.traffic.gathers += 1
-            self.traffic.gathered_bytes += nbytes
-        else:
-            self.traffic.replica_bytes += nbytes
-        return c.decode_mean(everyone, [t.shape[1:] for t in tensors], sync)
-
-    def take(self) -> Traffic:
-        """This epoch's traffic; the counters restart."""
-        traffic, self.traffic = self.traffic, Traffic()
-        return traffic
+    # bookkeeping, not the algorithm: metric sums, evaluation (all-reduces; one worker's bytes, as above)
+    bookkeeping_collectives: int = 0
+    bookkeeping_bytes: float = 0.0
 
 
 @dataclass
@@ -216,6 +164,7 @@ class CommLedger:
     bytes_total: float = 0.0
     comm_time_total_s: float = 0.0
     compute_time_total_s: float = 0.0
+    bookkeeping_bytes_total: float = 0.0  # bytes sent per worker for metrics and evaluation (not modelled as time)
 
     def record_epoch(self, traffic: Traffic, steps: int, samples: float, measured_compute_s: float) -> dict[str, float]:
         """Add one epoch of ``traffic`` over ``steps`` local steps on ``samples`` samples per worker;
@@ -224,7 +173,8 @@ class CommLedger:
 
         ``sync_rounds`` counts the syncs of the model, ``collectives`` every all-reduce.
         ``rounds_vs_sync`` is rounds / steps over the run so far: 1.0 for synchronous
-        training (a round every step), about 1 / H for LocalSGD.
+        training (a round every step), about 1 / H for LocalSGD. ``bookkeeping_bytes`` is what
+        the epoch's metrics and evaluation sent per worker, beside the algorithm's ``comm_bytes``.
         """
         if self.sample_cost_s is None:
             self.sample_cost_s = measured_compute_s / max(samples, 1)
@@ -243,6 +193,8 @@ class CommLedger:
         self.bytes_total += comm_bytes
         self.comm_time_total_s += comm_time
         self.compute_time_total_s += compute_time
+        bookkeeping = bytes_sent(traffic.bookkeeping_bytes, self.K, self.topology)
+        self.bookkeeping_bytes_total += bookkeeping
         return {
             "sync_rounds": traffic.syncs,
             "sync_rounds_total": self.rounds_total,
@@ -253,6 +205,8 @@ class CommLedger:
             "comm_time_s": comm_time,
             "compute_time_s": compute_time,
             "modelled_time_s": self.compute_time_total_s + self.comm_time_total_s,
+            "bookkeeping_bytes": bookkeeping,
+            "bookkeeping_bytes_total": self.bookkeeping_bytes_total,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -261,28 +215,3 @@ class CommLedger:
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> CommLedger:
         return cls(**d)
-
-
-def worker_drift(stacked: Sequence[torch.Tensor]) -> torch.Tensor:
-    """How far the workers have moved apart: mean_k ||x_k - x̄|| / ||x̄||, a float64 0-dim tensor.
-
-    ``stacked`` holds every parameter as [K, ...]; the norms are taken over all of a
-    replica's parameters flattened together. 0 when K == 1 or x̄ == 0. Accumulated
-    in float64 so the small differences between workers are not lost to rounding.
-    The result stays on the parameters' device (the trainer sums it there and reads the
-    sum once per epoch), so a sync costs no device-to-host read.
-    """
-    if not stacked or stacked[0].shape[0] == 1:
-        return torch.zeros((), dtype=torch.float64, device=stacked[0].device if stacked else None)
-    K, device = stacked[0].shape[0], stacked[0].device
-    dev_sq = torch.zeros(K, dtype=torch.float64, device=device)
-    mean_sq = torch.zeros((), dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for t in stacked:
-            x = t.detach().double().reshape(K, -1)
-            mean = x.mean(0)
-            dev_sq += (x - mean).pow(2).sum(1)
-            mean_sq += mean.pow(2).sum()
-        norm = mean_sq.sqrt()
-        # x̄ == 0 gives 0, decided on the device (where: no branch on a device value)
-        return torch.where(norm > 0, dev_sq.sqrt().mean() / norm.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
