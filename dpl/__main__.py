@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from dpl.config import register_configs
 from dpl.errors import ConfigError, RankFailure, user_errors
-from dpl.preflight import SWEEPS_DIR, check_overrides
+from dpl.preflight import check_overrides
 from dpl.tracking import in_multirun
 
 register_configs()
@@ -20,16 +20,9 @@ register_configs()
 TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}  # torchrun's env:// variables
 
 
-def with_sweeps_dir(argv: list[str]) -> list[str]:
-    """``argv`` with ``--config-dir <sweeps>`` added unless one is given: ``--config-name optuna_lr``
-    then works from any directory, and a user's own ``--config-dir`` still wins."""
-    given = any(a in ("--config-dir", "-cd") or a.startswith("--config-dir=") for a in argv)
-    return argv if given or not SWEEPS_DIR.is_dir() else [*argv, "--config-dir", str(SWEEPS_DIR)]
-
-
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | str:
-    from dpl.app import job_dir, run
+    from dpl.job import job_dir, run
     from dpl.engine.launch import announce_run_dir
     from dpl.interrupt import EXIT_STATUS, resume_hint, signal_name
 
@@ -57,24 +50,6 @@ def main(cfg: DictConfig) -> float | str:
         # float-castable. Got 'diverged'"); a NaN would crash it, a 0.0 could become "best".
         return "diverged"
     return float(result.get("best_val_acc", math.nan))
-
-
-def _into_job_dir(argv: list[str]) -> list[str]:
-    """``resume=`` and ``test_only=`` write into the job they continue or evaluate, not into a new,
-    empty job dir; Hydra's ``.hydra/`` of the original run is kept as it was."""
-    if any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in argv):
-        return argv
-    values = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
-    testing = values.get("test_only", "").lower() == "true"
-    target = values.get("resume") or (values.get("checkpoint") if testing else None)
-    if not target or target == "null":
-        return argv
-    path = Path(target.strip("'\"")).expanduser().resolve()
-    job = path if path.is_dir() else path.parent
-    if not job.is_dir():
-        return argv  # run() reports the missing checkpoint in one line
-    quoted = str(job).replace("\\", "\\\\").replace("'", "\\'")
-    return [*argv, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null"]
 
 
 def check_output_dirs(argv: list[str]) -> None:
@@ -166,13 +141,15 @@ def cli() -> None:
     try:
         check_overrides(sys.argv[1:])
         check_output_dirs(sys.argv[1:])
+        # The command line as Hydra needs it: its flags before the overrides (its parser stops at the
+        # first flag), and under torchrun, rank 0's job dir for the other ranks (ranks compose their
+        # configs apart, ${now:...} may differ, and the dir must be agreed before Hydra makes one).
+        # Everything else, e.g. resume= writing into its own job dir, is in conf/config.yaml's hydra node.
+        sys.argv[1:] = flags_first(sys.argv[1:])
         if TORCHRUN_ENV <= os.environ.keys():  # checked here so that plain runs do not import torch yet
             from dpl.engine.launch import agree_run_dir
 
             sys.argv[1:] = agree_run_dir(sys.argv[1:])
-        else:
-            sys.argv[1:] = _into_job_dir(sys.argv[1:])
-        sys.argv[1:] = with_sweeps_dir(flags_first(sys.argv[1:]))  # sweep configs by name, from any directory
         main()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from dpl.app import build_trainer
+from dpl.build import build_trainer
 from dpl.data import epoch_order
 from dpl.engine import simulation_mode
 from dpl.engine.workers import memory_format

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
@@ -653,9 +654,31 @@ def register_configs() -> None:
     then fails composition."""
     store = ConfigStore.instance()
     store.store(name="dpl_schema", node=Config)
+    # conf/config.yaml's hydra.run.dir and hydra.output_subdir: a resumed or tested job writes into its own dir
+    OmegaConf.register_new_resolver("dpl.job_dir", continued_job_dir, replace=True)
+    OmegaConf.register_new_resolver("dpl.output_subdir",
+                                    lambda resume, test_only, ckpt: None if continued_job(resume, test_only, ckpt)
+                                    else ".hydra", replace=True)
     for group, options in SCHEMAS.items():
         for option, schema in options.items():
             store.store(group=f"schema/{group}", name=option, node=schema)
+
+
+def continued_job(resume: Any, test_only: Any, checkpoint: Any) -> Optional[Path]:
+    """The job dir that ``resume=`` (or ``test_only=true checkpoint=``) continues, if it exists: the
+    run writes there, not into a new, empty job dir (a missing one is reported by the run, in one line)."""
+    target = resume or (checkpoint if str(test_only).lower() == "true" else None)
+    if not target or str(target) == "null":
+        return None
+    path = Path(str(target).strip("'\"")).expanduser().resolve()
+    job = path if path.is_dir() else path.parent
+    return job if job.is_dir() else None
+
+
+def continued_job_dir(resume: Any, test_only: Any, checkpoint: Any, new: str) -> str:
+    """``hydra.run.dir``: the continued job's dir (:func:`continued_job`), else ``new``."""
+    job = continued_job(resume, test_only, checkpoint)
+    return str(job) if job is not None else new
 
 
 def typed(container: Any) -> DictConfig:

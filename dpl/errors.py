@@ -40,3 +40,8 @@ class RankFailure(RuntimeError):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported in one line, exit status 2."""
     return ConfigError, CheckpointError, DatasetUnavailable, TrackingError, WriteError
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 500 characters): what a one-line error shows."""
+    return (str(e).strip().splitlines() or [""])[0][:500]

@@ -415,7 +415,7 @@ _SHOWN = {"test_acc": ("test acc %", 100.0, 2), "test_acc_best": ("best-model te
           "epochs_run": ("epochs run", 1.0, 0), "H_mean": ("mean H", 1.0, 1), "epoch": ("epoch", 1.0, 1)}
 _TABLE = ("test_acc", "test_acc_best", "best_val_acc", "test_loss", "sync_rounds_total", "comm_bytes_total",
           "modelled_time_s", "epochs_run", "H_mean")  # the main table's columns (summary.csv has every metric)
-_H_SUMMARY = ("H_first", "H_last", "H_mean")  # the H trained with (dpl.app.h_summary)
+_H_SUMMARY = ("H_first", "H_last", "H_mean")  # the H trained with (dpl.recorder.h_summary)
 
 
 def _number(value: float, metric: str, signed: bool = False) -> str:

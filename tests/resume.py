@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dpl import train as train_mod
-from dpl.app import run
+from dpl.job import run
 
 FINAL = ("test_acc", "test_acc_best", "best_val_acc", "test_loss")
 

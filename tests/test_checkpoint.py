@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dpl import checkpoint
-from dpl.app import run, salvage
+from dpl.job import run, salvage
 from dpl.checkpoint import CheckpointError
 from dpl.data.sources import read_cifar_batches
 from dpl.errors import DatasetUnavailable

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,7 +192,7 @@ def test_worker_speeds_are_seeded_and_follow_their_distribution():
 def test_modelled_time_is_deterministic_with_a_configured_cost(make_cfg):
     """Two runs of the same config and seed: the same modelled time to the last bit,
     whatever the machine was doing; a slow worker makes every period longer."""
-    from dpl.app import build_trainer
+    from dpl.build import build_trainer
 
     def modelled(*extra):
         trainer = build_trainer(make_cfg("method=localsgd", "K=4", "H=4", "epochs=1", "clock.sample_cost_us=50",
@@ -213,3 +215,28 @@ def test_drift_stays_on_the_device_as_a_float64_scalar():
     assert torch.is_tensor(d) and d.dim() == 0 and d.dtype == torch.float64
 
 
+
+
+# ----------------------------------------------------------------------------- one communication point
+
+# torch.distributed's collectives (and torch's helpers that call them) and worker averages over the
+# stacked axis: only dpl/comm/ may use them, so every byte between workers is counted by the point
+COLLECTIVES = re.compile(r"\bdist\.(all_reduce|all_gather|all_gather_object|all_to_all|broadcast|"
+                         r"broadcast_object_list|gather|gather_object|reduce|reduce_scatter|scatter|barrier)\b|"
+                         r"average_parameters|\.mean\(\s*(0|dim\s*=\s*0)\s*[,)]")
+
+
+def test_no_collective_and_no_worker_average_outside_the_comm_package():
+    root = Path(__file__).resolve().parents[1] / "dpl"
+    found = [f"{path.relative_to(root.parent)}:{i}: {line.strip()}"
+             for path in sorted(root.rglob("*.py")) if "comm" not in path.relative_to(root).parts[:1]
+             for i, line in enumerate(path.read_text().splitlines(), 1) if COLLECTIVES.search(line)]
+    assert not found, "\n".join(found)
+
+
+def test_the_grep_finds_what_it_forbids():
+    """The pattern above is not vacuous: it catches each form it names."""
+    for line in ("dist.all_reduce(t)", "x.mean(0)", "t.mean(dim=0, keepdim=True)", "average_parameters(it, None)",
+                 "dist.gather_object(s, out, dst=0)", "dist.broadcast(flat, src=0)"):
+        assert COLLECTIVES.search(line), line
+    assert not COLLECTIVES.search("x.mean(1)") and not COLLECTIVES.search("dist.get_rank()")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from dpl.app import build_trainer
+from dpl.build import build_trainer
 from dpl.comm import CommLedger, CommPoint, bytes_sent, gather_bytes_sent
 from dpl.comm.compression import COMPRESSORS, Compression, PlainAverage, RandomK, kept
 from dpl.config import ConfigError

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from dpl import checkpoint
-from dpl.app import build_trainer, run
+from dpl.build import build_trainer
+from dpl.job import run
 from dpl.comm.process_group import rank_state, stack_states
 from dpl.engine.launch import RankFailure, culprits, spawn
 from tests.conftest import TINY
@@ -84,7 +85,9 @@ def assert_same_run(sim, dist_run, atol=0.0):
         assert a.shape == b.shape  # every worker is in the checkpoint, stacked as in the simulation
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
     assert [r["H"] for r in sim_hist] == [r["H"] for r in dist_hist]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "drift", "comm_bytes"):
+    # the same traffic through the one point: the algorithm's rounds and bytes, and the bookkeeping's
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "drift", "comm_bytes", "sync_rounds",
+                "collectives", "bookkeeping_bytes"):
         assert [r[key] for r in sim_hist] == pytest.approx([r[key] for r in dist_hist], rel=1e-5, abs=1e-9), key
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dpl import checkpoint
-from dpl.app import run
+from dpl.job import run
 from dpl.checkpoint import CheckpointError
 from dpl.config import ConfigError
 from dpl.io import write_csv

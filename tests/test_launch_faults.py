@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from dpl.app import run
+from dpl.job import run
 from dpl.config import ConfigError
 from dpl.engine.launch import host_store, interface_of, overdue, spawn
 from tests.conftest import TINY

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dpl.app import build_trainer
+from dpl.build import build_trainer
 from dpl.methods import METHODS, Method
 from tests.resume import assert_resume_is_exact
 

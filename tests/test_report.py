@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from dpl.app import run
+from dpl.job import run
 from scipy import stats as scipy_stats
 
 from dpl.report import (RunRecord, budget_rows, compare_groups, fetch_runs, group_columns, group_runs, main,

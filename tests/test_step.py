@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from dpl.app import build_trainer
+from dpl.build import build_trainer
 from dpl.engine import step as step_module
 from dpl.engine.step import CompiledStep, GraphStep, LocalStep, compile_mode
 from dpl.optim import OPTIMIZERS

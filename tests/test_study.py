@@ -15,7 +15,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from dpl import train as train_mod
-from dpl.app import build_trainer, run
+from dpl.build import build_trainer
+from dpl.job import run
 from dpl.preflight import validate
 from dpl.data import make_shards, steps_per_epoch
 from dpl.preflight import group_options

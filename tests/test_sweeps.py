@@ -25,7 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, IntervalSweep
 from omegaconf import OmegaConf
 
-from dpl.app import build_trainer
+from dpl.build import build_trainer
 from dpl.config import ConfigError, register_configs
 from dpl.preflight import validate
 from dpl.preflight import group_options

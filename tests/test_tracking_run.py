@@ -6,7 +6,7 @@ import csv
 
 from mlflow.tracking import MlflowClient
 
-from dpl.app import run
+from dpl.job import run
 
 
 def test_run_contents_in_mlflow(make_cfg, tmp_path):

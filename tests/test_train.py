@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dpl import checkpoint
-from dpl.app import run
+from dpl.job import run
 
 
 def test_synthetic_run_learns(make_cfg, tmp_path):
@@ -125,7 +125,7 @@ def test_fashion_mnist_end_to_end(make_cfg, tmp_path):
 def test_the_inner_lr_is_a_device_tensor_filled_from_the_table():
     """Setting the lr is a device-side copy from the table: no Python float reaches the optimizer."""
     from tests.conftest import compose_cfg
-    from dpl.app import build_trainer
+    from dpl.build import build_trainer
 
     t = build_trainer(compose_cfg("scheduler=cosine", "epochs=2", "method=localsgd", "K=2"), torch.device("cpu"))
     order = t.shards
@@ -148,7 +148,7 @@ def test_bf16_runs_and_learns_with_fp32_weights(make_cfg, tmp_path):
 
 def test_bf16_forward_runs_in_bf16_and_fp32_is_untouched():
     from tests.conftest import compose_cfg
-    from dpl.app import build_trainer
+    from dpl.build import build_trainer
 
     t = build_trainer(compose_cfg("precision=bf16"), torch.device("cpu"))
     x = torch.randn(1, 4, *t.data.train_x.shape[1:])

@@ -199,7 +199,7 @@ def test_resnet20_localsgd_run_gives_equal_numbers_in_vmap_and_loop(make_cfg, tm
     weights after 20 steps), so the metrics agree to rounding growth, not bit for bit; the
     float64 test above shows the two compute the same function.
     """
-    from dpl.app import run
+    from dpl.job import run
 
     small = ["model=resnet20", "method=localsgd", "K=4", "H=8", "epochs=2", "batch_size=32",
              "dataset.num_train=1400", "dataset.num_test=200", "dataset.image_size=8"]

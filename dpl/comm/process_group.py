@@ -10,6 +10,7 @@ its own row back on resume (:func:`rank_state`).
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch

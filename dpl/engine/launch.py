@@ -53,11 +53,11 @@ from dpl.comm.process_group import ProcessGroupComm, wait_for_key
 
 log = logging.getLogger("dpl")
 
-OnFailure = Callable[[str, str], None]  # on_failure(status, reason): end the job's run (dpl.app.salvage)
+OnFailure = Callable[[str, str], None]  # on_failure(status, reason): end the job's run (dpl.job.salvage)
 SETTLE_S = 3.0  # after the first fault, how long a rank that left no report may run on before it is killed
 WRITE_S = 10.0  # after the first fault, how long a rank that reported may take to write its history and exit
 STOP_S = 10.0  # on the launcher's own signal: how long the ranks get to record KILLED before SIGKILL
-Body = Callable[..., Any]  # body(cfg, out_dir, comm) -> result; dpl.app.run
+Body = Callable[..., Any]  # body(cfg, out_dir, comm) -> result; dpl.job.run
 STORE_TIMEOUT = timedelta(minutes=10)  # store handshakes (run dir, reports), not collectives
 # How a failed collective reads (gloo and NCCL put no common exception type on all of them).
 COMM_MARKERS = ("gloo", "nccl", "NCCL", "Connection", "Broken pipe", "timeout", "Timed out", "timed out",

@@ -22,7 +22,7 @@ which counts and times it.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from dpl.app import h_summary, run
+from dpl.job import run
+from dpl.recorder import h_summary
 
 
 def test_progress_bars_and_one_log_line_per_epoch(make_cfg, tmp_path, capsys, caplog):
