@@ -190,23 +190,30 @@ def test_worker_speeds_are_seeded_and_follow_their_distribution():
 
 
 def test_modelled_time_is_deterministic_with_a_configured_cost(make_cfg):
-    """Two runs of the same config and seed: the same modelled time to the last bit,
-    whatever the machine was doing; a slow worker makes every period longer."""
+    """The trainer's ledger takes the configured cost, network and slowest worker; from the same
+    traffic it models the same time to the last bit, whatever the machine was doing; a slow worker
+    makes every period longer. The ledger's arithmetic needs no training: the traffic of an epoch of
+    K=4 LeNet-5 workers syncing 3 times is fed to ledgers built as the trainer builds them."""
     from dpl.build import build_trainer
 
-    def modelled(*extra):
-        trainer = build_trainer(make_cfg("method=localsgd", "K=4", "H=4", "epochs=1", "clock.sample_cost_us=50",
-                                         *extra), torch.device("cpu"))
-        trainer.fit()
-        return trainer.state.history[-1]
+    def ledger(*extra):
+        cfg = make_cfg("method=localsgd", "K=4", "H=4", "epochs=1", "clock.sample_cost_us=50", *extra)
+        return build_trainer(cfg, torch.device("cpu")).ledger
 
-    a, b = modelled(), modelled()
-    assert a["modelled_time_s"] == b["modelled_time_s"]
+    base = ledger()
+    assert (base.K, base.sample_cost_s, base.slowest, base.topology) == (4, pytest.approx(50e-6), 1.0, "ring")
+    traffic = params_traffic(3, replica=4 * 62_006)  # three averages of LeNet-5's fp32 replica
+    records = [CommLedger.from_state(base.state_dict()).record_epoch(traffic, 57, 225.0, measured_compute_s=s)
+               for s in (0.1, 7.0)]  # the measured compute (a busy machine) does not enter
+    assert records[0] == records[1]
+    a = records[0]
     assert a["compute_time_s"] == pytest.approx(225 * 50e-6)  # 900 images / K=4 per worker
-    slow = modelled("clock.speed=slow", "clock.slow_factor=3.0")
-    assert slow["compute_time_s"] == pytest.approx(3 * a["compute_time_s"])
-    ps = modelled("network.topology=ps")
+    slow = ledger("clock.speed=slow", "clock.slow_factor=3.0")
+    assert slow.slowest == 3.0
+    assert slow.record_epoch(traffic, 57, 225.0, 0.0)["compute_time_s"] == pytest.approx(3 * a["compute_time_s"])
+    ps = ledger("network.topology=ps").record_epoch(traffic, 57, 225.0, 0.0)
     assert ps["comm_time_s"] != a["comm_time_s"] and ps["comm_bytes"] < a["comm_bytes"]
+
 
 def test_drift_stays_on_the_device_as_a_float64_scalar():
     """Returned unread (a 0-dim float64 tensor), so the trainer sums it without a host sync per sync."""
@@ -240,3 +247,46 @@ def test_the_grep_finds_what_it_forbids():
                  "dist.gather_object(s, out, dst=0)", "dist.broadcast(flat, src=0)"):
         assert COLLECTIVES.search(line), line
     assert not COLLECTIVES.search("x.mean(1)") and not COLLECTIVES.search("dist.get_rank()")
+
+
+# ----------------------------------------------------------------------------- the two communicators agree
+
+def _collectives(comm, rows: torch.Tensor) -> dict:
+    """Each collective of the point on this process's rows of the workers' tensors ([K_local, ...])."""
+    point = CommPoint(comm)
+    floats, ints = rows.clone(), (rows * 10).long()
+    point.average_([floats, ints], "params")
+    summed = rows.clone()
+    comm.all_reduce_([summed], "sum")
+    gathered = point.all_gather([rows, (rows > 2).to(torch.uint8)])
+    told = rows.clone()
+    point.broadcast_([told], "params")
+    totals = point.all_sum([float(rows.sum())], "metrics")
+    return {"mean": floats[:1], "int_mean": ints[:1], "sum": summed[:1], "gathered": gathered, "broadcast": told[:1],
+            "totals": totals, "traffic": point.take()}
+
+
+WORKER_ROWS = torch.tensor([[1.0, 2.5, -3.0], [4.0, 0.5, 2.0]])  # worker k's tensor is row k
+
+
+def _rank_collectives(_cfg, _out_dir, comm):
+    return _collectives(comm, WORKER_ROWS[comm.rank:comm.rank + 1])
+
+
+def test_stacked_and_process_group_communicators_agree(make_cfg, tmp_path):
+    """Every collective of the point gives the same numbers and the same counts on two gloo
+    processes as on the two stacked workers of the simulation (integer tensors: the mean truncated)."""
+    from dpl.engine.launch import spawn
+
+    sim = _collectives(StackedComm(2), WORKER_ROWS)
+    assert torch.equal(sim["mean"], torch.tensor([[2.5, 1.5, -0.5]]))
+    assert torch.equal(sim["int_mean"], torch.tensor([[25, 15, -5]]))
+    assert torch.equal(sim["broadcast"], WORKER_ROWS[:1]) and sim["totals"] == [7.0]
+    dist_run = spawn(_rank_collectives, make_cfg("engine=distributed", "engine.timeout_s=60", "K=2"), tmp_path)
+    for key in ("mean", "int_mean", "sum", "broadcast"):
+        assert torch.equal(sim[key], dist_run[key]), key
+    for a, b in zip(sim["gathered"], dist_run["gathered"]):
+        assert torch.equal(a, b)
+    # the process group sums the host numbers of its processes; the simulation's one process has them all
+    assert dist_run["totals"] == [float(WORKER_ROWS.sum())]
+    assert sim["traffic"] == dist_run["traffic"]
