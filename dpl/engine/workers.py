@@ -126,9 +126,14 @@ class StackedWorkers:
 
     # ------------------------------------------------------------------ state
     def average_params_(self) -> None:
-        """x_k <- mean_j x_j for every worker (and buffers, e.g. BatchNorm statistics), one round."""
+        """x_k <- mean_j x_j for every worker (and buffers, e.g. BatchNorm statistics), one round.
+
+        Records in ``drift`` how far apart the workers were just before, as :meth:`pseudo_gradient_` does.
+        """
         with torch.no_grad():
+            before = _flat64(self.params)
             self.point.average_(self.params + self.buffers, "params")
+            self.drift = drift_term(before, _flat64(self.params)[0], self.K)
 
     def pseudo_gradient_(self, anchor: Sequence[torch.Tensor], sync: int) -> list[torch.Tensor]:
         """A local method's sync: Δ = mean_k (x − x_k) per tensor (float64, one worker's shape; x the
