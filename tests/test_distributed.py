@@ -30,7 +30,7 @@ SMALL = ["dataset.num_train=500", "dataset.num_test=100"]  # 450 train images: 8
 VARIANTS = {
     "centralized": ["method=centralized", "epochs=1"],
     "localsgd": ["method=localsgd", "H=4", "local_momentum=average", "epochs=1"],
-    "slowmo": ["method=slowmo", "H=3", "method.beta=0.6", "epochs=1"],
+    "slowmo": ["method=slowmo", "H=3", "method.outer.momentum=0.6", "epochs=1"],
     "dynamic_h": ["method=localsgd", "H=2", "dynamic_h=improvement", "dynamic_h.h_min=2", "dynamic_h.h_max=8"],
     # DiLoCo's outer Nesterov step over an inner AdamW; post-local SGD's gradient all-reduce through
     # the comm point (no DDP), then local steps

@@ -400,8 +400,9 @@ def _rec(status="FINISHED", acc=0.5, **params):
 
 
 def test_group_columns_add_swept_params_but_not_seeds_or_dependent_ones():
-    runs = [_rec(**{"method.beta": b, "seed": s}) for b in ("0.2", "0.6") for s in ("0", "1")]
-    assert list(group_columns(runs)) == ["method", "K", "H", "dynamic_h", "optimizer", "batch_size", "method.beta"]
+    runs = [_rec(**{"method.outer.momentum": b, "seed": s}) for b in ("0.2", "0.6") for s in ("0", "1")]
+    assert list(group_columns(runs)) == ["method", "K", "H", "dynamic_h", "optimizer", "batch_size",
+                                         "method.outer.momentum"]
     # lr follows the optimizer here: it does not split the optimizer's group
     runs = [_rec(**{"optimizer.name": "adamw", "lr": "0.001"}), _rec(**{"optimizer.name": "sgdm", "lr": "0.01"})]
     assert "lr" not in group_columns(runs)
