@@ -58,7 +58,7 @@ def test_defaults_follow_the_study():
     ("+network.bandwdith_gbps=1", "did you mean network.bandwidth_gbps?"),
     ("optimzer.lr=0.1", "did you mean optimizer.lr?"),
     ("lr=inf", "lr=inf is invalid"), ("weight_decay=inf", "weight_decay=inf is invalid"),
-    ("method.alpha=inf", "method.alpha=inf is invalid"), ("optimizer.lr=nan", "optimizer.lr=nan is invalid"),
+    ("method.outer.lr=inf", "method.outer.lr=inf is invalid"), ("optimizer.lr=nan", "optimizer.lr=nan is invalid"),
     ("seed=1180591620717411303424", "seed="), ("logger.experiment=''", "logger.experiment='' is invalid"),
 ])
 def test_preflight_rejects_in_one_line(override, needle):
