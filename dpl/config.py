@@ -138,11 +138,11 @@ def _momentum(value: float) -> None:
     _check(0.0 <= value < 1.0, "optimizer.momentum", value, "0 <= x < 1")
 
 
-def _betas(value: Any) -> None:
+def _betas(value: Any, key: str = "optimizer.betas") -> None:
     pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
     ok = pair and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)
     shown = list(value) if pair or (isinstance(value, Sequence) and not isinstance(value, str)) else value
-    _check(ok, "optimizer.betas", shown, "two numbers in [0, 1), e.g. [0.9,0.999]")
+    _check(ok, key, shown, "two numbers in [0, 1), e.g. [0.9,0.999]")
 
 
 @dataclass
@@ -279,39 +279,69 @@ class MethodBase:
     name: str = MISSING
 
 
+# method.outer.name: the keys of dpl.optim.OUTER_OPTIMIZERS (a test holds the two equal)
+OUTER_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
 @dataclass
-class OuterMomentumBase(MethodBase):
-    # zero the outer momentum at the start of every epoch (the study does for slowmo)
+class OuterOptimizerConfig:
+    """``method.outer``: the torch.optim optimizer of a local method's outer step, over the
+    float64 anchor x with gradient the pseudo-gradient Δ = x − x̄ (dpl.methods.outer).
+
+    ``sgd`` reads momentum and nesterov (Nesterov with momentum 0 is plain SGD, so a preset's
+    ``nesterov: true`` survives ``momentum=0``); ``adam`` / ``adamw`` read betas and eps;
+    weight_decay is L2 in the gradient for sgd and adam, decoupled for adamw (Loshchilov &
+    Hutter 2019). There is no separate ``nesterov`` name: it is sgd with ``nesterov: true``.
+    """
+
+    name: str = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of("method.outer.name", self.name, OUTER_OPTIMIZERS)
+        _positive("method.outer.lr", self.lr)
+        _check(_finite(self.momentum) and 0.0 <= self.momentum < 1.0, "method.outer.momentum", self.momentum,
+               "0 <= x < 1")
+        _betas(self.betas, "method.outer.betas")
+        _positive("method.outer.eps", self.eps)
+        _at_least("method.outer.weight_decay", self.weight_decay, 0.0)
+
+
+def _outer(**preset: Any) -> Any:
+    return field(default_factory=lambda: OuterOptimizerConfig(**preset))
+
+
+@dataclass
+class LocalMethodBase(MethodBase):
+    """What every local method has: its outer optimizer, and whether its state restarts each epoch."""
+
+    outer: OuterOptimizerConfig = _outer()  # LocalSGD: SGD, lr 1, no momentum: x <- x̄
+    # zero the outer optimizer's state (momentum) at the start of every epoch (the study does for slowmo)
     restart_each_epoch: bool = False
 
 
 @dataclass
-class SlowmoConfig(OuterMomentumBase):
-    """SlowMo (Wang et al. 2020): slow momentum beta and slow learning rate alpha."""
+class SlowmoConfig(LocalMethodBase):
+    """SlowMo (Wang et al. 2020, Alg. 1): outer.lr is the slow learning rate α (the step is
+    α γ, γ the inner lr) and outer.momentum the slow momentum β."""
 
-    beta: float = 0.6
-    alpha: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check(0.0 <= self.beta < 1.0, "method.beta", self.beta, "0 <= x < 1")
-        _positive("method.alpha", self.alpha)
+    outer: OuterOptimizerConfig = _outer(lr=1.0, momentum=0.6)
 
 
 @dataclass
-class DilocoConfig(OuterMomentumBase):
-    """DiLoCo (Douillard et al. 2023): outer SGD with Nesterov momentum."""
+class DilocoConfig(LocalMethodBase):
+    """DiLoCo (Douillard et al. 2023): outer SGD with Nesterov momentum, the paper's lr 0.7 and momentum 0.9."""
 
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    nesterov: bool = True
-
-    def __post_init__(self) -> None:
-        _positive("method.outer_lr", self.outer_lr)
-        _check(0.0 <= self.outer_momentum < 1.0, "method.outer_momentum", self.outer_momentum, "0 <= x < 1")
+    outer: OuterOptimizerConfig = _outer(lr=0.7, momentum=0.9, nesterov=True)
 
 
 @dataclass
-class PostLocalConfig(MethodBase):
+class PostLocalConfig(LocalMethodBase):
     """Post-local SGD (Lin et al. 2020): synchronous until switch_epoch, then LocalSGD."""
 
     switch_epoch: int = 75  # the first epoch of local steps
@@ -507,7 +537,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"lenet5": ModelConfig, "resnet20": ModelConfig},
     "optimizer": {"sgdm": SgdmConfig, "adamw": AdamwConfig, "lars": LarsConfig, "lamb": LambConfig},
     "scheduler": {"constant": SchedulerBase, "cosine": CosineConfig, "poly": PolyConfig, "step": StepConfig},
-    "method": {"centralized": MethodBase, "localsgd": MethodBase, "slowmo": SlowmoConfig,
+    "method": {"centralized": MethodBase, "localsgd": LocalMethodBase, "slowmo": SlowmoConfig,
                "diloco": DilocoConfig, "post_local": PostLocalConfig},
     "dynamic_h": {"constant": DynamicHBase, **{n: HRangeConfig for n in _HRANGE},
                   "improvement": ImprovementConfig, "loss": LossConfig, "avg_loss": AvgLossConfig,

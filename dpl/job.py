@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpl import checkpoint
+from dpl import checkpoint, legacy
 from dpl.build import build_trainer, load_training_state, resolve_path
 from dpl.config import typed
 from dpl.engine import pick_device
@@ -170,7 +170,7 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
     Only keys in RESUME_KEYS may differ on the command line, and ``epochs`` may be raised to
     train on; any other override is refused in one line naming the keys, instead of being
     silently dropped."""
-    saved = typed(ckpt["config"])
+    saved = typed(legacy.upgrade(ckpt["config"]))  # configs written before method.outer
     overridden = _command_line_keys()
     differing = [k for k in overridden if k not in (*RESUME_KEYS, "epochs") and _differs(cfg, saved, k)]
     if differing:

@@ -1,4 +1,5 @@
-"""Optimizers: SGDM and AdamW from torch, LARS and LAMB written here, and their registry.
+"""Optimizers: SGDM and AdamW from torch, LARS and LAMB written here, and their registries
+(:data:`OPTIMIZERS` for the inner step, :data:`OUTER_OPTIMIZERS` for local methods' outer step).
 
 LARS and LAMB scale each tensor's update by a *trust ratio* ||w|| / ||update||, so every
 layer moves by a similar relative amount however large the batch (and so the lr) is.
@@ -279,7 +280,8 @@ def _sgdm(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
           capturable: bool = False) -> torch.optim.Optimizer:
     # capturable: the fused kernel reads a tensor lr on the device; the foreach path would read it
     # on the host (an item() per step, which a CUDA graph cannot capture)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+    # Nesterov's look-ahead with momentum 0 is the plain step (torch refuses the pair instead)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov) and cfg.momentum > 0,
                            weight_decay=weight_decay, fused=True if capturable else None)
 
 
@@ -288,6 +290,12 @@ def _adamw(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
     # capturable: the step count lives on the device too, so a captured step advances it on replay
     return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
                              weight_decay=weight_decay, capturable=capturable)
+
+
+def _adam(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
+          capturable: bool = False) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
+                            weight_decay=weight_decay, capturable=capturable)
 
 
 def _lars(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
@@ -308,6 +316,18 @@ def _lamb(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
 
 # keyed by the file names in conf/optimizer/
 OPTIMIZERS: dict[str, Builder] = {"sgdm": _sgdm, "adamw": _adamw, "lars": _lars, "lamb": _lamb}
+
+
+# The outer step of local methods (dpl.methods.outer), keyed by method.outer.name: the same
+# builders, over the float64 anchor (one tensor per parameter, no worker dimension).
+OUTER_OPTIMIZERS: dict[str, Builder] = {"sgd": _sgdm, "adam": _adam, "adamw": _adamw}
+
+
+def build_outer_optimizer(anchor: Iterable[torch.Tensor], cfg) -> torch.optim.Optimizer:
+    """The outer optimizer ``cfg.name`` (the ``method.outer`` node) over the anchor, with its own
+    lr and weight_decay; the outer step sets the lr of each sync in ``param_groups``."""
+    return lookup(OUTER_OPTIMIZERS, "method.outer.name", cfg.name)(list(anchor), cfg, cfg.lr, cfg.weight_decay,
+                                                             per_worker=False)
 
 
 def build_optimizer(params: Iterable[torch.Tensor], cfg, lr: float, weight_decay: float,

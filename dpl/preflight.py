@@ -23,7 +23,9 @@ from typing import Any, Callable, Iterable, Iterator
 from omegaconf import DictConfig
 
 from dpl.config import GROUPS as SCHEMA_GROUPS
-from dpl.config import SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig, check_options, option_keys, to_schema
+from dpl.config import (SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig, check_options, option_keys,
+                        option_schema, to_schema)
+from dpl.legacy import RENAMED
 from dpl.sweep import check_seeds
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -33,11 +35,21 @@ NESTED = {"network": NetworkConfig, "clock": ClockConfig}  # sub-nodes of Config
 
 
 def group_keys(group: str) -> list[str]:
-    """The keys any option of ``group`` has (in the order of first appearance)."""
+    """The keys any option of ``group`` has (in the order of first appearance); a node's keys
+    dotted below it (``outer.lr``: method.outer is one schema, dpl.config.OuterOptimizerConfig)."""
     keys: dict[str, None] = {}
     for option in SCHEMAS[group]:
-        keys.update(dict.fromkeys(option_keys(group, option)))
+        for f in dataclasses.fields(option_schema(group, option)):
+            node = _node_schema(option_schema(group, option), f.name)
+            keys.update(dict.fromkeys([f.name, *(f"{f.name}.{g.name}" for g in dataclasses.fields(node))]
+                                      if node else [f.name]))
     return list(keys)
+
+
+def _node_schema(schema: type, name: str) -> type | None:
+    """The dataclass of field ``name`` of ``schema`` when it is a node (``outer``), else None."""
+    typ = typing.get_type_hints(schema).get(name)
+    return typ if dataclasses.is_dataclass(typ) else None
 
 
 def config_keys() -> list[str]:
@@ -59,6 +71,9 @@ def check_key(key: str, adding: bool = False) -> None:
     if not key:
         raise ConfigError("an override needs a key: key=value (e.g. K=4)")
     keys = config_keys()
+    if key in RENAMED:
+        raise ConfigError(f"{key} was renamed {RENAMED[key]} (the local methods' outer optimizer is one node, "
+                          f"method.outer)")
     if key in keys:
         if adding:  # Hydra: "Could not append to config. An item is already at 'K'" and a traceback
             raise ConfigError(f"+{key} is invalid: {key} is already a dpl config key (set it with {key}=...)")
@@ -70,14 +85,17 @@ def check_key(key: str, adding: bool = False) -> None:
 
 
 def _option_specific(key: str) -> bool:
-    """``optimizer.trust_coefficient`` (lars and lamb have it, sgdm not) but not ``optimizer.lr``."""
+    """``optimizer.trust_coefficient`` (lars and lamb have it, sgdm not) but not ``optimizer.lr``;
+    ``method.outer.lr`` by its node, ``outer`` (the local methods have it, centralized not)."""
     group, dot, name = key.partition(".")
+    name = name.split(".", 1)[0]
     return bool(dot) and group in SCHEMAS and not all(name in option_keys(group, o) for o in SCHEMAS[group])
 
 
 def check_applies(key: str, choices: dict[str, str]) -> None:
     """``key`` must be a key of the option its group has in ``choices`` (Hydra's chosen options)."""
     group, _, name = key.partition(".")
+    name = name.split(".", 1)[0]  # method.outer.lr: the option must have the node
     option = choices.get(group)
     if option in SCHEMAS.get(group, {}) and name not in option_keys(group, option):
         allowed = ", ".join(k for k in option_keys(group, option) if k != "name") or "none"
@@ -317,9 +335,12 @@ def check_value(key: str, value: Any, adding: bool = False) -> None:
     schema, name = Config, key
     if "." in key:
         group, name = key.split(".", 1)
+        node, _, sub = name.partition(".")
         # a group's key: type- and range-checked by the first option that has it
         schema = NESTED.get(group) or next(
-            (s for s in SCHEMAS.get(group, {}).values() if name in {f.name for f in dataclasses.fields(s)}), None)
+            (s for s in SCHEMAS.get(group, {}).values() if node in {f.name for f in dataclasses.fields(s)}), None)
+        if schema is not None and sub:  # a node's key (method.outer.lr): checked by the node's schema
+            schema, name = _node_schema(schema, node), sub
         if schema is None or "." in name:
             check_key(key, adding)
             return
@@ -328,6 +349,12 @@ def check_value(key: str, value: Any, adding: bool = False) -> None:
         check_key(key, adding)
         return
     if name in SCHEMAS or name in NESTED:
+        return
+    if _node_schema(schema, name) is not None:  # method.outer={name:adam,lr:0.001}: each of its keys
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is invalid: allowed its keys, e.g. {key}.lr=0.5 or {key}={{lr:0.5}}")
+        for sub, v in value.items():
+            check_value(f"{key}.{sub}", v, adding)
         return
     typ = typing.get_type_hints(schema)[name]
     value = _coerce(key, value, typ)

@@ -51,6 +51,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from dpl import stats
 from dpl.budget import BUDGETS, final_value, to_target
 from dpl.io import atomic_write_text, write_csv
+from dpl.legacy import upgrade
 from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, percent_axis, save_figure, short_number
 from dpl.run_names import BOOKKEEPING
 from dpl.sweep import PARENT_TAG
@@ -140,7 +141,8 @@ def _record(client, run, history_keys: Sequence[str]) -> RunRecord:
         end_if_dead(client, run)
     interrupted = dead or run.info.status == "KILLED" and run.data.tags.get(INTERRUPTED_TAG) == "true"
     status = INTERRUPTED if interrupted else run.info.status
-    return RunRecord(run_id=run.info.run_id, status=status, params=dict(run.data.params),
+    # runs logged before method.outer: their method.beta etc. under the new names, to group with new runs
+    return RunRecord(run_id=run.info.run_id, status=status, params=upgrade(run.data.params),
                      metrics=dict(run.data.metrics), reason=run.data.tags.get("failure_reason", ""),
                      history=history)
 

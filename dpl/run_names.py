@@ -61,13 +61,14 @@ def run_name(cfg: DictConfig, local_steps: bool = True, overrides: Sequence[str]
 def short_override(override: str, cfg: DictConfig | None = None) -> str:
     """``engine=distributed`` -> ``distributed`` (a config group: its option's name says it),
     ``epochs=3`` -> ``epochs3``, ``dataset.num_train=2000`` -> ``num_train2k``,
-    ``compression.error_feedback=true`` -> ``error_feedback=true``."""
+    ``compression.error_feedback=true`` -> ``error_feedback=true``, ``method.outer.lr=0.5`` -> ``outer.lr0.5``."""
     key, _, value = override.partition("=")
     key = _key(override)
     value = value.strip("'\"")
     if cfg is not None and isinstance(OmegaConf.select(cfg, key, default=None), DictConfig):
         return value
-    name = key.rsplit(".", 1)[-1]
+    # a node's key keeps its node: method.outer.lr -> outer.lr0.5, not lr0.5 (the inner lr's name)
+    name = ".".join(key.split(".")[-2:]) if key.count(".") >= 2 else key.rsplit(".", 1)[-1]
     number = _short_number(value)
     return f"{name}{number}" if number is not None else f"{name}={value}"
 

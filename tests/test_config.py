@@ -8,7 +8,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from dpl.config import ConfigError
+from dpl.config import ConfigError, to_schema
+from dpl.legacy import RENAMED, upgrade
 from dpl.preflight import validate
 from dpl.preflight import GROUPS, check_overrides, group_options
 from dpl.preflight import registries
@@ -57,7 +58,7 @@ def test_defaults_follow_the_study():
     ("+network.bandwdith_gbps=1", "did you mean network.bandwidth_gbps?"),
     ("optimzer.lr=0.1", "did you mean optimizer.lr?"),
     ("lr=inf", "lr=inf is invalid"), ("weight_decay=inf", "weight_decay=inf is invalid"),
-    ("method.alpha=inf", "method.alpha=inf is invalid"), ("optimizer.lr=nan", "optimizer.lr=nan is invalid"),
+    ("method.outer.lr=inf", "method.outer.lr=inf is invalid"), ("optimizer.lr=nan", "optimizer.lr=nan is invalid"),
     ("seed=1180591620717411303424", "seed="), ("logger.experiment=''", "logger.experiment='' is invalid"),
 ])
 def test_preflight_rejects_in_one_line(override, needle):
@@ -179,7 +180,7 @@ def test_each_option_composes_to_exactly_its_schemas_keys():
     assert "trust_coefficient" not in compose_cfg("optimizer=sgdm").optimizer
     assert "num_train" not in compose_cfg(tiny=False).dataset
     assert "root" not in compose_cfg("dataset=synthetic").dataset
-    assert "beta" not in compose_cfg("method=localsgd").method and "beta" in compose_cfg("method=slowmo").method
+    assert "outer" not in compose_cfg("method=centralized").method and "outer" in compose_cfg("method=slowmo").method
 
 
 def test_hydra_itself_refuses_a_key_the_option_lacks():
@@ -196,9 +197,10 @@ def test_hydra_itself_refuses_a_key_the_option_lacks():
     (["dataset.num_train=10"], "dataset.num_train is not a key of dataset=cifar100: allowed val_fraction, augment, "
                                "augment_val, crop_padding, root, download"),
     (["dataset=synthetic", "dataset.root=x"], "dataset.root is not a key of dataset=synthetic"),
-    (["method=localsgd", "method.beta=0.5"], "method.beta is not a key of method=localsgd: allowed none"),
+    (["method=centralized", "method.outer.lr=0.5"], "method.outer.lr is not a key of method=centralized: allowed none"),
     (["engine.backend=gloo"], "engine.backend is not a key of engine=simulated: allowed compile, eval_batch_size, memory_format, simulate"),
-    (["method=slowmo,diloco", "method.beta=0.5"], "method.beta is not a key of method=diloco"),
+    (["method=slowmo,centralized", "method.outer.momentum=0.5"],
+     "method.outer.momentum is not a key of method=centralized"),
     (["experiment=study/slowmo", "ablation=paper_lars"], "ablation=paper_lars does not apply here"),
 ])
 def test_a_key_of_another_option_is_one_line_naming_the_allowed_keys(overrides, message):
@@ -229,10 +231,10 @@ def test_a_key_of_the_chosen_option_passes_wherever_the_option_is_chosen():
     check_overrides(["optimizer=lars", "optimizer.trust_coefficient=0.01"])
     check_overrides(["experiment=study/lars_bs512", "optimizer.trust_coefficient=0.01"])  # the row chooses lars
     check_overrides(["method=diloco", "optimizer.betas=[0.9,0.95]"])  # diloco chooses adamw
-    check_overrides(["--config-name", "outer_optimizers", "method=slowmo", "method.beta=0.5"])
+    check_overrides(["--config-name", "outer_optimizers", "method=slowmo", "method.outer.momentum=0.5"])
     # a sweep's config (in sweeps/) is composed too, not skipped: it chooses the method here
-    with pytest.raises(ConfigError, match="method.beta is not a key of method=localsgd"):
-        check_overrides(["--config-name", "outer_optimizers", "method=localsgd", "method.beta=0.5"])
+    with pytest.raises(ConfigError, match="method.outer.momentum is not a key of method=centralized"):
+        check_overrides(["--config-name", "outer_optimizers", "method=centralized", "method.outer.momentum=0.5"])
     with pytest.raises(ConfigError, match="compression.error_feedback is not a key of compression=none"):
         check_overrides(["--config-name", "compression_dense", "compression=none,sign", "compression.error_feedback=true"])
     check_overrides(["experiment=study/lars_bs512", "ablation=paper_lars"])
@@ -278,3 +280,74 @@ def test_readme_lists_every_options_keys():
             documented[option] = [] if keys.strip() == "–" else [k.strip() for k in keys.split(",")]
     assert documented == {f"{g}={o}": [k for k in option_keys(g, o) if k != "name"]
                           for g, options in SCHEMAS.items() for o in options}
+
+
+# ----------------------------------------------------------------------------- method.outer
+
+
+@pytest.mark.parametrize("old,new", list(RENAMED.items()))
+def test_a_key_of_before_method_outer_fails_naming_its_new_key(old, new):
+    with pytest.raises(ConfigError) as e:
+        check_overrides(["method=slowmo", f"{old}=0.5"])
+    assert str(e.value).startswith(f"{old} was renamed {new} ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method=diloco", "method.outer.name=adam", "method.outer.betas=[0.9,1]"], "method.outer.betas=[0.9, 1] is invalid"),
+    (["method=diloco", "method.outer.eps=0"], "method.outer.eps=0.0 is invalid"),
+    (["method=localsgd", "method.outer.weight_decay=-1"], "method.outer.weight_decay=-1.0 is invalid"),
+    (["method=diloco", "method.outer=5"], "method.outer=5 is invalid: allowed its keys"),
+    (["method=diloco", "method.outer={name:adam,lr:0}"], "method.outer.lr=0.0 is invalid"),
+    (["method=diloco", "method.outer.lrr=1"], "did you mean method.outer.lr?"),
+])
+def test_a_bad_outer_value_is_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        check_overrides(overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_outer_names_are_the_outer_registry():
+    from dpl.config import OUTER_OPTIMIZERS as NAMES
+    from dpl.optim import OUTER_OPTIMIZERS
+
+    assert tuple(OUTER_OPTIMIZERS) == NAMES
+    for name in NAMES:  # every name composes, validates and builds
+        check_overrides(["method=diloco", f"method.outer.name={name}"])
+        cfg = compose_cfg("method=diloco", f"method.outer.name={name}")
+        to_schema(cfg)
+
+
+def test_an_old_saved_config_resumes_with_its_values_under_method_outer():
+    """A checkpoint's config from before method.outer (SlowMo's beta/alpha, DiLoCo's outer_lr,
+    outer_momentum, nesterov) is, once upgraded, the config its values give with the new keys."""
+    from dpl.config import typed
+
+    old_new = [
+        ({"name": "slowmo", "beta": 0.2, "alpha": 0.5, "restart_each_epoch": True},
+         ["method=slowmo", "method.outer.momentum=0.2", "method.outer.lr=0.5", "method.restart_each_epoch=true"]),
+        ({"name": "diloco", "outer_lr": 0.3, "outer_momentum": 0.8, "nesterov": False, "restart_each_epoch": False},
+         ["method=diloco", "method.outer.lr=0.3", "method.outer.momentum=0.8", "method.outer.nesterov=false"]),
+        ({"name": "localsgd"}, ["method=localsgd"]),
+        ({"name": "post_local", "switch_epoch": 3}, ["method=post_local", "method.switch_epoch=3"]),
+    ]
+    for old, new in old_new:
+        expected = compose_cfg(*new)
+        saved = OmegaConf.to_container(expected, resolve=True)
+        saved.pop("hydra", None)
+        saved["method"] = old
+        assert typed(upgrade(saved)).method == expected.method, old["name"]
+    assert upgrade({"method": {"name": "centralized"}, "K": 2}) == {"method": {"name": "centralized"}, "K": 2}
+
+
+def test_old_mlflow_params_are_the_params_a_new_run_of_the_same_config_logs():
+    from dpl.tracking import flatten_config
+
+    def method_params(*overrides):
+        return {k: v for k, v in flatten_config(compose_cfg(*overrides)).items() if k.startswith("method.")}
+
+    slowmo = {"method.name": "slowmo", "method.beta": "0.2", "method.alpha": "0.5", "method.restart_each_epoch": "True"}
+    assert upgrade(slowmo) == method_params("method=slowmo", "method.outer.momentum=0.2", "method.outer.lr=0.5",
+                                            "method.restart_each_epoch=true")
+    assert upgrade({"method.name": "localsgd"}) == method_params("method=localsgd")
+    new = method_params("method=diloco", "method.outer.name=adam")
+    assert upgrade(new) == new  # a run logged with the node is left as it is

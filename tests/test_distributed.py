@@ -31,11 +31,13 @@ SMALL = ["dataset.num_train=500", "dataset.num_test=100"]  # 450 train images: 8
 VARIANTS = {
     "centralized": ["method=centralized", "epochs=1"],
     "localsgd": ["method=localsgd", "H=4", "local_momentum=average", "epochs=1"],
-    "slowmo": ["method=slowmo", "H=3", "method.beta=0.6", "epochs=1"],
+    "slowmo": ["method=slowmo", "H=3", "method.outer.momentum=0.6", "epochs=1"],
     "dynamic_h": ["method=localsgd", "H=2", "dynamic_h=improvement", "dynamic_h.h_min=2", "dynamic_h.h_max=8"],
     # DiLoCo's outer Nesterov step over an inner AdamW; post-local SGD's gradient all-reduce through
     # the comm point (no DDP), then local steps
     "diloco": ["method=diloco", "H=3", "epochs=1"],
+    # an outer Adam (method.outer): its moments on the pseudo-gradient, the same on every rank
+    "outer_adam": ["method=localsgd", "H=3", "method.outer.name=adam", "method.outer.lr=0.01", "epochs=1"],
     "post_local": ["method=post_local", "method.switch_epoch=1", "H=3", "epochs=2"],
     # BatchNorm: per-worker running statistics, averaged at syncs (LocalSGD) or never (centralized)
     "resnet20_localsgd": ["model=resnet20", "dataset.image_size=12", "method=localsgd", "H=3", "epochs=1"],

@@ -400,8 +400,9 @@ def _rec(status="FINISHED", acc=0.5, **params):
 
 
 def test_group_columns_add_swept_params_but_not_seeds_or_dependent_ones():
-    runs = [_rec(**{"method.beta": b, "seed": s}) for b in ("0.2", "0.6") for s in ("0", "1")]
-    assert list(group_columns(runs)) == ["method", "K", "H", "dynamic_h", "optimizer", "batch_size", "method.beta"]
+    runs = [_rec(**{"method.outer.momentum": b, "seed": s}) for b in ("0.2", "0.6") for s in ("0", "1")]
+    assert list(group_columns(runs)) == ["method", "K", "H", "dynamic_h", "optimizer", "batch_size",
+                                         "method.outer.momentum"]
     # lr follows the optimizer here: it does not split the optimizer's group
     runs = [_rec(**{"optimizer.name": "adamw", "lr": "0.001"}), _rec(**{"optimizer.name": "sgdm", "lr": "0.01"})]
     assert "lr" not in group_columns(runs)
@@ -644,3 +645,23 @@ def test_histories_of_old_runs_logged_from_step_0_read_as_epochs_from_1(tmp_path
     _log_run(uri, "old_new", {}, metrics={"val_acc": curve}, first_step=1, seed=1)  # a run of today
     runs = fetch_runs(mlflow_client(uri), "old_new")
     assert [r.history["val_acc"] for r in runs] == [list(zip((1, 2, 3), curve))] * 2
+
+
+def test_runs_logged_before_method_outer_group_with_new_runs_of_the_same_config(tmp_path):
+    """An old SlowMo run (method.beta, method.alpha) and a new one (method.outer.*) of the same
+    config are one group; another slow momentum is another group, under the new param's name."""
+    from omegaconf import OmegaConf
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    new = OmegaConf.to_container(compose_cfg("method=slowmo").method)
+    common = {"K": 4, "H": 8, "optimizer": {"name": "sgdm"}}
+    _log_run(uri, "old_new", {}, seed=0, method={"name": "slowmo", "beta": 0.6, "alpha": 1.0,
+                                                 "restart_each_epoch": False}, **common)
+    _log_run(uri, "old_new", {}, seed=1, method=new, **common)
+    _log_run(uri, "old_new", {}, seed=0, method={"name": "slowmo", "beta": 0.2, "alpha": 1.0,
+                                                 "restart_each_epoch": False}, **common)
+    runs = fetch_runs(mlflow_client(uri), experiment="old_new")
+    columns = group_columns(runs)
+    assert columns["method.outer.momentum"] == "method.outer.momentum" and "method.beta" not in columns
+    sizes = {key[list(columns).index("method.outer.momentum")]: len(g) for key, g in group_runs(runs, columns).items()}
+    assert sizes == {"0.6": 2, "0.2": 1}

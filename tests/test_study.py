@@ -64,7 +64,7 @@ def test_every_study_row_has_a_config_with_its_settings():
         assert cfg.shuffle == ("epoch" if local else "once"), name
         assert cfg.restart_inner_each_epoch is local, name
         if cfg.method.name == "slowmo":
-            assert (cfg.method.alpha, cfg.method.beta, cfg.method.restart_each_epoch) == (1.0, 0.6, True)
+            assert (cfg.method.outer.lr, cfg.method.outer.momentum, cfg.method.restart_each_epoch) == (1.0, 0.6, True)
         if local:  # the study's distributed defaults
             assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.optimizer.momentum) == (64, 0.04, 1e-3, 0.9)
             assert cfg.sharding == "iid"  # the study's iid_sharding (tests/test_data_sharding.py)
@@ -193,10 +193,10 @@ def test_inner_restart_with_one_step_per_epoch_is_sgd_without_momentum(make_cfg)
 def test_slowmo_buffer_restart_with_one_sync_per_epoch_is_beta_zero(make_cfg):
     """One sync per epoch (H >= steps) and a zeroed slow momentum every epoch: u never carries
     over, so SlowMo acts as with beta = 0."""
-    common = ["method=slowmo", "K=2", "H=100", "epochs=3", "method.alpha=1.5", "scheduler=constant"]
-    restarted = _final_params(make_cfg(*common, "method.beta=0.6", "method.restart_each_epoch=true"))
-    beta0 = _final_params(make_cfg(*common, "method.beta=0.0"))
-    kept = _final_params(make_cfg(*common, "method.beta=0.6"))
+    common = ["method=slowmo", "K=2", "H=100", "epochs=3", "method.outer.lr=1.5", "scheduler=constant"]
+    restarted = _final_params(make_cfg(*common, "method.outer.momentum=0.6", "method.restart_each_epoch=true"))
+    beta0 = _final_params(make_cfg(*common, "method.outer.momentum=0.0"))
+    kept = _final_params(make_cfg(*common, "method.outer.momentum=0.6"))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(restarted, beta0))
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(restarted, kept))
 

@@ -99,7 +99,7 @@ def test_sweep_grids_are_the_issue_grids():
     dyn = grid(compose_sweep("dynamic_h"))
     assert dyn["K"] == [2, 4, 8] and dyn["dynamic_h"] == group_options("dynamic_h")
     slowmo = compose_sweep("slowmo")
-    assert slowmo.method.name == "slowmo" and set(grid(slowmo)) == {"method.beta", "method.alpha"}
+    assert slowmo.method.name == "slowmo" and set(grid(slowmo)) == {"method.outer.momentum", "method.outer.lr"}
     optuna = compose_sweep("optuna_lr", "optimizer=adamw")
     assert optuna.hydra.sweeper.direction == "maximize" and optuna.hydra.sweeper.storage.startswith("sqlite:///")
     assert optuna.hydra.sweeper.study_name == "optuna_lr-adamw"  # one resumable study per optimizer

@@ -2,8 +2,10 @@
 
 ``centralized`` averages gradients every step; the local methods (``localsgd``,
 ``slowmo``, ``diloco``) take local steps and then an outer step on the pseudo-gradient
-(:mod:`dpl.methods.outer`); ``post_local`` switches from the first to the second. The
-registry :data:`METHODS` is keyed by the file names in ``conf/method/``.
+with the outer optimizer ``method.outer`` (:mod:`dpl.methods.outer`); ``post_local``
+switches from the first to the second. The registry :data:`METHODS` is keyed by the file
+names in ``conf/method/``: ``localsgd`` and ``diloco`` are one class, :class:`OuterStep`,
+with two presets of ``method.outer``; SlowMo scales its outer step by the inner lr.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from typing import Any
 
 from dpl.methods.base import Method
 from dpl.methods.centralized import Centralized
-from dpl.methods.local import DiLoCo, LocalSGD, SlowMo
+from dpl.methods.slowmo import SlowMo
 from dpl.methods.outer import OuterStep, sync_inner_state
 from dpl.methods.post_local import PostLocal
 from dpl.registry import lookup
 
 METHODS: dict[str, type[Method]] = {
-    "centralized": Centralized, "localsgd": LocalSGD, "slowmo": SlowMo, "diloco": DiLoCo, "post_local": PostLocal,
+    "centralized": Centralized, "localsgd": OuterStep, "slowmo": SlowMo, "diloco": OuterStep, "post_local": PostLocal,
 }
 
 
@@ -26,5 +28,5 @@ def build_method(cfg: Any, local_momentum: str) -> Method:
     return lookup(METHODS, "method", cfg.name)(cfg, local_momentum)
 
 
-__all__ = ["METHODS", "Centralized", "DiLoCo", "LocalSGD", "Method", "OuterStep", "PostLocal", "SlowMo",
+__all__ = ["METHODS", "Centralized", "Method", "OuterStep", "PostLocal", "SlowMo",
            "build_method", "sync_inner_state"]

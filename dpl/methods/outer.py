@@ -8,7 +8,10 @@ al. 2020, "SlowMo", Algorithm 1; Douillard et al. 2023, "DiLoCo", Algorithm 1):
 2. the pseudo-gradient is Δ = x − x̄, with x the anchor (the global model after the
    previous sync). Δ points *against* the direction the workers moved;
 3. an outer optimizer over the anchor takes one step with gradient s·Δ (s = 1, or 1/γ for
-   SlowMo) and learning rate η_out: x ← OuterOpt(x, s·Δ);
+   SlowMo) and learning rate η_out: x ← OuterOpt(x, s·Δ). OuterOpt is ``method.outer``
+   (:class:`dpl.config.OuterOptimizerConfig`), built by :func:`dpl.optim.build_outer_optimizer`
+   from the registry ``OUTER_OPTIMIZERS`` (torch's SGD, Adam, AdamW); torchft's DiLoCo likewise
+   takes any ``torch.optim.Optimizer`` as its outer optimizer;
 4. every worker restarts from the new x.
 
 With ``compression`` other than none (:mod:`dpl.comm.compression`), steps 1-2 become: every worker
@@ -30,17 +33,29 @@ import torch
 
 from dpl.engine.workers import StackedWorkers
 from dpl.methods.base import Method
+from dpl.optim import build_outer_optimizer
 
 
 class OuterStep(Method):
-    """Base of the local methods: every H local steps (and at an epoch's end), the outer step.
+    """The local methods: every H local steps (and at an epoch's end), the outer step
+    x ← OuterOpt(x, Δ) with OuterOpt built from ``method.outer``. ``method=localsgd`` and
+    ``method=diloco`` are this class with two presets of that node:
 
-    Subclasses say which outer optimizer (:meth:`make_outer`), its learning rate and the
-    pseudo-gradient's scale for a given inner lr γ (:meth:`outer_lr`, :meth:`grad_scale`).
-    ``restart_each_epoch`` in the method's config clears the outer optimizer's state
-    (momentum) at every epoch start, as the study does for SlowMo.
+    - LocalSGD (Stich 2019; Lin et al. 2020, "Don't use large mini-batches, use local SGD",
+      Algorithm 1): H inner steps per worker, then x_k ← (1/K) Σ_j x_j; as an outer step,
+      SGD with lr 1 and no momentum: x ← x − Δ = x̄.
+    - DiLoCo (Douillard et al. 2023, "DiLoCo", Algorithm 1): an inner AdamW
+      (``optimizer=adamw``) for H steps, then SGD with Nesterov momentum, the paper's lr 0.7
+      and momentum 0.9: b ← μ b + Δ; x ← x − η (Δ + μ b). Outer lr 1 without momentum is
+      LocalSGD with the same inner optimizer.
+
+    A subclass may scale the outer lr and the pseudo-gradient by the inner lr γ
+    (:meth:`outer_lr`, :meth:`grad_scale`; SlowMo does). ``restart_each_epoch`` clears the
+    outer optimizer's state (momentum, Adam moments) at every epoch start, as the study does
+    for SlowMo.
     """
 
+    name = "localsgd"  # and "diloco": the registry's keys are the presets, not the class
     has_local_steps = True
 
     def __init__(self, cfg: Any, local_momentum: str = "keep") -> None:
@@ -49,12 +64,12 @@ class OuterStep(Method):
         self.outer: torch.optim.Optimizer | None = None
         self.syncs = 0  # syncs so far in the run: the key of a compressor's randomness (random-k)
 
-    # ------------------------------------------------------------------ what a subclass defines
+    # ------------------------------------------------------------------ what a subclass may change
     def make_outer(self, anchor: list[torch.Tensor]) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        return build_outer_optimizer(anchor, self.cfg.outer)
 
     def outer_lr(self, inner_lr: float) -> float:
-        return 1.0
+        return self.cfg.outer.lr
 
     def grad_scale(self, inner_lr: float) -> float:
         return 1.0

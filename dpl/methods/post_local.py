@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dpl.engine.workers import StackedWorkers
-from dpl.methods.local import LocalSGD
+from dpl.methods.outer import OuterStep
 
 
-class PostLocal(LocalSGD):
+class PostLocal(OuterStep):
     """Post-local SGD (Lin et al. 2020, "Don't use large mini-batches, use local SGD", Sec. 3):
     synchronous gradient averaging in epochs ``< method.switch_epoch``, LocalSGD with H local
-    steps from then on, in one run.
+    steps from then on, in one run (``method.outer`` is its outer step, plain averaging by default).
 
     In the synchronous phase the workers stay equal, so the anchor of the outer step is
     moved along with them at each epoch start; the first local period then starts from the
