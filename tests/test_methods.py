@@ -36,6 +36,54 @@ def assert_params_close(a, b, atol=1e-6):
 PLAIN_SGD = ["optimizer.momentum=0", "weight_decay=0", "scheduler=constant"]
 
 
+def test_one_worker_localsgd_sync_and_centralized_gradient_hook_change_nothing():
+    """K=1: LocalSGD's sync gives back the worker's weights bit for bit (x − (x − x_0) = x_0 in
+    float64) and centralized's gradient average leaves the gradients as they are, so with the
+    same steps in between the two methods train alike (end to end: the slow test below)."""
+    workers = tiny_workers(K=1)
+    optimizer = torch.optim.SGD(workers.params, lr=INNER_LR, momentum=0.9)
+    local = method_of("method=localsgd", "K=1")
+    local.start(workers)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in workers.params:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        before = [p.detach().clone() for p in workers.params]
+        local.sync(workers, optimizer, INNER_LR)
+        assert all(torch.equal(a, b) for a, b in zip(before, workers.params))
+    for p in workers.params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    grads = [p.grad.clone() for p in workers.params]
+    method_of("method=centralized", "K=1").on_gradients(workers, 0)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, workers.params))
+    assert workers.point.take().syncs == 3  # two syncs and one synchronous round, each counted
+
+
+def test_localsgd_h1_with_plain_sgd_is_a_step_on_the_mean_gradient():
+    """H=1 with plain SGD: averaging x_k − γ g_k over the workers is x − γ mean_k g_k, the
+    synchronous step (equal x_k before the step), up to float rounding; the end-to-end run of
+    both methods is the slow test below."""
+    def step(average_grads: bool):
+        workers = tiny_workers(K=4)
+        optimizer = torch.optim.SGD(workers.params, lr=INNER_LR)
+        gen = torch.Generator().manual_seed(3)
+        for p in workers.params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        method = method_of("method=centralized" if average_grads else "method=localsgd", "K=4", "H=1")
+        method.start(workers)
+        method.on_gradients(workers, 0)
+        optimizer.step()
+        if method.syncs_after(0, 1, 1, last_step=False):
+            method.sync(workers, optimizer, INNER_LR)
+        return [p.detach().clone() for p in workers.params]
+
+    synchronous, local = step(average_grads=True), step(average_grads=False)
+    assert_params_close(synchronous, local, atol=1e-6)
+    assert all(torch.equal(p[0], p[3]) for p in synchronous)  # synchronous workers never drift apart
+
+
+@pytest.mark.slow
 def test_localsgd_with_one_worker_equals_centralized(make_cfg):
     central = train(make_cfg("method=centralized", "K=1"))
     local = train(make_cfg("method=localsgd", "K=1", "H=4"))
@@ -43,6 +91,7 @@ def test_localsgd_with_one_worker_equals_centralized(make_cfg):
     assert central.state.history[-1]["val_acc"] == local.state.history[-1]["val_acc"]
 
 
+@pytest.mark.slow
 def test_localsgd_h1_plain_sgd_equals_synchronous_sgd(make_cfg):
     central = train(make_cfg("method=centralized", "K=4", *PLAIN_SGD), epochs=1)
     local = train(make_cfg("method=localsgd", "K=4", "H=1", *PLAIN_SGD), epochs=1)
@@ -59,22 +108,31 @@ def test_slowmo_momentum0_lr1_equals_localsgd_end_to_end(make_cfg):
     assert_params_close(params(local), params(slow), atol=1e-5)
 
 
-def _momentum_after_sync(make_cfg, mode):
-    trainer = build_trainer(make_cfg("method=localsgd", "K=2", "H=4", f"local_momentum={mode}"), torch.device("cpu"))
-    trainer.cfg.epochs = 1
-    trainer.fit()
-    p = trainer.workers.params[0]
-    return trainer.optimizer.state.get(p, {}).get("momentum_buffer")
+def _momentum_after_sync(mode):
+    """The inner SGD momentum of 2 workers after one step on their own gradients and a LocalSGD sync."""
+    workers = tiny_workers(K=2)
+    optimizer = torch.optim.SGD(workers.params, lr=INNER_LR, momentum=0.9)
+    gen = torch.Generator().manual_seed(4)
+    for p in workers.params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    optimizer.step()
+    method = build_method(compose_cfg("method=localsgd").method, mode)
+    method.start(workers)
+    method.sync(workers, optimizer, INNER_LR)
+    return optimizer.state.get(workers.params[0], {}).get("momentum_buffer"), workers.point.take()
 
 
-def test_local_momentum_modes(make_cfg):
-    keep = _momentum_after_sync(make_cfg, "keep")
+def test_local_momentum_modes():
+    keep, traffic = _momentum_after_sync("keep")
     assert keep is not None and not torch.allclose(keep[0], keep[1])  # each worker its own
-    avg = _momentum_after_sync(make_cfg, "average")
+    assert traffic.collectives == 1
+    avg, traffic = _momentum_after_sync("average")
     torch.testing.assert_close(avg[0], avg[1], atol=0, rtol=0)
-    assert _momentum_after_sync(make_cfg, "reset") is None  # cleared at the last sync
+    assert (traffic.syncs, traffic.collectives) == (1, 2)  # the state's all-reduce is counted, not a round
+    assert _momentum_after_sync("reset")[0] is None  # cleared at the sync
 
 
+@pytest.mark.slow  # the same identity on the workers' function: tests/test_workers.py, twenty steps in float64
 def test_vmap_and_loop_give_equal_results(make_cfg):
     loop = train(make_cfg("method=localsgd", "K=3", "H=2", "engine.simulate=loop"), epochs=1)
     vmap = train(make_cfg("method=localsgd", "K=3", "H=2", "engine.simulate=vmap"), epochs=1)
@@ -97,99 +155,6 @@ def test_sync_counts_and_epoch_end_sync(make_cfg):
 
 
 # ----------------------------------------------------------------------------- outer optimizers
-
-
-def _by_hand_anchor(step, syncs: int = 2) -> list[torch.Tensor]:
-    """x after ``syncs`` outer steps x ← step(x, Δ, t), Δ = x − x̄ recomputed from the workers."""
-    workers = tiny_workers()
-    x = [p.detach()[0].double().clone() for p in workers.params]
-    state: dict = {}
-    gen = torch.Generator().manual_seed(1)
-    for t in range(1, syncs + 1):
-        with torch.no_grad():
-            for p in workers.params:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-        # x̄ as the comm point computes it: the float32 mean (the anchor and Δ are float64)
-        delta = [xi - p.detach().mean(0).double() for xi, p in zip(x, workers.params)]
-        x = step(x, delta, t, state)
-        with torch.no_grad():
-            for xi, p in zip(x, workers.params):
-                p.copy_(xi.expand_as(p))  # every worker restarts from x
-    return x
-
-
-class PlainAveraging(Method):
-    """LocalSGD as dpl computed it before the outer step existed: x_k <- mean_j x_j."""
-
-    has_local_steps = True
-
-    def syncs_after(self, epoch, period, H, last_step):
-        return period == H or last_step
-
-    def sync(self, workers, optimizer, lr):
-        workers.average_params_()
-
-
-# The identities of the outer step, on the sync itself: K workers of a tiny model, moved
-# apart by a seeded perturbation (what their local steps would do), then method.sync.
-
-INNER_LR = 0.05  # γ: SlowMo scales its outer step by it
-
-
-def tiny_workers(K: int = 3) -> StackedWorkers:
-    torch.manual_seed(0)
-    return StackedWorkers(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)), K, StackedComm(K))
-
-
-def run_syncs(method: Method, syncs: int = 2, inner: str = "sgd", K: int = 3):
-    """The workers' parameters after each of ``syncs`` syncs of ``method`` (and the method)."""
-    workers = tiny_workers(K)
-    optimizer = (torch.optim.AdamW if inner == "adamw" else torch.optim.SGD)(workers.params, lr=INNER_LR)
-    method.start(workers)
-    gen = torch.Generator().manual_seed(1)
-    after = []
-    for _ in range(syncs):
-        with torch.no_grad():
-            for p in workers.params:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-        method.sync(workers, optimizer, INNER_LR)
-        after.append([p.detach().clone() for p in workers.params])
-    return after, method
-
-
-def method_of(*overrides: str) -> Method:
-    return build_method(compose_cfg(*overrides).method, "keep")
-
-
-def _by_hand_anchor(step, syncs: int = 2) -> list[torch.Tensor]:
-    """x after ``syncs`` outer steps x ← step(x, Δ, t), Δ = x − x̄ recomputed from the workers."""
-    workers = tiny_workers()
-    x = [p.detach()[0].double().clone() for p in workers.params]
-    state: dict = {}
-    gen = torch.Generator().manual_seed(1)
-    for t in range(1, syncs + 1):
-        with torch.no_grad():
-            for p in workers.params:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-        # x̄ as the comm point computes it: the float32 mean (the anchor and Δ are float64)
-        delta = [xi - p.detach().mean(0).double() for xi, p in zip(x, workers.params)]
-        x = step(x, delta, t, state)
-        with torch.no_grad():
-            for xi, p in zip(x, workers.params):
-                p.copy_(xi.expand_as(p))  # every worker restarts from x
-    return x
-
-
-class PlainAveraging(Method):
-    """LocalSGD as dpl computed it before the outer step existed: x_k <- mean_j x_j."""
-
-    has_local_steps = True
-
-    def syncs_after(self, epoch, period, H, last_step):
-        return period == H or last_step
-
-    def sync(self, workers, optimizer, lr):
-        workers.average_params_()
 
 
 # The identities of the outer step, on the sync itself: K workers of a tiny model, moved
