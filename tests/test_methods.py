@@ -46,9 +46,7 @@ def test_one_worker_localsgd_sync_and_centralized_gradient_hook_change_nothing()
     local.start(workers)
     gen = torch.Generator().manual_seed(2)
     for _ in range(2):
-        with torch.no_grad():
-            for p in workers.params:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        move_apart(workers, gen)
         before = [p.detach().clone() for p in workers.params]
         local.sync(workers, optimizer, INNER_LR)
         assert all(torch.equal(a, b) for a, b in zip(before, workers.params))
@@ -168,6 +166,13 @@ def tiny_workers(K: int = 3) -> StackedWorkers:
     return StackedWorkers(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)), K, StackedComm(K))
 
 
+def move_apart(workers: StackedWorkers, gen: torch.Generator) -> None:
+    """What local steps do to the workers: each moves its own way (a seeded perturbation)."""
+    with torch.no_grad():
+        for p in workers.params:
+            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+
+
 def run_syncs(method: Method, syncs: int = 2, inner: str = "sgd", K: int = 3):
     """The workers' parameters after each of ``syncs`` syncs of ``method`` (and the method)."""
     workers = tiny_workers(K)
@@ -176,9 +181,7 @@ def run_syncs(method: Method, syncs: int = 2, inner: str = "sgd", K: int = 3):
     gen = torch.Generator().manual_seed(1)
     after = []
     for _ in range(syncs):
-        with torch.no_grad():
-            for p in workers.params:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        move_apart(workers, gen)
         method.sync(workers, optimizer, INNER_LR)
         after.append([p.detach().clone() for p in workers.params])
     return after, method
@@ -196,9 +199,7 @@ def pseudo_gradients(syncs: int = 2, K: int = 3) -> list[list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     out = []
     for _ in range(syncs):
-        with torch.no_grad():
-            for p in workers.params:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        move_apart(workers, gen)
         out.append([xi - p.detach().double().mean(0) for xi, p in zip(x, workers.params)])
     return out
 
@@ -210,9 +211,7 @@ def _by_hand_anchor(step, syncs: int = 2) -> list[torch.Tensor]:
     state: dict = {}
     gen = torch.Generator().manual_seed(1)
     for t in range(1, syncs + 1):
-        with torch.no_grad():
-            for p in workers.params:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        move_apart(workers, gen)
         # x̄ as the comm point computes it: the float32 mean (the anchor and Δ are float64)
         delta = [xi - p.detach().mean(0).double() for xi, p in zip(x, workers.params)]
         x = step(x, delta, t, state)
