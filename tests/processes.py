@@ -40,7 +40,7 @@ def run_cli(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
     """``python -m dpl *args`` in ``cwd``, run in this process (``dpl.__main__`` as ``__main__``): its exit
     status, stdout and stderr as a subprocess would give them, without a new interpreter's start-up.
     What a run changes in the process (environment, SIGTERM handler, root logger, cwd, warning
-    filters) is put back; warnings print to the captured stderr, as in a fresh interpreter."""
+    filters, Hydra's config, torch's threads) is put back; warnings print to the captured stderr, as in a fresh interpreter."""
     import contextlib
     import io
     import logging
@@ -51,12 +51,17 @@ def run_cli(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
     import traceback
     import warnings
 
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
     out, err = io.StringIO(), io.StringIO()
     env, argv, cwd_before = dict(os.environ), sys.argv, os.getcwd()
+    hydra_cfg, raise_exceptions = HydraConfig.instance().cfg, logging.raiseExceptions
     sigterm, root = signal.getsignal(signal.SIGTERM), logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    code = 0
+    code, threads = 0, torch.get_num_threads()
     try:
+        torch.set_num_threads(1)  # as the tests' subprocesses run (OMP_NUM_THREADS=1)
         os.chdir(cwd)
         sys.argv = ["dpl", *args]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
@@ -74,6 +79,7 @@ def run_cli(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
                 code = 1
     finally:
         os.chdir(cwd_before)
+        torch.set_num_threads(threads)
         sys.argv = argv
         os.environ.clear()
         os.environ.update(env)
@@ -86,4 +92,6 @@ def run_cli(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
             if h not in root.handlers:
                 root.addHandler(h)
         root.setLevel(level)
+        logging.raiseExceptions = raise_exceptions
+        HydraConfig.instance().cfg = hydra_cfg  # else launch_dir() would still answer the run's cwd
     return subprocess.CompletedProcess(["dpl", *args], code, out.getvalue(), err.getvalue())
