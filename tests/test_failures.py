@@ -37,6 +37,12 @@ TRACKED = ["dataset=synthetic", "dataset.num_train=400", "dataset.num_test=100",
            "device=cpu", "logger.plots=false"]
 
 
+def default_sigint() -> None:
+    """For ``preexec_fn``: SIGINT as in a terminal. A test run started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def dpl(cwd: Path, *args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "dpl", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
@@ -156,7 +162,7 @@ def test_signal_ends_the_run_killed_in_one_line(tmp_path, sig, status):
     job = tmp_path / "job"
     proc = subprocess.Popen([sys.executable, "-m", "dpl", *TRACKED, "epochs=200", "checkpoint_every=2",
                              f"hydra.run.dir={job}"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         wait_for_checkpoint(job, proc)
         proc.send_signal(sig)
@@ -470,7 +476,8 @@ def test_interrupted_optuna_trial_is_failed_and_the_sweep_parent_killed(tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "dpl", "--config-dir", str(ROOT / "sweeps"), "--config-name",
                              "optuna_lr", *TRACKED, "epochs=200", "checkpoint_every=2", "hydra.sweeper.n_trials=3",
                              f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep_dir}"],
-                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     try:
         wait_for_checkpoint(sweep_dir / "0", proc)
         proc.send_signal(signal.SIGINT)
