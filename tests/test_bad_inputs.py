@@ -5,7 +5,10 @@ user would (some with files prepared first: a corrupt checkpoint, a pickle that 
 a corrupt MLflow store). Every case asserts the exit status, a single stderr line that starts
 with ``error:`` and holds the case's text, no traceback, and that the directory holds afterwards
 exactly what it held before: no empty job dir, no empty ``mlflow.db``, no ``results.csv``.
-The commands run a few at a time (a module fixture) since most of each is Python's start-up.
+
+Every case runs in this process through ``dpl.__main__.cli`` (what ``python -m dpl`` runs), its
+stdout and stderr captured: most of a subprocess is Python's start-up. A few cases, one of each
+kind, also run as real ``python -m dpl`` processes in the default run; the rest of those are slow.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Callable, Optional
 
 import pytest
 import torch
+
+from tests.processes import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -220,30 +225,30 @@ CASES = [
 ]
 
 
-def run_case(case: Case, base: Path) -> tuple[subprocess.CompletedProcess, set[str], set[str], Path]:
+# As real processes in the default run: one case refused before Hydra starts (preflight), one by
+# the data after the config composed, one by a hostile file, one by a sweep's job.
+AS_A_PROCESS = {"K=0", "K=5000 on 200 images", "resume malicious zip", "sweep K=0,2"}
+
+
+def run_case(case: Case, base: Path, in_process: bool) -> tuple[subprocess.CompletedProcess, set[str], set[str], Path]:
     d = base / "".join(ch if ch.isalnum() else "_" for ch in case.id)
     d.mkdir()
     f = case.prepare(d) if case.prepare else ""
     args = [a.replace("{f}", f) for a in case.args]
     name = ["--config-name", case.config_name] if case.config_name else []
-    cmd = [sys.executable, "-m", "dpl", *name, *(TINY if case.tiny else []), *args]
+    argv = [*name, *(TINY if case.tiny else []), *args]
     before = {str(p.relative_to(d)) for p in d.rglob("*")}
-    proc = subprocess.run(cmd, cwd=d, env=ENV, capture_output=True, text=True, timeout=240)
+    if in_process:
+        proc = run_cli(d, argv)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "dpl", *argv], cwd=d, env=ENV, capture_output=True, text=True,
+                              timeout=240)
     after = {str(p.relative_to(d)) for p in d.rglob("*")}
     return proc, before, after, d
 
 
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
-    base = tmp_path_factory.mktemp("bad_inputs")
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        done = dict(zip((c.id for c in CASES), pool.map(lambda c: run_case(c, base), CASES)))
-    return done
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_and_leaves_nothing(case, outcomes):
-    proc, before, after, d = outcomes[case.id]
+def assert_one_line_and_nothing_left(case: Case, outcome) -> None:
+    proc, before, after, d = outcome
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
@@ -251,3 +256,31 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, outcomes):
     assert proc.returncode == case.code, proc.stderr[-3000:]
     assert not (d / MARKER).exists(), "the pickle's payload ran"
     assert after == before, f"left behind: {sorted(after - before)}"
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad_inputs")
+    return {c.id: run_case(c, base, in_process=True) for c in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_and_leaves_nothing(case, outcomes):
+    assert_one_line_and_nothing_left(case, outcomes[case.id])
+
+
+@pytest.fixture(scope="module")
+def process_outcomes(request, tmp_path_factory):
+    """The selected cases of the test below as ``python -m dpl`` processes, a few at a time."""
+    base = tmp_path_factory.mktemp("bad_inputs_as_processes")
+    chosen = {item.callspec.params["case"].id for item in request.session.items
+              if getattr(item, "originalname", None) == "test_bad_input_as_a_process_is_one_line_and_leaves_nothing"}
+    cases = [c for c in CASES if c.id in chosen]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip((c.id for c in cases), pool.map(lambda c: run_case(c, base, in_process=False), cases)))
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=() if c.id in AS_A_PROCESS else pytest.mark.slow)
+                                  for c in CASES])
+def test_bad_input_as_a_process_is_one_line_and_leaves_nothing(case, process_outcomes):
+    assert_one_line_and_nothing_left(case, process_outcomes[case.id])

@@ -19,7 +19,7 @@ from dpl.report import (RunRecord, budget_rows, compare_groups, fetch_runs, grou
 from dpl.tracking import mlflow_client
 from tests.conftest import compose_cfg
 
-BASE = ["dataset=synthetic", "dataset.num_train=400", "dataset.num_test=100", "epochs=2", "batch_size=32",
+BASE = ["dataset=synthetic", "dataset.num_train=200", "dataset.num_test=50", "epochs=2", "batch_size=32",
         "progress=false", "device=cpu", "logger=mlflow", "logger.plots=false", "logger.experiment=rep", "sweep=rep"]
 JOBS = {  # name -> overrides: 3 seeds x 2 configs (H=2, H=4), a dynamic strategy, a diverging lr
     **{f"h{h}_seed{s}": ["method=localsgd", "K=2", f"H={h}", f"seed={s}"] for h in (2, 4) for s in range(3)},

@@ -86,7 +86,15 @@ def test_every_study_file_names_its_row_and_accuracy():
         assert "test accuracy" in text and f"experiment=study/{name}" in text
 
 
-@pytest.mark.parametrize("name", sorted(STUDY))
+# Rows that differ from another row only in a number (batch size, warmup, weight decay, K) train
+# through the same code as it: one row of each optimizer, method and H strategy trains in the
+# default run, the others in the slow set (each row's numbers: test_every_study_row_has_a_config_with_its_settings).
+SAME_CODE_AS_ANOTHER_ROW = {"sgdm_wd4e-3", "adamw_wd4e-2", "lamb_bs2048", "lamb_bs16384", "lars_bs512", "lars_bs2048",
+                            "localsgd_loss_k4", "localsgd_loss_k8", "localsgd_avg_loss_k2", "localsgd_avg_loss_k4"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SAME_CODE_AS_ANOTHER_ROW else n
+                                  for n in sorted(STUDY)])
 def test_every_study_row_trains_on_synthetic_data(make_cfg, tmp_path, name):
     """Each row runs end to end (tiny: the LAMB/LARS batches exceed the data and give one step)."""
     cfg = make_cfg(f"experiment=study/{name}", "dataset=synthetic", "dataset.num_train=400", "dataset.num_test=100",
@@ -182,7 +190,8 @@ def _final_params(cfg):
 def test_inner_restart_with_one_step_per_epoch_is_sgd_without_momentum(make_cfg):
     """With one step per epoch, a fresh momentum buffer every epoch means the heavy-ball term
     never acts: the run equals momentum 0 (torch's SGD seeds the buffer with the first gradient)."""
-    common = ["batch_size=2000", "epochs=3", "scheduler=constant", "dataset.augment=false"]
+    common = ["batch_size=2000", "epochs=3", "scheduler=constant", "dataset.augment=false", "dataset.num_train=400",
+              "dataset.num_test=50"]
     restarted = _final_params(make_cfg(*common, "restart_inner_each_epoch=true"))
     plain = _final_params(make_cfg(*common, "optimizer.momentum=0.0"))
     kept = _final_params(make_cfg(*common))
@@ -193,7 +202,8 @@ def test_inner_restart_with_one_step_per_epoch_is_sgd_without_momentum(make_cfg)
 def test_slowmo_buffer_restart_with_one_sync_per_epoch_is_beta_zero(make_cfg):
     """One sync per epoch (H >= steps) and a zeroed slow momentum every epoch: u never carries
     over, so SlowMo acts as with beta = 0."""
-    common = ["method=slowmo", "K=2", "H=100", "epochs=3", "method.outer.lr=1.5", "scheduler=constant"]
+    common = ["method=slowmo", "K=2", "H=100", "epochs=3", "method.outer.lr=1.5", "scheduler=constant",
+              "dataset.num_train=400", "dataset.num_test=50"]  # 6 steps per epoch: still one sync
     restarted = _final_params(make_cfg(*common, "method.outer.momentum=0.6", "method.restart_each_epoch=true"))
     beta0 = _final_params(make_cfg(*common, "method.outer.momentum=0.0"))
     kept = _final_params(make_cfg(*common, "method.outer.momentum=0.6"))

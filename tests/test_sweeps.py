@@ -1,9 +1,10 @@
 """Sweeps as one command each: every sweep composes, a grid and an Optuna search run for real.
 
-The two end-to-end tests start ``python -m dpl`` as a subprocess (as a user would, from a
+The end-to-end tests run ``python -m dpl``'s command line (as a user would type it, from a
 directory outside the repository and without ``--config-dir``: the sweep configs are found
 wherever the command runs) on tiny synthetic data and read the results back from the MLflow
-and Optuna SQLite files.
+and Optuna SQLite files. They run it in this process (``tests.processes.run_cli``: the same
+``__main__``, its output captured), without a new interpreter's start-up per command.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
-import os
 import subprocess
-import sys
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from dpl.preflight import group_options
 from dpl.sweep import PARENT_TAG
 from dpl.train import scaled_lr
 from tests.conftest import CONF, compose_cfg
+from tests.processes import run_cli
 
 ROOT = CONF.parent
 SWEEPS = ROOT / "sweeps"
@@ -150,12 +150,12 @@ def test_lr_scaling_is_validated_and_reaches_the_optimizer():
 # ----------------------------------------------------------------------------- end to end
 
 
-def _dpl(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    env.pop("DPL_SWEEP_PARENT_RUN_ID", None)
+def _dpl(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     assert not (Path(cwd) / "sweeps").exists() and not Path(cwd).resolve().is_relative_to(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "dpl", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HYDRA_FULL_ERROR", "1")
+        env.delenv("DPL_SWEEP_PARENT_RUN_ID", raising=False)
+        proc = run_cli(cwd, list(args))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -220,8 +220,12 @@ def test_grid_sweep_makes_one_child_run_per_cell_and_the_report_matches(tmp_path
 def _trials(storage: str, name: str):
     import optuna
 
+    verbosity = optuna.logging.get_verbosity()  # put back: the next command's own lines are checked
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=name, storage=storage).trials
+    try:
+        return optuna.load_study(study_name=name, storage=storage).trials
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 from dpl import checkpoint
 from dpl.job import run
+from tests.processes import run_cli
 
 
 def test_synthetic_run_learns(make_cfg, tmp_path):
@@ -68,9 +69,8 @@ def test_sigkill_then_resume_gives_the_same_final_metrics(tmp_path):
             "logger=none", "progress=false", "device=cpu", "K=2", "method=localsgd", "H=3", "checkpoint_every=3",
             f"results_csv={tmp_path / 'r.csv'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = tmp_path / "full"
-    subprocess.run([sys.executable, "-m", "dpl", *args, f"hydra.run.dir={full}"], check=True, env=env,
-                   capture_output=True, timeout=600)
+    full = tmp_path / "full"  # the run that is not killed, and the resume, need no process of their own
+    assert run_cli(tmp_path, [*args, f"hydra.run.dir={full}"]).returncode == 0
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "dpl", *args, f"hydra.run.dir={cut}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -85,8 +85,8 @@ def test_sigkill_then_resume_gives_the_same_final_metrics(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    subprocess.run([sys.executable, "-m", "dpl", f"resume={cut}", f"hydra.run.dir={tmp_path / 'again'}"],
-                   check=True, env=env, capture_output=True, timeout=600)
+    resumed = run_cli(tmp_path, [f"resume={cut}", f"hydra.run.dir={tmp_path / 'again'}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = checkpoint.load(full)
     b = checkpoint.load(cut)
     timing = {"epoch_time_s", "samples_per_s", "modelled_time_s", "compute_time_s"}  # wall clock differs, nothing else may

@@ -182,7 +182,7 @@ class CommLedger:
         # the latency of every collective, then all of the epoch's bytes over the busiest link
         comm_time = (traffic.collectives - traffic.gathers) * latency_s(self.K, self.latency_us, self.topology) + \
             transfer_s(traffic.replica_bytes, self.K, self.bandwidth_gbps, self.topology)
-        if traffic.gathers:  # compressed payloads that are each worker's own (dpl.compression)
+        if traffic.gathers:  # compressed payloads that are each worker's own (dpl.comm.compression)
             comm_bytes += gather_bytes_sent(traffic.gathered_bytes, self.K, self.topology)
             comm_time += traffic.gathers * gather_latency_s(self.K, self.latency_us, self.topology) + \
                 gather_transfer_s(traffic.gathered_bytes, self.K, self.bandwidth_gbps, self.topology)
