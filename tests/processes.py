@@ -95,3 +95,16 @@ def run_cli(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
         logging.raiseExceptions = raise_exceptions
         HydraConfig.instance().cfg = hydra_cfg  # else launch_dir() would still answer the run's cwd
     return subprocess.CompletedProcess(["dpl", *args], code, out.getvalue(), err.getvalue())
+
+
+def optuna_trials(storage: str, name: str):
+    """The trials of Optuna study ``name`` in ``storage``, read without Optuna's own log lines; its
+    verbosity is put back, since a later in-process command's lines are checked."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).trials
+    finally:
+        optuna.logging.set_verbosity(verbosity)

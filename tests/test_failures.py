@@ -27,7 +27,7 @@ from dpl.config import ConfigError
 from dpl.io import write_csv
 from dpl.tracking import TrackingError, mlflow_client
 
-from tests.processes import rank_pids, run_cli, wait_epoch
+from tests.processes import optuna_trials, rank_pids, run_cli, wait_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -469,8 +469,6 @@ def test_sigkilled_sweep_rerun_ends_its_parent_and_leaves_nothing_running(tmp_pa
 
 
 def test_interrupted_optuna_trial_is_failed_and_the_sweep_parent_killed(tmp_path):
-    import optuna
-
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     sweep_dir = tmp_path / "sw"
     proc = subprocess.Popen([sys.executable, "-m", "dpl", "--config-dir", str(ROOT / "sweeps"), "--config-name",
@@ -485,8 +483,7 @@ def test_interrupted_optuna_trial_is_failed_and_the_sweep_parent_killed(tmp_path
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-3000:]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    (trial,) = optuna.load_study(study_name="optuna_lr-sgdm", storage=storage).trials
+    (trial,) = optuna_trials(storage, "optuna_lr-sgdm")
     assert trial.state.name == "FAIL"
     runs = job_runs(tmp_path / "mlflow.db", "optuna_lr")
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the job and the sweep's parent run

@@ -31,7 +31,7 @@ from dpl.preflight import group_options
 from dpl.sweep import PARENT_TAG
 from dpl.train import scaled_lr
 from tests.conftest import CONF, compose_cfg
-from tests.processes import run_cli
+from tests.processes import optuna_trials, run_cli
 
 ROOT = CONF.parent
 SWEEPS = ROOT / "sweeps"
@@ -217,22 +217,11 @@ def test_grid_sweep_makes_one_child_run_per_cell_and_the_report_matches(tmp_path
     assert (out / "report.md").is_file() and (out / "acc_vs_H.png").is_file() and (out / "pareto.png").is_file()
 
 
-def _trials(storage: str, name: str):
-    import optuna
-
-    verbosity = optuna.logging.get_verbosity()  # put back: the next command's own lines are checked
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return optuna.load_study(study_name=name, storage=storage).trials
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-
-
 def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     common = ["--config-name", "optuna_lr", *TINY, f"hydra.sweeper.storage={storage}"]
     _dpl(tmp_path, *common, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'first'}")
-    trials = _trials(storage, "optuna_lr-sgdm")
+    trials = optuna_trials(storage, "optuna_lr-sgdm")
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     best = yaml.safe_load((tmp_path / "first" / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(t.value for t in trials)
@@ -249,7 +238,7 @@ def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path
     # a value that could be best), the MLflow runs are FAILED with the reason, and the sweep finishes.
     resumed = _dpl(tmp_path, *common, "hydra.sweeper.n_trials=2", "lr=tag(log, interval(1e8, 1e9))",
          f"hydra.sweep.dir={tmp_path / 'second'}")
-    trials = _trials(storage, "optuna_lr-sgdm")
+    trials = optuna_trials(storage, "optuna_lr-sgdm")
     assert len(trials) == 5 and [t.state.name for t in trials[3:]] == ["FAIL"] * 2
     assert yaml.safe_load((tmp_path / "second" / "optimization_results.yaml").read_text())["best_value"] == \
         best["best_value"]  # still the best of the first three
@@ -283,7 +272,7 @@ def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path
     # A search where every trial diverges says so plainly, with no best parameters.
     proc = _dpl(tmp_path, *common, "hydra.sweeper.study_name=all_diverge", "hydra.sweeper.n_trials=2",
                 "lr=tag(log, interval(1e8, 1e9))", f"hydra.sweep.dir={tmp_path / 'third'}")
-    assert [t.state.name for t in _trials(storage, "all_diverge")] == ["FAIL"] * 2
+    assert [t.state.name for t in optuna_trials(storage, "all_diverge")] == ["FAIL"] * 2
     assert "no trial of study all_diverge completed" in proc.stdout + proc.stderr
     third = yaml.safe_load((tmp_path / "third" / "optimization_results.yaml").read_text())
     assert third["best_params"] is None and third["best_value"] is None
@@ -300,7 +289,7 @@ def test_optuna_seeds_per_trial_are_jobs_scored_by_their_mean(tmp_path):
          "hydra.sweeper.seeds=[0,1]", "hydra.sweeper.n_trials=2", "hydra/sweeper/sampler=random",
          "hydra.sweeper.sampler.seed=0", "lr=choice(0.05,3)", "hydra.sweeper.params.weight_decay=5e-4",
          f"hydra.sweep.dir={tmp_path / 'mr'}")
-    trials = _trials(storage, "optuna_lr-sgdm")
+    trials = optuna_trials(storage, "optuna_lr-sgdm")
     assert sorted(t.params["lr"] for t in trials) == [0.05, 3]
 
     # Trial t's seeds are jobs 2t and 2t+1: their own job dirs, seed added to the trial's overrides.
