@@ -553,6 +553,13 @@ def _spawned_rank(body: Body, cfg: DictConfig, out_dir: Path, addr: str, port: i
     # plain pickle: torch's multiprocessing pickler would share tensors through this process's
     # memory, which is gone once it exits
     send.send_bytes(pickle.dumps(("result", result if rank == 0 else None)))
+    # Done: leave without the interpreter's teardown, where the C++ threads of gloo and the store
+    # can abort a finished rank ("terminate called without an active exception", SIGABRT; seen once
+    # in CI after the resumed job had ended) and turn a finished job into a failed one.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def gloo_on(addr: str) -> None:
