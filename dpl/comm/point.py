@@ -133,8 +133,7 @@ class CommPoint:
     # ------------------------------------------------------------------ checkpoints
     def gather_state(self, state: dict[str, Any]) -> Optional[dict[str, Any]]:
         """A trainer state of every worker, stacked [K, ...], on the process that writes it (None elsewhere)."""
-        self.checkpoint.collectives += 1
-        self.checkpoint.bytes += _state_bytes(state.get("workers", {})) / max(self.comm.k_local, 1)
+        self._count("checkpoint", _state_bytes(state.get("workers", {})) / max(self.comm.k_local, 1))
         return self._timed("checkpoint", lambda: self.comm.gather_state(state))
 
     def local_state(self, state: dict[str, Any]) -> dict[str, Any]:

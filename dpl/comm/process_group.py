@@ -59,10 +59,7 @@ class ProcessGroupComm:
             if op == "mean":
                 flat.div_(self.world)  # before the sum, as torch's average_parameters does
             dist.all_reduce(flat)
-            start = 0
-            for t in group:
-                t.copy_(flat[start:start + t.numel()].view_as(t))
-                start += t.numel()
+            _copy_back(flat, group)
 
     def all_reduce_async(self, buffer: torch.Tensor) -> torch.futures.Future:
         """A sum all-reduce of ``buffer`` in place, not waited for (DDP's gradient buckets)."""
@@ -89,10 +86,7 @@ class ProcessGroupComm:
         for group in _by_dtype(tensors):
             flat = torch.cat([t.detach().reshape(-1) for t in group])
             dist.broadcast(flat, src=0)
-            start = 0
-            for t in group:
-                t.copy_(flat[start:start + t.numel()].view_as(t))
-                start += t.numel()
+            _copy_back(flat, group)
 
     def wait(self) -> None:
         if self.device.type == "cuda":  # NCCL returns before the GPU has finished
@@ -190,6 +184,14 @@ def rank_state(state: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
 def _per_worker(v: Any) -> bool:
     """Optimizer state stacked over workers: a tensor shaped like its parameter (scalars are step counts)."""
     return torch.is_tensor(v) and v.dim() >= 1
+
+
+def _copy_back(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Each tensor set, in place, to its slice of the flat buffer it was concatenated into."""
+    start = 0
+    for t in tensors:
+        t.copy_(flat[start:start + t.numel()].view_as(t))
+        start += t.numel()
 
 
 def _by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
