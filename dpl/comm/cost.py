@@ -137,6 +137,18 @@ class Traffic:
     # bookkeeping, not the algorithm: metric sums, evaluation (all-reduces; one worker's bytes, as above)
     bookkeeping_collectives: int = 0
     bookkeeping_bytes: float = 0.0
+    # syncs whose communication overlaps later compute (streaming DiLoCo's delay, eager updates): how
+    # many, the inner steps each overlaps (summed), and their share of the counts above (included there)
+    overlap_syncs: int = 0
+    overlap_steps: int = 0
+    overlap_collectives: int = 0
+    overlap_gathers: int = 0
+    overlap_replica_bytes: float = 0.0
+    overlap_gathered_bytes: float = 0.0
+    # the epoch's largest sync (one worker's bytes, all-reduced and all-gathered parts) and the steps it overlaps
+    peak_replica_bytes: float = 0.0
+    peak_gathered_bytes: float = 0.0
+    peak_overlap_steps: int = 0
 
 
 @dataclass
