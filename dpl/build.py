@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpl import checkpoint
 from dpl.comm import build_compression
+from dpl.comm.drops import Drops
 from dpl.data import load_dataset
 from dpl.engine import build_workers
 from dpl.errors import ConfigError, first_line
@@ -61,6 +62,8 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=Non
     method = build_method(cfg.method, cfg.local_momentum)
     workers = build_workers(cfg, model, device, comm, synchronous=method.synchronous)
     workers.point.compression = build_compression(cfg.get("compression"), cfg.seed)
+    faults = cfg.get("faults")  # configs from before the node existed drop nothing
+    workers.point.drops = Drops(faults.drop_prob if faults is not None else 0.0, cfg.seed)
     return Trainer(cfg, data, workers, method, rank=rank)
 
 

@@ -338,6 +338,29 @@ class DilocoConfig(LocalMethodBase):
     """DiLoCo (Douillard et al. 2023): outer SGD with Nesterov momentum, the paper's lr 0.7 and momentum 0.9."""
 
     outer: OuterOptimizerConfig = _outer(lr=0.7, momentum=0.9, nesterov=True)
+    # Kale et al. 2025: the outer step at once on the stale average with this worker's own Δ fresh; the
+    # average is waited for at the next sync (dpl.methods.streaming)
+    eager: bool = False
+
+
+@dataclass
+class StreamingDilocoConfig(DilocoConfig):
+    """Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512): the model cut into ``fragments``
+    contiguous groups of layers, fragment p synced at the steps t of an epoch with (t − p H/P) mod H = 0,
+    its outer step applied ``delay`` inner steps after its all-reduce started, and the landed global
+    fragment mixed into the local one: x_k <- alpha x_k + (1 − alpha) x. fragments 1, delay 0, alpha 0 is DiLoCo."""
+
+    fragments: int = 2  # P
+    delay: int = 0  # τ: inner steps a fragment's all-reduce is in flight
+    alpha: float = 0.0  # weight of the local fragment when the global one lands
+
+    def __post_init__(self) -> None:
+        _at_least("method.fragments", self.fragments, 1, "an integer")
+        _at_least("method.delay", self.delay, 0, "an integer")
+        _check(_finite(self.alpha) and 0.0 <= self.alpha < 1.0, "method.alpha", self.alpha, "0 <= x < 1")
+        if self.eager and self.delay:
+            raise ConfigError(f"method.delay={self.delay} is invalid with method.eager=true: an eager sync's "
+                              f"average lands at the fragment's next sync (allowed method.delay=0)")
 
 
 @dataclass
@@ -538,7 +561,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "optimizer": {"sgdm": SgdmConfig, "adamw": AdamwConfig, "lars": LarsConfig, "lamb": LambConfig},
     "scheduler": {"constant": SchedulerBase, "cosine": CosineConfig, "poly": PolyConfig, "step": StepConfig},
     "method": {"centralized": MethodBase, "localsgd": LocalMethodBase, "slowmo": SlowmoConfig,
-               "diloco": DilocoConfig, "post_local": PostLocalConfig},
+               "diloco": DilocoConfig, "streaming_diloco": StreamingDilocoConfig, "post_local": PostLocalConfig},
     "dynamic_h": {"constant": DynamicHBase, **{n: HRangeConfig for n in _HRANGE},
                   "improvement": ImprovementConfig, "loss": LossConfig, "avg_loss": AvgLossConfig,
                   "sigmoid": SigmoidConfig, "rev_cosine": RevCosineConfig},
@@ -561,6 +584,19 @@ class NetworkConfig:
         _positive("network.bandwidth_gbps", self.bandwidth_gbps)
         _at_least("network.latency_us", self.latency_us, 0.0)
         _one_of("network.topology", self.topology, ("ring", "ps"))
+
+
+@dataclass
+class FaultsConfig:
+    """Workers that fail a sync (dpl.comm.drops): the DiLoCo paper's dropped outer gradients."""
+
+    # each worker's contribution to a local method's sync is dropped with this probability, drawn from
+    # (seed, sync, worker); the average is over the workers that arrived
+    drop_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(_finite(self.drop_prob) and 0.0 <= self.drop_prob <= 1.0, "faults.drop_prob", self.drop_prob,
+               "0 <= x <= 1")
 
 
 @dataclass
@@ -607,6 +643,7 @@ class Config:
     compression: CompressionBase = field(default_factory=lambda: CompressionBase(name="none"))
     network: NetworkConfig = field(default_factory=NetworkConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     K: int = 1  # workers
     H: int = 1  # local steps between syncs (the dynamic_h group may change it per epoch)

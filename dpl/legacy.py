@@ -36,12 +36,14 @@ def upgrade(config: Mapping[str, Any]) -> dict[str, Any]:
     config = OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config)
     if isinstance(config.get("method"), Mapping):  # nested
         method = dict(config["method"])
+        own = _keys_of(method.get("name"))
         old = {RENAMED[f"method.{k}"].rpartition(".")[2]: method.pop(k) for k in list(method)
-               if f"method.{k}" in RENAMED}
+               if f"method.{k}" in RENAMED and k not in own}
         if old:
             method["outer"] = {**(method.get("outer") or {}), **old}
         return {**config, "method": method}
-    flat = {RENAMED.get(k, k): v for k, v in config.items()}
+    own = {f"method.{k}" for k in _keys_of(config.get("method.name"))}
+    flat = {(k if k in own else RENAMED.get(k, k)): v for k, v in config.items()}
     schema = SCHEMAS["method"].get(flat.get("method.name"))
     before_the_node = not any(k.startswith("method.outer.") for k in config)
     if schema is not None and before_the_node and "outer" in {f.name for f in dataclasses.fields(schema)}:
@@ -50,3 +52,9 @@ def upgrade(config: Mapping[str, Any]) -> dict[str, Any]:
             for sub, v in items:
                 flat.setdefault(f"method.{key}" + (f".{sub}" if sub else ""), str(v))
     return flat
+
+
+def _keys_of(method: Any) -> set[str]:
+    """The keys of ``method=<method>`` today (streaming DiLoCo's ``alpha`` is not SlowMo's old one)."""
+    schema = SCHEMAS["method"].get(str(method))
+    return {f.name for f in dataclasses.fields(schema)} if schema is not None else set()

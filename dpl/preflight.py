@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 from omegaconf import DictConfig
 
 from dpl.config import GROUPS as SCHEMA_GROUPS
-from dpl.config import (SCHEMAS, ClockConfig, Config, ConfigError, NetworkConfig, check_options, option_keys,
+from dpl.config import (SCHEMAS, ClockConfig, Config, ConfigError, FaultsConfig, NetworkConfig, check_options, option_keys,
                         option_schema, to_schema)
 from dpl.legacy import RENAMED
 from dpl.sweep import check_seeds
@@ -31,7 +31,7 @@ from dpl.sweep import check_seeds
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"  # the sweep configs (`--config-name <sweep>`)
 GROUPS = (*SCHEMA_GROUPS, "experiment", "ablation")
-NESTED = {"network": NetworkConfig, "clock": ClockConfig}  # sub-nodes of Config that are not groups
+NESTED = {"network": NetworkConfig, "clock": ClockConfig, "faults": FaultsConfig}  # sub-nodes of Config that are not groups
 
 
 def group_keys(group: str) -> list[str]:
@@ -71,7 +71,7 @@ def check_key(key: str, adding: bool = False) -> None:
     if not key:
         raise ConfigError("an override needs a key: key=value (e.g. K=4)")
     keys = config_keys()
-    if key in RENAMED:
+    if key in RENAMED and key not in keys:  # method.alpha is streaming DiLoCo's own key again (check_applies)
         raise ConfigError(f"{key} was renamed {RENAMED[key]} (the local methods' outer optimizer is one node, "
                           f"method.outer)")
     if key in keys:
@@ -98,6 +98,9 @@ def check_applies(key: str, choices: dict[str, str]) -> None:
     name = name.split(".", 1)[0]  # method.outer.lr: the option must have the node
     option = choices.get(group)
     if option in SCHEMAS.get(group, {}) and name not in option_keys(group, option):
+        if key in RENAMED:  # SlowMo's old method.alpha (streaming DiLoCo has an alpha of its own)
+            raise ConfigError(f"{key} was renamed {RENAMED[key]} for {group}={option} (the local methods' outer "
+                              f"optimizer is one node, method.outer)")
         allowed = ", ".join(k for k in option_keys(group, option) if k != "name") or "none"
         raise ConfigError(f"{key} is not a key of {group}={option}: allowed {allowed}")
 
@@ -444,6 +447,18 @@ def check_compression(cfg: DictConfig) -> None:
                           f"gradients: allowed compression=none, or method={local}")
 
 
+def check_faults(cfg: DictConfig) -> None:
+    """Dropped workers drop contributions to a local method's sync; a method without one would
+    train as if nothing were dropped."""
+    from dpl.methods import METHODS
+
+    faults = cfg.get("faults")
+    if faults is not None and faults.drop_prob > 0 and not METHODS[cfg.method.name].has_local_steps:
+        local = ", ".join(n for n, m in METHODS.items() if m.has_local_steps)
+        raise ConfigError(f"faults.drop_prob={faults.drop_prob} is invalid with method={cfg.method.name!r}, whose "
+                          f"syncs average gradients: allowed faults.drop_prob=0, or method={local}")
+
+
 def check_checkpoint_use(cfg: DictConfig) -> None:
     """``checkpoint=`` is what ``test_only=true`` evaluates; alone it would be ignored, and a fresh
     model trained where the user meant to continue or start from one."""
@@ -467,5 +482,6 @@ def validate(cfg: DictConfig) -> Config:
     obj = to_schema(cfg)
     check_dynamic_h(cfg)
     check_compression(cfg)
+    check_faults(cfg)
     check_checkpoint_use(cfg)
     return obj

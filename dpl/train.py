@@ -200,10 +200,12 @@ class Trainer:
         # gradients), the inner optimizer's step at lr_table[lr_i] (dpl.engine.step: eager, compiled or a graph)
         losses, correct = self.local_step(idx, s.global_step, lr_i, s.epoch)
         s.period += 1
-        if method.syncs_after(s.epoch, s.period, s.H, last_step=s.step == self.steps_per_epoch - 1):
-            method.sync(workers, self.optimizer, s.lr)  # average, then the outer step on the pseudo-gradient
-            self.drift_sum += workers.drift  # how far apart the workers were just before the average (no read)
-            s.syncs += 1
+        if method.syncs_after(s.epoch, s.period, s.H, last_step=s.step == self.steps_per_epoch - 1, step=s.step + 1):
+            # average, then the outer step on the pseudo-gradient
+            drift = method.sync(workers, self.optimizer, s.lr)
+            if drift is not None:  # how far apart the workers were just before the average (no read)
+                self.drift_sum += drift
+                s.syncs += 1
             s.period = 0
         s.step += 1
         s.global_step += 1
@@ -220,6 +222,7 @@ class Trainer:
         train_loss = loss_sum / max(seen, 1)
         check_finite(train_loss, s.epoch)
         val_loss, val_acc = self.evaluate("val", augment_key=(self.cfg.seed, s.epoch) if self.data.augment_val else None)
+        traffic = point.take()  # the epoch's, evaluation's bookkeeping included
         # Epochs are counted from 1 wherever they are shown (log, history.csv, best_epoch, MLflow steps);
         # s.epoch stays the number of epochs done, which the schedules and the checkpoint count by.
         record = {
@@ -228,8 +231,8 @@ class Trainer:
             "epoch_time_s": s.compute_s, "samples_per_s": seen / max(s.compute_s, 1e-9),
             "drift": drift_sum / s.syncs if s.syncs else 0.0,
             # modelled: a worker of a real cluster computes only its own share of the simulated steps
-            **self.ledger.record_epoch(self.workers.point.take(), s.step, seen / self.workers.K,
-                                       compute_s / self.workers.k_local),
+            **self.ledger.record_epoch(traffic, s.step, seen / self.workers.K, compute_s / self.workers.k_local),
+            "dropped": traffic.dropped,  # contributions to syncs that did not arrive (faults.drop_prob)
             "comm_wall_s": comm_wall_s,  # measured in the algorithm's collectives, beside the modelled bytes
             # every worker's training samples so far: the budget of an equal-samples comparison (dpl.budget)
             "samples_total": (s.history[-1].get("samples_total", 0.0) if s.history else 0.0) + seen,
@@ -296,7 +299,7 @@ class Trainer:
         return {
             "state": asdict(s),
             "traffic": asdict(self.workers.point.traffic),
-            "workers": self.workers.state_dict(),
+            "workers": {**self.workers.state_dict(), **self.method.worker_state()},
             "model": self.workers.mean_replica("checkpoint"),
             "best_model": self.best_weights,
             "optimizer": self.optimizer.state_dict(),
@@ -317,6 +320,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self._point_lr()
         self.method.load_state_dict(_to(ckpt["method"], self.device))
+        self.method.load_worker_state(_to(ckpt["workers"], self.device))
         self.ledger = CommLedger.from_state(ckpt["comm"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():

@@ -11,7 +11,7 @@ from torch import nn
 from dpl.build import build_trainer
 from dpl.comm import StackedComm
 from dpl.engine.workers import StackedWorkers
-from dpl.methods import METHODS, Method, OuterStep, build_method
+from dpl.methods import METHODS, Method, OuterStep, StreamingDiLoCo, build_method
 from tests.conftest import compose_cfg
 from tests.resume import assert_resume_is_exact
 
@@ -72,7 +72,7 @@ def test_localsgd_h1_with_plain_sgd_is_a_step_on_the_mean_gradient():
         method.start(workers)
         method.on_gradients(workers, 0)
         optimizer.step()
-        if method.syncs_after(0, 1, 1, last_step=False):
+        if method.syncs_after(0, 1, 1, last_step=False, step=1):
             method.sync(workers, optimizer, INNER_LR)
         return [p.detach().clone() for p in workers.params]
 
@@ -226,11 +226,12 @@ class PlainAveraging(Method):
 
     has_local_steps = True
 
-    def syncs_after(self, epoch, period, H, last_step):
+    def syncs_after(self, epoch, period, H, last_step, step):
         return period == H or last_step
 
     def sync(self, workers, optimizer, lr):
         workers.average_params_()
+        return workers.drift
 
 
 def test_localsgd_through_the_outer_sgd_equals_plain_averaging_bit_for_bit():
@@ -395,6 +396,7 @@ def test_post_local_resumes_exactly_across_the_switch(make_cfg, tmp_path, monkey
 
 def test_every_method_declares_how_it_communicates():
     for name, cls in METHODS.items():
-        assert cls.name == name or cls is OuterStep  # localsgd and diloco: one class, two presets of method.outer
+        # localsgd: OuterStep with its preset of method.outer; diloco: streaming DiLoCo with one fragment
+        assert cls.name == name or (name, cls) in {("localsgd", OuterStep), ("diloco", StreamingDiLoCo)}
         assert cls.synchronous or cls.has_local_steps, name  # it communicates somehow
         assert not (cls.synchronous and cls.has_local_steps), name  # DDP only for all-synchronous runs

@@ -4,7 +4,7 @@ A sync yields the pseudo-gradient of the outer step (:mod:`dpl.methods.outer`), 
 with Δ_k = x − x_k (x the anchor, x_k the worker's parameters). ``compression=none``
 (:class:`PlainAverage`) all-reduces the parameters themselves, so Δ = x − x̄ exactly. Any other
 compressor has every worker k send its Δ_k compressed; the mean over workers of the decoded Δ_k
-is the pseudo-gradient (:class:`Compression`). Both answer :meth:`PlainAverage.mean_delta`, so
+is the pseudo-gradient (:class:`Compression`). Both answer :meth:`PlainAverage.start_mean_delta`, so
 the outer step has one path. Each compressor below
 works on a batch of rows [W, n] (a tensor of every local worker, flattened), so one call
 serves the K stacked workers of the simulation and the one worker of a rank alike; every
@@ -38,6 +38,7 @@ live in the workers' checkpoint state, so a resumed run continues exactly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -47,6 +48,18 @@ from dpl.errors import CheckpointError
 from dpl.registry import lookup
 
 Payload = tuple[torch.Tensor, ...]  # every part [W, ...]: one row per local worker
+
+
+@dataclass
+class DeltaResult:
+    """A local method's sync, landed: the pseudo-gradient Δ per tensor (float64, one worker's shape),
+    the exact average x̄ of the parameters when it was formed (None when only compressed Δ_k crossed),
+    the averaged buffers, and how many workers' contributions arrived (K without drops)."""
+
+    deltas: list[torch.Tensor]
+    mean: Optional[list[torch.Tensor]]
+    buffers: list[torch.Tensor]
+    arrived: int
 
 
 class Compressor:
@@ -279,6 +292,7 @@ class PlainAverage:
     exact in float64, so an outer SGD with lr 1 gives back x̄ bit for bit (plain LocalSGD)."""
 
     name = "none"
+    forms_mean = True  # the sync forms the exact x̄ (the drift metric needs nothing more)
 
     def start(self, like: Sequence[torch.Tensor]) -> None:
         """Nothing to set up: no residuals."""
@@ -288,11 +302,29 @@ class PlainAverage:
         return param_bytes(tensors, per_worker=True)
 
     @torch.no_grad()
-    def mean_delta(self, point: Any, anchor: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-                   buffers: Sequence[torch.Tensor], sync: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Δ per tensor and x̄ (the workers' parameters, now averaged in place): one all-reduce."""
-        point.average_([*params, *buffers], "params")
-        return [x - p[0] for x, p in zip(anchor, params)], list(params)
+    def start_mean_delta(self, point: Any, anchor: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                         buffers: Sequence[torch.Tensor], sync: int, arrived: Optional[torch.Tensor],
+                         indices: Optional[Sequence[int]] = None) -> Any:
+        """Copies of the parameters and buffers all-reduced (one collective, in flight until ``wait()``);
+        landed: Δ = x − x̄ per tensor, x̄ and the averaged buffers (over the workers that ``arrived``)."""
+        copies = [t.detach().clone() for t in (*params, *buffers)]
+        n = len(params)
+        count = point.world if arrived is None else int(arrived.sum())
+
+        def landed(_: Any) -> DeltaResult:
+            means = copies[:n]
+            return DeltaResult([x - m[0] for x, m in zip(anchor, means)], means, copies[n:], count)
+
+        pending = point.average_async_(copies, "params", arrived)
+        return Then(pending, landed)
+
+    @torch.no_grad()
+    def start_mean(self, point: Any, deltas: Sequence[torch.Tensor], sync: int, arrived: Optional[torch.Tensor],
+                   indices: Optional[Sequence[int]] = None) -> Any:
+        """mean_k Δ_k of each worker's own float64 Δ_k [K_local, ...] (eager updates, whose workers have
+        anchors of their own), sent as fp32 like the parameters; landed: float64, one worker's shape."""
+        copies = [d.float() for d in deltas]
+        return Then(point.average_async_(copies, "params", arrived), lambda _: [c[0].double() for c in copies])
 
     def state_dict(self) -> dict[str, list[torch.Tensor]]:
         return {}
@@ -310,6 +342,8 @@ class Compression:
     payloads and decode them the same way) compute the same numbers.
     """
 
+    forms_mean = False  # only compressed Δ_k cross
+
     def __init__(self, compressor: Compressor, error_feedback: bool, seed: int) -> None:
         self.compressor, self.error_feedback, self.seed = compressor, error_feedback, seed
         self.residuals: Optional[list[torch.Tensor]] = None  # [K_local, ...] float64 per tensor
@@ -324,10 +358,14 @@ class Compression:
         return sum(self.compressor.payload_bytes(t[0].numel()) for t in tensors)
 
     @torch.no_grad()
-    def encode(self, tensors: Sequence[torch.Tensor], sync: int) -> list[Payload]:
-        """Payloads of the stacked float64 tensors [K_local, ...] at sync number ``sync``."""
+    def encode(self, tensors: Sequence[torch.Tensor], sync: int, arrived: Optional[torch.Tensor] = None,
+               indices: Optional[Sequence[int]] = None) -> list[Payload]:
+        """Payloads of the stacked float64 tensors [K_local, ...] at sync number ``sync``. ``arrived``
+        (a bool per local worker): a worker whose payload is dropped keeps all of u_k as its residual.
+        ``indices``: each tensor's place among the model's parameters (its residual and its randomness;
+        default 0, 1, ...: the whole model)."""
         payloads = []
-        for i, t in enumerate(tensors):
+        for i, t in zip(_places(indices, tensors), tensors):
             u = t.reshape(t.shape[0], -1)
             if self.residuals is not None:
                 u = u + self.residuals[i].view_as(u)  # u_k = Δ_k + e_k
@@ -335,32 +373,52 @@ class Compression:
             payload = self.compressor.compress(u, key)
             if self.residuals is not None:  # e_k <- u_k − D(C(u_k)): what was not sent waits for the next sync
                 sent = self.compressor.decompress(payload, u.shape[1], key)
+                if arrived is not None:
+                    sent = sent * arrived.to(sent.device, sent.dtype).unsqueeze(1)
                 self.residuals[i].copy_((u - sent).view_as(self.residuals[i]))
             payloads.append(payload)
         return payloads
 
     @torch.no_grad()
-    def decode_mean(self, payloads: Sequence[Payload], shapes: Sequence[torch.Size], sync: int) -> list[torch.Tensor]:
+    def decode_mean(self, payloads: Sequence[Payload], shapes: Sequence[torch.Size], sync: int,
+                    arrived: Optional[torch.Tensor] = None, indices: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
         """mean_k D(payload_k) per tensor (float64, shaped like one worker's tensor), from the
-        payloads of every worker ([K, ...] parts)."""
+        payloads of every worker ([K, ...] parts); over the workers that ``arrived`` ([K] bools; none
+        arrived: zeros). ``indices`` as :meth:`encode`'s."""
         out = []
-        for i, (payload, shape) in enumerate(zip(payloads, shapes)):
+        for i, payload, shape in zip(_places(indices, shapes), payloads, shapes):
             decoded = self.compressor.decompress(payload, math.prod(shape), (self.seed, sync, i))
-            out.append(decoded.mean(0).view(shape))
+            if arrived is None:
+                out.append(decoded.mean(0).view(shape))
+            else:
+                keep = arrived.to(decoded.device)
+                out.append((decoded[keep].sum(0) / max(int(keep.sum()), 1)).view(shape))
         return out
 
     @torch.no_grad()
-    def mean_delta(self, point: Any, anchor: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-                   buffers: Sequence[torch.Tensor], sync: int) -> tuple[list[torch.Tensor], None]:
+    def start_mean_delta(self, point: Any, anchor: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                         buffers: Sequence[torch.Tensor], sync: int, arrived: Optional[torch.Tensor],
+                         indices: Optional[Sequence[int]] = None) -> Any:
         """Δ = mean_k D(C(Δ_k (+ e_k))) per tensor, each worker's Δ_k = x − x_k sent compressed through
-        ``point`` (:meth:`dpl.comm.point.CommPoint.exchange`); the buffers (BatchNorm statistics) are
-        averaged as they are, one more all-reduce. The workers' parameters are left as they are, and no
-        exact x̄ is formed (None)."""
+        ``point`` (:meth:`dpl.comm.point.CommPoint.exchange_async`); copies of the buffers (BatchNorm
+        statistics) are averaged as they are, one more all-reduce. No exact x̄ is formed (None)."""
         deltas = [x.unsqueeze(0) - p.detach().double() for x, p in zip(anchor, params)]
-        mean = point.exchange(self, deltas, sync)
-        if buffers:
-            point.average_(buffers, "buffers")
-        return mean, None
+        count = point.world if arrived is None else int(arrived.sum())
+        exchanged = self.start_mean(point, deltas, sync, arrived, indices)
+        copies = [b.clone() for b in buffers]
+        averaged = point.average_async_(copies, "buffers", arrived) if copies else None
+
+        def landed(mean: list[torch.Tensor]) -> DeltaResult:
+            if averaged is not None:
+                averaged.wait()
+            return DeltaResult(mean, None, copies, count)
+
+        return Then(exchanged, landed)
+
+    def start_mean(self, point: Any, deltas: Sequence[torch.Tensor], sync: int, arrived: Optional[torch.Tensor],
+                   indices: Optional[Sequence[int]] = None) -> Any:
+        """mean_k D(C(Δ_k (+ e_k))) of each worker's float64 Δ_k [K_local, ...], in flight until ``wait()``."""
+        return point.exchange_async(self, deltas, sync, arrived, indices)
 
     # ------------------------------------------------------------------ checkpoints (per worker)
     def state_dict(self) -> dict[str, list[torch.Tensor]]:
@@ -376,6 +434,22 @@ class Compression:
         with torch.no_grad():
             for e, s in zip(self.residuals, saved):
                 e.copy_(s)
+
+
+def _places(indices: Optional[Sequence[int]], tensors: Sequence[Any]) -> Sequence[int]:
+    return range(len(tensors)) if indices is None else indices
+
+
+class Then:
+    """A pending collective and what its result becomes once it has landed (``wait()`` runs it once)."""
+
+    def __init__(self, pending: Any, then: Any) -> None:
+        self.pending, self.then, self.done, self.result = pending, then, False, None
+
+    def wait(self) -> Any:
+        if not self.done:
+            self.result, self.done = self.then(self.pending.wait()), True
+        return self.result
 
 
 def build_compression(cfg: Any, seed: int) -> PlainAverage | Compression:

@@ -149,6 +149,7 @@ class Traffic:
     peak_replica_bytes: float = 0.0
     peak_gathered_bytes: float = 0.0
     peak_overlap_steps: int = 0
+    dropped: int = 0  # workers' contributions to syncs dropped (faults.drop_prob)
 
 
 @dataclass

@@ -51,15 +51,27 @@ class ProcessGroupComm:
 
         Integer tensors (BatchNorm's step count) travel as float64 and are truncated back, as the
         simulation averages them."""
+        self.all_reduce_async_(tensors, op).wait()
+
+    def all_reduce_async_(self, tensors: Sequence[torch.Tensor], op: str) -> "_Landing":
+        """:meth:`all_reduce_` with ``async_op=True``: the flat buffers are copied back into the
+        tensors when ``wait()`` is called (a streaming fragment's average, waited on τ steps later)."""
         if op not in ("mean", "sum"):
             raise ValueError(f"op={op!r} is invalid: allowed mean, sum")
+        works, copies = [], []
         for group in _by_dtype(tensors):
             dtype = group[0].dtype if group[0].is_floating_point() else torch.float64
             flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in group])
             if op == "mean":
                 flat.div_(self.world)  # before the sum, as torch's average_parameters does
-            dist.all_reduce(flat)
-            _copy_back(flat, group)
+            works.append(dist.all_reduce(flat, async_op=True))
+            copies.append((flat, group))
+
+        def copy_back() -> None:
+            for flat, group in copies:
+                _copy_back(flat, group)
+
+        return _Landing(works, copy_back)
 
     def all_reduce_async(self, buffer: torch.Tensor) -> torch.futures.Future:
         """A sum all-reduce of ``buffer`` in place, not waited for (DDP's gradient buckets)."""
@@ -68,18 +80,26 @@ class ProcessGroupComm:
     def all_gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Every rank's tensors [1, ...] as [K, ...] in rank order: one all_gather of their bytes
         (a compressed payload: values, indices, packed signs, scales, whatever their dtypes)."""
+        return self.all_gather_async(tensors).wait()
+
+    def all_gather_async(self, tensors: Sequence[torch.Tensor]) -> "_Landing":
+        """:meth:`all_gather` with ``async_op=True``: ``wait()`` unpacks and returns its list."""
         if not tensors:
-            return []
+            return _Landing([], list)
         flat = torch.cat([t.contiguous().view(torch.uint8).reshape(-1) for t in tensors])
         everyone = [torch.empty_like(flat) for _ in range(self.world)]
-        dist.all_gather(everyone, flat)
-        out, start = [], 0
-        for t in tensors:
-            size = t.numel() * t.element_size()
-            # a copy per slice: a dtype view needs its offset aligned to the dtype's size
-            out.append(torch.cat([e[start:start + size].clone().view(t.dtype).view(t.shape) for e in everyone]))
-            start += size
-        return out
+        work = dist.all_gather(everyone, flat, async_op=True)
+
+        def unpack() -> list[torch.Tensor]:
+            out, start = [], 0
+            for t in tensors:
+                size = t.numel() * t.element_size()
+                # a copy per slice: a dtype view needs its offset aligned to the dtype's size
+                out.append(torch.cat([e[start:start + size].clone().view(t.dtype).view(t.shape) for e in everyone]))
+                start += size
+            return out
+
+        return _Landing([work], unpack)
 
     def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Rank 0's tensors on every rank, in place: one broadcast per dtype."""
@@ -122,6 +142,21 @@ class ProcessGroupComm:
         if status != "ok":
             raise DatasetUnavailable(f"rank 0 could not load the data: {status[len('error: '):]}")
         return load(False)
+
+
+class _Landing:
+    """torch.distributed works in flight and what to do once they have landed (copy the flat
+    buffers back, unpack a gather); ``wait()`` does both once and returns the result."""
+
+    def __init__(self, works: list, finish: Callable[[], Any]) -> None:
+        self.works, self.finish, self.done, self.result = works, finish, False, None
+
+    def wait(self) -> Any:
+        if not self.done:
+            for work in self.works:
+                work.wait()
+            self.result, self.done = self.finish(), True
+        return self.result
 
 
 def wait_for_key(store: dist.Store, key: str, timeout_s: float) -> bool:

@@ -14,6 +14,16 @@ import torch
 T = TypeVar("T")
 
 
+class Done:
+    """A collective that completed when it was issued (one process holds every worker)."""
+
+    def __init__(self, result: Any = None) -> None:
+        self.result = result
+
+    def wait(self) -> Any:
+        return self.result
+
+
 class StackedComm:
     """The K workers are rows 0..K-1 of every tensor; one process holds them all."""
 
@@ -33,9 +43,16 @@ class StackedComm:
             else:  # integer buffers (BatchNorm's num_batches_tracked) average in float, then truncate
                 t.copy_(t.mean(0, keepdim=True) if t.is_floating_point() else t.double().mean(0, keepdim=True))
 
+    def all_reduce_async_(self, tensors: Sequence[torch.Tensor], op: str) -> Done:
+        self.all_reduce_(tensors, op)
+        return Done()
+
     # One process holds every worker: payloads and states are already complete.
     def all_gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return list(tensors)
+
+    def all_gather_async(self, tensors: Sequence[torch.Tensor]) -> Done:
+        return Done(list(tensors))
 
     def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
         for t in tensors:

@@ -22,7 +22,7 @@ which counts and times it.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from dpl.comm import CommPoint, Communicator
+from dpl.comm.compression import DeltaResult
 from dpl.config import MEMORY_FORMATS
 from dpl.meter import drift_term
 
@@ -135,20 +136,43 @@ class StackedWorkers:
             self.point.average_(self.params + self.buffers, "params")
             self.drift = drift_term(before, _flat64(self.params)[0], self.K)
 
-    def pseudo_gradient_(self, anchor: Sequence[torch.Tensor], sync: int) -> list[torch.Tensor]:
-        """A local method's sync: Δ = mean_k (x − x_k) per tensor (float64, one worker's shape; x the
-        float64 ``anchor``), as the run's compression sends it through the point. With ``none`` the
-        workers are left at x̄; otherwise at their own x_k (the outer step overwrites them either way).
+    def pseudo_gradient_(self, anchor: Sequence[torch.Tensor], sync: int) -> DeltaResult:
+        """A local method's sync of the whole model, waited for (:meth:`start_pseudo_gradient`); records
+        the drift in ``drift``."""
+        result, self.drift = self.start_pseudo_gradient(anchor, sync).wait()
+        return result
 
-        Records in ``drift`` this process's term of mean_k ||x_k − x̄|| / ||x̄|| (:func:`dpl.meter.drift_term`).
+    def start_pseudo_gradient(self, anchor: Sequence[torch.Tensor], sync: int,
+                              params: Optional[Sequence[int]] = None,
+                              buffers: Optional[Sequence[int]] = None) -> "SyncInFlight":
+        """A local method's sync started: Δ = mean_k (x − x_k) per tensor (float64, one worker's shape; x the
+        float64 ``anchor``, one per tensor of ``params``) as the run's compression sends it through the point.
+        ``params`` / ``buffers``: indices of the tensors synced (a streaming fragment; default all). The
+        workers are not changed: they may keep training until it lands.
+
+        Landed, it also gives this process's term of mean_k ||x_k − x̄|| / ||x̄|| over the synced tensors
+        as they were when it started (:func:`dpl.meter.drift_term`).
         """
         with torch.no_grad():
-            before = _flat64(self.params)
-            deltas, mean = self.point.mean_delta(anchor, self.params, self.buffers, sync)
-            if mean is None:  # only compressed Δ_k crossed: the drift metric needs x̄, one bookkeeping all-reduce
-                mean = self.point.average_copy(self.params, "metrics")
-            self.drift = drift_term(before, _flat64(mean)[0], self.K)
-        return deltas
+            chosen = self.params if params is None else [self.params[i] for i in params]
+            kept = self.buffers if buffers is None else [self.buffers[i] for i in buffers]
+            before = _flat64(chosen)
+            pending = self.point.start_mean_delta(anchor, chosen, kept, sync, params)
+            # only compressed Δ_k cross: the drift metric needs x̄, one bookkeeping all-reduce (now, of the
+            # tensors as they are: they may move on before the sync lands)
+            exact = None if self.point.compression.forms_mean else self.point.average_copy(chosen, "metrics")
+        return SyncInFlight(pending, before, exact, self.K)
+
+    def start_mean_of_deltas(self, deltas: Sequence[torch.Tensor], sync: int, params: Sequence[int]) -> "SyncInFlight":
+        """Each worker's own pseudo-gradient Δ_k [K_local, ...] (float64) of the tensors ``params`` (indices)
+        averaged through the point, in flight until ``wait()`` (eager updates, whose workers each have their
+        own anchor); as :meth:`start_pseudo_gradient`, it also gives the drift term when it lands."""
+        with torch.no_grad():
+            chosen = [self.params[i] for i in params]
+            before = _flat64(chosen)
+            pending = self.point.start_mean(deltas, sync, params)
+            exact = self.point.average_copy(chosen, "metrics")  # x̄ is not sent: the drift metric's own
+        return SyncInFlight(pending, before, exact, self.K)
 
     def average_grads_(self) -> None:
         """Synchronous data parallelism: every worker steps with the mean gradient.
@@ -237,6 +261,24 @@ class StackedWorkers:
         """One batch of images [B, C, H, W] in the memory format the convolutions get (the same
         numbers either way; only the order in memory, and so the kernels picked, differ)."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
+class SyncInFlight:
+    """A sync of the workers in flight; ``wait()`` gives its :class:`~dpl.comm.compression.DeltaResult`
+    and the drift term of the workers when it started (computed once, when it lands)."""
+
+    def __init__(self, pending, before: torch.Tensor, exact: Optional[list[torch.Tensor]], K: int) -> None:
+        self.pending, self.before, self.exact, self.K = pending, before, exact, K
+        self.landed: Optional[tuple[DeltaResult, torch.Tensor]] = None
+
+    def wait(self) -> tuple[DeltaResult, torch.Tensor]:
+        if self.landed is None:
+            with torch.no_grad():
+                result = self.pending.wait()
+                mean = result.mean if result.mean is not None else self.exact
+                self.landed = result, drift_term(self.before, _flat64(mean)[0], self.K)
+            self.pending = self.before = self.exact = None
+        return self.landed
 
 
 def memory_format(requested: str, device: torch.device) -> str:

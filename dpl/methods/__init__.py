@@ -1,7 +1,7 @@
 """Training methods: what happens to gradients each step and to parameters at a sync.
 
 ``centralized`` averages gradients every step; the local methods (``localsgd``,
-``slowmo``, ``diloco``) take local steps and then an outer step on the pseudo-gradient
+``slowmo``, ``diloco``, ``streaming_diloco``) take local steps and then an outer step on the pseudo-gradient
 with the outer optimizer ``method.outer`` (:mod:`dpl.methods.outer`); ``post_local``
 switches from the first to the second. The registry :data:`METHODS` is keyed by the file
 names in ``conf/method/``: ``localsgd`` and ``diloco`` are one class, :class:`OuterStep`,
@@ -17,10 +17,12 @@ from dpl.methods.centralized import Centralized
 from dpl.methods.slowmo import SlowMo
 from dpl.methods.outer import OuterStep, sync_inner_state
 from dpl.methods.post_local import PostLocal
+from dpl.methods.streaming import StreamingDiLoCo
 from dpl.registry import lookup
 
 METHODS: dict[str, type[Method]] = {
-    "centralized": Centralized, "localsgd": OuterStep, "slowmo": SlowMo, "diloco": OuterStep, "post_local": PostLocal,
+    "centralized": Centralized, "localsgd": OuterStep, "slowmo": SlowMo, "diloco": StreamingDiLoCo,
+    "streaming_diloco": StreamingDiLoCo, "post_local": PostLocal,
 }
 
 
@@ -28,5 +30,5 @@ def build_method(cfg: Any, local_momentum: str) -> Method:
     return lookup(METHODS, "method", cfg.name)(cfg, local_momentum)
 
 
-__all__ = ["METHODS", "Centralized", "Method", "OuterStep", "PostLocal", "SlowMo",
+__all__ = ["METHODS", "Centralized", "Method", "OuterStep", "PostLocal", "SlowMo", "StreamingDiLoCo",
            "build_method", "sync_inner_state"]

@@ -9,7 +9,7 @@ communication point), so the same code runs in the simulation and on torch.distr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -36,15 +36,26 @@ class Method:
     def on_gradients(self, workers: StackedWorkers, epoch: int) -> None:
         """Called after backward, before the inner optimizer step."""
 
-    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool) -> bool:
-        """Whether the step that completed ``period`` local steps ends with a sync."""
+    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool, step: int) -> bool:
+        """Whether the step that completed ``period`` local steps since the last sync (``step`` steps of
+        this epoch) ends with a sync. Asked once per step; a sync follows a True at once."""
         return False
 
-    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> None:
-        """The sync at the end of a period of local steps."""
+    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> Optional[torch.Tensor]:
+        """The sync at the end of a period of local steps. Returns this process's term of the workers'
+        drift before it (:func:`dpl.meter.drift_term`), or None when no sync of the model landed."""
+        return None
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def worker_state(self) -> dict[str, list[torch.Tensor]]:
+        """What each worker holds of the method's own ([K_local, ...] tensors, per key), saved with the
+        workers' state: the multi-process engine stacks it over ranks, as the parameters."""
+        return {}
+
+    def load_worker_state(self, state: dict[str, list[torch.Tensor]]) -> None:
+        """This process's share of :meth:`worker_state` (after :meth:`load_state_dict`)."""

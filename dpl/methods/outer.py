@@ -27,10 +27,11 @@ LocalSGD through the outer step equals plain averaging bit for bit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
+from dpl.comm.compression import DeltaResult
 from dpl.engine.workers import StackedWorkers
 from dpl.methods.base import Method
 from dpl.optim import build_outer_optimizer
@@ -84,25 +85,49 @@ class OuterStep(Method):
         if getattr(self.cfg, "restart_each_epoch", False):
             self.outer.state.clear()
 
-    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool) -> bool:
+    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool, step: int) -> bool:
         return period == H or last_step  # the last partial period of an epoch syncs too
 
     @torch.no_grad()
-    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> None:
+    def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> Optional[torch.Tensor]:
         if self.outer is None:
             raise RuntimeError(f"{type(self).__name__}.start(workers) must be called before the first sync")
-        scale = self.grad_scale(lr)
-        # the pseudo-gradient Δ = mean_k (x − x_k) in float64, as the run's compression sends it
-        for x, delta in zip(self.anchor, workers.pseudo_gradient_(self.anchor, self.syncs)):
-            x.grad = delta.mul_(scale)
+        with workers.point.sync():
+            landed, drift = workers.start_pseudo_gradient(self.anchor, self.syncs).wait()
         self.syncs += 1
-        for group in self.outer.param_groups:
-            group["lr"] = self.outer_lr(lr)
-        self.outer.step()
-        for x, p in zip(self.anchor, workers.params):
-            p.copy_(x.expand_as(p))  # every worker restarts from the new global model
+        self.land(workers, optimizer, lr, landed, range(len(self.anchor)), range(len(workers.buffers)), mix=0.0)
+        return drift
+
+    @torch.no_grad()
+    def land(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float, landed: DeltaResult,
+             params: Sequence[int], buffers: Sequence[int], mix: float) -> None:
+        """The outer step on the tensors ``params`` (indices; the anchor's and the workers'), once their
+        pseudo-gradient has landed, then the workers take the new global model: x_k <- mix x_k + (1 − mix) x
+        (mix 0: every worker restarts from x), and the averaged ``buffers``.
+
+        A sync none of whose contributions arrived (``faults.drop_prob``) leaves the global model as it
+        was: no outer step (an outer step on Δ = 0 would still move by its momentum)."""
+        scale = self.grad_scale(lr)
+        anchors = [self.anchor[i] for i in params]
+        if landed.arrived:
+            for x, delta in zip(anchors, landed.deltas):
+                x.grad = delta.mul_(scale)  # the pseudo-gradient Δ = mean_k (x − x_k), float64
+            for group in self.outer.param_groups:
+                group["lr"] = self.outer_lr(lr)
+            self.outer.step()  # steps only the tensors with a gradient: this sync's
+        for x, i in zip(anchors, params):
+            p = workers.params[i]
+            if mix == 0.0:
+                p.copy_(x.expand_as(p))  # every worker restarts from the new global model
+            else:  # streaming's α: x_k <- α x_k + (1 − α) x, in float64 as the anchor is
+                p.copy_(p.double().mul_(mix).add_(x, alpha=1.0 - mix))
             x.grad = None
-        sync_inner_state(optimizer, workers, self.local_momentum)
+        for b, mean in zip((workers.buffers[i] for i in buffers), landed.buffers):
+            if mix == 0.0 or not b.is_floating_point():
+                b.copy_(mean)
+            else:
+                b.mul_(mix).add_(mean, alpha=1.0 - mix)
+        sync_inner_state(optimizer, workers, self.local_momentum, [workers.params[i] for i in params])
 
     def reset_anchor(self, workers: StackedWorkers) -> None:
         """x <- the workers' current (equal) weights; the outer state restarts."""
@@ -124,21 +149,28 @@ class OuterStep(Method):
 
 
 @torch.no_grad()
-def sync_inner_state(optimizer: torch.optim.Optimizer, workers: StackedWorkers, mode: str) -> None:
-    """What happens to the inner optimizer's state (momentum, Adam moments) at a sync.
+def sync_inner_state(optimizer: torch.optim.Optimizer, workers: StackedWorkers, mode: str,
+                     params: Optional[Sequence[torch.Tensor]] = None) -> None:
+    """What happens to the inner optimizer's state (momentum, Adam moments) of the synced ``params``
+    (default: all of the workers') at a sync.
 
     keep: every worker keeps its own; reset: cleared, as after a restart; average: every
     per-parameter state tensor is averaged across workers like the parameters (one more
     all-reduce through the comm point, counted as ``state``).
     """
+    params = workers.params if params is None else params
     if mode == "keep":
         return
     if mode == "reset":
-        optimizer.state.clear()
+        if len(params) == len(workers.params):
+            optimizer.state.clear()
+        else:  # a fragment's: its tensors start over, the others keep theirs
+            for p in params:
+                optimizer.state.pop(p, None)
         return
     if mode != "average":
         raise ValueError(f"local_momentum={mode!r} is invalid: allowed keep, reset, average")
-    stacked = [t for p in workers.params for t in optimizer.state.get(p, {}).values()
+    stacked = [t for p in params for t in optimizer.state.get(p, {}).values()
                if torch.is_tensor(t) and t.shape == p.shape]
     if stacked:  # before the first step (or after a restart) there is no state to send
         workers.point.average_(stacked, "state")

@@ -28,5 +28,5 @@ class PostLocal(OuterStep):
         if epoch < self.cfg.switch_epoch:
             workers.average_grads_()
 
-    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool) -> bool:
-        return epoch >= self.cfg.switch_epoch and super().syncs_after(epoch, period, H, last_step)
+    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool, step: int) -> bool:
+        return epoch >= self.cfg.switch_epoch and super().syncs_after(epoch, period, H, last_step, step)
