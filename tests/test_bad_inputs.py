@@ -135,6 +135,17 @@ CASES = [
     # keys renamed when the outer optimizer became one node (the others: tests/test_config.py)
     C("method.beta=0.5", ["method=slowmo", "method.beta=0.5"], "method.beta was renamed method.outer.momentum"),
     C("method.outer_lr=1", ["method=diloco", "method.outer_lr=1"], "method.outer_lr was renamed method.outer.lr"),
+    # streaming DiLoCo, eager updates and dropped workers
+    C("method.fragments=0", ["method=streaming_diloco", "method.fragments=0"], "method.fragments=0 is invalid"),
+    C("method.fragments=9 (lenet5 has 5 layers)", ["method=streaming_diloco", "method.fragments=9"],
+      "method.fragments=9 is invalid: allowed at most 5"),
+    C("method.alpha=1", ["method=streaming_diloco", "method.alpha=1"], "method.alpha=1.0 is invalid"),
+    C("method.delay=-1", ["method=streaming_diloco", "method.delay=-1"], "method.delay=-1 is invalid"),
+    C("method.eager with a delay", ["method=streaming_diloco", "method.eager=true", "method.delay=1"],
+      "method.delay=1 is invalid with method.eager=true"),
+    C("method.alpha on slowmo", ["method=slowmo", "method.alpha=0.5"], "method.alpha was renamed method.outer.lr"),
+    C("faults.drop_prob=2", ["method=diloco", "faults.drop_prob=2"], "faults.drop_prob=2.0 is invalid"),
+    C("faults.drop_prob on centralized", ["faults.drop_prob=0.1"], "faults.drop_prob=0.1 is invalid with method="),
     C("scheduler.gamma=2 (step)", ["scheduler=step", "scheduler.gamma=2"], "scheduler.gamma=2.0 is invalid"),
     C("dataset.val_fraction=1.5", ["dataset.val_fraction=1.5"], "dataset.val_fraction=1.5 is invalid"),
     C("dataset.num_train=0", ["dataset.num_train=0"], "dataset.num_train=0 is invalid"),

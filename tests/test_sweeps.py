@@ -75,7 +75,7 @@ def grid(full) -> dict[str, list]:
 
 def test_the_issue_sweeps_exist():
     assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h", "study_ablation", "outer_optimizers",
-                                 "compression", "compression_dense"}
+                                 "compression", "compression_dense", "streaming"}
 
 
 @pytest.mark.parametrize("name", sweep_names())
@@ -113,6 +113,10 @@ def test_sweep_grids_are_the_issue_grids():
     dense = compose_sweep("compression_dense")
     assert grid(dense) == {"compression": ["none", "sign", "int8", "fp16", "bf16"]}
     assert (dense.method.name, dense.K, dense.H, dense.sweep) == ("localsgd", 4, 8, "compression")
+    streaming = compose_sweep("streaming")
+    assert (streaming.method.name, streaming.K, streaming.H) == ("streaming_diloco", 4, 8)
+    assert grid(streaming) == {"method.fragments": [1, 2, 4], "method.delay": [0, 1, 4],
+                               "compression": ["none", "fp8", "fp4"], "seed": [0, 1, 2]}
     for lossy in ("sign", "int8", "fp16", "bf16"):  # the header's second command
         assert job_config(compose_sweep("compression_dense", f"compression={lossy}",
                                         "compression.error_feedback=true")).compression.error_feedback
