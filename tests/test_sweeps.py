@@ -75,14 +75,15 @@ def grid(full) -> dict[str, list]:
 
 def test_the_issue_sweeps_exist():
     assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h", "study_ablation", "outer_optimizers",
-                                 "compression", "compression_dense", "streaming"}
+                                 "compression", "compression_dense", "streaming", "streaming_dp"}
 
 
 @pytest.mark.parametrize("name", sweep_names())
 def test_every_sweep_composes_and_every_value_validates(name):
     full = compose_sweep(name)
     # compression_dense adds the dense formats to the compression sweep's experiment
-    assert full.hydra.mode.name == "MULTIRUN" and full.sweep == {"compression_dense": "compression"}.get(name, name)
+    assert full.hydra.mode.name == "MULTIRUN" and \
+        full.sweep == {"compression_dense": "compression", "streaming_dp": "streaming"}.get(name, name)
     assert full.hydra.callbacks.mlflow_parent._target_ == "dpl.sweep.MlflowParentRun"
     cfg = job_config(full)
     assert cfg.logger.experiment == full.sweep  # one MLflow experiment per sweep
@@ -117,6 +118,8 @@ def test_sweep_grids_are_the_issue_grids():
     assert (streaming.method.name, streaming.K, streaming.H) == ("streaming_diloco", 4, 8)
     assert grid(streaming) == {"method.fragments": [1, 2, 4], "method.delay": [0, 1, 4],
                                "compression": ["none", "fp8", "fp4"], "seed": [0, 1, 2]}
+    dp = compose_sweep("streaming_dp")  # the data-parallel baseline, into the same experiment
+    assert (dp.method.name, dp.optimizer.name, dp.K, dp.sweep) == ("centralized", "adamw", 4, "streaming")
     for lossy in ("sign", "int8", "fp16", "bf16"):  # the header's second command
         assert job_config(compose_sweep("compression_dense", f"compression={lossy}",
                                         "compression.error_feedback=true")).compression.error_feedback

@@ -141,7 +141,7 @@ class StreamingDiLoCo(OuterStep):
             super().start(workers)
         sizes = [p[0].numel() for p in workers.params]
         self.fragments = fragments(workers.param_names, sizes, workers.buffer_names, self.P)
-        self.K = workers.K
+        self.K, self.k_local = workers.K, workers.k_local
 
     def on_epoch_start(self, workers: StackedWorkers, epoch: int) -> None:
         super().on_epoch_start(workers, epoch)
@@ -226,8 +226,9 @@ class StreamingDiLoCo(OuterStep):
         flights = {}
         for p, flight in self.in_flight.items():
             landed, drift = flight.pending.wait()
+            # the drift term is this process's: it travels with the workers' state (worker_state)
             flights[p] = {"lands_at": flight.lands_at, "deltas": [d.clone() for d in landed.deltas],
-                          "buffers": [b.clone() for b in landed.buffers], "arrived": landed.arrived, "drift": drift}
+                          "buffers": [b.clone() for b in landed.buffers], "arrived": landed.arrived}
         return {**super().state_dict(), "in_flight": flights}
 
     def load_state_dict(self, state: dict) -> None:
@@ -235,11 +236,18 @@ class StreamingDiLoCo(OuterStep):
         self.in_flight = {int(p): Flight(f["lands_at"], _Landed(f)) for p, f in state.get("in_flight", {}).items()}
 
     def worker_state(self) -> dict[str, list[torch.Tensor]]:
-        """Eager: what each worker has of its own (its anchor, outer state and last Δ_m), which the
-        multi-process engine stacks over ranks like the workers' parameters."""
+        """What each worker holds of its own, which the multi-process engine stacks over ranks like the
+        parameters: each fragment in flight's drift term (this process's share, in its first row, so the
+        rows sum to the whole), and in eager mode each worker's anchor, outer state and last Δ_m."""
+        out = {}
+        for p, flight in self.in_flight.items():
+            drift = flight.pending.wait()[1]
+            rows = torch.zeros(self.k_local, dtype=drift.dtype, device=drift.device)
+            rows[0] = drift
+            out[f"flight.drift.{p}"] = [rows]
         if not self.eager:
-            return {}
-        out = {"eager.anchor": [x.clone() for x in self.anchor]}
+            return out
+        out["eager.anchor"] = [x.clone() for x in self.anchor]
         for p, own in self.own.items():
             out[f"eager.own.{p}"] = [d.clone() for d in own]
         for i, x in enumerate(self.anchor):
@@ -249,6 +257,10 @@ class StreamingDiLoCo(OuterStep):
         return out
 
     def load_worker_state(self, state: dict[str, list[torch.Tensor]]) -> None:
+        for p, flight in self.in_flight.items():
+            rows = state.get(f"flight.drift.{p}")
+            if rows is not None and isinstance(flight.pending, _Landed):
+                flight.pending.result = (flight.pending.result[0], rows[0].sum())
         if not self.eager:
             return
         with torch.no_grad():
@@ -265,7 +277,7 @@ class _Landed:
 
     def __init__(self, saved: dict) -> None:
         self.result = (DeltaResult(list(saved["deltas"]), None, list(saved["buffers"]), int(saved["arrived"])),
-                       saved["drift"])
+                       torch.zeros((), dtype=torch.float64))  # its drift term: load_worker_state
 
     def wait(self):
         return self.result
