@@ -568,7 +568,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "engine": {"simulated": SimulatedEngineConfig, "distributed": DistributedEngineConfig},
     "logger": {"mlflow": MlflowLoggerConfig, "none": LoggerBase},
     "compression": {"none": CompressionBase, "topk": SparseConfig, "randomk": SparseConfig, "sign": CompressorConfig,
-                    "int8": Int8Config, "fp16": CompressorConfig, "bf16": CompressorConfig},
+                    "int8": Int8Config, "fp8": Int8Config, "fp4": Int8Config, "fp16": CompressorConfig,
+                    "bf16": CompressorConfig},
 }
 
 

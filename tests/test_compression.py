@@ -88,6 +88,41 @@ def test_int8_error_is_at_most_half_a_step_of_its_chunk():
     assert torch.equal(round_trip("int8", torch.zeros(2, 100)), torch.zeros(2, 100, dtype=torch.float64))
 
 
+def _chunks(x: torch.Tensor, c: int):
+    for start in range(0, x.shape[1], c):
+        yield x[:, start:start + c], slice(start, start + c)
+
+
+def test_fp8_e4m3_is_within_its_rounding_of_the_chunk_scale():
+    x = rows(n=1000) * torch.linspace(0.01, 100, 1000, dtype=torch.float64)
+    d = round_trip("fp8", x)
+    for chunk, where in _chunks(x, CFG.chunk):
+        s = chunk.abs().amax(1, keepdim=True) / 448.0
+        # normal range (|x/s| >= 2^-6): 3 mantissa bits, half an ulp 2^-4 relative; below: the subnormal step 2^-9, halved
+        bound = torch.maximum(chunk.abs() * 2.0**-4, s * 2.0**-10)
+        assert ((chunk - d[:, where]).abs() <= bound * (1 + 1e-6)).all()
+    exact = torch.tensor([[448.0, -1.0, 0.5, 0.0, 2.0**-9, 240.0, -416.0]], dtype=torch.float64)
+    assert torch.equal(COMPRESSORS["fp8"](SimpleNamespace(chunk=0)).decompress(
+        COMPRESSORS["fp8"](SimpleNamespace(chunk=0)).compress(exact, (0, 0, 0)), 7, (0, 0, 0)), exact)
+    assert torch.equal(round_trip("fp8", torch.zeros(2, 100)), torch.zeros(2, 100, dtype=torch.float64))
+
+
+def test_fp4_e2m1_rounds_to_the_nearest_of_its_eight_magnitudes():
+    fp4 = COMPRESSORS["fp4"](SimpleNamespace(chunk=0))
+    grid = torch.tensor([[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.5, -6.0, -3.0]], dtype=torch.float64)
+    assert torch.equal(fp4.decompress(fp4.compress(grid, (0, 0, 0)), 11, (0, 0, 0)), grid)  # representable: exact
+    ties = torch.tensor([[6.0, 0.25, 1.25, 2.5, 5.0, -3.5]], dtype=torch.float64)  # scale 1; ties go down
+    assert fp4.decompress(fp4.compress(ties, (0, 0, 0)), 6, (0, 0, 0)).tolist() == [[6.0, 0.0, 1.0, 2.0, 4.0, -3.0]]
+    x = rows(n=999)  # odd: the last byte half used
+    d = round_trip("fp4", x)
+    for chunk, where in _chunks(x, CFG.chunk):
+        s = chunk.abs().amax(1, keepdim=True) / 6.0
+        y = chunk.abs() / s
+        half_gap = torch.where(y < 2, 0.25, torch.where(y < 4, 0.5, 1.0))
+        assert ((chunk - d[:, where]).abs() <= half_gap * s * (1 + 1e-6)).all()
+    assert torch.equal(round_trip("fp4", torch.zeros(2, 100)), torch.zeros(2, 100, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name, eps", [("fp16", 2.0**-11), ("bf16", 2.0**-8), ("none", 2.0**-24)])
 def test_floating_formats_round_to_their_precision(name, eps):
     x = rows()
@@ -98,7 +133,8 @@ def test_floating_formats_round_to_their_precision(name, eps):
 
 def test_payload_bytes_are_as_specified_and_what_the_payload_holds():
     expected = {"none": 4 * N, "topk": 50 * (4 + 4), "randomk": 50 * 4, "sign": math.ceil(N / 8) + 4,
-                "int8": N + 4 * math.ceil(N / 64), "fp16": 2 * N, "bf16": 2 * N}
+                "int8": N + 4 * math.ceil(N / 64), "fp8": N + 4 * math.ceil(N / 64),
+                "fp4": math.ceil(N / 2) + 4 * math.ceil(N / 64), "fp16": 2 * N, "bf16": 2 * N}
     x = rows()
     for name, nbytes in expected.items():
         c = COMPRESSORS[name](CFG)
@@ -111,7 +147,7 @@ def test_payload_bytes_are_as_specified_and_what_the_payload_holds():
 # ----------------------------------------------------------------------------- error feedback
 
 
-@pytest.mark.parametrize("name", ["topk", "randomk", "sign", "int8", "fp16"])
+@pytest.mark.parametrize("name", ["topk", "randomk", "sign", "int8", "fp8", "fp4", "fp16"])
 def test_error_feedback_carries_exactly_the_residual(name):
     c = Compression(COMPRESSORS[name](CFG), error_feedback=True, seed=3)
     shape = (2, 40, 25)

@@ -25,6 +25,9 @@ randomk   k fp32 values; the k coordinates are drawn from        all-reduce (eve
 sign      1 bit per element + one fp32 scale: ceil(n/8) + 4      all-gather (scales differ)
 int8      1 byte per element + one fp32 scale per chunk of      all-reduce (quantized, as a
           ``chunk`` elements: n + 4 ceil(n/chunk)               reduce-scatter/all-gather)
+fp8       e4m3 bytes + one fp32 scale per chunk: n + 4 ceil(n/chunk) all-reduce (quantized)
+fp4       e2m1, two per byte + one fp32 scale per chunk:         all-reduce (quantized)
+          ceil(n/2) + 4 ceil(n/chunk)
 fp16/bf16 2 n                                                   all-reduce
 ========= ===================================================== ===========================
 
@@ -249,6 +252,78 @@ class Int8(Compressor):
         return n + 4 * math.ceil(n / self._chunk(n))
 
 
+def _chunked(x: torch.Tensor, c: int) -> torch.Tensor:
+    """Rows [W, n] zero-padded to whole chunks of c elements: [W, chunks, c]."""
+    W, n = x.shape
+    chunks = math.ceil(n / c)
+    padded = torch.zeros(W, chunks * c, dtype=torch.float64, device=x.device)
+    padded[:, :n] = x
+    return padded.view(W, chunks, c)
+
+
+class Fp8(Int8):
+    """fp8 e4m3 (``torch.float8_e4m3fn``: 4 exponent bits, 3 mantissa bits, largest finite 448) with one
+    fp32 scale per chunk, s = max|x| / 448, as pytorch/torchft's ``quantization.py`` quantizes DiLoCo's
+    pseudo-gradients. Round trip: x/s rounded to nearest even among e4m3 values, so |x − D(C(x))| <=
+    2^-4 |x| in e4m3's normal range (|x/s| >= 2^-6) and <= 2^-10 s below it (its subnormal step 2^-9, halved)."""
+
+    name = "fp8"
+    top = 448.0
+
+    def compress(self, x, key):
+        W, n = x.shape
+        chunks = _chunked(x, self._chunk(n))
+        scale = (chunks.abs().amax(2) / self.top).float()
+        safe = torch.where(scale > 0, scale, 1.0).double().unsqueeze(2)
+        q = (chunks / safe).clamp_(-self.top, self.top).to(torch.float8_e4m3fn)
+        return q.view(W, -1)[:, :n].contiguous().view(torch.uint8), scale  # the bytes that travel
+
+    def decompress(self, payload, n, key):
+        q, scale = payload
+        c = self._chunk(n)
+        values = _chunked(q.view(torch.float8_e4m3fn).double(), c)
+        return (values * scale.double().unsqueeze(2)).view(q.shape[0], -1)[:, :n]
+
+
+# e2m1's magnitudes (OCP Microscaling formats v1.0, FP4): code i (3 bits) is E2M1[i]; the 4th bit the sign
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+
+
+class Fp4(Int8):
+    """fp4 e2m1 (OCP MX FP4: magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6) with one fp32 scale per chunk,
+    s = max|x| / 6; two 4-bit codes packed per byte (sign bit, then the index of the magnitude).
+    x/s is rounded to the nearest magnitude, a tie to the lower one; round trip: |x − D(C(x))| <= half
+    the gap around x/s times s (0.25 s below 2, 0.5 s to 4, s to 6)."""
+
+    name = "fp4"
+    top = 6.0
+
+    def compress(self, x, key):
+        W, n = x.shape
+        chunks = _chunked(x, self._chunk(n))
+        scale = (chunks.abs().amax(2) / self.top).float()
+        safe = torch.where(scale > 0, scale, 1.0).double().unsqueeze(2)
+        y = (chunks / safe).view(W, -1)[:, :n]
+        grid = E2M1.to(x.device)
+        # nearest magnitude; on a tie argmin takes the first, the lower one
+        idx = (y.abs().clamp(max=self.top).unsqueeze(-1) - grid).abs().argmin(-1).to(torch.uint8)
+        codes = idx | ((y < 0).to(torch.uint8) << 3)
+        if n % 2:
+            codes = torch.cat([codes, torch.zeros(W, 1, dtype=torch.uint8, device=x.device)], 1)
+        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), scale
+
+    def decompress(self, payload, n, key):
+        packed, scale = payload
+        codes = torch.stack([packed & 0xF, packed >> 4], dim=2).view(packed.shape[0], -1)[:, :n]
+        magnitude = E2M1.to(packed.device)[(codes & 7).long()]
+        values = torch.where((codes & 8) > 0, -magnitude, magnitude)
+        c = self._chunk(n)
+        return (_chunked(values, c) * scale.double().unsqueeze(2)).view(packed.shape[0], -1)[:, :n]
+
+    def payload_bytes(self, n: int) -> int:
+        return math.ceil(n / 2) + 4 * math.ceil(n / self._chunk(n))
+
+
 class HalfPrecision(Compressor):
     """Values rounded to a 16-bit float (round to nearest even): relative error <= 2^-11 (fp16) or
     2^-8 (bf16) in the normal range; fp16 flushes below 2^-24 and overflows above 65504."""
@@ -281,6 +356,8 @@ COMPRESSORS = {
     "randomk": lambda cfg: RandomK(cfg.ratio),
     "sign": lambda cfg: Sign(),
     "int8": lambda cfg: Int8(cfg.chunk),
+    "fp8": lambda cfg: Fp8(cfg.chunk),
+    "fp4": lambda cfg: Fp4(cfg.chunk),
     "fp16": _fp16,
     "bf16": _bf16,
 }
