@@ -290,3 +290,40 @@ def test_stacked_and_process_group_communicators_agree(make_cfg, tmp_path):
     # the process group sums the host numbers of its processes; the simulation's one process has them all
     assert dist_run["totals"] == [float(WORKER_ROWS.sum())]
     assert sim["traffic"] == dist_run["traffic"]
+
+
+# ----------------------------------------------------------------------------- overlap in the modelled clock
+
+
+def _ledger():
+    from dpl.comm import CommLedger
+
+    return CommLedger(K=4, bandwidth_gbps=1.0, latency_us=0.0, sample_cost_s=1e-3)
+
+
+def test_an_overlapped_sync_hides_behind_the_steps_it_overlaps():
+    from dpl.comm import Traffic, transfer_s
+
+    n = 1e6  # bytes per replica
+    t_sync = transfer_s(n, 4, 1.0)  # the ring's 2(K-1)/K n over 1 Gb/s
+    step_s = 10 * 1e-3  # 10 samples per step at 1 ms
+    blocking = _ledger().record_epoch(Traffic(syncs=1, collectives=1, replica_bytes=n, peak_replica_bytes=n),
+                                      steps=10, samples=100, measured_compute_s=0.0)
+    assert blocking["comm_hidden_s"] == 0.0 and blocking["modelled_time_s"] == 0.1 + t_sync
+    for w, hidden in ((1, min(t_sync, step_s)), (1000, t_sync)):
+        rec = _ledger().record_epoch(Traffic(syncs=1, collectives=1, replica_bytes=n, overlap_syncs=1, overlap_steps=w,
+                                             overlap_collectives=1, overlap_replica_bytes=n, peak_replica_bytes=n,
+                                             peak_overlap_steps=w), steps=10, samples=100, measured_compute_s=0.0)
+        assert rec["comm_time_s"] == t_sync and rec["comm_hidden_s"] == pytest.approx(hidden)
+        assert rec["modelled_time_s"] == pytest.approx(0.1 + t_sync - hidden)
+        # the largest sync's bits over (w + 1) steps of compute
+        assert rec["peak_bandwidth_gbps"] == pytest.approx(t_sync / ((w + 1) * step_s))
+        assert rec["peak_sync_bytes"] == 2 * 3 / 4 * n
+    assert blocking["peak_bandwidth_gbps"] == pytest.approx(t_sync / step_s)
+
+
+def test_a_ledger_checkpointed_before_overlap_existed_loads():
+    from dpl.comm import CommLedger
+
+    old = {k: v for k, v in _ledger().state_dict().items() if k != "comm_hidden_total_s"}
+    assert CommLedger.from_state(old).comm_hidden_total_s == 0.0

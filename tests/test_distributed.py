@@ -50,11 +50,12 @@ VARIANTS = {
     "resnet20_sign_ef": ["model=resnet20", "dataset.image_size=12", "method=localsgd", "H=3", "compression=sign",
                          "compression.error_feedback=true", "epochs=1"],
     # streaming DiLoCo: fragments' all-reduces in flight (async_op=True) for τ steps, mixed in with α;
-    # compressed fragments all-gathered in flight, with workers dropped (the mean over those that arrived)
+    # compressed fragments (fp4) all-gathered in flight, with workers dropped (the mean over those that arrived)
     "streaming": ["method=streaming_diloco", "H=4", "method.delay=2", "method.alpha=0.5", "epochs=1"],
-    "streaming_int8_drops": ["method=streaming_diloco", "H=4", "method.fragments=3", "method.delay=1",
-                             "compression=int8", "compression.error_feedback=true", "faults.drop_prob=0.3",
-                             "epochs=1"],
+    "streaming_fp4_drops": ["method=streaming_diloco", "H=4", "method.fragments=3", "method.delay=1",
+                            "compression=fp4", "compression.error_feedback=true", "faults.drop_prob=0.3",
+                            "epochs=1"],
+    "fp8": ["method=diloco", "H=3", "compression=fp8", "epochs=1"],
     "diloco_drops": ["method=diloco", "H=3", "faults.drop_prob=0.4", "epochs=1"],
     # eager outer steps: every rank its own anchor, the average of a sync waited for at the next one
     "streaming_eager": ["method=streaming_diloco", "H=4", "method.eager=true", "epochs=1"],
@@ -114,7 +115,7 @@ def test_every_method_on_two_processes_equals_the_simulation(make_cfg, tmp_path)
         assert_same_run(simulated_params(make_cfg, *SMALL, "K=2", *ov), saved_params(tmp_path / name))
     _, hist = saved_params(tmp_path / "dynamic_h")
     assert [r["H"] for r in hist] == [2, 4]  # the first epoch improved: H doubled on every rank alike
-    for name in ("diloco_drops", "streaming_int8_drops"):  # some contributions were dropped, the same on both
+    for name in ("diloco_drops", "streaming_fp4_drops"):  # some contributions were dropped, the same on both
         assert sum(r["dropped"] for r in saved_params(tmp_path / name)[1]) > 0
     # eager: each rank's own anchor, stacked in the checkpoint as the simulation holds them, and loaded back
     ckpt = checkpoint.load(tmp_path / "streaming_eager")

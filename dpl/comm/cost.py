@@ -30,6 +30,15 @@ sums, evaluation, the exact average a compressed sync's drift metric needs).
 reports the bookkeeping bytes beside them (never in the modelled time: a cluster could log
 less often, the algorithm could not sync less).
 
+A sync whose communication overlaps later inner steps (streaming DiLoCo's delay τ, an eager sync's
+next period; Douillard et al. 2025, Sec. 2.3 / 4) hides up to w·t_step of its time behind them, w the
+steps it overlaps and t_step one worker's modelled compute of a step: per epoch, with C_o the modelled
+time of the overlapped syncs and W_o = Σ w · t_step, ``comm_hidden_s`` = min(C_o, W_o) (exact when the
+epoch's overlapped syncs are alike: balanced fragments, one delay) and ``modelled_time_s`` leaves it
+out. ``peak_sync_bytes`` is what one worker sends in the epoch's largest sync, and
+``peak_bandwidth_gbps`` the bandwidth at which that sync holds training back by at most one step: its
+busiest-link bits over (w + 1) · t_step (a blocking sync, w = 0, must fit in one step's time).
+
 Everything here is a pure function or a ledger of plain numbers, so the totals
 survive a checkpoint and a resumed run reports the same curves.
 """
@@ -178,6 +187,7 @@ class CommLedger:
     comm_time_total_s: float = 0.0
     compute_time_total_s: float = 0.0
     bookkeeping_bytes_total: float = 0.0  # bytes sent per worker for metrics and evaluation (not modelled as time)
+    comm_hidden_total_s: float = 0.0  # modelled communication overlapped by compute (streaming, eager syncs)
 
     def record_epoch(self, traffic: Traffic, steps: int, samples: float, measured_compute_s: float) -> dict[str, float]:
         """Add one epoch of ``traffic`` over ``steps`` local steps on ``samples`` samples per worker;
@@ -193,19 +203,30 @@ class CommLedger:
             self.sample_cost_s = measured_compute_s / max(samples, 1)
         comm_bytes = bytes_sent(traffic.replica_bytes, self.K, self.topology)
         # the latency of every collective, then all of the epoch's bytes over the busiest link
-        comm_time = (traffic.collectives - traffic.gathers) * latency_s(self.K, self.latency_us, self.topology) + \
-            transfer_s(traffic.replica_bytes, self.K, self.bandwidth_gbps, self.topology)
+        comm_time = self._comm_s(traffic.collectives, traffic.gathers, traffic.replica_bytes, traffic.gathered_bytes,
+                                 self.bandwidth_gbps)
         if traffic.gathers:  # compressed payloads that are each worker's own (dpl.comm.compression)
             comm_bytes += gather_bytes_sent(traffic.gathered_bytes, self.K, self.topology)
-            comm_time += traffic.gathers * gather_latency_s(self.K, self.latency_us, self.topology) + \
-                gather_transfer_s(traffic.gathered_bytes, self.K, self.bandwidth_gbps, self.topology)
         compute_time = samples * self.sample_cost_s * self.slowest  # the slowest worker ends each period
+        # one worker's modelled compute of one step: what an overlapped sync can hide behind
+        step_s = compute_time / steps if steps else 0.0
+        hidden = min(self._comm_s(traffic.overlap_collectives, traffic.overlap_gathers, traffic.overlap_replica_bytes,
+                                  traffic.overlap_gathered_bytes, self.bandwidth_gbps),
+                     traffic.overlap_steps * step_s)
+        # the largest sync: its bytes, and the bandwidth at which it holds training back by at most one step
+        peak_bytes = bytes_sent(traffic.peak_replica_bytes, self.K, self.topology) + \
+            gather_bytes_sent(traffic.peak_gathered_bytes, self.K, self.topology)
+        peak_at_1gbps = transfer_s(traffic.peak_replica_bytes, self.K, 1.0, self.topology) + \
+            gather_transfer_s(traffic.peak_gathered_bytes, self.K, 1.0, self.topology)
+        window = (traffic.peak_overlap_steps + 1) * step_s
+        peak_gbps = peak_at_1gbps / window if window > 0 else 0.0
         self.rounds_total += traffic.syncs
         self.collectives_total += traffic.collectives
         self.steps_total += steps
         self.bytes_total += comm_bytes
         self.comm_time_total_s += comm_time
         self.compute_time_total_s += compute_time
+        self.comm_hidden_total_s += hidden
         bookkeeping = bytes_sent(traffic.bookkeeping_bytes, self.K, self.topology)
         self.bookkeeping_bytes_total += bookkeeping
         return {
@@ -217,10 +238,23 @@ class CommLedger:
             "rounds_vs_sync": self.rounds_total / self.steps_total if self.steps_total else 0.0,
             "comm_time_s": comm_time,
             "compute_time_s": compute_time,
-            "modelled_time_s": self.compute_time_total_s + self.comm_time_total_s,
+            "comm_hidden_s": hidden,
+            "modelled_time_s": self.compute_time_total_s + self.comm_time_total_s - self.comm_hidden_total_s,
+            "peak_sync_bytes": peak_bytes,
+            "peak_bandwidth_gbps": peak_gbps,
             "bookkeeping_bytes": bookkeeping,
             "bookkeeping_bytes_total": self.bookkeeping_bytes_total,
         }
+
+    def _comm_s(self, collectives: int, gathers: int, replica_bytes: float, gathered_bytes: float,
+                bandwidth_gbps: float) -> float:
+        """Modelled seconds of ``collectives`` (``gathers`` of them all-gathers) moving these bytes."""
+        t = (collectives - gathers) * latency_s(self.K, self.latency_us, self.topology) + \
+            transfer_s(replica_bytes, self.K, bandwidth_gbps, self.topology)
+        if gathers:
+            t += gathers * gather_latency_s(self.K, self.latency_us, self.topology) + \
+                gather_transfer_s(gathered_bytes, self.K, bandwidth_gbps, self.topology)
+        return t
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
