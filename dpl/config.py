@@ -171,6 +171,32 @@ class AdamwConfig(OptimizerBase):
 
 
 @dataclass
+class MuonConfig(OptimizerBase):
+    """Muon (Jordan et al. 2024) for the 2-D weights with torch.optim.Muon's defaults, AdamW (betas,
+    eps) for the rest; lr and weight_decay are both sides' (dpl.optim.Muon)."""
+
+    lr: float = 0.02
+    weight_decay: float = 0.0
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton–Schulz iterations
+    adjust_lr_fn: Optional[str] = None  # torch's: null/original (sqrt(max(1, out/in))) or match_rms_adamw
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(_finite(self.momentum) and 0.0 <= self.momentum < 1.0, "optimizer.momentum", self.momentum,
+               "0 <= x < 1")
+        _check(isinstance(self.ns_steps, int) and 1 <= self.ns_steps < 100, "optimizer.ns_steps", self.ns_steps,
+               "an integer in [1, 100)")
+        if self.adjust_lr_fn is not None:
+            _one_of("optimizer.adjust_lr_fn", self.adjust_lr_fn, ("original", "match_rms_adamw"))
+        _betas(self.betas, "optimizer.betas")
+        _positive("optimizer.eps", self.eps)
+
+
+@dataclass
 class TrustRatioBase(OptimizerBase):
     """What LARS and LAMB share: a layer-wise trust ratio (dpl.optim)."""
 
@@ -558,7 +584,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"cifar10": FileDatasetConfig, "cifar100": FileDatasetConfig,
                 "fashion_mnist": FileDatasetConfig, "synthetic": SyntheticDatasetConfig},
     "model": {"lenet5": ModelConfig, "resnet20": ModelConfig},
-    "optimizer": {"sgdm": SgdmConfig, "adamw": AdamwConfig, "lars": LarsConfig, "lamb": LambConfig},
+    "optimizer": {"sgdm": SgdmConfig, "adamw": AdamwConfig, "lars": LarsConfig, "lamb": LambConfig,
+                  "muon": MuonConfig},
     "scheduler": {"constant": SchedulerBase, "cosine": CosineConfig, "poly": PolyConfig, "step": StepConfig},
     "method": {"centralized": MethodBase, "localsgd": LocalMethodBase, "slowmo": SlowmoConfig,
                "diloco": DilocoConfig, "streaming_diloco": StreamingDilocoConfig, "post_local": PostLocalConfig},

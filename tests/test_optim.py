@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dpl.config import ConfigError, LarsConfig
-from dpl.optim import LAMB, LARS, OPTIMIZERS, build_optimizer
+from dpl.optim import LAMB, LARS, OPTIMIZERS, Muon, build_optimizer
 from tests.conftest import compose_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "optimizer"
@@ -731,13 +731,15 @@ def test_build_every_optimizer_from_its_yaml(name):
     cfg = _cfg(name)
     w = torch.ones(2, 2, requires_grad=True)
     opt = build_optimizer([w], cfg, lr=0.3, weight_decay=0.02)
-    kind = {"sgdm": torch.optim.SGD, "adamw": torch.optim.AdamW, "lars": LARS, "lamb": LAMB}[name]
+    kind = {"sgdm": torch.optim.SGD, "adamw": torch.optim.AdamW, "lars": LARS, "lamb": LAMB, "muon": Muon}[name]
     assert type(opt) is kind
     group = opt.param_groups[0]
     assert group["lr"] == 0.3 and group["weight_decay"] == 0.02  # the top-level values, not the YAML's
     if name == "lars":
         assert group["trust_coefficient"] == cfg.trust_coefficient
-    if name in ("adamw", "lamb"):
+    if name == "muon":
+        assert group["muon"] and group["momentum"] == cfg.momentum  # a 2-D weight without a worker axis
+    if name in ("adamw", "lamb", "muon"):
         assert group["betas"] == tuple(cfg.betas)
     (w * w).sum().backward()
     opt.step()
@@ -789,3 +791,41 @@ def test_state_dict_round_trip_continues_identically(name):
     train(resumed, opt2, xs[3:])
     for a, b in zip(params, resumed):
         assert torch.equal(a.detach(), b.detach())
+
+
+# ----------------------------------------------------------------------------- Muon
+
+
+def test_stacked_muon_is_torch_muon_on_each_workers_matrix_and_adamw_on_the_rest():
+    """Two steps with momentum: every worker's [out, in] slice steps as torch.optim.Muon steps that
+    matrix alone; the bias as torch.optim.AdamW does (same lr, betas, eps, decay)."""
+    gen = torch.Generator().manual_seed(0)
+    K, lr, wd = 3, 0.02, 0.01
+    weight = torch.randn(K, 5, 4, generator=gen).requires_grad_(True)
+    bias = torch.randn(K, 5, generator=gen).requires_grad_(True)
+    grads = [(torch.randn(K, 5, 4, generator=gen), torch.randn(K, 5, generator=gen)) for _ in range(2)]
+    stacked = Muon([weight, bias], lr=lr, weight_decay=wd, momentum=0.95, nesterov=True, ns_steps=5,
+                   adjust_lr_fn=None, betas=(0.9, 0.99), eps=1e-8, per_worker=True)
+    alone = [torch.nn.Parameter(weight[k].detach().clone()) for k in range(K)]
+    muons = [torch.optim.Muon([w], lr=lr, weight_decay=wd, momentum=0.95, nesterov=True, ns_steps=5) for w in alone]
+    b = torch.nn.Parameter(bias.detach().clone())
+    adamw = torch.optim.AdamW([b], lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd)
+    for gw, gb in grads:
+        weight.grad, bias.grad = gw.clone(), gb.clone()
+        stacked.step()
+        for k in range(K):
+            alone[k].grad = gw[k].clone()
+            muons[k].step()
+        b.grad = gb.clone()
+        adamw.step()
+    for k in range(K):
+        torch.testing.assert_close(weight[k].detach(), alone[k].detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(bias.detach(), b.detach(), rtol=0, atol=1e-7)
+    assert [g["muon"] for g in stacked.param_groups] == [True, False]
+
+
+def test_muon_as_diloco_inner_optimizer_trains_and_resumes_exactly(make_cfg, tmp_path, monkeypatch):
+    from tests.resume import assert_resume_is_exact
+
+    assert_resume_is_exact(make_cfg, ["method=diloco", "optimizer=muon", "K=2", "H=4", "checkpoint_every=1"],
+                           tmp_path, monkeypatch, stop_at=6)
