@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpl import checkpoint
 from dpl.clock import worker_speeds
-from dpl.comm import CommLedger, Traffic
+from dpl.comm import CLOCKED_FIELDS, CommLedger, Traffic
 from dpl.data import DeviceData, batch_indices, epoch_order, eval_batches, make_shards, steps_per_epoch
 from dpl.dynamic_h import HContext, next_h
 from dpl.engine.step import build_local_step, compile_mode
@@ -38,6 +38,9 @@ from dpl.methods import Method
 from dpl.optim import build_optimizer
 from dpl.schedules import lr_index, lr_table
 
+# A record's fields that come from the wall clock (the epoch's time, the collectives' measured time, and
+# what the ledger derives from measured compute): runs of the same maths may differ in these and nothing else.
+WALL_CLOCK_FIELDS = frozenset({"epoch_time_s", "samples_per_s", "comm_wall_s"}) | CLOCKED_FIELDS
 EVAL_BATCH = 1000  # engine.eval_batch_size of configs written before the key existed
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ def test_defaults_follow_the_study():
 
 @pytest.mark.parametrize("override,needle", [
     ("K=0", "K=0"), ("batch_size=-1", "batch_size=-1"), ("lr=abc", "lr='abc'"),
-    ("optimizer=nope", "adamw, lamb, lars, sgdm"), ("K=2,4,0", "K=0"), ("device=gpu", "auto, cpu, cuda"),
+    ("optimizer=nope", "adamw, lamb, lars, muon, sgdm"), ("K=2,4,0", "K=0"), ("device=gpu", "auto, cpu, cuda"),
     ("optimizer.momentum=1.5", "optimizer.momentum"), ("nokey=1", "nokey"),
     ("+foo=1", "+foo is not a dpl config key"),
     ("+network.bandwdith_gbps=1", "did you mean network.bandwidth_gbps?"),

@@ -748,7 +748,7 @@ def test_build_every_optimizer_from_its_yaml(name):
 
 def test_build_unknown_name_lists_the_allowed():
     cfg = OmegaConf.create({"name": "adagrad"})
-    with pytest.raises(KeyError, match="adamw, lamb, lars, sgdm"):
+    with pytest.raises(KeyError, match="adamw, lamb, lars, muon, sgdm"):
         build_optimizer([torch.ones(1, requires_grad=True)], cfg, lr=0.1, weight_decay=0.0)
 
 

@@ -10,7 +10,7 @@ import torch
 from dpl.build import build_trainer
 from dpl.engine import step as step_module
 from dpl.engine.step import CompiledStep, GraphStep, LocalStep, compile_mode
-from dpl.optim import OPTIMIZERS
+from dpl.optim import CAPTURABLE, OPTIMIZERS
 from tests.conftest import compose_cfg
 
 CPU = torch.device("cpu")
@@ -114,8 +114,11 @@ def test_compile_mode_auto_and_what_a_graph_needs(monkeypatch):
     mode, why = compile_mode("graph", CPU, t.workers, "sgdm")
     assert mode == "none" and "needs CUDA" in why
     cuda = torch.device("cuda")
-    for name in OPTIMIZERS:  # every optimizer keeps its per-step values on the device (LAMB's count too)
+    for name in CAPTURABLE:  # these keep their per-step values on the device (LAMB's count too)
         assert compile_mode("auto", cuda, t.workers, name) == ("graph", "")
+    assert set(OPTIMIZERS) - set(CAPTURABLE) == {"muon"}  # its momentum step and AdamW part count on the host
+    assert compile_mode("auto", cuda, t.workers, "muon")[0] == "none"
+    assert "optimizer=muon keeps a host step count" in compile_mode("graph", cuda, t.workers, "muon")[1]
     monkeypatch.setattr(step_module, "CAPTURABLE", ("sgdm",))  # an optimizer that counts on the host
     assert compile_mode("auto", cuda, t.workers, "lamb")[0] == "none"  # would be frozen by a capture
     assert "host step count" in compile_mode("graph", cuda, t.workers, "lamb")[1]

@@ -53,6 +53,10 @@ import torch
 
 TOPOLOGIES = ("ring", "ps")
 
+# The fields of :meth:`CommLedger.record_epoch` that follow the compute time, and so the first epoch's
+# measured compute when ``network.sample_cost_s`` is unset: two runs of the same maths differ only here.
+CLOCKED_FIELDS = frozenset({"compute_time_s", "modelled_time_s", "comm_hidden_s", "peak_bandwidth_gbps"})
+
 
 def bytes_sent(nbytes: float, K: int, topology: str = "ring") -> float:
     """Bytes one worker sends in one all-reduce of an ``nbytes`` buffer: 2 (K - 1) / K * nbytes
