@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, Optional, Sequence
 
+from dpl.comm.cost import RESCALED_FIELDS, epoch_time_at
+
 # Cumulative per-epoch metrics (history.csv columns, MLflow metric histories): what was spent so far.
 BUDGETS = ("samples_total", "sync_rounds_total", "comm_bytes_total", "modelled_time_s")
 ACCURACY = "val_acc"
@@ -37,3 +39,20 @@ def to_target(history: History, target: float, key: str = ACCURACY) -> Optional[
                 spent[budget] = float(at.get(epoch, math.nan))
             return spent
     return None
+
+
+def time_to_target_at(history: History, target: float, bandwidth_gbps: float, recorded_gbps: float,
+                      key: str = ACCURACY) -> Optional[float]:
+    """The modelled time a run took to first reach ``target`` had its network had ``bandwidth_gbps``
+    instead of the ``recorded_gbps`` it ran with: its epochs up to that one, each rescaled by
+    :func:`dpl.comm.cost.epoch_time_at`. None when no epoch reaches the target, nan when the run
+    did not log the fields that needs (runs from before they were recorded)."""
+    spent = to_target(history, target, key)
+    if spent is None:
+        return None
+    fields = {f: dict(history.get(f) or []) for f in RESCALED_FIELDS}
+    epochs = range(1, int(spent["epoch"]) + 1)
+    if any(e not in fields[f] for f in RESCALED_FIELDS for e in epochs):
+        return math.nan
+    return sum(epoch_time_at({f: fields[f][e] for f in RESCALED_FIELDS}, bandwidth_gbps, recorded_gbps)
+               for e in epochs)

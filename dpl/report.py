@@ -17,6 +17,10 @@ Reads the local MLflow store (``sqlite:///mlflow.db`` in the current directory u
 * ``budget.csv`` and the third table: the first epoch each run reached a target validation
   accuracy (``--target-acc``), and the samples, syncs, bytes and modelled time spent by then
   (:mod:`dpl.budget`), per group with intervals; ``budget_to_target.png`` draws it.
+* ``time_vs_bandwidth.csv`` and ``time_vs_bandwidth.png``: the modelled time each group took to that
+  target had the network had another bandwidth (``--bandwidths``, default 1, 10, 100 Gbit/s), from
+  each epoch's compute, latency and transfer (:func:`dpl.comm.cost.epoch_time_at`): where DiLoCo,
+  streaming DiLoCo and data-parallel training of one config cross over.
 * ``acc_vs_H.png`` (accuracy against H, a line per K), ``acc_vs_rounds.png`` (accuracy
   against communication rounds), ``learning_curves.png`` (validation accuracy per epoch,
   one curve per group), ``h_over_epochs.png`` (H per epoch of each dynamic strategy),
@@ -49,7 +53,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from dpl import stats
-from dpl.budget import BUDGETS, final_value, to_target
+from dpl.budget import BUDGETS, final_value, time_to_target_at, to_target
+from dpl.comm.cost import RESCALED_FIELDS
 from dpl.io import atomic_write_text, write_csv
 from dpl.legacy import upgrade
 from dpl.plots import integer_ticks, legend_outside, log_axis, new_figure, percent_axis, save_figure, short_number
@@ -103,7 +108,7 @@ class RunRecord:
 
 
 def fetch_runs(client, experiment: Optional[str] = None, sweep: Optional[str] = None,
-               history_keys: Sequence[str] = ("val_acc", "H", *BUDGETS)) -> list[RunRecord]:
+               history_keys: Sequence[str] = ("val_acc", "H", *BUDGETS, *RESCALED_FIELDS)) -> list[RunRecord]:
     """The job runs of ``experiment`` (by name) and/or with tag ``sweep``; sweep parent runs are left out."""
     if experiment is not None:
         found = client.get_experiment_by_name(experiment)
@@ -331,6 +336,30 @@ def budget_rows(runs: Sequence[RunRecord], columns: Mapping[str, str], target: f
             s = stats.describe([x[budget] for x in spent if math.isfinite(x[budget])])
             row[f"{budget}_mean"], row[f"{budget}_ci95_lo"], row[f"{budget}_ci95_hi"] = s.mean, s.lo, s.hi
         rows.append(row)
+    return rows
+
+
+BANDWIDTHS_GBPS = (1.0, 10.0, 100.0)
+
+
+def bandwidth_rows(runs: Sequence[RunRecord], columns: Mapping[str, str], target: float,
+                   bandwidths: Sequence[float] = BANDWIDTHS_GBPS) -> list[dict[str, Any]]:
+    """time_vs_bandwidth.csv: per group and bandwidth, how many finished runs reached ``target``
+    validation accuracy and the mean and 95 % interval of their modelled time to it at that bandwidth
+    (:func:`dpl.budget.time_to_target_at`; each run's own ``network.bandwidth_gbps`` is what its
+    records were logged at). Groups whose runs lack the per-epoch fields (logged before them) are left out."""
+    rows = []
+    for key, members in group_runs(runs, columns).items():
+        done = [r for r in members if r.finished and r.history.get("val_acc")]
+        for gbps in bandwidths:
+            times = [time_to_target_at(r.history, target, gbps, _float(r.params.get("network.bandwidth_gbps", "10")))
+                     for r in done]
+            if not times or any(t is not None and math.isnan(t) for t in times):
+                break
+            s = stats.describe([t for t in times if t is not None])
+            rows.append({**dict(zip(columns, key)), "target_val_acc": target, "bandwidth_gbps": gbps, "n": len(done),
+                         "reached": sum(t is not None for t in times), "time_s_mean": s.mean,
+                         "time_s_ci95_lo": s.lo, "time_s_ci95_hi": s.hi})
     return rows
 
 
@@ -870,8 +899,44 @@ def fig_budget(budget: Sequence[Mapping[str, Any]], columns: Sequence[str]):
     return fig
 
 
+def fig_time_vs_bandwidth(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]):
+    """Modelled time to the target accuracy against the network's bandwidth, both axes logarithmic:
+    a line per group (its 95 % interval as error bars, over the runs that reached the target), a
+    panel per dataset; a group with a run that never reached it is marked ``reached r of n``."""
+    rows = [r for r in rows if r["reached"] and math.isfinite(r["time_s_mean"])]
+    if not rows:
+        return None
+    keys = list(dict.fromkeys(tuple(r[c] for c in columns) for r in rows))
+    skip = ["dataset", *(c for c in columns if c not in _varying(dict.fromkeys(keys), columns))]
+    facets: dict[str, list] = {}
+    for key in keys:
+        mine = [r for r in rows if tuple(r[c] for c in columns) == key]
+        name = dict(zip(columns, key)).get("dataset", "")
+        partial = min(r["reached"] for r in mine) < mine[0]["n"]
+        label = _label_of(key, columns, skip) + (f" (reached {min(r['reached'] for r in mine)} of {mine[0]['n']})"
+                                                 if partial else f" (n={mine[0]['n']})")
+        facets.setdefault(name, []).append((mine, label))
+    fig, axes = _panels(facets, f"Modelled time to {100 * rows[0]['target_val_acc']:.2f} % validation accuracy "
+                                f"against bandwidth{_CI_NOTE}")
+    for ax, lines in zip(axes, facets.values()):
+        for mine, label in lines:
+            xs, ys = [r["bandwidth_gbps"] for r in mine], [r["time_s_mean"] for r in mine]
+            err = [[0.0 if not math.isfinite(r["time_s_ci95_lo"]) else r["time_s_mean"] - r["time_s_ci95_lo"]
+                    for r in mine],
+                   [0.0 if not math.isfinite(r["time_s_ci95_hi"]) else r["time_s_ci95_hi"] - r["time_s_mean"]
+                    for r in mine]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", markersize=3, capsize=3, label=label)
+        every = [r["bandwidth_gbps"] for mine, _ in lines for r in mine]
+        log_axis(ax, "x", min(every), max(every))
+        ax.set_yscale("log")
+        ax.set_xlabel("bandwidth (Gbit/s)")
+        ax.set_ylabel("modelled time to target (s)")
+    legend_outside(fig)
+    return fig
+
+
 def build_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], metric: str = "test_acc",
-                  budget: Sequence[Mapping[str, Any]] = ()) -> dict:
+                  budget: Sequence[Mapping[str, Any]] = (), bandwidth: Sequence[Mapping[str, Any]] = ()) -> dict:
     """File name -> matplotlib Figure, for the figures these runs have data for."""
     groups = group_runs(runs, columns)
     names = list(columns)
@@ -882,24 +947,29 @@ def build_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], metric:
                "pareto.png": fig_pareto(runs, names, metric),
                "acc_vs_time.png": fig_acc_vs_time(runs, names, metric),
                "acc_vs_lr.png": fig_acc_vs_lr(runs, names, metric),
-               "budget_to_target.png": fig_budget(budget, names)}
+               "budget_to_target.png": fig_budget(budget, names),
+               "time_vs_bandwidth.png": fig_time_vs_bandwidth(bandwidth, names)}
     return {name: fig for name, fig in figures.items() if fig is not None}
 
 
 def write_figures(runs: Sequence[RunRecord], columns: Mapping[str, str], out_dir: Path,
-                  metric: str = "test_acc", budget: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
-    return [save_figure(fig, out_dir / name) for name, fig in build_figures(runs, columns, metric, budget).items()]
+                  metric: str = "test_acc", budget: Sequence[Mapping[str, Any]] = (),
+                  bandwidth: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+    return [save_figure(fig, out_dir / name)
+            for name, fig in build_figures(runs, columns, metric, budget, bandwidth).items()]
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
 def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, metric: str = "test_acc",
-                 baseline: Optional[str] = None, target_acc: Optional[float] = None) -> list[Path]:
+                 baseline: Optional[str] = None, target_acc: Optional[float] = None,
+                 bandwidths: Sequence[float] = BANDWIDTHS_GBPS) -> list[Path]:
     """Write summary.csv, comparisons.csv, budget.csv, runs.csv, report.md and the figures for ``runs``;
     return the paths written. ``baseline`` is ``KEY=VALUE[,KEY=VALUE]`` (default: ``ablation=none``
     where there is one, else the first group); ``target_acc`` the validation accuracy of the budget
-    table (default: the lowest of the groups' mean final validation accuracies)."""
+    table (default: the lowest of the groups' mean final validation accuracies); ``bandwidths`` (Gbit/s)
+    those of time_vs_bandwidth.csv."""
     out_dir = Path(out_dir)
     columns = group_columns(runs)
     rows = summarise(runs, columns)
@@ -910,14 +980,16 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, met
     comparisons = compare_groups(runs, columns, spec)
     target = default_target(runs, columns) if target_acc is None else target_acc
     budget = budget_rows(runs, columns, target) if math.isfinite(target) else []
+    bandwidth = bandwidth_rows(runs, columns, target, bandwidths) if math.isfinite(target) else []
     written = [write_csv_table(rows, out_dir / "summary.csv"),
                write_csv_table(comparisons, out_dir / "comparisons.csv") if comparisons else None,
                write_csv_table(budget, out_dir / "budget.csv") if budget else None,
+               write_csv_table(bandwidth, out_dir / "time_vs_bandwidth.csv") if bandwidth else None,
                write_csv_table(run_rows(runs, columns, target=target), out_dir / "runs.csv")]
     atomic_write_text(out_dir / "report.md", markdown(rows, columns, runs, title, comparisons=comparisons,
                                                       budget=budget, baseline=spec))
     written.append(out_dir / "report.md")
-    return [p for p in written if p is not None] + write_figures(runs, columns, out_dir, metric, budget)
+    return [p for p in written if p is not None] + write_figures(runs, columns, out_dir, metric, budget, bandwidth)
 
 
 _FOLDER_MAX_BYTES = 100  # well under the 255-byte file name limit of common file systems
@@ -975,7 +1047,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-acc", type=_fraction, metavar="ACC",
                    help="validation accuracy (0-1) of the budget-to-target table (default: the lowest of the groups' "
                         "mean final validation accuracies, which every group reaches on average)")
+    p.add_argument("--bandwidths", type=_bandwidths, default=BANDWIDTHS_GBPS, metavar="GBPS[,GBPS]",
+                   help="network bandwidths (Gbit/s) of the time-to-target figure (default: 1,10,100)")
     return p.parse_args(argv)
+
+
+def _bandwidths(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of bandwidths in Gbit/s") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every bandwidth must be a finite number > 0")
+    return tuple(sorted(set(values)))
 
 
 def _fraction(text: str) -> float:
@@ -1027,7 +1111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out) if args.out else default_out_dir(kind, name)
     try:
         paths = write_report(runs, out, title=f"dpl report: {name}", metric=args.metric, baseline=args.baseline,
-                             target_acc=args.target_acc)
+                             target_acc=args.target_acc, bandwidths=args.bandwidths)
     except BaselineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

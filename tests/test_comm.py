@@ -322,6 +322,34 @@ def test_an_overlapped_sync_hides_behind_the_steps_it_overlaps():
     assert blocking["peak_bandwidth_gbps"] == pytest.approx(t_sync / step_s)
 
 
+@pytest.mark.parametrize("overlap_steps", [0, 1, 3, 1000])  # blocking; hidden in part; in full
+def test_an_epoch_rescaled_to_another_bandwidth_is_the_ledger_at_that_bandwidth(overlap_steps):
+    """epoch_time_at from the records logged at 10 Gb/s equals a ledger that ran at each other bandwidth,
+    with latency, all-gathered payloads and overlapped syncs in the epochs."""
+    from dpl.comm.cost import RESCALED_FIELDS, epoch_time_at
+
+    def ledger(gbps):
+        return CommLedger(K=4, bandwidth_gbps=gbps, latency_us=20.0, sample_cost_s=1e-4)
+
+    traffic = [Traffic(syncs=3, collectives=5, gathers=2, replica_bytes=3e6, gathered_bytes=1e5,
+                       overlap_syncs=2, overlap_steps=overlap_steps, overlap_collectives=2, overlap_gathers=1,
+                       overlap_replica_bytes=2e6, overlap_gathered_bytes=5e4),
+               Traffic(syncs=1, collectives=1, replica_bytes=1e6)]
+    at_10 = ledger(10.0)
+    records = [at_10.record_epoch(t, steps=20, samples=640, measured_compute_s=0.0) for t in traffic]
+    assert sum(epoch_time_at(r, 10.0, 10.0) for r in records) == pytest.approx(records[-1]["modelled_time_s"])
+    for gbps in (0.1, 1.0, 100.0):
+        direct = ledger(gbps)
+        want = [direct.record_epoch(t, steps=20, samples=640, measured_compute_s=0.0) for t in traffic]
+        got = [epoch_time_at({f: r[f] for f in RESCALED_FIELDS}, gbps, 10.0) for r in records]
+        assert sum(got) == pytest.approx(want[-1]["modelled_time_s"], rel=1e-12)
+        assert got[0] == pytest.approx(want[0]["compute_time_s"] + want[0]["comm_time_s"] - want[0]["comm_hidden_s"])
+    slow = epoch_time_at(records[0], 0.1, 10.0)
+    assert slow > epoch_time_at(records[0], 100.0, 10.0)  # a slower network never models a faster epoch
+    with pytest.raises(ValueError, match="must be > 0"):
+        epoch_time_at(records[0], 0.0, 10.0)
+
+
 def test_a_ledger_checkpointed_before_overlap_existed_loads():
     from dpl.comm import CommLedger
 

@@ -128,7 +128,7 @@ def test_markdown_shows_mean_pm_ci_half_width_and_n_and_lists_the_failure(store)
 def test_figures_are_written(store):
     _, _, out = store
     for name in ("acc_vs_H", "acc_vs_rounds", "learning_curves", "h_over_epochs", "pareto", "acc_vs_time",
-                 "budget_to_target"):
+                 "budget_to_target", "time_vs_bandwidth"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not list(out.glob(".*.tmp")) and not list(out.glob(".*png"))  # no temp files left behind
 
@@ -183,6 +183,54 @@ def test_budget_to_target_equals_the_numbers_in_history_csv(store):
     assert "## Budget to reach" in (out / "report.md").read_text()
 
 
+def test_time_to_target_at_the_runs_own_bandwidth_is_the_budget_tables_modelled_time(store):
+    _, _, out = store
+    budget, bandwidth = _rows(out, "budget.csv"), _rows(out, "time_vs_bandwidth.csv")
+    assert sorted({float(r["bandwidth_gbps"]) for r in bandwidth}) == [1.0, 10.0, 100.0]
+    for h in (2, 4):
+        spent = _cell(budget, H=str(h), dynamic_h="constant")
+        at = {float(r["bandwidth_gbps"]): r for r in bandwidth if r["H"] == str(h) and r["dynamic_h"] == "constant"}
+        assert at[10.0]["reached"] == spent["reached"]  # the runs logged at 10 Gb/s (network.bandwidth_gbps)
+        assert float(at[10.0]["time_s_mean"]) == pytest.approx(float(spent["modelled_time_s_mean"]), rel=1e-9)
+        assert float(at[1.0]["time_s_mean"]) > float(at[10.0]["time_s_mean"]) > float(at[100.0]["time_s_mean"])
+
+
+def test_time_vs_bandwidth_hand_computed_and_legible():
+    from dpl.report import bandwidth_rows, fig_time_vs_bandwidth
+    from tests.legible import assert_legible
+
+    def run(method, seed, compute, latency, transfer, overlap=(0.0, 0.0, 0.0), accs=(0.2, 0.6)):
+        ol, ot, ow = overlap  # the overlapped syncs' latency and transfer, the compute they overlap
+        per_epoch = {"val_acc": accs, "compute_time_s": compute, "comm_time_s": latency + transfer,
+                     "comm_transfer_s": transfer, "overlap_latency_s": ol, "overlap_transfer_s": ot,
+                     "overlap_window_s": ow}
+        history = {k: [(e + 1, v if k == "val_acc" else float(v)) for e, v in
+                       enumerate(v if k == "val_acc" else [v] * len(accs))] for k, v in per_epoch.items()}
+        return RunRecord(run_id=f"{method}{seed}", status="FINISHED", history=history, metrics={"test_acc": 0.6},
+                         params={"method.name": method, "K": "4", "seed": str(seed), "network.bandwidth_gbps": "10"})
+
+    runs = [run("centralized", s, 1.0, 0.5, 1.5) for s in (0, 1)] + \
+        [run("streaming_diloco", s, 1.0, 0.1, 0.2, overlap=(0.05, 0.1, 0.6)) for s in (0, 1)] + \
+        [run("diloco", 0, 1.0, 0.1, 0.2), run("diloco", 1, 1.0, 0.1, 0.2, accs=(0.2, 0.3))]  # one never gets there
+    rows = bandwidth_rows(runs, group_columns(runs), target=0.5, bandwidths=(1.0, 10.0, 100.0))
+    got = {(r["method"], r["bandwidth_gbps"]): r for r in rows}
+    # two epochs each: compute + latency + transfer x 10 / bandwidth - min(overlapped, window)
+    assert got["centralized", 1.0]["time_s_mean"] == pytest.approx(2 * (1.0 + 0.5 + 15.0))
+    assert got["centralized", 100.0]["time_s_mean"] == pytest.approx(2 * (1.0 + 0.5 + 0.15))
+    assert got["streaming_diloco", 1.0]["time_s_mean"] == pytest.approx(2 * (1.0 + 0.1 + 2.0 - 0.6))  # capped
+    assert got["streaming_diloco", 100.0]["time_s_mean"] == pytest.approx(2 * (1.0 + 0.1 + 0.02 - 0.06))
+    assert (got["diloco", 10.0]["reached"], got["diloco", 10.0]["n"]) == (1, 2)
+    old = RunRecord(run_id="old", status="FINISHED", params={"method.name": "slowmo", "K": "4", "seed": "0"},
+                    metrics={}, history={"val_acc": [(1, 0.9)]})  # logged before the fields: left out
+    assert {r["method"] for r in bandwidth_rows([*runs, old], group_columns([*runs, old]), 0.5)} == \
+        {"centralized", "streaming_diloco", "diloco"}
+    fig = fig_time_vs_bandwidth(rows, list(group_columns(runs)))
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
+    assert_legible(fig, "time_vs_bandwidth.png")
+    labels = {t.get_text() for leg in fig.legends for t in leg.get_texts()}
+    assert any("reached 1 of 2" in label for label in labels)
+
+
 def test_baseline_and_target_options(store, tmp_path, capsys):
     uri, _, _ = store
     out = tmp_path / "o"
@@ -192,7 +240,8 @@ def test_baseline_and_target_options(store, tmp_path, capsys):
     assert rows and all("H=4" in r["baseline"] and "H=4" not in r["group"] for r in rows)
     budget = _rows(out, "budget.csv")  # nobody reaches 100 %: counted, not dropped
     assert budget and all(r["reached"] == "0" and r["epoch_mean"] == "" for r in budget)
-    for bad in (["--baseline", "nope=1"], ["--baseline", "H=99"], ["--target-acc", "7"]):
+    for bad in (["--baseline", "nope=1"], ["--baseline", "H=99"], ["--target-acc", "7"], ["--bandwidths", "1,0"],
+                ["--bandwidths", "fast"]):
         capsys.readouterr()
         code = _exit_code(lambda: main(["--experiment", "rep", "--tracking-uri", uri, "--out", str(out), *bad]))
         err = capsys.readouterr().err.strip().splitlines()

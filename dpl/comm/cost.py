@@ -46,7 +46,7 @@ survive a checkpoint and a resumed run reports the same curves.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
@@ -55,7 +55,11 @@ TOPOLOGIES = ("ring", "ps")
 
 # The fields of :meth:`CommLedger.record_epoch` that follow the compute time, and so the first epoch's
 # measured compute when ``network.sample_cost_s`` is unset: two runs of the same maths differ only here.
-CLOCKED_FIELDS = frozenset({"compute_time_s", "modelled_time_s", "comm_hidden_s", "peak_bandwidth_gbps"})
+CLOCKED_FIELDS = frozenset({"compute_time_s", "modelled_time_s", "comm_hidden_s", "peak_bandwidth_gbps",
+                            "overlap_window_s"})
+# What :func:`epoch_time_at` reads of an epoch's record.
+RESCALED_FIELDS = ("compute_time_s", "comm_time_s", "comm_transfer_s", "overlap_latency_s", "overlap_transfer_s",
+                   "overlap_window_s")
 
 
 def bytes_sent(nbytes: float, K: int, topology: str = "ring") -> float:
@@ -116,6 +120,23 @@ def gather_transfer_s(nbytes: float, K: int, bandwidth_gbps: float, topology: st
         return 0.0
     on_link = gather_bytes_sent(nbytes, K, "ring") if _topology(topology) == "ring" else float(K * K) * nbytes
     return on_link * 8.0 / (bandwidth_gbps * 1e9)
+
+
+def epoch_time_at(record: Mapping[str, float], bandwidth_gbps: float, recorded_gbps: float) -> float:
+    """The modelled seconds of one epoch's ``record`` (its :data:`RESCALED_FIELDS`, logged at
+    ``recorded_gbps``) on a network of ``bandwidth_gbps``, latency and compute unchanged.
+
+    Only the transfer parts scale, as 1 / bandwidth (every formula above is latency + bytes / β):
+    C = (C − C_β) + C_β · β₀/β for the epoch's communication and for its overlapped syncs, whose
+    time hides behind at most the steps they overlap (the ``comm_hidden_s`` of :class:`CommLedger`).
+    At ``bandwidth_gbps == recorded_gbps`` the epochs add up to the run's ``modelled_time_s``.
+    """
+    if bandwidth_gbps <= 0 or recorded_gbps <= 0:
+        raise ValueError(f"bandwidth_gbps={bandwidth_gbps}, recorded_gbps={recorded_gbps}: both must be > 0")
+    scale = recorded_gbps / bandwidth_gbps
+    comm = record["comm_time_s"] + record["comm_transfer_s"] * (scale - 1.0)
+    hidden = min(record["overlap_latency_s"] + record["overlap_transfer_s"] * scale, record["overlap_window_s"])
+    return record["compute_time_s"] + comm - hidden
 
 
 def _topology(name: str) -> str:
@@ -209,14 +230,20 @@ class CommLedger:
         # the latency of every collective, then all of the epoch's bytes over the busiest link
         comm_time = self._comm_s(traffic.collectives, traffic.gathers, traffic.replica_bytes, traffic.gathered_bytes,
                                  self.bandwidth_gbps)
+        comm_transfer = self._transfer_s(traffic.replica_bytes, traffic.gathered_bytes, self.bandwidth_gbps)
         if traffic.gathers:  # compressed payloads that are each worker's own (dpl.comm.compression)
             comm_bytes += gather_bytes_sent(traffic.gathered_bytes, self.K, self.topology)
         compute_time = samples * self.sample_cost_s * self.slowest  # the slowest worker ends each period
         # one worker's modelled compute of one step: what an overlapped sync can hide behind
         step_s = compute_time / steps if steps else 0.0
-        hidden = min(self._comm_s(traffic.overlap_collectives, traffic.overlap_gathers, traffic.overlap_replica_bytes,
-                                  traffic.overlap_gathered_bytes, self.bandwidth_gbps),
-                     traffic.overlap_steps * step_s)
+        # the overlapped syncs' time as latency + transfer (the part that scales with 1 / bandwidth), and
+        # the steps' compute they overlap: kept per epoch, so the time at another bandwidth follows
+        # (:func:`epoch_time_at`)
+        overlap_latency = self._latency_s(traffic.overlap_collectives, traffic.overlap_gathers)
+        overlap_transfer = self._transfer_s(traffic.overlap_replica_bytes, traffic.overlap_gathered_bytes,
+                                            self.bandwidth_gbps)
+        overlap_window = traffic.overlap_steps * step_s
+        hidden = min(overlap_latency + overlap_transfer, overlap_window)
         # the largest sync: its bytes, and the bandwidth at which it holds training back by at most one step
         peak_bytes = bytes_sent(traffic.peak_replica_bytes, self.K, self.topology) + \
             gather_bytes_sent(traffic.peak_gathered_bytes, self.K, self.topology)
@@ -243,6 +270,10 @@ class CommLedger:
             "comm_time_s": comm_time,
             "compute_time_s": compute_time,
             "comm_hidden_s": hidden,
+            "comm_transfer_s": comm_transfer,
+            "overlap_latency_s": overlap_latency,
+            "overlap_transfer_s": overlap_transfer,
+            "overlap_window_s": overlap_window,
             "modelled_time_s": self.compute_time_total_s + self.comm_time_total_s - self.comm_hidden_total_s,
             "peak_sync_bytes": peak_bytes,
             "peak_bandwidth_gbps": peak_gbps,
@@ -253,12 +284,15 @@ class CommLedger:
     def _comm_s(self, collectives: int, gathers: int, replica_bytes: float, gathered_bytes: float,
                 bandwidth_gbps: float) -> float:
         """Modelled seconds of ``collectives`` (``gathers`` of them all-gathers) moving these bytes."""
-        t = (collectives - gathers) * latency_s(self.K, self.latency_us, self.topology) + \
-            transfer_s(replica_bytes, self.K, bandwidth_gbps, self.topology)
-        if gathers:
-            t += gathers * gather_latency_s(self.K, self.latency_us, self.topology) + \
-                gather_transfer_s(gathered_bytes, self.K, bandwidth_gbps, self.topology)
-        return t
+        return self._latency_s(collectives, gathers) + self._transfer_s(replica_bytes, gathered_bytes, bandwidth_gbps)
+
+    def _latency_s(self, collectives: int, gathers: int) -> float:
+        return (collectives - gathers) * latency_s(self.K, self.latency_us, self.topology) + \
+            gathers * gather_latency_s(self.K, self.latency_us, self.topology)
+
+    def _transfer_s(self, replica_bytes: float, gathered_bytes: float, bandwidth_gbps: float) -> float:
+        return transfer_s(replica_bytes, self.K, bandwidth_gbps, self.topology) + \
+            gather_transfer_s(gathered_bytes, self.K, bandwidth_gbps, self.topology)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
