@@ -929,6 +929,9 @@ def fig_time_vs_bandwidth(rows: Sequence[Mapping[str, Any]], columns: Sequence[s
         every = [r["bandwidth_gbps"] for mine, _ in lines for r in mine]
         log_axis(ax, "x", min(every), max(every))
         ax.set_yscale("log")
+        # an interval reaching 0 (few seeds, wide spread) runs off the bottom instead of squashing the lines
+        low = [r["time_s_ci95_lo"] for mine, _ in lines for r in mine if r["time_s_ci95_lo"] > 0]
+        ax.set_ylim(bottom=0.5 * min([*low, *(r["time_s_mean"] for mine, _ in lines for r in mine)]))
         ax.set_xlabel("bandwidth (Gbit/s)")
         ax.set_ylabel("modelled time to target (s)")
     legend_outside(fig)
