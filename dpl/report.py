@@ -912,9 +912,8 @@ def fig_time_vs_bandwidth(rows: Sequence[Mapping[str, Any]], columns: Sequence[s
     for key in keys:
         mine = [r for r in rows if tuple(r[c] for c in columns) == key]
         name = dict(zip(columns, key)).get("dataset", "")
-        partial = min(r["reached"] for r in mine) < mine[0]["n"]
-        label = _label_of(key, columns, skip) + (f" (reached {min(r['reached'] for r in mine)} of {mine[0]['n']})"
-                                                 if partial else f" (n={mine[0]['n']})")
+        reached, n = min(r["reached"] for r in mine), mine[0]["n"]
+        label = _label_of(key, columns, skip) + (f" (reached {reached} of {n})" if reached < n else f" (n={n})")
         facets.setdefault(name, []).append((mine, label))
     fig, axes = _panels(facets, f"Modelled time to {100 * rows[0]['target_val_acc']:.2f} % validation accuracy "
                                 f"against bandwidth{_CI_NOTE}")

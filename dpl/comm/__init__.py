@@ -14,11 +14,11 @@ collective or averages over the worker axis (``tests/test_comm.py`` greps for it
 
 from dpl.comm.communicator import Communicator
 from dpl.comm.compression import COMPRESSORS, Compression, PlainAverage, build_compression
-from dpl.comm.cost import (CLOCKED_FIELDS, CommLedger, Traffic, bytes_sent, gather_bytes_sent, latency_s, param_bytes, sync_time_s,
-                           transfer_s)
+from dpl.comm.cost import (CLOCKED_FIELDS, CommLedger, Traffic, bytes_sent, gather_bytes_sent, latency_s, param_bytes,
+                           sync_time_s, transfer_s)
 from dpl.comm.point import CommPoint
 from dpl.comm.stacked import StackedComm
 
-__all__ = ["CLOCKED_FIELDS", "COMPRESSORS", "CommLedger", "CommPoint", "Communicator", "Compression", "PlainAverage", "StackedComm",
-           "Traffic", "build_compression", "bytes_sent", "gather_bytes_sent", "latency_s", "param_bytes",
+__all__ = ["CLOCKED_FIELDS", "COMPRESSORS", "CommLedger", "CommPoint", "Communicator", "Compression", "PlainAverage",
+           "StackedComm", "Traffic", "build_compression", "bytes_sent", "gather_bytes_sent", "latency_s", "param_bytes",
            "sync_time_s", "transfer_s"]

@@ -54,7 +54,7 @@ import torch
 TOPOLOGIES = ("ring", "ps")
 
 # The fields of :meth:`CommLedger.record_epoch` that follow the compute time, and so the first epoch's
-# measured compute when ``network.sample_cost_s`` is unset: two runs of the same maths differ only here.
+# measured compute when ``clock.sample_cost_us`` is unset: two runs of the same maths differ only here.
 CLOCKED_FIELDS = frozenset({"compute_time_s", "modelled_time_s", "comm_hidden_s", "peak_bandwidth_gbps",
                             "overlap_window_s"})
 # What :func:`epoch_time_at` reads of an epoch's record.
@@ -228,9 +228,8 @@ class CommLedger:
             self.sample_cost_s = measured_compute_s / max(samples, 1)
         comm_bytes = bytes_sent(traffic.replica_bytes, self.K, self.topology)
         # the latency of every collective, then all of the epoch's bytes over the busiest link
-        comm_time = self._comm_s(traffic.collectives, traffic.gathers, traffic.replica_bytes, traffic.gathered_bytes,
-                                 self.bandwidth_gbps)
         comm_transfer = self._transfer_s(traffic.replica_bytes, traffic.gathered_bytes, self.bandwidth_gbps)
+        comm_time = self._latency_s(traffic.collectives, traffic.gathers) + comm_transfer
         if traffic.gathers:  # compressed payloads that are each worker's own (dpl.comm.compression)
             comm_bytes += gather_bytes_sent(traffic.gathered_bytes, self.K, self.topology)
         compute_time = samples * self.sample_cost_s * self.slowest  # the slowest worker ends each period
@@ -247,8 +246,7 @@ class CommLedger:
         # the largest sync: its bytes, and the bandwidth at which it holds training back by at most one step
         peak_bytes = bytes_sent(traffic.peak_replica_bytes, self.K, self.topology) + \
             gather_bytes_sent(traffic.peak_gathered_bytes, self.K, self.topology)
-        peak_at_1gbps = transfer_s(traffic.peak_replica_bytes, self.K, 1.0, self.topology) + \
-            gather_transfer_s(traffic.peak_gathered_bytes, self.K, 1.0, self.topology)
+        peak_at_1gbps = self._transfer_s(traffic.peak_replica_bytes, traffic.peak_gathered_bytes, 1.0)
         window = (traffic.peak_overlap_steps + 1) * step_s
         peak_gbps = peak_at_1gbps / window if window > 0 else 0.0
         self.rounds_total += traffic.syncs
@@ -281,16 +279,13 @@ class CommLedger:
             "bookkeeping_bytes_total": self.bookkeeping_bytes_total,
         }
 
-    def _comm_s(self, collectives: int, gathers: int, replica_bytes: float, gathered_bytes: float,
-                bandwidth_gbps: float) -> float:
-        """Modelled seconds of ``collectives`` (``gathers`` of them all-gathers) moving these bytes."""
-        return self._latency_s(collectives, gathers) + self._transfer_s(replica_bytes, gathered_bytes, bandwidth_gbps)
-
     def _latency_s(self, collectives: int, gathers: int) -> float:
+        """The latency part of ``collectives`` (``gathers`` of them all-gathers): the same at any bandwidth."""
         return (collectives - gathers) * latency_s(self.K, self.latency_us, self.topology) + \
             gathers * gather_latency_s(self.K, self.latency_us, self.topology)
 
     def _transfer_s(self, replica_bytes: float, gathered_bytes: float, bandwidth_gbps: float) -> float:
+        """Seconds on the busiest link for these all-reduced and all-gathered bytes per worker."""
         return transfer_s(replica_bytes, self.K, bandwidth_gbps, self.topology) + \
             gather_transfer_s(gathered_bytes, self.K, bandwidth_gbps, self.topology)
 
