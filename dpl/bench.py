@@ -32,6 +32,12 @@ Each measurement warms up, then repeats and reports the median and spread
    the K payloads decoded and averaged, as :meth:`StackedWorkers.pseudo_gradient_` does it)
    against the plain parameter average of ``compression=none``, as a ratio (> 1: slower), beside
    the payload's bytes per worker against the fp32 replica's.
+7. ``pack``: the same sweep of R runs (``--pack-runs``, default 8 seeds) as whole processes, start-up
+   included, alternating: one ``python -m dpl`` per run; one ``python -m dpl -m`` with Hydra's basic
+   launcher (serially, one run after another); and with ``hydra/launcher=packed`` (one group), with the
+   engine's default simulation (loop on CPU: nothing fused) and with ``engine.simulate=vmap`` (fused);
+   for centralized batch 64 and LocalSGD K=4 H=8. Ratios of wall times against packed (> 1: packing is
+   faster). Goals: >= 4x a serial sweep on a GPU at R = 8; >= 1.0x on CPU.
 """
 
 from __future__ import annotations
@@ -338,8 +344,73 @@ def bench_compression(device: torch.device, args) -> None:
         print(f"  {r['name']:<12} {1e3 * r['seconds']:9.2f} {r['ratio']:8.2f} {r['bytes']:13d} {r['bytes_ratio']:8.4f}")
 
 
+PACK_RUNS = (("centralized K=1 batch 64", ["method=centralized", "K=1"]),
+             ("localsgd K=4 H=8", ["method=localsgd", "K=4", "H=8"]))
+
+
+def _command_seconds(cwd: Path, device: torch.device, overrides: list[str]) -> float:
+    """Wall seconds of one whole ``python -m dpl`` process (interpreter start-up included)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DPL_SWEEP_PARENT_RUN_ID": ""}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dpl", *overrides, f"device={device.type}"], cwd=cwd,
+                          env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"python -m dpl failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    return seconds
+
+
+PACK_VARIANTS = {"processes": [], "serial": ["-m"], "packed": ["-m", "hydra/launcher=packed"],
+                 "packed vmap": ["-m", "hydra/launcher=packed", "engine.simulate=vmap"]}
+
+
+def pack_rows(device: torch.device, args) -> list[dict]:
+    """Per run kind: median wall seconds of each way to run the R-run sweep (repeats, alternating).
+
+    ``processes``: one ``python -m dpl`` per run, one after another; ``serial``: one ``python -m dpl -m``
+    with Hydra's basic launcher; ``packed`` / ``packed vmap``: ``hydra/launcher=packed`` with the
+    engine's default simulation (loop on CPU: nothing fused) and with vmap (fused)."""
+    seeds = [str(s) for s in range(args.pack_runs)]
+    common = ["dataset=synthetic", f"dataset.num_train={args.pack_samples}", "dataset.num_test=500", "batch_size=64",
+              f"epochs={args.pack_epochs}", "logger=none", "progress=false"]
+    rows = []
+    for name, run in PACK_RUNS:
+        times: dict[str, list[float]] = {v: [] for v in PACK_VARIANTS}
+        with tempfile.TemporaryDirectory() as tmp:
+            for rep in range(args.pack_repeats):
+                for variant, extra in PACK_VARIANTS.items():
+                    where = Path(tmp) / f"{variant.replace(' ', '_')}{rep}"
+                    ov = [*common, *run, *extra, f"results_csv={where}.csv"]
+                    if variant == "processes":
+                        times[variant].append(sum(_command_seconds(Path(tmp), device, [
+                            *ov, f"seed={s}", f"hydra.run.dir={where}/{s}"]) for s in seeds))
+                    else:
+                        times[variant].append(_command_seconds(Path(tmp), device, [
+                            *ov, f"seed={','.join(seeds)}", f"hydra.sweep.dir={where}"]))
+        medians = {v: statistics.median(t) for v, t in times.items()}
+        rows.append({"run": name, **medians, "spread": {v: (min(t), max(t)) for v, t in times.items()}})
+    return rows
+
+
+def bench_pack(device: torch.device, args) -> None:
+    print(f"[pack] a sweep of R={args.pack_runs} seeds ({args.pack_epochs} epochs of {args.pack_samples} synthetic "
+          f"images, batch 64) on {device}, whole processes, median of {args.pack_repeats} (alternating): one process "
+          f"per run, Hydra's basic launcher (serial), hydra/launcher=packed (default simulation; and vmap, fused). "
+          f"Ratios: serial / packed (> 1: packing is faster; goal >= 4 on a GPU, >= 1.0 on CPU)")
+    print(f"  {'run':<24} {'processes s':>12} {'serial s':>9} {'packed s':>9} {'vmap s':>8} "
+          f"{'processes/packed':>17} {'serial/packed':>14} {'serial/vmap':>12}")
+    for r in pack_rows(device, args):
+        print(f"  {r['run']:<24} {r['processes']:12.1f} {r['serial']:9.1f} {r['packed']:9.1f} {r['packed vmap']:8.1f} "
+              f"{r['processes'] / r['packed']:17.2f} {r['serial'] / r['packed']:14.2f} "
+              f"{r['serial'] / r['packed vmap']:12.2f}")
+
+
 BENCHES = {"step": bench_step, "local": bench_local, "distributed": bench_distributed, "limit": bench_limit,
-           "layout": bench_layout, "compression": bench_compression}
+           "layout": bench_layout, "compression": bench_compression, "pack": bench_pack}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,6 +424,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", type=int, nargs="+", default=[2, 4], help="process counts of [distributed]")
     parser.add_argument("--samples", type=int, default=4000, help="synthetic images of [distributed]")
     parser.add_argument("--e2e-samples", type=int, default=6000, help="synthetic images of [limit]'s epochs")
+    parser.add_argument("--pack-runs", type=int, default=8, help="runs (seeds) of the [pack] sweep")
+    parser.add_argument("--pack-epochs", type=int, default=2, help="epochs of each [pack] run")
+    parser.add_argument("--pack-samples", type=int, default=2000, help="synthetic images of each [pack] run")
+    parser.add_argument("--pack-repeats", type=int, default=2, help="sweeps per variant of [pack], alternating")
     args = parser.parse_args(argv)
     unknown = [w for w in args.which if w not in BENCHES]
     if unknown:

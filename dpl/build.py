@@ -30,14 +30,16 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else launch_dir() / p
 
 
-def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=None) -> Trainer:
-    """Data, model, workers, method and optimizer for ``cfg`` (seeded: the same on every rank)."""
+def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=None,
+                  data_cache: dict | None = None) -> Trainer:
+    """Data, model, workers, method and optimizer for ``cfg`` (seeded: the same on every rank).
+    ``data_cache``: raw datasets already read, shared by the runs of a packed group (dpl.data.load_dataset)."""
 
     def load(download: bool):
         node = cfg.dataset if download or "download" not in cfg.dataset else \
             OmegaConf.merge(cfg.dataset, {"download": False})
         root = cfg.dataset.get("root")  # synthetic data has no files
-        return load_dataset(node, cfg.seed, device, root=resolve_path(root) if root else None)
+        return load_dataset(node, cfg.seed, device, root=resolve_path(root) if root else None, cache=data_cache)
 
     # engine=distributed: only rank 0 may download; the others wait for it
     data = load(True) if comm is None else comm.rank0_first(load)

@@ -202,12 +202,39 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
         for v in values:
             check_value(key, v, o.is_add())
     check_hydra_overrides(parsed, args, conf_dir)
+    check_launcher_overrides(parsed, args, conf_dir)
     ablating = any(o.key_or_group == "ablation" for o in parsed)
     if specific or ablating:  # a key only some options have: it must be one of the chosen option's
         for choices in chosen_options(parsed, args, conf_dir):
             for key in specific:
                 check_applies(key, choices)
             check_ablation(choices)
+
+
+def check_launcher_overrides(parsed: list, args: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """``hydra.launcher.*`` of dpl's packed launcher: its own keys, with values it accepts (Hydra would
+    report them in a traceback). Other launchers' keys are theirs to check."""
+    keys = [o for o in parsed if o.key_or_group.startswith("hydra.launcher.")]
+    if not keys:
+        return
+    with composer(args, conf_dir) as compose:
+        launcher = compose([o.input_line for o in parsed if o.key_or_group == "hydra/launcher"]).hydra.launcher
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("BasicLauncher"):
+        raise ConfigError(f"{keys[0].key_or_group} is not a key of Hydra's basic launcher, which has none "
+                          f"(the packed launcher's keys need hydra/launcher=packed)")
+    if not target.startswith("hydra_plugins.dpl_launchers."):
+        return
+    for o in keys:
+        key = o.key_or_group[len("hydra.launcher."):]
+        if key not in launcher or key == "_target_":
+            allowed = ", ".join(str(k) for k in launcher.keys() if k != "_target_")
+            raise ConfigError(f"{o.key_or_group} is not a key of the packed launcher: allowed {allowed}")
+        for value in _values(o):
+            if key == "max_pack" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ConfigError(f"{o.key_or_group}={value!r} is invalid: allowed an integer >= 1")
+            if key == "fuse" and not isinstance(value, bool):
+                raise ConfigError(f"{o.key_or_group}={value!r} is invalid: allowed true or false")
 
 
 # Hydra's flags that take a value (``--config-name optuna_lr``); the value is not an override.

@@ -29,8 +29,9 @@ class Recorder:
     """Plumbing beside the loop: MLflow, checkpoints, progress bar, plots, results CSV."""
 
     def __init__(self, cfg: DictConfig, out_dir: Path, resume_run_id: Optional[str] = None,
-                 writer: bool = True, resume_uri: Optional[str] = None) -> None:
+                 writer: bool = True, resume_uri: Optional[str] = None, progress: bool = True) -> None:
         self.cfg, self.out_dir = cfg, out_dir
+        self.progress = progress  # False: a packed group's runs, which share the group's one bar (dpl.pack)
         # Ranks other than 0 of engine=distributed take part in checkpoint gathers but write nothing.
         self.writer = writer
         self.ckpt_path = out_dir / checkpoint.FILENAME
@@ -60,7 +61,7 @@ class Recorder:
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        show = bool(self.cfg.progress and self.writer)
+        show = bool(self.cfg.progress and self.writer and self.progress)
         s = trainer.state
         self.bar = tqdm(total=self.cfg.epochs, initial=s.epoch, desc=f"{self.cfg.method.name}", unit="epoch",
                         disable=not show, dynamic_ncols=True, position=0)

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -532,23 +532,43 @@ def _first_line(e: BaseException) -> str:
     return cause[:200]
 
 
-def find_finished_run(cfg_logger: Any, sweep: str | None, digest: str) -> Any:
-    """The FINISHED run with config digest ``digest`` of sweep ``sweep`` (``None``: of a multirun
-    without a sweep name, tag :data:`MULTIRUN_TAG`), or None."""
+def _sweep_runs(cfg_logger: Any, sweep: str | None, digest: str, status: str | None = None) -> tuple[Any, list]:
+    """(client, runs) of sweep ``sweep`` (``None``: of a multirun without a sweep name, tag
+    :data:`MULTIRUN_TAG`) with config digest ``digest`` (and ``status``), newest first; (None, []) without a store."""
     uri = resolve_tracking_uri(cfg_logger.tracking_uri, launch_dir())
     if not _store_exists(uri):
-        return None
+        return None, []
     client = open_store(uri, timeout_s=PROBE_TIMEOUT_S)
     experiment = client.get_experiment_by_name(cfg_logger.experiment)
     if experiment is None:
-        return None
+        return client, []
     group = f"tags.`{MULTIRUN_TAG}` = 'true'" if sweep is None else tag_filter("sweep", sweep)
     query = " and ".join(q for q in (group, f"tags.`{CONFIG_HASH_TAG}` = '{digest}'",
-                                     "attributes.status = 'FINISHED'") if q)
-    runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=1000)
+                                     f"attributes.status = '{status}'" if status else None) if q)
+    runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=1000,
+                              order_by=["attributes.start_time DESC"])
     # a sweep name with both quotes has no filter (tag_filter): matched here
-    runs = [r for r in runs if sweep is None or r.data.tags.get("sweep") == sweep]
+    return client, [r for r in runs if sweep is None or r.data.tags.get("sweep") == sweep]
+
+
+def find_finished_run(cfg_logger: Any, sweep: str | None, digest: str) -> Any:
+    """The FINISHED run with config digest ``digest`` of sweep ``sweep`` (as :func:`_sweep_runs`), or None."""
+    _, runs = _sweep_runs(cfg_logger, sweep, digest, "FINISHED")
     return runs[0] if runs else None
+
+
+def find_unfinished_job(cfg_logger: Any, sweep: str | None, digest: str,
+                        resumable: Callable[[Path], bool]) -> Path | None:
+    """The job dir of this sweep's newest run with config digest ``digest`` (as :func:`_sweep_runs`) that
+    was stopped (KILLED, or RUNNING with its process gone: ended KILLED here) and whose dir is
+    ``resumable``, or None. A re-run packed sweep resumes such a job where it stopped."""
+    client, runs = _sweep_runs(cfg_logger, sweep, digest)
+    for run in runs:
+        if end_if_dead(client, run) or run.info.status == "KILLED":
+            job = run.data.tags.get(JOB_DIR_TAG)
+            if job and resumable(Path(job)):
+                return Path(job)
+    return None
 
 
 def check_tracking(cfg_logger: Any, resume_uri: str | None = None) -> None:

@@ -185,23 +185,37 @@ class Trainer:
 
     def train_epoch(self) -> None:
         """One pass of every worker over its shard, resuming at ``state.step``."""
-        order = self.shards if self.hp.shuffle == "once" else epoch_order(self.shards, self.state.epoch, self.cfg.seed)
+        order = self.epoch_order()
         while self.state.step < self.steps_per_epoch:
             self.train_step(order)
             for hook in self.on_step:
                 hook(self)
 
+    def epoch_order(self) -> torch.Tensor:
+        """Each worker's sample order in the epoch in progress [K, n] (a function of the seed and epoch)."""
+        return self.shards if self.hp.shuffle == "once" else epoch_order(self.shards, self.state.epoch, self.cfg.seed)
+
     def train_step(self, order: torch.Tensor) -> None:
         """One local step of every worker; a sync when the period (or the epoch) ends."""
-        s, cfg, workers, method = self.state, self.hp, self.workers, self.method
         t0 = time.perf_counter()
-        lr_i = self.lr_index(s.global_step)
-        s.lr = self.lr_table[lr_i]  # the host's copy, for the outer step and the record
-        idx = batch_indices(order, s.step, cfg.batch_size)
+        idx, lr_i = self.step_inputs(order)
         # Each of this process's workers: its batch, cropped and flipped by a hash of (seed, step, worker,
         # sample), forward, backward, the method's gradient hook (synchronous methods all-reduce the
         # gradients), the inner optimizer's step at lr_table[lr_i] (dpl.engine.step: eager, compiled or a graph)
-        losses, correct = self.local_step(idx, s.global_step, lr_i, s.epoch)
+        losses, correct = self.local_step(idx, self.state.global_step, lr_i, self.state.epoch)
+        self.end_step(idx, losses, correct)
+        self.state.compute_s += time.perf_counter() - t0
+
+    def step_inputs(self, order: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The batch indices [K, B] of the step in progress and its entry of the lr table."""
+        s = self.state
+        lr_i = self.lr_index(s.global_step)
+        s.lr = self.lr_table[lr_i]  # the host's copy, for the outer step and the record
+        return batch_indices(order, s.step, self.hp.batch_size), lr_i
+
+    def end_step(self, idx: torch.Tensor, losses: torch.Tensor, correct: torch.Tensor) -> None:
+        """After the local step: the sync when the period (or the epoch) ends, and the epoch's sums."""
+        s, workers, method = self.state, self.workers, self.method
         s.period += 1
         if method.syncs_after(s.epoch, s.period, s.H, last_step=s.step == self.steps_per_epoch - 1, step=s.step + 1):
             # average, then the outer step on the pseudo-gradient
@@ -213,7 +227,6 @@ class Trainer:
         s.step += 1
         s.global_step += 1
         self.sums.add(losses, correct, idx.shape[1])
-        s.compute_s += time.perf_counter() - t0
 
     def end_epoch(self) -> None:
         s, point = self.state, self.workers.point

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -63,12 +63,20 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tenso
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | None = None) -> DeviceData:
+def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | None = None,
+                 cache: Optional[dict] = None) -> DeviceData:
     """Load the ``dataset`` config node's data, split train/val with ``seed``, move it to ``device``.
 
     ``root`` (absolute, resolved by the caller) overrides ``cfg.root``; the test set is the official one.
+    ``cache``: the raw images of each (dataset node, root) read once and kept there, for the runs of a
+    packed sweep, which differ at most in their seed's split (the raw data does not depend on the seed).
     """
-    raw = lookup(DATASETS, "dataset", cfg.name)(cfg, root)
+    key = (repr(sorted(_plain(cfg).items())), str(root))
+    raw = cache.get(key) if cache is not None else None
+    if raw is None:
+        raw = lookup(DATASETS, "dataset", cfg.name)(cfg, root)
+        if cache is not None:
+            cache[key] = raw
     train_idx, val_idx = split_train_val(len(raw.train_y), float(cfg.val_fraction), seed)
     x, y = raw.train_x, raw.train_y
     return DeviceData(
@@ -82,6 +90,12 @@ def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | N
         crop_padding=int(cfg.crop_padding),
         augment_val=bool(cfg.get("augment_val", False)),
     )
+
+
+def _plain(cfg: Any) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
 def train_key(seed: int, step: int) -> int:

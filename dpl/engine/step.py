@@ -99,7 +99,17 @@ class LocalStep:
         return losses, correct
 
     def zero_grads(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.clear_grads(set_to_none=True)
+
+    def clear_grads(self, set_to_none: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def graph_tensors(self) -> list[torch.Tensor]:
+        """The tensors a captured step reads and writes besides the parameters: the gradients and
+        the optimizer state (a restart or a resume replaces them)."""
+        params = self.workers.params
+        return [p.grad for p in params] + [t for p in params for t in self.optimizer.state.get(p, {}).values()
+                                           if torch.is_tensor(t)]
 
     def gradients(self, idx: torch.Tensor) -> Outputs:
         total, losses, correct = self.batch_losses(idx, self.key)
@@ -225,7 +235,7 @@ class GraphStep(LocalStep):
 
     def zero_grads(self) -> None:
         # in place: the gradient tensors stay the ones every graph reads and writes (0 + g is exactly g)
-        self.optimizer.zero_grad(set_to_none=False)
+        self.clear_grads(set_to_none=False)
 
     def _on_side_stream(self, fn: Callable[[], Outputs]) -> Outputs:
         main = torch.cuda.current_stream()
@@ -268,11 +278,9 @@ class GraphStep(LocalStep):
         return entry
 
     def _fingerprint(self) -> tuple[int, ...]:
-        """Which tensors the graphs read and write besides the parameters: the gradients and the
-        optimizer state. A restart or a resume replaces them, and the graphs would go on using the old ones."""
-        params = self.workers.params
-        state = [id(t) for p in params for t in self.optimizer.state.get(p, {}).values() if torch.is_tensor(t)]
-        return (*[id(p.grad) for p in params], *state)
+        """Which tensors the graphs read and write besides the parameters (:meth:`graph_tensors`). A
+        restart or a resume replaces them, and the graphs would go on using the old ones."""
+        return tuple(id(t) for t in self.graph_tensors())
 
 
 def build_local_step(mode: str, *args: Any, optimizer_name: str = "sgdm", **kwargs: Any) -> LocalStep:

@@ -312,3 +312,31 @@ def _flat64(stacked: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _stack(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.detach().unsqueeze(0).repeat(k, *([1] * t.dim())).contiguous()
+
+
+def packed_losses(members: Sequence[StackedWorkers], x: torch.Tensor,
+                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The workers of several runs of one model as one stacked batch: each worker's mean loss and
+    correct count [R·K] for inputs x [R·K, B, ...] (run r's workers are rows r·K .. r·K + K − 1).
+
+    The runs' stacked parameters are concatenated along the worker dimension and the model runs
+    once, vmapped over all R·K workers (HFTA's fused array of jobs, Wang et al. 2021, as dpl's K
+    workers are fused already); the concatenation's backward hands each run's leaf tensors exactly
+    their own gradients, as each worker's loss depends only on its own slice. BatchNorm's buffers
+    take their new values run by run afterwards.
+    """
+    lead = members[0]
+    params = tuple(torch.cat([m.params[i] for m in members]) for i in range(len(lead.params)))
+    with _autocast(x.device, lead.precision, lead.autocast_cache):
+        if lead.buffers:
+            buffers = tuple(torch.cat([m.buffers[i] for m in members]) for i in range(len(lead.buffers)))
+            logits, new = vmap(lead._forward_updating)(params, buffers, x)
+            with torch.no_grad():
+                for i, stacked in enumerate(new):
+                    for m, part in zip(members, stacked.split([m.k_local for m in members])):
+                        m.buffers[i].copy_(part)
+        else:
+            logits = vmap(lead._forward_one)(params, (), x)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    correct = (logits.detach().argmax(-1) == y).sum(1)
+    return losses, correct
