@@ -369,3 +369,19 @@ def finished_runs_all(db: Path):
     client = mlflow_client(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("dpl")
     return client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.slow  # the command as it is (4 runs of the study's LocalSGD row, ~40 s) and its report
+def test_the_study_row_packed_over_four_seeds_lands_four_runs_that_the_report_groups(tmp_path):
+    from dpl.report import main as report
+
+    proc = run_cli(tmp_path, ["-m", "hydra/launcher=packed", "experiment=study/localsgd", "seed=range(4)",
+                              "dataset=synthetic", "epochs=2", "progress=false", "logger.plots=false"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 jobs in 1 groups (sizes 4; max_pack=8); packed runs differ in seed" in proc.stdout + proc.stderr
+    out = tmp_path / "report"
+    report(["--experiment", "study", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(out)])
+    text = (out / "report.md").read_text()
+    assert "4 finished, 0 failed" in text
+    table = [line for line in text.splitlines() if line.startswith("| synthetic | localsgd |")]
+    assert table and "(4)" in table[0]

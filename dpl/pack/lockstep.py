@@ -115,6 +115,8 @@ class Lockstep:
         key = tuple(members)
         step = self._fused.get(key)
         if step is None:
+            live = set(self.live())  # a fused step of a run that has left is not taken again: its graphs go
+            self._fused = {k: v for k, v in self._fused.items() if live.issuperset(k)}
             step = self._fused[key] = fused_step([self.trainers[i].local_step for i in members], lead.compile)
         idx = torch.stack([inputs[i][0] for i in members])
         losses, correct = step(idx, s.global_step, inputs[members[0]][1], s.epoch)
