@@ -99,7 +99,7 @@ def test_packed_runs_equal_each_run_alone_bit_for_bit_in_loop_mode(name):
         assert_same(run, together)
 
 
-@pytest.mark.parametrize("name", ["centralized", "localsgd", "diloco"])
+@pytest.mark.parametrize("name", ["centralized", pytest.param("localsgd", marks=pytest.mark.slow), "diloco"])
 def test_fused_vmap_runs_equal_each_run_alone_to_float_tolerance(name):
     cfgs = [compose_cfg(*SMALL, *METHOD_RUNS[name], "engine.simulate=vmap", *m) for m in MEMBERS[:2]]
     trainers = [build_trainer(c, CPU) for c in cfgs]
@@ -113,6 +113,7 @@ def test_fused_vmap_runs_equal_each_run_alone_to_float_tolerance(name):
         assert_close(alone(cfg), together)
 
 
+@pytest.mark.slow  # ResNet-20's BatchNorm buffers through the fused step (~3 s)
 def test_fused_step_keeps_each_runs_batchnorm_statistics():
     base = [*SMALL, "model=resnet20", "dataset.image_size=32", "epochs=1", "dataset.num_train=200",
             "method=localsgd", "K=2", "H=2", "engine.simulate=vmap"]
@@ -132,6 +133,7 @@ def test_runs_with_their_own_H_and_dynamic_H_pack_and_sync_on_their_own_schedule
         assert_same(alone(cfg), together)
 
 
+@pytest.mark.slow  # the Lockstep side of test_a_diverging_member_ends_failed_with_its_reason_and_the_others_finish
 def test_a_diverging_run_leaves_the_group_and_the_others_go_on():
     base = [*SMALL, "method=localsgd", "K=2", "H=2", "engine.simulate=loop", "epochs=3"]
     cfgs = [compose_cfg(*base), compose_cfg(*base, "lr=1e9", "seed=1"), compose_cfg(*base, "seed=2")]
