@@ -16,11 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from dpl import checkpoint
 from dpl.comm import build_compression
 from dpl.comm.drops import Drops
-from dpl.data import load_dataset
+from dpl.data import TEXT_DATASETS, load_dataset
 from dpl.engine import build_workers
 from dpl.errors import ConfigError, first_line
 from dpl.methods import build_method
-from dpl.models import build_model
+from dpl.models import MODELS, SEQUENCE_MODELS, build_model
 from dpl.tracking import launch_dir
 from dpl.train import Trainer
 
@@ -38,9 +38,14 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=Non
     def load(download: bool):
         node = cfg.dataset if download or "download" not in cfg.dataset else \
             OmegaConf.merge(cfg.dataset, {"download": False})
-        root = cfg.dataset.get("root")  # synthetic data has no files
+        root = cfg.dataset.get("root") or cfg.dataset.get("path")  # synthetic data has no files; text, a path
         return load_dataset(node, cfg.seed, device, root=resolve_path(root) if root else None, cache=data_cache)
 
+    text = cfg.dataset.name in TEXT_DATASETS
+    if text != (cfg.model.name in SEQUENCE_MODELS):
+        allowed = SEQUENCE_MODELS if text else [m for m in MODELS if m not in SEQUENCE_MODELS]
+        raise ConfigError(f"model={cfg.model.name} is invalid with dataset={cfg.dataset.name}: allowed "
+                          f"{', '.join(allowed)}")
     # engine=distributed: only rank 0 may download; the others wait for it
     data = load(True) if comm is None else comm.rank0_first(load)
     n_train = int(data.train_y.shape[0])
@@ -49,9 +54,11 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=Non
                           f"{cfg.dataset.name})")
     torch.manual_seed(cfg.seed)
     try:
-        model = build_model(cfg.model.name, data.channels, data.num_classes, data.image_size).to(device)
+        options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+        model = build_model(cfg.model.name, data.channels, data.num_classes, data.image_size, **options).to(device)
     except ValueError as e:  # the model cannot take these images
-        raise ConfigError(f"dataset.image_size={data.image_size} is invalid: {e}") from None
+        key = "dataset.block_size" if text else "dataset.image_size"
+        raise ConfigError(f"{key}={data.image_size} is invalid: {e}") from None
     if cfg.pretrained:
         weights = checkpoint.load_weights(resolve_path(cfg.pretrained))
         try:

@@ -109,12 +109,46 @@ class SyntheticDatasetConfig(DatasetBase):
         _at_least("dataset.noise", self.noise, 0.0)
 
 
+@dataclass
+class TextDatasetConfig(DatasetBase):
+    """Byte-level text (dpl.data.text): every UTF-8 file under ``path``, split by position in each file.
+    ``augment``: each training window starts at a random offset past its slot (no crops or flips)."""
+
+    path: str = "/usr/share/games/fortunes"  # Debian's fortunes (apt-get install fortunes); relative: the launch dir
+    block_size: int = 64  # bytes per window (the model's context must hold it)
+    test_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("dataset.block_size", self.block_size, 1, "an integer")
+        _check(0.0 < self.test_fraction < 1.0 and self.val_fraction + self.test_fraction < 1.0,
+               "dataset.test_fraction", self.test_fraction, "0 < x < 1 - dataset.val_fraction")
+
+
 # --- model
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
+
+
+@dataclass
+class GptConfig(ModelConfig):
+    """A decoder-only transformer over bytes (dpl.models.GPT)."""
+
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    block_size: int = 64  # the longest context (positions); dataset.block_size may not exceed it
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            _at_least(f"model.{key}", getattr(self, key), 1, "an integer")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd,
+               f"a multiple of model.n_head={self.n_head}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "0 <= x < 1")
 
 
 # --- optimizer
@@ -582,8 +616,9 @@ _HRANGE = ("asc_linear", "desc_linear", "asc_pow2", "desc_pow2")
 # group -> option -> schema; the options are the YAML files conf/<group>/<option>.yaml
 SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"cifar10": FileDatasetConfig, "cifar100": FileDatasetConfig,
-                "fashion_mnist": FileDatasetConfig, "synthetic": SyntheticDatasetConfig},
-    "model": {"lenet5": ModelConfig, "resnet20": ModelConfig},
+                "fashion_mnist": FileDatasetConfig, "synthetic": SyntheticDatasetConfig, "text": TextDatasetConfig},
+    "model": {"lenet5": ModelConfig, "resnet20": ModelConfig, "gpt": GptConfig, "gpt_tiny": GptConfig,
+              "gpt_small": GptConfig},
     "optimizer": {"sgdm": SgdmConfig, "adamw": AdamwConfig, "lars": LarsConfig, "lamb": LambConfig,
                   "muon": MuonConfig},
     "scheduler": {"constant": SchedulerBase, "cosine": CosineConfig, "poly": PolyConfig, "step": StepConfig},

@@ -184,7 +184,7 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
                  cfg.epochs, saved.epochs)
         saved.epochs = cfg.epochs
     origin = ckpt.get("launch_dir")
-    for key in ("results_csv", "dataset.root"):  # relative to where the job was first started, not to here
+    for key in ("results_csv", "dataset.root", "dataset.path"):  # relative to where the job was first started
         value = str(OmegaConf.select(saved, key))
         if OmegaConf.select(saved, key) is None:  # a dataset without files
             continue

@@ -427,7 +427,7 @@ def _type_name(typ: Any) -> str:
 def registries() -> dict[str, dict]:
     """Every config group's registry: group name -> {YAML option name: builder}."""
     from dpl.comm.compression import COMPRESSORS
-    from dpl.data import DATASETS
+    from dpl.data import DATASETS, TEXT_DATASETS
     from dpl.dynamic_h import STRATEGIES
     from dpl.engine import ENGINES
     from dpl.methods import METHODS
@@ -437,7 +437,7 @@ def registries() -> dict[str, dict]:
     from dpl.study import ABLATIONS
     from dpl.tracking import LOGGERS
 
-    return {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+    return {"dataset": {**DATASETS, **TEXT_DATASETS}, "model": MODELS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
             "method": METHODS, "dynamic_h": STRATEGIES, "engine": ENGINES, "logger": LOGGERS,
             "ablation": ABLATIONS, "compression": COMPRESSORS}
 

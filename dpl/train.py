@@ -226,7 +226,7 @@ class Trainer:
             s.period = 0
         s.step += 1
         s.global_step += 1
-        self.sums.add(losses, correct, idx.shape[1])
+        self.sums.add(losses, correct, idx.shape[1] * self.data.tokens_per_sample)  # text: bytes, not windows
 
     def end_epoch(self) -> None:
         s, point = self.state, self.workers.point
@@ -243,7 +243,9 @@ class Trainer:
         # s.epoch stays the number of epochs done, which the schedules and the checkpoint count by.
         record = {
             "epoch": s.epoch + 1, "train_loss": train_loss, "train_acc": correct / max(seen, 1),
-            "val_loss": val_loss, "val_acc": val_acc, "lr": s.lr, "H": s.H,
+            "val_loss": val_loss, "val_acc": val_acc,
+            **self.data.metrics("train", train_loss), **self.data.metrics("val", val_loss),  # text: bits per byte
+            "lr": s.lr, "H": s.H,
             "epoch_time_s": s.compute_s, "samples_per_s": seen / max(s.compute_s, 1e-9),
             "drift": drift_sum / s.syncs if s.syncs else 0.0,
             # modelled: a worker of a real cluster computes only its own share of the simulated steps
@@ -306,6 +308,7 @@ class Trainer:
         best = self.best_weights if self.best_weights is not None else self.workers.mean_replica()
         _, test_acc_best = self.evaluate("test", best)
         return {"test_loss": test_loss, "test_acc": test_acc, "test_acc_best": test_acc_best,
+                **self.data.metrics("test", test_loss),
                 "best_val_acc": self.state.best_val_acc, "best_epoch": self.state.best_epoch,
                 "epochs_run": self.state.epoch}
 

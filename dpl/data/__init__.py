@@ -16,15 +16,17 @@ import torch
 from dpl.data.augment import EVAL, TRAIN, augment_bits, draw_bits, normalize, random_crop_flip, signed64, stream_key
 from dpl.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, steps_per_epoch
 from dpl.data.sources import DATASETS, DatasetUnavailable, RawData
+from dpl.data.text import TextData, load_text
 from dpl.registry import lookup
 
 __all__ = [
-    "DATASETS", "SHARDINGS", "DatasetUnavailable", "DeviceData", "RawData",
+    "DATASETS", "SHARDINGS", "TEXT_DATASETS", "DatasetUnavailable", "DeviceData", "RawData", "TextData",
     "batch_indices", "epoch_order", "eval_batches", "load_dataset", "make_batch", "make_shards",
     "split_train_val", "steps_per_epoch", "train_key",
 ]
 
 SPLITS = ("train", "val", "test")
+TEXT_DATASETS = {"text": load_text}  # datasets of bytes (dpl.data.text), loaded onto the device whole
 
 
 @dataclass
@@ -50,6 +52,15 @@ class DeviceData:
     def image_size(self) -> int:
         return self.train_x.shape[2]
 
+    @property
+    def tokens_per_sample(self) -> int:
+        """What a sample counts in the epoch's sums and rates: one image (a text window counts its bytes)."""
+        return 1
+
+    def metrics(self, split: str, loss: float) -> dict[str, float]:
+        """A split's metrics beside its loss and accuracy (text: bits per byte); none for images."""
+        return {}
+
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in SPLITS:
             raise KeyError(f"split={name!r} is unknown: allowed {', '.join(SPLITS)}")
@@ -71,6 +82,8 @@ def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | N
     ``cache``: the raw images of each (dataset node, root) read once and kept there, for the runs of a
     packed sweep, which differ at most in their seed's split (the raw data does not depend on the seed).
     """
+    if cfg.name in TEXT_DATASETS:  # bytes, not images: split by position, windows for samples
+        return TEXT_DATASETS[cfg.name](cfg, device, root)
     key = (repr(sorted(_plain(cfg).items())), str(root))
     raw = cache.get(key) if cache is not None else None
     if raw is None:
@@ -120,6 +133,8 @@ def make_batch(
     dimension, e.g. one rank's workers) returns only those rows, and they get exactly the
     crops they would get as part of the full batch.
     """
+    if isinstance(data, TextData):
+        return data.batch(idx, key, train, split, rows)
     xs, ys = data.split(split)
     rows = slice(0, idx.shape[0]) if rows is None else rows
     keep = idx[rows]
@@ -153,6 +168,9 @@ def eval_batches(data: DeviceData, split: str, batch_size: int,
     process or device evaluates a batch, and the same for every ``batch_size`` (the study
     validates on augmented images this way).
     """
+    if isinstance(data, TextData):
+        yield from data.eval_batches(split, batch_size)
+        return
     xs, ys = data.split(split)
     keys = None
     if augment_key is not None:  # one key per block, mixed on the host and sent to the device once

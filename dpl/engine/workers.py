@@ -110,9 +110,8 @@ class StackedWorkers:
         """
         with _autocast(x.device, self.precision, self.autocast_cache):
             logits = self.forward(x)
-            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
-        correct = (logits.detach().argmax(-1) == y).sum(1)
-        return losses, correct
+            losses = worker_losses(logits, y)
+        return losses, worker_correct(logits, y)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each worker's mean cross-entropy on its own batch, and its correct count.
@@ -245,7 +244,7 @@ class StackedWorkers:
         try:
             for x, y in batches:
                 logits = functional_call(self.model, weights, (self._layout(x),))
-                loss = F.cross_entropy(logits, y, reduction="sum")
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
                 hits = (logits.argmax(-1) == y).sum()
                 loss_sum = loss if loss_sum is None else loss_sum + loss
                 correct = hits if correct is None else correct + hits
@@ -337,6 +336,17 @@ def packed_losses(members: Sequence[StackedWorkers], x: torch.Tensor,
                         m.buffers[i].copy_(part)
         else:
             logits = vmap(lead._forward_one)(params, (), x)
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
-    correct = (logits.detach().argmax(-1) == y).sum(1)
-    return losses, correct
+        losses = worker_losses(logits, y)
+    return losses, worker_correct(logits, y)
+
+
+def worker_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each worker's mean cross-entropy [K] of logits [K, B, (T,) classes] against targets [K, B, (T,)]:
+    over its B images, or its B·T next-byte predictions."""
+    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+    return flat.view(y.shape).flatten(1).mean(1)
+
+
+def worker_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each worker's correct predictions [K] (images, or bytes of its windows)."""
+    return (logits.detach().argmax(-1) == y).flatten(1).sum(1)

@@ -1,0 +1,150 @@
+"""The language-model workload: dataset=text (bytes of real text), model=gpt_tiny, and the identities
+every method keeps on it. The corpus is Debian's fortunes (apt-get install fortunes; .ci/run installs it):
+each test copies the first 12 kB of three of its files into its own folder."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpl.build import build_trainer
+from dpl.data import batch_indices, epoch_order, load_dataset, make_batch
+from dpl.data.text import read_corpus
+from dpl.train import WALL_CLOCK_FIELDS
+from tests.conftest import compose_cfg
+from tests.resume import assert_resume_is_exact
+
+FORTUNES = Path("/usr/share/games/fortunes")
+needs_corpus = pytest.mark.skipif(not (FORTUNES / "computers").is_file(),
+                                  reason="Debian's fortunes is not installed (apt-get install fortunes)")
+pytestmark = needs_corpus
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    where = tmp_path / "corpus"
+    where.mkdir()
+    for name in ("computers", "cookie", "literature"):
+        (where / name).write_bytes((FORTUNES / name).read_bytes()[:12_000])
+    (where / "computers.dat").write_bytes(b"\x00\x01binary index")  # as fortune's: left out
+    return where
+
+
+def text_cfg(corpus, *overrides):
+    return compose_cfg("dataset=text", f"dataset.path={corpus}", "dataset.block_size=32", "model=gpt_tiny",
+                       "batch_size=16", "optimizer=adamw", "lr=3e-3", "scheduler=constant", *overrides)
+
+
+def test_the_corpus_is_the_text_files_only(corpus):
+    assert [name for name, _ in read_corpus(corpus)] == ["computers", "cookie", "literature"]
+
+
+def test_windows_are_a_pure_function_of_seed_step_worker_sample_and_stay_in_their_split(corpus):
+    data = load_dataset(text_cfg(corpus, "K=2").dataset, 0, CPU)
+    n = len(data.train_tokens)
+    assert len(data.val_tokens) + len(data.test_tokens) + n == 36_000
+    idx = torch.tensor([[0, 5, 900], [3, 7, 999]])  # slots of two workers (999: the split's last)
+    x, y = make_batch(data, idx, (0, 4), train=True)
+    assert x.shape == y.shape == (2, 3, 32) and x.dtype == torch.int64
+    assert torch.equal(x[..., 1:], y[..., :-1])  # targets are the next bytes
+    again, _ = make_batch(data, idx, (0, 4), train=True)
+    assert torch.equal(x, again)  # the same (seed, step): the same windows
+    other, _ = make_batch(data, idx, (0, 5), train=True)
+    assert not torch.equal(x, other)  # another step: other offsets
+    one, _ = make_batch(data, idx, (0, 4), train=True, rows=slice(1, 2))
+    assert torch.equal(one[0], x[1])  # worker 1 alone (a rank) gets its windows of the full batch
+    tokens = data.train_tokens
+    for k in range(2):
+        for b in range(3):  # each window is a span of the train split past its slot's start
+            start = next(s for s in range(idx[k, b] * 32, min(idx[k, b] * 32 + 32, n - 32)) if
+                         torch.equal(tokens[s:s + 32].long(), x[k, b]))
+            assert 0 <= start <= n - 33
+    val = list(__import__("dpl.data", fromlist=["eval_batches"]).eval_batches(data, "val", 10))
+    assert sum(v[0].shape[0] for v in val) == (len(data.val_tokens) - 1) // 32
+
+
+def test_gpt_tiny_learns_the_corpus_below_the_unigram_entropy_of_its_bytes(corpus):
+    trainer = build_trainer(text_cfg(corpus, "epochs=5"), CPU)
+    trainer.fit()
+    counts = torch.bincount(trainer.data.train_tokens.long(), minlength=256).double()
+    p = counts[counts > 0] / counts.sum()
+    unigram_bits = float(-(p * p.log2()).sum())
+    val_bpb = trainer.state.history[-1]["val_bpb"]
+    assert val_bpb == pytest.approx(trainer.state.history[-1]["val_loss"] / math.log(2))
+    assert val_bpb < unigram_bits - 0.2, (val_bpb, unigram_bits)
+    assert "test_bpb" in trainer.final_metrics()
+
+
+def _train(cfg):
+    trainer = build_trainer(cfg, CPU)
+    trainer.fit()
+    return trainer
+
+
+def _history(trainer):
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK_FIELDS} for r in trainer.state.history]
+
+
+def test_diloco_with_outer_lr_1_and_no_momentum_is_localsgd_with_adamw(corpus):
+    base = ["K=2", "H=4", "epochs=1"]
+    diloco = _train(text_cfg(corpus, *base, "method=diloco", "method.outer.lr=1.0", "method.outer.momentum=0",
+                             "method.outer.nesterov=false"))
+    local = _train(text_cfg(corpus, *base, "method=localsgd"))
+    for a, b in zip(diloco.workers.params, local.workers.params):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_vmap_equals_loop(corpus):
+    """One step's losses and gradients on the function that carries it, then a run with SGD. (Not AdamW: a
+    key bias's gradient is zero but for rounding, since softmax ignores a shift shared by all keys, and
+    AdamW scales that noise up to steps of ±lr, which loop and vmap round differently.)"""
+    base = ["K=2", "H=4", "epochs=1", "method=localsgd", "optimizer=sgdm", "lr=0.1"]
+    loop, vmapped = (build_trainer(text_cfg(corpus, *base, f"engine.simulate={m}"), CPU) for m in ("loop", "vmap"))
+    idx = batch_indices(epoch_order(loop.shards, 0, 0), 0, 16)
+    grads = []
+    for t in (loop, vmapped):
+        x, y = make_batch(t.data, idx, (0, 0), train=True)
+        losses, _ = t.workers.forward_backward(x, y)
+        grads.append((losses, [p.grad.clone() for p in t.workers.params]))
+        t.optimizer.zero_grad(set_to_none=True)
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    loop.fit()
+    vmapped.fit()
+    a = torch.cat([p.flatten() for p in loop.workers.params])
+    b = torch.cat([p.flatten() for p in vmapped.workers.params])
+    assert (a - b).norm() <= 1e-6 * a.norm()
+
+
+def test_resume_is_exact(corpus, tmp_path, monkeypatch):
+    overrides = [f"dataset=text", f"dataset.path={corpus}", "dataset.block_size=32", "model=gpt_tiny", "batch_size=16",
+                 "optimizer=adamw", "method=diloco", "K=2", "H=4", "epochs=2", f"results_csv={tmp_path / 'r.csv'}"]
+    assert_resume_is_exact(lambda *o: compose_cfg(*o), overrides, tmp_path, monkeypatch, stop_at=37)
+
+
+def test_simulation_equals_torch_distributed(corpus, tmp_path):
+    from dpl.bench import _fit_rank as fit  # a rank that trains and returns its history
+    from dpl.engine.launch import spawn
+
+    # SGD, as for vmap ≡ loop: AdamW would scale up the rounding of the all-reduce's order
+    base = ["K=2", "H=4", "epochs=1", "method=localsgd", "optimizer=sgdm", "lr=0.1"]
+    sim = _train(text_cfg(corpus, *base))
+    ranks = spawn(fit, text_cfg(corpus, *base, "engine=distributed"), tmp_path)
+    for a, b in zip(_history(sim), [{k: v for k, v in r.items() if k not in WALL_CLOCK_FIELDS} for r in ranks]):
+        for key in ("train_loss", "val_loss", "val_bpb"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_a_text_dataset_needs_a_sequence_model_and_a_window_it_holds(corpus):
+    from dpl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model=lenet5 is invalid with dataset=text: allowed gpt, gpt_tiny"):
+        build_trainer(compose_cfg("dataset=text", f"dataset.path={corpus}"), CPU)
+    with pytest.raises(ConfigError, match="dataset.block_size=128 is invalid: allowed at most model.block_size=64"):
+        build_trainer(text_cfg(corpus, "dataset.block_size=128"), CPU)
