@@ -73,6 +73,7 @@ QUIET_DEFAULTS = {"compression": "none", "ablation": "none"}
 # Final metrics summarised per group (the last logged value of each).
 METRICS = ("test_acc", "test_acc_best", "best_val_acc", "test_loss", "sync_rounds_total", "comm_bytes_total",
            "samples_total", "modelled_time_s", "epochs_run", "H_first", "H_last", "H_mean")
+TEXT_METRIC = "test_bpb"  # a language model's test bits per byte (dataset=text): added where runs have it
 # Metrics whose difference to the baseline group is tested (comparisons.csv).
 COMPARED = ("test_acc", "test_acc_best", "best_val_acc")
 # Params that never split a group: the seed (what a group averages over), the sweep tag, the
@@ -443,7 +444,8 @@ _SHOWN = {"test_acc": ("test acc %", 100.0, 2), "test_acc_best": ("best-model te
           "best_val_acc": ("best val acc %", 100.0, 2), "test_loss": ("test loss", 1.0, 3),
           "sync_rounds_total": ("sync rounds", 1.0, 0), "comm_bytes_total": ("MiB sent / worker", 1 / _MIB, 1),
           "samples_total": ("samples seen", 1.0, 0), "modelled_time_s": ("modelled time s", 1.0, 1),
-          "epochs_run": ("epochs run", 1.0, 0), "H_mean": ("mean H", 1.0, 1), "epoch": ("epoch", 1.0, 1)}
+          "epochs_run": ("epochs run", 1.0, 0), "H_mean": ("mean H", 1.0, 1), "epoch": ("epoch", 1.0, 1),
+          "test_bpb": ("test bits/byte", 1.0, 3)}
 _TABLE = ("test_acc", "test_acc_best", "best_val_acc", "test_loss", "sync_rounds_total", "comm_bytes_total",
           "modelled_time_s", "epochs_run", "H_mean")  # the main table's columns (summary.csv has every metric)
 _H_SUMMARY = ("H_first", "H_last", "H_mean")  # the H trained with (dpl.recorder.h_summary)
@@ -974,7 +976,10 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, met
     those of time_vs_bandwidth.csv."""
     out_dir = Path(out_dir)
     columns = group_columns(runs)
-    rows = summarise(runs, columns)
+    # language models (dataset=text): bits per byte beside the loss (lower is better), where the runs have it
+    text = any(TEXT_METRIC in r.metrics for r in runs)
+    metrics, table = (METRICS + (TEXT_METRIC,), _TABLE + (TEXT_METRIC,)) if text else (METRICS, _TABLE)
+    rows = summarise(runs, columns, metrics)
     groups = group_runs(runs, columns)
     spec = parse_baseline(baseline, columns) if baseline else default_baseline(groups, list(columns))
     if baseline and not any(all(dict(zip(columns, k))[c] == v for c, v in spec.items()) for k in groups):
@@ -987,8 +992,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, met
                write_csv_table(comparisons, out_dir / "comparisons.csv") if comparisons else None,
                write_csv_table(budget, out_dir / "budget.csv") if budget else None,
                write_csv_table(bandwidth, out_dir / "time_vs_bandwidth.csv") if bandwidth else None,
-               write_csv_table(run_rows(runs, columns, target=target), out_dir / "runs.csv")]
-    atomic_write_text(out_dir / "report.md", markdown(rows, columns, runs, title, comparisons=comparisons,
+               write_csv_table(run_rows(runs, columns, metrics, target=target), out_dir / "runs.csv")]
+    atomic_write_text(out_dir / "report.md", markdown(rows, columns, runs, title, table, comparisons=comparisons,
                                                       budget=budget, baseline=spec))
     written.append(out_dir / "report.md")
     return [p for p in written if p is not None] + write_figures(runs, columns, out_dir, metric, budget, bandwidth)

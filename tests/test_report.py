@@ -714,3 +714,22 @@ def test_runs_logged_before_method_outer_group_with_new_runs_of_the_same_config(
     assert columns["method.outer.momentum"] == "method.outer.momentum" and "method.beta" not in columns
     sizes = {key[list(columns).index("method.outer.momentum")]: len(g) for key, g in group_runs(runs, columns).items()}
     assert sizes == {"0.6": 2, "0.2": 1}
+
+
+def test_language_model_runs_get_their_bits_per_byte_and_image_runs_do_not(tmp_path):
+    from dpl.report import write_report
+
+    def run(seed, bpb=None):
+        metrics = {"test_acc": 0.3 + seed / 100, "test_acc_best": 0.3, "best_val_acc": 0.3, "test_loss": 1.5}
+        if bpb is not None:
+            metrics["test_bpb"] = bpb
+        return RunRecord(run_id=f"r{seed}", status="FINISHED", metrics=metrics,
+                         history={"val_acc": [(1, 0.3)]},
+                         params={"method.name": "diloco", "K": "4", "seed": str(seed), "dataset.name": "text"})
+
+    write_report([run(0, 2.0), run(1, 2.2)], tmp_path / "lm", "lm")
+    text = (tmp_path / "lm" / "report.md").read_text()
+    assert "test bits/byte" in text and "2.100 ± " in text
+    assert float(_rows(tmp_path / "lm")[0]["test_bpb_mean"]) == pytest.approx(2.1)
+    write_report([run(0), run(1)], tmp_path / "images", "images")
+    assert "bits/byte" not in (tmp_path / "images" / "report.md").read_text()

@@ -148,3 +148,15 @@ def test_a_text_dataset_needs_a_sequence_model_and_a_window_it_holds(corpus):
         build_trainer(compose_cfg("dataset=text", f"dataset.path={corpus}"), CPU)
     with pytest.raises(ConfigError, match="dataset.block_size=128 is invalid: allowed at most model.block_size=64"):
         build_trainer(text_cfg(corpus, "dataset.block_size=128"), CPU)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=centralized"], ["method=localsgd"], ["method=slowmo"], ["method=post_local"],
+    ["method=streaming_diloco", "method.fragments=2", "method.delay=1"], ["method=diloco", "compression=fp8"],
+    ["method=diloco", "precision=bf16"], ["method=diloco", "optimizer=muon"],
+    pytest.param(["method=localsgd", "engine.compile=compile"], marks=pytest.mark.slow),
+], ids=lambda o: "-".join(x.split("=")[-1] for x in o))
+def test_every_method_trains_the_gpt_on_text(corpus, overrides):
+    trainer = _train(text_cfg(corpus, "K=2", "H=4", "epochs=1", *overrides))
+    record = trainer.state.history[-1]
+    assert math.isfinite(record["val_bpb"]) and record["val_bpb"] < 8.0  # below a uniform byte (8 bits)
