@@ -160,3 +160,16 @@ def test_every_method_trains_the_gpt_on_text(corpus, overrides):
     trainer = _train(text_cfg(corpus, "K=2", "H=4", "epochs=1", *overrides))
     record = trainer.state.history[-1]
     assert math.isfinite(record["val_bpb"]) and record["val_bpb"] < 8.0  # below a uniform byte (8 bits)
+
+
+def test_dirichlet_sharding_skews_the_workers_by_source_file(corpus):
+    """Each slot's label is its file: iid shards mix the files evenly, dirichlet ones do not (non-iid text)."""
+    def file_shares(*overrides):
+        trainer = build_trainer(text_cfg(corpus, "K=3", *overrides), CPU)
+        labels = trainer.data.train_y
+        return torch.stack([torch.bincount(labels[s], minlength=3).double() / len(s) for s in trainer.shards])
+
+    iid = file_shares("sharding=iid")
+    skewed = file_shares("sharding=dirichlet", "dirichlet_alpha=0.1")
+    assert (iid.max(0).values - iid.min(0).values).max() < 0.1
+    assert (skewed.max(0).values - skewed.min(0).values).max() > 0.3
