@@ -32,7 +32,9 @@ def dataset_cfg(name: str, **overrides):
 
 
 def test_registry_keys_are_the_yaml_names():
-    assert set(DATASETS) == {p.stem for p in CONF.glob("*.yaml")}
+    from dpl.data import TEXT_DATASETS
+
+    assert set(DATASETS) | set(TEXT_DATASETS) == {p.stem for p in CONF.glob("*.yaml")}
 
 
 # ----------------------------------------------------------------------------- CIFAR

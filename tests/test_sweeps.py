@@ -75,7 +75,8 @@ def grid(full) -> dict[str, list]:
 
 def test_the_issue_sweeps_exist():
     assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h", "study_ablation", "outer_optimizers",
-                                 "compression", "compression_dense", "streaming", "streaming_dp"}
+                                 "compression", "compression_dense", "streaming", "streaming_dp", "diloco_lm",
+                                 "diloco_lm_dp"}
 
 
 @pytest.mark.parametrize("name", sweep_names())
@@ -83,7 +84,8 @@ def test_every_sweep_composes_and_every_value_validates(name):
     full = compose_sweep(name)
     # compression_dense adds the dense formats to the compression sweep's experiment
     assert full.hydra.mode.name == "MULTIRUN" and \
-        full.sweep == {"compression_dense": "compression", "streaming_dp": "streaming"}.get(name, name)
+        full.sweep == {"compression_dense": "compression", "streaming_dp": "streaming",
+                      "diloco_lm_dp": "diloco_lm"}.get(name, name)
     assert full.hydra.callbacks.mlflow_parent._target_ == "dpl.sweep.MlflowParentRun"
     cfg = job_config(full)
     assert cfg.logger.experiment == full.sweep  # one MLflow experiment per sweep
