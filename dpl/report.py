@@ -571,7 +571,8 @@ def _budget_lines(budget: Sequence[Mapping[str, Any]], columns: Sequence[str]) -
 _CI_NOTE = "\nbars: 95 % CI over seeds"  # what every error bar and band of the report is (a line of its own)
 _NAMED = ("method", "dynamic_h", "optimizer", "compression", "ablation")  # columns whose values are names: shown bare in labels
 _METRIC_LABEL = {"test_acc": "test accuracy", "test_acc_best": "best-model test accuracy",
-                 "best_val_acc": "best val accuracy"}
+                 "best_val_acc": "best val accuracy", "test_bpb": "test bits per byte (lower is better)"}
+LOWER_IS_BETTER = ("test_bpb", "test_loss")
 
 
 def mpl_escape(text: str) -> str:
@@ -634,6 +635,15 @@ def _panels(facets: Mapping[str, Any], title: str):
     return fig, axes
 
 
+def metric_axis(ax, metric: str) -> None:
+    """An accuracy axis in percent (:func:`dpl.plots.percent_axis`); bits per byte or a loss as they are."""
+    if metric in LOWER_IS_BETTER:
+        ax.autoscale(axis="y")
+        ax.margins(y=0.08)
+    else:
+        percent_axis(ax)
+
+
 def _metric_label(metric: str) -> str:
     return _METRIC_LABEL.get(metric, metric.replace("_", " "))
 
@@ -670,7 +680,7 @@ def fig_acc_vs_h(groups, columns: Sequence[str], metric: str):
         ax.minorticks_off()
         ax.set_xlabel("local steps H")
         ax.set_ylabel(_metric_label(metric))
-        percent_axis(ax)
+        metric_axis(ax, metric)
     legend_outside(fig)
     return fig
 
@@ -708,7 +718,7 @@ def fig_acc_vs_rounds(groups, columns: Sequence[str], metric: str):
             log_axis(ax, "x", min(xs), max(xs))
         ax.set_xlabel("sync rounds")
         ax.set_ylabel(_metric_label(metric))
-        percent_axis(ax)
+        metric_axis(ax, metric)
     legend_outside(fig)
     return fig
 
@@ -791,7 +801,7 @@ def _fig_against_cost(runs: Sequence[RunRecord], columns: Sequence[str], metric:
                 ax.plot([x for x, _ in mine], [y for _, y in mine], marker="o", alpha=0.7, color=f"C{i % 10}",
                         label=mpl_escape(method or "runs"))
         xy = [(x, y) for x, y, _ in points]
-        front = pareto_front(xy)
+        front = pareto_front([(x, -y) if metric in LOWER_IS_BETTER else (x, y) for x, y in xy])
         ax.step([xy[i][0] for i in front], [xy[i][1] for i in front], where="post", color="black",
                 linestyle="--", marker="*", markersize=10, label="Pareto front")
         xs = [x for x, _ in xy]
@@ -799,7 +809,7 @@ def _fig_against_cost(runs: Sequence[RunRecord], columns: Sequence[str], metric:
             log_axis(ax, "x", min(xs), max(xs))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(_metric_label(metric))
-        percent_axis(ax)
+        metric_axis(ax, metric)
     legend_outside(fig)
     return fig
 
@@ -860,7 +870,7 @@ def fig_acc_vs_lr(runs: Sequence[RunRecord], columns: Sequence[str], metric: str
         log_axis(ax, "x", min(lrs), max(lrs))
         ax.set_xlabel("learning rate")
         ax.set_ylabel(_metric_label(metric))
-        percent_axis(ax)
+        metric_axis(ax, metric)
     legend_outside(fig)
     return fig
 
@@ -1046,7 +1056,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="MLflow store; a relative sqlite path is relative to the current directory")
     p.add_argument("--out", help="output folder, used as given (default reports/<experiment or sweep>, made one "
                                  "safe folder name)")
-    p.add_argument("--metric", default="test_acc", choices=_ACC, help="accuracy used in the figures")
+    p.add_argument("--metric", default=None, choices=(*_ACC, TEXT_METRIC),
+                   help="what the figures plot (default: test_bpb for language-model runs, which have it, "
+                        "else test_acc)")
     p.add_argument("--baseline", metavar="KEY=VALUE[,KEY=VALUE]",
                    help="the group every other is compared with (comparisons.csv); a group's baseline also agrees "
                         "with it on the other columns (default: ablation=none where the runs have it, else the "
@@ -1116,8 +1128,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: no runs found for {kind}={name!r} in {args.tracking_uri}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else default_out_dir(kind, name)
+    metric = args.metric or (TEXT_METRIC if any(TEXT_METRIC in r.metrics for r in runs) else "test_acc")
     try:
-        paths = write_report(runs, out, title=f"dpl report: {name}", metric=args.metric, baseline=args.baseline,
+        paths = write_report(runs, out, title=f"dpl report: {name}", metric=metric, baseline=args.baseline,
                              target_acc=args.target_acc, bandwidths=args.bandwidths)
     except BaselineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -720,16 +720,26 @@ def test_language_model_runs_get_their_bits_per_byte_and_image_runs_do_not(tmp_p
     from dpl.report import write_report
 
     def run(seed, bpb=None):
-        metrics = {"test_acc": 0.3 + seed / 100, "test_acc_best": 0.3, "best_val_acc": 0.3, "test_loss": 1.5}
+        metrics = {"test_acc": 0.3 + seed / 100, "test_acc_best": 0.3, "best_val_acc": 0.3, "test_loss": 1.5,
+                   "comm_bytes_total": 1e6 * (seed + 1)}
         if bpb is not None:
             metrics["test_bpb"] = bpb
         return RunRecord(run_id=f"r{seed}", status="FINISHED", metrics=metrics,
                          history={"val_acc": [(1, 0.3)]},
                          params={"method.name": "diloco", "K": "4", "seed": str(seed), "dataset.name": "text"})
 
-    write_report([run(0, 2.0), run(1, 2.2)], tmp_path / "lm", "lm")
+    written = write_report([run(0, 2.0), run(1, 2.2)], tmp_path / "lm", "lm", metric="test_bpb")
+    assert any(p.name == "pareto.png" for p in written)
     text = (tmp_path / "lm" / "report.md").read_text()
     assert "test bits/byte" in text and "2.100 ± " in text
     assert float(_rows(tmp_path / "lm")[0]["test_bpb_mean"]) == pytest.approx(2.1)
     write_report([run(0), run(1)], tmp_path / "images", "images")
     assert "bits/byte" not in (tmp_path / "images" / "report.md").read_text()
+
+
+def test_the_pareto_front_of_a_lower_is_better_metric_keeps_the_lowest():
+    from dpl.report import pareto_front
+
+    points = [(0.0, 3.3), (1.0, 3.1), (2.0, 3.5), (3.0, 2.9)]
+    assert pareto_front([(x, -y) for x, y in points]) == [0, 1, 3]
+    assert pareto_front(points) == [0, 2]

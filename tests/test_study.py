@@ -49,7 +49,7 @@ STUDY = {  # RESULTS.md / FIDELITY.md: the hyperparameters of each row (and the 
 
 
 def test_every_study_row_has_a_config_with_its_settings():
-    assert set(group_options("experiment")) == {f"study/{n}" for n in STUDY}
+    assert set(group_options("experiment")) == {f"study/{n}" for n in STUDY} | {"lm/diloco"}
     for name, expected in STUDY.items():
         cfg = compose_cfg(f"experiment=study/{name}", tiny=False)
         validate(cfg)
