@@ -133,23 +133,22 @@ def load_text(cfg, device: torch.device, root: Optional[Path] = None) -> TextDat
     corpus = read_corpus(path)
     val_f, test_f = float(cfg.val_fraction), float(cfg.test_fraction)
     parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
-    owners = []
-    for i, (_, data) in enumerate(corpus):
+    for _, data in corpus:
         n = len(data)
         a = round(n * (1 - val_f - test_f))
         b = a + round(n * val_f)
         parts["train"].append(data[:a])
         parts["val"].append(data[a:b])
         parts["test"].append(data[b:])
-        owners.append(torch.full((a,), i, dtype=torch.int64))
     T = int(cfg.block_size)
     tensors = {k: torch.frombuffer(bytearray(b"".join(v)), dtype=torch.uint8) for k, v in parts.items()}
     for k, t in tensors.items():
         if slots(len(t), T) < 1:
             raise DatasetUnavailable(f"dataset.path={str(path)!r}: its {k} split has {len(t)} bytes, fewer than "
                                      f"one window of dataset.block_size + 1 = {T + 1}")
-    owner = torch.cat(owners)
-    labels = owner[torch.arange(slots(len(tensors["train"]), T)) * T]
+    # the file each slot starts in: the first file whose train part ends past the slot's start
+    ends = torch.tensor([len(b) for b in parts["train"]], dtype=torch.int64).cumsum(0)
+    labels = torch.searchsorted(ends, torch.arange(slots(len(tensors["train"]), T)) * T, right=True)
     return TextData(train_tokens=tensors["train"].to(device), val_tokens=tensors["val"].to(device),
                     test_tokens=tensors["test"].to(device), train_y=labels.to(device), block_size=T,
                     augment=bool(cfg.augment))

@@ -76,9 +76,7 @@ class StackedWorkers:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [K_local, B, classes] for per-worker inputs x [K_local, B, ...]."""
         if self.mode == "vmap":
-            if not self.buffers:
-                return vmap(self._forward_one)(tuple(self.params), (), x)
-            logits, buffers = vmap(self._forward_updating)(tuple(self.params), tuple(self.buffers), x)
+            logits, buffers = self.vmapped(self.params, self.buffers, x)
             with torch.no_grad():
                 for b, new in zip(self.buffers, buffers):
                     b.copy_(new)
@@ -86,6 +84,14 @@ class StackedWorkers:
         # each worker's buffers are views into the stacked ones, so BatchNorm updates them in place
         return torch.stack([self._forward_one([p[k] for p in self.params], [b[k] for b in self.buffers],
                                               self._layout(x[k])) for k in range(self.k_local)])
+
+    def vmapped(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor],
+                x: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+        """Every worker's logits in one vmapped call over the stacked ``params`` and ``buffers`` (a worker
+        per row), and the buffers as the forward left them (to be copied back: see _forward_updating)."""
+        if not buffers:
+            return vmap(self._forward_one)(tuple(params), (), x), ()
+        return vmap(self._forward_updating)(tuple(params), tuple(buffers), x)
 
     def _forward_one(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor], x: torch.Tensor):
         tensors = dict(zip(self.param_names, params))
@@ -326,16 +332,13 @@ def packed_losses(members: Sequence[StackedWorkers], x: torch.Tensor,
     """
     lead = members[0]
     params = tuple(torch.cat([m.params[i] for m in members]) for i in range(len(lead.params)))
+    buffers = tuple(torch.cat([m.buffers[i] for m in members]) for i in range(len(lead.buffers)))
     with _autocast(x.device, lead.precision, lead.autocast_cache):
-        if lead.buffers:
-            buffers = tuple(torch.cat([m.buffers[i] for m in members]) for i in range(len(lead.buffers)))
-            logits, new = vmap(lead._forward_updating)(params, buffers, x)
-            with torch.no_grad():
-                for i, stacked in enumerate(new):
-                    for m, part in zip(members, stacked.split([m.k_local for m in members])):
-                        m.buffers[i].copy_(part)
-        else:
-            logits = vmap(lead._forward_one)(params, (), x)
+        logits, new = lead.vmapped(params, buffers, x)
+        with torch.no_grad():
+            for i, stacked in enumerate(new):
+                for m, part in zip(members, stacked.split([m.k_local for m in members])):
+                    m.buffers[i].copy_(part)
         losses = worker_losses(logits, y)
     return losses, worker_correct(logits, y)
 

@@ -157,7 +157,7 @@ def _train(members: list[Member], training: list[int], fuse: bool) -> None:
         except BaseException as e:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
             reason = _interrupted(e) if status == "KILLED" else f"{type(e).__name__}: {first_line(e)}"
-            for j, i in enumerate(training):
+            for i in training:
                 m = members[i]
                 if m.outcome is None:
                     with acting_for(members, i):
