@@ -37,9 +37,14 @@ class RankFailure(RuntimeError):
     """A rank died, hung or failed, and the job stopped; the one-line message names the rank."""
 
 
+class OutOfRequeues(RuntimeError):
+    """A scheduler's job reached its time limit more often than it may be requeued
+    (``hydra.launcher.max_num_timeout``); the one-line message says how to go on."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: reported in one line, exit status 2."""
-    return ConfigError, CheckpointError, DatasetUnavailable, TrackingError, WriteError
+    return ConfigError, CheckpointError, DatasetUnavailable, TrackingError, WriteError, OutOfRequeues
 
 
 def first_line(e: BaseException) -> str:

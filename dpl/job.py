@@ -19,6 +19,7 @@ from dpl.engine import pick_device
 from dpl.errors import ConfigError, Diverged, first_line
 from dpl.io import write_csv
 from dpl.plots import plot_history
+from dpl.preempt import Preempted
 from dpl.preflight import validate
 from dpl.recorder import Recorder
 from dpl.tracking import (check_results_file, check_tracking, check_writable_dir, config_hash, end_run_if_running,
@@ -69,6 +70,7 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
         if done is not None:
             return done
     if launcher:
+        _check_one_process(cfg)
         check_destinations(cfg, out_dir, ckpt.get("tracking_uri") if ckpt else None)
     if cfg.engine.name == "distributed" and comm is None:
         _check_world(cfg)
@@ -79,6 +81,8 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
     trainer = build_trainer(cfg, pick_device(cfg.device) if comm is None else comm.device, rank, comm)
     if ckpt is not None and "state" in ckpt:
         load_training_state(trainer, ckpt, out_dir)
+        if rank == 0:
+            log.info("resume: %s from epoch %d, step %d", out_dir, trainer.state.epoch + 1, trainer.state.step)
     recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None,
                         resume_uri=ckpt.get("tracking_uri") if ckpt else None, writer=rank == 0)
     recorder.attach(trainer)
@@ -98,6 +102,9 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
             from dpl.interrupt import signal_name
 
             recorder.fail(trainer, f"interrupted by {signal_name(e)}", status="KILLED")
+        elif isinstance(e, Preempted):  # its checkpoint is written; the launcher requeues the job
+            log.warning("%s", e)
+            recorder.fail(trainer, str(e), status="KILLED")
         else:
             recorder.fail(trainer, f"{type(e).__name__}: {first_line(e)}")
         raise
@@ -123,6 +130,18 @@ def _check_world(cfg: DictConfig) -> None:
     n = cfg.dataset.num_train if cfg.dataset.name == "synthetic" else TRAIN_SAMPLES.get(cfg.dataset.name)
     if n is not None and cfg.K > n:
         raise ConfigError(f"K={cfg.K} is invalid: allowed at most {n} (the training samples of {cfg.dataset.name})")
+
+
+def _check_one_process(cfg: DictConfig) -> None:
+    """Several processes started as ranks (torchrun, srun, a Slurm job's tasks) for an engine that
+    runs all K workers in one: each would train the whole run into the same job dir."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if cfg.engine.name != "distributed" and world > 1 and "RANK" in os.environ:
+        raise ConfigError(f"engine={cfg.engine.name} is invalid with {world} processes started as ranks "
+                          f"(torchrun or Slurm tasks): it runs all K workers in one process; allowed "
+                          f"engine=distributed, or start one task (tasks_per_node=1, srun --ntasks=1)")
 
 
 def finished(ckpt: dict[str, Any], cfg: DictConfig, out_dir: Path) -> bool:

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import itertools
 import shlex
+import shutil
 import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -25,6 +26,7 @@ from omegaconf import DictConfig
 from dpl.config import GROUPS as SCHEMA_GROUPS
 from dpl.config import (SCHEMAS, ClockConfig, Config, ConfigError, FaultsConfig, NetworkConfig, check_options, option_keys,
                         option_schema, to_schema)
+from dpl.errors import first_line
 from dpl.legacy import RENAMED
 from dpl.sweep import check_seeds
 
@@ -203,6 +205,7 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
             check_value(key, v, o.is_add())
     check_hydra_overrides(parsed, args, conf_dir)
     check_launcher_overrides(parsed, args, conf_dir)
+    check_cluster_store(parsed, args, conf_dir)
     ablating = any(o.key_or_group == "ablation" for o in parsed)
     if specific or ablating:  # a key only some options have: it must be one of the chosen option's
         for choices in chosen_options(parsed, args, conf_dir):
@@ -225,16 +228,54 @@ def check_launcher_overrides(parsed: list, args: list[str], conf_dir: Path = CON
                           f"(the packed launcher's keys need hydra/launcher=packed)")
     if not target.startswith("hydra_plugins.dpl_launchers."):
         return
+    name = {"SlurmLauncher": "slurm launcher", "LocalLauncher": "local launcher"}.get(target.rsplit(".", 1)[-1],
+                                                                                      "packed launcher")
+    at_least = {"max_pack": 1, **SUBMITIT_COUNTS}
     for o in keys:
         key = o.key_or_group[len("hydra.launcher."):]
-        if key not in launcher or key == "_target_":
+        if key.split(".")[0] not in launcher or key == "_target_":
             allowed = ", ".join(str(k) for k in launcher.keys() if k != "_target_")
-            raise ConfigError(f"{o.key_or_group} is not a key of the packed launcher: allowed {allowed}")
+            raise ConfigError(f"{o.key_or_group} is not a key of the {name}: allowed {allowed}")
         for value in _values(o):
-            if key == "max_pack" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ConfigError(f"{o.key_or_group}={value!r} is invalid: allowed an integer >= 1")
+            low = at_least.get(key)
+            unset = value is None and launcher.get(key) is None  # the plugin's "not asked for" (gpus_per_node)
+            if low is not None and not unset and not (isinstance(value, int) and not isinstance(value, bool)
+                                                      and value >= low):
+                raise ConfigError(f"{o.key_or_group}={value!r} is invalid: allowed an integer >= {low}")
             if key == "fuse" and not isinstance(value, bool):
                 raise ConfigError(f"{o.key_or_group}={value!r} is invalid: allowed true or false")
+    if name != "packed launcher":  # the plugin's typed keys: a wrong type is OmegaConf's traceback otherwise
+        try:
+            with composer(args, conf_dir) as compose:
+                compose([o.input_line for o in parsed if o.key_or_group == "hydra/launcher" or
+                         (o.key_or_group.startswith("hydra.launcher.") and not o.is_sweep_override())])
+        except Exception as e:  # noqa: BLE001 - OmegaConf's ValidationError, over several lines
+            raise ConfigError(f"{' '.join(o.input_line for o in keys)} is invalid: {first_line(e)}") from None
+
+
+# The submitit launchers' counts (conf/hydra/launcher/): the least each allows.
+SUBMITIT_COUNTS = {"timeout_min": 1, "tasks_per_node": 1, "nodes": 1, "array_parallelism": 1, "max_num_timeout": 0,
+                   "cpus_per_task": 1, "gpus_per_node": 0, "gpus_per_task": 0, "signal_delay_s": 0}
+
+
+def check_cluster_store(parsed: list, args: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Under ``hydra/launcher=slurm`` (on the command line or in a sweep's YAML) the MLflow store must
+    be one every node reaches (:func:`dpl.tracking.check_store_for_launcher`), before any job is queued."""
+    from dpl.tracking import check_store_for_launcher
+
+    if not any(o.key_or_group == "hydra/launcher" for o in parsed) and _flag(args, ("--config-name", "-cn")) is None:
+        return
+    keep = [o.input_line for o in parsed if not o.is_sweep_override()
+            and (o.key_or_group in ("hydra/launcher", "logger") or o.key_or_group.startswith("logger."))]
+    with composer(args, conf_dir) as compose:
+        cfg = compose(keep)
+    target = str(cfg.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
+    if cfg.logger.name == "mlflow":
+        check_store_for_launcher(str(cfg.logger.tracking_uri), target)
+    if target == "SlurmLauncher" and shutil.which("srun") is None:  # submitit's own check is a traceback
+        raise ConfigError("hydra/launcher=slurm is invalid here: Slurm's commands (sbatch, srun) are not on PATH; "
+                          "run it where they are (a cluster's login node), or try the sweep on this machine "
+                          "with hydra/launcher=local")
 
 
 # Hydra's flags that take a value (``--config-name optuna_lr``); the value is not an override.

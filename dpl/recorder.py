@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpl import checkpoint
+from dpl import checkpoint, preempt
 from dpl.build import resolve_path
 from dpl.errors import first_line
 from dpl.io import temp_files, write_csv
@@ -104,6 +104,9 @@ class Recorder:
         every = self.cfg.checkpoint_every
         if every and trainer.state.global_step % every == 0 and trainer.state.step != 0:
             self.save(trainer)
+        if preempt.requested():  # the scheduler's signal (dpl.preempt): stop here, resumable from this step
+            self.save(trainer)
+            raise preempt.Preempted(f"epoch {trainer.state.epoch + 1}, step {trainer.state.step}")
 
     def save(self, trainer: Trainer) -> None:
         trainer.save_checkpoint(self.ckpt_path, self.extras)

@@ -42,6 +42,7 @@ RUN_NAME_TAG = "mlflow.runName"  # MLflow's own tag for the run name
 HOST_TAG, PID_TAG = "dpl.host", "dpl.pid"  # where a run's process lives: dpl.report tells a dead RUNNING run
 JOB_DIR_TAG = "dpl.job_dir"  # where its checkpoint is: what resume= of a run found dead is given
 MULTIRUN_TAG = "dpl.multirun"  # a job of a multirun without a sweep name: a re-run skips what finished
+FAILURE_TAG = "failure_reason"  # why a run ended FAILED or KILLED (removed when it is resumed)
 INTERRUPTED_TAG = "dpl.interrupted"  # set on a run ended KILLED because its process had died (end_if_dead)
 CONFIG_HASH_TAG = "dpl.config_hash"  # the resolved config's digest: a re-run sweep skips what finished
 RESUMED_FROM_TAG = "resumed_from"
@@ -281,6 +282,7 @@ class MlflowLogger:
             self.run_id = resume_run_id
             self.experiment_id = self._client.get_run(resume_run_id).info.experiment_id
             _delete_tag(self._client, resume_run_id, INTERRUPTED_TAG)  # alive again
+            _delete_tag(self._client, resume_run_id, FAILURE_TAG)  # why it stopped last time
         else:
             experiment_id = _experiment_id(self._client, self.cfg.experiment, uri)
             name = self.cfg.run_name or suggested or run_name(cfg)
@@ -320,7 +322,7 @@ class MlflowLogger:
             return
         if reason is not None:
             reason = _truncate(str(reason), _mlflow_limit("MAX_TAG_VAL_LENGTH"))
-            self._client.set_tag(self.run_id, "failure_reason", reason)
+            self._client.set_tag(self.run_id, FAILURE_TAG, reason)
         self._client.set_terminated(self.run_id, status)
 
     def _log_params(self, flat: Mapping[str, str]) -> None:
@@ -588,6 +590,20 @@ def check_tracking(cfg_logger: Any, resume_uri: str | None = None) -> None:
     if db is not None and not db.is_file():
         raise TrackingError(f"logger.tracking_uri={uri!r} cannot be opened: {db} is not a file")
     open_store(uri, timeout_s=PROBE_TIMEOUT_S)
+
+
+def check_store_for_launcher(uri: str, launcher: str) -> None:
+    """Under Slurm (``hydra/launcher=slurm``) every job's node must reach the one store: a relative
+    ``sqlite:///`` path would be resolved by each job on its own node, where the launch dir may be
+    missing or another disk. An absolute path on a shared filesystem, or a server, is asked for."""
+    if not launcher.endswith("SlurmLauncher") or not uri.startswith("sqlite:///"):
+        return
+    path = uri[len("sqlite:///"):]
+    if path and not path.startswith("/") and not path.startswith(":memory:"):
+        raise ConfigError(f"logger.tracking_uri={uri!r} is invalid under hydra/launcher=slurm: a relative SQLite "
+                          f"path is resolved on each job's node, not on a disk they all share; allowed an absolute "
+                          f"path on a shared filesystem (sqlite:////shared/dpl/mlflow.db) or an MLflow server "
+                          f"(http://<host>:5000)")
 
 
 def _quiet_mlflow() -> None:

@@ -319,6 +319,9 @@ def _spawn_job(tmp_path: Path, job: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+# ~18 s on 2 cores: in the slow set; the default run has a killed rank of two named and resumed
+# (tests/test_distributed.py) and the blame rules on reports and exit codes (test_culprits_*)
+@pytest.mark.slow
 def test_killed_rank_two_of_four_is_named_and_no_healthy_rank_is_blamed(tmp_path):
     job = tmp_path / "job"
     proc = _spawn_job(tmp_path, job, "K=4", "method=localsgd", "H=2", "epochs=100")

@@ -50,6 +50,7 @@ from omegaconf import DictConfig
 
 from dpl.errors import ConfigError, RankFailure, user_errors
 from dpl.comm.process_group import ProcessGroupComm, wait_for_key
+from dpl.engine.slurm import ranks_from_scheduler
 
 log = logging.getLogger("dpl")
 
@@ -82,6 +83,8 @@ def torchrun_store() -> tuple[dist.Store, int, int]:
     the user's launch command to fix, not a traceback of this rank's.
     """
     global _boot
+    if _boot is None and ranks_from_scheduler():
+        _boot = _scheduler_store()
     if _boot is None:
         try:
             _boot = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
@@ -92,6 +95,28 @@ def torchrun_store() -> tuple[dist.Store, int, int]:
                               f"free port on the master, reachable from every node (torchrun --master-port, "
                               f"--rdzv-endpoint)") from None
     return _boot
+
+
+def _scheduler_store() -> tuple[dist.Store, int, int]:
+    """Ranks from Slurm (:mod:`dpl.engine.slurm`): no agent serves a store, so rank 0 hosts it on
+    MASTER_ADDR:MASTER_PORT alone (TCPStore on its own would listen on every interface) and the
+    other ranks connect to it, retrying until rank 0 is up."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank == 0:
+        try:
+            store, _ = host_store(addr, port)
+        except ConfigError as e:  # worded for engine.master_*; here the addresses are Slurm's
+            detail = str(e).split("is invalid: ", 1)[-1].split("; allowed")[0]  # "cannot listen on ... (why)"
+            raise ConfigError(f"MASTER_ADDR:MASTER_PORT={addr}:{port} is invalid for rank 0's store: {detail}; "
+                              f"allowed the job's first node and a free port there (export MASTER_PORT=<port>)") from None
+        return store, rank, world
+    try:
+        store = dist.TCPStore(addr, port, world_size=world, is_master=False, timeout=STORE_TIMEOUT)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ConfigError(f"MASTER_ADDR:MASTER_PORT={addr}:{port} is invalid: rank {rank} cannot reach rank 0's "
+                          f"store there within {STORE_TIMEOUT.total_seconds():.0f} s ({_first_line(e)[:160]})") from None
+    return store, rank, world
 
 
 def _run_dir_key() -> str:
@@ -185,7 +210,8 @@ def run_rank(body: Body, cfg: DictConfig, out_dir: Path, store: dist.Store, rank
     timeout = float(cfg.engine.timeout_s)
     if cfg.K != world:
         meet(store, f"dpl/world_mismatch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", world, timeout)
-        raise ConfigError(f"K={cfg.K} is invalid: engine=distributed runs K = world size = {world} workers")
+        tasks = " (the Slurm job's tasks: nodes x tasks_per_node, or srun --ntasks)" if ranks_from_scheduler() else ""
+        raise ConfigError(f"K={cfg.K} is invalid: engine=distributed runs K = world size = {world} workers{tasks}")
     backend, device = backend_for(cfg), rank_device(cfg, local_rank)
     try:
         dist.init_process_group(backend, store=dist.PrefixStore("dpl/pg", store), rank=rank, world_size=world,
