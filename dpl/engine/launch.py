@@ -190,12 +190,14 @@ def backend_for(cfg: DictConfig) -> str:
 
 
 def rank_device(cfg: DictConfig, local_rank: int) -> torch.device:
-    """CUDA: this rank's own GPU (the local rank's); CPU otherwise."""
+    """CUDA: this rank's own GPU (the local rank's among those visible); CPU otherwise."""
     from dpl.engine import pick_device
 
     device = pick_device(cfg.device)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        # Modulo the visible GPUs: a scheduler that gives each task its own (srun --gpus-per-task=1,
+        # CUDA_VISIBLE_DEVICES per task) leaves every rank one GPU, its cuda:0.
+        device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     return device
 
