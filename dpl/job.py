@@ -81,8 +81,10 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
     trainer = build_trainer(cfg, pick_device(cfg.device) if comm is None else comm.device, rank, comm)
     if ckpt is not None and "state" in ckpt:
         load_training_state(trainer, ckpt, out_dir)
-        if rank == 0:
+        if rank == 0 and trainer.state.epoch < cfg.epochs:
             log.info("resume: %s from epoch %d, step %d", out_dir, trainer.state.epoch + 1, trainer.state.step)
+        elif rank == 0:  # stopped after its last epoch, before its test numbers were recorded
+            log.info("resume: %s after its last epoch (%d): testing and recording it", out_dir, trainer.state.epoch)
     recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None,
                         resume_uri=ckpt.get("tracking_uri") if ckpt else None, writer=rank == 0)
     recorder.attach(trainer)

@@ -118,13 +118,9 @@ def _job_pid(sweep: Path, timeout: float = 120) -> int:
     """The pid of the submitit task running a job of ``sweep`` (its command names the sweep's folder)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "submitit.core._submit" in text and str(sweep) in text:
-                return int(cmdline.parent.name)
+        pids = _task_pids(sweep)
+        if pids:
+            return pids[0]
         time.sleep(0.05)
     raise AssertionError("no submitit task started")
 
@@ -318,3 +314,59 @@ def test_slurm_tasks_give_the_distributed_run_of_spawn(tmp_path):
         assert r.returncode == 2
         assert "K=3 is invalid: engine=distributed runs K = world size = 2 workers (the Slurm job's tasks" in \
             one_error_line(r.stderr)
+
+
+@LINUX
+@pytest.mark.slow  # ~1 min on 2 cores: a job of two tasks, requeued once, and its spawned reference
+def test_a_preempted_job_of_two_tasks_resumes_from_its_last_checkpoint(tmp_path):
+    from dpl import checkpoint
+
+    config = ["dataset=synthetic", "dataset.num_train=2000", "dataset.num_test=200", "epochs=3", "progress=false",
+              "device=cpu", "method=localsgd", "H=2", "engine=distributed", "K=2"]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "dpl", "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2",
+                             *config, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # an epoch is in the checkpoint: what the requeued job resumes from
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            try:
+                if checkpoint.load(sweep / "0")["state"]["epoch"] >= 1:
+                    break
+            except checkpoint.CheckpointError:
+                pass
+            time.sleep(0.05)
+        rank0 = next(pid for pid in _task_pids(sweep) if _task_rank(pid) == 0)
+        os.kill(rank0, signal.SIGUSR2)  # Slurm signals every task; submitit acts on rank 0's
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    log = (sweep / "0" / "dpl.log").read_text()
+    assert "Requeued job" in log and "resume: " in log, log
+    (tmp_path / "spawn").mkdir()
+    alone = run_cli(tmp_path / "spawn", [*config, "engine.spawn=true"])
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    (mine,), (theirs,) = rows(tmp_path / "results.csv"), rows(tmp_path / "spawn" / "results.csv")
+    for key in ("test_acc", "test_acc_best", "best_val_acc", "test_loss"):
+        assert mine[key] == theirs[key], key
+
+
+def _task_pids(sweep: Path) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "submitit.core._submit" in text and str(sweep) in text:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def _task_rank(pid: int) -> int:
+    env = dict(line.split("=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in line)
+    return int(env["SUBMITIT_LOCAL_GLOBALID"])
