@@ -107,6 +107,9 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
         elif isinstance(e, Preempted):  # its checkpoint is written; the launcher requeues the job
             log.warning("%s", e)
             recorder.fail(trainer, str(e), status="KILLED")
+        elif isinstance(e, SystemExit):  # mid-step: submitit requeueing a job of several tasks (dpl.preempt)
+            recorder.fail(trainer, f"exited with status {e.code} while training (a scheduler's requeue, or "
+                                   f"sys.exit); resumable from its last checkpoint", status="KILLED")
         else:
             recorder.fail(trainer, f"{type(e).__name__}: {first_line(e)}")
         raise
