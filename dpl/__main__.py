@@ -146,12 +146,11 @@ def cli() -> None:
         # configs apart, ${now:...} may differ, and the dir must be agreed before Hydra makes one).
         # Everything else, e.g. resume= writing into its own job dir, is in conf/config.yaml's hydra node.
         sys.argv[1:] = flags_first(sys.argv[1:])
-        from dpl.engine.slurm import in_srun_step
+        if "SLURM_STEP_ID" in os.environ and "RANK" not in os.environ:  # (dpl.engine imports torch: only then)
+            from dpl.engine.slurm import export_ranks, in_srun_step
 
-        if in_srun_step() and "RANK" not in os.environ:  # srun --ntasks=K: Slurm's ranks, without torchrun
-            from dpl.engine.slurm import export_ranks
-
-            export_ranks()
+            if in_srun_step():  # srun --ntasks=K: Slurm's ranks, without torchrun
+                export_ranks()
         if TORCHRUN_ENV <= os.environ.keys():  # checked here so that plain runs do not import torch yet
             from dpl.engine.launch import agree_run_dir
 

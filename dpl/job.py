@@ -7,6 +7,7 @@ what it records beside the loop is :mod:`dpl.recorder`.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -140,8 +141,6 @@ def _check_world(cfg: DictConfig) -> None:
 def _check_one_process(cfg: DictConfig) -> None:
     """Several processes started as ranks (torchrun, srun, a Slurm job's tasks) for an engine that
     runs all K workers in one: each would train the whole run into the same job dir."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if cfg.engine.name != "distributed" and world > 1 and "RANK" in os.environ:
         raise ConfigError(f"engine={cfg.engine.name} is invalid with {world} processes started as ranks "

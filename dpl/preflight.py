@@ -205,7 +205,7 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
             check_value(key, v, o.is_add())
     check_hydra_overrides(parsed, args, conf_dir)
     check_launcher_overrides(parsed, args, conf_dir)
-    check_cluster_store(parsed, args, conf_dir)
+    check_launcher(parsed, args, conf_dir)
     ablating = any(o.key_or_group == "ablation" for o in parsed)
     if specific or ablating:  # a key only some options have: it must be one of the chosen option's
         for choices in chosen_options(parsed, args, conf_dir):
@@ -244,13 +244,6 @@ def check_launcher_overrides(parsed: list, args: list[str], conf_dir: Path = CON
                 raise ConfigError(f"{o.key_or_group}={value!r} is invalid: allowed an integer >= {low}")
             if key == "fuse" and not isinstance(value, bool):
                 raise ConfigError(f"{o.key_or_group}={value!r} is invalid: allowed true or false")
-    if name != "packed launcher":  # the plugin's typed keys: a wrong type is OmegaConf's traceback otherwise
-        try:
-            with composer(args, conf_dir) as compose:
-                compose([o.input_line for o in parsed if o.key_or_group == "hydra/launcher" or
-                         (o.key_or_group.startswith("hydra.launcher.") and not o.is_sweep_override())])
-        except Exception as e:  # noqa: BLE001 - OmegaConf's ValidationError, over several lines
-            raise ConfigError(f"{' '.join(o.input_line for o in keys)} is invalid: {first_line(e)}") from None
 
 
 # The submitit launchers' counts (conf/hydra/launcher/): the least each allows.
@@ -258,17 +251,26 @@ SUBMITIT_COUNTS = {"timeout_min": 1, "tasks_per_node": 1, "nodes": 1, "array_par
                    "cpus_per_task": 1, "gpus_per_node": 0, "gpus_per_task": 0, "signal_delay_s": 0}
 
 
-def check_cluster_store(parsed: list, args: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Under ``hydra/launcher=slurm`` (on the command line or in a sweep's YAML) the MLflow store must
-    be one every node reaches (:func:`dpl.tracking.check_store_for_launcher`), before any job is queued."""
+def check_launcher(parsed: list, args: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """The launcher as it composes (chosen on the command line or by a sweep's YAML): the submitit
+    plugin's typed keys hold their types (OmegaConf's error is a traceback otherwise), and under
+    ``hydra/launcher=slurm`` the MLflow store is one every node reaches
+    (:func:`dpl.tracking.check_store_for_launcher`) and Slurm is there, before any job is queued."""
     from dpl.tracking import check_store_for_launcher
 
-    if not any(o.key_or_group == "hydra/launcher" for o in parsed) and _flag(args, ("--config-name", "-cn")) is None:
+    keys = [o for o in parsed if o.key_or_group.startswith("hydra.launcher.")]
+    if not keys and not any(o.key_or_group == "hydra/launcher" for o in parsed) \
+            and _flag(args, ("--config-name", "-cn")) is None:
         return
-    keep = [o.input_line for o in parsed if not o.is_sweep_override()
-            and (o.key_or_group in ("hydra/launcher", "logger") or o.key_or_group.startswith("logger."))]
-    with composer(args, conf_dir) as compose:
-        cfg = compose(keep)
+    keep = [o.input_line for o in parsed if not o.is_sweep_override() and (
+        o.key_or_group in ("hydra/launcher", "logger") or o.key_or_group.startswith(("logger.", "hydra.launcher.")))]
+    try:
+        with composer(args, conf_dir) as compose:
+            cfg = compose(keep)
+    except Exception as e:  # noqa: BLE001 - OmegaConf's ValidationError, over several lines
+        if not keys:
+            raise
+        raise ConfigError(f"{' '.join(o.input_line for o in keys)} is invalid: {first_line(e)}") from None
     target = str(cfg.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
     if cfg.logger.name == "mlflow":
         check_store_for_launcher(str(cfg.logger.tracking_uri), target)

@@ -102,10 +102,10 @@ class Recorder:
             if self.step_bar.update(1) and isinstance(s.loss_sum, float) and s.seen:
                 self.step_bar.set_postfix(loss=f"{s.loss_sum / s.seen:.3f}", refresh=False)
         every = self.cfg.checkpoint_every
-        if every and trainer.state.global_step % every == 0 and trainer.state.step != 0:
+        stop = preempt.requested()  # the scheduler's signal (dpl.preempt): stop here, resumable from this step
+        if stop or (every and trainer.state.global_step % every == 0 and trainer.state.step != 0):
             self.save(trainer)
-        if preempt.requested():  # the scheduler's signal (dpl.preempt): stop here, resumable from this step
-            self.save(trainer)
+        if stop:
             raise preempt.Preempted(f"epoch {trainer.state.epoch + 1}, step {trainer.state.step}")
 
     def save(self, trainer: Trainer) -> None:

@@ -71,8 +71,7 @@ class MlflowParentRun(Callback):
         from dpl.tracking import MlflowLogger, check_store_for_launcher, source_tags
 
         # before the parent run is made in a store the jobs could not reach (hydra/launcher=slurm)
-        check_store_for_launcher(str(config.logger.tracking_uri),
-                                 str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1])
+        check_store_for_launcher(str(config.logger.tracking_uri), str(config.hydra.launcher.get("_target_", "")))
 
         name = str(config.sweep or config.logger.experiment)
         # The jobs' run_name may interpolate ${hydra:job...}, which has no value before a job starts.

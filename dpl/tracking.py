@@ -593,7 +593,8 @@ def check_tracking(cfg_logger: Any, resume_uri: str | None = None) -> None:
 
 
 def check_store_for_launcher(uri: str, launcher: str) -> None:
-    """Under Slurm (``hydra/launcher=slurm``) every job's node must reach the one store: a relative
+    """Under Slurm (``hydra/launcher=slurm``; ``launcher``: its class or ``_target_``, ending in
+    ``SlurmLauncher``) every job's node must reach the one store: a relative
     ``sqlite:///`` path would be resolved by each job on its own node, where the launch dir may be
     missing or another disk. An absolute path on a shared filesystem, or a server, is asked for."""
     if not launcher.endswith("SlurmLauncher") or not uri.startswith("sqlite:///"):

@@ -114,38 +114,64 @@ def test_store_under_slurm_is_absolute_or_a_server():
 # ----------------------------------------------------------------------------- preemption
 
 
-def _job_pid(sweep: Path, timeout: float = 120) -> int:
-    """The pid of the submitit task running a job of ``sweep`` (its command names the sweep's folder)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = _task_pids(sweep)
-        if pids:
-            return pids[0]
-        time.sleep(0.05)
-    raise AssertionError("no submitit task started")
+def _signalled_sweep(tmp_path: Path, args: list[str], started) -> subprocess.CompletedProcess:
+    """``python -m dpl -m hydra/launcher=local *args`` into ``tmp_path/sweep``, its job's rank-0 task sent
+    SIGUSR2 (what Slurm sends before preempting a job or at its time limit; Slurm signals every task,
+    submitit acts on rank 0's) once ``started(job dir)`` holds: its exit status and output."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "dpl", "-m", "hydra/launcher=local", *args,
+                             f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not started(sweep / "0"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.02)
+        while not (rank0 := [pid for pid in _task_pids(sweep) if _task_rank(pid) == 0]):
+            assert time.monotonic() < deadline, "no submitit task started"
+            time.sleep(0.05)
+        os.kill(rank0[0], signal.SIGUSR2)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _task_pids(sweep: Path) -> list[int]:
+    """The submitit tasks running jobs of ``sweep`` (their command names the sweep's folder)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "submitit.core._submit" in text and str(sweep) in text:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def _task_rank(pid: int) -> int:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode()
+    except OSError:  # exited meanwhile
+        return -1
+    env = dict(line.split("=", 1) for line in environ.split("\0") if "=" in line)
+    return int(env.get("SUBMITIT_LOCAL_GLOBALID", env.get("SLURM_PROCID", -1)))
+
+
+def _has_run_file(job: Path) -> bool:  # the run has started: it trains from here on
+    return (job / "run.json").is_file()
 
 
 @LINUX
 def test_a_preempted_job_is_requeued_and_ends_as_if_uninterrupted(tmp_path):
     config = ["dataset=synthetic", "dataset.num_train=2000", "dataset.num_test=200", "epochs=2", "progress=false",
               "device=cpu", "method=localsgd", "K=2", "H=2"]
-    sweep = tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, "-m", "dpl", "-m", "hydra/launcher=local", *config,
-                             f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        job = sweep / "0"
-        deadline = time.monotonic() + 180
-        while not (job / "run.json").is_file():  # the run has started: it trains from here on
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-            time.sleep(0.02)
-        os.kill(_job_pid(sweep), signal.SIGUSR2)  # what Slurm sends before preempting or at the time limit
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out[-3000:]
+    done = _signalled_sweep(tmp_path, config, _has_run_file)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = tmp_path / "sweep" / "0"
     log = (job / "dpl.log").read_text()
     assert re.search(r"stopped by the scheduler \(preemption or time limit\) at epoch 1, step \d+; requeued", log), log
     assert re.search(r"resume: .* from epoch 1, step [1-9]", log), log  # mid-epoch, where it stopped
@@ -168,29 +194,15 @@ def test_a_preempted_job_is_requeued_and_ends_as_if_uninterrupted(tmp_path):
 
 @LINUX
 def test_a_job_past_its_requeues_is_one_line_and_stays_resumable(tmp_path):
-    sweep = tmp_path / "sweep"
     # timeout_min=1: every signal reads as the time limit (submitit: past min(80%, limit - 10 min))
-    proc = subprocess.Popen([sys.executable, "-m", "dpl", "-m", "hydra/launcher=local", "hydra.launcher.timeout_min=1",
-                             "hydra.launcher.max_num_timeout=0", *TINY[:3], "epochs=5", "progress=false",
-                             f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not (sweep / "0" / "run.json").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-            time.sleep(0.02)
-        os.kill(_job_pid(sweep), signal.SIGUSR2)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 2
-    line = one_error_line(err)
+    done = _signalled_sweep(tmp_path, ["hydra.launcher.timeout_min=1", "hydra.launcher.max_num_timeout=0", *TINY[:3],
+                                       "epochs=5", "progress=false"], _has_run_file)
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
     assert re.search(r"^error: job .*: stopped at epoch 1, step \d+ and not requeued: .*timed-out too many times "
                      r"\(hydra.launcher.max_num_timeout=0: raise it or timeout_min; resume with: python -m dpl "
                      r"resume=", line), line
-    assert (sweep / "0" / "checkpoint.pt").is_file()
+    assert (tmp_path / "sweep" / "0" / "checkpoint.pt").is_file()
     _, (run,) = runs(tmp_path / "mlflow.db")
     assert run.info.status == "KILLED"
 
@@ -323,29 +335,15 @@ def test_a_preempted_job_of_two_tasks_resumes_from_its_last_checkpoint(tmp_path)
 
     config = ["dataset=synthetic", "dataset.num_train=2000", "dataset.num_test=200", "epochs=3", "progress=false",
               "device=cpu", "method=localsgd", "H=2", "engine=distributed", "K=2"]
-    sweep = tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, "-m", "dpl", "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2",
-                             *config, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:  # an epoch is in the checkpoint: what the requeued job resumes from
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-            try:
-                if checkpoint.load(sweep / "0")["state"]["epoch"] >= 1:
-                    break
-            except checkpoint.CheckpointError:
-                pass
-            time.sleep(0.05)
-        rank0 = next(pid for pid in _task_pids(sweep) if _task_rank(pid) == 0)
-        os.kill(rank0, signal.SIGUSR2)  # Slurm signals every task; submitit acts on rank 0's
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out[-3000:]
-    log = (sweep / "0" / "dpl.log").read_text()
+    def an_epoch_done(job: Path) -> bool:  # in the checkpoint: what the requeued job resumes from
+        try:
+            return checkpoint.load(job)["state"]["epoch"] >= 1
+        except checkpoint.CheckpointError:
+            return False
+
+    done = _signalled_sweep(tmp_path, ["hydra.launcher.tasks_per_node=2", *config], an_epoch_done)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (tmp_path / "sweep" / "0" / "dpl.log").read_text()
     assert "Requeued job" in log and "resume: " in log, log
     (tmp_path / "spawn").mkdir()
     alone = run_cli(tmp_path / "spawn", [*config, "engine.spawn=true"])
@@ -354,19 +352,3 @@ def test_a_preempted_job_of_two_tasks_resumes_from_its_last_checkpoint(tmp_path)
     for key in ("test_acc", "test_acc_best", "best_val_acc", "test_loss"):
         assert mine[key] == theirs[key], key
 
-
-def _task_pids(sweep: Path) -> list[int]:
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "submitit.core._submit" in text and str(sweep) in text:
-            pids.append(int(cmdline.parent.name))
-    return pids
-
-
-def _task_rank(pid: int) -> int:
-    env = dict(line.split("=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in line)
-    return int(env["SUBMITIT_LOCAL_GLOBALID"])

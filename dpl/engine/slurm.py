@@ -23,11 +23,16 @@ RANKS_FROM_ENV = "DPL_RANKS_FROM"
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def _step_tasks() -> int:
+    """The tasks of this srun step (the allocation's SLURM_NTASKS where Slurm did not say)."""
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+
+
 def in_srun_step() -> bool:
     """A task of an ``srun`` step of more than one task (a batch script itself has no step id:
     ``python -m dpl`` run there directly is one process, not rank 0 of the allocation)."""
     return ("SLURM_JOB_ID" in os.environ and "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ
-            and int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1)
+            and _step_tasks() > 1)
 
 
 def export_ranks(job_env: Any = None) -> dict[str, str]:
@@ -40,10 +45,11 @@ def export_ranks(job_env: Any = None) -> dict[str, str]:
     if job_env is None:
         from submitit.slurm.slurm import SlurmJobEnvironment
 
-        if "SLURM_STEP_NUM_TASKS" in os.environ:  # the srun step's tasks, not the whole allocation's
-            os.environ["SLURM_NTASKS"] = os.environ["SLURM_STEP_NUM_TASKS"]
         job_env = SlurmJobEnvironment()
-    world, nodes = job_env.num_tasks, max(1, job_env.num_nodes)
+        world = _step_tasks()  # the srun step's tasks, not the whole allocation's
+    else:
+        world = job_env.num_tasks
+    nodes = max(1, job_env.num_nodes)
     port = os.environ.get("MASTER_PORT") or str(20000 + zlib.crc32(str(job_env.job_id).encode()) % 40000)
     values = {"RANK": job_env.global_rank, "WORLD_SIZE": world, "LOCAL_RANK": job_env.local_rank,
               "LOCAL_WORLD_SIZE": world // nodes, "MASTER_ADDR": job_env.hostnames[0], "MASTER_PORT": port}

@@ -87,15 +87,13 @@ class _DplJobs(BaseSubmititLauncher):
                 why = OutOfRequeues(f"stopped at {stop.where} and not requeued: {first_line(e).rstrip('.')} "
                                     f"(hydra.launcher.max_num_timeout={self.params.get('max_num_timeout')}: raise "
                                     f"it or timeout_min; {resume_hint(self._job_dir)})")
-                return JobReturn(overrides=list(sweep_overrides), working_dir=os.getcwd(), task_name="dpl",
-                                 status=JobStatus.FAILED, _return_value=why)
+                return _failed(sweep_overrides, why)
             raise
         except SystemExit as e:  # python -m dpl's one-line exits: the error that caused it, as the job's return
             cause = e.__context__
             if not _one_line_error(cause):
                 raise
-            return JobReturn(overrides=list(sweep_overrides), working_dir=os.getcwd(), task_name="dpl",
-                             status=JobStatus.FAILED, _return_value=cause)
+            return _failed(sweep_overrides, cause)
         finally:
             preempt.reset()
 
@@ -112,6 +110,12 @@ class _DplJobs(BaseSubmititLauncher):
             resume_dir = str(job)
         return submitit.helpers.DelayedSubmission(self, sweep_overrides, job_dir_key, job_num, job_id,
                                                   singleton_state, resume_dir=resume_dir)
+
+
+def _failed(sweep_overrides: List[str], error: BaseException) -> JobReturn:
+    """The job's return for an error its process reported in one line (the launcher prints it)."""
+    return JobReturn(overrides=list(sweep_overrides), working_dir=os.getcwd(), task_name="dpl",
+                     status=JobStatus.FAILED, _return_value=error)
 
 
 def _one_line_error(e: Optional[BaseException]) -> bool:
