@@ -99,9 +99,18 @@ def test_packed_runs_equal_each_run_alone_bit_for_bit_in_loop_mode(name):
         assert_same(run, together)
 
 
+# What the fused step is checked on: its losses and gradients (the identity above, exact on the function
+# that carries it) and the method's syncs and outer step around it. DiLoCo runs here with an inner SGDM:
+# AdamW moves a weight whose gradient is near zero by about ±lr whatever the gradient's size, so the
+# last-bit differences of the fused kernels grow step by step into weights ~2e-3 apart in norm on some
+# CPUs (torch 2.14.1+cu130), which says nothing about the fusion. Loop mode holds AdamW bit for bit.
+FUSED_INNER = {"diloco": ["optimizer=sgdm"]}
+
+
 @pytest.mark.parametrize("name", ["centralized", pytest.param("localsgd", marks=pytest.mark.slow), "diloco"])
 def test_fused_vmap_runs_equal_each_run_alone_to_float_tolerance(name):
-    cfgs = [compose_cfg(*SMALL, *METHOD_RUNS[name], "engine.simulate=vmap", *m) for m in MEMBERS[:2]]
+    cfgs = [compose_cfg(*SMALL, *METHOD_RUNS[name], *FUSED_INNER.get(name, []), "engine.simulate=vmap", *m)
+            for m in MEMBERS[:2]]
     trainers = [build_trainer(c, CPU) for c in cfgs]
     group = Lockstep(trainers)
     fused = []
