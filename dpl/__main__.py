@@ -10,9 +10,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dpl.config import register_configs
+from dpl.config.schema import register_configs
 from dpl.errors import ConfigError, RankFailure, user_errors
-from dpl.preflight import check_overrides
+from dpl.config.validate import check_overrides
 from dpl.tracking import in_multirun
 
 register_configs()
@@ -22,9 +22,9 @@ TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}  # torchrun'
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | str:
-    from dpl.job import job_dir, run
-    from dpl.engine.launch import announce_run_dir
-    from dpl.interrupt import EXIT_STATUS, resume_hint, signal_name
+    from dpl.run.job import job_dir, run
+    from dpl.launch.ranks import announce_run_dir
+    from dpl.run.interrupt import EXIT_STATUS, resume_hint, signal_name
 
     announce_run_dir(job_dir())  # under torchrun: the other ranks write under rank 0's dir
     try:
@@ -85,7 +85,7 @@ def check_output_dirs(argv: list[str]) -> None:
 def flags_first(argv: list[str]) -> list[str]:
     """Hydra's flags (``-m``, ``--config-name x``) before the overrides: Hydra's argument parser
     stops reading overrides at the first flag and rejects the rest (``dataset=synthetic -m K=1,2``)."""
-    from dpl.preflight import override_args
+    from dpl.config.validate import override_args
 
     overrides = override_args(argv)
     flags, rest = [], list(overrides)
@@ -132,7 +132,7 @@ def remove_refused_job_dir(job: Path) -> None:
 def cli() -> None:
     import logging
 
-    from dpl.interrupt import EXIT_STATUS, catch_sigterm, signal_name
+    from dpl.run.interrupt import EXIT_STATUS, catch_sigterm, signal_name
 
     catch_sigterm()
     # A log file that cannot be written (a full disk) must not print a traceback per record
@@ -146,13 +146,13 @@ def cli() -> None:
         # configs apart, ${now:...} may differ, and the dir must be agreed before Hydra makes one).
         # Everything else, e.g. resume= writing into its own job dir, is in conf/config.yaml's hydra node.
         sys.argv[1:] = flags_first(sys.argv[1:])
-        if "SLURM_STEP_ID" in os.environ and "RANK" not in os.environ:  # (dpl.engine imports torch: only then)
-            from dpl.engine.slurm import export_ranks, in_srun_step
+        if "SLURM_STEP_ID" in os.environ and "RANK" not in os.environ:  # (dpl.core.engines imports torch: only then)
+            from dpl.launch.slurm import export_ranks, in_srun_step
 
             if in_srun_step():  # srun --ntasks=K: Slurm's ranks, without torchrun
                 export_ranks()
         if TORCHRUN_ENV <= os.environ.keys():  # checked here so that plain runs do not import torch yet
-            from dpl.engine.launch import agree_run_dir
+            from dpl.launch.ranks import agree_run_dir
 
             sys.argv[1:] = agree_run_dir(sys.argv[1:])
         main()

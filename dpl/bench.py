@@ -52,19 +52,19 @@ from typing import Callable
 
 import torch
 
-from dpl.build import build_trainer
-from dpl.data import epoch_order
-from dpl.engine import simulation_mode
-from dpl.engine.workers import memory_format
-from dpl.train import Trainer
+from dpl.run.build import build_trainer
+from dpl.components.data import epoch_order
+from dpl.core.engines import simulation_mode
+from dpl.core.workers import memory_format
+from dpl.core.loop import Trainer
 
 
 def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from dpl.config import register_configs
-    from dpl.preflight import CONF_DIR
+    from dpl.config.schema import register_configs
+    from dpl.config.validate import CONF_DIR
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -171,7 +171,7 @@ def _spread(xs: list[float], fmt: str = "{:.3f}") -> str:
 
 
 def bench_distributed(device: torch.device, args) -> None:
-    from dpl.engine.launch import spawn
+    from dpl.launch.ranks import spawn
 
     epochs = 1 + args.repeats  # the first epoch is warm-up
     print(f"[distributed] epoch time of K gloo processes vs the one-process simulation of K workers "

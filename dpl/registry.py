@@ -1,7 +1,7 @@
 """The one lookup every registry uses: ``registry[name]`` or a one-line error.
 
 One config group = one folder in ``conf/`` = one registry (a plain dict) in the module of
-its components, keyed by the same names; :func:`dpl.preflight.registries` lists them all
+its components, keyed by the same names; :func:`dpl.config.validate.registries` lists them all
 (tests/test_config.py checks they agree with ``conf/``). This module imports nothing of
 dpl, so every component can use it.
 """

@@ -7,8 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from dpl import checkpoint
-from dpl.checkpoint import CheckpointError
+from dpl.run import checkpoint
+from dpl.run.checkpoint import CheckpointError
 
 
 def rank_pids(proc: subprocess.Popen, world: int) -> dict[int, int]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dpl import train as train_mod
-from dpl.job import run
+from dpl.core import loop as train_mod
+from dpl.run.job import run
 
 FINAL = ("test_acc", "test_acc_best", "best_val_acc", "test_loss")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpl.build import build_trainer
+from dpl.run.build import build_trainer
 from dpl.bench import limit_fn
 from tests.conftest import compose_cfg
 

@@ -1,10 +1,10 @@
-"""dpl.budget: the first epoch at a target accuracy and what was spent by then, on hand-made histories."""
+"""dpl.report.budget: the first epoch at a target accuracy and what was spent by then, on hand-made histories."""
 
 from __future__ import annotations
 
 import math
 
-from dpl.budget import final_value, to_target
+from dpl.report.budget import final_value, to_target
 
 HISTORY = {"val_acc": [(1, 0.20), (2, 0.35), (3, 0.33), (4, 0.50)],
            "samples_total": [(1, 1000.0), (2, 2000.0), (3, 3000.0), (4, 4000.0)],

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpl import checkpoint
-from dpl.job import run, salvage
-from dpl.checkpoint import CheckpointError
-from dpl.data.sources import read_cifar_batches
+from dpl.run import checkpoint
+from dpl.run.job import run, salvage
+from dpl.run.checkpoint import CheckpointError
+from dpl.components.data.sources import read_cifar_batches
 from dpl.errors import DatasetUnavailable
 
 MARKER = "PAYLOAD_RAN"

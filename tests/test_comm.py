@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dpl.comm import CommLedger, CommPoint, StackedComm, Traffic, bytes_sent, param_bytes, sync_time_s
-from dpl.meter import drift_term
+from dpl.core.state import drift_term
 
 
 def test_ring_allreduce_bytes_sent():
@@ -133,7 +133,7 @@ def test_ledger_state_round_trip():
 
 
 def _drift(stacked):
-    """The drift by its definition, mean_k ||x_k − x̄|| / ||x̄||, from the stacked terms of dpl.meter."""
+    """The drift by its definition, mean_k ||x_k − x̄|| / ||x̄||, from the stacked terms of dpl.core.state."""
     flat = torch.cat([t.reshape(t.shape[0], -1).double() for t in stacked], dim=1)
     return float(drift_term(flat, flat.mean(0), flat.shape[0]))
 
@@ -177,7 +177,7 @@ def test_sample_cost_is_calibrated_once_from_the_first_epoch():
 
 
 def test_worker_speeds_are_seeded_and_follow_their_distribution():
-    from dpl.clock import worker_speeds
+    from dpl.comm.clock import worker_speeds
 
     assert worker_speeds(4, "constant", 0).tolist() == [1.0] * 4
     a, b = worker_speeds(1000, "lognormal", 7, spread=0.5), worker_speeds(1000, "lognormal", 7, spread=0.5)
@@ -194,7 +194,7 @@ def test_modelled_time_is_deterministic_with_a_configured_cost(make_cfg):
     traffic it models the same time to the last bit, whatever the machine was doing; a slow worker
     makes every period longer. The ledger's arithmetic needs no training: the traffic of an epoch of
     K=4 LeNet-5 workers syncing 3 times is fed to ledgers built as the trainer builds them."""
-    from dpl.build import build_trainer
+    from dpl.run.build import build_trainer
 
     def ledger(*extra):
         cfg = make_cfg("method=localsgd", "K=4", "H=4", "epochs=1", "clock.sample_cost_us=50", *extra)
@@ -276,7 +276,7 @@ def _rank_collectives(_cfg, _out_dir, comm):
 def test_stacked_and_process_group_communicators_agree(make_cfg, tmp_path):
     """Every collective of the point gives the same numbers and the same counts on two gloo
     processes as on the two stacked workers of the simulation (integer tensors: the mean truncated)."""
-    from dpl.engine.launch import spawn
+    from dpl.launch.ranks import spawn
 
     sim = _collectives(StackedComm(2), WORKER_ROWS)
     assert torch.equal(sim["mean"], torch.tensor([[2.5, 1.5, -0.5]]))

@@ -15,12 +15,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from dpl.build import build_trainer
+from dpl.run.build import build_trainer
 from dpl.comm import CommLedger, CommPoint, bytes_sent, gather_bytes_sent
-from dpl.comm.compression import COMPRESSORS, Compression, PlainAverage, RandomK, kept
-from dpl.config import ConfigError
+from dpl.comm.codecs import COMPRESSORS, Compression, PlainAverage, RandomK, kept
+from dpl.config.schema import ConfigError
 from dpl.comm import StackedComm
-from dpl.preflight import validate
+from dpl.config.validate import validate
 from tests.resume import assert_resume_is_exact
 
 N = 1000

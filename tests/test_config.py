@@ -8,11 +8,11 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from dpl.config import ConfigError, to_schema
-from dpl.legacy import RENAMED, upgrade
-from dpl.preflight import validate
-from dpl.preflight import GROUPS, check_overrides, group_options
-from dpl.preflight import registries
+from dpl.config.schema import ConfigError, to_schema
+from dpl.config.upgrade import RENAMED, upgrade
+from dpl.config.validate import validate
+from dpl.config.validate import GROUPS, check_overrides, group_options
+from dpl.config.validate import registries
 from tests.conftest import CONF, compose_cfg
 
 
@@ -158,7 +158,7 @@ def test_precision_is_fp32_by_default_and_checked():
 def test_every_option_has_its_schema_in_the_config_store_under_its_name():
     from hydra.core.config_store import ConfigStore
 
-    from dpl.config import SCHEMAS, register_configs
+    from dpl.config.schema import SCHEMAS, register_configs
 
     register_configs()
     store = ConfigStore.instance()
@@ -168,7 +168,7 @@ def test_every_option_has_its_schema_in_the_config_store_under_its_name():
 
 
 def test_each_option_composes_to_exactly_its_schemas_keys():
-    from dpl.config import SCHEMAS, option_keys, option_schema
+    from dpl.config.schema import SCHEMAS, option_keys, option_schema
 
     for group, options in SCHEMAS.items():
         for option in options:
@@ -244,7 +244,7 @@ def test_a_key_of_the_chosen_option_passes_wherever_the_option_is_chosen():
 def test_typed_rebuilds_a_saved_config_and_drops_keys_its_option_lacks():
     """A checkpoint's plain config becomes the typed one; configs saved before the per-option
     schemas carried every option's keys, which are dropped."""
-    from dpl.config import LarsConfig, SgdmConfig, typed
+    from dpl.config.schema import LarsConfig, SgdmConfig, typed
 
     cfg = compose_cfg("optimizer=lars")
     again = typed(OmegaConf.to_container(cfg))
@@ -271,7 +271,7 @@ def test_readme_lists_every_options_keys():
     """README.md's `| `group=option` | keys |` table states each option's schema."""
     import re
 
-    from dpl.config import SCHEMAS, option_keys
+    from dpl.config.schema import SCHEMAS, option_keys
 
     rows = re.findall(r"^\| ((?:`\w+=\w+`(?:, )?)+) \| ([^|]+) \|$", (CONF.parent / "README.md").read_text(), re.M)
     documented = {}
@@ -307,8 +307,8 @@ def test_a_bad_outer_value_is_one_line_naming_the_key(overrides, message):
 
 
 def test_outer_names_are_the_outer_registry():
-    from dpl.config import OUTER_OPTIMIZERS as NAMES
-    from dpl.optim import OUTER_OPTIMIZERS
+    from dpl.config.schema import OUTER_OPTIMIZERS as NAMES
+    from dpl.components.optim import OUTER_OPTIMIZERS
 
     assert tuple(OUTER_OPTIMIZERS) == NAMES
     for name in NAMES:  # every name composes, validates and builds
@@ -320,7 +320,7 @@ def test_outer_names_are_the_outer_registry():
 def test_an_old_saved_config_resumes_with_its_values_under_method_outer():
     """A checkpoint's config from before method.outer (SlowMo's beta/alpha, DiLoCo's outer_lr,
     outer_momentum, nesterov) is, once upgraded, the config its values give with the new keys."""
-    from dpl.config import typed
+    from dpl.config.schema import typed
 
     old_new = [
         ({"name": "slowmo", "beta": 0.2, "alpha": 0.5, "restart_each_epoch": True},

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpl import config
-from dpl.data.sharding import (
+from dpl.config import schema as config
+from dpl.components.data.sharding import (
     SHARDINGS, _apportion, _dirichlet_counts, batch_indices, epoch_order, make_shards, steps_per_epoch,
 )
 

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from torchvision.datasets import CIFAR100
 
 from tests.conftest import compose_cfg
-from dpl.data import DATASETS, DatasetUnavailable, eval_batches, load_dataset, make_batch, split_train_val
-from dpl.data import sources
+from dpl.components.data import DATASETS, DatasetUnavailable, eval_batches, load_dataset, make_batch, split_train_val
+from dpl.components.data import sources
 from dpl.io import atomic_temp_path
 from tests.fakes import write_cifar10, write_cifar100, write_fashion_mnist_gz, write_python2_cifar_batch
 
@@ -32,7 +32,7 @@ def dataset_cfg(name: str, **overrides):
 
 
 def test_registry_keys_are_the_yaml_names():
-    from dpl.data import TEXT_DATASETS
+    from dpl.components.data import TEXT_DATASETS
 
     assert set(DATASETS) | set(TEXT_DATASETS) == {p.stem for p in CONF.glob("*.yaml")}
 
@@ -241,7 +241,7 @@ def test_eval_batches_cover_the_split_in_order():
 def _augmented_eval_as_first_written(data, split, key):
     """The augmented evaluation batches as they were drawn with a fixed batch of 1000 images:
     batch i hashed under (seed, EVAL, evaluation, i), counters 0.. within the batch."""
-    from dpl.data.augment import EVAL, augment_bits, normalize, random_crop_flip, stream_key
+    from dpl.components.data.augment import EVAL, augment_bits, normalize, random_crop_flip, stream_key
 
     xs, ys = data.split(split)
     for i, start in enumerate(range(0, len(ys), 1000)):
@@ -265,7 +265,7 @@ def test_augmented_evaluation_draws_the_same_crops_for_every_batch_size():
 @pytest.mark.slow  # tests/test_train.py::test_synthetic_run_learns checks the same through the whole pipeline
 def test_lenet_learns_synthetic_in_two_epochs():
     """The point of `synthetic`: a real model learns it far above chance (10%) offline, in seconds."""
-    from dpl.models import LeNet5
+    from dpl.components.models import LeNet5
 
     torch.manual_seed(0)
     data = load_dataset(dataset_cfg("synthetic", num_train=1000, num_test=200), seed=0, device=CPU)

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpl import checkpoint
-from dpl.build import build_trainer
-from dpl.job import run
+from dpl.run import checkpoint
+from dpl.run.build import build_trainer
+from dpl.run.job import run
 from dpl.comm.process_group import rank_state, stack_states
-from dpl.engine.launch import RankFailure, culprits, spawn
+from dpl.launch.ranks import RankFailure, culprits, spawn
 from tests.conftest import TINY
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -256,7 +256,7 @@ def test_checkpoint_of_every_worker_round_trips_through_the_ranks():
 
 
 def test_distributed_engine_outside_a_launcher_fails_in_one_line(make_cfg, tmp_path):
-    from dpl.config import ConfigError
+    from dpl.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="torchrun --nproc-per-node=K"):
         run(make_cfg(*DIST, "K=2"), out_dir=tmp_path)

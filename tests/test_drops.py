@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from dpl.build import build_trainer
+from dpl.run.build import build_trainer
 from dpl.comm import Compression, StackedComm
-from dpl.comm.compression import Int8
+from dpl.comm.codecs import Int8
 from dpl.comm.drops import Drops
-from dpl.engine.workers import StackedWorkers
+from dpl.core.workers import StackedWorkers
 from dpl.errors import ConfigError
-from dpl.preflight import validate
+from dpl.config.validate import validate
 from tests.conftest import compose_cfg
 
 

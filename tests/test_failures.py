@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpl import checkpoint
-from dpl.job import run
-from dpl.checkpoint import CheckpointError
-from dpl.config import ConfigError
+from dpl.run import checkpoint
+from dpl.run.job import run
+from dpl.run.checkpoint import CheckpointError
+from dpl.config.schema import ConfigError
 from dpl.io import write_csv
 from dpl.tracking import TrackingError, mlflow_client
 
@@ -178,7 +178,7 @@ def test_signal_ends_the_run_killed_in_one_line(tmp_path, sig, status):
 
 
 def test_crash_ends_the_run_failed_with_its_reason(make_cfg, tmp_path, monkeypatch):
-    from dpl import train as train_mod
+    from dpl.core import loop as train_mod
 
     original_fit = train_mod.Trainer.fit
 
@@ -235,10 +235,10 @@ def test_report_shows_a_sigkilled_run_as_interrupted_and_does_not_count_it(tmp_p
 
 def _killed_during_first_checkpoint(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``python -m dpl`` SIGKILLed half-way through writing its first checkpoint (a real kill, timed
-    by replacing ``dpl.checkpoint.save`` with one that kills its own process mid-write)."""
+    by replacing ``dpl.run.checkpoint.save`` with one that kills its own process mid-write)."""
     code = (
         "import os, signal, sys\n"
-        "import dpl.checkpoint as c, dpl.io\n"
+        "import dpl.run.checkpoint as c, dpl.io\n"
         "def dying_save(state, path):\n"
         "    with dpl.io.atomic_open(path, 'wb') as f:\n"
         "        f.write(b'half a checkpoint')\n"

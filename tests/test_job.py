@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from dpl.job import run
-from dpl.recorder import h_summary
+from dpl.run.job import run
+from dpl.run.recorder import h_summary
 
 
 def test_progress_bars_and_one_log_line_per_epoch(make_cfg, tmp_path, capsys, caplog):

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from dpl.job import run
-from dpl.config import ConfigError
-from dpl.engine.launch import host_store, interface_of, overdue, spawn
+from dpl.run.job import run
+from dpl.config.schema import ConfigError
+from dpl.launch.ranks import host_store, interface_of, overdue, spawn
 from tests.conftest import TINY
 from tests.processes import rank_pids, run_cli, wait_epoch
 

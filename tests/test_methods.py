@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from dpl.build import build_trainer
+from dpl.run.build import build_trainer
 from dpl.comm import StackedComm
-from dpl.engine.workers import StackedWorkers
-from dpl.methods import METHODS, Method, OuterStep, StreamingDiLoCo, build_method
-from dpl.train import WALL_CLOCK_FIELDS
+from dpl.core.workers import StackedWorkers
+from dpl.core.methods import METHODS, Method, OuterStep, StreamingDiLoCo, build_method
+from dpl.core.loop import WALL_CLOCK_FIELDS
 from tests.conftest import compose_cfg
 from tests.resume import assert_resume_is_exact
 

@@ -6,7 +6,7 @@ Expected values come from plain Python arithmetic on lists (``_lars_ref`` /
 ``_lamb_ref`` restate the papers' update rules scalar by scalar), from per-tensor loops
 that restate the study's formulas (``_study_lars`` / ``_study_lamb``, after
 ../shared/study/FIDELITY.md) and You et al.'s Algorithm 1 (``_paper_lars``), or are
-written out as numbers, never from calling dpl.optim.
+written out as numbers, never from calling dpl.components.optim.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dpl.config import ConfigError, LarsConfig
-from dpl.optim import LAMB, LARS, OPTIMIZERS, Muon, build_optimizer
+from dpl.config.schema import ConfigError, LarsConfig
+from dpl.components.optim import LAMB, LARS, OPTIMIZERS, Muon, build_optimizer
 from tests.conftest import compose_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "optimizer"

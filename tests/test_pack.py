@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from dpl.build import build_trainer
-from dpl.engine.packed import PackedStep
+from dpl.run.build import build_trainer
+from dpl.core.packed import PackedStep
 from dpl.errors import Diverged
 from dpl.pack.groups import differing_keys, group_jobs, packs
 from dpl.pack.lockstep import Lockstep
 from dpl.tracking import flatten_config
-from dpl.train import WALL_CLOCK_FIELDS
+from dpl.core.loop import WALL_CLOCK_FIELDS
 from tests.conftest import compose_cfg
 
 SMALL = ["dataset.num_train=400", "dataset.num_test=100", "batch_size=16"]
@@ -204,7 +204,7 @@ def test_grouping_rules():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["centralized", "localsgd", "diloco"])
 def test_fused_cuda_graph_of_packed_runs_equals_each_run_alone(name):
-    from dpl.engine.packed import PackedGraphStep
+    from dpl.core.packed import PackedGraphStep
 
     dev = torch.device("cuda")
     cfgs = [compose_cfg(*SMALL, *METHOD_RUNS[name], "device=cuda", "engine.compile=graph", "epochs=3", *m)
@@ -228,8 +228,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from dpl import checkpoint  # noqa: E402
-from dpl.job import run  # noqa: E402
+from dpl.run import checkpoint  # noqa: E402
+from dpl.run.job import run  # noqa: E402
 from dpl.tracking import mlflow_client  # noqa: E402
 from tests.processes import run_cli  # noqa: E402
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dpl.plots import plot_history
+from dpl.run.plots import plot_history
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -82,7 +82,7 @@ def test_overwrites_existing_figure(tmp_path):
 def test_plotting_never_touches_pyplot(tmp_path):
     # No pyplot means no global figure list to leak into and no display backend needed.
     code = (
-        "import sys; from dpl.plots import plot_history; "
+        "import sys; from dpl.run.plots import plot_history; "
         f"plot_history({_history(2)!r}, {str(tmp_path)!r}); "
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'"
     )
@@ -99,7 +99,7 @@ def test_single_key_figures(tmp_path, key):
 
 @pytest.mark.parametrize("epochs", [1, 4])
 def test_every_run_figure_is_legible(epochs):
-    from dpl.plots import _FIGURES
+    from dpl.run.plots import _FIGURES
     from tests.legible import assert_legible
 
     for name, draw in _FIGURES.items():
@@ -116,7 +116,7 @@ def test_every_run_figure_is_legible(epochs):
 def test_legend_outside_grows_the_figure_and_keeps_clear_of_title_and_data(panels, entries, label_len):
     """However many and however long the entries, the legend lies right of the panels, below the
     suptitle, inside the figure; the panels keep the width they had without a legend."""
-    from dpl.plots import legend_outside, new_figure
+    from dpl.run.plots import legend_outside, new_figure
     from tests.legible import assert_legible
 
     def draw(with_legend: bool):
@@ -145,7 +145,7 @@ def test_legend_outside_grows_the_figure_and_keeps_clear_of_title_and_data(panel
 
 
 def test_legend_outside_leaves_out_a_legend_of_too_many_entries():
-    from dpl.plots import legend_outside, new_figure
+    from dpl.run.plots import legend_outside, new_figure
 
     fig, (ax,) = new_figure(1)
     for i in range(21):
@@ -158,7 +158,7 @@ def test_legend_outside_leaves_out_a_legend_of_too_many_entries():
 @pytest.mark.parametrize("lo,hi,view", [(0.19, 0.1995, (0.1, 0.2)), (0.19, 0.2, (0.1, 0.3)), (0.0, 0.05, (0.0, 0.1)),
                                         (0.91, 1.0, (0.9, 1.0)), (0.42, 0.87, (0.4, 0.9))])
 def test_percent_axis_spans_round_tens_of_points(lo, hi, view):
-    from dpl.plots import new_figure, percent_axis
+    from dpl.run.plots import new_figure, percent_axis
 
     fig, (ax,) = new_figure(1)
     ax.plot([0, 1], [lo, hi])
@@ -172,7 +172,7 @@ def test_percent_axis_spans_round_tens_of_points(lo, hi, view):
 
 
 def test_run_accuracy_figures_are_in_percent():
-    from dpl.plots import _FIGURES
+    from dpl.run.plots import _FIGURES
 
     for name in ("accuracy.png", "comm.png"):
         fig = _FIGURES[name](_history(4))

@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from dpl.job import run
+from dpl.run.job import run
 from scipy import stats as scipy_stats
 
 from dpl.report import (RunRecord, budget_rows, compare_groups, fetch_runs, group_columns, group_runs, main,
@@ -273,7 +273,7 @@ def test_unknown_experiment_is_one_line_error(store, capsys):
 
 
 def test_no_arguments_reports_the_latest_sweep_or_the_default_experiment(tmp_path, monkeypatch, capsys):
-    from dpl.sweep import PARENT_TAG
+    from dpl.tracking.sweep import PARENT_TAG
 
     monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db, the default output ./reports/<name>
 
@@ -428,7 +428,7 @@ def test_pareto_front_hand_computed():
 
 
 def test_mean_std_and_mean_curve_hand_computed():
-    from dpl.stats import describe
+    from dpl.report.stats import describe
 
     mean_std = lambda values: (describe(values).mean, describe(values).std)  # noqa: E731 (the table's numbers)
     assert mean_std([0.5, 0.7]) == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)))

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from dpl import preempt
-from dpl.config import ConfigError
-from dpl.engine.slurm import ENV_KEYS, RANKS_FROM_ENV, export_ranks, in_srun_step
+from dpl.run import preempt
+from dpl.config.schema import ConfigError
+from dpl.launch.slurm import ENV_KEYS, RANKS_FROM_ENV, export_ranks, in_srun_step
 from dpl.tracking import check_store_for_launcher
 from tests.conftest import compose_cfg
 from tests.processes import run_cli
@@ -267,7 +267,7 @@ def test_ranks_from_slurm_variables(monkeypatch):
 
 
 def test_an_engine_of_one_process_is_refused_when_started_as_ranks(monkeypatch):
-    from dpl.job import _check_one_process
+    from dpl.run.job import _check_one_process
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -331,7 +331,7 @@ def test_slurm_tasks_give_the_distributed_run_of_spawn(tmp_path):
 @LINUX
 @pytest.mark.slow  # ~1 min on 2 cores: a job of two tasks, requeued once, and its spawned reference
 def test_a_preempted_job_of_two_tasks_resumes_from_its_last_checkpoint(tmp_path):
-    from dpl import checkpoint
+    from dpl.run import checkpoint
 
     config = ["dataset=synthetic", "dataset.num_train=2000", "dataset.num_test=200", "epochs=3", "progress=false",
               "device=cpu", "method=localsgd", "H=2", "engine=distributed", "K=2"]

@@ -1,4 +1,4 @@
-"""dpl.stats on fixed numbers: intervals, paired and Welch tests and Holm's adjustment, each against
+"""dpl.report.stats on fixed numbers: intervals, paired and Welch tests and Holm's adjustment, each against
 scipy called another way or against the formula worked by hand."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from dpl.stats import PAIRED, WELCH, compare, describe, holm
+from dpl.report.stats import PAIRED, WELCH, compare, describe, holm
 
 A = [0.62, 0.55, 0.71, 0.58, 0.66]  # five seeds of one configuration
 B = [0.60, 0.50, 0.69, 0.52, 0.61]  # the same five seeds of another

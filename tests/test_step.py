@@ -1,4 +1,4 @@
-"""The local step (dpl.engine.step): torch.compile and the CUDA graph give eager's numbers."""
+"""The local step (dpl.core.step): torch.compile and the CUDA graph give eager's numbers."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 
-from dpl.build import build_trainer
-from dpl.engine import step as step_module
-from dpl.engine.step import CompiledStep, GraphStep, LocalStep, compile_mode
-from dpl.optim import CAPTURABLE, OPTIMIZERS
+from dpl.run.build import build_trainer
+from dpl.core.engines import step as step_module
+from dpl.core.step import CompiledStep, GraphStep, LocalStep, compile_mode
+from dpl.components.optim import CAPTURABLE, OPTIMIZERS
 from tests.conftest import compose_cfg
 
 CPU = torch.device("cpu")
@@ -95,9 +95,9 @@ def _failing_backend(gm, example_inputs):
 def test_a_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(step_module, "BACKEND", _failing_backend)
     ov = ("K=2", "method=localsgd", "H=3", "dataset.num_train=300")
-    with caplog.at_level(logging.WARNING, logger="dpl.engine.step"):
+    with caplog.at_level(logging.WARNING, logger="dpl.core.step"):
         compiled = _run(*ov, "engine.compile=compile")
-    warnings = [r for r in caplog.records if r.name == "dpl.engine.step"]
+    warnings = [r for r in caplog.records if r.name == "dpl.core.step"]
     assert len(warnings) == 1 and "runs eagerly" in warnings[0].getMessage()
     assert compiled.local_step._losses is None and compiled.local_step._update is None
     eager = _run(*ov, "engine.compile=none")
@@ -126,7 +126,7 @@ def test_compile_mode_auto_and_what_a_graph_needs(monkeypatch):
 
 
 def test_engine_compile_is_checked_at_startup():
-    from dpl.config import to_schema
+    from dpl.config.schema import to_schema
     from dpl.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"engine.compile='jit' is invalid: allowed one of auto, none, graph, compile"):
@@ -178,7 +178,7 @@ def test_training_steps_do_not_synchronize_with_the_host(mode):
     t = build_trainer(compose_cfg("K=4", "method=localsgd", "H=4", "device=cuda", f"engine.compile={mode}"),
                       torch.device("cuda"))
     t.start_epoch()
-    from dpl.data import epoch_order
+    from dpl.components.data import epoch_order
 
     order = epoch_order(t.shards, 0, t.cfg.seed)
     for _ in range(4):  # warm-up and capture may allocate and synchronise

@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from dpl import checkpoint
-from dpl.build import build_trainer
+from dpl.run import checkpoint
+from dpl.run.build import build_trainer
 from dpl.comm import StackedComm
-from dpl.engine.workers import StackedWorkers
+from dpl.core.workers import StackedWorkers
 from dpl.errors import ConfigError
-from dpl.methods import build_method
-from dpl.methods.streaming import balanced_split, fragments
-from dpl.models import build_model
-from dpl.train import WALL_CLOCK_FIELDS
+from dpl.core.methods import build_method
+from dpl.core.methods.streaming import balanced_split, fragments
+from dpl.components.models import build_model
+from dpl.core.loop import WALL_CLOCK_FIELDS
 from tests.conftest import TINY, compose_cfg
 from tests.processes import run_cli
 from tests.resume import assert_resume_is_exact
@@ -270,7 +270,7 @@ def test_eager_diloco_resumes_exactly_with_every_workers_own_anchor(make_cfg, tm
 
 
 def test_eager_with_a_delay_is_one_clear_error():
-    from dpl.preflight import validate
+    from dpl.config.validate import validate
 
     with pytest.raises(ConfigError, match=r"method.delay=2 is invalid with method.eager=true"):
         validate(compose_cfg("method=streaming_diloco", "method.eager=true", "method.delay=2"))

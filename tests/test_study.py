@@ -14,14 +14,14 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from dpl import train as train_mod
-from dpl.build import build_trainer
-from dpl.job import run
-from dpl.preflight import validate
-from dpl.data import make_shards, steps_per_epoch
-from dpl.preflight import group_options
-from dpl.schedules import lr_table
-from dpl.study import ABLATIONS
+from dpl.core import loop as train_mod
+from dpl.run.build import build_trainer
+from dpl.run.job import run
+from dpl.config.validate import validate
+from dpl.components.data import make_shards, steps_per_epoch
+from dpl.config.validate import group_options
+from dpl.core.schedules import lr_table
+from dpl.config.study import ABLATIONS
 from tests.conftest import CONF, compose_cfg
 from tests.resume import assert_resume_is_exact
 
@@ -172,7 +172,7 @@ def test_trainer_holds_the_lr_for_a_whole_epoch_with_interval_epoch(make_cfg):
 
 
 def test_fractional_warmup_with_epoch_interval_is_one_clear_error():
-    from dpl.config import ConfigError
+    from dpl.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="warmup_epochs=0.5 is invalid"):
         validate(compose_cfg("scheduler.interval=epoch", "warmup_epochs=0.5"))

@@ -24,12 +24,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, IntervalSweep
 from omegaconf import OmegaConf
 
-from dpl.build import build_trainer
-from dpl.config import ConfigError, register_configs
-from dpl.preflight import validate
-from dpl.preflight import group_options
-from dpl.sweep import PARENT_TAG
-from dpl.train import scaled_lr
+from dpl.run.build import build_trainer
+from dpl.config.schema import ConfigError, register_configs
+from dpl.config.validate import validate
+from dpl.config.validate import group_options
+from dpl.tracking.sweep import PARENT_TAG
+from dpl.core.loop import scaled_lr
 from tests.conftest import CONF, compose_cfg
 from tests.processes import optuna_trials, run_cli
 
@@ -86,7 +86,7 @@ def test_every_sweep_composes_and_every_value_validates(name):
     assert full.hydra.mode.name == "MULTIRUN" and \
         full.sweep == {"compression_dense": "compression", "streaming_dp": "streaming",
                       "diloco_lm_dp": "diloco_lm"}.get(name, name)
-    assert full.hydra.callbacks.mlflow_parent._target_ == "dpl.sweep.MlflowParentRun"
+    assert full.hydra.callbacks.mlflow_parent._target_ == "dpl.tracking.sweep.MlflowParentRun"
     cfg = job_config(full)
     assert cfg.logger.experiment == full.sweep  # one MLflow experiment per sweep
     values = grid(full)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpl.build import build_trainer
-from dpl.data import batch_indices, epoch_order, load_dataset, make_batch
-from dpl.data.text import read_corpus
-from dpl.train import WALL_CLOCK_FIELDS
+from dpl.run.build import build_trainer
+from dpl.components.data import batch_indices, epoch_order, load_dataset, make_batch
+from dpl.components.data.text import read_corpus
+from dpl.core.loop import WALL_CLOCK_FIELDS
 from tests.conftest import compose_cfg
 from tests.resume import assert_resume_is_exact
 
@@ -64,7 +64,7 @@ def test_windows_are_a_pure_function_of_seed_step_worker_sample_and_stay_in_thei
             start = next(s for s in range(idx[k, b] * 32, min(idx[k, b] * 32 + 32, n - 32)) if
                          torch.equal(tokens[s:s + 32].long(), x[k, b]))
             assert 0 <= start <= n - 33
-    val = list(__import__("dpl.data", fromlist=["eval_batches"]).eval_batches(data, "val", 10))
+    val = list(__import__("dpl.components.data", fromlist=["eval_batches"]).eval_batches(data, "val", 10))
     assert sum(v[0].shape[0] for v in val) == (len(data.val_tokens) - 1) // 32
 
 
@@ -130,7 +130,7 @@ def test_resume_is_exact(corpus, tmp_path, monkeypatch):
 
 def test_simulation_equals_torch_distributed(corpus, tmp_path):
     from dpl.bench import _fit_rank as fit  # a rank that trains and returns its history
-    from dpl.engine.launch import spawn
+    from dpl.launch.ranks import spawn
 
     # SGD, as for vmap ≡ loop: AdamW would scale up the rounding of the all-reduce's order
     base = ["K=2", "H=4", "epochs=1", "method=localsgd", "optimizer=sgdm", "lr=0.1"]

@@ -353,7 +353,7 @@ def test_run_names_tell_runs_apart_by_their_overrides_and_job_number():
     K and H first so a narrow column still shows them, a sweep's job number last."""
     from omegaconf import OmegaConf
 
-    from dpl.run_names import run_name, short_override
+    from dpl.tracking.run_names import run_name, short_override
 
     cfg = OmegaConf.create({"method": {"name": "localsgd"}, "K": 2, "H": 4, "optimizer": {"name": "sgdm"},
                             "seed": 0, "dynamic_h": {"name": "constant"}, "engine": {"name": "distributed"}})
@@ -379,7 +379,7 @@ def test_runs_link_opens_the_runs_table_in_the_saved_view():
 
 
 def test_resume_hint_names_the_job_dir(tmp_path):
-    from dpl.interrupt import resume_hint
+    from dpl.run.interrupt import resume_hint
 
     assert resume_hint(tmp_path / "job 1") == f"resume with: python -m dpl resume='{tmp_path / 'job 1'}'"
     assert resume_hint(None) == "resume with: python -m dpl resume=<job dir>"

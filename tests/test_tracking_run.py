@@ -6,7 +6,7 @@ import csv
 
 from mlflow.tracking import MlflowClient
 
-from dpl.job import run
+from dpl.run.job import run
 
 
 def test_run_contents_in_mlflow(make_cfg, tmp_path):
@@ -65,7 +65,7 @@ def test_resume_logs_into_the_same_run(make_cfg, tmp_path):
     base = ["logger=mlflow", f"logger.tracking_uri={uri}", "logger.experiment=resume"]
     run(make_cfg(*base, "epochs=1"), out_dir=tmp_path / "job")
     # Extend the finished run by one epoch: the resumed job continues the same MLflow run.
-    from dpl import checkpoint
+    from dpl.run import checkpoint
 
     ckpt = checkpoint.load(tmp_path / "job")
     ckpt["config"]["epochs"] = 2

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from dpl import checkpoint
-from dpl.job import run
-from dpl.train import WALL_CLOCK_FIELDS
+from dpl.run import checkpoint
+from dpl.run.job import run
+from dpl.core.loop import WALL_CLOCK_FIELDS
 from tests.processes import run_cli
 
 
@@ -46,7 +46,7 @@ def test_resume_mid_period_equals_uninterrupted(make_cfg, tmp_path, method, monk
     full = run(make_cfg(*overrides), out_dir=tmp_path / "full")
 
     # Kill after step 22 (epoch 1, mid-period); the last checkpoint is at step 20, mid-period too.
-    from dpl import train as train_mod
+    from dpl.core import loop as train_mod
 
     original_fit = train_mod.Trainer.fit
 
@@ -126,7 +126,7 @@ def test_fashion_mnist_end_to_end(make_cfg, tmp_path):
 def test_the_inner_lr_is_a_device_tensor_filled_from_the_table():
     """Setting the lr is a device-side copy from the table: no Python float reaches the optimizer."""
     from tests.conftest import compose_cfg
-    from dpl.build import build_trainer
+    from dpl.run.build import build_trainer
 
     t = build_trainer(compose_cfg("scheduler=cosine", "epochs=2", "method=localsgd", "K=2"), torch.device("cpu"))
     order = t.shards
@@ -149,7 +149,7 @@ def test_bf16_runs_and_learns_with_fp32_weights(make_cfg, tmp_path):
 
 def test_bf16_forward_runs_in_bf16_and_fp32_is_untouched():
     from tests.conftest import compose_cfg
-    from dpl.build import build_trainer
+    from dpl.run.build import build_trainer
 
     t = build_trainer(compose_cfg("precision=bf16"), torch.device("cpu"))
     x = torch.randn(1, 4, *t.data.train_x.shape[1:])
@@ -164,7 +164,7 @@ def test_bf16_forward_runs_in_bf16_and_fp32_is_untouched():
 
 
 def test_a_checkpoint_with_epochs_from_0_resumes_counting_from_1():
-    from dpl.train import epochs_from_one
+    from dpl.core.loop import epochs_from_one
 
     old = {"epoch": 2, "best_epoch": 1, "history": [{"epoch": 0, "val_acc": 0.1}, {"epoch": 1, "val_acc": 0.2}]}
     new = epochs_from_one(old)

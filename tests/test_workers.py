@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from dpl.comm import StackedComm
-from dpl.engine.workers import StackedWorkers
-from dpl.models import LeNet5, ResNet20
+from dpl.core.workers import StackedWorkers
+from dpl.components.models import LeNet5, ResNet20
 
 
 def test_each_slice_gets_its_own_workers_gradient():
@@ -199,7 +199,7 @@ def test_resnet20_localsgd_run_gives_equal_numbers_in_vmap_and_loop(make_cfg, tm
     weights after 20 steps), so the metrics agree to rounding growth, not bit for bit; the
     float64 test above shows the two compute the same function.
     """
-    from dpl.job import run
+    from dpl.run.job import run
 
     small = ["model=resnet20", "method=localsgd", "K=4", "H=8", "epochs=2", "batch_size=32",
              "dataset.num_train=1400", "dataset.num_test=200", "dataset.image_size=8"]
@@ -217,7 +217,7 @@ def test_resnet20_localsgd_run_gives_equal_numbers_in_vmap_and_loop(make_cfg, tm
 
 def test_evaluation_sums_equal_a_per_batch_host_loop_for_any_batch_size():
     """The device-side sums (one read per evaluation) give the numbers of reading every batch."""
-    from dpl.data import eval_batches, load_dataset
+    from dpl.components.data import eval_batches, load_dataset
     from tests.test_data_sources import dataset_cfg
 
     torch.manual_seed(0)
@@ -242,7 +242,7 @@ def test_evaluation_sums_equal_a_per_batch_host_loop_for_any_batch_size():
 
 
 def test_memory_format_auto_picks_channels_last_on_cpu_only():
-    from dpl.engine.workers import memory_format
+    from dpl.core.workers import memory_format
 
     assert memory_format("auto", torch.device("cpu")) == "channels_last"
     assert memory_format("auto", torch.device("cuda")) == "contiguous"  # not yet measured on a GPU

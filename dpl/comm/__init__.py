@@ -5,7 +5,7 @@
 - :mod:`dpl.comm.stacked`: :class:`StackedComm`, the simulation's (a reduction over the worker axis);
 - :mod:`dpl.comm.process_group`: :class:`ProcessGroupComm`, torch.distributed's (one rank per worker);
 - :mod:`dpl.comm.cost`: the α–β cost model, :class:`Traffic` and the run's :class:`CommLedger`;
-- :mod:`dpl.comm.compression`: what a local method's sync sends (``none`` is the exact average).
+- :mod:`dpl.comm.codecs`: what a local method's sync sends (``none`` is the exact average).
 
 A new way of talking between workers (streaming fragments, another transport) changes one module
 here, not the trainer or the methods. Nothing outside this package calls a torch.distributed
@@ -13,7 +13,7 @@ collective or averages over the worker axis (``tests/test_comm.py`` greps for it
 """
 
 from dpl.comm.communicator import Communicator
-from dpl.comm.compression import COMPRESSORS, Compression, PlainAverage, build_compression
+from dpl.comm.codecs import COMPRESSORS, Compression, PlainAverage, build_compression
 from dpl.comm.cost import (CLOCKED_FIELDS, CommLedger, Traffic, bytes_sent, gather_bytes_sent, latency_s, param_bytes,
                            sync_time_s, transfer_s)
 from dpl.comm.point import CommPoint

@@ -11,7 +11,7 @@ model: each of its 2 (K - 1) ring steps pays the latency alpha once, so
 T = 2 (K - 1) alpha + n_sent / beta (Thakur, Rabenseifner & Gropp 2005, Sec. 4.4 for
 the reduce-scatter + all-gather ring; Patarasuk & Yuan 2009).
 
-Compressed syncs (``compression``, :mod:`dpl.comm.compression`) send a payload of p bytes per
+Compressed syncs (``compression``, :mod:`dpl.comm.codecs`) send a payload of p bytes per
 worker instead of the n bytes of the replica. A payload the workers can sum as it is (fp16,
 bf16, int8 through a quantized reduce-scatter/all-gather, random-k on shared coordinates)
 is all-reduced as above, with p in place of n. A payload that is each worker's own (top-k
@@ -193,7 +193,7 @@ class CommLedger:
 
     Each epoch's :class:`Traffic` becomes bytes sent per worker and modelled communication
     time (:func:`sync_time_s` per all-reduce), and its steps become modelled compute time
-    (:mod:`dpl.clock`): ``samples x sample_cost_s x slowest`` with ``slowest`` the largest
+    (:mod:`dpl.comm.clock`): ``samples x sample_cost_s x slowest`` with ``slowest`` the largest
     worker time factor. ``sample_cost_s`` None is measured from the first epoch, then fixed.
     With K == 1 nothing is sent, so bytes and communication time stay 0, but rounds are
     still counted (a 1-worker LocalSGD run still has its sync points, they are just free).
@@ -230,7 +230,7 @@ class CommLedger:
         # the latency of every collective, then all of the epoch's bytes over the busiest link
         comm_transfer = self._transfer_s(traffic.replica_bytes, traffic.gathered_bytes, self.bandwidth_gbps)
         comm_time = self._latency_s(traffic.collectives, traffic.gathers) + comm_transfer
-        if traffic.gathers:  # compressed payloads that are each worker's own (dpl.comm.compression)
+        if traffic.gathers:  # compressed payloads that are each worker's own (dpl.comm.codecs)
             comm_bytes += gather_bytes_sent(traffic.gathered_bytes, self.K, self.topology)
         compute_time = samples * self.sample_cost_s * self.slowest  # the slowest worker ends each period
         # one worker's modelled compute of one step: what an overlapped sync can hide behind

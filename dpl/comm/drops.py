@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dpl.comm.compression import mix
+from dpl.comm.codecs import mix
 
 _SALT = 0xD80F  # keeps the drop draws apart from the other streams keyed by (seed, sync, ...)
 

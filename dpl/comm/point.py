@@ -16,7 +16,7 @@ method and the engine. Each call names its ``kind``:
   often, or was resumed, reports the same curves as one that did not.
 
 A sync of a local method goes through :meth:`CommPoint.start_mean_delta`, which hands it to the
-run's compression (:mod:`dpl.comm.compression`; ``none`` is the exact average), so the outer
+run's compression (:mod:`dpl.comm.codecs`; ``none`` is the exact average), so the outer
 step has one path whatever is sent. It returns a :class:`Pending`: in the simulation the result is
 there at once; across processes the collective is in flight (``async_op=True``) until ``wait()``,
 so a streaming sync overlaps the inner steps taken meanwhile. With ``faults.drop_prob`` (the
@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
-from dpl.comm.compression import DeltaResult, PlainAverage, Then
+from dpl.comm.codecs import DeltaResult, PlainAverage, Then
 from dpl.comm.cost import Traffic, bytes_sent, gather_bytes_sent, param_bytes
 from dpl.comm.drops import Drops
 
@@ -85,8 +85,8 @@ class CheckpointTraffic:
 class CommPoint:
     """Counts, times and runs every collective among the workers (see the module doc).
 
-    ``compression`` is what a local method's sync sends (:class:`~dpl.comm.compression.PlainAverage`
-    for ``compression=none``, else a :class:`~dpl.comm.compression.Compression`). ``wall_s`` is the
+    ``compression`` is what a local method's sync sends (:class:`~dpl.comm.codecs.PlainAverage`
+    for ``compression=none``, else a :class:`~dpl.comm.codecs.Compression`). ``wall_s`` is the
     measured time of the algorithm's collectives since :meth:`take_wall_s` last read it, until each
     completed (NCCL included); 0 in the simulation, where nothing leaves the process.
     """

@@ -33,7 +33,7 @@ class ProcessGroupComm:
 
     ``store`` is the key-value store the group was built on; it carries the one-off
     handshakes that must not be bounded by the collective timeout (rank 0 downloading
-    the data) and the fault reports of :mod:`dpl.engine.launch`.
+    the data) and the fault reports of :mod:`dpl.launch.ranks`.
     """
 
     k_local = 1

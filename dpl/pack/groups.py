@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from dpl.run_names import BOOKKEEPING as RUN_BOOKKEEPING
+from dpl.tracking.run_names import BOOKKEEPING as RUN_BOOKKEEPING
 
 # Per-run values that the fused step carries per run (each run's own optimizer, lr table and sync schedule).
 PACKABLE = (

@@ -1,7 +1,7 @@
 """A packed group's lifecycle: each run checked, built and recorded as alone, trained together.
 
 ``hydra/launcher=packed`` (``hydra_plugins/dpl_launchers``) hands :func:`run_group` the runs
-of one group, each with its job dir and Hydra config. Each run is what :func:`dpl.job.run`
+of one group, each with its job dir and Hydra config. Each run is what :func:`dpl.run.job.run`
 makes of it: a finished run of the sweep is skipped, a stopped one resumes from its own
 checkpoint (in its job dir, or the job dir its MLflow run names, for a re-run sweep with a new
 sweep dir), and it gets its own Recorder (MLflow run, checkpoint, history, plots, results row).
@@ -21,19 +21,19 @@ from typing import Any, Iterator, Optional, Union
 
 from omegaconf import DictConfig
 
-from dpl import checkpoint
-from dpl.build import build_trainer, load_training_state
-from dpl.engine import pick_device
+from dpl.run import checkpoint
+from dpl.run.build import build_trainer, load_training_state
+from dpl.core.engines import pick_device
 from dpl.errors import Diverged, first_line, user_errors
-from dpl.job import DIVERGED_OBJECTIVE, _finished_in_sweep, _resumed_config, check_destinations, finished
+from dpl.run.job import DIVERGED_OBJECTIVE, _finished_in_sweep, _resumed_config, check_destinations, finished
 from dpl.pack.lockstep import Lockstep
-from dpl.preflight import validate
-from dpl.recorder import Recorder
+from dpl.config.validate import validate
+from dpl.run.recorder import Recorder
 from dpl.tracking import config_hash, find_unfinished_job, in_multirun
-from dpl.train import Trainer
+from dpl.core.loop import Trainer
 
 log = logging.getLogger("dpl")
-Outcome = Union[dict, BaseException]  # a run's final metrics (as dpl.job.run returns them), or its error
+Outcome = Union[dict, BaseException]  # a run's final metrics (as dpl.run.job.run returns them), or its error
 
 # The run a log record is about (its index in the group; None: the group's): each run's dpl.log
 # keeps its own lines and the group's, and the console prefixes a run's lines with its name.
@@ -90,7 +90,7 @@ def stopped_job(m: Member) -> Optional[Path]:
 
 
 def prepare(m: Member, data_cache: Optional[dict] = None) -> None:
-    """Run ``m`` as :func:`dpl.job.run` starts one: checked, skipped if done, built, resumed, recorded."""
+    """Run ``m`` as :func:`dpl.run.job.run` starts one: checked, skipped if done, built, resumed, recorded."""
     validate(m.cfg)
     ckpt = None
     where = stopped_job(m)
@@ -178,7 +178,7 @@ def _train(members: list[Member], training: list[int], fuse: bool) -> None:
 
 
 def _interrupted(e: BaseException) -> str:
-    from dpl.interrupt import signal_name
+    from dpl.run.interrupt import signal_name
 
     return f"interrupted by {signal_name(e)}"
 

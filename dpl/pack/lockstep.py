@@ -1,12 +1,12 @@
 """Several runs' trainers stepped together in one process (a packed group of a sweep).
 
-Each run keeps its own :class:`~dpl.train.Trainer`: its data, shards and seed, its workers,
+Each run keeps its own :class:`~dpl.core.loop.Trainer`: its data, shards and seed, its workers,
 inner optimizer (with its own lr table, weight decay and momentum), method and state. The
 loop here is the trainer's ``fit`` for many: at every iteration the runs that are furthest
 behind (the lowest (epoch, step)) take their next step together, so runs that were resumed at
 different points catch up before they step side by side; each run's epochs start and end, and
 its syncs happen, by its own rules (its H, dynamic H, early stopping). Runs whose steps have the
-same batch shape are fused into one step where the engine allows it (:mod:`dpl.engine.packed`);
+same batch shape are fused into one step where the engine allows it (:mod:`dpl.core.packed`);
 otherwise each run's own step runs in turn, which is the run alone, bit for bit.
 
 A run that diverges or stops early leaves the group; the others go on.
@@ -19,9 +19,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from dpl.engine.packed import PackedStep, fused_step
+from dpl.core.packed import PackedStep, fused_step
 from dpl.errors import Diverged
-from dpl.train import Trainer
+from dpl.core.loop import Trainer
 
 
 def fusable(trainer: Trainer) -> bool:

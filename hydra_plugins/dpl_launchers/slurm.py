@@ -4,11 +4,11 @@ Each job of a sweep is one submitit job (on Slurm, one task of a job array; with
 processes on this machine, as submitit's local executor starts them). dpl's launchers are the
 plugin's (``hydra-submitit-launcher``), with what a dpl job needs at its start and end:
 
-- **preemption and time limits** (:mod:`dpl.preempt`): submitit's signal is met at the end of a
+- **preemption and time limits** (:mod:`dpl.run.preempt`): submitit's signal is met at the end of a
   step, where dpl writes its checkpoint; :meth:`checkpoint` then resubmits the job with ``resume=``
   its job dir, so the requeued job continues in the same dir and MLflow run. ``max_num_timeout``
   bounds the requeues after time limits (submitit's count; preemptions are requeued always).
-- **ranks** (:mod:`dpl.engine.slurm`): a job of several tasks (``tasks_per_node`` x ``nodes``) is
+- **ranks** (:mod:`dpl.launch.slurm`): a job of several tasks (``tasks_per_node`` x ``nodes``) is
   one ``engine=distributed`` run whose ranks are its tasks; rank 0 alone writes the job dir's
   ``.hydra/`` and ``dpl.log``.
 - **errors**: a job refused for the user's reason (a bad value) is one line per job and exit
@@ -51,8 +51,8 @@ class _DplJobs(BaseSubmititLauncher):
         """One job, in its submitit process (each task of it, for a job of several tasks)."""
         import submitit
 
-        from dpl import preempt
-        from dpl.engine.slurm import export_ranks
+        from dpl.run import preempt
+        from dpl.launch.slurm import export_ranks
 
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
         env = submitit.JobEnvironment()
@@ -71,7 +71,7 @@ class _DplJobs(BaseSubmititLauncher):
             with open_dict(config):
                 config.resume = resume_dir
         self._job_dir = Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)).resolve()
-        # One task: stop at a step boundary. Several: submitit's handler (see dpl.preempt).
+        # One task: stop at a step boundary. Several: submitit's handler (see dpl.run.preempt).
         if env.num_tasks == 1:
             preempt.defer(env._usr_sig())
         try:
@@ -82,7 +82,7 @@ class _DplJobs(BaseSubmititLauncher):
                 preempt.requeue()  # submitit's handler: checkpoint() below, requeue, exit
             except submitit.core.utils.UncompletedJobError as e:  # its time limit once too often
                 from dpl.errors import OutOfRequeues, first_line
-                from dpl.interrupt import resume_hint
+                from dpl.run.interrupt import resume_hint
 
                 why = OutOfRequeues(f"stopped at {stop.where} and not requeued: {first_line(e).rstrip('.')} "
                                     f"(hydra.launcher.max_num_timeout={self.params.get('max_num_timeout')}: raise "
@@ -103,7 +103,7 @@ class _DplJobs(BaseSubmititLauncher):
         once dpl has written something there to resume (``run.json``, then ``checkpoint.pt``)."""
         import submitit
 
-        from dpl.checkpoint import FILENAME, RUN_FILE
+        from dpl.run.checkpoint import FILENAME, RUN_FILE
 
         job = getattr(self, "_job_dir", None)
         if job is not None and ((job / FILENAME).is_file() or (job / RUN_FILE).is_file()):

@@ -21,7 +21,7 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _
 from omegaconf import OmegaConf
 
 from dpl.errors import ConfigError
-from dpl.sweep import check_seeds, fail_running_trials
+from dpl.tracking.sweep import check_seeds, fail_running_trials
 from hydra_plugins.dpl_sweepers._seeds import SeedsLauncher
 
 log = logging.getLogger("dpl")

@@ -1,0 +1,321 @@
+"""The local step of every worker as one callable: eager, through torch.compile, or a replayed CUDA graph.
+
+One local step (Lin et al. 2020, Algorithm 1, the inner loop; the same step for every
+method) is: cut each worker's batch from its shard, augment it (crops and flips hashed from
+(seed, step, worker, sample), :mod:`dpl.components.data.augment`), forward, backward, the method's
+gradient hook (synchronous methods all-reduce the gradients there), and the inner
+optimizer's step at the lr of the step. The trainer calls it once per step; the sync
+(average, outer step) stays outside it, eager.
+
+``engine.compile`` picks how it runs:
+
+- ``none``: eagerly, op by op.
+- ``compile``: batch, augmentation, forward and loss through ``torch.compile`` (the backward
+  is then the compiled backward), the inner optimizer's step through a second
+  ``torch.compile``; the gradient hook runs eagerly between them. ``dynamic=False``: the
+  epoch's last, shorter batch gets its own compiled graph, so nothing is padded and
+  BatchNorm's statistics see exactly the real samples.
+- ``graph`` (CUDA): after ``WARMUP`` eager steps (real steps of the run, on a side stream,
+  which create the optimizer state and the libraries' workspaces), the whole step is
+  captured as one CUDA graph and replayed (two graphs, around the gradient hook, for methods
+  that edit gradients). The batch indices, the augmentation key and the lr are static
+  device tensors written before each replay; the shorter last batch gets its own graph. A
+  replaced optimizer state (a restart clears it; a resume loads it) or gradient tensor makes
+  the graphs stale: the step warms up and captures again.
+- ``auto``: ``graph`` on CUDA when the engine and optimizer allow it (:func:`compile_mode`),
+  ``none`` otherwise.
+
+When compiling or capturing fails, one warning line is logged and the step runs eagerly from
+then on: the maths is never silently different.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+
+from dpl.components.data import DeviceData, make_batch, train_key
+from dpl.core.workers import StackedWorkers
+from dpl.components.optim import CAPTURABLE
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("auto", "none", "graph", "compile")
+BACKEND = "inductor"  # torch.compile's backend for engine.compile=compile
+Outputs = tuple[torch.Tensor, torch.Tensor]  # each worker's mean loss [K_local] and correct count [K_local]
+
+
+def compile_mode(requested: str, device: torch.device, workers: StackedWorkers, optimizer: str) -> tuple[str, str]:
+    """The mode the step runs in, and why it differs from ``requested`` ('' when it does not).
+
+    A CUDA graph needs CUDA, workers whose collectives can run beside it (the workers say which,
+    :meth:`~dpl.core.workers.StackedWorkers.graph_blocker`) and an optimizer whose per-step values
+    live on the device (:data:`dpl.components.optim.CAPTURABLE`). torch.compile runs anywhere except through
+    DistributedDataParallel's gradient hooks (``workers.reduces_in_backward``).
+    """
+    if requested not in COMPILE_MODES:
+        raise ValueError(f"engine.compile={requested!r} is invalid: allowed {', '.join(COMPILE_MODES)}")
+    graph_blocker = "it needs CUDA" if device.type != "cuda" else workers.graph_blocker()
+    if not graph_blocker and optimizer not in CAPTURABLE:
+        graph_blocker = f"optimizer={optimizer} keeps a host step count"
+    if requested == "auto":
+        return ("none", "") if graph_blocker else ("graph", "")
+    if requested == "graph" and graph_blocker:
+        return "none", f"engine.compile=graph runs eagerly: {graph_blocker}"
+    if requested == "compile" and workers.reduces_in_backward:
+        return "none", "engine.compile=compile runs eagerly: DistributedDataParallel's hooks are not compiled here"
+    return requested, ""
+
+
+class LocalStep:
+    """The eager local step; :class:`CompiledStep` and :class:`GraphStep` run the same maths faster."""
+
+    def __init__(self, data: DeviceData, workers: StackedWorkers, optimizer: torch.optim.Optimizer,
+                 on_gradients: Callable[[int], None], edits_gradients: bool, seed: int, rows: slice,
+                 lr_now: torch.Tensor, lr_table: torch.Tensor) -> None:
+        self.data, self.workers, self.optimizer = data, workers, optimizer
+        self.on_gradients, self.edits_gradients = on_gradients, edits_gradients
+        self.seed, self.rows = seed, rows
+        self.lr_now, self.lr_table = lr_now, lr_table
+        self.key = torch.zeros((), dtype=torch.int64, device=lr_now.device)  # the step's augmentation key
+
+    def __call__(self, idx: torch.Tensor, step: int, lr_i: int, epoch: int) -> Outputs:
+        """Step ``step`` (global) of every worker on batch ``idx`` [K, B] at entry ``lr_i`` of the lr table."""
+        self.set_inputs(step, lr_i)
+        return self.eager(idx, epoch)
+
+    def set_inputs(self, step: int, lr_i: int) -> None:
+        # device-side writes from host numbers: nothing is read back
+        self.key.fill_(train_key(self.seed, step))
+        self.lr_now.copy_(self.lr_table[lr_i])
+
+    def eager(self, idx: torch.Tensor, epoch: int) -> Outputs:
+        losses, correct = self.gradients(idx)
+        self.on_gradients(epoch)
+        self.optimizer_step()
+        self.zero_grads()
+        return losses, correct
+
+    def zero_grads(self) -> None:
+        self.clear_grads(set_to_none=True)
+
+    def clear_grads(self, set_to_none: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def graph_tensors(self) -> list[torch.Tensor]:
+        """The tensors a captured step reads and writes besides the parameters: the gradients and
+        the optimizer state (a restart or a resume replaces them)."""
+        params = self.workers.params
+        return [p.grad for p in params] + [t for p in params for t in self.optimizer.state.get(p, {}).values()
+                                           if torch.is_tensor(t)]
+
+    def gradients(self, idx: torch.Tensor) -> Outputs:
+        total, losses, correct = self.batch_losses(idx, self.key)
+        total.backward()
+        return losses, correct
+
+    def batch_losses(self, idx: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sum of the workers' mean losses (to backpropagate: each slice of a stacked parameter
+        gets its own worker's gradient), and each worker's loss and correct count."""
+        x, y = make_batch(self.data, idx, key, train=True, rows=self.rows)
+        losses, correct = self.workers.losses(x, y)
+        return losses.sum(), losses.detach(), correct
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+
+class CompiledStep(LocalStep):
+    """The local step with its two compute parts through ``torch.compile`` (one graph per batch shape)."""
+
+    def __init__(self, *args: Any, optimizer_name: str = "sgdm", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A fresh compiler cache: the code compiled for an earlier trainer in this process (a benchmark,
+        # a test run) would otherwise count towards torch's recompile limit, past which it runs eagerly.
+        torch._dynamo.reset()
+        # the forward part compiles whole (fullgraph): a failure in a later recompile comes before any of it ran
+        self._losses = torch.compile(self.batch_losses, fullgraph=True, dynamic=False, backend=BACKEND)
+        # torch's optimizers break the graph on purpose (profiling hooks) before their maths; only optimizers
+        # whose per-step values are tensors compile (a Python step count would recompile it every step)
+        self._update = (torch.compile(self.optimizer_step, dynamic=False, backend=BACKEND)
+                        if optimizer_name in CAPTURABLE else None)
+        self.shapes: set[tuple[int, ...]] = set()  # batch shapes run compiled once already
+
+    def __call__(self, idx: torch.Tensor, step: int, lr_i: int, epoch: int) -> Outputs:
+        self.set_inputs(step, lr_i)
+        first = tuple(idx.shape) not in self.shapes
+        if self._losses is None:
+            losses, correct = self.gradients(idx)
+        else:
+            losses, correct = self._attempt("_losses", lambda: self._gradients(idx), lambda: self.gradients(idx), first)
+        self.on_gradients(epoch)  # eager, and outside the attempts: its errors are the run's
+        if self._update is None:
+            self.optimizer_step()
+        else:
+            self._attempt("_update", self._update, self.optimizer_step, first)
+        self.zero_grads()
+        self.shapes.add(tuple(idx.shape))
+        return losses, correct
+
+    def _gradients(self, idx: torch.Tensor) -> Outputs:
+        total, losses, correct = self._losses(idx, self.key)
+        total.backward()  # the compiled backward
+        return losses, correct
+
+    def _attempt(self, part: str, compiled: Callable[[], Any], eager: Callable[[], Any], first: bool) -> Any:
+        """``compiled()``, or on a compiler failure: one warning, then ``eager`` for this part from now on.
+
+        On a shape's first call (when it compiles) a failure first undoes what ran of it (the compiled
+        backward compiles after the forward ran, and the optimizer's graph breaks split its step).
+        """
+        saved = _snapshot(self.workers, self.optimizer) if first else None
+        try:
+            return compiled()
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is the same maths
+            if saved is not None:
+                _restore(self.workers, self.optimizer, saved)
+            if part == "_losses":  # the compiler fails on the forward: the whole step runs eagerly
+                self._losses = self._update = None
+            else:  # e.g. an inductor failure on one optimizer's maths: only its step runs eagerly
+                self._update = None
+            what = "the step" if part == "_losses" else "the optimizer step"
+            log.warning("engine.compile=compile failed on %s (%s: %s); it runs eagerly", what,
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            return eager()
+
+
+class _Captured:
+    """The CUDA graphs of one batch shape, their static input and outputs."""
+
+    def __init__(self, idx: torch.Tensor) -> None:
+        self.idx = idx.clone()  # static: each replay reads the batch indices from here
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.losses: Optional[torch.Tensor] = None
+        self.correct: Optional[torch.Tensor] = None
+        self.fingerprint: tuple[int, ...] = ()
+
+
+class GraphStep(LocalStep):
+    """The local step captured as a CUDA graph per batch shape and replayed (see the module doc)."""
+
+    WARMUP = 2  # eager steps per batch shape before its capture
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.captured: dict[tuple[int, ...], _Captured] = {}
+        self.warm: dict[tuple[int, ...], int] = {}
+        self.failed = False
+        self.side = torch.cuda.Stream(device=self.key.device)
+
+    def __call__(self, idx: torch.Tensor, step: int, lr_i: int, epoch: int) -> Outputs:
+        self.set_inputs(step, lr_i)
+        if self.failed:
+            return self.eager(idx, epoch)
+        shape = tuple(idx.shape)
+        entry = self.captured.get(shape)
+        if entry is not None and entry.fingerprint != self._fingerprint():
+            self.captured.clear()  # the optimizer state or the gradients were replaced: capture again
+            self.warm.clear()
+            entry = None
+        if entry is None:
+            if self.warm.get(shape, 0) < self.WARMUP:
+                self.warm[shape] = self.warm.get(shape, 0) + 1
+                return self._on_side_stream(lambda: self.eager(idx, epoch))
+            entry = self._capture(idx, epoch)
+            if entry is None:
+                return self.eager(idx, epoch)
+        entry.idx.copy_(idx)
+        entry.graphs[0].replay()
+        if len(entry.graphs) == 2:
+            self.on_gradients(epoch)
+            entry.graphs[1].replay()
+        return entry.losses, entry.correct
+
+    def zero_grads(self) -> None:
+        # in place: the gradient tensors stay the ones every graph reads and writes (0 + g is exactly g)
+        self.clear_grads(set_to_none=False)
+
+    def _on_side_stream(self, fn: Callable[[], Outputs]) -> Outputs:
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            out = fn()
+        main.wait_stream(self.side)
+        for t in out:  # made on the side stream, read on the main one: not to be reused before that
+            t.record_stream(main)
+        return out
+
+    def _capture(self, idx: torch.Tensor, epoch: int) -> Optional[_Captured]:
+        entry = _Captured(idx)
+        pool = torch.cuda.graph_pool_handle()  # this shape's graphs share it (replayed in capture order)
+        self.workers.autocast_cache = False
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.zero_grads()
+                total, entry.losses, entry.correct = self.batch_losses(entry.idx, self.key)
+                total.backward()  # accumulates into the persistent gradient tensors
+                if not self.edits_gradients:
+                    self.optimizer_step()
+            entry.graphs.append(graph)
+            if self.edits_gradients:  # the hook runs eagerly between the two replays
+                update = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(update, pool=pool):
+                    self.optimizer_step()
+                entry.graphs.append(update)
+        except Exception as e:  # noqa: BLE001 - e.g. an op that cannot be captured: eager is the same maths
+            self.failed = True  # nothing captured ran: the step is still to be taken, eagerly
+            self.captured.clear()
+            log.warning("engine.compile=graph could not capture the step (%s: %s); it runs eagerly",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            return None
+        finally:
+            self.workers.autocast_cache = True
+        entry.fingerprint = self._fingerprint()
+        self.captured[tuple(idx.shape)] = entry
+        return entry
+
+    def _fingerprint(self) -> tuple[int, ...]:
+        """Which tensors the graphs read and write besides the parameters (:meth:`graph_tensors`). A
+        restart or a resume replaces them, and the graphs would go on using the old ones."""
+        return tuple(id(t) for t in self.graph_tensors())
+
+
+def build_local_step(mode: str, *args: Any, optimizer_name: str = "sgdm", **kwargs: Any) -> LocalStep:
+    """The step for a resolved ``engine.compile`` mode (see :func:`compile_mode`)."""
+    if mode == "compile":
+        return CompiledStep(*args, optimizer_name=optimizer_name, **kwargs)
+    return {"none": LocalStep, "graph": GraphStep}[mode](*args, **kwargs)
+
+
+def _snapshot(workers: StackedWorkers, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a step's compute parts change: BatchNorm's statistics (the forward), the gradients
+    (the backward), the parameters and the optimizer state (the update)."""
+    return {"buffers": [b.clone() for b in workers.buffers], "params": [p.detach().clone() for p in workers.params],
+            "grads": [None if p.grad is None else p.grad.clone() for p in workers.params],
+            "optimizer": _clone(optimizer.state_dict())}
+
+
+def _restore(workers: StackedWorkers, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for b, s in zip(workers.buffers, saved["buffers"]):
+            b.copy_(s)
+        for p, s, g in zip(workers.params, saved["params"], saved["grads"]):
+            p.copy_(s)
+            p.grad = g
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved["optimizer"])
+    for g, lr in zip(optimizer.param_groups, lrs):  # keep the very lr tensor the trainer writes
+        g["lr"] = lr
+
+
+def _clone(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    return obj

@@ -1,0 +1,127 @@
+"""Checkpoints: one file per job dir, replaced atomically (temp file, fsync, rename).
+
+Every file dpl reads with torch (a checkpoint to resume or test, ``pretrained=`` weights)
+is loaded with ``weights_only=True``: torch's restricted unpickler builds tensors, numbers,
+strings and plain containers and refuses any other global, so a shared checkpoint cannot
+run code when it is opened (a pickle's ``__reduce__`` can name any callable). dpl's own
+checkpoints hold nothing else (``tests/test_checkpoint.py`` writes one of every method,
+optimizer and compressor and reads it back), so the allow-list of extra globals is empty.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpl.errors import CheckpointError, WriteError
+from dpl.run.interrupt import resume_hint
+from dpl.io import atomic_open, atomic_write_text
+
+FILENAME = "checkpoint.pt"
+RUN_FILE = "run.json"  # the job's config and MLflow run, written before the first checkpoint
+FORMAT_VERSION = 1
+# What a resume or test_only reads from a checkpoint (dpl.core.loop.Trainer.state_dict, plus the Recorder's extras).
+REQUIRED_KEYS = ("state", "traffic", "workers", "model", "best_model", "optimizer", "method", "comm", "rng",
+                 "config")
+
+
+def save(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` so that ``path`` holds either the previous checkpoint or this one.
+
+    Serialised in memory first and written with plain file I/O: torch's own file writer reports a
+    full disk as "PytorchStreamWriter failed writing file" without the reason, and this way the
+    ``OSError`` (``No space left on device``) reaches the user, in one line naming the file."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT_VERSION, **state}, buffer)
+    try:
+        with atomic_open(path, "wb") as f:
+            f.write(buffer.getbuffer())
+    except OSError as e:
+        raise WriteError(f"could not write the checkpoint {path}: {e.strerror or type(e).__name__} "
+                         f"(the previous checkpoint is kept; {resume_hint(Path(path).parent)})") from None
+
+
+def save_run_file(extras: dict[str, Any], job: Path) -> None:
+    """``<job>/run.json``: what a resume needs besides the training state (config, MLflow run, launch
+    dir), written when the run starts. A job killed while its first checkpoint was being written
+    has no checkpoint, and without this its MLflow run could never be continued or ended."""
+    atomic_write_text(Path(job) / RUN_FILE, json.dumps(extras, indent=1))
+
+
+def load_resumable(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """(checkpoint, job dir) to resume from; a job dir with no checkpoint yet but a ``run.json``
+    gives that file's contents without a training state (the job starts over, in the same run)."""
+    p = Path(path).expanduser()
+    run_file = p / RUN_FILE if p.is_dir() else None
+    if run_file is not None and not (p / FILENAME).exists() and run_file.is_file():
+        try:
+            extras = json.loads(run_file.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{run_file} is unreadable ({type(e).__name__}) and there is no "
+                                  f"{FILENAME}: nothing to resume") from None
+        if not isinstance(extras, dict) or not isinstance(extras.get("config"), dict):
+            raise CheckpointError(f"{run_file} is not a dpl run file and there is no {FILENAME}: nothing to resume")
+        return extras, p
+    found = locate(p)
+    return load(found), found.parent
+
+
+def locate(path: str | Path) -> Path:
+    """A job dir or a checkpoint file -> the checkpoint file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / FILENAME
+    if not p.is_file():
+        raise CheckpointError(f"no checkpoint at {p} (give a dpl job dir or its {FILENAME})")
+    return p
+
+
+def safe_load(p: Path, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(p, weights_only=True)``, every failure one line naming ``p``."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(f"{what} {p} is refused: it names the Python object {found.group(1)}, which "
+                                  f"loading could run (dpl loads only tensors and plain containers, "
+                                  f"weights_only=True)") from None
+        raise CheckpointError(f"{what} {p} is corrupt or not a torch file that loads with weights_only=True "
+                              f"(only tensors and plain containers are read)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, TypeError, AttributeError,
+            KeyError, IndexError, MemoryError) as e:
+        raise CheckpointError(f"{what} {p} is corrupt or unreadable ({type(e).__name__})") from None
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    p = locate(path)
+    state = safe_load(p, "checkpoint", map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{p} is not a dpl checkpoint (format {FORMAT_VERSION})")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{p} is not a complete dpl checkpoint: it lacks {', '.join(missing)}")
+    return state
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from a dpl checkpoint (its averaged model) or a plain state_dict file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"no weights file at {p}")
+    obj = safe_load(p, "weights file")
+    if isinstance(obj, dict) and obj.get("format") == FORMAT_VERSION and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        return obj
+    raise CheckpointError(f"{p} holds neither a dpl checkpoint nor a state_dict")

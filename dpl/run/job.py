@@ -1,0 +1,265 @@
+"""One dpl job's lifecycle: check, build, train (or resume, or only test), record, end.
+
+``python -m dpl`` calls :func:`run`. The parts a job trains with are built by :mod:`dpl.run.build`;
+what it records beside the loop is :mod:`dpl.run.recorder`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from dpl.config import upgrade as legacy
+from dpl.run import checkpoint
+from dpl.run.build import build_trainer, load_training_state, resolve_path
+from dpl.config.schema import typed
+from dpl.core.engines import pick_device
+from dpl.errors import ConfigError, Diverged, first_line
+from dpl.io import write_csv
+from dpl.run.plots import plot_history
+from dpl.run.preempt import Preempted
+from dpl.config.validate import validate
+from dpl.run.recorder import Recorder
+from dpl.tracking import (check_results_file, check_tracking, check_writable_dir, config_hash, end_run_if_running,
+                          find_finished_run, flatten_config, in_multirun)
+
+log = logging.getLogger("dpl")
+
+# A diverged run's best_val_acc: no number (python -m dpl hands a sweeper "diverged", a failed trial).
+DIVERGED_OBJECTIVE = float("nan")
+# Keys a resume may pass that change how the job runs, not what it computes.
+RESUME_KEYS = ("resume", "progress", "engine.spawn", "device", "dataset.root", "dataset.download", "test_only",
+               "checkpoint", "engine.compile", "engine.eval_batch_size", "engine.memory_format")
+
+
+def job_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path.cwd()
+
+
+def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str, Any]:
+    """Train (or resume, or only test) one job; returns the final metrics.
+
+    ``engine=distributed`` starts (or joins) its K processes here, each of which calls
+    ``run`` again with its rank's communicator ``comm``; only rank 0 records.
+    """
+    validate(cfg)
+    out_dir = Path(out_dir) if out_dir is not None else job_dir()
+    if cfg.test_only:
+        return test_only(cfg)
+    ckpt = None
+    launcher = comm is None  # the process the command started (not a rank it spawned)
+    if cfg.resume:
+        ckpt, out_dir = checkpoint.load_resumable(resolve_path(cfg.resume))
+        cfg = _resumed_config(cfg, ckpt)
+        if "state" not in ckpt:
+            log.warning("resume: %s was stopped before its first checkpoint was written; it starts over "
+                        "(the same MLflow run)", out_dir)
+        elif launcher and finished(ckpt, cfg, out_dir):
+            state = ckpt["state"]
+            print(f"resume: {out_dir} already finished ({state['epoch']} epochs, best_val_acc="
+                  f"{state['best_val_acc']:.4f}); nothing to do (add epochs=<more> to train on)")
+            return {"best_val_acc": state["best_val_acc"], "already_finished": True}
+    elif launcher:
+        done = _finished_in_sweep(cfg)
+        if done is not None:
+            return done
+    if launcher:
+        _check_one_process(cfg)
+        check_destinations(cfg, out_dir, ckpt.get("tracking_uri") if ckpt else None)
+    if cfg.engine.name == "distributed" and comm is None:
+        _check_world(cfg)
+        from dpl.launch.ranks import launch
+
+        return launch(cfg, out_dir, run, on_failure=lambda status, reason: salvage(cfg, out_dir, status, reason))
+    rank = 0 if comm is None else comm.rank
+    trainer = build_trainer(cfg, pick_device(cfg.device) if comm is None else comm.device, rank, comm)
+    if ckpt is not None and "state" in ckpt:
+        load_training_state(trainer, ckpt, out_dir)
+        if rank == 0 and trainer.state.epoch < cfg.epochs:
+            log.info("resume: %s from epoch %d, step %d", out_dir, trainer.state.epoch + 1, trainer.state.step)
+        elif rank == 0:  # stopped after its last epoch, before its test numbers were recorded
+            log.info("resume: %s after its last epoch (%d): testing and recording it", out_dir, trainer.state.epoch)
+    recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None,
+                        resume_uri=ckpt.get("tracking_uri") if ckpt else None, writer=rank == 0)
+    recorder.attach(trainer)
+    try:
+        recorder.save(trainer)  # at once: from here on the job dir can be resumed and names its run
+        trainer.fit()
+    except Diverged as e:
+        log.error("diverged: %s", e)
+        recorder.fail(trainer, f"diverged: {e}")
+        return {"best_val_acc": DIVERGED_OBJECTIVE, "diverged": True, "error": str(e)}
+    except BaseException as e:
+        if comm is not None:  # tell the launcher at once: writing plots below takes a while
+            from dpl.launch.ranks import report_fault
+
+            report_fault(e, comm.store, rank)
+        if isinstance(e, KeyboardInterrupt):
+            from dpl.run.interrupt import signal_name
+
+            recorder.fail(trainer, f"interrupted by {signal_name(e)}", status="KILLED")
+        elif isinstance(e, Preempted):  # its checkpoint is written; the launcher requeues the job
+            log.warning("%s", e)
+            recorder.fail(trainer, str(e), status="KILLED")
+        elif isinstance(e, SystemExit):  # mid-step: submitit requeueing a job of several tasks (dpl.run.preempt)
+            recorder.fail(trainer, f"exited with status {e.code} while training (a scheduler's requeue, or "
+                                   f"sys.exit); resumable from its last checkpoint", status="KILLED")
+        else:
+            recorder.fail(trainer, f"{type(e).__name__}: {first_line(e)}")
+        raise
+    final = trainer.final_metrics()
+    recorder.finish(trainer, final)
+    return final
+
+
+def check_destinations(cfg: DictConfig, out_dir: Path, resume_uri: Optional[str] = None) -> None:
+    """Everything a run writes to, tried before any data is loaded: a run must not train for
+    hours and then lose its results to a typo in ``results_csv`` or an unreachable server."""
+    check_results_file("results_csv", str(cfg.results_csv), resolve_path(cfg.results_csv))
+    check_writable_dir("hydra.run.dir", out_dir)  # the job dir: checkpoints, history, plots, result.csv
+    check_tracking(cfg.logger, resume_uri)
+
+
+# Training images before the validation split, where the config alone tells (build_trainer checks exactly).
+TRAIN_SAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}
+
+
+def _check_world(cfg: DictConfig) -> None:
+    """engine=distributed: a K that no dataset split could feed fails here, once, before K processes start."""
+    n = cfg.dataset.num_train if cfg.dataset.name == "synthetic" else TRAIN_SAMPLES.get(cfg.dataset.name)
+    if n is not None and cfg.K > n:
+        raise ConfigError(f"K={cfg.K} is invalid: allowed at most {n} (the training samples of {cfg.dataset.name})")
+
+
+def _check_one_process(cfg: DictConfig) -> None:
+    """Several processes started as ranks (torchrun, srun, a Slurm job's tasks) for an engine that
+    runs all K workers in one: each would train the whole run into the same job dir."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if cfg.engine.name != "distributed" and world > 1 and "RANK" in os.environ:
+        raise ConfigError(f"engine={cfg.engine.name} is invalid with {world} processes started as ranks "
+                          f"(torchrun or Slurm tasks): it runs all K workers in one process; allowed "
+                          f"engine=distributed, or start one task (tasks_per_node=1, srun --ntasks=1)")
+
+
+def finished(ckpt: dict[str, Any], cfg: DictConfig, out_dir: Path) -> bool:
+    """The checkpoint's training is complete and its row was recorded (``result.csv``)."""
+    state = ckpt["state"]
+    trained = state["step"] == 0 and (state["epoch"] >= cfg.epochs or state["stopped_early"])
+    return trained and (out_dir / "result.csv").is_file()
+
+
+def _finished_in_sweep(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """A re-run sweep: the metrics of this job's FINISHED run (same sweep tag, or both of a multirun
+    without one, and the same config), or None."""
+    if not (cfg.sweep or in_multirun()) or cfg.logger.name != "mlflow":
+        return None
+    found = find_finished_run(cfg.logger, str(cfg.sweep) if cfg.sweep else None, config_hash(cfg))
+    if found is None:
+        return None
+    metrics = dict(found.data.metrics)
+    what = f"sweep {cfg.sweep}" if cfg.sweep else "multirun"
+    print(f"{what}: this job already finished as MLflow run {found.info.run_id}; skipped "
+          f"(name the sweep anew, sweep=<name>, to run it again)")
+    return {**metrics, "skipped": True}
+
+
+def salvage(cfg: DictConfig, out_dir: Path, status: str, reason: str) -> None:
+    """After a distributed job failed or was stopped: the history and plots up to the last
+    finished epoch (from the checkpoint, in case rank 0 died before writing them), and the
+    MLflow run ended as ``status`` unless rank 0 ended it already."""
+    try:
+        ckpt, _ = checkpoint.load_resumable(out_dir)
+    except checkpoint.CheckpointError:
+        return  # it never got as far as starting its run: nothing was recorded
+    rows = ckpt["state"]["history"] if "state" in ckpt else []
+    if rows:
+        write_csv(out_dir / "history.csv", rows)
+        if cfg.logger.plots:
+            plot_history(rows, out_dir / "plots")
+    if ckpt.get("run_id") and ckpt.get("tracking_uri"):
+        end_run_if_running(ckpt["tracking_uri"], ckpt["run_id"], status, reason)
+
+
+def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
+    """The checkpoint's config, so a resumed run is the same run.
+
+    Only keys in RESUME_KEYS may differ on the command line, and ``epochs`` may be raised to
+    train on; any other override is refused in one line naming the keys, instead of being
+    silently dropped."""
+    saved = typed(legacy.upgrade(ckpt["config"]))  # configs written before method.outer
+    overridden = _command_line_keys()
+    differing = [k for k in overridden if k not in (*RESUME_KEYS, "epochs") and _differs(cfg, saved, k)]
+    if differing:
+        raise ConfigError(f"resume={cfg.resume} is invalid with {', '.join(differing)} changed: a resumed job "
+                          f"keeps its config (allowed with resume: {', '.join(RESUME_KEYS[1:])}, epochs=<more>)")
+    if "epochs" in overridden and cfg.epochs != saved.epochs:
+        done = int(ckpt["state"]["epoch"]) if "state" in ckpt else 0
+        if cfg.epochs < done:
+            raise ConfigError(f"epochs={cfg.epochs} is invalid with resume: allowed >= {done} (the epochs done)")
+        log.info("resume: training to epochs=%d (was %d); the lr schedule follows the new length",
+                 cfg.epochs, saved.epochs)
+        saved.epochs = cfg.epochs
+    origin = ckpt.get("launch_dir")
+    for key in ("results_csv", "dataset.root", "dataset.path"):  # relative to where the job was first started
+        value = str(OmegaConf.select(saved, key))
+        if OmegaConf.select(saved, key) is None:  # a dataset without files
+            continue
+        if origin and key not in overridden and not Path(value).expanduser().is_absolute():
+            OmegaConf.update(saved, key, str(Path(origin) / value))
+    for key in ("device", "dataset.root", "dataset.download", "engine.compile", "engine.eval_batch_size",
+                "engine.memory_format"):
+        if key in overridden and OmegaConf.select(saved, key) is not None:
+            OmegaConf.update(saved, key, OmegaConf.select(cfg, key))
+    saved.progress = cfg.progress
+    saved.resume = cfg.resume
+    if "spawn" in saved.engine:  # engine=distributed: how to start the processes, not what they compute
+        saved.engine.spawn = saved.engine.spawn or cfg.engine.get("spawn", False)
+    validate(saved)
+    return saved
+
+
+def _command_line_keys() -> list[str]:
+    """The keys given on the command line (``+`` stripped), or none outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    keys = []
+    for text in HydraConfig.get().overrides.task:
+        key = text.split("=", 1)[0].lstrip("+~")
+        if key and not key.startswith("hydra"):
+            keys.append(key)
+    return keys
+
+
+def _differs(cfg: DictConfig, saved: DictConfig, key: str) -> bool:
+    if key == "experiment":  # a whole preset: any key it sets counts
+        mine, theirs = flatten_config(cfg), flatten_config(saved)
+        return any(mine.get(k) != theirs.get(k) for k in mine
+                   if k.split(".")[0] not in ("hydra", "logger") and k not in (*RESUME_KEYS, "epochs", "results_csv"))
+    a, b = OmegaConf.select(cfg, key, default=None), OmegaConf.select(saved, key, default=None)
+    plain = lambda v: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # noqa: E731
+    return plain(a) != plain(b)
+
+
+def test_only(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a checkpoint's final and best models on the test split."""
+    if not (cfg.checkpoint or cfg.resume):
+        raise ConfigError("test_only=true needs checkpoint=<path> (or resume=<job dir>)")
+    ckpt = checkpoint.load(resolve_path(cfg.checkpoint or cfg.resume))
+    saved = _resumed_config(cfg, ckpt)
+    saved.pretrained = None
+    saved.engine.name = "simulated"  # a checkpoint holds every worker, stacked: one process evaluates it
+    trainer = build_trainer(saved, pick_device(cfg.device))
+    load_training_state(trainer, ckpt, checkpoint.locate(resolve_path(cfg.checkpoint or cfg.resume)))
+    final = trainer.final_metrics()
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+    return final

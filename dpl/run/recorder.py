@@ -1,0 +1,182 @@
+"""Plumbing beside the training loop: MLflow, checkpoints, progress bars, plots, the results CSV.
+
+:class:`Recorder` attaches to the trainer's hooks; the loop does not know what it does.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from dpl.run import checkpoint, preempt
+from dpl.run.build import resolve_path
+from dpl.errors import first_line
+from dpl.io import temp_files, write_csv
+from dpl.core.methods import METHODS
+from dpl.run.plots import plot_history
+from dpl.tracking.sweep import parent_run_id
+from dpl.tracking import (CONFIG_HASH_TAG, JOB_DIR_TAG, MULTIRUN_TAG, RUN_NAME_TAG, append_result_row, config_hash,
+                          flatten_config, in_multirun, launch_dir, link_line, make_logger, run_name, source_tags)
+from dpl.core.loop import Trainer
+
+log = logging.getLogger("dpl")
+
+
+class Recorder:
+    """Plumbing beside the loop: MLflow, checkpoints, progress bar, plots, results CSV."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, resume_run_id: Optional[str] = None,
+                 writer: bool = True, resume_uri: Optional[str] = None, progress: bool = True) -> None:
+        self.cfg, self.out_dir = cfg, out_dir
+        self.progress = progress  # False: a packed group's runs, which share the group's one bar (dpl.pack)
+        # Ranks other than 0 of engine=distributed take part in checkpoint gathers but write nothing.
+        self.writer = writer
+        self.ckpt_path = out_dir / checkpoint.FILENAME
+        if writer:
+            for stale in temp_files(self.ckpt_path):  # a process killed mid-write left it behind
+                stale.unlink(missing_ok=True)
+        self.logger = make_logger(cfg.logger if writer else OmegaConf.create({"name": "none"}))
+        tags = {"method": cfg.method.name, "optimizer": cfg.optimizer.name, "dataset": cfg.dataset.name,
+                **source_tags(), CONFIG_HASH_TAG: config_hash(cfg), JOB_DIR_TAG: str(out_dir.resolve()),
+                RUN_NAME_TAG: run_name(cfg, local_steps=METHODS[cfg.method.name].has_local_steps)}
+        if cfg.sweep:
+            tags["sweep"] = str(cfg.sweep)
+        elif in_multirun():
+            tags[MULTIRUN_TAG] = "true"
+        if parent_run_id():  # a job of a sweep that opened an MLflow parent run (dpl.tracking.sweep)
+            tags["mlflow.parentRunId"] = parent_run_id()
+        self.run_id = self.logger.start(cfg, tags, resume_run_id=resume_run_id, resume_uri=resume_uri)
+        # What a checkpoint carries beside the training state; also written to run.json at once, so a
+        # job killed before its first checkpoint was complete can be resumed (it starts over).
+        self.extras = {"config": OmegaConf.to_container(self.cfg, resolve=True), "run_id": self.run_id,
+                       "tracking_uri": self.logger.tracking_uri, "launch_dir": str(launch_dir())}
+        if writer:
+            checkpoint.save_run_file(self.extras, out_dir)
+        self.bar = self.step_bar = self._redirect = None
+
+    def attach(self, trainer: Trainer) -> None:
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        show = bool(self.cfg.progress and self.writer and self.progress)
+        s = trainer.state
+        self.bar = tqdm(total=self.cfg.epochs, initial=s.epoch, desc=f"{self.cfg.method.name}", unit="epoch",
+                        disable=not show, dynamic_ncols=True, position=0)
+        # The steps of the epoch in progress: redrawn at most every `mininterval` s, from host ints only
+        # (no device value is read per step, so a GPU run is not synchronised by its progress bar).
+        self.step_bar = tqdm(total=trainer.steps_per_epoch, initial=s.step, desc=self._epoch_desc(s.epoch),
+                             unit="step", leave=False, disable=not show, dynamic_ncols=True, position=1,
+                             mininterval=0.5)
+        if show:  # log lines (one per epoch) print above the bars instead of through them
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+        trainer.on_epoch.append(self.epoch_done)
+        trainer.on_step.append(self.step_done)
+
+    def _epoch_desc(self, epoch: int) -> str:
+        return f"epoch {epoch + 1}/{self.cfg.epochs}"
+
+    def epoch_done(self, trainer: Trainer, record: dict[str, float]) -> None:
+        self.logger.log_metrics(record, step=int(record["epoch"]))
+        self.save(trainer)
+        if self.writer:  # one line per epoch in <job dir>/dpl.log (and on stdout)
+            log.info("epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.4g H=%d (%.1f s)",
+                     int(record["epoch"]), self.cfg.epochs, record["train_loss"], record["train_acc"],
+                     record["val_loss"], record["val_acc"], record["lr"], int(record["H"]), record["epoch_time_s"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record['val_acc']:.3f}",
+                                 H=int(record["H"]))
+        if self.step_bar is not None and trainer.state.epoch < self.cfg.epochs:
+            self.step_bar.reset(total=trainer.steps_per_epoch)
+            self.step_bar.set_description(self._epoch_desc(trainer.state.epoch), refresh=False)
+
+    def step_done(self, trainer: Trainer) -> None:
+        if self.step_bar is not None and not self.step_bar.disable:
+            s = trainer.state
+            # update() returns True only when it redraws: the running loss is formatted then, and only
+            # while it is a host float (reading a device tensor here would sync every step).
+            if self.step_bar.update(1) and isinstance(s.loss_sum, float) and s.seen:
+                self.step_bar.set_postfix(loss=f"{s.loss_sum / s.seen:.3f}", refresh=False)
+        every = self.cfg.checkpoint_every
+        stop = preempt.requested()  # the scheduler's signal (dpl.run.preempt): stop here, resumable from this step
+        if stop or (every and trainer.state.global_step % every == 0 and trainer.state.step != 0):
+            self.save(trainer)
+        if stop:
+            raise preempt.Preempted(f"epoch {trainer.state.epoch + 1}, step {trainer.state.step}")
+
+    def save(self, trainer: Trainer) -> None:
+        trainer.save_checkpoint(self.ckpt_path, self.extras)
+
+    def finish(self, trainer: Trainer, final: dict[str, Any]) -> None:
+        self._close_bar()
+        final = {**final, **h_summary(trainer.state.history)}
+        self.logger.log_metrics({k: float(v) for k, v in final.items()}, step=trainer.state.epoch)
+        self._artifacts(trainer)
+        if not self.writer:
+            return
+        row = {**flatten_config(self.cfg), **final, "run_id": self.run_id or "", "job_dir": str(self.out_dir)}
+        # The job dir's copy first: if the shared CSV cannot be written now, the row is not lost.
+        write_csv(self.out_dir / "result.csv", [row])  # this run's row of results_csv, as an artifact
+        shared = resolve_path(self.cfg.results_csv)
+        try:
+            append_result_row(shared, row)
+        except OSError as e:
+            log.error("could not add the row to %s (%s); it is in %s", shared, e, self.out_dir / "result.csv")
+        self.logger.log_artifact(self.out_dir / "result.csv")
+        self.logger.finish("FINISHED")
+        log.info("test_acc=%.4f test_acc_best=%.4f best_val_acc=%.4f",
+                 final["test_acc"], final["test_acc_best"], final["best_val_acc"])
+        self._print_link()
+
+    def fail(self, trainer: Trainer, reason: str, status: str = "FAILED") -> None:
+        """Record what there is and end the run ``status``. Each step may fail in turn (a full disk
+        fails the history too, and a store on that disk): a warning each, then the run's own error."""
+        self._close_bar()
+        try:
+            self._artifacts(trainer)
+        except OSError as e:
+            log.warning("could not write the history and plots in %s: %s", self.out_dir, e.strerror or e)
+        try:
+            self.logger.finish(status, reason=reason)
+        except Exception as e:  # noqa: BLE001 - the store's own error (sqlite: "database or disk is full")
+            log.warning("could not end MLflow run %s %s (%s); dpl.report ends it KILLED once this process "
+                        "is gone", self.run_id, status, first_line(e)[:200])
+        self._print_link()
+
+    def _print_link(self) -> None:
+        """Where to see this run: its experiment's runs table in dpl's column view (MLflow only)."""
+        line = link_line(self.logger.tracking_uri, self.logger.experiment_id) if self.writer else None
+        if line is not None:
+            log.info("%s", line)
+
+    def _artifacts(self, trainer: Trainer) -> None:
+        rows = trainer.state.history if self.writer else []
+        if self.cfg.logger.plots and rows:
+            for path in plot_history(rows, self.out_dir / "plots"):
+                self.logger.log_artifact(path, "plots")
+        if rows:
+            csv = self.out_dir / "history.csv"
+            write_csv(csv, rows)
+            self.logger.log_artifact(csv)
+
+    def _close_bar(self) -> None:
+        for bar in (self.step_bar, self.bar):
+            if bar is not None:
+                bar.close()
+        self.bar = self.step_bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+
+def h_summary(history: list[dict[str, float]]) -> dict[str, float]:
+    """The local steps H trained with, over the epochs: first, last and mean (a dynamic_h run's H
+    changes per epoch; the config's H is only where it starts)."""
+    hs = [float(row["H"]) for row in history if "H" in row]
+    if not hs:
+        return {}
+    return {"H_first": hs[0], "H_last": hs[-1], "H_mean": sum(hs) / len(hs)}
