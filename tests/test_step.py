@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpl.run.build import build_trainer
-from dpl.core.engines import step as step_module
+from dpl.core import step as step_module
 from dpl.core.step import CompiledStep, GraphStep, LocalStep, compile_mode
 from dpl.components.optim import CAPTURABLE, OPTIMIZERS
 from tests.conftest import compose_cfg
