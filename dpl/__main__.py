@@ -1,4 +1,4 @@
-"""``python -m dpl``: the Hydra app. See README.md for the config groups."""
+"""``python -m dpl``: the Hydra app (docs/configuration.md lists its groups and keys)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,25 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from dpl.config.schema import register_configs
+from dpl.config.overrides import check_overrides
+from dpl.config.store import register_configs
 from dpl.errors import ConfigError, RankFailure, user_errors
-from dpl.config.validate import check_overrides
-from dpl.tracking import in_multirun
+from dpl.tracking.run_names import in_multirun
 
-register_configs()
+try:  # here, not in cli(): a launcher's job process imports this module to run main()
+    register_configs()
+except ConfigError as _e:  # a plugin module that cannot be imported (dpl.plugins): one line, as any config error
+    print(f"error: {_e}", file=sys.stderr)
+    sys.exit(2)
 
 TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}  # torchrun's env:// variables
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | str:
-    from dpl.run.job import job_dir, run
-    from dpl.launch.ranks import announce_run_dir
+    from dpl.launch.torchrun import announce_run_dir
     from dpl.run.interrupt import EXIT_STATUS, resume_hint, signal_name
+    from dpl.run.job import job_dir, run
 
     announce_run_dir(job_dir())  # under torchrun: the other ranks write under rank 0's dir
     try:
@@ -85,7 +89,7 @@ def check_output_dirs(argv: list[str]) -> None:
 def flags_first(argv: list[str]) -> list[str]:
     """Hydra's flags (``-m``, ``--config-name x``) before the overrides: Hydra's argument parser
     stops reading overrides at the first flag and rejects the rest (``dataset=synthetic -m K=1,2``)."""
-    from dpl.config.validate import override_args
+    from dpl.config.overrides import override_args
 
     overrides = override_args(argv)
     flags, rest = [], list(overrides)
@@ -103,7 +107,7 @@ def remove_refused_job_dir(job: Path) -> None:
     dir (``outputs/<date>/``), and a sweep dir that holds only Hydra's ``multirun.yaml``. A dir
     with anything else in it stays; in a job dir that resume or test_only wrote into, only an
     empty ``dpl.log`` goes (Hydra opened it for the refused run)."""
-    from dpl.tracking import launch_dir
+    from dpl.tracking.params import launch_dir
 
     made = {".hydra", "dpl.log", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
     try:
@@ -152,7 +156,7 @@ def cli() -> None:
             if in_srun_step():  # srun --ntasks=K: Slurm's ranks, without torchrun
                 export_ranks()
         if TORCHRUN_ENV <= os.environ.keys():  # checked here so that plain runs do not import torch yet
-            from dpl.launch.ranks import agree_run_dir
+            from dpl.launch.torchrun import agree_run_dir
 
             sys.argv[1:] = agree_run_dir(sys.argv[1:])
         main()

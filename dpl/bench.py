@@ -52,19 +52,16 @@ from typing import Callable
 
 import torch
 
-from dpl.run.build import build_trainer
-from dpl.components.data import epoch_order
-from dpl.core.engines import simulation_mode
-from dpl.core.workers import memory_format
+from dpl.core.engines import COMPILED, EAGER, GRAPH, memory_format, simulation_mode
 from dpl.core.loop import Trainer
+from dpl.run.build import build_trainer
 
 
 def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from dpl.config.schema import register_configs
-    from dpl.config.validate import CONF_DIR
+    from dpl.config.store import CONF_DIR, register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -93,16 +90,12 @@ def summary(samples_per_call: int, secs: list[float]) -> str:
 
 
 def step_fn(trainer: Trainer) -> Callable[[], None]:
-    """One full training step, wrapping around the epoch so it can run forever."""
-    order = None
+    """One full training step (the trainer's own), wrapping around the epoch so it can run forever."""
 
     def step() -> None:
-        nonlocal order
-        s = trainer.state
-        if order is None or s.step >= trainer.steps_per_epoch:
-            s.reset_epoch()
-            order = epoch_order(trainer.shards, s.epoch, trainer.cfg.seed)
-        trainer.train_step(order)
+        if trainer.state.step >= trainer.steps_per_epoch:
+            trainer.rewind_epoch()
+        trainer.step()
 
     return step
 
@@ -178,8 +171,8 @@ def bench_distributed(device: torch.device, args) -> None:
           f"(CPU, {torch.get_num_threads()} threads for the simulation, cores/K per process; "
           f"median over {args.repeats} epochs after one warm-up epoch)")
     for K in args.world:
-        for method, extra in (("centralized", []), ("localsgd", ["H=8"])):
-            ov = ["device=cpu", f"K={K}", f"method={method}", *extra, f"dataset.num_train={args.samples}",
+        for method in (["method=centralized"], ["method=localsgd", "H=8"]):
+            ov = ["device=cpu", f"K={K}", *method, f"dataset.num_train={args.samples}",
                   f"batch_size={args.batch}", f"epochs={epochs}", "dataset.num_test=500"]
             sim = build_trainer(compose(*ov), torch.device("cpu"))
             sim.fit()
@@ -188,13 +181,13 @@ def bench_distributed(device: torch.device, args) -> None:
             sim_s = [r["epoch_time_s"] for r in sim.state.history[1:]]
             dist_s = [r["epoch_time_s"] for r in hist[1:]]
             frac = [r["comm_wall_s"] / r["epoch_time_s"] for r in hist[1:]]
-            print(f"  K={K} {method:<11} {sim.steps_per_epoch} steps/epoch: simulated {_spread(sim_s)} s, "
+            print(f"  K={K} {sim.cfg.method.name:<11} {sim.steps_per_epoch} steps/epoch: simulated {_spread(sim_s)} s, "
                   f"distributed {_spread(dist_s)} s")
             print(f"    ratio simulated/distributed: {statistics.median(sim_s) / statistics.median(dist_s):.2f}   "
                   f"time in collectives: {_spread(frac, '{:.1%}')}")
 
 
-LIMIT_RUNS = (("centralized", 1, []), ("localsgd", 4, ["H=8"]), ("localsgd", 8, ["H=16"]))
+LIMIT_RUNS = ((1, ["method=centralized"]), (4, ["method=localsgd", "H=8"]), (8, ["method=localsgd", "H=16"]))
 
 
 def limit_fn(trainer: Trainer, batch: int) -> Callable[[], None]:
@@ -233,15 +226,15 @@ def e2e_rate(trainer: Trainer) -> list[float]:
 def bench_limit(device: torch.device, args) -> None:
     b = args.batch
     # how the Trainer's local step runs (engine.compile): eager and torch.compile everywhere, the CUDA graph on GPU
-    modes = ("none", "graph", "compile") if device.type == "cuda" else ("none", "compile")
+    modes = (EAGER, GRAPH, COMPILED) if device.type == "cuda" else (EAGER, COMPILED)
     print(f"[limit] end-to-end epochs through the Trainer vs the same maths on pre-made tensors "
           f"({'one CUDA graph' if device.type == 'cuda' else 'eager'}), batch {b} per worker, "
           f"{args.e2e_samples} synthetic images, median over {args.repeats} epochs after a warm-up one "
           f"(which also compiles or captures); columns: samples/s and ratio to the limit per engine.compile")
     print(f"  {'run':<16} {'precision':<9} {'limit':>8} " + " ".join(f"{m:>9} {'ratio':>6}" for m in modes))
-    for method, K, extra in LIMIT_RUNS:
+    for K, method in LIMIT_RUNS:
         for precision in ("fp32", "bf16"):
-            ov = [f"device={device.type}", f"K={K}", f"method={method}", *extra, f"precision={precision}",
+            ov = [f"device={device.type}", f"K={K}", *method, f"precision={precision}",
                   f"dataset.num_train={args.e2e_samples}", "dataset.num_test=500", f"batch_size={b}",
                   f"epochs={1 + args.repeats}", "scheduler=constant"]
             limit = timed(limit_fn(build_trainer(compose(*ov), device), b), device, args.warmup, args.repeats,
@@ -251,7 +244,7 @@ def bench_limit(device: torch.device, args) -> None:
             for mode in modes:
                 e2e = statistics.median(e2e_rate(build_trainer(compose(*ov, f"engine.compile={mode}"), device)))
                 cells.append(f"{e2e:9.0f} {e2e / lim:6.2f}")
-            print(f"  {method + f' K={K}':<16} {precision:<9} {lim:8.0f} " + " ".join(cells))
+            print(f"  {method[0].split('=')[1] + f' K={K}':<16} {precision:<9} {lim:8.0f} " + " ".join(cells))
     print("  goal on GPU: ratio >= 0.8 for the default (engine.compile=auto: graph on CUDA, none on CPU)")
 
 
@@ -300,7 +293,7 @@ def compression_rows(device: torch.device, args, K: int = 4) -> list[dict]:
     average's, and the payload's bytes per worker against the fp32 replica's."""
     from omegaconf import OmegaConf
 
-    from dpl.comm import COMPRESSORS, Compression, PlainAverage
+    from dpl.comm.codecs import CODECS, build_codec
 
     trainer = build_trainer(compose(f"device={device.type}", f"K={K}", "method=localsgd", "dataset.num_train=2000"),
                             device)
@@ -320,18 +313,20 @@ def compression_rows(device: torch.device, args, K: int = 4) -> list[dict]:
 
     base = statistics.median(timed(plain, device, args.warmup, args.repeats, args.iters))
     replica = sum(p[0].numel() * 4 for p in w.params)
-    rows = [{"name": "none", "seconds": base, "ratio": 1.0, "bytes": replica, "bytes_ratio": 1.0}]
-    for name, build in COMPRESSORS.items():
-        if name == "none":
+    exact = next(name for name, option in CODECS.items() if option.facts.exact)  # the parameters, averaged exactly
+    rows = [{"name": exact, "seconds": base, "ratio": 1.0, "bytes": replica, "bytes_ratio": 1.0}]
+    for name, option in CODECS.items():
+        if option.facts.exact:  # the plain average: the baseline above
             continue
-        w.point.compression = Compression(build(OmegaConf.create({"ratio": 0.01, "chunk": 1024})), True, 0)
-        w.point.compression.start(w.params)
+        # each codec with its schema's defaults (top-k / random-k: 1 %; the chunked formats: chunks of 1024)
+        w.point.codec = build_codec(OmegaConf.structured(option.schema(name=name, error_feedback=True)))
+        w.point.start(w.params)
         secs = statistics.median(timed(lambda: w.pseudo_gradient_(anchor, 0), device, args.warmup, args.repeats,
                                        args.iters))
-        nbytes = w.point.compression.payload_bytes(w.params)
+        nbytes = w.point.payload_bytes(w.params)
         rows.append({"name": name, "seconds": secs, "ratio": secs / base, "bytes": nbytes,
                      "bytes_ratio": nbytes / replica})
-    w.point.compression = PlainAverage()
+    w.point.codec = None
     return rows
 
 

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from dpl.config.schema import register_configs
+from dpl.config.store import register_configs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpl.run.build import build_trainer
 from dpl.bench import limit_fn
+from dpl.run.build import build_trainer
 from tests.conftest import compose_cfg
 
 
@@ -24,10 +24,10 @@ def test_compression_bench_times_a_sync_per_compressor_and_states_its_bytes():
     from types import SimpleNamespace
 
     from dpl.bench import compression_rows
-    from dpl.comm import COMPRESSORS
+    from dpl.comm.codecs import CODECS
 
     rows = {r["name"]: r for r in compression_rows(torch.device("cpu"), SimpleNamespace(warmup=0, repeats=1, iters=1))}
-    assert set(rows) == set(COMPRESSORS) and rows["none"]["ratio"] == 1.0
+    assert set(rows) == set(CODECS) and rows["none"]["ratio"] == 1.0
     replica = rows["none"]["bytes"]
     assert rows["fp16"]["bytes"] == rows["bf16"]["bytes"] == replica // 2
     assert rows["topk"]["bytes"] == 2 * rows["randomk"]["bytes"]  # the indices top-k sends beside its values

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpl.run import checkpoint
-from dpl.run.job import run, salvage
-from dpl.run.checkpoint import CheckpointError
 from dpl.components.data.sources import read_cifar_batches
 from dpl.errors import DatasetUnavailable
+from dpl.run import checkpoint
+from dpl.run.checkpoint import CheckpointError
+from dpl.run.job import run, salvage
 
 MARKER = "PAYLOAD_RAN"
 

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpl.comm import CommLedger, CommPoint, StackedComm, Traffic, bytes_sent, param_bytes, sync_time_s
+from dpl.comm.cost import CommLedger, Traffic, bytes_sent, param_bytes, sync_time_s
+from dpl.comm.point import CommPoint
+from dpl.comm.stacked import StackedComm
 from dpl.core.state import drift_term
 
 
@@ -296,13 +298,13 @@ def test_stacked_and_process_group_communicators_agree(make_cfg, tmp_path):
 
 
 def _ledger():
-    from dpl.comm import CommLedger
+    from dpl.comm.cost import CommLedger
 
     return CommLedger(K=4, bandwidth_gbps=1.0, latency_us=0.0, sample_cost_s=1e-3)
 
 
 def test_an_overlapped_sync_hides_behind_the_steps_it_overlaps():
-    from dpl.comm import Traffic, transfer_s
+    from dpl.comm.cost import Traffic, transfer_s
 
     n = 1e6  # bytes per replica
     t_sync = transfer_s(n, 4, 1.0)  # the ring's 2(K-1)/K n over 1 Gb/s
@@ -351,7 +353,7 @@ def test_an_epoch_rescaled_to_another_bandwidth_is_the_ledger_at_that_bandwidth(
 
 
 def test_a_ledger_checkpointed_before_overlap_existed_loads():
-    from dpl.comm import CommLedger
+    from dpl.comm.cost import CommLedger
 
     old = {k: v for k, v in _ledger().state_dict().items() if k != "comm_hidden_total_s"}
     assert CommLedger.from_state(old).comm_hidden_total_s == 0.0

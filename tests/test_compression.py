@@ -15,12 +15,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from dpl.run.build import build_trainer
-from dpl.comm import CommLedger, CommPoint, bytes_sent, gather_bytes_sent
-from dpl.comm.codecs import COMPRESSORS, Compression, PlainAverage, RandomK, kept
-from dpl.config.schema import ConfigError
-from dpl.comm import StackedComm
+from dpl.comm.codecs import CODECS, Key, build_codec
+from dpl.comm.codecs.feedback import ErrorFeedback
+from dpl.comm.codecs.formats import NoCompression, RandomK, kept
+from dpl.comm.cost import CommLedger, bytes_sent, gather_bytes_sent
+from dpl.comm.point import CommPoint
+from dpl.comm.stacked import StackedComm
+from dpl.config.store import typed
+from dpl.config.upgrade import upgrade_config
 from dpl.config.validate import validate
+from dpl.errors import ConfigError
+from dpl.run.build import build_trainer
 from tests.resume import assert_resume_is_exact
 
 N = 1000
@@ -33,9 +38,14 @@ def rows(W: int = 3, n: int = N, seed: int = 0) -> torch.Tensor:
     return torch.randn(W, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def round_trip(name: str, x: torch.Tensor, key=(0, 1, 2)) -> torch.Tensor:
-    c = COMPRESSORS[name](CFG)
-    return c.decompress(c.compress(x, key), x.shape[1], key)
+def codec(name: str, cfg=CFG):
+    """The codec of ``compression=name``; ``none`` (which sends the parameters themselves) as its fp32 format."""
+    return NoCompression() if name == "none" else CODECS.build(name, cfg)
+
+
+def round_trip(name: str, x: torch.Tensor, key=Key(0, 1, 2)) -> torch.Tensor:
+    c = codec(name)
+    return c.decode(c.encode(x, key), x.shape[1], key)
 
 
 # ----------------------------------------------------------------------------- each compressor
@@ -57,8 +67,8 @@ def test_topk_keeps_the_largest_entries_exactly_to_fp32_and_zeroes_the_rest():
 
 def test_randomk_sends_the_same_coordinates_on_every_worker_from_seed_sync_and_tensor():
     x = rows()
-    c = COMPRESSORS["randomk"](CFG)
-    d = round_trip("randomk", x, (0, 1, 2))
+    c = codec("randomk")
+    d = round_trip("randomk", x, Key(0, 1, 2))
     nonzero = d != 0
     assert (nonzero == nonzero[0]).all() and nonzero[0].sum() == kept(N, CFG.ratio)  # shared coordinates
     assert torch.equal(d[nonzero], x[nonzero].float().double())
@@ -83,8 +93,8 @@ def test_int8_error_is_at_most_half_a_step_of_its_chunk():
         chunk = x[:, start:start + CFG.chunk]
         step = chunk.abs().amax(1, keepdim=True) / 127.0
         assert ((chunk - d[:, start:start + CFG.chunk]).abs() <= step / 2 * (1 + 1e-6)).all()
-    per_tensor = COMPRESSORS["int8"](SimpleNamespace(chunk=0))
-    assert per_tensor.compress(x, (0, 0, 0))[1].shape == (3, 1)  # chunk 0: one scale per tensor
+    per_tensor = codec("int8", SimpleNamespace(chunk=0))
+    assert per_tensor.encode(x, Key(0, 0, 0))[1].shape == (3, 1)  # chunk 0: one scale per tensor
     assert torch.equal(round_trip("int8", torch.zeros(2, 100)), torch.zeros(2, 100, dtype=torch.float64))
 
 
@@ -102,17 +112,17 @@ def test_fp8_e4m3_is_within_its_rounding_of_the_chunk_scale():
         bound = torch.maximum(chunk.abs() * 2.0**-4, s * 2.0**-10)
         assert ((chunk - d[:, where]).abs() <= bound * (1 + 1e-6)).all()
     exact = torch.tensor([[448.0, -1.0, 0.5, 0.0, 2.0**-9, 240.0, -416.0]], dtype=torch.float64)
-    assert torch.equal(COMPRESSORS["fp8"](SimpleNamespace(chunk=0)).decompress(
-        COMPRESSORS["fp8"](SimpleNamespace(chunk=0)).compress(exact, (0, 0, 0)), 7, (0, 0, 0)), exact)
+    fp8 = codec("fp8", SimpleNamespace(chunk=0))
+    assert torch.equal(fp8.decode(fp8.encode(exact, Key(0, 0, 0)), 7, Key(0, 0, 0)), exact)
     assert torch.equal(round_trip("fp8", torch.zeros(2, 100)), torch.zeros(2, 100, dtype=torch.float64))
 
 
 def test_fp4_e2m1_rounds_to_the_nearest_of_its_eight_magnitudes():
-    fp4 = COMPRESSORS["fp4"](SimpleNamespace(chunk=0))
+    fp4 = codec("fp4", SimpleNamespace(chunk=0))
     grid = torch.tensor([[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.5, -6.0, -3.0]], dtype=torch.float64)
-    assert torch.equal(fp4.decompress(fp4.compress(grid, (0, 0, 0)), 11, (0, 0, 0)), grid)  # representable: exact
+    assert torch.equal(fp4.decode(fp4.encode(grid, Key(0, 0, 0)), 11, Key(0, 0, 0)), grid)  # representable: exact
     ties = torch.tensor([[6.0, 0.25, 1.25, 2.5, 5.0, -3.5]], dtype=torch.float64)  # scale 1; ties go down
-    assert fp4.decompress(fp4.compress(ties, (0, 0, 0)), 6, (0, 0, 0)).tolist() == [[6.0, 0.0, 1.0, 2.0, 4.0, -3.0]]
+    assert fp4.decode(fp4.encode(ties, Key(0, 0, 0)), 6, Key(0, 0, 0)).tolist() == [[6.0, 0.0, 1.0, 2.0, 4.0, -3.0]]
     x = rows(n=999)  # odd: the last byte half used
     d = round_trip("fp4", x)
     for chunk, where in _chunks(x, CFG.chunk):
@@ -137,11 +147,11 @@ def test_payload_bytes_are_as_specified_and_what_the_payload_holds():
                 "fp4": math.ceil(N / 2) + 4 * math.ceil(N / 64), "fp16": 2 * N, "bf16": 2 * N}
     x = rows()
     for name, nbytes in expected.items():
-        c = COMPRESSORS[name](CFG)
+        c = codec(name)
         assert c.payload_bytes(N) == nbytes, name
-        held = sum(part[0].numel() * part.element_size() for part in c.compress(x, (0, 0, 0)))
+        held = sum(part[0].numel() * part.element_size() for part in c.encode(x, Key(0, 0, 0)))
         assert held == nbytes, name  # what one worker's row of the payload occupies
-    assert COMPRESSORS["topk"](CFG).payload_bytes(2**31) == kept(2**31, CFG.ratio) * (4 + 8)  # int64 indices
+    assert codec("topk").payload_bytes(2**31) == kept(2**31, CFG.ratio) * (4 + 8)  # int64 indices
 
 
 # ----------------------------------------------------------------------------- error feedback
@@ -149,7 +159,7 @@ def test_payload_bytes_are_as_specified_and_what_the_payload_holds():
 
 @pytest.mark.parametrize("name", ["topk", "randomk", "sign", "int8", "fp8", "fp4", "fp16"])
 def test_error_feedback_carries_exactly_the_residual(name):
-    c = Compression(COMPRESSORS[name](CFG), error_feedback=True, seed=3)
+    c = ErrorFeedback(codec(name))
     shape = (2, 40, 25)
     c.start([torch.zeros(shape)])
     sent_total = torch.zeros(2, N, dtype=torch.float64)
@@ -157,9 +167,9 @@ def test_error_feedback_carries_exactly_the_residual(name):
     for sync in range(4):
         delta = rows(2, N, seed=sync).view(shape)
         before = c.residuals[0].clone().view(2, N)
-        payload = c.encode([delta], sync)[0]
+        payload = c.encode(delta.view(2, N), Key(3, sync, 0))
         u = delta.view(2, N) + before  # what was compressed: Δ_k + e_k
-        sent = c.compressor.decompress(payload, N, (3, sync, 0))
+        sent = c.codec.decode(payload, N, Key(3, sync, 0))
         assert torch.equal(c.residuals[0].view(2, N), u - sent)  # e_k <- u_k − D(C(u_k)), exactly
         sent_total += sent
         deltas_total += delta.view(2, N)
@@ -168,9 +178,10 @@ def test_error_feedback_carries_exactly_the_residual(name):
 
 
 def test_without_error_feedback_nothing_is_kept():
-    c = Compression(COMPRESSORS["topk"](CFG), error_feedback=False, seed=0)
-    c.start([torch.zeros(2, N)])
-    assert c.residuals is None and c.state_dict() == {}
+    cfg = OmegaConf.create({"name": "topk", "ratio": CFG.ratio, "error_feedback": False})
+    point = CommPoint(StackedComm(2), build_codec(cfg))
+    point.start([torch.zeros(2, N)])
+    assert not isinstance(point.codec, ErrorFeedback) and point.state_dict() == {}
 
 
 # ----------------------------------------------------------------------------- the comm point and the ledger
@@ -181,13 +192,12 @@ def test_comm_point_averages_the_decoded_payloads_and_counts_what_a_cluster_send
     deltas = [rows(K, 600, seed=1).view(K, 20, 30), rows(K, 400, seed=2)]
     for name, collective in (("topk", "allgather"), ("sign", "allgather"), ("randomk", "allreduce"),
                              ("int8", "allreduce"), ("bf16", "allreduce")):
-        point = CommPoint(StackedComm(K), Compression(COMPRESSORS[name](CFG), error_feedback=False, seed=0))
-        mean = point.exchange(point.compression, deltas, sync=7)
+        point = CommPoint(StackedComm(K), codec(name))
+        mean = point.start_mean(deltas, sync=7).wait().deltas
         for d, m, i in zip(deltas, mean, range(2)):
-            decoded = point.compression.compressor.decompress(
-                point.compression.compressor.compress(d.reshape(K, -1), (0, 7, i)), d[0].numel(), (0, 7, i))
+            decoded = point.codec.decode(point.codec.encode(d.reshape(K, -1), Key(0, 7, i)), d[0].numel(), Key(0, 7, i))
             assert torch.equal(m, decoded.mean(0).view(d.shape[1:]))
-        p = point.compression.payload_bytes(deltas)
+        p = point.payload_bytes(deltas)
         traffic = point.take()
         assert (traffic.syncs, traffic.collectives) == (1, 1)
         ledger = CommLedger(K=K, bandwidth_gbps=1.0, latency_us=10.0, sample_cost_s=0.0)
@@ -204,11 +214,10 @@ def test_comm_point_averages_the_decoded_payloads_and_counts_what_a_cluster_send
 def test_uncompressed_payload_through_the_compressed_path_is_plain_averaging():
     """fp32 payloads of Δ_k = x − x_k: their mean is x − x̄, so the outer step lands on the average
     (to fp32 rounding of each Δ_k) — the plumbing of the compressed sync, checked against the plain one."""
-    cfg = OmegaConf.create({"name": "none"})
     plain = build_trainer(_cfg("method=localsgd", "K=3", "H=2", "epochs=1"), torch.device("cpu"))
     plain.fit()
     via = build_trainer(_cfg("method=localsgd", "K=3", "H=2", "epochs=1"), torch.device("cpu"))
-    via.workers.point.compression = Compression(COMPRESSORS["none"](cfg), error_feedback=False, seed=0)
+    via.workers.point.codec = NoCompression()
     via.fit()
     for a, b in zip(plain.workers.params, via.workers.params):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -230,8 +239,8 @@ def test_none_is_bit_identical_to_a_run_without_the_key():
     without = _cfg(*ov)
     with open_dict(without):
         del without["compression"]  # as a config composed before the group existed
-    bare = build_trainer(without, torch.device("cpu"))
-    assert isinstance(with_none.workers.point.compression, PlainAverage)
+    bare = build_trainer(typed(upgrade_config(without)), torch.device("cpu"))  # as a resume reads it
+    assert with_none.workers.point.codec is None
     with_none.fit()
     bare.fit()
     for a, b in zip(with_none.workers.params, bare.workers.params):
@@ -249,7 +258,7 @@ def test_compressed_run_learns_and_keeps_its_residuals_in_the_checkpoint():
     assert all(r.dtype == torch.float64 for r in residuals) and any(r.abs().sum() > 0 for r in residuals)
     assert t.method.state_dict()["syncs"] == t.state.history[0]["sync_rounds_total"]
     rec = t.state.history[0]
-    p = t.workers.point.compression.payload_bytes(t.workers.params)
+    p = t.workers.point.payload_bytes(t.workers.params)
     assert rec["comm_bytes"] == rec["sync_rounds"] * gather_bytes_sent(p, 2)
 
 

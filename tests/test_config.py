@@ -8,12 +8,12 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from dpl.config.schema import ConfigError, to_schema
-from dpl.config.upgrade import RENAMED, upgrade
+from dpl.config.overrides import GROUPS, check_overrides, group_options
+from dpl.config.store import registries, to_schema
+from dpl.config.upgrade import RENAMED, upgrade_config, upgrade_params
 from dpl.config.validate import validate
-from dpl.config.validate import GROUPS, check_overrides, group_options
-from dpl.config.validate import registries
-from tests.conftest import CONF, compose_cfg
+from dpl.errors import ConfigError
+from tests.conftest import compose_cfg
 
 
 def test_every_group_folder_matches_its_registry():
@@ -31,6 +31,9 @@ def test_every_option_composes_and_validates(group):
     for option in group_options(group):
         if group == "ablation":  # an ablation sets keys of the options of the rows it is for
             local = [f"experiment=study/{ABLATION_ROWS.get(option, 'slowmo')}"]
+        if group in ("dataset", "model"):  # text is for sequence models, images for image models
+            text = registries()[group][option].facts_for(compose_cfg(f"{group}={option}", tiny=False)[group]).text
+            local = [{"dataset": "model=gpt_tiny", "model": "dataset=text"}[group]] if text else []
         cfg = compose_cfg(f"{group}={option}", *local, tiny=False)
         node = cfg[group]  # ablation options set a plain key (and other keys, globally)
         assert (node.name if group != "ablation" else node) == option
@@ -115,32 +118,6 @@ def _same(doc: str, value) -> bool:
         return doc == str(value)
 
 
-def test_readme_defaults_match_the_config():
-    """Every `| key | default |` row of README.md's key tables states the composed default."""
-    import re
-
-    rows = re.findall(r"^\| ((?:`[\w.]+`(?:, | / )?)+) \| ([^|]+) \|", (CONF.parent / "README.md").read_text(), re.M)
-    assert len(rows) > 20
-    configs = [compose_cfg(tiny=False), compose_cfg("engine=distributed", tiny=False)]
-    checked = 0
-    for keys_cell, default_cell in rows:
-        keys = re.findall(r"`([\w.]+)`", keys_cell)
-        bold = re.findall(r"\*\*(\w+)\*\*", default_cell)
-        if len(keys) == 1 and bold:  # a config group: its default option in bold
-            assert configs[0][keys[0]].name == bold[0], keys[0]
-            checked += 1
-            continue
-        defaults = [d.strip() for d in re.split(r", | / ", default_cell.strip())]
-        if len(defaults) != len(keys):
-            continue  # prose ("the optimizer's")
-        for key, doc in zip(keys, defaults):
-            for cfg in configs:
-                value = OmegaConf.select(cfg, key, default="<absent>")
-                if value != "<absent>":
-                    assert _same(doc, value), f"README says {key}={doc}, the config {value}"
-                    checked += 1
-    assert checked > 25
-
 def test_precision_is_fp32_by_default_and_checked():
     assert compose_cfg().precision == "fp32"
     cfg = compose_cfg("precision=bf16")
@@ -151,26 +128,25 @@ def test_precision_is_fp32_by_default_and_checked():
 
 
 
-
 # ----------------------------------------------------------------------------- one schema per option
 
 
 def test_every_option_has_its_schema_in_the_config_store_under_its_name():
     from hydra.core.config_store import ConfigStore
 
-    from dpl.config.schema import SCHEMAS, register_configs
+    from dpl.config.store import register_configs, schemas
 
     register_configs()
     store = ConfigStore.instance()
-    for group, options in SCHEMAS.items():
+    for group, options in schemas().items():
         assert set(options) == set(group_options(group)) == set(registries()[group]), group
         assert set(store.list(f"schema/{group}")) == {f"{o}.yaml" for o in options}, group
 
 
 def test_each_option_composes_to_exactly_its_schemas_keys():
-    from dpl.config.schema import SCHEMAS, option_keys, option_schema
+    from dpl.config.store import option_keys, option_schema, schemas
 
-    for group, options in SCHEMAS.items():
+    for group, options in schemas().items():
         for option in options:
             node = compose_cfg(f"{group}={option}", tiny=False)[group]
             assert OmegaConf.get_type(node) is option_schema(group, option), (group, option)
@@ -178,7 +154,7 @@ def test_each_option_composes_to_exactly_its_schemas_keys():
     # the issue's examples: lars has trust_coefficient and sgdm does not; cifar100 shows no synthetic keys
     assert "trust_coefficient" in compose_cfg("optimizer=lars").optimizer
     assert "trust_coefficient" not in compose_cfg("optimizer=sgdm").optimizer
-    assert "num_train" not in compose_cfg(tiny=False).dataset
+    assert "noise" not in compose_cfg(tiny=False).dataset and "num_train" in compose_cfg(tiny=False).dataset
     assert "root" not in compose_cfg("dataset=synthetic").dataset
     assert "outer" not in compose_cfg("method=centralized").method and "outer" in compose_cfg("method=slowmo").method
 
@@ -194,8 +170,8 @@ def test_hydra_itself_refuses_a_key_the_option_lacks():
 @pytest.mark.parametrize("overrides,message", [
     (["optimizer.trust_coefficient=0.1"],
      "optimizer.trust_coefficient is not a key of optimizer=sgdm: allowed lr, weight_decay, momentum, nesterov"),
-    (["dataset.num_train=10"], "dataset.num_train is not a key of dataset=cifar100: allowed val_fraction, augment, "
-                               "augment_val, crop_padding, root, download"),
+    (["dataset.noise=0.1"], "dataset.noise is not a key of dataset=cifar100: allowed val_fraction, augment, "
+                            "augment_val, crop_padding, root, download, num_train, num_test"),
     (["dataset=synthetic", "dataset.root=x"], "dataset.root is not a key of dataset=synthetic"),
     (["method=centralized", "method.outer.lr=0.5"], "method.outer.lr is not a key of method=centralized: allowed none"),
     (["engine.backend=gloo"], "engine.backend is not a key of engine=simulated: allowed compile, eval_batch_size, memory_format, simulate"),
@@ -244,7 +220,8 @@ def test_a_key_of_the_chosen_option_passes_wherever_the_option_is_chosen():
 def test_typed_rebuilds_a_saved_config_and_drops_keys_its_option_lacks():
     """A checkpoint's plain config becomes the typed one; configs saved before the per-option
     schemas carried every option's keys, which are dropped."""
-    from dpl.config.schema import LarsConfig, SgdmConfig, typed
+    from dpl.components.optim import LarsConfig, SgdmConfig
+    from dpl.config.store import typed
 
     cfg = compose_cfg("optimizer=lars")
     again = typed(OmegaConf.to_container(cfg))
@@ -257,29 +234,14 @@ def test_typed_rebuilds_a_saved_config_and_drops_keys_its_option_lacks():
 
 
 def test_cfg_job_and_mlflow_params_show_only_what_applies(tmp_path):
-    from dpl.tracking import flatten_config
+    from dpl.tracking.params import flatten_config
 
     out = subprocess.run([sys.executable, "-m", "dpl", "--cfg", "job"], capture_output=True, text=True,
                          cwd=tmp_path, timeout=120, check=True).stdout
-    for absent in ("trust_coefficient", "num_train", "betas", "switch_epoch", "h_min", "master_port"):
+    for absent in ("trust_coefficient", "noise", "betas", "switch_epoch", "h_min", "master_port"):
         assert absent not in out, absent
     flat = flatten_config(compose_cfg("optimizer=adamw"))
     assert "optimizer.betas" in flat and "optimizer.momentum" not in flat and "optimizer.trust_coefficient" not in flat
-
-
-def test_readme_lists_every_options_keys():
-    """README.md's `| `group=option` | keys |` table states each option's schema."""
-    import re
-
-    from dpl.config.schema import SCHEMAS, option_keys
-
-    rows = re.findall(r"^\| ((?:`\w+=\w+`(?:, )?)+) \| ([^|]+) \|$", (CONF.parent / "README.md").read_text(), re.M)
-    documented = {}
-    for options, keys in rows:
-        for option in re.findall(r"`(\w+=\w+)`", options):
-            documented[option] = [] if keys.strip() == "–" else [k.strip() for k in keys.split(",")]
-    assert documented == {f"{g}={o}": [k for k in option_keys(g, o) if k != "name"]
-                          for g, options in SCHEMAS.items() for o in options}
 
 
 # ----------------------------------------------------------------------------- method.outer
@@ -307,11 +269,10 @@ def test_a_bad_outer_value_is_one_line_naming_the_key(overrides, message):
 
 
 def test_outer_names_are_the_outer_registry():
-    from dpl.config.schema import OUTER_OPTIMIZERS as NAMES
     from dpl.components.optim import OUTER_OPTIMIZERS
 
-    assert tuple(OUTER_OPTIMIZERS) == NAMES
-    for name in NAMES:  # every name composes, validates and builds
+    assert tuple(OUTER_OPTIMIZERS) == ("sgd", "adamw", "adam")
+    for name in OUTER_OPTIMIZERS:  # every name composes, validates and builds
         check_overrides(["method=diloco", f"method.outer.name={name}"])
         cfg = compose_cfg("method=diloco", f"method.outer.name={name}")
         to_schema(cfg)
@@ -320,7 +281,7 @@ def test_outer_names_are_the_outer_registry():
 def test_an_old_saved_config_resumes_with_its_values_under_method_outer():
     """A checkpoint's config from before method.outer (SlowMo's beta/alpha, DiLoCo's outer_lr,
     outer_momentum, nesterov) is, once upgraded, the config its values give with the new keys."""
-    from dpl.config.schema import typed
+    from dpl.config.store import typed
 
     old_new = [
         ({"name": "slowmo", "beta": 0.2, "alpha": 0.5, "restart_each_epoch": True},
@@ -335,19 +296,20 @@ def test_an_old_saved_config_resumes_with_its_values_under_method_outer():
         saved = OmegaConf.to_container(expected, resolve=True)
         saved.pop("hydra", None)
         saved["method"] = old
-        assert typed(upgrade(saved)).method == expected.method, old["name"]
-    assert upgrade({"method": {"name": "centralized"}, "K": 2}) == {"method": {"name": "centralized"}, "K": 2}
+        assert typed(upgrade_config(saved)).method == expected.method, old["name"]
+    today = {"method": {"name": "centralized"}, "K": 2, "compression": {"name": "none"}}
+    assert upgrade_config(today) == today
 
 
 def test_old_mlflow_params_are_the_params_a_new_run_of_the_same_config_logs():
-    from dpl.tracking import flatten_config
+    from dpl.tracking.params import flatten_config
 
     def method_params(*overrides):
         return {k: v for k, v in flatten_config(compose_cfg(*overrides)).items() if k.startswith("method.")}
 
     slowmo = {"method.name": "slowmo", "method.beta": "0.2", "method.alpha": "0.5", "method.restart_each_epoch": "True"}
-    assert upgrade(slowmo) == method_params("method=slowmo", "method.outer.momentum=0.2", "method.outer.lr=0.5",
+    assert upgrade_params(slowmo) == method_params("method=slowmo", "method.outer.momentum=0.2", "method.outer.lr=0.5",
                                             "method.restart_each_epoch=true")
-    assert upgrade({"method.name": "localsgd"}) == method_params("method=localsgd")
+    assert upgrade_params({"method.name": "localsgd"}) == method_params("method=localsgd")
     new = method_params("method=diloco", "method.outer.name=adam")
-    assert upgrade(new) == new  # a run logged with the node is left as it is
+    assert upgrade_params(new) == new  # a run logged with the node is left as it is

@@ -5,10 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpl.components.data import DeviceData, make_batch
 from dpl.components.data.augment import (
-    TRAIN, _mix, _mix_int, augment_bits, crop_flip_draws, normalize, random_crop_flip, signed64, stream_key,
+    TRAIN,
+    _mix,
+    _mix_int,
+    augment_bits,
+    crop_flip_draws,
+    normalize,
+    random_crop_flip,
+    signed64,
+    stream_key,
 )
+from dpl.components.data.device import DeviceData, make_batch
 
 
 def bits(seed: int, n: int, device: str = "cpu") -> torch.Tensor:
@@ -117,7 +125,7 @@ def test_the_same_bits_give_the_same_crops_on_cuda():
 
 def test_rows_of_a_batch_get_the_crops_of_the_full_batch():
     """A rank cutting only its workers' rows sees exactly its part of the jointly drawn batch."""
-    from dpl.components.data import DeviceData, make_batch
+    from dpl.components.data.device import DeviceData, make_batch
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)

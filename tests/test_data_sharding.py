@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from dpl.config import schema as config
 from dpl.components.data.sharding import (
-    SHARDINGS, _apportion, _dirichlet_counts, batch_indices, epoch_order, make_shards, steps_per_epoch,
+    SHARDINGS,
+    _apportion,
+    _dirichlet_counts,
+    batch_indices,
+    epoch_order,
+    make_shards,
+    steps_per_epoch,
 )
+from dpl.config import root as config
 
 
 def test_registry_matches_the_config_choices():

@@ -16,10 +16,11 @@ import torch
 from omegaconf import OmegaConf
 from torchvision.datasets import CIFAR100
 
-from tests.conftest import compose_cfg
-from dpl.components.data import DATASETS, DatasetUnavailable, eval_batches, load_dataset, make_batch, split_train_val
-from dpl.components.data import sources
+from dpl.components.data import DATASETS, cifar10, cifar100, sources
+from dpl.components.data.device import eval_batches, load_dataset, make_batch, split_train_val
+from dpl.errors import DatasetUnavailable
 from dpl.io import atomic_temp_path
+from tests.conftest import compose_cfg
 from tests.fakes import write_cifar10, write_cifar100, write_fashion_mnist_gz, write_python2_cifar_batch
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
@@ -32,9 +33,7 @@ def dataset_cfg(name: str, **overrides):
 
 
 def test_registry_keys_are_the_yaml_names():
-    from dpl.components.data import TEXT_DATASETS
-
-    assert set(DATASETS) | set(TEXT_DATASETS) == {p.stem for p in CONF.glob("*.yaml")}
+    assert set(DATASETS) == {p.stem for p in CONF.glob("*.yaml")}
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -67,7 +66,7 @@ def test_cifar_rows_are_channel_major_row_major(tmp_path):
 
 def test_cifar10_concatenates_the_five_batches(tmp_path):
     written = write_cifar10(tmp_path, n_per_batch=40, n_test=50)
-    raw = sources.cifar10(dataset_cfg("cifar10", download=False), root=tmp_path)
+    raw = cifar10(dataset_cfg("cifar10", download=False), root=tmp_path)
     assert torch.equal(raw.train_x, torch.from_numpy(written["train_x"]))
     assert torch.equal(raw.train_y, torch.from_numpy(written["train_y"]))
     assert torch.equal(raw.test_x, torch.from_numpy(written["test_x"]))
@@ -102,7 +101,7 @@ def test_missing_cifar_with_failing_download_is_unavailable(tmp_path, monkeypatc
     # A real download attempt against a closed local port: fails at once, like being offline.
     monkeypatch.setattr(CIFAR100, "url", "http://127.0.0.1:1/cifar-100-python.tar.gz")
     with pytest.raises(DatasetUnavailable) as e:
-        sources.cifar100(dataset_cfg("cifar100", download=True), root=tmp_path)
+        cifar100(dataset_cfg("cifar100", download=True), root=tmp_path)
     _assert_one_line_with(str(e.value), "download failed", f"{tmp_path}/cifar-100-python/", "dataset=synthetic")
 
 
@@ -133,7 +132,7 @@ def test_cifar100_download_extracts_and_loads(tmp_path, local_http, monkeypatch)
     md5 = hashlib.md5((www / "cifar-100-python.tar.gz").read_bytes()).hexdigest()
     monkeypatch.setattr(CIFAR100, "url", f"{base_url}/cifar-100-python.tar.gz")
     monkeypatch.setattr(CIFAR100, "tgz_md5", md5)
-    raw = sources.cifar100(dataset_cfg("cifar100", download=True), root=tmp_path / "data")
+    raw = cifar100(dataset_cfg("cifar100", download=True), root=tmp_path / "data")
     assert torch.equal(raw.train_x, torch.from_numpy(written["train_x"]))
     assert torch.equal(raw.test_y, torch.from_numpy(written["test_y"]))
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar-100-python", "cifar-100-python.tar.gz"]
@@ -144,7 +143,7 @@ def test_truncated_cifar_file_is_reported(tmp_path):
     path = tmp_path / "cifar-100-python" / "train"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(DatasetUnavailable, match="unreadable"):
-        sources.cifar100(dataset_cfg("cifar100", download=False), root=tmp_path)
+        cifar100(dataset_cfg("cifar100", download=False), root=tmp_path)
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
@@ -265,7 +264,7 @@ def test_augmented_evaluation_draws_the_same_crops_for_every_batch_size():
 @pytest.mark.slow  # tests/test_train.py::test_synthetic_run_learns checks the same through the whole pipeline
 def test_lenet_learns_synthetic_in_two_epochs():
     """The point of `synthetic`: a real model learns it far above chance (10%) offline, in seconds."""
-    from dpl.components.models import LeNet5
+    from dpl.components.models.lenet import LeNet5
 
     torch.manual_seed(0)
     data = load_dataset(dataset_cfg("synthetic", num_train=1000, num_test=200), seed=0, device=CPU)

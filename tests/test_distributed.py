@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpl.comm.process_group import rank_state, stack_states
+from dpl.errors import RankFailure
+from dpl.launch.faults import culprits
+from dpl.launch.ranks import spawn
 from dpl.run import checkpoint
 from dpl.run.build import build_trainer
 from dpl.run.job import run
-from dpl.comm.process_group import rank_state, stack_states
-from dpl.launch.ranks import RankFailure, culprits, spawn
 from tests.conftest import TINY
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -240,23 +242,24 @@ def test_checkpoint_of_every_worker_round_trips_through_the_ranks():
                 "optimizer": {"state": {0: {"momentum_buffer": torch.full((1, 3), 10.0 + r),
                                             "step": torch.tensor(7.0)}},
                               "param_groups": [{"params": [0]}]},
-                "state": {"epoch": 1, "loss_sum": 2.0 + r, "correct": 3, "seen": 4, "drift_sum": 0.5},
+                "state": {"epoch": 1, "sums": {"train_loss": 2.0 + r, "train_acc": 3, "drift": 0.5}, "seen": 4},
                 "method": {"anchor": None}}
 
     merged = stack_states([rank(0), rank(1)])
     assert torch.equal(merged["workers"]["params"][0], torch.tensor([[0.0] * 3, [1.0] * 3]))
     assert torch.equal(merged["optimizer"]["state"][0]["momentum_buffer"][:, 0], torch.tensor([10.0, 11.0]))
     assert merged["optimizer"]["state"][0]["step"] == 7.0
-    assert merged["state"]["loss_sum"] == 5.0 and merged["state"]["seen"] == 8 and merged["state"]["epoch"] == 1
+    assert merged["state"]["sums"]["train_loss"] == 5.0 and merged["state"]["seen"] == 8 and merged["state"]["epoch"] == 1
     back = [rank_state(merged, r, 2) for r in (0, 1)]
     assert torch.equal(back[1]["workers"]["params"][0], rank(1)["workers"]["params"][0])
-    assert back[0]["state"]["loss_sum"] == 5.0 and back[1]["state"]["loss_sum"] == 0  # summed once at epoch end
+    assert back[0]["state"]["sums"]["train_loss"] == 5.0  # summed once at epoch end:
+    assert back[1]["state"]["sums"].get("train_loss", 0.0) == 0 and back[1]["state"]["seen"] == 0  # rank 0 holds it
     with pytest.raises(checkpoint.CheckpointError, match="same world size"):
         rank_state(merged, 0, 4)
 
 
 def test_distributed_engine_outside_a_launcher_fails_in_one_line(make_cfg, tmp_path):
-    from dpl.config.schema import ConfigError
+    from dpl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="torchrun --nproc-per-node=K"):
         run(make_cfg(*DIST, "K=2"), out_dir=tmp_path)

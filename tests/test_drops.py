@@ -1,4 +1,4 @@
-"""Dropped workers (dpl/comm/drops.py, faults.drop_prob): the draw, the average over the workers
+"""Dropped workers (dpl.comm.drops, faults.drop_prob): the draw, the average over the workers
 that arrived, and the two ends: p = 0 is today's run, p = 1 never moves the global model."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from dpl.run.build import build_trainer
-from dpl.comm import Compression, StackedComm
-from dpl.comm.codecs import Int8
+from dpl.comm.codecs.feedback import ErrorFeedback
+from dpl.comm.codecs.formats import Int8
 from dpl.comm.drops import Drops
+from dpl.comm.stacked import StackedComm
+from dpl.config.validate import validate
 from dpl.core.workers import StackedWorkers
 from dpl.errors import ConfigError
-from dpl.config.validate import validate
+from dpl.run.build import build_trainer
 from tests.conftest import compose_cfg
 
 
@@ -53,7 +54,7 @@ def test_the_average_is_over_the_workers_that_arrived():
     workers.point.drops = Drops(0.5, seed=3)
     sync, arrived = _arrived_at(workers.point.drops, 4)
     anchor = [p.detach()[0].double().clone() for p in workers.params]
-    result = workers.point.mean_delta(anchor, workers.params, [], sync)
+    result = workers.point.start_pseudo_gradient(anchor, workers.params, [], sync).wait()
     assert result.arrived == int(arrived.sum())
     for x, p, d in zip(anchor, workers.params, result.deltas):
         torch.testing.assert_close(d, x - p.detach()[arrived].double().mean(0), rtol=0, atol=1e-6)
@@ -63,11 +64,11 @@ def test_the_average_is_over_the_workers_that_arrived():
 def test_a_compressed_sync_decodes_the_arrived_payloads_and_a_dropped_worker_keeps_its_residual():
     workers = tiny_workers(K=4)
     workers.point.drops = Drops(0.5, seed=3)
-    workers.point.compression = compression = Compression(Int8(0), error_feedback=True, seed=0)
-    compression.start(workers.params)
+    workers.point.codec = compression = ErrorFeedback(Int8(0))
+    workers.point.start(workers.params)
     sync, arrived = _arrived_at(workers.point.drops, 4)
     anchor = [torch.zeros_like(p[0], dtype=torch.float64) for p in workers.params]
-    result = workers.point.mean_delta(anchor, workers.params, [], sync)
+    result = workers.point.start_pseudo_gradient(anchor, workers.params, [], sync).wait()
     for p, d, e in zip(workers.params, result.deltas, compression.residuals):
         u = -p.detach().double()  # Δ_k = x − x_k with x = 0
         assert torch.equal(e[~arrived], u[~arrived])  # nothing of theirs was sent

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dpl.config.schema import ConfigError, option_schema
-from tests.conftest import compose_cfg
+from dpl.config.store import option_schema
 from dpl.core.dynamic_h import STRATEGIES, HContext, next_h
+from dpl.errors import ConfigError
+from tests.conftest import compose_cfg
 
 YAMLS = Path(__file__).resolve().parent.parent / "conf" / "dynamic_h"
 # The H that the study's own dynamic-H functions use in every epoch, run in the study's own loop, for the 9

@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpl.run import checkpoint
-from dpl.run.job import run
-from dpl.run.checkpoint import CheckpointError
-from dpl.config.schema import ConfigError
+from dpl.errors import ConfigError, TrackingError
 from dpl.io import write_csv
-from dpl.tracking import TrackingError, mlflow_client
-
+from dpl.run import checkpoint
+from dpl.run.checkpoint import CheckpointError
+from dpl.run.job import run
+from dpl.tracking.store import mlflow_client
 from tests.processes import optuna_trials, rank_pids, run_cli, wait_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +99,7 @@ def run_together(commands: list[list[str]], timeout: float, cwd=None) -> None:
 
 def test_four_processes_create_one_new_store_together(tmp_path):
     """MLflow creates its SQLite schema on first use; four jobs that start at once must all land."""
-    code = ("import sys; from omegaconf import OmegaConf; from dpl.tracking import MlflowLogger\n"
+    code = ("import sys; from omegaconf import OmegaConf; from dpl.tracking.loggers import MlflowLogger\n"
             "log = MlflowLogger(OmegaConf.create({'tracking_uri': sys.argv[1], 'experiment': 'dpl', "
             "'run_name': None}))\n"
             "log.start(OmegaConf.create({'K': 1}), {}); log.finish('FINISHED')\n")
@@ -207,7 +206,8 @@ def test_single_diverged_run_is_failed_and_exits_nonzero(tmp_path):
 
 @pytest.mark.slow  # its report's lines: test_a_kill_during_the_first_checkpoint_is_never_running_for_good_and_resumes
 def test_report_shows_a_sigkilled_run_as_interrupted_and_does_not_count_it(tmp_path):
-    from dpl.report import fetch_runs, main as report
+    from dpl.report.cli import main as report
+    from dpl.report.fetch import fetch_runs
 
     job = tmp_path / "job"
     proc = subprocess.Popen([sys.executable, "-m", "dpl", *TRACKED, "epochs=200", "checkpoint_every=2",
@@ -254,7 +254,8 @@ def _killed_during_first_checkpoint(cwd: Path, *args: str) -> subprocess.Complet
 
 
 def test_a_kill_during_the_first_checkpoint_is_never_running_for_good_and_resumes(tmp_path):
-    from dpl.report import fetch_runs, main as report
+    from dpl.report.cli import main as report
+    from dpl.report.fetch import fetch_runs
 
     job = tmp_path / "job"
     proc = _killed_during_first_checkpoint(tmp_path, *TRACKED, "epochs=1", f"hydra.run.dir={job}")

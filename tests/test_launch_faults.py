@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from dpl.errors import ConfigError
+from dpl.launch.faults import overdue
+from dpl.launch.network import host_store, interface_of
+from dpl.launch.ranks import spawn
 from dpl.run.job import run
-from dpl.config.schema import ConfigError
-from dpl.launch.ranks import host_store, interface_of, overdue, spawn
 from tests.conftest import TINY
 from tests.processes import rank_pids, run_cli, wait_epoch
 

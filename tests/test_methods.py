@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from dpl.run.build import build_trainer
-from dpl.comm import StackedComm
-from dpl.core.workers import StackedWorkers
-from dpl.core.methods import METHODS, Method, OuterStep, StreamingDiLoCo, build_method
+from dpl.comm.stacked import StackedComm
 from dpl.core.loop import WALL_CLOCK_FIELDS
+from dpl.core.methods import METHODS, build_method
+from dpl.core.methods.base import Method
+from dpl.core.methods.outer import OuterStep
+from dpl.core.workers import StackedWorkers
+from dpl.run.build import build_trainer
 from tests.conftest import compose_cfg
 from tests.resume import assert_resume_is_exact
 
@@ -225,8 +228,6 @@ def _by_hand_anchor(step, syncs: int = 2) -> list[torch.Tensor]:
 class PlainAveraging(Method):
     """LocalSGD as dpl computed it before the outer step existed: x_k <- mean_j x_j."""
 
-    has_local_steps = True
-
     def syncs_after(self, epoch, period, H, last_step, step):
         return period == H or last_step
 
@@ -327,7 +328,7 @@ def test_an_outer_sgd_state_saved_before_method_outer_loads_unchanged():
     old = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
     for x, buf in zip(anchor, (new.outer.state[x]["momentum_buffer"] for x in new.anchor)):
         old.state[x]["momentum_buffer"] = buf.clone()
-    saved = {"anchor": anchor, "outer": old.state_dict(), "syncs": 1}
+    saved = {"anchor": anchor, "outer": old.state_dict(), "syncs": 1, "in_flight": {}}  # as checkpoint.upgrade gives it
     assert saved["outer"]["param_groups"] == new.state_dict()["outer"]["param_groups"]
     resumed = method_of("method=diloco")
     resumed.start(tiny_workers())
@@ -342,7 +343,7 @@ def test_an_outer_sgd_state_saved_before_method_outer_loads_unchanged():
 @pytest.mark.slow
 def test_localsgd_through_the_outer_sgd_equals_plain_averaging_end_to_end(make_cfg, monkeypatch):
     outer = train(make_cfg("method=localsgd", "K=3", "H=3", "epochs=2"))
-    monkeypatch.setitem(METHODS, "localsgd", PlainAveraging)
+    monkeypatch.setitem(METHODS, "localsgd", dataclasses.replace(METHODS["localsgd"], build=PlainAveraging))
     plain = train(make_cfg("method=localsgd", "K=3", "H=3", "epochs=2"))
     assert_params_close(params(outer), params(plain), atol=0)
     timing = WALL_CLOCK_FIELDS  # wall clock differs, nothing else may
@@ -396,8 +397,10 @@ def test_post_local_resumes_exactly_across_the_switch(make_cfg, tmp_path, monkey
 
 
 def test_every_method_declares_how_it_communicates():
-    for name, cls in METHODS.items():
+    for name, option in METHODS.items():
         # localsgd: OuterStep with its preset of method.outer; diloco: streaming DiLoCo with one fragment
-        assert cls.name == name or (name, cls) in {("localsgd", OuterStep), ("diloco", StreamingDiLoCo)}
-        assert cls.synchronous or cls.has_local_steps, name  # it communicates somehow
-        assert not (cls.synchronous and cls.has_local_steps), name  # DDP only for all-synchronous runs
+        assert isinstance(build_method(compose_cfg(f"method={name}").method, "keep"), Method), name
+        facts = option.facts
+        assert facts.synchronous or facts.local_steps, name  # it communicates somehow
+        assert not (facts.synchronous and facts.local_steps), name  # DDP only for all-synchronous runs
+        assert facts.averages_gradients or not facts.synchronous, name

@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 from omegaconf import OmegaConf
 
-from dpl.tracking import MlflowLogger
+from dpl.tracking.loggers import MlflowLogger
 
 START_TIMEOUT_S = 120.0
 

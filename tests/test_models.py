@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from dpl.comm import StackedComm
+from dpl.comm.stacked import StackedComm
+from dpl.components.models import MODELS, build_model
+from dpl.components.models.resnet import ResNet20
 from dpl.core.workers import StackedWorkers
-from dpl.components.models import MODELS, ResNet20, build_model
 
 
 def n_params(model: nn.Module) -> int:
@@ -51,7 +52,7 @@ def test_resnet20_downsamples_twice_with_zero_padded_shortcuts():
 
 
 def test_lenet5_takes_16_pixels_and_refuses_fewer_naming_16():
-    from dpl.components.models import LeNet5
+    from dpl.components.models.lenet import LeNet5
 
     assert LeNet5(1, 10, 16)(torch.randn(2, 1, 16, 16)).shape == (2, 10)
     for size in (15, 12):

@@ -20,8 +20,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dpl.config.schema import ConfigError, LarsConfig
-from dpl.components.optim import LAMB, LARS, OPTIMIZERS, Muon, build_optimizer
+from dpl.components.optim import OPTIMIZERS, LarsConfig, build_optimizer
+from dpl.components.optim.layerwise import LAMB, LARS
+from dpl.components.optim.muon import Muon
+from dpl.errors import ConfigError
 from tests.conftest import compose_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "optimizer"

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from dpl.run.build import build_trainer
+from dpl.core.loop import WALL_CLOCK_FIELDS
 from dpl.core.packed import PackedStep
 from dpl.errors import Diverged
 from dpl.pack.groups import differing_keys, group_jobs, packs
 from dpl.pack.lockstep import Lockstep
-from dpl.tracking import flatten_config
-from dpl.core.loop import WALL_CLOCK_FIELDS
+from dpl.run.build import build_trainer
+from dpl.tracking.params import flatten_config
 from tests.conftest import compose_cfg
 
 SMALL = ["dataset.num_train=400", "dataset.num_test=100", "batch_size=16"]
@@ -62,7 +62,7 @@ def test_packed_losses_give_each_run_its_own_losses_and_gradients():
     cfgs = [compose_cfg(*SMALL, "K=2", "engine.simulate=vmap", *m) for m in MEMBERS]
     trainers = [build_trainer(c, CPU) for c in cfgs]
     steps = [t.local_step for t in trainers]
-    idx = torch.stack([t.step_inputs(t.epoch_order())[0] for t in trainers])
+    idx = torch.stack([t.step_inputs(t.epoch_order()).idx for t in trainers])
     own = []
     for r, step in enumerate(steps):
         step.set_inputs(0, 0)
@@ -95,8 +95,8 @@ MEMBERS = [["seed=0"], ["seed=1", "lr=0.02"], ["seed=2", "weight_decay=0.001"]]
 @pytest.mark.parametrize("name", list(METHOD_RUNS))
 def test_packed_runs_equal_each_run_alone_bit_for_bit_in_loop_mode(name):
     cfgs = [compose_cfg(*SMALL, *METHOD_RUNS[name], "engine.simulate=loop", *m) for m in MEMBERS]
-    for run, together in zip([alone(c) for c in cfgs], packed(cfgs)):
-        assert_same(run, together)
+    for by_itself, together in zip([alone(c) for c in cfgs], packed(cfgs)):
+        assert_same(by_itself, together)
 
 
 # What the fused step is checked on: its losses and gradients (the identity above, exact on the function
@@ -169,9 +169,8 @@ def test_runs_at_different_points_catch_up_before_stepping_together():
     base = [*SMALL, "method=localsgd", "K=2", "H=4", "engine.simulate=vmap"]
     cfgs = [compose_cfg(*base, *m) for m in MEMBERS[:2]]
     ahead = build_trainer(cfgs[0], CPU)
-    order = ahead.epoch_order()
     for _ in range(5):
-        ahead.train_step(order)
+        ahead.step()
     behind = build_trainer(cfgs[1], CPU)
     stepped = []
     group = Lockstep([ahead, behind])
@@ -230,7 +229,7 @@ from pathlib import Path  # noqa: E402
 
 from dpl.run import checkpoint  # noqa: E402
 from dpl.run.job import run  # noqa: E402
-from dpl.tracking import mlflow_client  # noqa: E402
+from dpl.tracking.store import mlflow_client  # noqa: E402
 from tests.processes import run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -385,7 +384,7 @@ def finished_runs_all(db: Path):
 
 @pytest.mark.slow  # the command as it is (4 runs of the study's LocalSGD row, ~40 s) and its report
 def test_the_study_row_packed_over_four_seeds_lands_four_runs_that_the_report_groups(tmp_path):
-    from dpl.report import main as report
+    from dpl.report.cli import main as report
 
     proc = run_cli(tmp_path, ["-m", "hydra/launcher=packed", "experiment=study/localsgd", "seed=range(4)",
                               "dataset=synthetic", "epochs=2", "progress=false", "logger.plots=false"])

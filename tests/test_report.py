@@ -9,14 +9,13 @@ import re
 import statistics
 
 import pytest
-
-from dpl.run.job import run
 from scipy import stats as scipy_stats
 
-from dpl.report import (RunRecord, budget_rows, compare_groups, fetch_runs, group_columns, group_runs, main,
-                        markdown, md_escape, mean_curve, pareto_front, safe_folder_name, summarise,
-                        tag_filter)
-from dpl.tracking import mlflow_client
+from dpl.report.cli import main, safe_folder_name
+from dpl.report.fetch import RunRecord, fetch_runs, group_columns, group_runs, mean_curve
+from dpl.report.tables import budget_rows, compare_groups, markdown, md_escape, pareto_front, summarise
+from dpl.run.job import run
+from dpl.tracking.store import mlflow_client, tag_filter
 from tests.conftest import compose_cfg
 
 BASE = ["dataset=synthetic", "dataset.num_train=200", "dataset.num_test=50", "epochs=2", "batch_size=32",
@@ -48,7 +47,7 @@ def _log_run(uri, experiment, tags, metrics=None, status="FINISHED", reason=None
     ``metrics`` as {key: value or [value per epoch, from step ``first_step``]}; no model is trained."""
     from omegaconf import OmegaConf
 
-    from dpl.tracking import MlflowLogger
+    from dpl.tracking.loggers import MlflowLogger
 
     node = OmegaConf.create({**cfg, "logger": {"tracking_uri": uri, "experiment": experiment, "run_name": None}})
     logger = MlflowLogger(node.logger)
@@ -196,7 +195,8 @@ def test_time_to_target_at_the_runs_own_bandwidth_is_the_budget_tables_modelled_
 
 
 def test_time_vs_bandwidth_hand_computed_and_legible():
-    from dpl.report import bandwidth_rows, fig_time_vs_bandwidth
+    from dpl.report.figures import fig_time_vs_bandwidth
+    from dpl.report.tables import bandwidth_rows
     from tests.legible import assert_legible
 
     def run(method, seed, compute, latency, transfer, overlap=(0.0, 0.0, 0.0), accs=(0.2, 0.6)):
@@ -243,7 +243,7 @@ def test_baseline_and_target_options(store, tmp_path, capsys):
     for bad in (["--baseline", "nope=1"], ["--baseline", "H=99"], ["--target-acc", "7"], ["--bandwidths", "1,0"],
                 ["--bandwidths", "fast"]):
         capsys.readouterr()
-        code = _exit_code(lambda: main(["--experiment", "rep", "--tracking-uri", uri, "--out", str(out), *bad]))
+        code = _exit_code(lambda: main(["--experiment", "rep", "--tracking-uri", uri, "--out", str(out), *bad]))  # noqa: B023
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and "error" in err[0], (bad, err)
 
@@ -390,7 +390,7 @@ def test_figures_show_names_literally():
     from matplotlib.cbook import is_math_text
     from matplotlib.text import Text
 
-    from dpl.report import build_figures
+    from dpl.report.figures import build_figures
     from tests.legible import assert_legible
 
     names = [r"$\frac{a}{b}$", r"$\nosuchcommand$", "_hidden"]
@@ -413,7 +413,7 @@ def test_figures_show_names_literally():
 
 
 def test_default_experiment_is_the_logger_default():
-    from dpl.report import DEFAULT_EXPERIMENT
+    from dpl.report.fetch import DEFAULT_EXPERIMENT
 
     assert compose_cfg("logger=mlflow", tiny=False).logger.experiment == DEFAULT_EXPERIMENT
 
@@ -503,7 +503,7 @@ def _study_runs(epochs: int) -> list[RunRecord]:
 
 @pytest.mark.parametrize("epochs", [1, 5])
 def test_every_figure_is_legible(epochs):
-    from dpl.report import build_figures
+    from dpl.report.figures import build_figures
     from tests.legible import assert_legible
 
     runs = _study_runs(epochs)
@@ -521,7 +521,7 @@ def test_every_figure_is_legible(epochs):
 
 
 def test_table_has_a_dataset_column_rounded_params_and_the_h_trained_with():
-    from dpl.report import markdown
+    from dpl.report.tables import markdown
 
     runs = _study_runs(5)
     columns = group_columns(runs)
@@ -534,7 +534,7 @@ def test_table_has_a_dataset_column_rounded_params_and_the_h_trained_with():
 
 
 def test_pareto_figure_draws_a_curve_per_method_and_marks_the_front():
-    from dpl.report import build_figures
+    from dpl.report.figures import build_figures
 
     runs = _study_runs(3)
     figures = build_figures(runs, group_columns(runs))
@@ -545,7 +545,7 @@ def test_pareto_figure_draws_a_curve_per_method_and_marks_the_front():
 
 
 def test_pareto_figure_of_a_compression_sweep_draws_a_curve_per_compressor():
-    from dpl.report import build_figures
+    from dpl.report.figures import build_figures
     from tests.legible import assert_legible
 
     runs = []
@@ -600,7 +600,7 @@ def test_a_target_that_some_runs_never_reach_is_reported_as_such():
     assert (h4["n"], h4["reached"]) == (2, 0) and math.isnan(h4["epoch_mean"])
     text = markdown(summarise(runs, columns), columns, runs, "t", budget=rows)
     assert "| 1 of 2 | 2.0 ± ? (1) |" in text and "| 0 of 2 | – |" in text
-    from dpl.report import fig_budget
+    from dpl.report.figures import fig_budget
     from tests.legible import assert_legible
 
     fig = fig_budget(rows, list(columns))
@@ -610,7 +610,7 @@ def test_a_target_that_some_runs_never_reach_is_reported_as_such():
 
 
 def test_default_baseline_is_each_rows_own_ablation_none():
-    from dpl.report import default_baseline
+    from dpl.report.tables import default_baseline
 
     runs = []
     for method, shift in (("slowmo", 0.0), ("centralized", 0.3)):
@@ -655,7 +655,7 @@ def _single_runs(groups: int, label_len: int = 1) -> list[RunRecord]:
 def test_figures_of_many_long_named_groups_are_legible(groups, label_len):
     """The "dpl" experiment's figures, 1 to 20 groups with long labels: the legend sits right of the
     panels below the title, covers no data, title or tick label, and lies wholly in the figure."""
-    from dpl.report import build_figures
+    from dpl.report.figures import build_figures
     from tests.legible import assert_legible
 
     runs = _single_runs(groups, label_len)
@@ -671,7 +671,7 @@ def test_figures_of_many_long_named_groups_are_legible(groups, label_len):
 def test_accuracy_axes_are_percent_from_a_round_floor():
     """Accuracies 19.0-19.95% are drawn on a 10-20% axis labelled in percent, not stretched over
     0.190-0.200; the other figures' accuracy axes are percent too."""
-    from dpl.report import build_figures
+    from dpl.report.figures import build_figures
 
     runs = _single_runs(20)
     figures = build_figures(runs, group_columns(runs))
@@ -717,7 +717,7 @@ def test_runs_logged_before_method_outer_group_with_new_runs_of_the_same_config(
 
 
 def test_language_model_runs_get_their_bits_per_byte_and_image_runs_do_not(tmp_path):
-    from dpl.report import write_report
+    from dpl.report.cli import write_report
 
     def run(seed, bpb=None):
         metrics = {"test_acc": 0.3 + seed / 100, "test_acc_best": 0.3, "best_val_acc": 0.3, "test_loss": 1.5,
@@ -738,7 +738,7 @@ def test_language_model_runs_get_their_bits_per_byte_and_image_runs_do_not(tmp_p
 
 
 def test_the_pareto_front_of_a_lower_is_better_metric_keeps_the_lowest():
-    from dpl.report import pareto_front
+    from dpl.report.tables import pareto_front
 
     points = [(0.0, 3.3), (1.0, 3.1), (2.0, 3.5), (3.0, 2.9)]
     assert pareto_front([(x, -y) for x, y in points]) == [0, 1, 3]

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from dpl.run import preempt
-from dpl.config.schema import ConfigError
+from dpl.errors import ConfigError
 from dpl.launch.slurm import ENV_KEYS, RANKS_FROM_ENV, export_ranks, in_srun_step
-from dpl.tracking import check_store_for_launcher
+from dpl.run import preempt
+from dpl.tracking.store import check_store_for_launcher
 from tests.conftest import compose_cfg
 from tests.processes import run_cli
 
@@ -267,13 +267,13 @@ def test_ranks_from_slurm_variables(monkeypatch):
 
 
 def test_an_engine_of_one_process_is_refused_when_started_as_ranks(monkeypatch):
-    from dpl.run.job import _check_one_process
+    from dpl.config.validate import check_processes
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="engine=simulated is invalid with 2 processes started as ranks"):
-        _check_one_process(compose_cfg())
-    _check_one_process(compose_cfg("engine=distributed", "K=2"))
+        check_processes(compose_cfg())
+    check_processes(compose_cfg("engine=distributed", "K=2"))
 
 
 def _srun(cwd: Path, args: list[str], tasks: int = 2) -> list[subprocess.CompletedProcess]:

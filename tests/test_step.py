@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 import torch
 
-from dpl.run.build import build_trainer
+from dpl.components.optim import OPTIMIZERS, OptimizerFacts
 from dpl.core import step as step_module
-from dpl.core.step import CompiledStep, GraphStep, LocalStep, compile_mode
-from dpl.components.optim import CAPTURABLE, OPTIMIZERS
+from dpl.core.engines import compile_mode
+from dpl.core.step import CompiledStep, GraphStep, LocalStep
+from dpl.run.build import build_trainer
 from tests.conftest import compose_cfg
 
 CPU = torch.device("cpu")
@@ -114,19 +116,21 @@ def test_compile_mode_auto_and_what_a_graph_needs(monkeypatch):
     mode, why = compile_mode("graph", CPU, t.workers, "sgdm")
     assert mode == "none" and "needs CUDA" in why
     cuda = torch.device("cuda")
-    for name in CAPTURABLE:  # these keep their per-step values on the device (LAMB's count too)
+    capturable = [n for n, o in OPTIMIZERS.items() if o.facts.capturable]
+    for name in capturable:  # these keep their per-step values on the device (LAMB's count too)
         assert compile_mode("auto", cuda, t.workers, name) == ("graph", "")
-    assert set(OPTIMIZERS) - set(CAPTURABLE) == {"muon"}  # its momentum step and AdamW part count on the host
+    assert set(OPTIMIZERS) - set(capturable) == {"muon"}  # its momentum step and AdamW part count on the host
     assert compile_mode("auto", cuda, t.workers, "muon")[0] == "none"
     assert "optimizer=muon keeps a host step count" in compile_mode("graph", cuda, t.workers, "muon")[1]
-    monkeypatch.setattr(step_module, "CAPTURABLE", ("sgdm",))  # an optimizer that counts on the host
+    # an optimizer that counts on the host
+    monkeypatch.setitem(OPTIMIZERS, "lamb", dataclasses.replace(OPTIMIZERS["lamb"], facts=OptimizerFacts()))
     assert compile_mode("auto", cuda, t.workers, "lamb")[0] == "none"  # would be frozen by a capture
     assert "host step count" in compile_mode("graph", cuda, t.workers, "lamb")[1]
     assert t.compile == "none"  # the trainer's resolution of the default (auto) on CPU
 
 
 def test_engine_compile_is_checked_at_startup():
-    from dpl.config.schema import to_schema
+    from dpl.config.store import to_schema
     from dpl.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"engine.compile='jit' is invalid: allowed one of auto, none, graph, compile"):
@@ -177,16 +181,12 @@ def test_cuda_graph_recaptures_after_the_optimizer_state_restarts():
 def test_training_steps_do_not_synchronize_with_the_host(mode):
     t = build_trainer(compose_cfg("K=4", "method=localsgd", "H=4", "device=cuda", f"engine.compile={mode}"),
                       torch.device("cuda"))
-    t.start_epoch()
-    from dpl.components.data import epoch_order
-
-    order = epoch_order(t.shards, 0, t.cfg.seed)
     for _ in range(4):  # warm-up and capture may allocate and synchronise
-        t.train_step(order)
+        t.step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(8):  # replays, a sync every 4 steps, the device sums
-            t.train_step(order)
+            t.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")

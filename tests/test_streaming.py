@@ -7,19 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from dpl.run import checkpoint
-from dpl.run.build import build_trainer
-from dpl.comm import StackedComm
-from dpl.core.workers import StackedWorkers
-from dpl.errors import ConfigError
-from dpl.core.methods import build_method
-from dpl.core.methods.streaming import balanced_split, fragments
+from dpl.comm.stacked import StackedComm
 from dpl.components.models import build_model
 from dpl.core.loop import WALL_CLOCK_FIELDS
+from dpl.core.methods import build_method
+from dpl.core.methods.streaming import balanced_split, fragments
+from dpl.core.workers import StackedWorkers
+from dpl.errors import ConfigError
+from dpl.run import checkpoint
+from dpl.run.build import build_trainer
 from tests.conftest import TINY, compose_cfg
 from tests.processes import run_cli
 from tests.resume import assert_resume_is_exact
-
 
 # ----------------------------------------------------------------------------- fragments
 
@@ -42,7 +41,7 @@ def test_balanced_split_is_optimal_against_every_contiguous_split():
     for _ in range(30):
         sizes = torch.randint(1, 50, (7,), generator=gen).tolist()
         for parts in (2, 3, 4):
-            largest = lambda starts: max(sum(sizes[a:b]) for a, b in zip(starts, [*starts[1:], len(sizes)]))  # noqa: E731
+            largest = lambda starts: max(sum(sizes[a:b]) for a, b in zip(starts, [*starts[1:], len(sizes)]))  # noqa: E731, B023
             best = min(largest([0, *cuts]) for cuts in itertools.combinations(range(1, len(sizes)), parts - 1))
             assert largest(balanced_split(sizes, parts)) == best
 
@@ -59,8 +58,8 @@ def test_fragments_are_contiguous_layers_covering_the_model_once():
     flat = [i for f in parts for i in f.params]
     assert flat == list(range(len(names)))  # every tensor once, in model order
     layer = lambda i: names[i].rpartition(".")[0]  # noqa: E731
-    for f in parts:  # a layer's weight and bias never split
-        assert all(layer(i) != layer(j) for a in parts for b in parts if a is not b for i in a.params for j in b.params)
+    # a layer's weight and bias never split
+    assert all(layer(i) != layer(j) for a in parts for b in parts if a is not b for i in a.params for j in b.params)
 
 
 def test_batchnorm_statistics_travel_with_their_layer():

@@ -14,14 +14,14 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from dpl.components.data.sharding import make_shards, steps_per_epoch
+from dpl.config.overrides import group_options
+from dpl.config.study import ABLATIONS
+from dpl.config.validate import validate
 from dpl.core import loop as train_mod
+from dpl.core.schedules import lr_table
 from dpl.run.build import build_trainer
 from dpl.run.job import run
-from dpl.config.validate import validate
-from dpl.components.data import make_shards, steps_per_epoch
-from dpl.config.validate import group_options
-from dpl.core.schedules import lr_table
-from dpl.config.study import ABLATIONS
 from tests.conftest import CONF, compose_cfg
 from tests.resume import assert_resume_is_exact
 
@@ -104,7 +104,7 @@ def test_every_study_row_trains_on_synthetic_data(make_cfg, tmp_path, name):
 
 
 # LARS at the study's lr 15 (bs 512, the shortest warmup in epochs of these three steps) blows up on the
-# synthetic data (README, "Reproduction"): its loss reaches 1e24 by epoch 3, and whether it is still a
+# synthetic data (docs/study.md): its loss reaches 1e24 by epoch 3, and whether it is still a
 # finite number there or already nan depends on float rounding (the convolutions' memory format, say).
 DIVERGES_ON_SYNTHETIC = {"lars_bs512"}
 
@@ -112,7 +112,7 @@ DIVERGES_ON_SYNTHETIC = {"lars_bs512"}
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STUDY))
 def test_study_row_command_runs(tmp_path, name):
-    """`python -m dpl experiment=study/<row> dataset=synthetic epochs=3`, as the README gives it: it
+    """`python -m dpl experiment=study/<row> dataset=synthetic epochs=3`, as docs/study.md gives it: it
     trains to the end, or (a row known to blow up here) stops with the one-line divergence error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "dpl", f"experiment=study/{name}", "dataset=synthetic", "epochs=3",
@@ -172,7 +172,7 @@ def test_trainer_holds_the_lr_for_a_whole_epoch_with_interval_epoch(make_cfg):
 
 
 def test_fractional_warmup_with_epoch_interval_is_one_clear_error():
-    from dpl.config.schema import ConfigError
+    from dpl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="warmup_epochs=0.5 is invalid"):
         validate(compose_cfg("scheduler.interval=epoch", "warmup_epochs=0.5"))
@@ -300,7 +300,7 @@ def test_averaging_the_momentum_is_counted(make_cfg):
 
 
 def test_every_ablation_file_switches_exactly_its_departure_to_the_paper():
-    for name, departure in ABLATIONS.items():
+    for name, departure in ((n, o.facts) for n, o in ABLATIONS.items()):
         data = yaml.safe_load((CONF / "ablation" / f"{name}.yaml").read_text())
         assert data.pop("ablation") == name
         flat = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(data)).items()}
@@ -316,7 +316,7 @@ def test_every_ablation_file_switches_exactly_its_departure_to_the_paper():
 def test_the_study_rows_hold_the_study_side_of_each_departure():
     """Each departure undone by an ablation is really set (to the study's value) by some row."""
     rows = [compose_cfg(f"experiment=study/{n}", tiny=False) for n in ("slowmo", "sgdm_wd4e-3", "lars_bs512")]
-    for name, departure in ABLATIONS.items():
+    for name, departure in ((n, o.facts) for n, o in ABLATIONS.items()):
         for key, paper in departure.paper_values.items():
             assert any(OmegaConf.select(cfg, key) != paper for cfg in rows), (name, key)
 

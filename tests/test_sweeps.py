@@ -24,12 +24,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, IntervalSweep
 from omegaconf import OmegaConf
 
-from dpl.run.build import build_trainer
-from dpl.config.schema import ConfigError, register_configs
+from dpl.config.overrides import group_options
+from dpl.config.store import register_configs
 from dpl.config.validate import validate
-from dpl.config.validate import group_options
+from dpl.core.schedules import scaled_lr
+from dpl.errors import ConfigError
+from dpl.run.build import build_trainer
 from dpl.tracking.sweep import PARENT_TAG
-from dpl.core.loop import scaled_lr
 from tests.conftest import CONF, compose_cfg
 from tests.processes import optuna_trials, run_cli
 
@@ -170,7 +171,7 @@ def _dpl(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _client(path: Path):
-    from dpl.tracking import mlflow_client
+    from dpl.tracking.store import mlflow_client
 
     return mlflow_client(f"sqlite:///{path}")
 
@@ -210,7 +211,7 @@ def test_grid_sweep_makes_one_child_run_per_cell_and_the_report_matches(tmp_path
         assert sum(" - epoch 1/1 train_loss=" in line for line in log.read_text().splitlines()) == 1
     assert len(list((tmp_path / "mr").glob("*/dpl.log"))) == 4
 
-    from dpl.report import main as report
+    from dpl.report.cli import main as report
 
     out = tmp_path / "report"
     assert report(["--sweep", "localsgd_grid", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -265,7 +266,7 @@ def test_optuna_search_reports_the_best_resumes_and_survives_divergence(tmp_path
     for path in tmp_path.glob("*/*/dpl.log"):
         assert "\x1b[" not in path.read_text(), path
 
-    from dpl.report import main as report
+    from dpl.report.cli import main as report
 
     out = tmp_path / "report"
     assert report(["--experiment", "optuna_lr", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -335,7 +336,7 @@ def test_optuna_seeds_per_trial_are_jobs_scored_by_their_mean(tmp_path):
 
     # Three rows in results.csv (the diverged job has none), and the report groups a trial's seeds.
     assert len(list(csv.DictReader(open(tmp_path / "results.csv")))) == 3
-    from dpl.report import main as report
+    from dpl.report.cli import main as report
 
     out = tmp_path / "report"
     assert report(["--experiment", "optuna_lr", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",

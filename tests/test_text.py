@@ -5,16 +5,16 @@ each test copies the first 12 kB of three of its files into its own folder."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from dpl.run.build import build_trainer
-from dpl.components.data import batch_indices, epoch_order, load_dataset, make_batch
+from dpl.components.data.device import load_dataset, make_batch
+from dpl.components.data.sharding import batch_indices, epoch_order
 from dpl.components.data.text import read_corpus
 from dpl.core.loop import WALL_CLOCK_FIELDS
+from dpl.run.build import build_trainer
 from tests.conftest import compose_cfg
 from tests.resume import assert_resume_is_exact
 
@@ -64,7 +64,7 @@ def test_windows_are_a_pure_function_of_seed_step_worker_sample_and_stay_in_thei
             start = next(s for s in range(idx[k, b] * 32, min(idx[k, b] * 32 + 32, n - 32)) if
                          torch.equal(tokens[s:s + 32].long(), x[k, b]))
             assert 0 <= start <= n - 33
-    val = list(__import__("dpl.components.data", fromlist=["eval_batches"]).eval_batches(data, "val", 10))
+    val = list(__import__("dpl.components.data.device", fromlist=["eval_batches"]).eval_batches(data, "val", 10))
     assert sum(v[0].shape[0] for v in val) == (len(data.val_tokens) - 1) // 32
 
 
@@ -123,7 +123,7 @@ def test_vmap_equals_loop(corpus):
 
 
 def test_resume_is_exact(corpus, tmp_path, monkeypatch):
-    overrides = [f"dataset=text", f"dataset.path={corpus}", "dataset.block_size=32", "model=gpt_tiny", "batch_size=16",
+    overrides = ["dataset=text", f"dataset.path={corpus}", "dataset.block_size=32", "model=gpt_tiny", "batch_size=16",
                  "optimizer=adamw", "method=diloco", "K=2", "H=4", "epochs=2", f"results_csv={tmp_path / 'r.csv'}"]
     assert_resume_is_exact(lambda *o: compose_cfg(*o), overrides, tmp_path, monkeypatch, stop_at=37)
 
@@ -142,10 +142,11 @@ def test_simulation_equals_torch_distributed(corpus, tmp_path):
 
 
 def test_a_text_dataset_needs_a_sequence_model_and_a_window_it_holds(corpus):
+    from dpl.config.validate import validate
     from dpl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model=lenet5 is invalid with dataset=text: allowed gpt, gpt_tiny"):
-        build_trainer(compose_cfg("dataset=text", f"dataset.path={corpus}"), CPU)
+        validate(compose_cfg("dataset=text", f"dataset.path={corpus}"))
     with pytest.raises(ConfigError, match="dataset.block_size=128 is invalid: allowed at most model.block_size=64"):
         build_trainer(text_cfg(corpus, "dataset.block_size=128"), CPU)
 

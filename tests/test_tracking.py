@@ -12,16 +12,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dpl.tracking import (
-    LOGGERS,
-    MlflowLogger,
-    NullLogger,
-    append_result_row,
-    flatten_config,
-    git_commit,
-    make_logger,
-    resolve_tracking_uri,
-)
+from dpl.tracking.loggers import LOGGERS, MlflowLogger, NullLogger, make_logger
+from dpl.tracking.params import flatten_config, git_commit
+from dpl.tracking.results import append_result_row
+from dpl.tracking.store import resolve_tracking_uri
 
 TAGS = {"method": "localsgd", "optimizer": "sgdm", "dataset": "synthetic", "git_commit": "abc1234", "sweep": None}
 
@@ -211,7 +205,7 @@ def test_null_logger_accepts_every_call(tmp_path):
 
 def test_none_logger_does_not_import_mlflow():
     code = (
-        "import sys; from omegaconf import OmegaConf; from dpl.tracking import make_logger; "
+        "import sys; from omegaconf import OmegaConf; from dpl.tracking.loggers import make_logger; "
         "log = make_logger(OmegaConf.create({'name': 'none'})); log.start(OmegaConf.create({}), {}); "
         "log.log_metrics({'a': 1.0}, 0); log.finish(); "
         "assert 'mlflow' not in sys.modules, 'mlflow imported'"
@@ -339,7 +333,7 @@ def test_append_result_row_concurrent_processes(tmp_path):
 def test_run_names_say_the_method_and_H_only_where_there_are_local_steps():
     from omegaconf import OmegaConf
 
-    from dpl.tracking import run_name
+    from dpl.tracking.run_names import run_name
 
     cfg = OmegaConf.create({"method": {"name": "localsgd"}, "K": 4, "H": 8, "optimizer": {"name": "sgdm"},
                             "seed": 0, "dynamic_h": {"name": "constant"}})
@@ -369,7 +363,7 @@ def test_run_names_tell_runs_apart_by_their_overrides_and_job_number():
 
 
 def test_runs_link_opens_the_runs_table_in_the_saved_view():
-    from dpl.tracking import link_line, runs_link
+    from dpl.tracking.store import link_line, runs_link
 
     assert runs_link("sqlite:////a/mlflow.db", "3") == "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=dpl"
     assert runs_link("http://mlflow.lab:8080/", "12") == "http://mlflow.lab:8080/#/experiments/12/runs?viewStateShareKey=dpl"

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
+from dpl.core.loop import WALL_CLOCK_FIELDS
 from dpl.run import checkpoint
 from dpl.run.job import run
-from dpl.core.loop import WALL_CLOCK_FIELDS
 from tests.processes import run_cli
 
 
@@ -125,18 +125,18 @@ def test_fashion_mnist_end_to_end(make_cfg, tmp_path):
 
 def test_the_inner_lr_is_a_device_tensor_filled_from_the_table():
     """Setting the lr is a device-side copy from the table: no Python float reaches the optimizer."""
-    from tests.conftest import compose_cfg
     from dpl.run.build import build_trainer
+    from tests.conftest import compose_cfg
 
     t = build_trainer(compose_cfg("scheduler=cosine", "epochs=2", "method=localsgd", "K=2"), torch.device("cpu"))
-    order = t.shards
+    lr = t.schedule
     for _ in range(3):
-        t.train_step(order)
-        assert all(g["lr"] is t.lr_now for g in t.optimizer.param_groups)
-        assert t.lr_now.item() == t.lr_table[t.lr_index(t.state.global_step - 1)] == t.state.lr
+        t.step()
+        assert all(g["lr"] is lr.now for g in t.optimizer.param_groups)
+        assert lr.now.item() == lr.table[lr.index(t.state.global_step - 1)] == t.state.lr
     # loading an optimizer state (which holds the checkpoint's lr object) re-points the groups
     t.load_state_dict(t.state_dict())
-    assert all(g["lr"] is t.lr_now for g in t.optimizer.param_groups)
+    assert all(g["lr"] is lr.now for g in t.optimizer.param_groups)
 
 
 def test_bf16_runs_and_learns_with_fp32_weights(make_cfg, tmp_path):
@@ -148,8 +148,8 @@ def test_bf16_runs_and_learns_with_fp32_weights(make_cfg, tmp_path):
 
 
 def test_bf16_forward_runs_in_bf16_and_fp32_is_untouched():
-    from tests.conftest import compose_cfg
     from dpl.run.build import build_trainer
+    from tests.conftest import compose_cfg
 
     t = build_trainer(compose_cfg("precision=bf16"), torch.device("cpu"))
     x = torch.randn(1, 4, *t.data.train_x.shape[1:])
@@ -164,10 +164,18 @@ def test_bf16_forward_runs_in_bf16_and_fp32_is_untouched():
 
 
 def test_a_checkpoint_with_epochs_from_0_resumes_counting_from_1():
-    from dpl.core.loop import epochs_from_one
+    from dpl.run.checkpoint import FORMAT_VERSION, upgrade
+
+    def format_1(state):  # a checkpoint of format 1, as far as the upgrade reads one
+        return {"format": 1, "config": {"method": {"name": "centralized"}}, "method": {},
+                "optimizer": {"param_groups": []}, "state": state}
 
     old = {"epoch": 2, "best_epoch": 1, "history": [{"epoch": 0, "val_acc": 0.1}, {"epoch": 1, "val_acc": 0.2}]}
-    new = epochs_from_one(old)
+    new = upgrade(format_1(old))["state"]
     assert [r["epoch"] for r in new["history"]] == [1, 2] and new["best_epoch"] == 2 and new["epoch"] == 2
-    assert epochs_from_one(new) == new  # already from 1: unchanged
-    assert epochs_from_one({"history": [], "best_epoch": -1}) == {"history": [], "best_epoch": -1}
+    from_1 = upgrade(format_1({**old, "history": new["history"], "best_epoch": 2}))["state"]
+    assert from_1["history"] == new["history"] and from_1["best_epoch"] == 2  # already from 1: unchanged
+    empty = upgrade(format_1({"history": [], "best_epoch": -1}))["state"]
+    assert empty["history"] == [] and empty["best_epoch"] == -1
+    current = upgrade(format_1(old))
+    assert current["format"] == FORMAT_VERSION and upgrade(current) is current

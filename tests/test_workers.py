@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from dpl.comm import StackedComm
+from dpl.comm.stacked import StackedComm
+from dpl.components.models.lenet import LeNet5
+from dpl.components.models.resnet import ResNet20
 from dpl.core.workers import StackedWorkers
-from dpl.components.models import LeNet5, ResNet20
 
 
 def test_each_slice_gets_its_own_workers_gradient():
@@ -217,7 +218,7 @@ def test_resnet20_localsgd_run_gives_equal_numbers_in_vmap_and_loop(make_cfg, tm
 
 def test_evaluation_sums_equal_a_per_batch_host_loop_for_any_batch_size():
     """The device-side sums (one read per evaluation) give the numbers of reading every batch."""
-    from dpl.components.data import eval_batches, load_dataset
+    from dpl.components.data.device import eval_batches, load_dataset
     from tests.test_data_sources import dataset_cfg
 
     torch.manual_seed(0)
@@ -242,7 +243,7 @@ def test_evaluation_sums_equal_a_per_batch_host_loop_for_any_batch_size():
 
 
 def test_memory_format_auto_picks_channels_last_on_cpu_only():
-    from dpl.core.workers import memory_format
+    from dpl.core.engines import memory_format
 
     assert memory_format("auto", torch.device("cpu")) == "channels_last"
     assert memory_format("auto", torch.device("cuda")) == "contiguous"  # not yet measured on a GPU

@@ -22,14 +22,40 @@ The speed factors are drawn once per run from the seed (``clock.speed``): all 1
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from dpl.config.schema import at_least, check, key, one_of, positive
 
 SPEEDS = ("constant", "lognormal", "slow")
 
 
+@dataclass
+class ClockConfig:
+    """``clock``: the modelled compute time of the workers, per-sample cost and speed spread."""
+
+    sample_cost_us: Optional[float] = key(None, "compute per sample and worker at speed 1, in microseconds; "
+                                                "null: measured in the first epoch")
+    speed: str = key("constant", "the workers' time factors, drawn from the seed: constant (all 1) | lognormal | "
+                                 "slow (a share of them slower)")
+    spread: float = key(0.5, "lognormal: sigma of the log time factor (median 1)")
+    slow_fraction: float = key(0.25, "slow: this share of the workers ...")
+    slow_factor: float = key(2.0, "... takes this many times longer per sample")
+
+    def __post_init__(self) -> None:
+        if self.sample_cost_us is not None:
+            positive("clock.sample_cost_us", self.sample_cost_us)
+        one_of("clock.speed", self.speed, SPEEDS)
+        at_least("clock.spread", self.spread, 0.0)
+        check(0.0 <= self.slow_fraction <= 1.0, "clock.slow_fraction", self.slow_fraction, "0 <= x <= 1")
+        at_least("clock.slow_factor", self.slow_factor, 1.0)
+
+
 def worker_speeds(K: int, speed: str, seed: int, spread: float = 0.5, slow_fraction: float = 0.25,
-                  slow_factor: float = 2.0) -> np.ndarray:
-    """Per-worker time factors s_k >= 0 (1 = nominal), a pure function of the arguments."""
+                  slow_factor: float = 2.0) -> Any:
+    """Per-worker time factors s_k >= 0 (1 = nominal) as a NumPy array, a pure function of the arguments."""
+    import numpy as np
+
     rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, 4]))
     if speed == "constant":
         return np.ones(K)

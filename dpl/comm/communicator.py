@@ -12,14 +12,9 @@ from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 
 import torch
 
+from dpl.comm.flight import Flight
+
 T = TypeVar("T")
-
-
-class Work(Protocol):
-    """A collective in flight (``async_op=True``): :meth:`wait` returns once it has landed."""
-
-    def wait(self) -> Any:
-        """Block until the collective has completed; return its result (None for an in-place reduction)."""
 
 
 class Communicator(Protocol):
@@ -34,20 +29,20 @@ class Communicator(Protocol):
         """Every tensor [K_local, ...] replaced, in place, by its ``op`` (mean | sum) over all workers
         (integer tensors: the mean in float, truncated)."""
 
-    def all_reduce_async_(self, tensors: Sequence[torch.Tensor], op: str) -> Work:
+    def all_reduce_async_(self, tensors: Sequence[torch.Tensor], op: str) -> Flight[None]:
         """:meth:`all_reduce_` started, not waited for: the tensors hold the result once ``wait()``
         returns (a streaming sync keeps training meanwhile)."""
 
     def all_gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Every tensor [K_local, ...] of every worker as [K, ...], in worker order."""
 
-    def all_gather_async(self, tensors: Sequence[torch.Tensor]) -> Work:
+    def all_gather_async(self, tensors: Sequence[torch.Tensor]) -> Flight[list[torch.Tensor]]:
         """:meth:`all_gather` started, not waited for: ``wait()`` returns its list."""
 
     def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Every tensor [K_local, ...] set to worker 0's values, in place."""
 
-    def wait(self) -> None:
+    def settle(self) -> None:
         """Return once the collectives issued so far have completed (for timing them)."""
 
     def gather_state(self, state: dict[str, Any]) -> Optional[dict[str, Any]]:

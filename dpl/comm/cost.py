@@ -48,10 +48,23 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Optional
 
-import torch
-
+from dpl.config.schema import at_least, key, one_of, positive
 
 TOPOLOGIES = ("ring", "ps")
+
+
+@dataclass
+class NetworkConfig:
+    """``network``: the modelled cluster network of the communication-time estimate."""
+
+    bandwidth_gbps: float = key(10.0, "bandwidth of each worker's link in Gb/s (beta)")
+    latency_us: float = key(50.0, "latency of one message in microseconds (alpha)")
+    topology: str = key("ring", "ring (a ring all-reduce) | ps (one parameter server)")
+
+    def __post_init__(self) -> None:
+        positive("network.bandwidth_gbps", self.bandwidth_gbps)
+        at_least("network.latency_us", self.latency_us, 0.0)
+        one_of("network.topology", self.topology, TOPOLOGIES)
 
 # The fields of :meth:`CommLedger.record_epoch` that follow the compute time, and so the first epoch's
 # measured compute when ``clock.sample_cost_us`` is unset: two runs of the same maths differ only here.
@@ -145,7 +158,7 @@ def _topology(name: str) -> str:
     return name
 
 
-def param_bytes(tensors: Iterable[torch.Tensor], per_worker: bool = False) -> int:
+def param_bytes(tensors: Iterable[Any], per_worker: bool = False) -> int:
     """Bytes of one replica's parameters.
 
     With ``per_worker`` the tensors are stacked [K, ...] over workers and one replica

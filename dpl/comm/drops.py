@@ -9,11 +9,25 @@ a resumed run and the simulation see the same workers missing, and p = 0 draws n
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import Any
 
-from dpl.comm.codecs import mix
+from dpl.config.schema import check, finite, key
+from dpl.hashing import mix
 
 _SALT = 0xD80F  # keeps the drop draws apart from the other streams keyed by (seed, sync, ...)
+
+
+@dataclass
+class FaultsConfig:
+    """``faults``: workers that fail a sync, the DiLoCo paper's dropped outer gradients."""
+
+    drop_prob: float = key(0.0, "each worker's contribution to a local method's sync is dropped with this "
+                                "probability, drawn from (seed, sync, worker); the average is over those that arrived")
+
+    def __post_init__(self) -> None:
+        check(finite(self.drop_prob) and 0.0 <= self.drop_prob <= 1.0, "faults.drop_prob", self.drop_prob,
+              "0 <= x <= 1")
 
 
 class Drops:
@@ -24,8 +38,10 @@ class Drops:
             raise ValueError(f"faults.drop_prob={p!r} is invalid: allowed 0 <= x <= 1")
         self.p, self.seed = float(p), seed
 
-    def arrived(self, sync: int, K: int) -> torch.Tensor | None:
-        """A bool per worker [K] (True: its contribution arrived) — None when none can be dropped."""
+    def arrived(self, sync: int, K: int) -> Any:
+        """A bool tensor per worker [K] (True: its contribution arrived) — None when none can be dropped."""
+        import torch
+
         if self.p == 0.0:
             return None
         # u_k = mix(seed, sync, k) / 2^63 in [0, 1): dropped when u_k < p (so p = 1 drops every worker)

@@ -15,12 +15,13 @@ method and the engine. Each call names its ``kind``:
   :attr:`CommPoint.checkpoint`, outside the epoch's traffic, so a run that checkpoints more
   often, or was resumed, reports the same curves as one that did not.
 
-A sync of a local method goes through :meth:`CommPoint.start_mean_delta`, which hands it to the
-run's compression (:mod:`dpl.comm.codecs`; ``none`` is the exact average), so the outer
-step has one path whatever is sent. It returns a :class:`Pending`: in the simulation the result is
-there at once; across processes the collective is in flight (``async_op=True``) until ``wait()``,
-so a streaming sync overlaps the inner steps taken meanwhile. With ``faults.drop_prob`` (the
-point's :class:`~dpl.comm.drops.Drops`), the average is over the workers whose contribution arrived.
+A sync of a local method is :meth:`CommPoint.start_pseudo_gradient`: the point alone runs it, with the
+run's codec (:mod:`dpl.comm.codecs`; without one, ``compression=none``, the parameters are averaged
+exactly), so the outer step has one path whatever is sent. It returns a
+:class:`~dpl.comm.flight.Flight`: in the simulation the result is there at once; across processes the
+collective is in flight (``async_op=True``) until ``wait()``, so a streaming sync overlaps the inner
+steps taken meanwhile. With ``faults.drop_prob`` (the point's :class:`~dpl.comm.drops.Drops`), the
+average is over the workers whose contribution arrived.
 
 ``with point.sync(overlap_steps)`` marks the collectives of one sync of the model: its bytes are
 one sync's payload (the epoch's largest sync, for the peak bandwidth) and, when it overlaps later
@@ -30,15 +31,17 @@ inner steps, how many (the modelled clock hides its time behind that compute, :m
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
-from dpl.comm.codecs import DeltaResult, PlainAverage, Then
+from dpl.comm.codecs import Codec, Key
 from dpl.comm.cost import Traffic, bytes_sent, gather_bytes_sent, param_bytes
 from dpl.comm.drops import Drops
+from dpl.comm.flight import Flight
 
 T = TypeVar("T")
 
@@ -58,20 +61,16 @@ class SyncTally:
     gathered_bytes: float = 0.0
 
 
-class Pending:
-    """A collective in flight. ``wait()`` returns its result (once landed, the same result again);
-    across processes the seconds spent issuing and waiting count as the step's communication."""
+@dataclass
+class DeltaResult:
+    """A local method's sync, landed: the pseudo-gradient Δ per tensor (float64, one worker's shape),
+    the exact average x̄ of the parameters when it was formed (None when only encoded Δ_k crossed),
+    the averaged buffers, and how many workers' contributions arrived (K without drops)."""
 
-    def __init__(self, point: "CommPoint", kind: str, work: Any, finish: Callable[[Any], T]) -> None:
-        self.point, self.kind, self.work, self.finish = point, kind, work, finish
-        self.done, self.result = False, None
-
-    def wait(self) -> Any:
-        if not self.done:
-            landed = self.point._timed(self.kind, self.work.wait)
-            self.result, self.done = self.finish(landed), True
-            self.work = None  # the buffers of the collective can go
-        return self.result
+    deltas: list[torch.Tensor]
+    mean: Optional[list[torch.Tensor]]
+    buffers: list[torch.Tensor]
+    arrived: int
 
 
 @dataclass
@@ -85,25 +84,35 @@ class CheckpointTraffic:
 class CommPoint:
     """Counts, times and runs every collective among the workers (see the module doc).
 
-    ``compression`` is what a local method's sync sends (:class:`~dpl.comm.codecs.PlainAverage`
-    for ``compression=none``, else a :class:`~dpl.comm.codecs.Compression`). ``wall_s`` is the
-    measured time of the algorithm's collectives since :meth:`take_wall_s` last read it, until each
-    completed (NCCL included); 0 in the simulation, where nothing leaves the process.
+    ``codec`` is what a local method's sync sends (:mod:`dpl.comm.codecs`; None: the parameters
+    themselves, averaged exactly), ``drops`` whose contributions arrive (``faults.drop_prob``).
+    ``wall_s`` is the measured time of the algorithm's collectives since :meth:`take_wall_s` last read
+    it, until each completed (NCCL included); 0 in the simulation, where nothing leaves the process.
     """
 
-    def __init__(self, comm: Any, compression: Any = None) -> None:
-        self.comm = comm
-        self.compression = compression if compression is not None else PlainAverage()
+    def __init__(self, comm: Any, codec: Optional[Codec] = None, drops: Optional[Drops] = None,
+                 seed: int = 0) -> None:
+        self.comm, self.codec, self.seed = comm, codec, seed
+        self.drops = drops if drops is not None else Drops()  # none dropped by default
         self.traffic = Traffic()
         self.checkpoint = CheckpointTraffic()
         self.wall_s = 0.0
-        self.drops = Drops()  # faults.drop_prob: whose contribution reaches a sync (none dropped by default)
         self._sync: Optional[SyncTally] = None  # the sync being counted (see sync())
         self._ddp_bytes = 0.0  # the gradient buckets of the step in progress under DDP
 
     @property
     def world(self) -> int:
         return self.comm.world
+
+    @property
+    def forms_mean(self) -> bool:
+        """A sync forms the exact average x̄ of the parameters (no codec: they are what is sent)."""
+        return self.codec is None
+
+    def start(self, params: Sequence[torch.Tensor]) -> None:
+        """Give the codec what it keeps per worker (error feedback's residuals, shaped like ``params``)."""
+        if self.codec is not None:
+            self.codec.start(params)
 
     # ------------------------------------------------------------------ collectives
     def average_(self, tensors: Sequence[torch.Tensor], kind: str) -> None:
@@ -115,22 +124,19 @@ class CommPoint:
         self.average_async_(tensors, kind).wait()
 
     def average_async_(self, tensors: Sequence[torch.Tensor], kind: str,
-                       arrived: Optional[torch.Tensor] = None) -> Pending:
+                       arrived: Optional[torch.Tensor] = None) -> Flight[None]:
         """:meth:`average_` started: the tensors hold the mean once ``wait()`` returns. ``arrived``
         (a bool per worker [K]) averages over the workers whose contribution arrived: Σ_k a_k t_k / Σ_k a_k
         (the tensors are scaled in place first, so pass copies; all of them dropped leaves zeros)."""
         self._count(kind, param_bytes(tensors, per_worker=True))
         if arrived is None or bool(arrived.all()):
-            if self.world > 1 and tensors:
-                return Pending(self, kind, self._timed(kind, lambda: self.comm.all_reduce_async_(tensors, "mean"), settle=False),
-                               lambda _: None)
-            return Pending(self, kind, _DONE, lambda _: None)
+            return self._all_reduce(tensors, kind, "mean", lambda: None)
         mine = arrived[self.comm.rank * self.comm.k_local:][: self.comm.k_local]
         for t in tensors:
             t.mul_(mine.to(t.device, t.dtype).view(-1, *[1] * (t.dim() - 1)))
         count = int(arrived.sum())
 
-        def divide(_: Any) -> None:
+        def divide() -> None:
             if count == 0:  # nobody arrived: the sums are zeros, and the caller leaves the model alone
                 return
             for t in tensors:
@@ -139,9 +145,18 @@ class CommPoint:
                 else:  # integer buffers: the sum of equal step counts, divided exactly
                     t.floor_divide_(count)
 
+        return self._all_reduce(tensors, kind, "sum", divide)
+
+    def _all_reduce(self, tensors: Sequence[torch.Tensor], kind: str, op: str, then: Callable[[], T]) -> Flight[T]:
+        """The ``op`` all-reduce of ``tensors`` in flight (nothing to send with one worker), then ``then()``."""
         if self.world > 1 and tensors:
-            return Pending(self, kind, self._timed(kind, lambda: self.comm.all_reduce_async_(tensors, "sum"), settle=False), divide)
-        return Pending(self, kind, _DONE, divide)
+            work = self._timed(kind, lambda: self.comm.all_reduce_async_(tensors, op), settle=False)
+            return self._landing(kind, work).then(lambda _: then())
+        return Flight(then)
+
+    def _landing(self, kind: str, work: Flight) -> Flight:
+        """``work`` (a communicator's flight), its wait timed as the step's communication."""
+        return Flight(lambda: self._timed(kind, work.wait))
 
     def average_copy(self, tensors: Sequence[torch.Tensor], kind: str) -> list[torch.Tensor]:
         """Means over all workers of copies of ``tensors`` [K_local, ...] (the tensors stay as they are)."""
@@ -159,8 +174,8 @@ class CommPoint:
         return t[0].tolist()
 
     def all_gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Every tensor [K_local, ...] of every worker as [K, ...], in worker order (not counted here:
-        the caller knows what the payload stands for, see :meth:`exchange`)."""
+        """Every tensor [K_local, ...] of every worker as [K, ...], in worker order (not counted here: the
+        caller knows what the payload stands for, as :meth:`start_pseudo_gradient` does)."""
         return self._timed("params", lambda: self.comm.all_gather(tensors))
 
     def broadcast_(self, tensors: Sequence[torch.Tensor], kind: str) -> None:
@@ -169,27 +184,85 @@ class CommPoint:
         if self.world > 1 and tensors:
             self._timed(kind, lambda: self.comm.broadcast_(tensors))
 
-    def exchange(self, compression: Any, tensors: Sequence[torch.Tensor], sync: int) -> list[torch.Tensor]:
-        """mean_k D(C(t_k (+ e_k))) of each stacked float64 tensor [K_local, ...] (see :meth:`exchange_async`)."""
-        return self.exchange_async(compression, tensors, sync).wait()
+    # ------------------------------------------------------------------ the syncs of local methods
+    @torch.no_grad()
+    def start_pseudo_gradient(self, anchor: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                              buffers: Sequence[torch.Tensor], sync: int,
+                              indices: Optional[Sequence[int]] = None) -> Flight[DeltaResult]:
+        """A local method's sync, started: once landed, its :class:`DeltaResult`, the pseudo-gradient
+        Δ = mean_k (x − x_k) per tensor (float64, one worker's shape; x the ``anchor``) as the run's codec
+        sends it, and the workers' buffers averaged. The workers' tensors are not changed (what is sent are
+        copies), so they may keep training while it is in flight. ``sync`` keys the randomness (drops,
+        random-k); ``indices`` are the tensors' places among the model's parameters (default: all of them).
 
-    def exchange_async(self, compression: Any, tensors: Sequence[torch.Tensor], sync: int,
-                       arrived: Optional[torch.Tensor] = None, indices: Optional[Sequence[int]] = None) -> Pending:
-        """mean_k D(C(t_k (+ e_k))) of each stacked float64 tensor [K_local, ...], as one tensor of
-        one worker's shape, once ``wait()`` returns: every worker's payload reaches every process (an
-        all-gather, a no-op in one process), which decodes all K of them in worker order. Counted as
-        one sync whose payload a cluster would all-reduce or all-gather (``compressor.collective``).
-        ``arrived`` (a bool per worker [K]): the mean is over the workers whose payload arrived (a
-        dropped worker keeps all of its u_k as residual). ``indices``: the tensors' places among the model's
-        parameters (a streaming fragment's; keys their residuals and randomness)."""
+        Without a codec the parameters themselves are all-reduced (one collective), x_k <- x̄ and
+        Δ = x − x̄ in float64 from the float64 anchor: x − x̄ of float32 values is exact in float64, so an
+        outer SGD with lr 1 gives back x̄ bit for bit (plain LocalSGD). With a codec every worker sends
+        its Δ_k = x − x_k encoded (:meth:`start_mean`) and the buffers (BatchNorm's statistics) are
+        averaged as they are, one more all-reduce; no exact x̄ is formed."""
+        arrived = self._arrivals(sync)
+        count = self.world if arrived is None else int(arrived.sum())
+        if self.codec is None:
+            copies = [t.detach().clone() for t in (*params, *buffers)]
+            n = len(params)
+
+            def landed(_: Any) -> DeltaResult:
+                means = copies[:n]
+                return DeltaResult([x - m[0] for x, m in zip(anchor, means)], means, copies[n:], count)
+
+            return self.average_async_(copies, "params", arrived).then(landed)
+        deltas = [x.unsqueeze(0) - p.detach().double() for x, p in zip(anchor, params)]
+        exchanged = self._exchange(deltas, sync, arrived, indices)
+        copies = [b.clone() for b in buffers]
+        averaged = self.average_async_(copies, "buffers", arrived) if copies else Flight.landed()
+
+        def with_buffers(mean: list[torch.Tensor]) -> DeltaResult:
+            averaged.wait()
+            return DeltaResult(mean, None, copies, count)
+
+        return exchanged.then(with_buffers)
+
+    @torch.no_grad()
+    def start_mean(self, deltas: Sequence[torch.Tensor], sync: int,
+                   indices: Optional[Sequence[int]] = None) -> Flight[DeltaResult]:
+        """Each worker's own pseudo-gradient Δ_k [K_local, ...] (float64) averaged as the run's codec sends it
+        (eager updates: every worker has an anchor of its own); landed, a :class:`DeltaResult` with the mean
+        Δ per tensor (float64, one worker's shape) and no buffers. Without a codec the Δ_k travel as fp32,
+        like the parameters."""
+        arrived = self._arrivals(sync)
+        count = self.world if arrived is None else int(arrived.sum())
+        if self.codec is None:
+            copies = [d.float() for d in deltas]
+            mean = self.average_async_(copies, "params", arrived).then(lambda _: [c[0].double() for c in copies])
+        else:
+            mean = self._exchange(deltas, sync, arrived, indices)
+        return mean.then(lambda m: DeltaResult(m, None, [], count))
+
+    def _arrivals(self, sync: int) -> Optional[torch.Tensor]:
+        """Whose contribution reaches sync ``sync`` (a bool per worker [K]; None: everyone's), counted."""
+        arrived = self.drops.arrived(sync, self.world)
+        if arrived is not None:
+            self.traffic.dropped += int((~arrived).sum())
+        return arrived
+
+    def _exchange(self, tensors: Sequence[torch.Tensor], sync: int, arrived: Optional[torch.Tensor],
+                  indices: Optional[Sequence[int]]) -> Flight[list[torch.Tensor]]:
+        """mean_k D(C(t_k)) of each stacked float64 tensor [K_local, ...], as one tensor of one worker's
+        shape, once landed: every worker's payload reaches every process (an all-gather, a no-op in one
+        process), which decodes all K of them in worker order, so the simulation and the ranks compute the
+        same numbers. Counted as one sync whose payload a cluster would all-reduce or all-gather
+        (``codec.collective``). ``arrived``: the mean is over the workers whose payload arrived (none: zeros)."""
+        places = range(len(tensors)) if indices is None else indices
         mine = None if arrived is None else arrived[self.comm.rank * self.comm.k_local:][: self.comm.k_local]
-        payloads = compression.encode(tensors, sync, mine, indices)
+        dropped = None if mine is None else ~mine
+        keys = [Key(self.seed, sync, i) for i in places]
+        payloads = [self.codec.encode(t.reshape(t.shape[0], -1), k, dropped) for t, k in zip(tensors, keys)]
         parts = [part for payload in payloads for part in payload]
         work = self._timed("params", lambda: self.comm.all_gather_async(parts), settle=False)
-        nbytes = compression.payload_bytes(tensors)
+        nbytes = sum(self.codec.payload_bytes(t[0].numel()) for t in tensors)
+        gathered = self.codec.collective == "allgather"
         self.traffic.collectives += 1
         self.traffic.syncs += 1
-        gathered = compression.compressor.collective == "allgather"
         if gathered:
             self.traffic.gathers += 1
             self.traffic.gathered_bytes += nbytes
@@ -198,40 +271,35 @@ class CommPoint:
         self._tally(SyncTally(1, int(gathered), 0.0 if gathered else nbytes, nbytes if gathered else 0.0), model=True)
         shapes = [t.shape[1:] for t in tensors]
 
-        def decode(everything: list[torch.Tensor]) -> list[torch.Tensor]:
+        def decode_mean(everything: list[torch.Tensor]) -> list[torch.Tensor]:
             it = iter(everything)
-            everyone = [tuple(next(it) for _ in payload) for payload in payloads]
-            return compression.decode_mean(everyone, shapes, sync, arrived, indices)
+            out = []
+            for payload, shape, k in zip(payloads, shapes, keys):
+                decoded = self.codec.decode(tuple(next(it) for _ in payload), math.prod(shape), k)
+                if arrived is None:
+                    out.append(decoded.mean(0).view(shape))
+                else:
+                    keep = arrived.to(decoded.device)
+                    out.append((decoded[keep].sum(0) / max(int(keep.sum()), 1)).view(shape))
+            return out
 
-        return Pending(self, "params", work, decode)
+        return self._landing("params", work).then(decode_mean)
 
-    def start_mean_delta(self, anchor: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-                         buffers: Sequence[torch.Tensor], sync: int, indices: Optional[Sequence[int]] = None) -> Pending:
-        """A local method's sync, started: ``wait()`` gives its :class:`DeltaResult`, the pseudo-gradient
-        Δ = mean_k (x − x_k) per tensor (float64, one worker's shape; x the ``anchor``) as the run's
-        compression sends it. The workers' tensors are not changed (what was sent are copies), so
-        they may keep training while it is in flight. ``sync`` keys the randomness (drops, random-k);
-        ``indices`` are the tensors' places among the model's parameters (default: all of them, in order)."""
-        arrived = self.drops.arrived(sync, self.world)
-        if arrived is not None:
-            self.traffic.dropped += int((~arrived).sum())
-        return self.compression.start_mean_delta(self, anchor, params, buffers, sync, arrived, indices)
+    def payload_bytes(self, tensors: Sequence[torch.Tensor]) -> int:
+        """Bytes one worker sends in a sync of the stacked tensors [K_local, ...]: the tensors themselves
+        without a codec, else the codec's payload of each."""
+        if self.codec is None:
+            return param_bytes(tensors, per_worker=True)
+        return sum(self.codec.payload_bytes(t[0].numel()) for t in tensors)
 
-    def start_mean(self, deltas: Sequence[torch.Tensor], sync: int, indices: Optional[Sequence[int]] = None) -> Pending:
-        """Each worker's own pseudo-gradient Δ_k [K_local, ...] (float64) averaged as the run's compression
-        sends it (eager updates: every worker has an anchor of its own); ``wait()`` gives a
-        :class:`DeltaResult` with the mean Δ per tensor and no buffers."""
-        arrived = self.drops.arrived(sync, self.world)
-        if arrived is not None:
-            self.traffic.dropped += int((~arrived).sum())
-        count = self.world if arrived is None else int(arrived.sum())
-        pending = self.compression.start_mean(self, deltas, sync, arrived, indices)
-        return Then(pending, lambda mean: DeltaResult(mean, None, [], count))
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        """What the codec keeps per worker ([K_local, ...] tensors: error feedback's residuals), for the
+        workers' checkpoint state."""
+        return {} if self.codec is None else self.codec.state_dict()
 
-    def mean_delta(self, anchor: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-                   buffers: Sequence[torch.Tensor], sync: int) -> DeltaResult:
-        """:meth:`start_mean_delta`, waited for."""
-        return self.start_mean_delta(anchor, params, buffers, sync).wait()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.codec is not None:
+            self.codec.load_state_dict(state)
 
     @contextlib.contextmanager
     def sync(self, overlap_steps: int = 0) -> Iterator[None]:
@@ -342,21 +410,10 @@ class CommPoint:
         t0 = time.perf_counter()
         out = op()
         if settle:
-            self.comm.wait()
+            self.comm.settle()
         if kind in ALGORITHM:  # what the step spent communicating; bookkeeping happens beside the steps
             self.wall_s += time.perf_counter() - t0
         return out
-
-
-class _Done:
-    """Nothing to wait for: the collective was a no-op (one worker) or ran in the issuing call."""
-
-    @staticmethod
-    def wait() -> None:
-        return None
-
-
-_DONE = _Done()
 
 
 def _state_bytes(obj: Any) -> int:

@@ -16,13 +16,11 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from dpl.comm.flight import Flight
 from dpl.errors import CheckpointError, DatasetUnavailable
 
 T = TypeVar("T")
 
-# TrainState's running sums of the epoch in progress: a checkpoint of every worker holds
-# their total (on rank 0's share), so the end-of-epoch all-reduce adds them up once.
-SUMMED_STATE = ("loss_sum", "correct", "seen", "drift_sum")
 
 # Store keys of one-off handshakes: every rank makes the same ones in the same order.
 _handshakes = itertools.count(1)
@@ -53,7 +51,7 @@ class ProcessGroupComm:
         simulation averages them."""
         self.all_reduce_async_(tensors, op).wait()
 
-    def all_reduce_async_(self, tensors: Sequence[torch.Tensor], op: str) -> "_Landing":
+    def all_reduce_async_(self, tensors: Sequence[torch.Tensor], op: str) -> Flight[None]:
         """:meth:`all_reduce_` with ``async_op=True``: the flat buffers are copied back into the
         tensors when ``wait()`` is called (a streaming fragment's average, waited on τ steps later)."""
         if op not in ("mean", "sum"):
@@ -71,7 +69,7 @@ class ProcessGroupComm:
             for flat, group in copies:
                 _copy_back(flat, group)
 
-        return _Landing(works, copy_back)
+        return _landing(works, copy_back)
 
     def all_reduce_async(self, buffer: torch.Tensor) -> torch.futures.Future:
         """A sum all-reduce of ``buffer`` in place, not waited for (DDP's gradient buckets)."""
@@ -82,10 +80,10 @@ class ProcessGroupComm:
         (a compressed payload: values, indices, packed signs, scales, whatever their dtypes)."""
         return self.all_gather_async(tensors).wait()
 
-    def all_gather_async(self, tensors: Sequence[torch.Tensor]) -> "_Landing":
+    def all_gather_async(self, tensors: Sequence[torch.Tensor]) -> Flight[list[torch.Tensor]]:
         """:meth:`all_gather` with ``async_op=True``: ``wait()`` unpacks and returns its list."""
         if not tensors:
-            return _Landing([], list)
+            return Flight.landed([])
         flat = torch.cat([t.contiguous().view(torch.uint8).reshape(-1) for t in tensors])
         everyone = [torch.empty_like(flat) for _ in range(self.world)]
         work = dist.all_gather(everyone, flat, async_op=True)
@@ -99,7 +97,7 @@ class ProcessGroupComm:
                 start += size
             return out
 
-        return _Landing([work], unpack)
+        return _landing([work], unpack)
 
     def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Rank 0's tensors on every rank, in place: one broadcast per dtype."""
@@ -108,7 +106,7 @@ class ProcessGroupComm:
             dist.broadcast(flat, src=0)
             _copy_back(flat, group)
 
-    def wait(self) -> None:
+    def settle(self) -> None:
         if self.device.type == "cuda":  # NCCL returns before the GPU has finished
             torch.cuda.synchronize(self.device)
 
@@ -144,19 +142,16 @@ class ProcessGroupComm:
         return load(False)
 
 
-class _Landing:
-    """torch.distributed works in flight and what to do once they have landed (copy the flat
-    buffers back, unpack a gather); ``wait()`` does both once and returns the result."""
+def _landing(works: list, finish: Callable[[], T]) -> Flight[T]:
+    """torch.distributed works in flight and what to do once they have landed (copy the flat buffers back,
+    unpack a gather)."""
 
-    def __init__(self, works: list, finish: Callable[[], Any]) -> None:
-        self.works, self.finish, self.done, self.result = works, finish, False, None
+    def land() -> T:
+        for work in works:
+            work.wait()
+        return finish()
 
-    def wait(self) -> Any:
-        if not self.done:
-            for work in self.works:
-                work.wait()
-            self.result, self.done = self.finish(), True
-        return self.result
+    return Flight(land)
 
 
 def wait_for_key(store: dist.Store, key: str, timeout_s: float) -> bool:
@@ -195,7 +190,10 @@ def stack_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         i: {k: torch.cat([s["optimizer"]["state"][i][k] for s in states]) if _per_worker(v) else v
             for k, v in per_param.items()}
         for i, per_param in first["optimizer"]["state"].items()}}
-    merged["state"] = {**first["state"], **{k: sum(s["state"][k] for s in states) for k in SUMMED_STATE}}
+    # the epoch's running sums (dpl.core.state.TrainState) of every rank added: rank 0's share holds the
+    # total in a checkpoint of every worker, so the end-of-epoch all-reduce adds them up once
+    merged["state"] = {**first["state"], "seen": sum(s["state"]["seen"] for s in states),
+                       "sums": {k: sum(s["state"]["sums"].get(k, 0.0) for s in states) for k in first["state"]["sums"]}}
     return merged
 
 
@@ -212,7 +210,7 @@ def rank_state(state: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
         i: {k: v[own] if _per_worker(v) else v for k, v in per_param.items()}
         for i, per_param in state["optimizer"]["state"].items()}}
     # rank 0 carries the epoch's sums so far; the others restart theirs at zero
-    out["state"] = {**state["state"], **({} if rank == 0 else {k: 0 for k in SUMMED_STATE})}
+    out["state"] = state["state"] if rank == 0 else {**state["state"], "seen": 0, "sums": {}}
     return out
 
 

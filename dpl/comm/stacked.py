@@ -11,17 +11,9 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
+from dpl.comm.flight import Flight
+
 T = TypeVar("T")
-
-
-class Done:
-    """A collective that completed when it was issued (one process holds every worker)."""
-
-    def __init__(self, result: Any = None) -> None:
-        self.result = result
-
-    def wait(self) -> Any:
-        return self.result
 
 
 class StackedComm:
@@ -43,22 +35,22 @@ class StackedComm:
             else:  # integer buffers (BatchNorm's num_batches_tracked) average in float, then truncate
                 t.copy_(t.mean(0, keepdim=True) if t.is_floating_point() else t.double().mean(0, keepdim=True))
 
-    def all_reduce_async_(self, tensors: Sequence[torch.Tensor], op: str) -> Done:
-        self.all_reduce_(tensors, op)
-        return Done()
+    def all_reduce_async_(self, tensors: Sequence[torch.Tensor], op: str) -> Flight[None]:
+        self.all_reduce_(tensors, op)  # landed as it is issued: one process holds every worker
+        return Flight.landed()
 
     # One process holds every worker: payloads and states are already complete.
     def all_gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return list(tensors)
 
-    def all_gather_async(self, tensors: Sequence[torch.Tensor]) -> Done:
-        return Done(list(tensors))
+    def all_gather_async(self, tensors: Sequence[torch.Tensor]) -> Flight[list[torch.Tensor]]:
+        return Flight.landed(list(tensors))
 
     def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
         for t in tensors:
             t.copy_(t[:1].clone().expand_as(t))
 
-    def wait(self) -> None:
+    def settle(self) -> None:
         """Nothing in flight but the device's own queue, which the host does not wait for."""
 
     def gather_state(self, state: dict[str, Any]) -> dict[str, Any]:

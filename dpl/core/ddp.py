@@ -2,13 +2,13 @@
 
 Every rank holds a :class:`~dpl.core.workers.StackedWorkers` with K_local = 1 whose point
 talks through a :class:`~dpl.comm.process_group.ProcessGroupComm`; methods, loop and
-checkpoint format are the simulation's. Only the communicator differs (STYLE principle 4),
+checkpoint format are the simulation's. Only the communicator differs,
 and with it one thing here: ``centralized`` runs its forward through DistributedDataParallel,
 whose bucketed all-reduce averages the gradients during backward, each bucket through the
 point's DDP hook (:meth:`dpl.comm.point.CommPoint.ddp_hook`), so ``average_grads_`` has
 nothing left to do.
 
-How the processes start (torchrun or ``engine.spawn``) is :mod:`dpl.launch.ranks`.
+How the processes start (torchrun, Slurm or ``engine.spawn``) is :mod:`dpl.launch`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dpl.comm.drops import Drops
 from dpl.comm.process_group import ProcessGroupComm
 from dpl.core.workers import StackedWorkers
-from dpl.errors import ConfigError
 
 
 class _StackedModule(nn.Module):
@@ -46,8 +46,10 @@ class DistributedWorkers(StackedWorkers):
     ``mean_replica`` averages them, as the simulation's does.
     """
 
-    def __init__(self, model: nn.Module, comm: ProcessGroupComm, ddp: bool) -> None:
-        super().__init__(model, 1, comm, mode="loop")  # vmap over one worker would only add overhead
+    def __init__(self, model: nn.Module, comm: ProcessGroupComm, ddp: bool, codec: Any = None,
+                 drops: Optional[Drops] = None, seed: int = 0) -> None:
+        # vmap over one worker would only add overhead
+        super().__init__(model, 1, comm, mode="loop", codec=codec, drops=drops, seed=seed)
         self.ddp: Optional[DistributedDataParallel] = None
         if ddp:
             self.params = [nn.Parameter(p.detach()) for p in self.params]
@@ -62,14 +64,3 @@ class DistributedWorkers(StackedWorkers):
         if self.ddp is not None and torch.is_grad_enabled():
             return self.ddp(x)  # registers the backward hooks that all-reduce the gradient buckets
         return super().forward(x)
-
-
-def build_distributed(cfg: Any, model: nn.Module, device: torch.device, comm=None,
-                      synchronous: bool = False) -> DistributedWorkers:
-    """The rank's workers; ``synchronous`` (the method averages gradients at every step of the
-    run) wraps them in DDP, a method that switches (post-local SGD) all-reduces its gradients
-    through the comm point instead."""
-    if not isinstance(comm, ProcessGroupComm):
-        raise ConfigError("engine=distributed needs its processes: launch with torchrun --nproc-per-node=K "
-                          "-m dpl engine=distributed ..., or add engine.spawn=true")
-    return DistributedWorkers(model, comm, ddp=synchronous)

@@ -25,8 +25,8 @@ Each strategy is a pure function of an :class:`HContext` and the ``dynamic_h``
 config node: no hidden state (the adaptive strategies replay their counters from the
 history), so a resumed run recomputes exactly the H of an uninterrupted one. Every
 bound and shape value (h_min, h_max, patience, n_losses, trend, midpoint, steepness,
-the divisors, snap) comes from the YAML file in ``conf/dynamic_h/``, with the study's
-values as defaults; the registry :data:`STRATEGIES` is keyed by those file names.
+the divisors, snap) is a key of the strategy's schema, with the study's values as defaults; each
+strategy is registered in :data:`STRATEGIES` with its schema.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from dpl.registry import lookup
+from omegaconf import MISSING
+
+from dpl.config.schema import at_least, check, key, positive
+from dpl.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,87 @@ class HContext:
     steps_per_epoch: int  # local steps per worker per epoch (the study's "budget")
     H0: int  # the configured H (top-level key H): the H of epoch 0
     history: Sequence[Mapping[str, float]]  # one record per finished epoch: at least H, val_loss, val_acc
+
+
+@dataclass(frozen=True)
+class StrategyFacts:
+    changes_h: bool = True  # False: every epoch runs with the configured H
+
+
+# ----------------------------------------------------------------------------- schemas (the study's values)
+
+
+VARIES = StrategyFacts()
+STRATEGIES = Registry("dynamic_h", "how H, the local steps between syncs, changes from epoch to epoch", facts=VARIES)
+
+
+@dataclass
+class DynamicHBase:
+    name: str = key(MISSING, "the strategy (an option of the group)")
+
+
+@dataclass
+class HRangeConfig(DynamicHBase):
+    """linear / pow2 range, and the halve (H > h_min) / double (H < h_max) guards of the adaptive ones."""
+
+    h_min: int = key(4, "the smallest H of the range (halving stops above it)")
+    h_max: int = key(64, "the largest H of the range (doubling stops below it)")
+
+    def __post_init__(self) -> None:
+        at_least("dynamic_h.h_min", self.h_min, 1, "an integer")
+        check(self.h_max >= self.h_min, "dynamic_h.h_max", self.h_max, f"an integer >= h_min ({self.h_min})")
+
+
+@dataclass
+class ImprovementConfig(HRangeConfig):
+    patience: int = key(4, "halve after every epoch once this many in a row had no new best (the study: c > 3)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least("dynamic_h.patience", self.patience, 1, "an integer")
+
+
+@dataclass
+class AvgLossConfig(HRangeConfig):
+    n_losses: int = key(10, "act once more than this many val losses exist; two windows of n_losses / 2")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.n_losses >= 2 and self.n_losses % 2 == 0, "dynamic_h.n_losses", self.n_losses,
+              "an even integer >= 2 for avg_loss")
+
+
+@dataclass
+class LossConfig(HRangeConfig):
+    n_losses: int = key(3, "act once more than this many val losses exist")
+    trend: int = key(3, "this many latest val losses must rise (fall) strictly to halve (double) H")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least("dynamic_h.n_losses", self.n_losses, 2, "an integer")
+        at_least("dynamic_h.trend", self.trend, 2, "an integer")
+
+
+@dataclass
+class RevCosineConfig(DynamicHBase):
+    low_divisor: float = key(22.0, "the lower bound of H is steps_per_epoch / this")
+    high_divisor: float = key(2.0, "the upper bound of H is steps_per_epoch / this")
+    snap: float = key(0.05, "one more sync when the epoch's leftover steps are <= this fraction")
+
+    def __post_init__(self) -> None:
+        positive("dynamic_h.low_divisor", self.low_divisor)
+        positive("dynamic_h.high_divisor", self.high_divisor)
+        check(0 <= self.snap < 1, "dynamic_h.snap", self.snap, "a number in [0, 1)")
+
+
+@dataclass
+class SigmoidConfig(RevCosineConfig):
+    midpoint: float = key(75.0, "the epoch of the sigmoid's midpoint")
+    steepness: float = key(0.5, "the sigmoid's steepness per epoch")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive("dynamic_h.steepness", self.steepness)
 
 
 # A strategy gets the context of the epoch about to start (epoch >= 1: at least one
@@ -120,6 +204,7 @@ def _range(budget: int, cfg) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- schedules
 
 
+@STRATEGIES.register("constant", DynamicHBase, facts=StrategyFacts(changes_h=False))
 def constant(ctx: HContext, cfg) -> int:
     """The configured H in every epoch (no study counterpart: the plain LocalSGD of the papers)."""
     return ctx.H0
@@ -133,6 +218,7 @@ def _linear(p: float, cfg) -> int:
     return int(p * span2 + 1) // 2 + cfg.h_min
 
 
+@STRATEGIES.register("asc_linear", HRangeConfig, facts=VARIES)
 def asc_linear(ctx: HContext, cfg) -> int:
     """The study's ALin: H = floor((floor(2 (h_max - h_min) e / (E - 1)) + 1) / 2) + h_min.
 
@@ -143,6 +229,7 @@ def asc_linear(ctx: HContext, cfg) -> int:
     return _linear(_progress(ctx), cfg)
 
 
+@STRATEGIES.register("desc_linear", HRangeConfig, facts=VARIES)
 def desc_linear(ctx: HContext, cfg) -> int:
     """The study's DLin: asc_linear with 1 - e / (E - 1) in place of e / (E - 1) (h_max down to h_min)."""
     return _linear(1.0 - _progress(ctx), cfg)
@@ -156,6 +243,7 @@ def _pow2(p: float, cfg) -> int:
     return cfg.h_min * 2 ** (int(p * (2 * n) + 1) // 2)
 
 
+@STRATEGIES.register("asc_pow2", HRangeConfig, facts=VARIES)
 def asc_pow2(ctx: HContext, cfg) -> int:
     """The study's ABin: H = h_min * 2^floor((floor(2 n e / (E - 1)) + 1) / 2), n = floor(log2(h_max / h_min)).
 
@@ -167,11 +255,13 @@ def asc_pow2(ctx: HContext, cfg) -> int:
     return _pow2(_progress(ctx), cfg)
 
 
+@STRATEGIES.register("desc_pow2", HRangeConfig, facts=VARIES)
 def desc_pow2(ctx: HContext, cfg) -> int:
     """The study's DBin: asc_pow2 with 1 - e / (E - 1) in place of e / (E - 1) (h_min * 2^n down to h_min)."""
     return _pow2(1.0 - _progress(ctx), cfg)
 
 
+@STRATEGIES.register("sigmoid", SigmoidConfig, facts=VARIES)
 def sigmoid(ctx: HContext, cfg) -> int:
     """The study's Sigmoid: H = lo + (hi - lo) / (1 + exp(-steepness (e - midpoint))),
     lo = budget / low_divisor, hi = budget / high_divisor (budget = steps per epoch; the
@@ -182,6 +272,7 @@ def sigmoid(ctx: HContext, cfg) -> int:
     return _clamp_round_snap(h, ctx.steps_per_epoch, cfg)
 
 
+@STRATEGIES.register("rev_cosine", RevCosineConfig, facts=VARIES)
 def rev_cosine(ctx: HContext, cfg) -> int:
     """The study's RevCosAnn: H = hi - (hi - lo) / 2 (1 + cos(pi e / E)) (E, not E - 1,
     so hi itself is never reached), lo / hi as in :func:`sigmoid`, then clamp, round and
@@ -194,6 +285,7 @@ def rev_cosine(ctx: HContext, cfg) -> int:
 # ----------------------------------------------------------------------------- adaptive
 
 
+@STRATEGIES.register("improvement", ImprovementConfig, facts=VARIES)
 def improvement(ctx: HContext, cfg) -> int:
     """The study's ImprLS. c = epochs in a row without a new best validation accuracy
     (a strictly higher val_acc resets it to 0; the best starts at 0, so a first epoch
@@ -219,6 +311,7 @@ def _monotone(values: Sequence[float]) -> int:
     return +1 if all(a < b for a, b in pairs) else -1 if all(a > b for a, b in pairs) else 0
 
 
+@STRATEGIES.register("loss", LossConfig, facts=VARIES)
 def loss(ctx: HContext, cfg) -> int:
     """The study's LossLS. Once more than n_losses validation losses exist (the study:
     3, so from the 4th finished epoch on): if the latest ``trend`` losses (the study: 3)
@@ -231,6 +324,7 @@ def loss(ctx: HContext, cfg) -> int:
     return h
 
 
+@STRATEGIES.register("avg_loss", AvgLossConfig, facts=VARIES)
 def avg_loss(ctx: HContext, cfg) -> int:
     """The study's AvgLossLS. Once more than n_losses validation losses exist (the study's
     reported runs: 10), compare the mean of the latest n_losses / 2 losses with the mean
@@ -251,22 +345,6 @@ def avg_loss(ctx: HContext, cfg) -> int:
     return h
 
 
-# ----------------------------------------------------------------------------- registry
-
-STRATEGIES: dict[str, Strategy] = {
-    "constant": constant,
-    "asc_linear": asc_linear,
-    "desc_linear": desc_linear,
-    "asc_pow2": asc_pow2,
-    "desc_pow2": desc_pow2,
-    "improvement": improvement,
-    "loss": loss,
-    "avg_loss": avg_loss,
-    "sigmoid": sigmoid,
-    "rev_cosine": rev_cosine,
-}
-
-
 def next_h(ctx: HContext, cfg) -> int:
     """H for the epoch ``ctx.epoch``, by the strategy named ``cfg.name``; always an int >= 1.
 
@@ -274,6 +352,6 @@ def next_h(ctx: HContext, cfg) -> int:
     epoch e - 1 (the study's lag, see the module docstring). The floor of 1 only matters
     where the study would crash or stall (sigmoid / rev_cosine with fewer than
     low_divisor steps per epoch, or H = 0 configured)."""
-    strategy = lookup(STRATEGIES, "dynamic_h", cfg.name)
+    strategy = STRATEGIES[cfg.name].build
     h = ctx.H0 if ctx.epoch == 0 else strategy(ctx, cfg)
     return max(1, int(h))

@@ -1,24 +1,125 @@
-"""Engines: how the K workers run. ``simulated`` holds them in one process,
-``distributed`` runs one process per worker on torch.distributed.
+"""Engines: the ``engine`` group's options, how the K workers run. ``simulated`` holds them in one process
+as a leading dimension of every tensor; ``distributed`` runs one process per worker on torch.distributed.
 
-The registry is keyed by the YAML names in ``conf/engine/``.
+Each engine is registered here with its schema; the keys every engine has say how the local step runs
+(:func:`compile_mode`) and in which memory layout images enter the model (:func:`memory_format`). torch is
+imported where workers are built, so the registry loads without it.
 """
 
 from __future__ import annotations
 
-import torch
-from omegaconf import DictConfig
-from torch import nn
+from dataclasses import dataclass
+from typing import Any
 
-from dpl.comm import StackedComm
-from dpl.core.ddp import build_distributed
-from dpl.core.workers import StackedWorkers
+from omegaconf import MISSING
+
+from dpl.components.optim import OPTIMIZERS
+from dpl.config.schema import at_least, check, key, one_of, positive
 from dpl.errors import ConfigError
-from dpl.registry import lookup
+from dpl.registry import Registry
+
+ENGINES = Registry("engine", "how the K workers run: in one process, or one process each")
+
+EAGER, GRAPH, COMPILED = "none", "graph", "compile"  # engine.compile: how the local step runs
+COMPILE_MODES = ("auto", EAGER, GRAPH, COMPILED)
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+SIMULATIONS = ("auto", "vmap", "loop")
+BACKENDS = ("auto", "gloo", "nccl")
 
 
-def pick_device(name: str) -> torch.device:
+@dataclass(frozen=True)
+class EngineFacts:
+    processes: bool  # one process per worker, started by a launcher (torchrun, Slurm, engine.spawn)
+
+
+@dataclass
+class EngineBase:
+    name: str = key(MISSING, "the engine (an option of the group)")
+    compile: str = key("auto", "how the local step runs: auto (a CUDA graph on CUDA where it can, else none) | none "
+                               "(eager) | graph (one replayed CUDA graph) | compile (torch.compile)")
+    eval_batch_size: int = key(1000, "samples per evaluation batch (the results do not depend on it)")
+    memory_format: str = key("auto", "layout of image batches entering the model: auto (channels_last on CPU, "
+                                     "contiguous on CUDA) | contiguous | channels_last")
+
+    def __post_init__(self) -> None:
+        one_of("engine.compile", self.compile, COMPILE_MODES)
+        one_of("engine.memory_format", self.memory_format, MEMORY_FORMATS)
+        at_least("engine.eval_batch_size", self.eval_batch_size, 1, "an integer")
+
+
+@dataclass
+class SimulatedEngineConfig(EngineBase):
+    simulate: str = key("auto", "how the K forwards run: vmap (one batched call) | loop | auto (vmap on CUDA, "
+                                "the loop on CPU)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_of("engine.simulate", self.simulate, SIMULATIONS)
+
+
+@dataclass
+class DistributedEngineConfig(EngineBase):
+    backend: str = key("auto", "torch.distributed's backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl")
+    spawn: bool = key(False, "start the K local processes from this one command (else torchrun or Slurm does)")
+    timeout_s: float = key(300.0, "a rank that dies or hangs ends the whole job after at most this long")
+    master_addr: str = key("127.0.0.1", "the address the ranks' store and connections listen on (spawn)")
+    master_port: int = key(0, "spawn: the launcher's store port; 0: a free one (torchrun brings its own)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_of("engine.backend", self.backend, BACKENDS)
+        positive("engine.timeout_s", self.timeout_s)
+        check(0 <= self.master_port < 65536, "engine.master_port", self.master_port, "0 (a free port) to 65535")
+
+
+@ENGINES.register("simulated", SimulatedEngineConfig, facts=EngineFacts(processes=False))
+def simulated(cfg: Any, model: Any, device: Any, comm: Any = None, synchronous: bool = False, **point: Any) -> Any:
+    """The K workers in this process, stacked (:class:`~dpl.core.workers.StackedWorkers`)."""
+    from dpl.comm.stacked import StackedComm
+    from dpl.core.workers import StackedWorkers
+
+    return StackedWorkers(model, cfg.K, comm or StackedComm(cfg.K), simulation_mode(cfg.engine.simulate, device),
+                          **point)
+
+
+@ENGINES.register("distributed", DistributedEngineConfig, facts=EngineFacts(processes=True))
+def distributed(cfg: Any, model: Any, device: Any, comm: Any = None, synchronous: bool = False, **point: Any) -> Any:
+    """This rank's worker (:class:`~dpl.core.ddp.DistributedWorkers`); ``synchronous`` (the method averages
+    gradients at every step of the run) wraps it in DistributedDataParallel."""
+    from dpl.comm.process_group import ProcessGroupComm
+    from dpl.core.ddp import DistributedWorkers
+
+    if not isinstance(comm, ProcessGroupComm):
+        raise ConfigError("engine=distributed needs its processes: launch with torchrun --nproc-per-node=K "
+                          "-m dpl engine=distributed ..., or add engine.spawn=true")
+    return DistributedWorkers(model, comm, ddp=synchronous, **point)
+
+
+def build_workers(cfg: Any, model: Any, device: Any, comm: Any = None, synchronous: bool = False,
+                  **point: Any) -> Any:
+    """The K workers of ``model``; ``synchronous``: the method averages gradients at every step; ``point``:
+    their communication point's ``codec``, ``drops`` and ``seed`` (:class:`dpl.comm.point.CommPoint`).
+
+    From here on K is the workers' (``workers.K``, their communicator's world): the simulation builds
+    its communicator from ``cfg.K``, and a process group's world size is checked against ``cfg.K``
+    once, where a rank joins it (:func:`dpl.launch.ranks.run_rank`).
+    """
+    return ENGINES.build(cfg.engine.name, cfg, model, device, comm, synchronous, **point)
+
+
+def one_process_engine(node: Any) -> Any:
+    """The engine node that runs ``node``'s workers in one process, with ``node``'s keys every engine has."""
+    from omegaconf import OmegaConf
+
+    name = next(n for n, e in ENGINES.items() if not e.facts.processes)
+    shared = {f: node[f] for f in ("compile", "eval_batch_size", "memory_format")}
+    return OmegaConf.structured(ENGINES[name].schema(name=name, **shared))
+
+
+def pick_device(name: str) -> Any:
     """``device=auto|cpu|cuda`` as a torch device (auto: CUDA when one is visible)."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -26,7 +127,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def simulation_mode(requested: str, device: torch.device) -> str:
+def simulation_mode(requested: str, device: Any) -> str:
     """``auto``: vmap on CUDA (one batched kernel per layer), the loop on CPU, where a
     vmap'd LeNet-5 measured slower than K separate forwards (see ``python -m dpl.bench``).
     Both modes handle model buffers (BatchNorm statistics) and give the same numbers."""
@@ -35,21 +136,43 @@ def simulation_mode(requested: str, device: torch.device) -> str:
     return "vmap" if device.type == "cuda" else "loop"
 
 
-def build_simulated(cfg: DictConfig, model: nn.Module, device: torch.device, comm=None,
-                    synchronous: bool = False) -> StackedWorkers:
-    mode = simulation_mode(cfg.engine.simulate, device)
-    return StackedWorkers(model, cfg.K, comm or StackedComm(cfg.K), mode)
+def memory_format(requested: str, device: Any) -> str:
+    """``engine.memory_format``: the layout of image batches entering the model.
 
-
-ENGINES = {"simulated": build_simulated, "distributed": build_distributed}
-
-
-def build_workers(cfg: DictConfig, model: nn.Module, device: torch.device, comm=None,
-                  synchronous: bool = False) -> StackedWorkers:
-    """The K workers of ``model``; ``synchronous``: the method averages gradients at every step.
-
-    From here on K is the workers' (``workers.K``, their communicator's world): the simulation builds
-    its communicator from ``cfg.K``, and a process group's world size is checked against ``cfg.K``
-    once, where a rank joins it (:func:`dpl.launch.ranks.run_rank`).
+    ``auto``: channels_last on CPU, where oneDNN's NHWC convolutions measured faster (``python -m
+    dpl.bench layout`` on this project's 2-core CPU, LeNet-5, full training steps: 1.15x at K=1 x 64
+    in fp32, 1.3-1.4x at K=1 x 512 and K=8 x 64, 1.5x in bf16); contiguous on CUDA, where it has
+    not been measured yet. It applies where a worker sees a plain [B, C, H, W] batch:
+    ``engine.simulate=loop``, every ``engine=distributed`` rank and evaluation; under ``simulate=vmap``
+    (CUDA's default) the K stacked batches keep their layout: torch's vmap cannot query channels_last
+    strides, and its batched convolution folds the workers into the channels, which would undo the
+    layout anyway.
     """
-    return lookup(ENGINES, "engine", cfg.engine.name)(cfg, model, device, comm, synchronous)
+    if requested not in MEMORY_FORMATS:
+        raise ValueError(f"engine.memory_format={requested!r} is invalid: allowed {', '.join(MEMORY_FORMATS)}")
+    if requested == "auto":
+        return "channels_last" if device.type == "cpu" else "contiguous"
+    return requested
+
+
+def compile_mode(requested: str, device: Any, workers: Any, optimizer: str) -> tuple[str, str]:
+    """The mode the local step runs in (:mod:`dpl.core.step`), and why it differs from ``requested`` ('' when
+    it does not).
+
+    A CUDA graph needs CUDA, workers whose collectives can run beside it (the workers say which,
+    :meth:`~dpl.core.workers.StackedWorkers.graph_blocker`) and an optimizer whose per-step values live on the
+    device (the optimizer's facts: ``capturable``). torch.compile runs anywhere except through DistributedDataParallel's
+    gradient hooks (``workers.reduces_in_backward``).
+    """
+    if requested not in COMPILE_MODES:
+        raise ValueError(f"engine.compile={requested!r} is invalid: allowed {', '.join(COMPILE_MODES)}")
+    graph_blocker = "it needs CUDA" if device.type != "cuda" else workers.graph_blocker()
+    if not graph_blocker and not OPTIMIZERS[optimizer].facts.capturable:
+        graph_blocker = f"optimizer={optimizer} keeps a host step count"
+    if requested == "auto":
+        return (EAGER, "") if graph_blocker else (GRAPH, "")
+    if requested == GRAPH and graph_blocker:
+        return EAGER, f"engine.compile=graph runs eagerly: {graph_blocker}"
+    if requested == COMPILED and workers.reduces_in_backward:
+        return EAGER, "engine.compile=compile runs eagerly: DistributedDataParallel's hooks are not compiled here"
+    return requested, ""

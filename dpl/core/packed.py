@@ -20,7 +20,8 @@ from typing import Sequence
 
 import torch
 
-from dpl.components.data import make_batch
+from dpl.components.data.device import make_batch
+from dpl.core.engines import GRAPH
 from dpl.core.step import GraphStep, LocalStep, Outputs
 from dpl.core.workers import packed_losses
 
@@ -86,4 +87,4 @@ class PackedGraphStep(GraphStep, PackedStep):
 
 def fused_step(members: Sequence[LocalStep], mode: str) -> PackedStep:
     """The fused step of ``members`` for their resolved ``engine.compile`` ``mode`` (graph: captured)."""
-    return PackedGraphStep(members) if mode == "graph" else PackedStep(members)
+    return PackedGraphStep(members) if mode == GRAPH else PackedStep(members)

@@ -1,46 +1,141 @@
-"""Bookkeeping beside the training loop: the epoch's metric sums, the epoch record, the
-best model and early stopping. The loop calls these; it does not do their work."""
+"""What changes while training, and the bookkeeping beside the loop: the epoch's metric sums, the best
+model and early stopping. The loop calls these; it does not do their work.
+
+A per-step metric is one registration (:func:`step_metric`): a function of the step's outputs whose
+value is summed on the device every step and divided, at the epoch's end, by the samples seen (or the
+steps taken). It lands in the epoch's record, so in ``history.csv``, MLflow and the report, like
+``train_loss`` and ``train_acc``, which are registered the same way.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 
 from dpl.errors import Diverged
 
 
+@dataclass
+class TrainState:
+    """Everything that changes while training; saved whole in every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress (or the next one, when step == 0)
+    step: int = 0  # steps done in this epoch
+    global_step: int = 0
+    period: int = 0  # local steps since the last sync
+    H: int = 1  # local steps per period in this epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    # the epoch in progress: its metric sums by name (on the device in Trainer.sums while training; host
+    # numbers here, in a checkpoint), the samples this process's workers have seen, and the syncs
+    sums: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
+    syncs: int = 0  # parameter syncs of local methods, for the mean drift
+    compute_s: float = 0.0
+    lr: float = 0.0
+
+    def reset_epoch(self) -> None:
+        self.step = self.period = self.seen = self.syncs = 0
+        self.sums = {}
+        self.compute_s = 0.0
+
+
+# ----------------------------------------------------------------------------- per-step metrics
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """What one local step of this process's workers gives its metrics."""
+
+    losses: torch.Tensor  # [K_local]: each worker's mean loss (attached to no graph)
+    correct: torch.Tensor  # [K_local]: each worker's correct predictions
+    batch: int  # samples per worker (a text window counts its bytes)
+    lr: torch.Tensor  # the step's inner lr (a device tensor)
+
+
+@dataclass(frozen=True)
+class StepMetric:
+    """A metric every step adds to on the device. The epoch's value is the sum divided by the samples
+    this process's workers saw (``per="sample"``) or by the steps (``per="step"``)."""
+
+    name: str
+    value: Callable[[StepOutputs], torch.Tensor]
+    per: str = "sample"
+
+
+PER = ("sample", "step")
+STEP_METRICS: dict[str, StepMetric] = {}  # by the name the epoch's record gives its value
+
+
+def step_metric(name: str, per: str = "sample") -> Callable[[Callable[[StepOutputs], torch.Tensor]], Any]:
+    """Decorator: register ``value(outputs) -> tensor`` as the per-step metric ``name`` (see the module doc)."""
+    if per not in PER:
+        raise ValueError(f"per={per!r} is invalid: allowed {', '.join(PER)}")
+
+    def add(value: Callable[[StepOutputs], torch.Tensor]) -> Callable[[StepOutputs], torch.Tensor]:
+        if name in STEP_METRICS and STEP_METRICS[name].value.__module__ != value.__module__:
+            raise ValueError(f"step metric {name!r} is registered twice: in {STEP_METRICS[name].value.__module__} "
+                             f"and in {value.__module__}")
+        STEP_METRICS[name] = StepMetric(name, value, per)
+        return value
+
+    return add
+
+
+@step_metric("train_loss")
+def train_loss(out: StepOutputs) -> torch.Tensor:
+    """The mean training loss of the epoch's samples (text: nats per byte)."""
+    return out.losses.detach().sum().double() * out.batch
+
+
+@step_metric("train_acc")
+def train_acc(out: StepOutputs) -> torch.Tensor:
+    """The share of the epoch's training samples predicted right (text: of its bytes)."""
+    return out.correct.sum()
+
+
+DRIFT = "drift"  # summed at each sync, not each step: the mean over the epoch's syncs
+
+
 class EpochSums:
-    """Training loss and correct count of the epoch in progress, summed on the device.
+    """The epoch's metric sums, on the device: every step adds its metrics without reading them, so the
+    step never waits for the device; the epoch's end (or a checkpoint) reads them all at once. The
+    samples seen and the syncs are counted on the host."""
 
-    Every step adds its per-worker losses without reading them, so the step never waits
-    for the device; the epoch's end (or a checkpoint) reads the sums once. The sample
-    count is known on the host from the batch shapes.
-    """
+    def __init__(self, device: torch.device, names: Iterable[str]) -> None:
+        self.totals = {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
+        self.seen = self.syncs = 0
 
-    def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=device)
-        self.seen = 0
+    def add_step(self, metrics: Iterable[StepMetric], out: StepOutputs) -> None:
+        for metric in metrics:
+            self.totals[metric.name] += metric.value(out)
+        self.seen += out.losses.numel() * out.batch
 
-    def add(self, losses: torch.Tensor, correct: torch.Tensor, batch: int) -> None:
-        """``losses`` [K_local]: each worker's mean loss over its ``batch`` samples; ``correct`` [K_local]."""
-        self.loss += losses.detach().sum().double() * batch
-        self.correct += correct.sum()
-        self.seen += losses.numel() * batch
+    def add_sync(self, drift: torch.Tensor) -> None:
+        self.totals[DRIFT] += drift
+        self.syncs += 1
 
-    def read(self) -> tuple[float, int, int]:
-        """(loss sum, correct, seen) on the host: one device read."""
-        return float(self.loss), int(self.correct), self.seen
+    def read(self) -> dict[str, float]:
+        """Every sum on the host: one device read."""
+        values = torch.stack(list(self.totals.values())).tolist()
+        return dict(zip(self.totals, values))
 
-    def load(self, loss_sum: float, correct: int, seen: int) -> None:
-        self.loss.fill_(loss_sum)
-        self.correct.fill_(int(correct))
-        self.seen = int(seen)
+    def load(self, sums: dict[str, float], seen: int, syncs: int) -> None:
+        for name, total in self.totals.items():
+            total.fill_(sums.get(name, 0.0))  # a metric registered after the checkpoint was written starts at 0
+        self.seen, self.syncs = int(seen), int(syncs)
 
     def reset(self) -> None:
-        self.load(0.0, 0, 0)
+        self.load({}, 0, 0)
+
+
+# ----------------------------------------------------------------------------- the best model, early stopping
 
 
 def check_finite(train_loss: float, epoch: int) -> None:

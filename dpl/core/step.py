@@ -22,7 +22,7 @@ optimizer's step at the lr of the step. The trainer calls it once per step; the 
   device tensors written before each replay; the shorter last batch gets its own graph. A
   replaced optimizer state (a restart clears it; a resume loads it) or gradient tensor makes
   the graphs stale: the step warms up and captures again.
-- ``auto``: ``graph`` on CUDA when the engine and optimizer allow it (:func:`compile_mode`),
+- ``auto``: ``graph`` on CUDA when the engine and optimizer allow it (:func:`dpl.core.engines.compile_mode`),
   ``none`` otherwise.
 
 When compiling or capturing fails, one warning line is logged and the step runs eagerly from
@@ -36,37 +36,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from dpl.components.data import DeviceData, make_batch, train_key
+from dpl.components.data.device import DeviceData, make_batch, train_key
+from dpl.core.engines import COMPILED, EAGER, GRAPH
 from dpl.core.workers import StackedWorkers
-from dpl.components.optim import CAPTURABLE
 
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = ("auto", "none", "graph", "compile")
 BACKEND = "inductor"  # torch.compile's backend for engine.compile=compile
 Outputs = tuple[torch.Tensor, torch.Tensor]  # each worker's mean loss [K_local] and correct count [K_local]
-
-
-def compile_mode(requested: str, device: torch.device, workers: StackedWorkers, optimizer: str) -> tuple[str, str]:
-    """The mode the step runs in, and why it differs from ``requested`` ('' when it does not).
-
-    A CUDA graph needs CUDA, workers whose collectives can run beside it (the workers say which,
-    :meth:`~dpl.core.workers.StackedWorkers.graph_blocker`) and an optimizer whose per-step values
-    live on the device (:data:`dpl.components.optim.CAPTURABLE`). torch.compile runs anywhere except through
-    DistributedDataParallel's gradient hooks (``workers.reduces_in_backward``).
-    """
-    if requested not in COMPILE_MODES:
-        raise ValueError(f"engine.compile={requested!r} is invalid: allowed {', '.join(COMPILE_MODES)}")
-    graph_blocker = "it needs CUDA" if device.type != "cuda" else workers.graph_blocker()
-    if not graph_blocker and optimizer not in CAPTURABLE:
-        graph_blocker = f"optimizer={optimizer} keeps a host step count"
-    if requested == "auto":
-        return ("none", "") if graph_blocker else ("graph", "")
-    if requested == "graph" and graph_blocker:
-        return "none", f"engine.compile=graph runs eagerly: {graph_blocker}"
-    if requested == "compile" and workers.reduces_in_backward:
-        return "none", "engine.compile=compile runs eagerly: DistributedDataParallel's hooks are not compiled here"
-    return requested, ""
 
 
 class LocalStep:
@@ -130,7 +107,7 @@ class LocalStep:
 class CompiledStep(LocalStep):
     """The local step with its two compute parts through ``torch.compile`` (one graph per batch shape)."""
 
-    def __init__(self, *args: Any, optimizer_name: str = "sgdm", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, capturable: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # A fresh compiler cache: the code compiled for an earlier trainer in this process (a benchmark,
         # a test run) would otherwise count towards torch's recompile limit, past which it runs eagerly.
@@ -140,7 +117,7 @@ class CompiledStep(LocalStep):
         # torch's optimizers break the graph on purpose (profiling hooks) before their maths; only optimizers
         # whose per-step values are tensors compile (a Python step count would recompile it every step)
         self._update = (torch.compile(self.optimizer_step, dynamic=False, backend=BACKEND)
-                        if optimizer_name in CAPTURABLE else None)
+                        if capturable else None)
         self.shapes: set[tuple[int, ...]] = set()  # batch shapes run compiled once already
 
     def __call__(self, idx: torch.Tensor, step: int, lr_i: int, epoch: int) -> Outputs:
@@ -283,11 +260,12 @@ class GraphStep(LocalStep):
         return tuple(id(t) for t in self.graph_tensors())
 
 
-def build_local_step(mode: str, *args: Any, optimizer_name: str = "sgdm", **kwargs: Any) -> LocalStep:
-    """The step for a resolved ``engine.compile`` mode (see :func:`compile_mode`)."""
-    if mode == "compile":
-        return CompiledStep(*args, optimizer_name=optimizer_name, **kwargs)
-    return {"none": LocalStep, "graph": GraphStep}[mode](*args, **kwargs)
+def build_local_step(mode: str, *args: Any, capturable: bool = True, **kwargs: Any) -> LocalStep:
+    """The step for a resolved ``engine.compile`` mode (:func:`dpl.core.engines.compile_mode`); ``capturable``:
+    the optimizer's per-step values live on the device, so torch.compile compiles its step too."""
+    if mode == COMPILED:
+        return CompiledStep(*args, capturable=capturable, **kwargs)
+    return {EAGER: LocalStep, GRAPH: GraphStep}[mode](*args, **kwargs)
 
 
 def _snapshot(workers: StackedWorkers, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """K model replicas held as one set of stacked tensors.
 
-Workers are a leading dimension, not K model copies (STYLE principle 3): every
+Workers are a leading dimension, not K model copies: every
 parameter and buffer of the model is stored once as a tensor of shape [K, ...], the
 model itself stays a stateless template run through ``torch.func.functional_call``.
 Averaging the workers is then ``mean(0)``, and an optimizer acting on the stacked
@@ -15,48 +15,53 @@ the stacked buffers take the new values afterwards. Both give the same numbers.
 
 The same class serves the multi-process engine with K_local = 1: there ``comm``
 reduces across processes instead of across the leading dimension, and everything
-else is shared. Every collective goes through ``point`` (:class:`dpl.comm.CommPoint`),
+else is shared. Every collective goes through ``point`` (:class:`dpl.comm.point.CommPoint`),
 which counts and times it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from dpl.comm import CommPoint, Communicator
-from dpl.comm.codecs import DeltaResult
-from dpl.config.schema import MEMORY_FORMATS
+from dpl.comm.communicator import Communicator
+from dpl.comm.drops import Drops
+from dpl.comm.flight import Flight
+from dpl.comm.point import CommPoint, DeltaResult
 from dpl.core.state import drift_term
 
 
 class StackedWorkers:
     """``K_local`` replicas of ``model`` as stacked leaf tensors, all initialised from ``model``."""
 
-    precision = "fp32"  # the trainer sets the config's (fp32 | bf16)
-    # the trainer sets it from engine.memory_format (see memory_format): image batches enter the
+    precision = "fp32"  # the builder sets the config's (fp32 | bf16)
+    # the builder sets it from engine.memory_format (dpl.core.engines.memory_format): image batches enter the
     # model channels_last (NHWC in memory), for which oneDNN's convolutions are faster
     channels_last = False
     # autocast's cast cache: off while a CUDA graph is captured (the cached casts would be
     # tensors of the capture, stale at the next replay; torch.cuda.graph's notes)
     autocast_cache = True
 
-    def __init__(self, model: nn.Module, k_local: int, comm: Communicator, mode: str = "loop") -> None:
+    def __init__(self, model: nn.Module, k_local: int, comm: Communicator, mode: str = "loop", codec: Any = None,
+                 drops: Optional[Drops] = None, seed: int = 0) -> None:
         if mode not in ("loop", "vmap"):
             raise ValueError(f"simulate={mode!r} is invalid: allowed loop, vmap")
         self.model, self.k_local, self.mode = model, k_local, mode
-        self.point = CommPoint(comm)  # every collective among the workers goes through it, and is counted there
         # Every worker starts from the same weights (a peer-implementation failure mode
         # is workers initialised differently).
         self.param_names = [n for n, _ in model.named_parameters()]
         self.buffer_names = [n for n, _ in model.named_buffers()]
         self.params = [_stack(p, k_local).requires_grad_(True) for p in model.parameters()]
         self.buffers = [_stack(b, k_local) for b in model.buffers()]
+        # every collective among the workers goes through it, and is counted there; ``codec``: what a local
+        # method's sync sends (dpl.comm.codecs), ``drops``: whose contributions arrive (faults.drop_prob)
+        self.point = CommPoint(comm, codec, drops, seed)
+        self.point.start(self.params)
         self.drift = 0.0  # this process's term of the workers' drift before the last sync
         # DistributedDataParallel all-reduces the gradients during backward (through the point's hook)
         self.reduces_in_backward = False
@@ -149,9 +154,9 @@ class StackedWorkers:
 
     def start_pseudo_gradient(self, anchor: Sequence[torch.Tensor], sync: int,
                               params: Optional[Sequence[int]] = None,
-                              buffers: Optional[Sequence[int]] = None) -> "SyncInFlight":
+                              buffers: Optional[Sequence[int]] = None) -> Flight[tuple[DeltaResult, torch.Tensor]]:
         """A local method's sync started: Δ = mean_k (x − x_k) per tensor (float64, one worker's shape; x the
-        float64 ``anchor``, one per tensor of ``params``) as the run's compression sends it through the point.
+        float64 ``anchor``, one per tensor of ``params``) as the run's codec sends it through the point.
         ``params`` / ``buffers``: indices of the tensors synced (a streaming fragment; default all). The
         workers are not changed: they may keep training until it lands.
 
@@ -162,13 +167,14 @@ class StackedWorkers:
             chosen = self.params if params is None else [self.params[i] for i in params]
             kept = self.buffers if buffers is None else [self.buffers[i] for i in buffers]
             before = _flat64(chosen)
-            pending = self.point.start_mean_delta(anchor, chosen, kept, sync, params)
-            # only compressed Δ_k cross: the drift metric needs x̄, one bookkeeping all-reduce (now, of the
+            pending = self.point.start_pseudo_gradient(anchor, chosen, kept, sync, params)
+            # only encoded Δ_k cross: the drift metric needs x̄, one bookkeeping all-reduce (now, of the
             # tensors as they are: they may move on before the sync lands)
-            exact = None if self.point.compression.forms_mean else self.point.average_copy(chosen, "metrics")
-        return SyncInFlight(pending, before, exact, self.K)
+            exact = None if self.point.forms_mean else self.point.average_copy(chosen, "metrics")
+        return pending.then(lambda result: (result, self._drift(before, exact if result.mean is None else result.mean)))
 
-    def start_mean_of_deltas(self, deltas: Sequence[torch.Tensor], sync: int, params: Sequence[int]) -> "SyncInFlight":
+    def start_mean_of_deltas(self, deltas: Sequence[torch.Tensor], sync: int,
+                             params: Sequence[int]) -> Flight[tuple[DeltaResult, torch.Tensor]]:
         """Each worker's own pseudo-gradient Δ_k [K_local, ...] (float64) of the tensors ``params`` (indices)
         averaged through the point, in flight until ``wait()`` (eager updates, whose workers each have their
         own anchor); as :meth:`start_pseudo_gradient`, it also gives the drift term when it lands."""
@@ -177,7 +183,22 @@ class StackedWorkers:
             before = _flat64(chosen)
             pending = self.point.start_mean(deltas, sync, params)
             exact = self.point.average_copy(chosen, "metrics")  # x̄ is not sent: the drift metric's own
-        return SyncInFlight(pending, before, exact, self.K)
+        return pending.then(lambda result: (result, self._drift(before, exact)))
+
+    @torch.no_grad()
+    def _drift(self, before: torch.Tensor, mean: Sequence[torch.Tensor]) -> torch.Tensor:
+        return drift_term(before, _flat64(mean)[0], self.K)
+
+    def sync(self, overlap_steps: int = 0) -> Any:
+        """``with workers.sync(overlap_steps):`` the collectives inside are one sync of the model
+        (:meth:`dpl.comm.point.CommPoint.sync`)."""
+        return self.point.sync(overlap_steps)
+
+    def average_(self, tensors: Sequence[torch.Tensor], kind: str) -> None:
+        """Tensors stacked like the workers' [K_local, ...] replaced by their mean over all K workers, through
+        the point (``kind``: what they are, e.g. ``state`` for the inner optimizer's, ``buffers``)."""
+        with torch.no_grad():
+            self.point.average_(tensors, kind)
 
     def average_grads_(self) -> None:
         """Synchronous data parallelism: every worker steps with the mean gradient.
@@ -216,7 +237,7 @@ class StackedWorkers:
         """Every per-worker tensor ([K_local, ...]): parameters, buffers and, with error feedback,
         the compression residuals (the multi-process engine stacks each key's tensors over ranks)."""
         return {"params": [p.detach().clone() for p in self.params], "buffers": [b.clone() for b in self.buffers],
-                **self.point.compression.state_dict()}
+                **self.point.state_dict()}
 
     def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
         with torch.no_grad():
@@ -224,7 +245,7 @@ class StackedWorkers:
                 if dst.shape != src.shape:
                     raise ValueError(f"checkpoint holds workers of shape {tuple(src.shape)}, this run {tuple(dst.shape)}")
                 dst.copy_(src)
-        self.point.compression.load_state_dict(state)
+        self.point.load_state_dict(state)
 
     @torch.no_grad()
     def evaluate(self, batches, weights: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
@@ -266,42 +287,6 @@ class StackedWorkers:
         """One batch of images [B, C, H, W] in the memory format the convolutions get (the same
         numbers either way; only the order in memory, and so the kernels picked, differ)."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
-
-
-class SyncInFlight:
-    """A sync of the workers in flight; ``wait()`` gives its :class:`~dpl.comm.codecs.DeltaResult`
-    and the drift term of the workers when it started (computed once, when it lands)."""
-
-    def __init__(self, pending, before: torch.Tensor, exact: Optional[list[torch.Tensor]], K: int) -> None:
-        self.pending, self.before, self.exact, self.K = pending, before, exact, K
-        self.landed: Optional[tuple[DeltaResult, torch.Tensor]] = None
-
-    def wait(self) -> tuple[DeltaResult, torch.Tensor]:
-        if self.landed is None:
-            with torch.no_grad():
-                result = self.pending.wait()
-                mean = result.mean if result.mean is not None else self.exact
-                self.landed = result, drift_term(self.before, _flat64(mean)[0], self.K)
-            self.pending = self.before = self.exact = None
-        return self.landed
-
-
-def memory_format(requested: str, device: torch.device) -> str:
-    """``engine.memory_format``: the layout of image batches entering the model.
-
-    ``auto``: channels_last on CPU, where oneDNN's NHWC convolutions measured faster (``python -m
-    dpl.bench layout`` on this project's 2-core CPU, LeNet-5, full training steps: 1.15x at K=1 x 64
-    in fp32, 1.3-1.4x at K=1 x 512 and K=8 x 64, 1.5x in bf16); contiguous on CUDA, where it has
-    not been measured yet. It applies where a worker sees a plain [B, C, H, W] batch:
-    ``engine.simulate=loop``, every ``engine=distributed`` rank and evaluation; under ``simulate=vmap`` (CUDA's default) the K stacked batches keep their layout:
-    torch's vmap cannot query channels_last strides, and its batched convolution folds the workers
-    into the channels, which would undo the layout anyway.
-    """
-    if requested not in MEMORY_FORMATS:
-        raise ValueError(f"engine.memory_format={requested!r} is invalid: allowed {', '.join(MEMORY_FORMATS)}")
-    if requested == "auto":
-        return "channels_last" if device.type == "cpu" else "contiguous"
-    return requested
 
 
 def _autocast(device: torch.device, precision: str, cache: bool = True):

@@ -26,16 +26,12 @@ SIGKILL) and end the run KILLED.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import ipaddress
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
 import signal
-import socket
 import sys
 import threading
 import time
@@ -48,111 +44,34 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from dpl.comm.process_group import ProcessGroupComm
 from dpl.errors import ConfigError, RankFailure, user_errors
-from dpl.comm.process_group import ProcessGroupComm, wait_for_key
+from dpl.launch.faults import (
+    _first_line,
+    _picklable,
+    _reports,
+    culprits,
+    explain,
+    grace_s,
+    is_comm_error,
+    leave_group,
+    overdue,
+    report_fault,
+)
+from dpl.launch.network import STORE_TIMEOUT, gloo_on, host_store
 from dpl.launch.slurm import ranks_from_scheduler
+from dpl.launch.torchrun import torchrun_store, under_torchrun
 
 log = logging.getLogger("dpl")
 
 OnFailure = Callable[[str, str], None]  # on_failure(status, reason): end the job's run (dpl.run.job.salvage)
-SETTLE_S = 3.0  # after the first fault, how long a rank that left no report may run on before it is killed
-WRITE_S = 10.0  # after the first fault, how long a rank that reported may take to write its history and exit
 STOP_S = 10.0  # on the launcher's own signal: how long the ranks get to record KILLED before SIGKILL
 Body = Callable[..., Any]  # body(cfg, out_dir, comm) -> result; dpl.run.job.run
-STORE_TIMEOUT = timedelta(minutes=10)  # store handshakes (run dir, reports), not collectives
-# How a failed collective reads (gloo and NCCL put no common exception type on all of them).
-COMM_MARKERS = ("gloo", "nccl", "NCCL", "Connection", "Broken pipe", "timeout", "Timed out", "timed out",
-                "pair closure", "ProcessGroup", "c10d")
 
 
 # ----------------------------------------------------------------------------- torchrun
 
 
-def under_torchrun() -> bool:
-    """True when a launcher set the ``env://`` variables (torchrun does)."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-
-
-_boot: Optional[tuple[dist.Store, int, int]] = None  # this process's (store, rank, world) under torchrun
-
-
-def torchrun_store() -> tuple[dist.Store, int, int]:
-    """The store of torchrun's rendezvous (its agent's, when it serves one), made once per process.
-
-    A store that cannot be hosted or reached (a busy or wrong MASTER_PORT) is one line: it is
-    the user's launch command to fix, not a traceback of this rank's.
-    """
-    global _boot
-    if _boot is None and ranks_from_scheduler():
-        _boot = _scheduler_store()
-    if _boot is None:
-        try:
-            _boot = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
-        except (RuntimeError, OSError, ValueError) as e:
-            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-            raise ConfigError(f"MASTER_ADDR:MASTER_PORT={where} is invalid: rank {os.environ.get('RANK')} cannot "
-                              f"host or reach the rendezvous store there ({_first_line(e)[:160]}); allowed a "
-                              f"free port on the master, reachable from every node (torchrun --master-port, "
-                              f"--rdzv-endpoint)") from None
-    return _boot
-
-
-def _scheduler_store() -> tuple[dist.Store, int, int]:
-    """Ranks from Slurm (:mod:`dpl.launch.slurm`): no agent serves a store, so rank 0 hosts it on
-    MASTER_ADDR:MASTER_PORT alone (TCPStore on its own would listen on every interface) and the
-    other ranks connect to it, retrying until rank 0 is up."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    if rank == 0:
-        try:
-            store, _ = host_store(addr, port)
-        except ConfigError as e:  # worded for engine.master_*; here the addresses are Slurm's
-            detail = str(e).split("is invalid: ", 1)[-1].split("; allowed")[0]  # "cannot listen on ... (why)"
-            raise ConfigError(f"MASTER_ADDR:MASTER_PORT={addr}:{port} is invalid for rank 0's store: {detail}; "
-                              f"allowed the job's first node and a free port there (export MASTER_PORT=<port>)") from None
-        return store, rank, world
-    try:
-        store = dist.TCPStore(addr, port, world_size=world, is_master=False, timeout=STORE_TIMEOUT)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise ConfigError(f"MASTER_ADDR:MASTER_PORT={addr}:{port} is invalid: rank {rank} cannot reach rank 0's "
-                          f"store there within {STORE_TIMEOUT.total_seconds():.0f} s ({_first_line(e)[:160]})") from None
-    return store, rank, world
-
-
-def _run_dir_key() -> str:
-    return f"dpl/run_dir/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-
-
-def agree_run_dir(argv: list[str]) -> list[str]:
-    """Under torchrun, the command line of this rank: ranks > 0 get rank 0's output dir.
-
-    Each rank composes its own config, and ``${now:...}`` in ``hydra.run.dir`` may differ
-    between them; ranks > 0 therefore wait for rank 0 to announce its dir
-    (:func:`announce_run_dir`) and run there without Hydra's ``.hydra/`` copy or log file.
-    The wait is in short slices: a rank 0 that fails first makes torchrun's agent SIGTERM
-    the others, and one long wait in the store would hold that signal off until it ends.
-    """
-    if not under_torchrun():
-        return argv
-    if any(a in ("-m", "--multirun") for a in argv):
-        raise ConfigError("--multirun is invalid under torchrun: sweep with engine.spawn=true instead")
-    store, rank, _ = torchrun_store()
-    if rank == 0:
-        return argv
-    if not wait_for_key(store, _run_dir_key(), STORE_TIMEOUT.total_seconds()):
-        raise ConfigError(f"rank {rank}: rank 0 did not start the job within {STORE_TIMEOUT.total_seconds():.0f} s "
-                          f"(its own error says why)")
-    run_dir = store.get(_run_dir_key()).decode()
-    quoted = run_dir.replace("\\", "\\\\").replace("'", "\\'")
-    return [*argv, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
-
-
-def announce_run_dir(run_dir: str | Path) -> None:
-    """Rank 0 under torchrun: tell the other ranks where this job writes."""
-    if under_torchrun():
-        store, rank, _ = torchrun_store()
-        if rank == 0:
-            store.set(_run_dir_key(), str(Path(run_dir).resolve()))
 
 
 # ----------------------------------------------------------------------------- launching
@@ -246,126 +165,7 @@ def meet(store: dist.Store, key: str, world: int, timeout_s: float) -> None:
         pass
 
 
-def leave_group() -> None:
-    """Destroy the default process group if there is one: a peer blocked in a collective with this
-    rank then fails at once, and a group whose collective timed out aborts the interpreter at exit
-    unless destroyed."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def grace_s(timeout_s: float) -> float:
-    """How long a rank whose collective failed waits for the others' reports.
-
-    The healthy ranks see a dead peer at once (its connections close) and a hung one at
-    the same timeout, so their reports arrive within moments of each other.
-    """
-    return min(2.0, max(0.5, timeout_s / 4))
-
-
 # ----------------------------------------------------------------------------- fault reports
-
-
-def _report_key(rank: int) -> str:
-    return f"dpl/fault/{rank}"
-
-
-def is_comm_error(e: BaseException) -> bool:
-    """A collective failed (a peer died, hung or quit), as opposed to an error of this rank's own."""
-    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in COMM_MARKERS))
-
-
-def report_fault(e: BaseException, store: dist.Store, rank: int) -> None:
-    """Leave this rank's report at once ("peer" for a failed collective, else its own error), so
-    the launcher does not take a rank still writing its history for a hung one; and leave the
-    process group, which no collective can use any more, so that a rank blocked on this one
-    fails now instead of after this rank's history is written, or after the timeout."""
-    try:
-        if not isinstance(e, RankFailure):
-            store.set(_report_key(rank), "peer" if is_comm_error(e) else f"error: {type(e).__name__}: {_first_line(e)}")
-    except Exception:  # the store lived on a rank that is gone
-        pass
-    leave_group()
-
-
-def explain(e: BaseException, store: dist.Store, rank: int, world: int, grace: float) -> BaseException:
-    """What this rank raises, after :func:`report_fault`: its own error as it is, or a collective
-    failure that names the culprits from the reports that arrive within ``grace``."""
-    if isinstance(e, RankFailure) or not is_comm_error(e):
-        return e
-    try:
-        reports = _collect_reports(store, world, grace)
-    except Exception:  # the store lived on a rank that is gone
-        return RankFailure(f"rank {rank}: a collective failed and the store is unreachable: {_first_line(e)}")
-    return RankFailure(f"{culprits(reports, world)}; rank {rank} stopped too ({_first_line(e)})")
-
-
-def _collect_reports(store: dist.Store, world: int, grace: float) -> dict[int, str]:
-    """Every rank's report, waiting up to ``grace`` for the missing ones."""
-    deadline = time.monotonic() + grace
-    reports: dict[int, str] = {}
-    while True:
-        for r in range(world):
-            if r not in reports and store.check([_report_key(r)]):
-                reports[r] = store.get(_report_key(r)).decode()
-        if len(reports) == world or time.monotonic() >= deadline:
-            return reports
-        time.sleep(0.05)
-
-
-def culprits(reports: dict[int, str], world: int, exits: Optional[dict[int, Optional[int]]] = None,
-             order: Sequence[int] = ()) -> str:
-    """Name the ranks at fault: the first to exit without a "peer" report, those that reported an
-    error of their own, and those silent.
-
-    A report "peer" marks a rank that only saw a collective fail: it is never blamed. ``exits``
-    (spawn only) are exit codes: None for a process the launcher killed because it was still
-    running after the first fault, a negative code for the signal that killed it; ``order`` is
-    the order they exited in. A rank killed silent after another rank had died or failed was
-    most likely waiting on that one: it is not blamed either; with no such rank, it hung.
-    """
-    first = next((r for r in order if reports.get(r) != "peer" and (exits or {}).get(r) not in (None, 0)), None)
-    parts = [] if first is None else [_fault(first, reports.get(first), exits, "first")]
-    for r in range(world):
-        report = reports.get(r)
-        if r == first or report == "peer":
-            continue
-        if report is None and exits is not None and (exits.get(r) == 0 or (first is not None and exits.get(r) is None)):
-            continue  # finished, or killed while it waited on the first
-        text = _fault(r, report, exits)
-        if text:
-            parts.append(text)
-    if first is not None and len(parts) == 1 and reports.get(first) is None:
-        parts.append("the other ranks stopped after it")
-    return "; ".join(parts) or "every rank saw a collective fail and none reported a cause"
-
-
-def _fault(r: int, report: Optional[str], exits: Optional[dict[int, Optional[int]]], when: str = "") -> str:
-    when = f" {when}" if when else ""
-    if report is not None and report.startswith("error: "):
-        return f"rank {r} failed: {report[len('error: '):]}"
-    if exits is None:
-        return f"rank {r} died or hung (it stopped answering)"
-    code = exits.get(r)
-    if code is None:
-        return f"rank {r} hung (no answer within engine.timeout_s; killed it)"
-    if code < 0:
-        return f"rank {r} died{when} (killed by {_signal_name(-code)})"
-    if code != 0:
-        return f"rank {r} died{when} (exit status {code})"
-    return ""
-
-
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 # ----------------------------------------------------------------------------- spawn
@@ -410,48 +210,6 @@ def spawn(body: Body, cfg: DictConfig, out_dir: Path, on_failure: Optional[OnFai
             on_failure("FAILED", _first_line(e))
             raise
     return outcome[0][1]
-
-
-def host_store(addr: str, port: int) -> tuple[dist.TCPStore, str]:
-    """The launcher's store, listening on ``addr`` alone; and the numeric address the ranks connect to.
-
-    Given a host and port, TCPStore binds ``*:port`` (every interface, whatever ``addr`` says)
-    and retries an address it cannot reach for STORE_TIMEOUT; on a socket bound here it
-    listens where asked, and a bad address or a busy port is one line at once.
-    """
-    sock = _listen(addr, port)
-    host, bound = sock.getsockname()[:2]
-    try:
-        store = dist.TCPStore(host, bound, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT,
-                              master_listen_fd=sock.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):  # (unless the store closed it already)
-            sock.close()
-        raise
-    sock.detach()  # the store closes it
-    return store, host
-
-
-def _listen(addr: str, port: int) -> socket.socket:
-    """A socket bound to ``addr:port`` (port 0: a free one) and listening; ConfigError if it cannot be."""
-    try:
-        family, kind, proto, _, where = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise ConfigError(f"engine.master_addr={addr} is invalid: it does not resolve ({e}); allowed an "
-                          f"address of this machine, e.g. 127.0.0.1") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore: TIME_WAIT is no conflict
-        sock.bind(where)
-        sock.listen(socket.SOMAXCONN)
-    except OSError as e:
-        sock.close()
-        if e.errno in (errno.EADDRINUSE, errno.EACCES):
-            raise ConfigError(f"engine.master_port={port} is invalid: cannot listen on {addr}:{port} "
-                              f"({e.strerror}); allowed a free port, or 0 for any free port") from None
-        raise ConfigError(f"engine.master_addr={addr} is invalid: cannot listen on {addr}:{port} ({e.strerror}); "
-                          f"allowed an address of this machine, e.g. 127.0.0.1") from None
-    return sock
 
 
 def _stop(procs: list) -> None:
@@ -502,28 +260,6 @@ def _watch(procs: list, pipes: list, outcome: dict, store: dist.Store,
                                         [recv for r, recv in enumerate(pipes) if r not in outcome],
                                         timeout=0.5 if fault_at is None else 0.1)
     return {r: None if r in killed else p.exitcode for r, p in enumerate(procs)}
-
-
-def overdue(alive: list[int], reports: dict[int, str], since_fault: float) -> list[int]:
-    """The ranks still running that have had their time since the first fault (see :func:`_watch`).
-
-    A silent rank gets SETTLE_S, or 1 s once the ranks that reported have all exited: with them
-    gone, a healthy rank fails (and reports) the moment it enters a collective.
-    """
-    settle = min(SETTLE_S, 1.0) if reports and not any(r in reports for r in alive) else SETTLE_S
-    return [r for r in alive if since_fault > (WRITE_S if r in reports else settle)]
-
-
-def _reports(store: dist.Store, world: int) -> dict[int, str]:
-    """The fault reports in the store so far (none if the store cannot be read)."""
-    reports = {}
-    for r in range(world):
-        try:
-            if store.check([_report_key(r)]):
-                reports[r] = store.get(_report_key(r)).decode()
-        except Exception:
-            pass
-    return reports
 
 
 def _read_outcomes(pipes: list, outcome: dict) -> None:
@@ -588,59 +324,6 @@ def _spawned_rank(body: Body, cfg: DictConfig, out_dir: Path, addr: str, port: i
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def gloo_on(addr: str) -> None:
-    """Make gloo's listeners (each rank's, for its peers) bind the interface of ``addr``, the store's.
-
-    gloo binds the address the machine's hostname resolves to, on most machines a public one,
-    even when ``engine.master_addr`` is 127.0.0.1; ``GLOO_SOCKET_IFNAME`` names the interface
-    instead. One the user set is kept; where no interface holds ``addr`` gloo keeps its default.
-    """
-    if "GLOO_SOCKET_IFNAME" not in os.environ:
-        name = interface_of(addr)
-        if name is not None:
-            os.environ["GLOO_SOCKET_IFNAME"] = name
-
-
-def interface_of(addr: str) -> Optional[str]:
-    """The name of the local network interface that holds ``addr`` (the loopback one for any
-    loopback address), or None where none does or it cannot be told (not Linux)."""
-    ip = ipaddress.ip_address(addr.split("%")[0])
-    for name, held in _interface_addresses().items():
-        if ip in held or (ip.is_loopback and any(a.is_loopback for a in held)):
-            return name
-    return None
-
-
-def _interface_addresses() -> dict[str, list]:
-    """Every interface's addresses, on Linux: IPv4 from SIOCGIFADDR, IPv6 from /proc/net/if_inet6."""
-    if not sys.platform.startswith("linux"):
-        return {}
-    import fcntl
-    import struct
-
-    found: dict[str, list] = {}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        for _, name in socket.if_nameindex():
-            try:
-                raw = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-            except OSError:  # no IPv4 address
-                continue
-            found.setdefault(name, []).append(ipaddress.ip_address(raw[20:24]))
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/net/if_inet6").read_text().splitlines():
-            fields = line.split()
-            found.setdefault(fields[-1], []).append(ipaddress.ip_address(bytes.fromhex(fields[0])))
-    return found
-
-
-def _picklable(e: BaseException) -> BaseException:
-    try:
-        pickle.dumps(e)
-        return e
-    except Exception:
-        return RuntimeError(f"{type(e).__name__}: {_first_line(e)}")
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from dpl.core.engines import ENGINES
 from dpl.tracking.run_names import BOOKKEEPING as RUN_BOOKKEEPING
 
 # Per-run values that the fused step carries per run (each run's own optimizer, lr table and sync schedule).
@@ -29,8 +30,8 @@ PACKABLE_PREFIXES = ("dynamic_h.",)
 # where and how a run records; not the device or how the step runs, which the whole group shares
 BOOKKEEPING = (*(k for k in RUN_BOOKKEEPING if k != "device" and not k.startswith("engine.")), "sweep")
 BOOKKEEPING_PREFIXES = ("logger.", "hydra.")
-# Jobs that never pack: one process per rank, or a job that continues (or only tests) another.
-ALONE = {"engine.name": ("distributed",)}
+# Jobs that never pack: a job that continues (or only tests) another; and one of an engine with a process
+# per worker (its facts)
 ALONE_IF_SET = ("resume", "test_only", "checkpoint")
 
 
@@ -42,9 +43,9 @@ def varies_freely(key: str) -> bool:
 
 def packs(flat: Mapping[str, str]) -> str:
     """'' when the job (its flattened resolved config) can share a process, else why not."""
-    for key, values in ALONE.items():
-        if flat.get(key) in values:
-            return f"{key}={flat[key]}"
+    engine = flat.get("engine.name")
+    if engine in ENGINES and ENGINES[engine].facts.processes:
+        return f"engine.name={engine}"
     for key in ALONE_IF_SET:
         if flat.get(key) not in (None, "None", "False", "false", ""):
             return f"{key}={flat[key]}"

@@ -21,16 +21,18 @@ from typing import Any, Iterator, Optional, Union
 
 from omegaconf import DictConfig
 
+from dpl.config.validate import validate
+from dpl.core.engines import pick_device
+from dpl.core.loop import Trainer
+from dpl.errors import Diverged, first_line, user_errors
+from dpl.pack.lockstep import Lockstep
 from dpl.run import checkpoint
 from dpl.run.build import build_trainer, load_training_state
-from dpl.core.engines import pick_device
-from dpl.errors import Diverged, first_line, user_errors
 from dpl.run.job import DIVERGED_OBJECTIVE, _finished_in_sweep, _resumed_config, check_destinations, finished
-from dpl.pack.lockstep import Lockstep
-from dpl.config.validate import validate
 from dpl.run.recorder import Recorder
-from dpl.tracking import config_hash, find_unfinished_job, in_multirun
-from dpl.core.loop import Trainer
+from dpl.tracking.loggers import make_logger
+from dpl.tracking.params import config_hash
+from dpl.tracking.run_names import in_multirun
 
 log = logging.getLogger("dpl")
 Outcome = Union[dict, BaseException]  # a run's final metrics (as dpl.run.job.run returns them), or its error
@@ -84,9 +86,10 @@ def stopped_job(m: Member) -> Optional[Path]:
     or that of this sweep's KILLED MLflow run of the same config (a re-run with a new one)."""
     if (m.out_dir / checkpoint.FILENAME).is_file():
         return m.out_dir
-    if m.cfg.logger.name != "mlflow" or not (m.cfg.sweep or in_multirun()):
+    if not (m.cfg.sweep or in_multirun()):
         return None
-    return find_unfinished_job(m.cfg.logger, str(m.cfg.sweep) if m.cfg.sweep else None, config_hash(m.cfg), resumable)
+    return make_logger(m.cfg.logger).find_unfinished_job(str(m.cfg.sweep) if m.cfg.sweep else None,
+                                                         config_hash(m.cfg), resumable)
 
 
 def prepare(m: Member, data_cache: Optional[dict] = None) -> None:

@@ -1,13 +1,13 @@
 """Several runs' trainers stepped together in one process (a packed group of a sweep).
 
-Each run keeps its own :class:`~dpl.core.loop.Trainer`: its data, shards and seed, its workers,
-inner optimizer (with its own lr table, weight decay and momentum), method and state. The
-loop here is the trainer's ``fit`` for many: at every iteration the runs that are furthest
-behind (the lowest (epoch, step)) take their next step together, so runs that were resumed at
-different points catch up before they step side by side; each run's epochs start and end, and
-its syncs happen, by its own rules (its H, dynamic H, early stopping). Runs whose steps have the
-same batch shape are fused into one step where the engine allows it (:mod:`dpl.core.packed`);
-otherwise each run's own step runs in turn, which is the run alone, bit for bit.
+Each run keeps its own :class:`~dpl.core.loop.Trainer`: its data, shards and seed, its workers, inner
+optimizer (with its own lr table, weight decay and momentum), method and state, and it takes its steps
+through the trainer's own calls (``next_inputs``, ``end_step``, ``advance``, ``end_epoch``), as
+:meth:`~dpl.core.loop.Trainer.fit` does. What is packing's is only this: at every iteration the runs that
+are furthest behind (the lowest (epoch, step)) step together, so runs that were resumed at different
+points catch up before they step side by side; and the local steps of runs with the same batch shape are
+fused into one where the engine allows it (:mod:`dpl.core.packed`). Otherwise each run's own local step
+runs in turn, which is the run alone, bit for bit.
 
 A run that diverges or stops early leaves the group; the others go on.
 """
@@ -19,21 +19,19 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from dpl.core.engines import EAGER, GRAPH
+from dpl.core.loop import StepInputs, Trainer
 from dpl.core.packed import PackedStep, fused_step
 from dpl.errors import Diverged
-from dpl.core.loop import Trainer
+
+FUSED_MODES = (EAGER, GRAPH)  # engine.compile modes whose steps fuse (torch.compile compiles one run's step)
 
 
 def fusable(trainer: Trainer) -> bool:
     """Whether ``trainer``'s step can join a fused one: its workers run vmapped in one process and its
-    step runs eagerly or as a CUDA graph (torch.compile compiles one run's step: it runs alone)."""
+    step runs eagerly or as a CUDA graph."""
     workers = trainer.workers
-    return workers.mode == "vmap" and workers.point.comm.processes == 1 and trainer.compile in ("none", "graph")
-
-
-def finished(trainer: Trainer) -> bool:
-    s = trainer.state
-    return s.epoch >= trainer.cfg.epochs or s.stopped_early
+    return workers.mode == "vmap" and workers.k_local == workers.K and trainer.compile in FUSED_MODES
 
 
 class Lockstep:
@@ -48,11 +46,10 @@ class Lockstep:
         self.on_diverged = on_diverged or (lambda i, e: None)
         self.on_step = on_step or (lambda n: None)
         self.failed: set[int] = set()
-        self._orders: dict[int, torch.Tensor] = {}
         self._fused: dict[tuple[int, ...], PackedStep] = {}
 
     def live(self) -> list[int]:
-        return [i for i, t in enumerate(self.trainers) if i not in self.failed and not finished(t)]
+        return [i for i, t in enumerate(self.trainers) if i not in self.failed and not t.finished]
 
     def fit(self) -> None:
         while True:
@@ -66,27 +63,17 @@ class Lockstep:
     def step(self, front: list[int]) -> None:
         """One step of the runs ``front`` (all at the same epoch and step), then their epoch's end where it is."""
         t0 = time.perf_counter()
-        inputs = {}
-        for i in front:
-            t = self.trainers[i]
-            if t.state.step == 0 and i not in self._orders:
-                t.start_epoch()
-            if i not in self._orders:
-                self._orders[i] = t.epoch_order()
-            inputs[i] = t.step_inputs(self._orders[i])
-        for members in self._fusions(front, inputs):
+        inputs = {i: self.trainers[i].next_inputs() for i in front
+                  if self.trainers[i].state.step < self.trainers[i].steps_per_epoch}
+        for members in self._fusions(list(inputs), inputs):
             self._run(members, inputs)
         share = (time.perf_counter() - t0) / len(front)  # each run's part of the process's time
-        for i in front:
-            t = self.trainers[i]
-            t.state.compute_s += share
-            for hook in t.on_step:
-                hook(t)
+        for i in inputs:
+            self.trainers[i].advance(share)
         for i in front:
             t = self.trainers[i]
             if t.state.step < t.steps_per_epoch:
                 continue
-            self._orders.pop(i, None)
             try:
                 t.end_epoch()
             except Diverged as e:
@@ -94,31 +81,30 @@ class Lockstep:
                 self.on_diverged(i, e)
         self.on_step(len(front))
 
-    def _fusions(self, front: list[int], inputs: dict) -> list[list[int]]:
+    def _fusions(self, front: list[int], inputs: dict[int, StepInputs]) -> list[list[int]]:
         """The runs of ``front`` as the steps they take: those that can fuse, by batch shape, together."""
         groups: dict[tuple, list[int]] = {}
         for i in front:
             t = self.trainers[i]
             can = self.fuse and fusable(t)
-            key = (tuple(inputs[i][0].shape), t.compile, t.state.global_step, inputs[i][1]) if can else ("alone", i)
+            key = (tuple(inputs[i].idx.shape), t.compile, t.state.global_step, inputs[i].lr_i) if can else ("alone", i)
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
-    def _run(self, members: list[int], inputs: dict) -> None:
-        lead = self.trainers[members[0]]
-        s = lead.state
+    def _run(self, members: list[int], inputs: dict[int, StepInputs]) -> None:
         if len(members) == 1:
-            idx, lr_i = inputs[members[0]]
-            losses, correct = lead.local_step(idx, s.global_step, lr_i, s.epoch)
-            lead.end_step(idx, losses, correct)
+            t = self.trainers[members[0]]
+            t.end_step(inputs[members[0]], t.run_step(inputs[members[0]]))
             return
         key = tuple(members)
         step = self._fused.get(key)
         if step is None:
             live = set(self.live())  # a fused step of a run that has left is not taken again: its graphs go
             self._fused = {k: v for k, v in self._fused.items() if live.issuperset(k)}
-            step = self._fused[key] = fused_step([self.trainers[i].local_step for i in members], lead.compile)
-        idx = torch.stack([inputs[i][0] for i in members])
-        losses, correct = step(idx, s.global_step, inputs[members[0]][1], s.epoch)
+            step = self._fused[key] = fused_step([self.trainers[i].local_step for i in members],
+                                                 self.trainers[members[0]].compile)
+        lead = self.trainers[members[0]].state
+        idx = torch.stack([inputs[i].idx for i in members])
+        losses, correct = step(idx, lead.global_step, inputs[members[0]].lr_i, lead.epoch)
         for i, l, c in zip(members, step.split(losses), step.split(correct)):
-            self.trainers[i].end_step(inputs[i][0], l, c)
+            self.trainers[i].end_step(inputs[i], (l, c))

@@ -1,7 +1,7 @@
-"""``python -m dpl.report``: tables and figures of a sweep (see :func:`dpl.report.main`)."""
+"""``python -m dpl.report``: tables and figures of a sweep (see :mod:`dpl.report`)."""
 
 import sys
 
-from dpl.report import main
+from dpl.report.cli import main
 
 sys.exit(main())

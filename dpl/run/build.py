@@ -1,4 +1,6 @@
-"""Building one job's parts from its config: data, model, workers, method, the trainer.
+"""Building one job's parts from its config, all of them, in one place: data, model, workers and their
+communication point, method, inner optimizer, lr schedule, the local step, the ledger; and the trainer
+that receives them finished (:class:`dpl.core.loop.Trainer`).
 
 Everything is seeded, so every rank of ``engine=distributed`` builds the same parts. The job's
 lifecycle around them is :mod:`dpl.run.job`; what is recorded beside the loop, :mod:`dpl.run.recorder`.
@@ -6,6 +8,7 @@ lifecycle around them is :mod:`dpl.run.job`; what is recorded beside the loop, :
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,16 +16,24 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpl.run import checkpoint
-from dpl.comm import build_compression
+from dpl.comm.clock import worker_speeds
+from dpl.comm.codecs import build_codec
+from dpl.comm.cost import CommLedger
 from dpl.comm.drops import Drops
-from dpl.components.data import TEXT_DATASETS, load_dataset
-from dpl.core.engines import build_workers
-from dpl.errors import ConfigError, first_line
-from dpl.core.methods import build_method
-from dpl.components.models import MODELS, SEQUENCE_MODELS, build_model
-from dpl.tracking import launch_dir
+from dpl.components.data.device import load_dataset
+from dpl.components.data.sharding import make_shards, steps_per_epoch
+from dpl.components.models import build_model
+from dpl.components.optim import OPTIMIZERS, build_optimizer
+from dpl.core.engines import build_workers, compile_mode, memory_format
 from dpl.core.loop import Trainer
+from dpl.core.methods import METHODS, build_method
+from dpl.core.schedules import LrSchedule, lr_table, scaled_lr
+from dpl.core.step import build_local_step
+from dpl.errors import ConfigError, first_line
+from dpl.run import checkpoint
+from dpl.tracking.params import launch_dir
+
+log = logging.getLogger("dpl")
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -30,34 +41,76 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else launch_dir() / p
 
 
-def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=None,
+def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm: Any = None,
                   data_cache: dict | None = None) -> Trainer:
-    """Data, model, workers, method and optimizer for ``cfg`` (seeded: the same on every rank).
-    ``data_cache``: raw datasets already read, shared by the runs of a packed group (dpl.components.data.load_dataset)."""
+    """Every part of the run ``cfg`` (seeded: the same on every rank), and its trainer. ``comm``: a rank's
+    communicator (``engine=distributed``); ``data_cache``: raw datasets already read, shared by the runs of a
+    packed group (:func:`dpl.components.data.device.load_dataset`)."""
+    hp = OmegaConf.to_object(cfg)  # plain dataclasses for the per-step reads: DictConfig access costs ~10 us each
+    data = load_data(cfg, device, comm, data_cache)
+    n_train = int(data.train_y.shape[0])
+    if cfg.K > n_train:  # a text dataset's windows are only known once it is read (others: dpl.config.validate)
+        raise ConfigError(f"K={cfg.K} is invalid: allowed at most {n_train} (the training samples of "
+                          f"{cfg.dataset.name})")
+    model = _model(cfg, data, device)
+    method = build_method(cfg.method, cfg.local_momentum)
+    workers = build_workers(cfg, model, device, comm, synchronous=METHODS.facts(cfg.method).synchronous,
+                            codec=build_codec(cfg.compression), drops=Drops(cfg.faults.drop_prob, cfg.seed),
+                            seed=cfg.seed)
+    workers.precision = cfg.precision
+    workers.channels_last = memory_format(cfg.engine.memory_format, device) == "channels_last"
+    # Shards are a function of the seed only, so every method and engine sees the same ones. Every process
+    # holds all K rows: the shuffles and crops of a step are drawn jointly for the K workers, so a rank of
+    # the multi-process engine draws them all and cuts its ``rows``.
+    shards = make_shards(data.train_y.cpu(), workers.K, cfg.sharding, cfg.seed, cfg.dirichlet_alpha).to(device)
+    rows = slice(rank, rank + workers.k_local)
+    per_epoch = steps_per_epoch(shards.shape[1], cfg.batch_size)
+    base_lr = scaled_lr(cfg.lr, cfg.lr_scaling, workers.K * cfg.batch_size, cfg.base_batch_size)
+    # how the local step runs (engine.compile): eager, torch.compile, or a replayed CUDA graph
+    mode, why = compile_mode(cfg.engine.compile, device, workers, cfg.optimizer.name)
+    if why:
+        log.warning(why)
+    # On CUDA torch's optimizers in their graph-safe form (fused SGD, capturable AdamW): they read the
+    # tensor lr on the device, where the default foreach SGD reads it back to the host every step.
+    capturable = device.type == "cuda"
+    optimizer = build_optimizer(workers.params, cfg.optimizer, base_lr, cfg.weight_decay, per_worker=True,
+                                capturable=capturable)
+    schedule = LrSchedule(lr_table(cfg.scheduler, base_lr, cfg.epochs, per_epoch, cfg.warmup_epochs), base_lr,
+                          cfg.scheduler.interval, per_epoch, device, capturable)
+    schedule.attach(optimizer)
+    clock = cfg.clock
+    speeds = worker_speeds(workers.K, clock.speed, cfg.seed, clock.spread, clock.slow_fraction, clock.slow_factor)
+    ledger = CommLedger(K=workers.K, bandwidth_gbps=cfg.network.bandwidth_gbps, latency_us=cfg.network.latency_us,
+                        topology=cfg.network.topology, slowest=float(speeds.max()),
+                        sample_cost_s=None if clock.sample_cost_us is None else clock.sample_cost_us * 1e-6)
+    method.start(workers)
+    local_step = build_local_step(mode, data, workers, optimizer, lambda epoch: method.on_gradients(workers, epoch),
+                                  method.edits_gradients, cfg.seed, rows, schedule.now, schedule.device_table,
+                                  capturable=OPTIMIZERS.facts(cfg.optimizer).capturable)
+    return Trainer(cfg, hp, data, shards, workers, method, optimizer, schedule, local_step, ledger, mode)
 
-    def load(download: bool):
+
+def load_data(cfg: DictConfig, device: torch.device, comm: Any = None, cache: dict | None = None) -> Any:
+    """The run's dataset on ``device``; under ``engine=distributed`` only rank 0 may download, the others
+    wait for it."""
+
+    def load(download: bool) -> Any:
         node = cfg.dataset if download or "download" not in cfg.dataset else \
             OmegaConf.merge(cfg.dataset, {"download": False})
         root = cfg.dataset.get("root") or cfg.dataset.get("path")  # synthetic data has no files; text, a path
-        return load_dataset(node, cfg.seed, device, root=resolve_path(root) if root else None, cache=data_cache)
+        return load_dataset(node, cfg.seed, device, root=resolve_path(root) if root else None, cache=cache)
 
-    text = cfg.dataset.name in TEXT_DATASETS
-    if text != (cfg.model.name in SEQUENCE_MODELS):
-        allowed = SEQUENCE_MODELS if text else [m for m in MODELS if m not in SEQUENCE_MODELS]
-        raise ConfigError(f"model={cfg.model.name} is invalid with dataset={cfg.dataset.name}: allowed "
-                          f"{', '.join(allowed)}")
-    # engine=distributed: only rank 0 may download; the others wait for it
-    data = load(True) if comm is None else comm.rank0_first(load)
-    n_train = int(data.train_y.shape[0])
-    if cfg.K > n_train:
-        raise ConfigError(f"K={cfg.K} is invalid: allowed at most {n_train} (the training samples of "
-                          f"{cfg.dataset.name})")
+    return load(True) if comm is None else comm.rank0_first(load)
+
+
+def _model(cfg: DictConfig, data: Any, device: torch.device) -> torch.nn.Module:
+    """The model for the data's shape, initialised from the seed (and from ``pretrained`` weights)."""
     torch.manual_seed(cfg.seed)
     try:
         options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
         model = build_model(cfg.model.name, data.channels, data.num_classes, data.image_size, **options).to(device)
     except ValueError as e:  # the model cannot take these images
-        key = "dataset.block_size" if text else "dataset.image_size"
+        key = "dataset.block_size" if data.tokens_per_sample > 1 else "dataset.image_size"
         raise ConfigError(f"{key}={data.image_size} is invalid: {e}") from None
     if cfg.pretrained:
         weights = checkpoint.load_weights(resolve_path(cfg.pretrained))
@@ -68,12 +121,7 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm=Non
             detail = " ".join(line.strip() for line in first[1:3])[:300] or first[0][:300]
             raise checkpoint.CheckpointError(f"pretrained={cfg.pretrained!r} does not fit model "
                                              f"{cfg.model.name} on {cfg.dataset.name}: {detail}") from None
-    method = build_method(cfg.method, cfg.local_momentum)
-    workers = build_workers(cfg, model, device, comm, synchronous=method.synchronous)
-    workers.point.compression = build_compression(cfg.get("compression"), cfg.seed)
-    faults = cfg.get("faults")  # configs from before the node existed drop nothing
-    workers.point.drops = Drops(faults.drop_prob if faults is not None else 0.0, cfg.seed)
-    return Trainer(cfg, data, workers, method, rank=rank)
+    return model
 
 
 def load_training_state(trainer: Trainer, ckpt: dict[str, Any], where: Path) -> None:
@@ -84,3 +132,11 @@ def load_training_state(trainer: Trainer, ckpt: dict[str, Any], where: Path) -> 
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise checkpoint.CheckpointError(f"checkpoint {where} does not fit the run it describes "
                                          f"({type(e).__name__}: {first_line(e)[:200]})") from None
+
+
+def save_training(trainer: Trainer, path: str | Path, extras: dict[str, Any]) -> None:
+    """Checkpoint ``trainer`` at ``path`` with ``extras`` (the config, the run): the state of every worker,
+    gathered on the process that writes it."""
+    state = trainer.workers.point.gather_state(trainer.state_dict())
+    if state is not None:
+        checkpoint.save({**state, **extras}, path)

@@ -6,6 +6,10 @@ strings and plain containers and refuses any other global, so a shared checkpoin
 run code when it is opened (a pickle's ``__reduce__`` can name any callable). dpl's own
 checkpoints hold nothing else (``tests/test_checkpoint.py`` writes one of every method,
 optimizer and compressor and reads it back), so the allow-list of extra globals is empty.
+
+A checkpoint carries its format's version (:data:`FORMAT_VERSION`); one of an older format is brought
+to the current one when it is read, by :func:`upgrade` alone, so the trainer, the methods and the
+config only ever see the current format.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from typing import Any
 
 import torch
 
+from dpl.config.upgrade import upgrade_config
 from dpl.errors import CheckpointError, WriteError
-from dpl.run.interrupt import resume_hint
 from dpl.io import atomic_open, atomic_write_text
+from dpl.run.interrupt import resume_hint
 
 FILENAME = "checkpoint.pt"
 RUN_FILE = "run.json"  # the job's config and MLflow run, written before the first checkpoint
-FORMAT_VERSION = 1
+# 1: up to dpl 0.1.0's first releases; 2: the epoch's metric sums by name (TrainState.sums), every config
+# node present, method states complete
+FORMAT_VERSION = 2
 # What a resume or test_only reads from a checkpoint (dpl.core.loop.Trainer.state_dict, plus the Recorder's extras).
 REQUIRED_KEYS = ("state", "traffic", "workers", "model", "best_model", "optimizer", "method", "comm", "rng",
                  "config")
@@ -69,7 +76,7 @@ def load_resumable(path: str | Path) -> tuple[dict[str, Any], Path]:
                                   f"{FILENAME}: nothing to resume") from None
         if not isinstance(extras, dict) or not isinstance(extras.get("config"), dict):
             raise CheckpointError(f"{run_file} is not a dpl run file and there is no {FILENAME}: nothing to resume")
-        return extras, p
+        return {**extras, "config": upgrade_config(extras["config"])}, p
     found = locate(p)
     return load(found), found.parent
 
@@ -104,14 +111,54 @@ def safe_load(p: Path, what: str, map_location: str | torch.device = "cpu") -> A
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint at ``path`` (a job dir or the file), in the current format."""
     p = locate(path)
     state = safe_load(p, "checkpoint", map_location)
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{p} is not a dpl checkpoint (format {FORMAT_VERSION})")
+    if not isinstance(state, dict) or state.get("format") not in range(1, FORMAT_VERSION + 1):
+        raise CheckpointError(f"{p} is not a dpl checkpoint (format 1 to {FORMAT_VERSION})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{p} is not a complete dpl checkpoint: it lacks {', '.join(missing)}")
-    return state
+    try:
+        return upgrade(state)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{p} is not a dpl checkpoint of format {state['format']} "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of any earlier format as the current one (:data:`FORMAT_VERSION`); the current format
+    is returned as it is.
+
+    Format 1 to 2: the config's keys of before ``method.outer`` moved under it, and the nodes added since
+    (``compression``) present; the history's epochs counted from 1 (checkpoints written before epochs were
+    counted from 1 everywhere hold 0-based records, and a resumed run would otherwise append epoch 3 after
+    epochs 0 and 1, and report the wrong best epoch); the epoch's running sums under their metrics' names;
+    a local method's sync count and in-flight fragments (none before compression and streaming existed);
+    LARS's ``momentum_form`` in its param groups (its form before the option existed: ``lr_outside``).
+    """
+    if ckpt["format"] == FORMAT_VERSION:
+        return ckpt
+    config = upgrade_config(ckpt["config"])
+    state = dict(ckpt["state"])
+    history = state.get("history") or []
+    if history and history[0].get("epoch") == 0:
+        state["history"] = [{**row, "epoch": row["epoch"] + 1} for row in history]
+        if state.get("best_epoch", -1) >= 0:
+            state["best_epoch"] += 1
+    sums = {"train_loss": state.pop("loss_sum", 0.0), "train_acc": state.pop("correct", 0),
+            "drift": state.pop("drift_sum", 0.0)}
+    state["sums"] = {k: float(v) for k, v in sums.items()}
+    method = dict(ckpt["method"])
+    if "anchor" in method:
+        method.setdefault("syncs", 0)
+        method.setdefault("in_flight", {})
+    optimizer = ckpt["optimizer"]
+    if config.get("optimizer", {}).get("name") == "lars":
+        optimizer = {**optimizer, "param_groups": [{"momentum_form": "lr_outside", **g}
+                                                   for g in optimizer["param_groups"]]}
+    return {**ckpt, "format": FORMAT_VERSION, "config": config, "state": state, "method": method,
+            "optimizer": optimizer}
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -120,7 +167,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise CheckpointError(f"no weights file at {p}")
     obj = safe_load(p, "weights file")
-    if isinstance(obj, dict) and obj.get("format") == FORMAT_VERSION and isinstance(obj.get("model"), dict):
+    if isinstance(obj, dict) and obj.get("format") in range(1, FORMAT_VERSION + 1) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if isinstance(obj, dict) and obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         return obj

@@ -7,25 +7,26 @@ what it records beside the loop is :mod:`dpl.run.recorder`.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpl.config import upgrade as legacy
-from dpl.run import checkpoint
-from dpl.run.build import build_trainer, load_training_state, resolve_path
-from dpl.config.schema import typed
-from dpl.core.engines import pick_device
+from dpl.config.store import typed
+from dpl.config.validate import check_processes, validate
+from dpl.core.engines import ENGINES, one_process_engine, pick_device
 from dpl.errors import ConfigError, Diverged, first_line
 from dpl.io import write_csv
+from dpl.run import checkpoint
+from dpl.run.build import build_trainer, load_training_state, resolve_path
 from dpl.run.plots import plot_history
 from dpl.run.preempt import Preempted
-from dpl.config.validate import validate
 from dpl.run.recorder import Recorder
-from dpl.tracking import (check_results_file, check_tracking, check_writable_dir, config_hash, end_run_if_running,
-                          find_finished_run, flatten_config, in_multirun)
+from dpl.tracking.loggers import make_logger
+from dpl.tracking.params import config_hash, flatten_config
+from dpl.tracking.results import check_results_file, check_writable_dir
+from dpl.tracking.run_names import in_multirun
+from dpl.tracking.store import end_run_if_running
 
 log = logging.getLogger("dpl")
 
@@ -72,10 +73,9 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
         if done is not None:
             return done
     if launcher:
-        _check_one_process(cfg)
+        check_processes(cfg)
         check_destinations(cfg, out_dir, ckpt.get("tracking_uri") if ckpt else None)
-    if cfg.engine.name == "distributed" and comm is None:
-        _check_world(cfg)
+    if ENGINES.facts(cfg.engine).processes and comm is None:
         from dpl.launch.ranks import launch
 
         return launch(cfg, out_dir, run, on_failure=lambda status, reason: salvage(cfg, out_dir, status, reason))
@@ -99,7 +99,7 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
         return {"best_val_acc": DIVERGED_OBJECTIVE, "diverged": True, "error": str(e)}
     except BaseException as e:
         if comm is not None:  # tell the launcher at once: writing plots below takes a while
-            from dpl.launch.ranks import report_fault
+            from dpl.launch.faults import report_fault
 
             report_fault(e, comm.store, rank)
         if isinstance(e, KeyboardInterrupt):
@@ -125,28 +125,7 @@ def check_destinations(cfg: DictConfig, out_dir: Path, resume_uri: Optional[str]
     hours and then lose its results to a typo in ``results_csv`` or an unreachable server."""
     check_results_file("results_csv", str(cfg.results_csv), resolve_path(cfg.results_csv))
     check_writable_dir("hydra.run.dir", out_dir)  # the job dir: checkpoints, history, plots, result.csv
-    check_tracking(cfg.logger, resume_uri)
-
-
-# Training images before the validation split, where the config alone tells (build_trainer checks exactly).
-TRAIN_SAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}
-
-
-def _check_world(cfg: DictConfig) -> None:
-    """engine=distributed: a K that no dataset split could feed fails here, once, before K processes start."""
-    n = cfg.dataset.num_train if cfg.dataset.name == "synthetic" else TRAIN_SAMPLES.get(cfg.dataset.name)
-    if n is not None and cfg.K > n:
-        raise ConfigError(f"K={cfg.K} is invalid: allowed at most {n} (the training samples of {cfg.dataset.name})")
-
-
-def _check_one_process(cfg: DictConfig) -> None:
-    """Several processes started as ranks (torchrun, srun, a Slurm job's tasks) for an engine that
-    runs all K workers in one: each would train the whole run into the same job dir."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if cfg.engine.name != "distributed" and world > 1 and "RANK" in os.environ:
-        raise ConfigError(f"engine={cfg.engine.name} is invalid with {world} processes started as ranks "
-                          f"(torchrun or Slurm tasks): it runs all K workers in one process; allowed "
-                          f"engine=distributed, or start one task (tasks_per_node=1, srun --ntasks=1)")
+    make_logger(cfg.logger).check(resume_uri)
 
 
 def finished(ckpt: dict[str, Any], cfg: DictConfig, out_dir: Path) -> bool:
@@ -159,9 +138,9 @@ def finished(ckpt: dict[str, Any], cfg: DictConfig, out_dir: Path) -> bool:
 def _finished_in_sweep(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """A re-run sweep: the metrics of this job's FINISHED run (same sweep tag, or both of a multirun
     without one, and the same config), or None."""
-    if not (cfg.sweep or in_multirun()) or cfg.logger.name != "mlflow":
+    if not (cfg.sweep or in_multirun()):
         return None
-    found = find_finished_run(cfg.logger, str(cfg.sweep) if cfg.sweep else None, config_hash(cfg))
+    found = make_logger(cfg.logger).find_finished_run(str(cfg.sweep) if cfg.sweep else None, config_hash(cfg))
     if found is None:
         return None
     metrics = dict(found.data.metrics)
@@ -194,7 +173,7 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
     Only keys in RESUME_KEYS may differ on the command line, and ``epochs`` may be raised to
     train on; any other override is refused in one line naming the keys, instead of being
     silently dropped."""
-    saved = typed(legacy.upgrade(ckpt["config"]))  # configs written before method.outer
+    saved = typed(ckpt["config"])  # (dpl.run.checkpoint upgraded a config of an earlier format)
     overridden = _command_line_keys()
     differing = [k for k in overridden if k not in (*RESUME_KEYS, "epochs") and _differs(cfg, saved, k)]
     if differing:
@@ -257,7 +236,8 @@ def test_only(cfg: DictConfig) -> dict[str, Any]:
     ckpt = checkpoint.load(resolve_path(cfg.checkpoint or cfg.resume))
     saved = _resumed_config(cfg, ckpt)
     saved.pretrained = None
-    saved.engine.name = "simulated"  # a checkpoint holds every worker, stacked: one process evaluates it
+    if ENGINES.facts(saved.engine).processes:  # a checkpoint holds every worker, stacked: one process evaluates it
+        saved.engine = one_process_engine(saved.engine)
     trainer = build_trainer(saved, pick_device(cfg.device))
     load_training_state(trainer, ckpt, checkpoint.locate(resolve_path(cfg.checkpoint or cfg.resume)))
     final = trainer.final_metrics()

@@ -8,10 +8,9 @@ Each PNG is written atomically (a run killed mid-save leaves the old file or non
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
-
-import math
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -65,7 +64,7 @@ def _curves(history: History, keys: Sequence[str], ylabel: str, title: str) -> F
 
 
 def _loss(history: History) -> Figure | None:
-    return _curves(history, ("train_loss", "val_loss"), "loss", "Loss")
+    return _curves(history, ("train_loss", "val_loss"), "cross-entropy", "Loss")
 
 
 def _accuracy(history: History) -> Figure | None:

@@ -11,18 +11,22 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpl.run import checkpoint, preempt
-from dpl.run.build import resolve_path
+from dpl.core.loop import Trainer
+from dpl.core.methods import METHODS
 from dpl.errors import first_line
 from dpl.io import temp_files, write_csv
-from dpl.core.methods import METHODS
+from dpl.run import checkpoint, preempt
+from dpl.run.build import resolve_path, save_training
 from dpl.run.plots import plot_history
+from dpl.tracking.loggers import NullLogger, make_logger
+from dpl.tracking.params import config_hash, flatten_config, launch_dir, source_tags
+from dpl.tracking.results import append_result_row
+from dpl.tracking.run_names import in_multirun, run_name
+from dpl.tracking.store import CONFIG_HASH_TAG, JOB_DIR_TAG, MULTIRUN_TAG, RUN_NAME_TAG, link_line
 from dpl.tracking.sweep import parent_run_id
-from dpl.tracking import (CONFIG_HASH_TAG, JOB_DIR_TAG, MULTIRUN_TAG, RUN_NAME_TAG, append_result_row, config_hash,
-                          flatten_config, in_multirun, launch_dir, link_line, make_logger, run_name, source_tags)
-from dpl.core.loop import Trainer
 
 log = logging.getLogger("dpl")
+BUILT_IN = ("train_loss", "train_acc")  # the step metrics every epoch's log line shows first
 
 
 class Recorder:
@@ -38,10 +42,10 @@ class Recorder:
         if writer:
             for stale in temp_files(self.ckpt_path):  # a process killed mid-write left it behind
                 stale.unlink(missing_ok=True)
-        self.logger = make_logger(cfg.logger if writer else OmegaConf.create({"name": "none"}))
+        self.logger = make_logger(cfg.logger) if writer else NullLogger()
         tags = {"method": cfg.method.name, "optimizer": cfg.optimizer.name, "dataset": cfg.dataset.name,
                 **source_tags(), CONFIG_HASH_TAG: config_hash(cfg), JOB_DIR_TAG: str(out_dir.resolve()),
-                RUN_NAME_TAG: run_name(cfg, local_steps=METHODS[cfg.method.name].has_local_steps)}
+                RUN_NAME_TAG: run_name(cfg, local_steps=METHODS.facts(cfg.method).local_steps)}
         if cfg.sweep:
             tags["sweep"] = str(cfg.sweep)
         elif in_multirun():
@@ -82,10 +86,12 @@ class Recorder:
     def epoch_done(self, trainer: Trainer, record: dict[str, float]) -> None:
         self.logger.log_metrics(record, step=int(record["epoch"]))
         self.save(trainer)
-        if self.writer:  # one line per epoch in <job dir>/dpl.log (and on stdout)
-            log.info("epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.4g H=%d (%.1f s)",
+        if self.writer:  # one line per epoch in <job dir>/dpl.log (and on stdout), the registered step metrics last
+            extra = "".join(f" {m.name}={record[m.name]:.4g}" for m in trainer.metrics if m.name not in BUILT_IN)
+            log.info("epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.4g H=%d%s (%.1f s)",
                      int(record["epoch"]), self.cfg.epochs, record["train_loss"], record["train_acc"],
-                     record["val_loss"], record["val_acc"], record["lr"], int(record["H"]), record["epoch_time_s"])
+                     record["val_loss"], record["val_acc"], record["lr"], int(record["H"]), extra,
+                     record["epoch_time_s"])
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record['val_acc']:.3f}",
@@ -99,8 +105,8 @@ class Recorder:
             s = trainer.state
             # update() returns True only when it redraws: the running loss is formatted then, and only
             # while it is a host float (reading a device tensor here would sync every step).
-            if self.step_bar.update(1) and isinstance(s.loss_sum, float) and s.seen:
-                self.step_bar.set_postfix(loss=f"{s.loss_sum / s.seen:.3f}", refresh=False)
+            if self.step_bar.update(1) and "train_loss" in s.sums and s.seen:
+                self.step_bar.set_postfix(loss=f"{s.sums['train_loss'] / s.seen:.3f}", refresh=False)
         every = self.cfg.checkpoint_every
         stop = preempt.requested()  # the scheduler's signal (dpl.run.preempt): stop here, resumable from this step
         if stop or (every and trainer.state.global_step % every == 0 and trainer.state.step != 0):
@@ -109,7 +115,7 @@ class Recorder:
             raise preempt.Preempted(f"epoch {trainer.state.epoch + 1}, step {trainer.state.step}")
 
     def save(self, trainer: Trainer) -> None:
-        trainer.save_checkpoint(self.ckpt_path, self.extras)
+        save_training(trainer, self.ckpt_path, self.extras)
 
     def finish(self, trainer: Trainer, final: dict[str, Any]) -> None:
         self._close_bar()

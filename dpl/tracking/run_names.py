@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from dpl.core.dynamic_h import STRATEGIES
+
 # Keys that change how a job runs or is displayed, not what it computes: they never name a run.
 BOOKKEEPING = ("progress", "resume", "test_only", "checkpoint", "checkpoint_every", "results_csv", "device",
                "dataset.root", "dataset.download",
@@ -45,8 +47,9 @@ def run_name(cfg: DictConfig, local_steps: bool = True, overrides: Sequence[str]
     parts = [str(method), f"K{get('K', 1)}"]
     if local_steps:
         parts.append(f"H{get('H', 1)}")
-        if get("dynamic_h.name", "constant") != "constant":
-            parts.append(str(get("dynamic_h.name")))
+        strategy = get("dynamic_h.name")
+        if strategy in STRATEGIES and STRATEGIES[strategy].facts.changes_h:
+            parts.append(str(strategy))
     parts += [str(get("optimizer.name", "")), f"s{get('seed', 0)}"]
     if overrides is None:
         overrides = naming_overrides(cfg)

@@ -66,9 +66,12 @@ class MlflowParentRun(Callback):
         # Before any job starts, so each names its run by the keys the sweep varies (dpl.tracking.run_names).
         os.environ[SWEPT_KEYS_ENV] = " ".join(swept_keys(config.hydra.sweeper.get("params"),
                                                          config.hydra.overrides.task))
-        if config.logger.name != "mlflow":
+        from dpl.tracking.loggers import LOGGERS, MlflowLogger
+
+        if not LOGGERS.facts(config.logger).store:
             return
-        from dpl.tracking import MlflowLogger, check_store_for_launcher, source_tags
+        from dpl.tracking.params import source_tags
+        from dpl.tracking.store import check_store_for_launcher
 
         # before the parent run is made in a store the jobs could not reach (hydra/launcher=slurm)
         check_store_for_launcher(str(config.logger.tracking_uri), str(config.hydra.launcher.get("_target_", "")))
@@ -108,7 +111,7 @@ class MlflowParentRun(Callback):
 
     def _close(self) -> None:
         """Say where the sweep's runs are; forget the parent run."""
-        from dpl.tracking import link_line
+        from dpl.tracking.store import link_line
 
         line = link_line(self.logger.tracking_uri, self.logger.experiment_id)
         if line is not None:
@@ -127,7 +130,7 @@ class MlflowParentRun(Callback):
 
     def _summary(self, config: DictConfig) -> dict[str, float]:
         """Counts of the child runs by status and the best objective among the finished ones."""
-        from dpl.tracking import mlflow_client
+        from dpl.tracking.store import mlflow_client
 
         client = mlflow_client(config.logger.tracking_uri)
         parent = client.get_run(self.logger.run_id)
@@ -149,7 +152,7 @@ def _unfinished_parent(config: DictConfig, name: str, params: str) -> Optional[s
     """The parent run of an earlier, stopped run of this sweep (same name and swept values, not
     FINISHED), or None. Its children that a kill left RUNNING with their process gone are ended
     KILLED here: the re-run runs those jobs again."""
-    from dpl.tracking import end_if_dead, mlflow_client, tag_filter
+    from dpl.tracking.store import end_if_dead, mlflow_client, tag_filter
 
     client = mlflow_client(config.logger.tracking_uri)
     experiment = client.get_experiment_by_name(str(config.logger.experiment))

@@ -20,8 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import (JobReturn, JobStatus, _save_config, configure_log, filter_overrides, run_job,
-                              setup_globals)
+from hydra.core.utils import JobReturn, JobStatus, _save_config, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict, read_write
@@ -45,7 +44,7 @@ class PackedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from dpl.pack.groups import differing_keys, group_jobs
-        from dpl.tracking import flatten_config
+        from dpl.tracking.params import flatten_config
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None

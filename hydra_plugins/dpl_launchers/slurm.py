@@ -26,21 +26,22 @@ from typing import Any, Dict, List, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, run_job, setup_globals
+from omegaconf import open_dict
+
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from omegaconf import open_dict
 
 
 class _DplJobs(BaseSubmititLauncher):
     """What dpl's two submitit launchers share; ``_EXECUTOR`` says which executor."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from dpl.tracking import check_store_for_launcher
-
+        from dpl.tracking.loggers import LOGGERS
+        from dpl.tracking.store import check_store_for_launcher
         from hydra_plugins.dpl_launchers import _exit_on_user_errors
 
         assert self.config is not None
-        if self.config.get("logger") is not None and self.config.logger.name == "mlflow":
+        if self.config.get("logger") is not None and LOGGERS.facts(self.config.logger).store:
             check_store_for_launcher(str(self.config.logger.tracking_uri), type(self).__name__)
         returns = super().launch(job_overrides, initial_job_idx)
         _exit_on_user_errors(returns)
@@ -51,8 +52,8 @@ class _DplJobs(BaseSubmititLauncher):
         """One job, in its submitit process (each task of it, for a job of several tasks)."""
         import submitit
 
-        from dpl.run import preempt
         from dpl.launch.slurm import export_ranks
+        from dpl.run import preempt
 
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
         env = submitit.JobEnvironment()

@@ -3,7 +3,7 @@ optionally several seeds per trial.
 
 Hydra instantiates sweepers only from the ``hydra_plugins`` namespace, hence this package;
 ``sweeps/optuna_lr.yaml`` selects it with ``hydra/sweeper: dpl_optuna``, the schema stored
-here (Hydra's ``optuna`` schema plus ``seeds``). See dpl/sweep.py.
+here (Hydra's ``optuna`` schema plus ``seeds``). See dpl.tracking.sweep.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
-from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _HydraOptunaSweeper
 from omegaconf import OmegaConf
 
 from dpl.errors import ConfigError
 from dpl.tracking.sweep import check_seeds, fail_running_trials
 from hydra_plugins.dpl_sweepers._seeds import SeedsLauncher
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _HydraOptunaSweeper
 
 log = logging.getLogger("dpl")
 

@@ -1,186 +1,176 @@
-"""Device-resident datasets: the whole split lives on the training device as one uint8 tensor.
+"""Datasets: the ``dataset`` group's options, each registered here with its schema and its facts.
 
-A step cuts its batch with an index tensor and augments + normalises it in one batched
-operation (the KellerJordan/cifar10-airbench recipe): no per-sample Python, no PIL, no
-DataLoader on the hot path.  Per-worker shards are index tensors (:mod:`dpl.components.data.sharding`).
+A dataset's builder reads it from disk (or makes it) as :class:`~dpl.components.data.sources.RawData`:
+a training and a test set of uint8 images on the CPU; :func:`dpl.components.data.device.load_dataset`
+then subsamples it (``dataset.num_train`` / ``num_test``), splits off validation with the run's seed and
+moves it to the training device as one tensor per split. A text dataset's builder returns its windows on
+the device itself (:mod:`dpl.components.data.text`). The facts of each dataset (its sizes, channels,
+classes, whether it is text) are known before it is read, so a config that no split could feed fails
+before anything is loaded.
+
+The readers (torchvision, NumPy, torch) are imported by the builders, not here: the registry loads
+without them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Optional
 
-import torch
+from omegaconf import MISSING
 
-from dpl.components.data.augment import EVAL, TRAIN, augment_bits, draw_bits, normalize, random_crop_flip, signed64, stream_key
-from dpl.components.data.sharding import SHARDINGS, batch_indices, epoch_order, make_shards, steps_per_epoch
-from dpl.components.data.sources import DATASETS, DatasetUnavailable, RawData
-from dpl.components.data.text import TextData, load_text
-from dpl.registry import lookup
+from dpl.config.schema import at_least, check, key
+from dpl.registry import Registry
 
-__all__ = [
-    "DATASETS", "SHARDINGS", "TEXT_DATASETS", "DatasetUnavailable", "DeviceData", "RawData", "TextData",
-    "batch_indices", "epoch_order", "eval_batches", "load_dataset", "make_batch", "make_shards",
-    "split_train_val", "steps_per_epoch", "train_key",
-]
+DATASETS = Registry("dataset", "where the samples come from")
 
-SPLITS = ("train", "val", "test")
-TEXT_DATASETS = {"text": load_text}  # datasets of bytes (dpl.components.data.text), loaded onto the device whole
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a dataset is, known from its config before it is read."""
+
+    train: Optional[int]  # training samples, the validation split taken out (None: known once read)
+    channels: int = 3
+    image_size: int = 32  # a text dataset: the window length in bytes
+    classes: int = 10  # a text dataset: its vocabulary (bytes)
+    text: bool = False  # byte sequences for a sequence model (dpl.components.models), not images
+
+
+# ----------------------------------------------------------------------------- schemas
 
 
 @dataclass
-class DeviceData:
-    train_x: torch.Tensor  # uint8 [N, C, H, W] on the training device
-    train_y: torch.Tensor  # int64 [N]
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    mean: torch.Tensor  # float32 [C], in [0, 1] pixel units
-    std: torch.Tensor  # float32 [C]
-    num_classes: int
-    augment: bool  # random crop + flip on train batches
-    crop_padding: int
-    augment_val: bool = False  # random crop + flip on validation batches too (the study)
+class DatasetBase:
+    name: str = key(MISSING, "the dataset (an option of the group)")
+    val_fraction: float = key(0.1, "share of the training samples held out for validation (seeded split)")
+    augment: bool = key(True, "random crop (with padding) and horizontal flip of training batches")
+    augment_val: bool = key(False, "validation images augmented too, redrawn (seeded) at every evaluation "
+                                   "(the study)")
+    crop_padding: int = key(4, "pixels of zero padding around an image before its random crop")
 
-    @property
-    def channels(self) -> int:
-        return self.train_x.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.train_x.shape[2]
-
-    @property
-    def tokens_per_sample(self) -> int:
-        """What a sample counts in the epoch's sums and rates: one image (a text window counts its bytes)."""
-        return 1
-
-    def metrics(self, split: str, loss: float) -> dict[str, float]:
-        """A split's metrics beside its loss and accuracy (text: bits per byte); none for images."""
-        return {}
-
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if name not in SPLITS:
-            raise KeyError(f"split={name!r} is unknown: allowed {', '.join(SPLITS)}")
-        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+    def __post_init__(self) -> None:
+        check(0.0 < self.val_fraction < 1.0, "dataset.val_fraction", self.val_fraction, "0 < x < 1")
+        at_least("dataset.crop_padding", self.crop_padding, 0, "an integer")
 
 
-def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted indices of a seeded random train/val split of ``n`` samples (50,000 -> 45,000/5,000 at 0.1)."""
-    n_val = min(max(round(n * val_fraction), 1), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
+@dataclass
+class FileDatasetConfig(DatasetBase):
+    """A dataset read from files under ``root`` (cifar10, cifar100, fashion_mnist)."""
+
+    root: str = key("data", "folder of the dataset's files (relative paths: the launch directory)")
+    download: bool = key(True, "download the files when they are missing")
+    num_train: Optional[int] = key(None, "train on this many of the training images (a fixed random subset, the "
+                                         "same for every seed); null: all")
+    num_test: Optional[int] = key(None, "test on this many of the test images (a fixed random subset); null: all")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_train is not None:  # two at least: the validation split takes one
+            at_least("dataset.num_train", self.num_train, 2, "null or an integer")
+        if self.num_test is not None:
+            at_least("dataset.num_test", self.num_test, 1, "null or an integer")
 
 
-def load_dataset(cfg: Any, seed: int, device: torch.device, root: str | Path | None = None,
-                 cache: Optional[dict] = None) -> DeviceData:
-    """Load the ``dataset`` config node's data, split train/val with ``seed``, move it to ``device``.
+@dataclass
+class SyntheticDatasetConfig(DatasetBase):
+    """Generated class prototypes plus Gaussian noise (:func:`dpl.components.data.sources.synthetic`)."""
 
-    ``root`` (absolute, resolved by the caller) overrides ``cfg.root``; the test set is the official one.
-    ``cache``: the raw images of each (dataset node, root) read once and kept there, for the runs of a
-    packed sweep, which differ at most in their seed's split (the raw data does not depend on the seed).
-    """
-    if cfg.name in TEXT_DATASETS:  # bytes, not images: split by position, windows for samples
-        return TEXT_DATASETS[cfg.name](cfg, device, root)
-    key = (repr(sorted(_plain(cfg).items())), str(root))
-    raw = cache.get(key) if cache is not None else None
-    if raw is None:
-        raw = lookup(DATASETS, "dataset", cfg.name)(cfg, root)
-        if cache is not None:
-            cache[key] = raw
-    train_idx, val_idx = split_train_val(len(raw.train_y), float(cfg.val_fraction), seed)
-    x, y = raw.train_x, raw.train_y
-    return DeviceData(
-        train_x=x[train_idx].to(device), train_y=y[train_idx].to(device),
-        val_x=x[val_idx].to(device), val_y=y[val_idx].to(device),
-        test_x=raw.test_x.to(device), test_y=raw.test_y.to(device),
-        mean=torch.tensor(raw.mean, dtype=torch.float32, device=device),
-        std=torch.tensor(raw.std, dtype=torch.float32, device=device),
-        num_classes=raw.num_classes,
-        augment=bool(cfg.augment),
-        crop_padding=int(cfg.crop_padding),
-        augment_val=bool(cfg.get("augment_val", False)),
-    )
+    num_train: int = key(5000, "training images generated (before the validation split)")
+    num_test: int = key(1000, "test images generated")
+    num_classes: int = key(10, "classes, each a smooth random prototype")
+    channels: int = key(3, "channels per image")
+    image_size: int = key(32, "height and width in pixels")
+    noise: float = key(0.35, "std of the per-pixel Gaussian noise, in [0, 1] pixel units")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least("dataset.num_train", self.num_train, 2, "an integer")
+        for name in ("num_test", "channels", "image_size"):
+            at_least(f"dataset.{name}", getattr(self, name), 1, "an integer")
+        at_least("dataset.num_classes", self.num_classes, 2, "an integer")
+        at_least("dataset.noise", self.noise, 0.0)
 
 
-def _plain(cfg: Any) -> dict:
-    from omegaconf import OmegaConf
+@dataclass
+class TextDatasetConfig(DatasetBase):
+    """Byte-level text (:mod:`dpl.components.data.text`): every UTF-8 file under ``path``, split by position
+    in each file. ``augment``: each training window starts at a random offset past its slot."""
 
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    val_fraction: float = key(0.05, "share of each file's bytes (before its test part) held out for validation")
+    crop_padding: int = key(0, "(images only)")
+    path: str = key("/usr/share/games/fortunes", "a UTF-8 file or a folder of them (default: Debian's fortunes, "
+                                                 "apt-get install fortunes; relative: the launch directory)")
+    block_size: int = key(64, "bytes per window (the model's context must hold it)")
+    test_fraction: float = key(0.05, "share of each file's bytes (its end) held out for testing")
 
-
-def train_key(seed: int, step: int) -> int:
-    """The augmentation key of training step ``step`` (global) under ``seed``: a 64-bit host int,
-    stored as the int64 value torch holds, so it can also be written into a device tensor."""
-    return signed64(stream_key(seed, TRAIN, step))
-
-
-def make_batch(
-    data: DeviceData, idx: torch.Tensor, key: tuple[int, int] | torch.Tensor | None, train: bool, split: str = "train",
-    rows: slice | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut the batch ``idx`` (int64, any shape S, e.g. ``[K, B]``) from ``split``.
-
-    Returns normalised float32 x ``[*S, C, H, W]`` and int64 y ``[*S]``.
-
-    With ``train`` and ``data.augment`` (and the train split) each image gets its own random
-    crop and flip, a hash of ``key`` = (seed, global step) (or ``train_key(seed, step)`` held in an
-    int64 device tensor, so a compiled or captured step reads it without recompiling) and the image's position in the
-    full batch ``idx`` (worker k, sample b: position k * B + b; see dpl.components.data.augment);
-    otherwise the images are only normalised. ``rows`` (a slice of ``idx``'s first
-    dimension, e.g. one rank's workers) returns only those rows, and they get exactly the
-    crops they would get as part of the full batch.
-    """
-    if isinstance(data, TextData):
-        return data.batch(idx, key, train, split, rows)
-    xs, ys = data.split(split)
-    rows = slice(0, idx.shape[0]) if rows is None else rows
-    keep = idx[rows]
-    flat = keep.reshape(-1).to(xs.device)
-    x = xs[flat]
-    if train and data.augment and split == "train":
-        if key is None:
-            raise ValueError("an augmented training batch needs its key (seed, step)")
-        per_row = idx[0].numel() if idx.dim() > 0 else 1
-        stream = key if torch.is_tensor(key) else train_key(*key)
-        bits = augment_bits(stream, rows.start * per_row, flat.numel(), xs.device)
-        x = random_crop_flip(x, data.crop_padding, bits)
-    x = normalize(x, data.mean, data.std)
-    return x.view(*keep.shape, *x.shape[1:]), ys[flat].view(keep.shape)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least("dataset.block_size", self.block_size, 1, "an integer")
+        check(0.0 < self.test_fraction < 1.0 and self.val_fraction + self.test_fraction < 1.0,
+              "dataset.test_fraction", self.test_fraction, "0 < x < 1 - dataset.val_fraction")
 
 
-# Augmented validation draws its crops in blocks of this many images of the split: image i gets
-# the bits of counter i % AUGMENT_BLOCK under the key of block i // AUGMENT_BLOCK, whatever the
-# evaluation batch size (1000 was the fixed batch size these keys were first drawn with).
-AUGMENT_BLOCK = 1000
+# ----------------------------------------------------------------------------- options
 
 
-def eval_batches(data: DeviceData, split: str, batch_size: int,
-                 augment_key: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The whole ``split`` ('val' or 'test', or 'train') in order, normalised.
+def validation_size(n: int, val_fraction: float) -> int:
+    """Samples of ``n`` the validation split takes: one at least, and one left for training at least."""
+    return min(max(round(n * val_fraction), 1), n - 1)
 
-    Not augmented, unless ``augment_key`` = (seed, evaluation) is given: then every image gets
-    a random crop and flip hashed from (seed, evaluation, block, position in the block; blocks of
-    :data:`AUGMENT_BLOCK` images) with the training batches' counter-based hash (in its own key
-    domain), so the draws are redrawn at each evaluation, reproducible, the same whichever
-    process or device evaluates a batch, and the same for every ``batch_size`` (the study
-    validates on augmented images this way).
-    """
-    if isinstance(data, TextData):
-        yield from data.eval_batches(split, batch_size)
-        return
-    xs, ys = data.split(split)
-    keys = None
-    if augment_key is not None:  # one key per block, mixed on the host and sent to the device once
-        blocks = range((len(ys) + AUGMENT_BLOCK - 1) // AUGMENT_BLOCK)
-        keys = torch.tensor([signed64(stream_key(augment_key[0], EVAL, augment_key[1], b)) for b in blocks],
-                            dtype=torch.int64, device=xs.device)
-    for start in range(0, len(ys), batch_size):
-        x = xs[start: start + batch_size]
-        if keys is not None:
-            pos = torch.arange(start, start + x.shape[0], device=x.device)
-            bits = draw_bits(keys[pos // AUGMENT_BLOCK], pos % AUGMENT_BLOCK)
-            x = random_crop_flip(x, data.crop_padding, bits)
-        yield normalize(x, data.mean, data.std), ys[start: start + batch_size]
+
+def _files(train: int, channels: int, image_size: int, classes: int) -> Callable[[Any], DatasetFacts]:
+    """The facts of a dataset of files with ``train`` training images, of which ``num_train`` are used."""
+
+    def facts(node: Any) -> DatasetFacts:
+        used = train if node.get("num_train") is None else min(int(node.num_train), train)
+        return DatasetFacts(used - validation_size(used, node.val_fraction), channels, image_size, classes)
+
+    return facts
+
+
+@DATASETS.register("cifar100", FileDatasetConfig, facts=_files(50_000, 3, 32, 100))
+def cifar100(cfg: Any, root: Path) -> Any:
+    """CIFAR-100 (Krizhevsky 2009): 32x32 colour images of 100 classes, normalised as the study does."""
+    from dpl.components.data import sources
+
+    return sources.cifar("CIFAR100", "CIFAR-100", "fine_labels", 100, (0.5071, 0.4867, 0.4408),
+                         (0.2675, 0.2565, 0.2761), cfg, root)
+
+
+@DATASETS.register("cifar10", FileDatasetConfig, facts=_files(50_000, 3, 32, 10))
+def cifar10(cfg: Any, root: Path) -> Any:
+    """CIFAR-10 (Krizhevsky 2009): 32x32 colour images of 10 classes."""
+    from dpl.components.data import sources
+
+    return sources.cifar("CIFAR10", "CIFAR-10", "labels", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                         cfg, root)
+
+
+@DATASETS.register("fashion_mnist", FileDatasetConfig, facts=_files(60_000, 1, 28, 10))
+def fashion_mnist(cfg: Any, root: Path) -> Any:
+    """Fashion-MNIST (Xiao et al. 2017): 28x28 grey images of 10 kinds of clothing; read from Debian's
+    dataset-fashion-mnist when it is installed, else downloaded."""
+    from dpl.components.data import sources
+
+    return sources.fashion_mnist(cfg, root)
+
+
+@DATASETS.register("synthetic", SyntheticDatasetConfig,
+                   facts=lambda node: DatasetFacts(int(node.num_train) - validation_size(int(node.num_train),
+                                                                                          node.val_fraction),
+                                                   int(node.channels), int(node.image_size), int(node.num_classes)))
+def synthetic(cfg: Any, root: Optional[Path]) -> Any:
+    """Learnable generated images, the same for every run: needs no files (offline, tests)."""
+    from dpl.components.data import sources
+
+    return sources.synthetic(cfg, root)
+
+
+@DATASETS.register("text", TextDatasetConfig,
+                   facts=lambda node: DatasetFacts(None, 1, int(node.block_size), 256, text=True))
+def text(cfg: Any, root: Path, device: Any) -> Any:
+    """Bytes of UTF-8 files, for a sequence model: windows on the device (:func:`dpl.components.data.text.load_text`)."""
+    from dpl.components.data.text import load_text
+
+    return load_text(cfg, device, root)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,28 +168,17 @@ def _torchvision(name: str) -> Any:
     return getattr(torchvision.datasets, name)
 
 
-def _cifar(tv_name: str, title: str, label_key: str, num_classes: int,
-           mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[..., RawData]:
-    def load(cfg: Any, root: str | Path | None = None) -> RawData:
-        tv_class = _torchvision(tv_name)
-        folder = _ensure_cifar(tv_class, title, _root(cfg, root), bool(cfg.download))
-        train_x, train_y = read_cifar_batches(folder, [n for n, _ in tv_class.train_list], label_key)
-        test_x, test_y = read_cifar_batches(folder, [n for n, _ in tv_class.test_list], label_key)
-        for y in (train_y, test_y):
-            if len(y) and not (0 <= int(y.min()) and int(y.max()) < num_classes):
-                raise DatasetUnavailable(f"{folder}/ has labels outside 0..{num_classes - 1}: it is not {title}")
-        return RawData(train_x, train_y, test_x, test_y, mean, std, num_classes)
-
-    load.__name__ = title.lower().replace("-", "")
-    load.__doc__ = f"{title} through torchvision's download; labels from ``{label_key}``."
-    return load
-
-
-# The study's normalisation for CIFAR-100 (see shared/study/RESULTS.md); the usual one for CIFAR-10.
-cifar100 = _cifar("CIFAR100", "CIFAR-100", "fine_labels", 100,
-                  (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
-cifar10 = _cifar("CIFAR10", "CIFAR-10", "labels", 10,
-                 (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+def cifar(tv_name: str, title: str, label_key: str, num_classes: int, mean: tuple[float, ...],
+          std: tuple[float, ...], cfg: Any, root: str | Path | None = None) -> RawData:
+    """A CIFAR dataset through torchvision's download (``tv_name``: its class), labels from ``label_key``."""
+    tv_class = _torchvision(tv_name)
+    folder = _ensure_cifar(tv_class, title, _root(cfg, root), bool(cfg.download))
+    train_x, train_y = read_cifar_batches(folder, [n for n, _ in tv_class.train_list], label_key)
+    test_x, test_y = read_cifar_batches(folder, [n for n, _ in tv_class.test_list], label_key)
+    for y in (train_y, test_y):
+        if len(y) and not (0 <= int(y.min()) and int(y.max()) < num_classes):
+            raise DatasetUnavailable(f"{folder}/ has labels outside 0..{num_classes - 1}: it is not {title}")
+    return RawData(train_x, train_y, test_x, test_y, mean, std, num_classes)
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
@@ -282,11 +271,3 @@ def _sample_synthetic(
     y = torch.randperm(n, generator=g) % prototypes.shape[0]
     x = prototypes[y] + noise * torch.randn((n, *prototypes.shape[1:]), generator=g)
     return x.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8), y
-
-
-DATASETS: dict[str, Callable[..., RawData]] = {
-    "cifar100": cifar100,
-    "cifar10": cifar10,
-    "fashion_mnist": fashion_mnist,
-    "synthetic": synthetic,
-}

@@ -1,422 +1,270 @@
-"""Optimizers: SGDM and AdamW from torch, LARS and LAMB written here, and their registries
-(:data:`OPTIMIZERS` for the inner step, :data:`OUTER_OPTIMIZERS` for local methods' outer step).
+"""Optimizers: the ``optimizer`` group's options (the inner step) and the outer optimizers of the local
+methods (``method.outer.name``), each registered here with its schema.
 
-LARS and LAMB scale each tensor's update by a *trust ratio* ||w|| / ||update||, so every
-layer moves by a similar relative amount however large the batch (and so the lr) is.
-
-Both support a ``per_worker`` mode for the one-process simulation of K workers, where
-every parameter holds K independent replicas along a leading dimension [K, ...]: each
-norm (and the global gradient norm used for clipping) is then taken per worker slice,
-so one optimizer does exactly what K separate optimizers on the slices would do.
-Elementwise optimizers (SGDM, AdamW) need nothing for that mode.
-
-The lr may be a float or a one-element tensor in ``param_group["lr"]`` (as torch's own
-optimizers allow): the step only multiplies by it and never reads it on the host, so a
-device-resident lr costs no synchronisation (and a captured CUDA graph can read it).
+An inner optimizer's builder takes ``(params, cfg, lr, weight_decay, per_worker, capturable)``: the
+stacked parameters [K, ...] of the workers, its config node, the run's lr and weight decay (the
+top-level keys), whether every parameter carries a worker dimension (LARS and LAMB take their norms
+per worker then), and whether it must step inside a CUDA graph (torch's fused SGD and capturable
+AdamW read a device lr). An outer optimizer's builder takes the same over the float64 anchor of a
+local method (:mod:`dpl.core.methods.outer`), one tensor per parameter, no worker dimension; any
+``torch.optim.Optimizer`` will do, as torchft's DiLoCo takes one. torch's optimizers are used as they
+are; LARS and LAMB (:mod:`dpl.components.optim.layerwise`) and Muon (:mod:`dpl.components.optim.muon`)
+are written here.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
 
-import torch
-from torch.optim import _muon as torch_muon
+from omegaconf import MISSING
 
-from dpl.registry import lookup
-
-# ----------------------------------------------------------------------------- norm helpers
+from dpl.config.schema import at_least, betas, check, finite, fraction, key, one_of, positive
+from dpl.registry import Registry
 
 
-def _norm(t: torch.Tensor, per_worker: bool) -> torch.Tensor:
-    """The 2-norm of ``t``: a scalar, or shape [K] (one per worker slice) in per-worker mode."""
-    if per_worker:
-        return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
-    return torch.linalg.vector_norm(t)
+@dataclass(frozen=True)
+class OptimizerFacts:
+    # every value that changes between steps lives in a device tensor (the lr, a step count): a CUDA
+    # graph can capture its step, and torch.compile compiles it once
+    capturable: bool = False
 
 
-def _expand(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-worker [K] vector to [K, 1, ...] so it broadcasts over ``like``."""
-    if x.ndim == 0:
-        return x
-    return x.reshape(x.shape[0], *([1] * (like.ndim - 1)))
+OPTIMIZERS = Registry("optimizer", "the inner optimizer every worker steps with", facts=OptimizerFacts())
+OUTER_OPTIMIZERS = Registry("outer", "the outer optimizer of a local method's sync", key="method.outer.name")
+CAPTURABLE = OptimizerFacts(capturable=True)
 
 
-def _is_vector(p: torch.Tensor, per_worker: bool) -> bool:
-    """Biases and norm weights: at most one dimension once the worker dimension is dropped.
-
-    Scalars count too: like biases they have no fan-in to measure a layer's scale by.
-    """
-    return p.ndim - int(per_worker) <= 1
+# ----------------------------------------------------------------------------- schemas
 
 
-def _trust_ratio(num: torch.Tensor, den: torch.Tensor, valid: torch.Tensor,
-                 max_ratio: Optional[float]) -> torch.Tensor:
-    """``num / den`` clipped above by ``max_ratio``, and 1 where ``valid`` is False.
+@dataclass
+class OptimizerBase:
+    """``lr`` and ``weight_decay`` are the optimizer's defaults; the top-level keys ``lr`` /
+    ``weight_decay`` (which interpolate these) are what training reads."""
 
-    The fallback 1 means "do not adapt" (a zero weight or update norm carries no scale
-    information), so ``max_ratio`` clips only ratios that were actually computed.
-    ``torch.where`` avoids a host sync and drops the inf/nan of the invalid entries.
-    """
-    ratio = num / den
-    if max_ratio is not None:
-        ratio = ratio.clamp(max=max_ratio)
-    return torch.where(valid, ratio, torch.ones_like(ratio))
+    name: str = key(MISSING, "the inner optimizer (an option of the group)")
+    lr: float = key(0.01, "its default learning rate (the top-level lr follows it unless set)")
+    weight_decay: float = key(0.0, "its default weight decay (the top-level weight_decay follows it unless set)")
 
-
-# ----------------------------------------------------------------------------- shared base
+    def __post_init__(self) -> None:
+        positive("optimizer.lr", self.lr)
+        at_least("optimizer.weight_decay", self.weight_decay, 0.0)
 
 
-class _LayerwiseOptimizer(torch.optim.Optimizer):
-    """Gradient clipping, 1-D exclusion and the closure protocol shared by LARS and LAMB.
+@dataclass
+class SgdmConfig(OptimizerBase):
+    """torch.optim.SGD with (heavy-ball or Nesterov) momentum."""
 
-    ``grad_clip_norm`` and ``per_worker`` are optimizer-wide (not per group) because the
-    clipping norm is global over all groups and the storage layout is the model's.
-    """
+    weight_decay: float = key(4e-4, "its default weight decay (L2, in the gradient)")
+    momentum: float = key(0.9, "momentum coefficient")
+    nesterov: bool = key(False, "Nesterov's look-ahead (with momentum 0: the plain step)")
 
-    def __init__(self, params, defaults: dict, grad_clip_norm: Optional[float], per_worker: bool):
-        lr = defaults["lr"]
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError(f"lr of shape {tuple(lr.shape)} is invalid: allowed a number or a one-element tensor")
-        # a device lr is not read back here: checking its sign would cost the sync it exists to avoid
-        if not (isinstance(lr, torch.Tensor) and lr.device.type != "cpu") and lr < 0:
-            raise ValueError(f"lr={float(lr)} is invalid: allowed a number >= 0")
-        if defaults["weight_decay"] < 0:
-            raise ValueError(f"weight_decay={defaults['weight_decay']} is invalid: allowed a number >= 0")
-        if defaults["eps"] <= 0:
-            raise ValueError(f"eps={defaults['eps']} is invalid: allowed a number > 0")
-        for key, value in (("max_trust_ratio", defaults["max_trust_ratio"]), ("grad_clip_norm", grad_clip_norm)):
-            if value is not None and value <= 0:
-                raise ValueError(f"{key}={value} is invalid: allowed None or a number > 0")
-        super().__init__(params, defaults)
-        self.grad_clip_norm = grad_clip_norm
-        self.per_worker = per_worker
-
-    def _clip_scale(self) -> Optional[torch.Tensor]:
-        """Factor min(1, clip / ||g||) with ||g|| the norm over all gradients (per worker)."""
-        if self.grad_clip_norm is None:
-            return None
-        norms = [_norm(p.grad, self.per_worker) for group in self.param_groups
-                 for p in group["params"] if p.grad is not None]
-        if not norms:
-            return None
-        total = torch.linalg.vector_norm(torch.stack(norms), dim=0)
-        clip = self.grad_clip_norm
-        return torch.where(total > clip, clip / total, torch.ones_like(total))
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        scale = self._clip_scale()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                # scale a copy: p.grad stays the raw gradient, as the caller computed it
-                g = p.grad if scale is None else p.grad * _expand(scale, p.grad)
-                adapt = not (group["exclude_1d"] and _is_vector(p, self.per_worker))
-                self._update(p, g, group, adapt)
-        return loss
-
-    def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
-        raise NotImplementedError
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fraction("optimizer.momentum", self.momentum)
 
 
-# ----------------------------------------------------------------------------- LARS
+@dataclass
+class AdamwConfig(OptimizerBase):
+    """torch.optim.AdamW (Loshchilov & Hutter 2019)."""
+
+    lr: float = key(1e-3, "its default learning rate")
+    weight_decay: float = key(0.01, "its default weight decay (decoupled)")
+    betas: list[float] = key([0.9, 0.999], "decay rates of the first and second moments")
+    eps: float = key(1e-8, "added to the second moment's root")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        betas("optimizer.betas", self.betas)
+        positive("optimizer.eps", self.eps)
 
 
-class LARS(_LayerwiseOptimizer):
-    """Layer-wise Adaptive Rate Scaling (You, Gitman & Ginsburg 2017, "Large Batch
-    Training of Convolutional Networks", Algorithm 1).
+@dataclass
+class MuonConfig(OptimizerBase):
+    """Muon (Jordan et al. 2024) for the 2-D weights with torch.optim.Muon's defaults, AdamW (betas, eps)
+    for the rest; lr and weight_decay are both sides' (:class:`dpl.components.optim.muon.Muon`)."""
 
-    Per tensor, with local lr  λ = η ||w|| / (||g|| + β ||w|| + eps)  (eq. 6; η the
-    trust coefficient, β the weight decay), the direction d = λ (g + β w) goes through
-    heavy-ball momentum.  ``momentum_form`` says where the global lr γ enters:
+    lr: float = key(0.02, "its default learning rate (both sides)")
+    momentum: float = key(0.95, "Muon's momentum")
+    nesterov: bool = key(True, "Nesterov's look-ahead in Muon's update")
+    ns_steps: int = key(5, "Newton-Schulz iterations of the orthogonalisation")
+    adjust_lr_fn: Optional[str] = key(None, "torch's lr adjustment: null / original (sqrt(max(1, out/in))) or "
+                                            "match_rms_adamw")
+    betas: list[float] = key([0.9, 0.999], "AdamW's decay rates (the non-matrix parameters)")
+    eps: float = key(1e-8, "AdamW's eps")
 
-    - ``"lr_inside"`` (default, Algorithm 1):  v ← m v + γ d;  w ← w − v.
-    - ``"lr_outside"`` (torch.optim.SGD's form):  v ← m v + d;  w ← w − γ v.
-
-    The two are the same trajectory while γ is constant (v differs by the factor γ); they
-    differ only when γ changes between steps: inside, past steps keep the lr they were
-    taken with; outside, a new lr rescales the whole buffer at once.
-
-    With ``wd_in_grad_norm`` (the reference study's variant) the ratio is computed from
-    d₀ = g + β w alone: λ = η ||w|| / (||d₀|| + eps), and the zero-norm test below uses
-    ||d₀|| in place of ||g||.  λ = 1 when ||w|| or ||g|| is 0 (nothing to measure a scale
-    by); tensors excluded by ``exclude_1d`` get λ = 1 and no weight decay.
-    """
-
-    MOMENTUM_FORMS = ("lr_inside", "lr_outside")
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 1e-8, exclude_1d: bool = True,
-                 max_trust_ratio: Optional[float] = None, grad_clip_norm: Optional[float] = None,
-                 wd_in_grad_norm: bool = False, momentum_form: str = "lr_inside", per_worker: bool = False):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum={momentum} is invalid: allowed 0 <= x < 1")
-        if trust_coefficient <= 0:
-            raise ValueError(f"trust_coefficient={trust_coefficient} is invalid: allowed a number > 0")
-        if momentum_form not in self.MOMENTUM_FORMS:
-            raise ValueError(f"momentum_form={momentum_form!r} is invalid: allowed one of "
-                             + ", ".join(self.MOMENTUM_FORMS))
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, eps=eps, exclude_1d=exclude_1d,
-                        max_trust_ratio=max_trust_ratio, wd_in_grad_norm=wd_in_grad_norm,
-                        momentum_form=momentum_form)
-        super().__init__(params, defaults, grad_clip_norm, per_worker)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # optimizers pickled before the option existed
-            group.setdefault("momentum_form", "lr_outside")
-
-    def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
-        wd = group["weight_decay"] if adapt else 0.0
-        d = g.add(p, alpha=wd) if wd else g.clone()
-        if adapt:
-            w_norm = _norm(p, self.per_worker)
-            if group["wd_in_grad_norm"]:
-                den = _norm(d, self.per_worker)
-                valid = (w_norm > 0) & (den > 0)
-            else:
-                g_norm = _norm(g, self.per_worker)
-                den = g_norm + wd * w_norm
-                valid = (w_norm > 0) & (g_norm > 0)
-            ratio = _trust_ratio(group["trust_coefficient"] * w_norm, den + group["eps"],
-                                 valid, group["max_trust_ratio"])
-            d.mul_(_expand(ratio, p))
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf = state["momentum_buffer"]
-        # multiply by the lr (never alpha=lr): a tensor lr then stays on its device
-        if group["momentum_form"] == "lr_inside":
-            buf.mul_(group["momentum"]).add_(d.mul_(group["lr"]))
-            p.sub_(buf)
-        else:
-            buf.mul_(group["momentum"]).add_(d)
-            p.sub_(buf * group["lr"])
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fraction("optimizer.momentum", self.momentum)
+        check(isinstance(self.ns_steps, int) and 1 <= self.ns_steps < 100, "optimizer.ns_steps", self.ns_steps,
+              "an integer in [1, 100)")
+        if self.adjust_lr_fn is not None:
+            one_of("optimizer.adjust_lr_fn", self.adjust_lr_fn, ("original", "match_rms_adamw"))
+        betas("optimizer.betas", self.betas)
+        positive("optimizer.eps", self.eps)
 
 
-# ----------------------------------------------------------------------------- LAMB
+@dataclass
+class TrustRatioBase(OptimizerBase):
+    """What LARS and LAMB share: a layer-wise trust ratio (:mod:`dpl.components.optim.layerwise`)."""
+
+    eps: float = key(1e-8, "added to the trust ratio's denominator")
+    exclude_1d: bool = key(True, "biases and norm weights: no weight decay, no adaptation")
+    max_trust_ratio: Optional[float] = key(None, "clip the trust ratio from above (null: no clip)")
+    grad_clip_norm: Optional[float] = key(None, "clip the global gradient norm before the step (null: no clip)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive("optimizer.eps", self.eps)
+        if self.max_trust_ratio is not None:
+            positive("optimizer.max_trust_ratio", self.max_trust_ratio)
+        if self.grad_clip_norm is not None:
+            positive("optimizer.grad_clip_norm", self.grad_clip_norm)
 
 
-class LAMB(_LayerwiseOptimizer):
-    """Layer-wise Adaptive Moments for Batch training (You et al. 2020, "Large Batch
-    Optimization for Deep Learning: Training BERT in 76 minutes", Algorithm 2).
+@dataclass
+class LarsConfig(TrustRatioBase):
+    """LARS (You et al. 2017) on SGD momentum."""
 
-    m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;  m̂ = m/(1−β1^t), v̂ = v/(1−β2^t)
-    (skipped without ``bias_correction``);  r = m̂/(√v̂ + eps) + λ w  (decoupled weight
-    decay on the update, not the gradient);  w ← w − lr (||w|| / ||r||) r, with the ratio
-    1 when either norm is 0.  ``trust_ratio_only_with_wd`` (the study's variant) keeps the
-    ratio at 1 for tensors whose weight decay is 0.
+    lr: float = key(1.0, "its default learning rate")
+    weight_decay: float = key(5e-4, "its default weight decay")
+    momentum: float = key(0.9, "momentum coefficient")
+    trust_coefficient: float = key(0.001, "eta: the trust ratio is eta ||w|| / (||g|| + wd ||w||)")
+    wd_in_grad_norm: bool = key(False, "the study: the ratio (and its zero test) from ||g + wd w||")
+    momentum_form: str = key("lr_inside", "where the lr enters the momentum: lr_inside (v <- m v + lr d; w <- w - v, "
+                                          "You et al. 2017, Alg. 1) or lr_outside (torch SGD's v <- m v + d; "
+                                          "w <- w - lr v); the same unless the lr changes")
 
-    The step count t is a float64 tensor on the parameter's device (``state["step"]``), so the
-    step reads nothing on the host and a captured CUDA graph advances t on every replay.
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fraction("optimizer.momentum", self.momentum)
+        positive("optimizer.trust_coefficient", self.trust_coefficient)
+        one_of("optimizer.momentum_form", self.momentum_form, ("lr_inside", "lr_outside"))
+
+
+@dataclass
+class LambConfig(TrustRatioBase):
+    """LAMB (You et al. 2020, Algorithm 2) on Adam moments."""
+
+    lr: float = key(0.008, "its default learning rate")
+    weight_decay: float = key(0.01, "its default weight decay (decoupled, on the update)")
+    betas: list[float] = key([0.9, 0.999], "decay rates of the first and second moments")
+    eps: float = key(1e-6, "added to the second moment's root")
+    bias_correction: bool = key(True, "Adam's bias correction of both moments")
+    trust_ratio_only_with_wd: bool = key(False, "the study: adapt only tensors whose weight decay is not 0")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        betas("optimizer.betas", self.betas)
+
+
+@dataclass
+class OuterOptimizerConfig:
+    """``method.outer``: the optimizer of a local method's outer step, over the float64 anchor x with
+    gradient the pseudo-gradient Δ = x − x̄ (:mod:`dpl.core.methods.outer`).
+
+    ``sgd`` reads momentum and nesterov (Nesterov with momentum 0 is plain SGD, so a preset's
+    ``nesterov: true`` survives ``momentum=0``); ``adam`` / ``adamw`` read betas and eps; weight_decay is
+    L2 in the gradient for sgd and adam, decoupled for adamw (Loshchilov & Hutter 2019).
     """
 
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, exclude_1d: bool = True, max_trust_ratio: Optional[float] = None,
-                 grad_clip_norm: Optional[float] = None, bias_correction: bool = True,
-                 trust_ratio_only_with_wd: bool = False, per_worker: bool = False):
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas={tuple(betas)} is invalid: allowed two numbers in [0, 1)")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        exclude_1d=exclude_1d, max_trust_ratio=max_trust_ratio,
-                        bias_correction=bias_correction, trust_ratio_only_with_wd=trust_ratio_only_with_wd)
-        super().__init__(params, defaults, grad_clip_norm, per_worker)
+    name: str = key("sgd", "the outer optimizer: one of OUTER_OPTIMIZERS (dpl.components.optim; sgd, adam, adamw "
+                           "and those an extension registers)")
+    lr: float = key(1.0, "outer learning rate (SlowMo: its slow lr alpha)")
+    momentum: float = key(0.0, "outer momentum (SlowMo: its slow momentum beta; sgd)")
+    nesterov: bool = key(False, "Nesterov momentum (sgd)")
+    betas: list[float] = key([0.9, 0.999], "decay rates of the moments (adam, adamw)")
+    eps: float = key(1e-8, "added to the second moment's root (adam, adamw)")
+    weight_decay: float = key(0.0, "outer weight decay")
 
-    def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
-        state = self.state[p]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        t = state["step"] = _step_count(state.get("step", 0), p.device)
-        t += 1  # in place, on the device
-        beta1, beta2 = group["betas"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if group["bias_correction"]:
-            # float64 powers of the device count: the very numbers Python's beta ** t gave
-            m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
-        else:
-            m_hat, v_hat = m, v
-        r = m_hat / (v_hat.sqrt() + group["eps"])
-        wd = group["weight_decay"] if adapt else 0.0
-        if wd:
-            r.add_(p, alpha=wd)
-        if adapt and not (group["trust_ratio_only_with_wd"] and wd == 0):
-            w_norm, r_norm = _norm(p, self.per_worker), _norm(r, self.per_worker)
-            ratio = _trust_ratio(w_norm, r_norm, (w_norm > 0) & (r_norm > 0), group["max_trust_ratio"])
-            r.mul_(_expand(ratio, p))
-        p.sub_(r.mul_(group["lr"]))  # not alpha=lr: a tensor lr stays on its device
+    def __post_init__(self) -> None:
+        one_of("method.outer.name", self.name, tuple(OUTER_OPTIMIZERS))
+        positive("method.outer.lr", self.lr)
+        check(finite(self.momentum) and 0.0 <= self.momentum < 1.0, "method.outer.momentum", self.momentum,
+              "0 <= x < 1")
+        betas("method.outer.betas", self.betas)
+        positive("method.outer.eps", self.eps)
+        at_least("method.outer.weight_decay", self.weight_decay, 0.0)
 
 
-def _step_count(step, device: torch.device) -> torch.Tensor:
-    """LAMB's step count as a float64 tensor on ``device``: as stored, or converted once from a
-    checkpoint that counted in a Python int (before the count moved to the device) or was
-    loaded onto another device or dtype."""
-    if not torch.is_tensor(step):  # made on the device (a fill, not a copy from the host: no sync)
-        return torch.full((), float(step), dtype=torch.float64, device=device)
-    if step.device == device and step.dtype == torch.float64:
-        return step
-    return step.to(device, torch.float64)
+# ----------------------------------------------------------------------------- inner optimizers
 
 
-# ----------------------------------------------------------------------------- Muon
+@OPTIMIZERS.register("sgdm", SgdmConfig, facts=CAPTURABLE)
+@OUTER_OPTIMIZERS.register("sgd", OuterOptimizerConfig)
+def sgdm(params: list, cfg: Any, lr: Any, weight_decay: float, per_worker: bool, capturable: bool = False) -> Any:
+    """torch.optim.SGD. ``capturable``: its fused kernel reads a tensor lr on the device, where the foreach
+    path would read it on the host (an item() per step, which a CUDA graph cannot capture)."""
+    import torch
 
-
-# torch.optim.Muon's own Newton–Schulz coefficients and eps (its defaults), so the two step alike
-_NS_DEFAULTS = inspect.signature(torch.optim.Muon.__init__).parameters
-_NS_COEFFICIENTS, _NS_EPS = _NS_DEFAULTS["ns_coefficients"].default, _NS_DEFAULTS["eps"].default
-
-
-class Muon(torch.optim.AdamW):
-    """Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"; Liu et al. 2025, "Muon is
-    scalable for LLM training") for the 2-D weight matrices, AdamW for every other parameter (biases,
-    convolutions), as ``torch.optim.Muon``'s docs recommend. The Muon step is torch's own
-    (``torch.optim._muon``): the momentum buffer b ← μ b + (1 − μ) g, the update g + μ(b − g) with
-    Nesterov (else b), orthogonalised by ``_zeropower_via_newtonschulz``, then w ← (1 − lr·λ) w −
-    lr' · update with lr' = ``_adjust_lr``. torch's class takes only 2-D parameters; dpl's are stacked
-    [K, out, in] (``per_worker``), so each worker's slice is orthogonalised on its own, and the lr may
-    be a device tensor (the trainer's). The AdamW groups are torch's AdamW.step itself.
-    """
-
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float, nesterov: bool, ns_steps: int,
-                 adjust_lr_fn: Optional[str], betas: tuple[float, float], eps: float, per_worker: bool) -> None:
-        params = list(params)
-        matrix = 3 if per_worker else 2
-
-        def is_matrix(p: torch.Tensor) -> bool:
-            return p.dim() == matrix
-
-        groups = [{"params": [p for p in params if is_matrix(p)], "muon": True},
-                  {"params": [p for p in params if not is_matrix(p)], "muon": False}]
-        super().__init__([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        for group in self.param_groups:
-            group.update(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-                         per_worker=per_worker)
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        groups = self.param_groups
-        for group in (g for g in groups if g["muon"]):
-            lr, mu = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    # a step count as AdamW keeps one (its load_state_dict expects it in every state)
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                state["step"] += 1
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mu)
-                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                slices = update if group["per_worker"] else update.unsqueeze(0)
-                ortho = torch.stack([torch_muon._zeropower_via_newtonschulz(u, _NS_COEFFICIENTS, group["ns_steps"], _NS_EPS)
-                                     for u in slices])
-                ortho = ortho if group["per_worker"] else ortho[0]
-                ratio = torch_muon._adjust_lr(1.0, group["adjust_lr_fn"], p.shape[-2:])
-                p.mul_(1 - lr * group["weight_decay"])
-                p.sub_(ortho.to(p.dtype) * (lr * ratio))  # Newton–Schulz answers in bf16; the step is fp32
-        self.param_groups = [g for g in groups if not g["muon"]]
-        try:
-            super().step()
-        finally:
-            self.param_groups = groups
-        return loss
-
-
-def _muon(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
-          capturable: bool = False) -> torch.optim.Optimizer:
-    return Muon(params, lr=lr, weight_decay=weight_decay, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
-                ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn, betas=tuple(float(b) for b in cfg.betas),
-                eps=cfg.eps, per_worker=per_worker)
-
-
-# ----------------------------------------------------------------------------- registry
-
-Builder = Callable[..., torch.optim.Optimizer]
-
-# Optimizers whose step a CUDA graph can capture (and torch.compile compiles once): every value
-# that changes between steps lives in a device tensor (the lr; AdamW's and LAMB's step counts).
-CAPTURABLE = ("sgdm", "adamw", "lars", "lamb")
-
-
-def _sgdm(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
-          capturable: bool = False) -> torch.optim.Optimizer:
-    # capturable: the fused kernel reads a tensor lr on the device; the foreach path would read it
-    # on the host (an item() per step, which a CUDA graph cannot capture)
     # Nesterov's look-ahead with momentum 0 is the plain step (torch refuses the pair instead)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov) and cfg.momentum > 0,
                            weight_decay=weight_decay, fused=True if capturable else None)
 
 
-def _adamw(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
-           capturable: bool = False) -> torch.optim.Optimizer:
-    # capturable: the step count lives on the device too, so a captured step advances it on replay
+@OPTIMIZERS.register("adamw", AdamwConfig, facts=CAPTURABLE)
+@OUTER_OPTIMIZERS.register("adamw", OuterOptimizerConfig)
+def adamw(params: list, cfg: Any, lr: Any, weight_decay: float, per_worker: bool, capturable: bool = False) -> Any:
+    """torch.optim.AdamW; ``capturable``: its step count lives on the device too, so a captured step
+    advances it on replay."""
+    import torch
+
     return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
                              weight_decay=weight_decay, capturable=capturable)
 
 
-def _adam(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
-          capturable: bool = False) -> torch.optim.Optimizer:
+@OUTER_OPTIMIZERS.register("adam", OuterOptimizerConfig)
+def adam(params: list, cfg: Any, lr: Any, weight_decay: float, per_worker: bool, capturable: bool = False) -> Any:
+    """torch.optim.Adam (weight decay as L2 in the gradient)."""
+    import torch
+
     return torch.optim.Adam(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
                             weight_decay=weight_decay, capturable=capturable)
 
 
-def _lars(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
-          capturable: bool = False) -> torch.optim.Optimizer:
+@OPTIMIZERS.register("lars", LarsConfig, facts=CAPTURABLE)
+def lars(params: list, cfg: Any, lr: Any, weight_decay: float, per_worker: bool, capturable: bool = False) -> Any:
+    """LARS (You et al. 2017, Algorithm 1; :class:`dpl.components.optim.layerwise.LARS`)."""
+    from dpl.components.optim.layerwise import LARS
+
     return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay,
                 trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, exclude_1d=cfg.exclude_1d,
                 max_trust_ratio=cfg.max_trust_ratio, grad_clip_norm=cfg.grad_clip_norm,
                 wd_in_grad_norm=cfg.wd_in_grad_norm, momentum_form=cfg.momentum_form, per_worker=per_worker)
 
 
-def _lamb(params: list, cfg, lr: float, weight_decay: float, per_worker: bool,
-          capturable: bool = False) -> torch.optim.Optimizer:
+@OPTIMIZERS.register("lamb", LambConfig, facts=CAPTURABLE)
+def lamb(params: list, cfg: Any, lr: Any, weight_decay: float, per_worker: bool, capturable: bool = False) -> Any:
+    """LAMB (You et al. 2020, Algorithm 2; :class:`dpl.components.optim.layerwise.LAMB`)."""
+    from dpl.components.optim.layerwise import LAMB
+
     return LAMB(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
                 weight_decay=weight_decay, exclude_1d=cfg.exclude_1d, max_trust_ratio=cfg.max_trust_ratio,
                 grad_clip_norm=cfg.grad_clip_norm, bias_correction=cfg.bias_correction,
                 trust_ratio_only_with_wd=cfg.trust_ratio_only_with_wd, per_worker=per_worker)
 
 
-# keyed by the file names in conf/optimizer/
-OPTIMIZERS: dict[str, Builder] = {"sgdm": _sgdm, "adamw": _adamw, "lars": _lars, "lamb": _lamb, "muon": _muon}
+@OPTIMIZERS.register("muon", MuonConfig)
+def muon(params: list, cfg: Any, lr: Any, weight_decay: float, per_worker: bool, capturable: bool = False) -> Any:
+    """Muon for the matrices, AdamW for the rest (:class:`dpl.components.optim.muon.Muon`); its Muon side keeps
+    a host step count, so it does not step inside a CUDA graph."""
+    from dpl.components.optim.muon import Muon
+
+    return Muon(params, lr=lr, weight_decay=weight_decay, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
+                ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn, betas=tuple(float(b) for b in cfg.betas),
+                eps=cfg.eps, per_worker=per_worker)
 
 
-# The outer step of local methods (dpl.core.methods.outer), keyed by method.outer.name: the same
-# builders, over the float64 anchor (one tensor per parameter, no worker dimension).
-OUTER_OPTIMIZERS: dict[str, Builder] = {"sgd": _sgdm, "adam": _adam, "adamw": _adamw}
+def build_optimizer(params: Iterable[Any], cfg: Any, lr: Any, weight_decay: float, per_worker: bool = False,
+                    capturable: bool = False) -> Any:
+    """The inner optimizer of the ``optimizer`` node ``cfg`` over ``params``; ``lr`` and ``weight_decay`` come
+    from the top-level config, not from ``cfg``; ``per_worker``: every parameter carries a leading worker
+    dimension [K, ...]; ``capturable``: torch's optimizers in their graph-safe form (:mod:`dpl.core.step`)."""
+    return OPTIMIZERS.build(cfg.name, list(params), cfg, lr, weight_decay, per_worker, capturable=capturable)
 
 
-def build_outer_optimizer(anchor: Iterable[torch.Tensor], cfg) -> torch.optim.Optimizer:
-    """The outer optimizer ``cfg.name`` (the ``method.outer`` node) over the anchor, with its own
-    lr and weight_decay; the outer step sets the lr of each sync in ``param_groups``."""
-    return lookup(OUTER_OPTIMIZERS, "method.outer.name", cfg.name)(list(anchor), cfg, cfg.lr, cfg.weight_decay,
-                                                             per_worker=False)
-
-
-def build_optimizer(params: Iterable[torch.Tensor], cfg, lr: float, weight_decay: float,
-                    per_worker: bool = False, capturable: bool = False) -> torch.optim.Optimizer:
-    """The optimizer named ``cfg.name`` over ``params``; ``cfg`` is the ``optimizer`` node.
-
-    ``lr`` and ``weight_decay`` come from the top-level config, not from ``cfg``.
-    ``per_worker`` says every parameter carries a leading worker dimension [K, ...].
-    ``capturable``: torch's optimizers in their graph-safe form (fused SGD, capturable AdamW),
-    for a step replayed as a CUDA graph (:mod:`dpl.core.step`).
-    """
-    return lookup(OPTIMIZERS, "optimizer", cfg.name)(list(params), cfg, lr, weight_decay, per_worker,
-                                                     capturable=capturable)
+def build_outer_optimizer(anchor: Iterable[Any], cfg: Any) -> Any:
+    """The outer optimizer of the ``method.outer`` node over the anchor, with its own lr and weight_decay
+    (the outer step sets the lr of each sync in ``param_groups``)."""
+    return OUTER_OPTIMIZERS.build(cfg.name, list(anchor), cfg, cfg.lr, cfg.weight_decay, per_worker=False)

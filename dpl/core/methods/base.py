@@ -17,9 +17,6 @@ from dpl.core.workers import StackedWorkers
 
 
 class Method:
-    name = "base"
-    synchronous = False  # True: gradients are averaged at every step of the whole run (DDP on ranks)
-    has_local_steps = False  # True: workers take local steps between syncs in some part of the run
     # True: on_gradients may change the gradients (an all-reduce); a captured step then replays in two
     # graphs with the hook between them, instead of one (dpl.core.step)
     edits_gradients = False

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dpl.core.workers import StackedWorkers
 from dpl.core.methods.base import Method
+from dpl.core.workers import StackedWorkers
 
 
 class Centralized(Method):
@@ -13,8 +13,6 @@ class Centralized(Method):
     (the mean of per-worker mean losses), as DistributedDataParallel computes it.
     """
 
-    name = "centralized"
-    synchronous = True
     edits_gradients = True
 
     def on_gradients(self, workers: StackedWorkers, epoch: int) -> None:

@@ -9,7 +9,7 @@ al. 2020, "SlowMo", Algorithm 1; Douillard et al. 2023, "DiLoCo", Algorithm 1):
    previous sync). Δ points *against* the direction the workers moved;
 3. an outer optimizer over the anchor takes one step with gradient s·Δ (s = 1, or 1/γ for
    SlowMo) and learning rate η_out: x ← OuterOpt(x, s·Δ). OuterOpt is ``method.outer``
-   (:class:`dpl.config.schema.OuterOptimizerConfig`), built by :func:`dpl.components.optim.build_outer_optimizer`
+   (:class:`dpl.components.optim.OuterOptimizerConfig`), built by :func:`dpl.components.optim.build_outer_optimizer`
    from the registry ``OUTER_OPTIMIZERS`` (torch's SGD, Adam, AdamW); torchft's DiLoCo likewise
    takes any ``torch.optim.Optimizer`` as its outer optimizer;
 4. every worker restarts from the new x.
@@ -17,7 +17,7 @@ al. 2020, "SlowMo", Algorithm 1; Douillard et al. 2023, "DiLoCo", Algorithm 1):
 With ``compression`` other than none (:mod:`dpl.comm.codecs`), steps 1-2 become: every worker
 sends its own Δ_k = x − x_k compressed (with error feedback, plus its residual), and the mean
 over workers of the decoded Δ_k is the pseudo-gradient. Which of the two happens is the
-compression's business (:meth:`dpl.comm.point.CommPoint.mean_delta`): the step below has one path.
+point's business (:meth:`dpl.comm.point.CommPoint.start_pseudo_gradient`): the step below has one path.
 
 With outer SGD, lr 1 and no momentum, step 3 gives x − Δ = x̄: plain LocalSGD averaging.
 The anchor and the outer optimizer's state are kept in float64, so that x − (x − x̄)
@@ -31,10 +31,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from dpl.comm.codecs import DeltaResult
-from dpl.core.workers import StackedWorkers
-from dpl.core.methods.base import Method
+from dpl.comm.point import DeltaResult
 from dpl.components.optim import build_outer_optimizer
+from dpl.core.methods.base import Method
+from dpl.core.workers import StackedWorkers
 
 
 class OuterStep(Method):
@@ -56,8 +56,6 @@ class OuterStep(Method):
     for SlowMo.
     """
 
-    name = "localsgd"  # and "diloco": the registry's keys are the presets, not the class
-    has_local_steps = True
 
     def __init__(self, cfg: Any, local_momentum: str = "keep") -> None:
         super().__init__(cfg, local_momentum)
@@ -79,7 +77,6 @@ class OuterStep(Method):
     def start(self, workers: StackedWorkers) -> None:
         self.anchor = [p.detach()[0].double().clone() for p in workers.params]
         self.outer = self.make_outer(self.anchor)
-        workers.point.compression.start(workers.params)
 
     def on_epoch_start(self, workers: StackedWorkers, epoch: int) -> None:
         if getattr(self.cfg, "restart_each_epoch", False):
@@ -92,7 +89,7 @@ class OuterStep(Method):
     def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> Optional[torch.Tensor]:
         if self.outer is None:
             raise RuntimeError(f"{type(self).__name__}.start(workers) must be called before the first sync")
-        with workers.point.sync():
+        with workers.sync():
             landed, drift = workers.start_pseudo_gradient(self.anchor, self.syncs).wait()
         self.syncs += 1
         self.land(workers, optimizer, lr, landed, range(len(self.anchor)), range(len(workers.buffers)), mix=0.0)
@@ -145,7 +142,7 @@ class OuterStep(Method):
             for x, saved in zip(self.anchor, state["anchor"]):
                 x.copy_(saved)
         self.outer.load_state_dict(state["outer"])
-        self.syncs = state.get("syncs", 0)  # checkpoints before compression existed lack it
+        self.syncs = state["syncs"]
 
 
 @torch.no_grad()
@@ -173,5 +170,5 @@ def sync_inner_state(optimizer: torch.optim.Optimizer, workers: StackedWorkers, 
     stacked = [t for p in params for t in optimizer.state.get(p, {}).values()
                if torch.is_tensor(t) and t.shape == p.shape]
     if stacked:  # before the first step (or after a restart) there is no state to send
-        workers.point.average_(stacked, "state")
+        workers.average_(stacked, "state")
 

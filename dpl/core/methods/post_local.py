@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dpl.core.workers import StackedWorkers
 from dpl.core.methods.outer import OuterStep
+from dpl.core.workers import StackedWorkers
 
 
 class PostLocal(OuterStep):
@@ -16,7 +16,6 @@ class PostLocal(OuterStep):
     model of the switch.
     """
 
-    name = "post_local"
     edits_gradients = True  # in its synchronous epochs
 
     def on_epoch_start(self, workers: StackedWorkers, epoch: int) -> None:

@@ -20,7 +20,6 @@ class SlowMo(OuterStep):
     LocalSGD. Another outer optimizer (``method.outer.name=adam``) gets the same α γ and Δ / γ.
     """
 
-    name = "slowmo"
 
     def outer_lr(self, inner_lr: float) -> float:
         return self.cfg.outer.lr * inner_lr

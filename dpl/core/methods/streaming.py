@@ -28,10 +28,11 @@ from typing import Any, Optional
 
 import torch
 
-from dpl.comm.codecs import DeltaResult
-from dpl.core.workers import StackedWorkers, SyncInFlight
-from dpl.errors import ConfigError
+from dpl.comm.flight import Flight
+from dpl.comm.point import DeltaResult
 from dpl.core.methods.outer import OuterStep
+from dpl.core.workers import StackedWorkers
+from dpl.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,12 @@ def fragments(param_names: list[str], param_sizes: list[int], buffer_names: list
 
 
 @dataclass
-class Flight:
+class FragmentSync:
     """A fragment's sync in flight: the step of the epoch it lands at (None: at the fragment's next sync,
     as an eager sync's average does), and the collective."""
 
     lands_at: Optional[int]
-    pending: Any  # SyncInFlight, or _Landed once restored from a checkpoint
+    pending: Flight  # (DeltaResult, drift term), landed already once restored from a checkpoint
 
 
 class StreamingDiLoCo(OuterStep):
@@ -120,7 +121,6 @@ class StreamingDiLoCo(OuterStep):
     (BatchNorm's statistics) are averaged at the sync itself, a small blocking all-reduce.
     """
 
-    name = "streaming_diloco"  # and "diloco"
 
     def __init__(self, cfg: Any, local_momentum: str = "keep") -> None:
         super().__init__(cfg, local_momentum)
@@ -128,7 +128,7 @@ class StreamingDiLoCo(OuterStep):
         self.P, self.delay = int(cfg.get("fragments", 1)), int(cfg.get("delay", 0))
         self.alpha, self.eager = float(cfg.get("alpha", 0.0)), bool(cfg.get("eager", False))
         self.fragments: list[Fragment] = []
-        self.in_flight: dict[int, Flight] = {}
+        self.in_flight: dict[int, FragmentSync] = {}
         self.own: dict[int, list[torch.Tensor]] = {}  # eager: each fragment's Δ_m of its last sync [K_local, ...]
         self._now: tuple[int, int, bool] = (0, 1, False)  # the step syncs_after was asked about, H, last step
 
@@ -136,7 +136,6 @@ class StreamingDiLoCo(OuterStep):
         if self.eager:  # every worker its own anchor x_m and outer state: the stacked [K_local, ...] tensors
             self.anchor = [p.detach().double().clone() for p in workers.params]
             self.outer = self.make_outer(self.anchor)
-            workers.point.compression.start(workers.params)
         else:
             super().start(workers)
         sizes = [p[0].numel() for p in workers.params]
@@ -179,11 +178,11 @@ class StreamingDiLoCo(OuterStep):
         delay = 0 if last else self.delay
         for p in starting:
             fragment = self.fragments[p]
-            with workers.point.sync(overlap_steps=delay):
+            with workers.sync(overlap_steps=delay):
                 pending = workers.start_pseudo_gradient([self.anchor[i] for i in fragment.params], self.syncs,
                                                         fragment.params, fragment.buffers)
             self.syncs += 1
-            self.in_flight[p] = Flight(step + delay, pending)
+            self.in_flight[p] = FragmentSync(step + delay, pending)
             if delay == 0:
                 drifts.append(self._land(workers, optimizer, lr, p))
         return torch.stack(drifts).mean() if drifts else None
@@ -201,10 +200,10 @@ class StreamingDiLoCo(OuterStep):
         term of the sync that landed (none at the first)."""
         fragment = self.fragments[p]
         own = [self.anchor[i] - workers.params[i].detach().double() for i in fragment.params]  # Δ_m = x_m − θ_m
-        with workers.point.sync(overlap_steps=H):  # its average is waited for at the next sync, H steps on
+        with workers.sync(overlap_steps=H):  # its average is waited for at the next sync, H steps on
             pending = workers.start_mean_of_deltas(own, self.syncs, fragment.params)
             if fragment.buffers:
-                workers.point.average_([workers.buffers[i] for i in fragment.buffers], "buffers")
+                workers.average_([workers.buffers[i] for i in fragment.buffers], "buffers")
         self.syncs += 1
         previous = self.in_flight.pop(p, None)
         drifts = []
@@ -215,7 +214,7 @@ class StreamingDiLoCo(OuterStep):
             stale = [torch.zeros_like(d[0]) for d in own]
         before = self.own.get(p) or [torch.zeros_like(d) for d in own]
         eager = [m.unsqueeze(0) + (now - old) / self.K for m, now, old in zip(stale, own, before)]
-        self.own[p], self.in_flight[p] = own, Flight(None, pending)
+        self.own[p], self.in_flight[p] = own, FragmentSync(None, pending)
         self.land(workers, optimizer, lr, DeltaResult(eager, None, [], 1), fragment.params, (), mix=self.alpha)
         return drifts
 
@@ -233,7 +232,7 @@ class StreamingDiLoCo(OuterStep):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.in_flight = {int(p): Flight(f["lands_at"], _Landed(f)) for p, f in state.get("in_flight", {}).items()}
+        self.in_flight = {int(p): FragmentSync(f["lands_at"], _landed(f)) for p, f in state["in_flight"].items()}
 
     def worker_state(self) -> dict[str, list[torch.Tensor]]:
         """What each worker holds of its own, which the multi-process engine stacks over ranks like the
@@ -259,8 +258,8 @@ class StreamingDiLoCo(OuterStep):
     def load_worker_state(self, state: dict[str, list[torch.Tensor]]) -> None:
         for p, flight in self.in_flight.items():
             rows = state.get(f"flight.drift.{p}")
-            if rows is not None and isinstance(flight.pending, _Landed):
-                flight.pending.result = (flight.pending.result[0], rows[0].sum())
+            if rows is not None:  # restored landed (_landed): its drift term is this process's share
+                flight.pending = Flight.landed((flight.pending.wait()[0], rows[0].sum()))
         if not self.eager:
             return
         with torch.no_grad():
@@ -272,12 +271,8 @@ class StreamingDiLoCo(OuterStep):
             self.outer.state[self.anchor[int(i)]][key] = value.clone()
 
 
-class _Landed:
-    """A fragment's sync restored from a checkpoint: already landed when it was saved."""
-
-    def __init__(self, saved: dict) -> None:
-        self.result = (DeltaResult(list(saved["deltas"]), None, list(saved["buffers"]), int(saved["arrived"])),
-                       torch.zeros((), dtype=torch.float64))  # its drift term: load_worker_state
-
-    def wait(self):
-        return self.result
+def _landed(saved: dict) -> Flight:
+    """A fragment's sync restored from a checkpoint: landed when it was saved (its drift term:
+    :meth:`StreamingDiLoCo.load_worker_state`)."""
+    result = DeltaResult(list(saved["deltas"]), None, list(saved["buffers"]), int(saved["arrived"]))
+    return Flight.landed((result, torch.zeros((), dtype=torch.float64)))

@@ -1,0 +1,181 @@
+"""``python -m dpl.report``: its command line, and the report written from it (see :mod:`dpl.report`)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dpl.io import atomic_write_text
+from dpl.report.fetch import (
+    DEFAULT_EXPERIMENT,
+    METRICS,
+    TEXT_METRIC,
+    RunRecord,
+    fetch_runs,
+    group_columns,
+    group_runs,
+    latest,
+)
+from dpl.report.figures import write_figures
+from dpl.report.tables import (
+    _ACC,
+    _TABLE,
+    BANDWIDTHS_GBPS,
+    BaselineError,
+    bandwidth_rows,
+    budget_rows,
+    compare_groups,
+    default_baseline,
+    default_target,
+    markdown,
+    parse_baseline,
+    run_rows,
+    summarise,
+    write_csv_table,
+)
+
+
+def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, metric: str = "test_acc",
+                 baseline: Optional[str] = None, target_acc: Optional[float] = None,
+                 bandwidths: Sequence[float] = BANDWIDTHS_GBPS) -> list[Path]:
+    """Write summary.csv, comparisons.csv, budget.csv, runs.csv, report.md and the figures for ``runs``;
+    return the paths written. ``baseline`` is ``KEY=VALUE[,KEY=VALUE]`` (default: ``ablation=none``
+    where there is one, else the first group); ``target_acc`` the validation accuracy of the budget
+    table (default: the lowest of the groups' mean final validation accuracies); ``bandwidths`` (Gbit/s)
+    those of time_vs_bandwidth.csv."""
+    out_dir = Path(out_dir)
+    columns = group_columns(runs)
+    # language models (dataset=text): bits per byte beside the loss (lower is better), where the runs have it
+    text = any(TEXT_METRIC in r.metrics for r in runs)
+    metrics, table = (METRICS + (TEXT_METRIC,), _TABLE + (TEXT_METRIC,)) if text else (METRICS, _TABLE)
+    rows = summarise(runs, columns, metrics)
+    groups = group_runs(runs, columns)
+    spec = parse_baseline(baseline, columns) if baseline else default_baseline(groups, list(columns))
+    if baseline and not any(all(dict(zip(columns, k))[c] == v for c, v in spec.items()) for k in groups):
+        raise BaselineError(f"--baseline {baseline!r} matches no group of this report")
+    comparisons = compare_groups(runs, columns, spec)
+    target = default_target(runs, columns) if target_acc is None else target_acc
+    budget = budget_rows(runs, columns, target) if math.isfinite(target) else []
+    bandwidth = bandwidth_rows(runs, columns, target, bandwidths) if math.isfinite(target) else []
+    written = [write_csv_table(rows, out_dir / "summary.csv"),
+               write_csv_table(comparisons, out_dir / "comparisons.csv") if comparisons else None,
+               write_csv_table(budget, out_dir / "budget.csv") if budget else None,
+               write_csv_table(bandwidth, out_dir / "time_vs_bandwidth.csv") if bandwidth else None,
+               write_csv_table(run_rows(runs, columns, metrics, target=target), out_dir / "runs.csv")]
+    atomic_write_text(out_dir / "report.md", markdown(rows, columns, runs, title, table, comparisons=comparisons,
+                                                      budget=budget, baseline=spec))
+    written.append(out_dir / "report.md")
+    return [p for p in written if p is not None] + write_figures(runs, columns, out_dir, metric, budget, bandwidth)
+
+
+_FOLDER_MAX_BYTES = 100  # well under the 255-byte file name limit of common file systems
+
+
+def safe_folder_name(name: str) -> str:
+    """``name`` as one folder name: never a path, never hidden, never empty.
+
+    Experiment and sweep names come from the store, so ``../../x``, ``a/b`` or ``</script>`` in
+    one would put the report above or below ``reports/``. Anything but letters, digits and
+    ``._+=-`` becomes ``_``, runs of dots become one and leading or trailing dots go (no ``..``);
+    a name cut to length ends in a hash of the whole, so two long names keep two folders.
+    """
+    safe = re.sub(r"\.{2,}", ".", re.sub(r"[^\w.+=-]", "_", name)).strip(".")
+    if len(safe.encode()) > _FOLDER_MAX_BYTES:
+        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        safe = safe.encode()[:_FOLDER_MAX_BYTES - 9].decode(errors="ignore").rstrip(".") + "-" + digest
+    return safe or "unnamed"
+
+
+def default_out_dir(kind: str, name: str) -> Path:
+    """``reports/<name>`` under the current directory, said in one line when the name had to change."""
+    folder = safe_folder_name(name)
+    if folder != name:
+        print(f"writing to reports/{folder}: {kind}={name!r} is not a safe folder name")
+    return Path("reports") / folder
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (its default prints the whole usage first)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see python -m dpl.report --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = _Parser(prog="python -m dpl.report", description=__doc__.split("\n\n")[0],
+                                epilog="With neither --experiment nor --sweep: the most recent of the latest sweep "
+                                       f"and the single runs of experiment {DEFAULT_EXPERIMENT!r}.")
+    p.add_argument("--experiment", help="MLflow experiment name (a sweep's runs are in the experiment it names)")
+    p.add_argument("--sweep", help="only runs with this sweep tag (across experiments unless --experiment)")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
+                   help="MLflow store; a relative sqlite path is relative to the current directory")
+    p.add_argument("--out", help="output folder, used as given (default reports/<experiment or sweep>, made one "
+                                 "safe folder name)")
+    p.add_argument("--metric", default=None, choices=(*_ACC, TEXT_METRIC),
+                   help="what the figures plot (default: test_bpb for language-model runs, which have it, "
+                        "else test_acc)")
+    p.add_argument("--baseline", metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="the group every other is compared with (comparisons.csv); a group's baseline also agrees "
+                        "with it on the other columns (default: ablation=none where the runs have it, else the "
+                        "first group)")
+    p.add_argument("--target-acc", type=_fraction, metavar="ACC",
+                   help="validation accuracy (0-1) of the budget-to-target table (default: the lowest of the groups' "
+                        "mean final validation accuracies, which every group reaches on average)")
+    p.add_argument("--bandwidths", type=_bandwidths, default=BANDWIDTHS_GBPS, metavar="GBPS[,GBPS]",
+                   help="network bandwidths (Gbit/s) of the time-to-target figure (default: 1,10,100)")
+    return p.parse_args(argv)
+
+
+def _bandwidths(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of bandwidths in Gbit/s") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every bandwidth must be a finite number > 0")
+    return tuple(sorted(set(values)))
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not an accuracy between 0 and 1")
+    return value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from dpl.tracking.store import mlflow_client
+
+    args = parse_args(argv)
+    client = mlflow_client(args.tracking_uri, Path.cwd())
+    if args.experiment is None and args.sweep is None:
+        args.experiment, args.sweep, why = latest(client)
+        what = f"sweep={args.sweep!r}" if args.sweep else f"experiment={args.experiment!r}"
+        print(f"reporting {what}: {why} in {args.tracking_uri} (choose with --sweep / --experiment)")
+    kind = "sweep" if args.sweep is not None else "experiment"
+    name = args.sweep if args.sweep is not None else args.experiment
+    try:
+        runs = fetch_runs(client, args.experiment, args.sweep)
+    except LookupError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    if not runs:
+        print(f"error: no runs found for {kind}={name!r} in {args.tracking_uri}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else default_out_dir(kind, name)
+    metric = args.metric or (TEXT_METRIC if any(TEXT_METRIC in r.metrics for r in runs) else "test_acc")
+    try:
+        paths = write_report(runs, out, title=f"dpl report: {name}", metric=metric, baseline=args.baseline,
+                             target_acc=args.target_acc, bandwidths=args.bandwidths)
+    except BaselineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
