@@ -543,11 +543,14 @@ def test_momentum_form_reaches_lars_from_the_config():
 
 def test_lars_state_dict_without_the_form_loads_as_lr_outside():
     # a checkpoint from before the option holds an lr-outside buffer: it resumes in that form
+    from dpl.run.checkpoint import upgrade
+
     w = torch.ones(2, 2, requires_grad=True)
     state = LARS([w], lr=0.1).state_dict()
     del state["param_groups"][0]["momentum_form"]
+    old = {"format": 1, "config": {"optimizer": {"name": "lars"}}, "state": {}, "method": {}, "optimizer": state}
     opt = LARS([w], lr=0.1)
-    opt.load_state_dict(state)
+    opt.load_state_dict(upgrade(old)["optimizer"])
     assert opt.param_groups[0]["momentum_form"] == "lr_outside"
 
 

@@ -165,11 +165,6 @@ class LARS(_LayerwiseOptimizer):
                         momentum_form=momentum_form)
         super().__init__(params, defaults, grad_clip_norm, per_worker)
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # optimizers pickled before the option existed
-            group.setdefault("momentum_form", "lr_outside")
-
     def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
         wd = group["weight_decay"] if adapt else 0.0
         d = g.add(p, alpha=wd) if wd else g.clone()
