@@ -28,6 +28,8 @@ ABLATION_ROWS = {"paper_lars": "lars_bs512"}  # a row each ablation applies to (
 def test_every_option_composes_and_validates(group):
     # a dynamic H needs local steps; compression acts on the pseudo-gradient of local methods
     local = ["method=localsgd"] if group in ("dynamic_h", "compression") else []
+    if group == "method":  # streaming's fragments take turns within a period: H a multiple of them
+        local = ["H=8"]
     for option in group_options(group):
         if group == "ablation":  # an ablation sets keys of the options of the rows it is for
             local = [f"experiment=study/{ABLATION_ROWS.get(option, 'slowmo')}"]
@@ -169,7 +171,8 @@ def test_hydra_itself_refuses_a_key_the_option_lacks():
 
 @pytest.mark.parametrize("overrides,message", [
     (["optimizer.trust_coefficient=0.1"],
-     "optimizer.trust_coefficient is not a key of optimizer=sgdm: allowed lr, weight_decay, momentum, nesterov"),
+     "optimizer.trust_coefficient is not a key of optimizer=sgdm: allowed lr, weight_decay, grad_clip_norm, "
+     "grad_clip_eps, decay_params, momentum, nesterov"),
     (["dataset.noise=0.1"], "dataset.noise is not a key of dataset=cifar100: allowed val_fraction, augment, "
                             "augment_val, crop_padding, root, download, num_train, num_test"),
     (["dataset=synthetic", "dataset.root=x"], "dataset.root is not a key of dataset=synthetic"),
@@ -186,18 +189,18 @@ def test_a_key_of_another_option_is_one_line_naming_the_allowed_keys(overrides, 
 
 
 def test_a_key_the_chosen_option_lacks_is_one_line_naming_its_keys():
-    check_overrides(["optimizer=lars", "optimizer.grad_clip_norm=1.0"])  # lars and lamb clip
+    check_overrides(["optimizer=lars", "optimizer.max_trust_ratio=1.0"])  # lars and lamb bound the trust ratio
     with pytest.raises(ConfigError) as e:
-        check_overrides(["optimizer.grad_clip_norm=1.0"])  # the default optimizer, sgdm, does not
-    assert str(e.value) == ("optimizer.grad_clip_norm is not a key of optimizer=sgdm: "
-                            "allowed lr, weight_decay, momentum, nesterov")
+        check_overrides(["optimizer.max_trust_ratio=1.0"])  # the default optimizer, sgdm, does not
+    assert str(e.value) == ("optimizer.max_trust_ratio is not a key of optimizer=sgdm: "
+                            "allowed lr, weight_decay, grad_clip_norm, grad_clip_eps, decay_params, momentum, nesterov")
     # an option chosen by another group's option: diloco brings adamw, which has no momentum
     with pytest.raises(ConfigError, match=r"^optimizer.momentum is not a key of optimizer=adamw: allowed "
-                                          r"lr, weight_decay, betas, eps$"):
+                                          r"lr, weight_decay, grad_clip_norm, grad_clip_eps, decay_params, betas, eps$"):
         check_overrides(["method=diloco", "optimizer.momentum=0.5"])
     # every option of a sweep over the group must have it
     with pytest.raises(ConfigError, match="not a key of optimizer=sgdm"):
-        check_overrides(["optimizer=lamb,sgdm", "optimizer.grad_clip_norm=1.0"])
+        check_overrides(["optimizer=lamb,sgdm", "optimizer.max_trust_ratio=1.0"])
     # the option comes with its keys: setting only its name is refused
     with pytest.raises(ConfigError, match=r"^optimizer.name cannot be set: choose the option with optimizer="):
         check_overrides(["optimizer.name=lars"])
@@ -297,8 +300,10 @@ def test_an_old_saved_config_resumes_with_its_values_under_method_outer():
         saved.pop("hydra", None)
         saved["method"] = old
         assert typed(upgrade_config(saved)).method == expected.method, old["name"]
-    today = {"method": {"name": "centralized"}, "K": 2, "compression": {"name": "none"}}
+    today = {"method": {"name": "centralized"}, "K": 2, "compression": {"name": "none"}, "sync_at_epoch_end": False}
     assert upgrade_config(today) == today
+    # before the key, every epoch's end synced the workers
+    assert upgrade_config({"method": {"name": "localsgd"}})["sync_at_epoch_end"] is True
 
 
 def test_old_mlflow_params_are_the_params_a_new_run_of_the_same_config_logs():
@@ -308,8 +313,11 @@ def test_old_mlflow_params_are_the_params_a_new_run_of_the_same_config_logs():
         return {k: v for k, v in flatten_config(compose_cfg(*overrides)).items() if k.startswith("method.")}
 
     slowmo = {"method.name": "slowmo", "method.beta": "0.2", "method.alpha": "0.5", "method.restart_each_epoch": "True"}
-    assert upgrade_params(slowmo) == method_params("method=slowmo", "method.outer.momentum=0.2", "method.outer.lr=0.5",
+    upgraded = upgrade_params(slowmo)
+    assert upgraded.pop("sync_at_epoch_end") == "True"  # as its epochs' ends did
+    assert upgraded == method_params("method=slowmo", "method.outer.momentum=0.2", "method.outer.lr=0.5",
                                             "method.restart_each_epoch=true")
-    assert upgrade_params({"method.name": "localsgd"}) == method_params("method=localsgd")
-    new = method_params("method=diloco", "method.outer.name=adam")
+    assert upgrade_params({"method.name": "localsgd", "sync_at_epoch_end": "False"}) == {
+        **method_params("method=localsgd"), "sync_at_epoch_end": "False"}
+    new = {**method_params("method=diloco", "method.outer.name=adam"), "sync_at_epoch_end": "False"}
     assert upgrade_params(new) == new  # a run logged with the node is left as it is

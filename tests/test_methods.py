@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from dpl.comm.stacked import StackedComm
 from dpl.core.loop import WALL_CLOCK_FIELDS
 from dpl.core.methods import METHODS, build_method
-from dpl.core.methods.base import Method
+from dpl.core.methods.base import Method, Now
 from dpl.core.methods.outer import OuterStep
 from dpl.core.workers import StackedWorkers
 from dpl.run.build import build_trainer
@@ -76,7 +75,7 @@ def test_localsgd_h1_with_plain_sgd_is_a_step_on_the_mean_gradient():
         method.start(workers)
         method.on_gradients(workers, 0)
         optimizer.step()
-        if method.syncs_after(0, 1, 1, last_step=False, step=1):
+        if method.syncs_after(Now(epoch=0, period=1, H=1, step=1)):
             method.sync(workers, optimizer, INNER_LR)
         return [p.detach().clone() for p in workers.params]
 
@@ -148,12 +147,18 @@ def test_workers_start_from_identical_weights(make_cfg):
 
 
 def test_sync_counts_and_epoch_end_sync(make_cfg):
-    # 900 train images / K=2 -> 450 per worker, batch 32 -> 15 steps; H=4 -> syncs at 4, 8, 12, 15
+    # 900 train images / K=2 -> 450 per worker, batch 32 -> 15 steps; H=4 -> syncs at 4, 8, 12 (the papers)
     trainer = train(make_cfg("method=localsgd", "K=2", "H=4"), epochs=1)
     rec = trainer.state.history[0]
-    assert rec["sync_rounds"] == 4 and rec["H"] == 4
+    assert rec["sync_rounds"] == rec["syncs"] == 3 and rec["H"] == 4
     p = trainer.workers.params[0]
-    assert torch.equal(p[0], p[1])  # validation saw the averaged model
+    assert not torch.equal(p[0], p[1])  # 3 steps since the last sync: validation left the workers apart
+    # the study's code: and at 15, the epoch's end
+    trainer = train(make_cfg("method=localsgd", "K=2", "H=4", "sync_at_epoch_end=true"), epochs=1)
+    rec = trainer.state.history[0]
+    assert rec["sync_rounds"] == rec["syncs"] == 4
+    p = trainer.workers.params[0]
+    assert torch.equal(p[0], p[1])
 
 
 # ----------------------------------------------------------------------------- outer optimizers
@@ -228,8 +233,8 @@ def _by_hand_anchor(step, syncs: int = 2) -> list[torch.Tensor]:
 class PlainAveraging(Method):
     """LocalSGD as dpl computed it before the outer step existed: x_k <- mean_j x_j."""
 
-    def syncs_after(self, epoch, period, H, last_step, step):
-        return period == H or last_step
+    def syncs_after(self, now):
+        return self.period_ends(now)
 
     def sync(self, workers, optimizer, lr):
         workers.average_params_()
@@ -383,11 +388,12 @@ def test_post_local_is_synchronous_before_the_switch_and_local_after(make_cfg):
     assert first["val_acc"] == central.state.history[0]["val_acc"]
     assert first["train_loss"] == central.state.history[0]["train_loss"]
     S = post.steps_per_epoch
-    assert first["sync_rounds"] == S and second["sync_rounds"] == math.ceil(S / 4)
+    # the first local period starts with the switch: syncs every 4 steps of the run from there
+    assert first["sync_rounds"] == S and second["sync_rounds"] == S // 4
     assert first["drift"] == 0.0 and second["drift"] > 0.0
     bytes_per_round = first["comm_bytes"] / S
-    assert second["comm_bytes"] == pytest.approx(bytes_per_round * math.ceil(S / 4))  # same replica size
-    assert second["sync_rounds_total"] == S + math.ceil(S / 4)
+    assert second["comm_bytes"] == pytest.approx(bytes_per_round * (S // 4))  # same replica size
+    assert second["sync_rounds_total"] == S + S // 4
 
 
 def test_post_local_resumes_exactly_across_the_switch(make_cfg, tmp_path, monkeypatch):

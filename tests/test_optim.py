@@ -1,12 +1,14 @@
 """LARS / LAMB against hand-computed values and against the reference study's optimizers,
 per-worker mode against K separate optimizers, tensor lrs, the registry against
-conf/optimizer/, and state_dict round trips.
+conf/optimizer/, and state_dict round trips; the gradient clip every optimizer gets
+(``optimizer.grad_clip_norm``, applied before the step as the local step does) against
+torch's ``clip_grad_norm_`` per worker, and the weight-decay groups (``optimizer.decay_params``).
 
 Expected values come from plain Python arithmetic on lists (``_lars_ref`` /
 ``_lamb_ref`` restate the papers' update rules scalar by scalar), from per-tensor loops
 that restate the study's formulas (``_study_lars`` / ``_study_lamb``, after
-../shared/study/FIDELITY.md) and You et al.'s Algorithm 1 (``_paper_lars``), or are
-written out as numbers, never from calling dpl.components.optim.
+../shared/study/FIDELITY.md) and You et al.'s Algorithm 1 (``_paper_lars``), from torch,
+or are written out as numbers, never from calling dpl.components.optim.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 from omegaconf import OmegaConf
 
 from dpl.components.optim import OPTIMIZERS, LarsConfig, build_optimizer
+from dpl.components.optim.clip import GradClip, grad_clip
+from dpl.components.optim.decay import decays, param_groups
 from dpl.components.optim.layerwise import LAMB, LARS
 from dpl.components.optim.muon import Muon
 from dpl.errors import ConfigError
@@ -86,16 +90,31 @@ def _lamb_ref(w, grads, lr, b1, b2, eps, wd, adapt=True, bias_correction=True, o
     return w
 
 
+def _clip_of(kw: dict):
+    """The clip a test's ``grad_clip_norm`` asks for (popped from ``kw``), as the local step takes it before
+    the optimizer's step (dpl.core.step), at LARS's and LAMB's grad_clip_eps 0: min(1, c / ||g||)."""
+    clip = kw.pop("grad_clip_norm", None)
+    return None if clip is None else GradClip(clip, eps=0.0)
+
+
+def _clipped_step(opt, params, clip, per_worker=False):
+    if clip is not None:
+        clip([p.grad for p in params if p.grad is not None], per_worker=per_worker)
+    opt.step()
+
+
 def _run(opt_cls, shapes_values, grads_per_step, **kw):
-    """Run ``opt_cls`` on fresh double tensors, setting the given grads each step."""
+    """Run ``opt_cls`` on fresh double tensors, setting the given grads each step (clipped first with
+    ``grad_clip_norm``)."""
     params = [torch.tensor(v, dtype=D).reshape(s) for s, v in shapes_values]
     for p in params:
         p.requires_grad_(True)
+    clip = _clip_of(kw)
     opt = opt_cls(params, **kw)
     for grads in grads_per_step:
         for p, g in zip(params, grads):
             p.grad = None if g is None else torch.tensor(g, dtype=D).reshape(p.shape)
-        opt.step()
+        _clipped_step(opt, params, clip)
     return [p.detach().flatten().tolist() for p in params]
 
 
@@ -198,22 +217,22 @@ def test_lars_max_trust_ratio_clips():
     _close(w, ref)
 
 
-def test_lars_grad_clip_norm_scales_all_grads_and_leaves_grad():
-    # global norm over w's grad (3, 4) and b's grad (0, 0): 5 > clip 1, so both scale by 1/5;
+def test_lars_after_the_clip_scales_all_grads_by_the_global_norm():
+    # global norm over w's grad (3, 0) and b's grad (0, 4): 5 > clip 1, so both scale by 1/5;
     # the bias is excluded (ratio 1), so its update shows the scale directly
     w = torch.tensor([[1.0, 1.0]], dtype=D, requires_grad=True)
     b = torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
-    opt = LARS([w, b], lr=1.0, grad_clip_norm=1.0)
+    opt = LARS([w, b], lr=1.0)
     w.grad = torch.tensor([[3.0, 0.0]], dtype=D)
     b.grad = torch.tensor([0.0, 4.0], dtype=D)
-    opt.step()
+    _clipped_step(opt, [w, b], GradClip(1.0, eps=0.0))
     _close(b.detach().tolist(), [1.0, 1.0 - 0.8])
-    assert torch.equal(b.grad, torch.tensor([0.0, 4.0], dtype=D))  # p.grad untouched
+    _close(b.grad.tolist(), [0.0, 0.8])  # clipped in place: what the optimizer saw
     # below the threshold nothing changes
     b2 = torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
-    opt2 = LARS([b2], lr=1.0, grad_clip_norm=10.0)
+    opt2 = LARS([b2], lr=1.0)
     b2.grad = torch.tensor([0.0, 4.0], dtype=D)
-    opt2.step()
+    _clipped_step(opt2, [b2], GradClip(10.0, eps=0.0))
     _close(b2.detach().tolist(), [1.0, -3.0])
 
 
@@ -412,17 +431,19 @@ def _study_tensors(seed=0, steps=6, zero_grad_at=None):
     return ws, grads
 
 
-def _dpl_steps(make, ws, grads, lrs, lr_as_tensor=False, **kw):
+def _dpl_steps(make, ws, grads, lrs, lr_as_tensor=False, clip=None, **kw):
     """dpl's optimizer ``make(params, **kw)`` over copies of ``ws``: one step per entry of
-    ``grads``, with the lr of ``lrs`` set in every group first (a 0-dim tensor if asked)."""
+    ``grads``, with the lr of ``lrs`` set in every group first (a 0-dim tensor if asked), the
+    gradients clipped first by ``clip`` (or by ``grad_clip_norm``) as the local step does."""
     params = [w.clone().requires_grad_() for w in ws]
+    clip = clip or _clip_of(kw)
     opt = make(params, **kw)
     for step_grads, lr in zip(grads, lrs):
         for group in opt.param_groups:  # as dpl's trainer sets the scheduled lr
             group["lr"] = torch.tensor(lr, dtype=D) if lr_as_tensor else lr
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
-        opt.step()
+        _clipped_step(opt, params, clip)
     return [p.detach() for p in params]
 
 
@@ -470,6 +491,7 @@ def test_every_study_lars_row_builds_the_studys_lars(row):
     cfg = compose_cfg(f"experiment={row}", tiny=False)
     ws, grads = _study_tensors(seed=2, zero_grad_at=(1, 1))
     lrs = [cfg.lr * f for f in (0.1, 0.4, 0.7, 1.0, 0.95)]
+    assert grad_clip(cfg.optimizer) is None  # the study's LARS does not clip
     got = _dpl_steps(lambda ps: build_optimizer(ps, cfg.optimizer, cfg.lr, cfg.weight_decay), ws, grads, lrs)
     _assert_all_close(got, _study_lars(ws, grads, lrs, cfg.weight_decay))
 
@@ -479,7 +501,11 @@ def test_every_study_lamb_row_builds_the_studys_lamb(row):
     cfg = compose_cfg(f"experiment={row}", tiny=False)
     ws, grads = _study_tensors(seed=3)
     lrs = [cfg.lr * f for f in (0.1, 0.4, 0.7, 1.0, 0.95)]
-    got = _dpl_steps(lambda ps: build_optimizer(ps, cfg.optimizer, cfg.lr, cfg.weight_decay), ws, grads, lrs)
+    # the clip the local step applies for the row's optimizer node: 1.0, at LAMB's grad_clip_eps 0
+    clip = grad_clip(cfg.optimizer)
+    assert clip == GradClip(1.0, eps=0.0)
+    got = _dpl_steps(lambda ps: build_optimizer(ps, cfg.optimizer, cfg.lr, cfg.weight_decay), ws, grads, lrs,
+                     clip=clip)
     _assert_all_close(got, _study_lamb(ws, grads, lrs, cfg.weight_decay))
 
 
@@ -583,12 +609,14 @@ def test_step_never_reads_a_tensor_lr_on_the_host(per_worker):
                     (LAMB, dict(STUDY_LAMB, max_trust_ratio=2.0)),
                     (LAMB, dict())):
         params = [torch.empty(lead + s, device="meta", requires_grad=True) for s in STUDY_SHAPES]
+        kw = dict(kw)
+        clip = _clip_of(kw)  # the local step's clip, which must not read the host either
         opt = cls(params, lr=0.1, weight_decay=1e-3, per_worker=per_worker, **kw)
         opt.param_groups[0]["lr"] = torch.tensor(0.1, device="meta")
         for p in params:
             p.grad = torch.empty_like(p)
-        opt.step()
-        opt.step()
+        _clipped_step(opt, params, clip, per_worker)
+        _clipped_step(opt, params, clip, per_worker)
 
 
 @pytest.mark.gpu
@@ -596,6 +624,8 @@ def test_step_never_reads_a_tensor_lr_on_the_host(per_worker):
 def test_step_with_cuda_lr_does_not_synchronize():
     params = [torch.randn(s, device="cuda", requires_grad=True) for s in STUDY_SHAPES]
     for cls, kw in ((LARS, STUDY_LARS), (LARS, dict(STUDY_LARS, momentum_form="lr_outside")), (LAMB, STUDY_LAMB)):
+        kw = dict(kw)
+        clip = _clip_of(kw)
         opt = cls(params, lr=0.1, weight_decay=1e-3, **kw)
         opt.param_groups[0]["lr"] = torch.tensor(0.1, device="cuda")
         for p in params:
@@ -603,7 +633,7 @@ def test_step_with_cuda_lr_does_not_synchronize():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            opt.step()
+            _clipped_step(opt, params, clip)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -657,10 +687,10 @@ def _per_worker_vs_separate(opt_cls, steps=4, lrs=None, **kw):
     grads = [[torch.randn((K, *s), generator=gen) * (1 + 3 * torch.arange(K).reshape(K, *[1] * len(s)))
               for s in SHAPES] for _ in range(steps)]
     grads[0][2][2].zero_()  # a zero gradient on one slice of one tensor
-    clip = kw.get("grad_clip_norm")
+    clip = _clip_of(kw)  # the local step's, per worker: K separate clips on the slices
     if clip is not None:  # the threshold must clip some workers and not others
         norms = torch.stack([g.reshape(K, -1).square().sum(1) for g in grads[0]]).sum(0).sqrt()
-        assert norms.min() < clip < norms.max()
+        assert norms.min() < clip.max_norm < norms.max()
     joint = [p.clone().requires_grad_() for p in stacked]
     solo = [[p[k].clone().requires_grad_() for p in stacked] for k in range(K)]
     opt = opt_cls(joint, per_worker=True, **kw)
@@ -672,11 +702,11 @@ def _per_worker_vs_separate(opt_cls, steps=4, lrs=None, **kw):
                     group["lr"] = lrs[i]
         for p, g in zip(joint, step_grads):
             p.grad = g.clone()
-        opt.step()
+        _clipped_step(opt, joint, clip, per_worker=True)
         for k in range(K):
             for p, g in zip(solo[k], step_grads):
                 p.grad = g[k].clone()
-            opts[k].step()
+            _clipped_step(opts[k], solo[k], clip)
     for i, p in enumerate(joint):
         want = torch.stack([solo[k][i].detach() for k in range(K)])
         # bitwise: per-slice norms reduce the same elements in the same order
@@ -834,3 +864,220 @@ def test_muon_as_diloco_inner_optimizer_trains_and_resumes_exactly(make_cfg, tmp
 
     assert_resume_is_exact(make_cfg, ["method=diloco", "optimizer=muon", "K=2", "H=4", "checkpoint_every=1"],
                            tmp_path, monkeypatch, stop_at=6)
+
+
+# ----------------------------------------------------------------------------- gradient clipping (every optimizer)
+
+
+def _worker_norms(grads):
+    """Each worker's 2-norm over all of its gradient slices, in plain arithmetic."""
+    return torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in grads]).sum(0).sqrt()
+
+
+def _stacked_grads(seed=7, scales=(0.1, 1.0, 5.0, 20.0)):
+    """K = 4 workers' gradients of SHAPES, worker k's scaled by ``scales[k]`` (norms from small to large)."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.tensor(scales, dtype=D)
+    return [torch.randn((len(scales), *shape), generator=gen, dtype=D) * s.reshape(-1, *[1] * len(shape))
+            for shape in SHAPES]
+
+
+def test_clip_leaves_each_worker_at_min_of_its_norm_and_c_in_its_own_direction():
+    grads = _stacked_grads()
+    before = [g.clone() for g in grads]
+    norms = _worker_norms(before)
+    c = float(norms.sort().values[1:3].mean())  # two workers under the threshold, two over it
+    returned = GradClip(c)(grads)
+    torch.testing.assert_close(returned, norms, rtol=1e-12, atol=0)  # the norms before the clip
+    after = _worker_norms(grads)
+    torch.testing.assert_close(after, torch.clamp(norms, max=c), rtol=1e-6, atol=0)  # min(||g||, c), to eps
+    for k in range(4):
+        if norms[k] <= c:  # multiplied by exactly 1
+            assert all(torch.equal(a[k], b[k]) for a, b in zip(grads, before))
+        else:  # the same direction, scaled by c / (||g|| + eps): a norm at most c
+            assert after[k] <= c * (1 + 1e-12)
+            for a, b in zip(grads, before):
+                torch.testing.assert_close(a[k], b[k] * (c / (norms[k] + 1e-6)), rtol=1e-12, atol=0)
+
+
+def test_clip_per_worker_is_torch_clip_grad_norm_on_each_workers_slices_alone():
+    grads = _stacked_grads(seed=8)
+    c = float(_worker_norms(grads).sort().values[1:3].mean())
+    alone = []
+    for k in range(4):  # worker k as one model: torch's clip over its own parameters
+        params = [torch.zeros_like(g[k], requires_grad=True) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g[k].clone()
+        torch.nn.utils.clip_grad_norm_(params, c, foreach=False)
+        alone.append([p.grad for p in params])
+    GradClip(c)(grads)
+    for i, g in enumerate(grads):
+        torch.testing.assert_close(g, torch.stack([alone[k][i] for k in range(4)]), rtol=1e-15, atol=0)
+
+
+def test_workers_clip_independently():
+    grads, other = _stacked_grads(), _stacked_grads()
+    for g in other:
+        g[0].mul_(100.0)  # worker 0's gradient alone changes (and is clipped far harder)
+    c = 2.0
+    GradClip(c)(grads)
+    GradClip(c)(other)
+    for a, b in zip(grads, other):
+        assert torch.equal(a[1:], b[1:])
+    # one model (no worker dimension): one norm over everything, as clip_grad_norm_
+    flat = [g[3].clone() for g in _stacked_grads()]
+    GradClip(c)(flat, per_worker=False)
+    assert float(_worker_norms([g.unsqueeze(0) for g in flat])[0]) == pytest.approx(c, rel=1e-6)
+
+
+def test_clip_without_eps_is_the_clip_lars_and_lamb_had():
+    # eps 0: c / ||g|| over the threshold (the study's LAMB: where(||g|| > c, c / ||g||, 1)), exactly 1 under it
+    grads = _stacked_grads()
+    norms = _worker_norms(grads)
+    want = [g * torch.where(norms > 2.0, 2.0 / norms, torch.ones_like(norms)).reshape(-1, *[1] * (g.ndim - 1))
+            for g in grads]
+    GradClip(2.0, eps=0.0)(grads)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_has_the_clip_and_decay_keys(name):
+    cfg = _cfg(name)
+    assert cfg.grad_clip_norm is None and grad_clip(cfg) is None  # no clip by default
+    assert cfg.decay_params == "auto"
+    # LARS and LAMB keep the clip they had (no eps, the study's LAMB); the others, torch's clip_grad_norm_
+    assert cfg.grad_clip_eps == (0.0 if name in ("lars", "lamb") else 1e-6)
+    assert grad_clip(OmegaConf.merge(cfg, {"grad_clip_norm": 1.0})) == GradClip(1.0, cfg.grad_clip_eps)
+
+
+def test_bad_clip_and_decay_values_are_one_clear_error():
+    from dpl.config.store import to_schema
+
+    with pytest.raises(ConfigError, match=r"^optimizer.grad_clip_norm=0.0 is invalid: allowed a number > 0"):
+        to_schema(compose_cfg("optimizer=adamw", "optimizer.grad_clip_norm=0"))
+    with pytest.raises(ConfigError, match=r"^optimizer.grad_clip_eps=-1.0 is invalid"):
+        to_schema(compose_cfg("optimizer.grad_clip_eps=-1"))
+    with pytest.raises(ConfigError, match=r"^optimizer.decay_params='norms' is invalid: allowed one of auto, all, "
+                                          r"matrices$"):
+        to_schema(compose_cfg("optimizer=lamb", "optimizer.decay_params=norms"))
+
+
+# ----------------------------------------------------------------------------- weight-decay groups
+
+# gpt_tiny's parameters (2 blocks): what optimizer.decay_params=matrices decays, and what not
+GPT_DECAYED = {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("qkv", "proj", "mlp.0", "mlp.2")}
+GPT_UNDECAYED = ({"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}  # wte: the tied output layer too
+                 | {f"blocks.{i}.{n}" for i in range(2) for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias",
+                                                                  "qkv.bias", "proj.bias", "mlp.0.bias", "mlp.2.bias")})
+
+
+def _gpt(**sizes):
+    from dpl.components.models.gpt import GPT
+
+    torch.manual_seed(0)
+    return GPT(**sizes)
+
+
+def test_matrices_decay_the_gpts_weight_matrices_only():
+    model = _gpt()
+    flags = dict(zip((n for n, _ in model.named_parameters()), decays(model, "matrices")))
+    assert {n for n, d in flags.items() if d} == GPT_DECAYED
+    assert {n for n, d in flags.items() if not d} == GPT_UNDECAYED
+    assert all(decays(model, "all"))
+
+
+def test_auto_is_the_models_registered_default():
+    from dpl.components.models import MODELS
+    from dpl.run.build import decay_params
+
+    assert {n: o.facts.decay for n, o in MODELS.items()} == {
+        "lenet5": "all", "resnet20": "all", "gpt": "matrices", "gpt_tiny": "matrices", "gpt_small": "matrices"}
+    assert decay_params(compose_cfg()) == "all"  # lenet5: every image result as before
+    assert decay_params(compose_cfg("model=resnet20")) == "all"
+    assert decay_params(compose_cfg("model=gpt_tiny", "dataset=text")) == "matrices"
+    assert decay_params(compose_cfg("model=gpt_tiny", "dataset=text", "optimizer.decay_params=all")) == "all"
+    assert decay_params(compose_cfg("optimizer.decay_params=matrices")) == "matrices"
+
+
+def test_groups_leave_a_run_where_everything_decays_as_it_was():
+    w, b = torch.ones(K, 2, 2), torch.ones(K, 2)
+    assert param_groups([w, b], [True, True]) == [w, b]  # one group: the optimizer state_dict of before
+    groups = param_groups([w, b], [True, False])
+    assert [g["params"] for g in groups] == [[w], [b]] and "weight_decay" not in groups[0]
+    assert groups[1]["weight_decay"] == 0.0
+    assert [g["params"] for g in param_groups([b], [False])] == [[b]]  # no empty group
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_a_parameter_without_decay_is_not_decayed(name):
+    """One step at lr > 0 with zero gradients: only decay can move a parameter, and it moves the
+    decayed matrices only (stacked [K, ...]: a stacked bias is 2-D, an embedding 3-D, and neither decays)."""
+    model = _gpt(num_classes=16, image_size=8, n_layer=1, n_head=2, n_embd=8, block_size=8)
+    stacked = [p.detach().unsqueeze(0).repeat(K, *[1] * p.dim()).requires_grad_() for p in model.parameters()]
+    flags = decays(model, "matrices")
+    opt = build_optimizer(param_groups(stacked, flags), _cfg(name), lr=0.1, weight_decay=0.5, per_worker=True)
+    before = [p.detach().clone() for p in stacked]
+    for p in stacked:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for (n, _), p, b, d in zip(model.named_parameters(), stacked, before, flags):
+        if d:
+            assert torch.linalg.vector_norm(p.detach()) < torch.linalg.vector_norm(b), n
+        else:
+            assert torch.equal(p.detach(), b), n
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_state_dict_round_trip_with_decay_groups(name):
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(5, 3, generator=gen) for _ in range(6)]
+
+    def make(params):
+        return build_optimizer(param_groups(params, [True, False]), _cfg(name), lr=0.05, weight_decay=0.1)
+
+    def train(params, opt, batches):
+        for x in batches:
+            opt.zero_grad()
+            (torch.tanh(x @ params[0] + params[1]) ** 2).sum().backward()
+            opt.step()
+
+    params = [torch.randn(3, 2, generator=gen).requires_grad_(), torch.randn(2, generator=gen).requires_grad_()]
+    opt = make(params)
+    train(params, opt, xs[:3])
+    saved = copy.deepcopy(({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}))
+    assert [g["weight_decay"] for g in saved["opt"]["param_groups"]][-1] == 0.0
+    train(params, opt, xs[3:])
+    resumed = [p.clone().requires_grad_() for p in saved["params"]]
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, xs[3:])
+    for a, b in zip(params, resumed):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def _text_corpus(where: Path) -> Path:
+    where.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    words = [b"the", b"workers", b"average", b"their", b"models", b"every", b"steps", b"of", b"a", b"byte"]
+    for f in range(3):
+        picks = torch.randint(len(words), (1500,), generator=gen).tolist()
+        (where / f"part{f}").write_bytes(b" ".join(words[i] for i in picks))
+    return where
+
+
+def test_the_trainer_gives_a_gpt_decay_groups_and_lenet_one_group(tmp_path):
+    from dpl.run.build import build_trainer
+
+    cfg = compose_cfg("dataset=text", f"dataset.path={_text_corpus(tmp_path / 'text')}", "dataset.block_size=32",
+                      "model=gpt_tiny", "batch_size=8", "optimizer=adamw", "K=2", "epochs=1")
+    t = build_trainer(cfg, torch.device("cpu"))
+    name = {id(p): n for n, p in zip(t.workers.param_names, t.workers.params)}
+    decayed, undecayed = t.optimizer.param_groups
+    assert {name[id(p)] for p in decayed["params"]} == GPT_DECAYED
+    assert {name[id(p)] for p in undecayed["params"]} == GPT_UNDECAYED
+    assert decayed["weight_decay"] == cfg.weight_decay > 0 and undecayed["weight_decay"] == 0.0
+    assert all(g["lr"] is t.schedule.now for g in t.optimizer.param_groups)  # the lr schedule reaches both
+    lenet = build_trainer(compose_cfg("K=2"), torch.device("cpu"))
+    (group,) = lenet.optimizer.param_groups
+    assert group["params"] == lenet.workers.params and group["weight_decay"] == lenet.cfg.weight_decay

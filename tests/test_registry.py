@@ -38,6 +38,7 @@ SAME_WORD = {
         "dpl.components.optim.layerwise": "torch's optimizer state['step']",
         "dpl.components.optim.muon": "torch's optimizer state['step']",
         "dpl.run.job": "a checkpoint's state['step']",
+        "dpl.run.checkpoint": "a checkpoint's state['step'] (the upgrade of format-2 in-flight fragments)",
         "dpl.run.recorder": "tqdm's unit='step'",
         "dpl.pack.job": "tqdm's unit='step'",
         "dpl.bench": "python -m dpl.bench step",

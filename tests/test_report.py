@@ -191,7 +191,9 @@ def test_time_to_target_at_the_runs_own_bandwidth_is_the_budget_tables_modelled_
         at = {float(r["bandwidth_gbps"]): r for r in bandwidth if r["H"] == str(h) and r["dynamic_h"] == "constant"}
         assert at[10.0]["reached"] == spent["reached"]  # the runs logged at 10 Gb/s (network.bandwidth_gbps)
         assert float(at[10.0]["time_s_mean"]) == pytest.approx(float(spent["modelled_time_s_mean"]), rel=1e-9)
-        assert float(at[1.0]["time_s_mean"]) > float(at[10.0]["time_s_mean"]) > float(at[100.0]["time_s_mean"])
+        times = [float(at[b]["time_s_mean"]) for b in (1.0, 10.0, 100.0)]
+        # H=4 spans two epochs of 2 steps: a target reached in the first is reached before any sync
+        assert times == sorted(times, reverse=True) and (h == 4 or times[0] > times[1] > times[2])
 
 
 def test_time_vs_bandwidth_hand_computed_and_legible():

@@ -38,7 +38,9 @@ def _assert_same_run(a, b, rel: float, atol: float = 1e-5) -> None:
     # centralized one repeats it at ~25 s of compile time on 2 cores, so it is in the slow set
     pytest.param(("K=1", "method=centralized"), marks=pytest.mark.slow),
     ("K=4", "method=localsgd", "H=4", "engine.simulate=loop"),
-], ids=["centralized", "localsgd-K4"])
+    # the clip compiles with the optimizer's step; 0.65 clips some workers' steps and not others' (norms ~0.6-0.9)
+    ("K=4", "method=localsgd", "H=4", "engine.simulate=loop", "optimizer.grad_clip_norm=0.65"),
+], ids=["centralized", "localsgd-K4", "localsgd-K4-clip"])
 def test_compile_equals_eager(overrides):
     eager = _run(*overrides, "engine.compile=none")
     compiled = _run(*overrides, "engine.compile=compile")
@@ -88,6 +90,53 @@ def test_compiled_lamb_run_resumes_exactly(make_cfg, tmp_path, monkeypatch):
     overrides = ["optimizer=lamb", "engine.compile=compile", "method=localsgd", "K=2", "H=3", "epochs=2",
                  "checkpoint_every=5", "dataset.num_train=600", "logger=none"]
     assert_resume_is_exact(make_cfg, overrides, tmp_path, monkeypatch, stop_at=7)
+
+
+def _recording(t):
+    """Every step's gradients as the inner optimizer steps with them (its step wrapped: the eager step)."""
+    seen = []
+    step = t.optimizer.step
+
+    def record(*args, **kwargs):
+        seen.append([p.grad.clone() for p in t.workers.params])
+        return step(*args, **kwargs)
+
+    t.optimizer.step = record
+    return seen
+
+
+def _worker_norms(grads):
+    return torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in grads]).sum(0).sqrt()
+
+
+def test_grad_clip_norm_clips_each_workers_gradient_before_the_step():
+    ov = ("epochs=1", "K=4", "method=localsgd", "H=4")
+    plain = build_trainer(compose_cfg(*ov), CPU)
+    raw = _recording(plain)
+    plain.step()
+    norms = _worker_norms(raw[0])
+    c = float(norms.sort().values[1:3].mean())  # two workers over the threshold, two under it
+    clipped = build_trainer(compose_cfg(*ov, f"optimizer.grad_clip_norm={c}"), CPU)
+    seen = _recording(clipped)
+    clipped.step()
+    after = _worker_norms(seen[0])
+    for k in range(4):  # each worker by its own norm
+        if norms[k] <= c:  # untouched, bit for bit
+            assert all(torch.equal(a[k], b[k]) for a, b in zip(seen[0], raw[0]))
+        else:  # min(||g||, c) = c, to rounding, in the gradient's own direction
+            assert after[k] <= c * (1 + 1e-5) and float(after[k]) == pytest.approx(c, rel=1e-5)
+            for a, b in zip(seen[0], raw[0]):
+                torch.testing.assert_close(a[k], b[k] * (c / (norms[k] + 1e-6)))
+
+
+def test_a_synchronous_method_clips_the_averaged_gradient():
+    """The clip comes after the gradient hook: every worker clips the one all-reduced gradient alike,
+    as data parallelism with clip_grad_norm_ after DDP's all-reduce does."""
+    t = build_trainer(compose_cfg("epochs=1", "K=2", "method=centralized", "optimizer.grad_clip_norm=0.1"), CPU)
+    seen = _recording(t)
+    t.step()
+    assert all(torch.equal(g[0], g[1]) for g in seen[0])
+    assert float(_worker_norms(seen[0])[0]) == pytest.approx(0.1, rel=1e-5)  # the gradients' norm is ~0.6
 
 
 def _failing_backend(gm, example_inputs):
@@ -152,7 +201,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     ("K=4", "method=slowmo", "H=4", "optimizer=adamw"),
     ("K=4", "method=localsgd", "H=4", "optimizer=lamb"),
     ("K=2", "method=localsgd", "H=2", "model=resnet20", "precision=bf16"),
-], ids=["centralized", "localsgd-K4", "slowmo-adamw", "localsgd-lamb", "resnet20-bf16"])
+    # the clip inside the captured step; centralized edits gradients: the clip is in the graph after its hook
+    ("K=4", "method=localsgd", "H=4", "optimizer.grad_clip_norm=0.65"),
+    ("K=2", "method=centralized", "optimizer=adamw", "optimizer.grad_clip_norm=0.65"),
+], ids=["centralized", "localsgd-K4", "slowmo-adamw", "localsgd-lamb", "resnet20-bf16", "localsgd-clip",
+        "centralized-adamw-clip"])
 def test_cuda_graph_equals_eager(overrides):
     dev = torch.device("cuda")
     # three epochs: the shorter last batch of an epoch warms up twice, then is captured too
@@ -177,9 +230,10 @@ def test_cuda_graph_recaptures_after_the_optimizer_state_restarts():
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("clip", [(), ("optimizer.grad_clip_norm=0.65",)], ids=["", "clip"])
 @pytest.mark.parametrize("mode", ["graph", "none"])
-def test_training_steps_do_not_synchronize_with_the_host(mode):
-    t = build_trainer(compose_cfg("K=4", "method=localsgd", "H=4", "device=cuda", f"engine.compile={mode}"),
+def test_training_steps_do_not_synchronize_with_the_host(mode, clip):
+    t = build_trainer(compose_cfg("K=4", "method=localsgd", "H=4", "device=cuda", f"engine.compile={mode}", *clip),
                       torch.device("cuda"))
     for _ in range(4):  # warm-up and capture may allocate and synchronise
         t.step()

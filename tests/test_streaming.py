@@ -11,6 +11,7 @@ from dpl.comm.stacked import StackedComm
 from dpl.components.models import build_model
 from dpl.core.loop import WALL_CLOCK_FIELDS
 from dpl.core.methods import build_method
+from dpl.core.methods.base import Now
 from dpl.core.methods.streaming import balanced_split, fragments
 from dpl.core.workers import StackedWorkers
 from dpl.errors import ConfigError
@@ -75,12 +76,29 @@ def test_more_fragments_than_layers_is_one_clear_error():
         _layers(build_model("lenet5", 3, 10, 32), 6)
 
 
-def test_fragment_p_syncs_where_t_minus_p_h_over_p_is_a_multiple_of_h():
-    method = build_method(compose_cfg("method=streaming_diloco", "method.fragments=4").method, "keep")
+@pytest.mark.parametrize("schedule,delay,starts", [
+    ("paper", 0, {0: [2], 1: [4], 2: [6], 3: [8]}),
+    ("paper", 1, {0: [2], 1: [4], 2: [6], 3: [8]}),  # taken at the slot, landed tau steps later
+    ("torchft", 1, {0: [1], 1: [3], 2: [5], 3: [7]}),  # taken tau steps before the slot, landed at it
+])
+def test_fragment_0_goes_first_and_the_last_at_the_period_end(schedule, delay, starts):
+    method = build_method(compose_cfg("method=streaming_diloco", "method.fragments=4", f"method.delay={delay}",
+                                      f"method.schedule={schedule}", "H=8").method, "keep")
     method.fragments = [None] * 4
-    H = 8
-    syncs = {p: [t for t in range(1, 33) if p in method.due(t, H)] for p in range(4)}
-    assert syncs == {0: [8, 16, 24, 32], 1: [2, 10, 18, 26], 2: [4, 12, 20, 28], 3: [6, 14, 22, 30]}
+    assert {p: [t for t in range(1, 9) if p in method.due(t, 8)] for p in range(4)} == starts
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["H=6", "method.fragments=4"], r"H=6 is invalid with method.fragments=4: allowed a multiple of 4"),
+    (["H=8", "method.fragments=4", "method.delay=2"], r"method.delay=2 is invalid with H=8 and method.fragments=4: "
+                                                      r"allowed at most 1"),
+    (["H=8", "method.fragments=2", "dynamic_h=loss"], r"dynamic_h='loss' is invalid with method.fragments=2"),
+])
+def test_what_torchft_refuses_is_one_clear_error(overrides, message):
+    from dpl.config.validate import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_cfg("method=streaming_diloco", *overrides))
 
 
 # ----------------------------------------------------------------------------- the algorithm, by hand
@@ -92,23 +110,31 @@ def tiny_workers(K: int = 3) -> StackedWorkers:
                           K, StackedComm(K))
 
 
-def drive(method, workers, steps: int, H: int, gen_seed: int = 1):
-    """The loop's calls for ``steps`` inner steps of one epoch; each step moves every worker its own way."""
+def drive(method, workers, steps: int, H: int, gen_seed: int = 1, end_sync: bool = True):
+    """The loop's calls for ``steps`` inner steps of one epoch (its end a sync with ``end_sync``, as with
+    ``sync_at_epoch_end``); each step moves every worker its own way."""
     optimizer = torch.optim.SGD(workers.params, lr=0.05)
     gen = torch.Generator().manual_seed(gen_seed)
+    period = 0
     for t in range(1, steps + 1):
         with torch.no_grad():
             for p in workers.params:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-        if method.syncs_after(0, 0, H, last_step=t == steps, step=t):
+        period += 1
+        now = Now(epoch=0, period=period, H=H, step=t, epoch_end=end_sync and t == steps)
+        if method.syncs_after(now):
             method.sync(workers, optimizer, 0.05)
+        if method.period_ends(now):
+            period = 0
     return [p.detach().clone() for p in workers.params]
 
 
-def by_hand(P: int, H: int, tau: int, alpha: float, steps: int, K: int = 3, lr=0.7, mu=0.9):
-    """Streaming DiLoCo written out: fragment p starts at t ≡ p H / P (mod H), Δ_p = x_p − mean_k x_{k,p}
-    (float64) is taken then, and τ steps later x_p ← Nesterov(x_p, Δ_p), x_{k,p} ← α x_{k,p} + (1 − α) x_p.
-    The last step lands everything and syncs every fragment at once."""
+def by_hand(P: int, H: int, tau: int, alpha: float, steps: int, K: int = 3, lr=0.7, mu=0.9,
+            torchft: bool = False, end_sync: bool = True):
+    """Streaming DiLoCo written out: fragment p's slot is t ≡ (p + 1) H / P (mod H); Δ_p = x_p − mean_k x_{k,p}
+    (float64) is taken at the slot (``torchft``: τ steps before it), and τ steps later x_p ← Nesterov(x_p, Δ_p),
+    x_{k,p} ← α x_{k,p} + (1 − α) x_p. With ``end_sync`` the last step lands everything and syncs every
+    fragment at once."""
     workers = tiny_workers(K)
     names = [n for n, _ in workers.model.named_parameters()]
     sizes = [p[0].numel() for p in workers.params]
@@ -131,8 +157,9 @@ def by_hand(P: int, H: int, tau: int, alpha: float, steps: int, K: int = 3, lr=0
         with torch.no_grad():
             for w in workers.params:
                 w.add_(torch.randn(w.shape, generator=gen) * 0.01)
-        last = t == steps
-        starting = list(range(P)) if last else [p for p in range(P) if t >= p * H // P and (t - p * H // P) % H == 0]
+        last = end_sync and t == steps
+        start = [(p + 1) * H // P - (tau if torchft else 0) for p in range(P)]
+        starting = list(range(P)) if last else [p for p in range(P) if (t - start[p]) % H == 0]
         for p in sorted(p for p, (at, _) in flying.items() if at <= t or p in starting):
             land(p)
         for p in starting:
@@ -142,29 +169,35 @@ def by_hand(P: int, H: int, tau: int, alpha: float, steps: int, K: int = 3, lr=0
     return [w.detach().clone() for w in workers.params]
 
 
-@pytest.mark.parametrize("P,tau,alpha", [(1, 0, 0.0), (3, 0, 0.0), (3, 2, 0.0), (2, 1, 0.5), (3, 3, 0.25)])
-def test_streaming_equals_the_algorithm_written_out(P, tau, alpha):
+@pytest.mark.parametrize("P,H,tau,alpha,schedule,end_sync", [
+    (1, 6, 0, 0.0, "paper", True), (3, 6, 0, 0.0, "paper", True), (3, 12, 2, 0.0, "paper", True),
+    (2, 6, 1, 0.5, "paper", True), (3, 12, 3, 0.25, "paper", False), (2, 6, 2, 0.5, "torchft", False),
+    (3, 12, 3, 0.25, "torchft", True),
+])
+def test_streaming_equals_the_algorithm_written_out(P, H, tau, alpha, schedule, end_sync):
     method = build_method(compose_cfg("method=streaming_diloco", f"method.fragments={P}", f"method.delay={tau}",
-                                      f"method.alpha={alpha}").method, "keep")
+                                      f"method.alpha={alpha}", f"method.schedule={schedule}", f"H={H}").method,
+                          "keep")
     workers = tiny_workers()
     method.start(workers)
-    got = drive(method, workers, steps=21, H=6)
-    for a, b in zip(got, by_hand(P, 6, tau, alpha, steps=21)):
+    got = drive(method, workers, steps=21, H=H, end_sync=end_sync)
+    for a, b in zip(got, by_hand(P, H, tau, alpha, steps=21, torchft=schedule == "torchft", end_sync=end_sync)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_a_fragment_in_flight_overlaps_compute_and_the_largest_sync_is_one_fragment():
-    method = build_method(compose_cfg("method=streaming_diloco", "method.fragments=3", "method.delay=2").method, "keep")
+    method = build_method(compose_cfg("method=streaming_diloco", "method.fragments=3", "method.delay=2",
+                                      "H=12").method, "keep")
     workers = tiny_workers()
     method.start(workers)
-    drive(method, workers, steps=12, H=6)
+    drive(method, workers, steps=24, H=12)
     traffic = workers.point.take()
-    # fragments start at t = 2, 4, 6, 8, 10 with τ = 2, then all three at once at the epoch's end, τ = 0
+    # fragments start at t = 4, 8, 12, 16, 20 with τ = 2, then all three at once at the epoch's end, τ = 0
     assert (traffic.syncs, traffic.overlap_syncs, traffic.overlap_steps) == (8, 5, 10)
     sizes = [sum(workers.params[i][0].numel() * 4 for i in f.params) for f in method.fragments]
     assert traffic.peak_replica_bytes == max(sizes)
     assert traffic.peak_overlap_steps == 2  # its first sync was in flight for τ steps
-    assert traffic.replica_bytes == sum(sizes[p] for p in (1, 2, 0, 1, 2)) + sum(sizes)
+    assert traffic.replica_bytes == sum(sizes[p] for p in (0, 1, 2, 0, 1)) + sum(sizes)
 
 
 # ----------------------------------------------------------------------------- through the trainer and the CLI
@@ -189,7 +222,7 @@ def test_streaming_and_diloco_through_the_cli(tmp_path):
     args = [*TINY, "K=2", "H=4", "epochs=1"]
     weights = []
     for name, extra in (("diloco", ["method=diloco"]), ("p1", ["method=streaming_diloco", "method.fragments=1"]),
-                        ("p2", ["method=streaming_diloco", "method.delay=2", "method.alpha=0.5"])):
+                        ("p2", ["method=streaming_diloco", "method.delay=1", "method.alpha=0.5"])):
         proc = run_cli(tmp_path, [*args, *extra, f"hydra.run.dir={tmp_path / name}"])
         assert proc.returncode == 0, proc.stderr[-2000:]
         weights.append(checkpoint.load(tmp_path / name)["workers"]["params"])
@@ -198,15 +231,15 @@ def test_streaming_and_diloco_through_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [
-    ["method.fragments=2", "method.delay=3", "method.alpha=0.5"],  # stopped with fragment 1 in flight
+    ["H=8", "method.fragments=2", "method.delay=3", "method.alpha=0.5"],  # stopped with fragment 0 in flight
     # compressed, with error feedback and dropped workers: ~13 s on 2 cores, so in the slow set (the error
     # feedback's resume is tests/test_compression.py's too)
-    pytest.param(["method.fragments=3", "method.delay=1", "compression=int8", "compression.error_feedback=true",
+    pytest.param(["H=6", "method.fragments=3", "method.delay=1", "compression=int8", "compression.error_feedback=true",
                   "faults.drop_prob=0.3"], marks=pytest.mark.slow),
 ])
 def test_resume_with_a_fragment_in_flight_is_exact(make_cfg, tmp_path, monkeypatch, extra):
-    # 15 steps per epoch at K=2; H=6: fragment 1 starts at step 3 and lands at 6 (τ=3): stop at 5
-    assert_resume_is_exact(make_cfg, ["method=streaming_diloco", "K=2", "H=6", "checkpoint_every=1", *extra],
+    # 15 steps per epoch at K=2; H=8: fragment 0 starts at step 4 and lands at 7 (τ=3): stop at 5
+    assert_resume_is_exact(make_cfg, ["method=streaming_diloco", "K=2", "checkpoint_every=1", *extra],
                            tmp_path, monkeypatch, stop_at=5)
 
 
@@ -230,7 +263,7 @@ def by_hand_eager(P: int, H: int, steps: int, K: int = 3, lr=0.7, mu=0.9):
         with torch.no_grad():
             for w in workers.params:
                 w.add_(torch.randn(w.shape, generator=gen) * 0.01)
-        starting = list(range(P)) if t == steps else [p for p in range(P) if t >= p * H // P and (t - p * H // P) % H == 0]
+        starting = list(range(P)) if t == steps else [p for p in range(P) if (t - (p + 1) * H // P) % H == 0]
         for p in starting:
             own = [x[i] - workers.params[i].detach().double() for i in parts[p]]
             prev = stale.get(p, [torch.zeros_like(d[0]) for d in own])

@@ -203,7 +203,7 @@ def test_slowmo_buffer_restart_with_one_sync_per_epoch_is_beta_zero(make_cfg):
     """One sync per epoch (H >= steps) and a zeroed slow momentum every epoch: u never carries
     over, so SlowMo acts as with beta = 0."""
     common = ["method=slowmo", "K=2", "H=100", "epochs=3", "method.outer.lr=1.5", "scheduler=constant",
-              "dataset.num_train=400", "dataset.num_test=50"]  # 6 steps per epoch: still one sync
+              "dataset.num_train=400", "dataset.num_test=50", "sync_at_epoch_end=true"]  # 6 steps an epoch: one sync
     restarted = _final_params(make_cfg(*common, "method.outer.momentum=0.6", "method.restart_each_epoch=true"))
     beta0 = _final_params(make_cfg(*common, "method.outer.momentum=0.0"))
     kept = _final_params(make_cfg(*common, "method.outer.momentum=0.6"))
@@ -275,7 +275,7 @@ def test_steps_per_epoch_is_the_studys_budget():
 def test_sync_rounds_equal_the_studys_count(make_cfg):
     """FIDELITY: sync steps = sum over epochs of ceil(budget / H_epoch), with dynamic H."""
     trainer = build_trainer(make_cfg("method=localsgd", "K=2", "H=4", "epochs=4", "dynamic_h=asc_pow2",
-                                     "batch_size=16"), CPU)
+                                     "batch_size=16", "sync_at_epoch_end=true"), CPU)
     trainer.fit()
     S, hist = trainer.steps_per_epoch, trainer.state.history
     assert [r["sync_rounds"] for r in hist] == [math.ceil(S / r["H"]) for r in hist]

@@ -174,3 +174,46 @@ def test_dirichlet_sharding_skews_the_workers_by_source_file(corpus):
     skewed = file_shares("sharding=dirichlet", "dirichlet_alpha=0.1")
     assert (iid.max(0).values - iid.min(0).values).max() < 0.1
     assert (skewed.max(0).values - skewed.min(0).values).max() > 0.3
+
+
+# ----------------------------------------------------------------------------- the LM recipe
+
+
+def test_a_step_budget_with_an_evaluation_every_n_steps(corpus):
+    """max_steps ends the run mid-epoch; eval_every records every N steps and at the end; the cosine spans
+    the budget; text's best model is by validation loss."""
+    trainer = build_trainer(text_cfg(corpus, "K=2", "max_steps=45", "eval_every=20", "scheduler=cosine",
+                                     "warmup_steps=5"), CPU)
+    assert trainer.steps_per_epoch < 45 < 2 * trainer.steps_per_epoch  # the budget ends in the second epoch
+    assert len(trainer.schedule.table) == 45 and trainer.schedule.table[4] == pytest.approx(3e-3)
+    trainer.fit()
+    history = trainer.state.history
+    assert [r["step"] for r in history] == [20, 40, 45] and trainer.state.global_step == 45
+    assert trainer.state.epoch == 2 and trainer.finished
+    assert trainer.best_metric == "val_loss"
+    best = min(history, key=lambda r: r["val_loss"])
+    assert trainer.state.best_val_acc == best["val_acc"] and trainer.state.best_epoch == best["epoch"]
+
+
+def test_the_step_budget_resumes_exactly_between_a_step_and_its_record(corpus, tmp_path, monkeypatch):
+    overrides = ["dataset=text", f"dataset.path={corpus}", "dataset.block_size=32", "model=gpt_tiny", "batch_size=16",
+                 "optimizer=adamw", "method=diloco", "K=2", "H=4", "max_steps=24", "eval_every=8",
+                 "checkpoint_every=8", f"results_csv={tmp_path / 'r.csv'}"]
+    # the checkpoint of step 16 is written before that step's record: the resumed run records it once
+    assert_resume_is_exact(lambda *o: compose_cfg(*o), overrides, tmp_path, monkeypatch, stop_at=16)
+
+
+def test_the_step_budget_through_the_cli(corpus, tmp_path):
+    """python -m dpl model=gpt_tiny dataset=text max_steps=N eval_every=M: M-step records, MLflow-free."""
+    import csv
+
+    from tests.processes import run_cli
+
+    proc = run_cli(tmp_path, ["model=gpt_tiny", "dataset=text", f"dataset.path={corpus}", "dataset.block_size=32",
+                              "batch_size=16", "max_steps=30", "eval_every=10", "optimizer.grad_clip_norm=1.0",
+                              "logger=none", "progress=false", "device=cpu", f"hydra.run.dir={tmp_path / 'job'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "job" / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r["step"])) for r in rows] == [10, 20, 30]
+    assert "step 30/30" in proc.stdout + proc.stderr and "bytes/s" in proc.stdout + proc.stderr

@@ -179,3 +179,52 @@ def test_a_checkpoint_with_epochs_from_0_resumes_counting_from_1():
     assert empty["history"] == [] and empty["best_epoch"] == -1
     current = upgrade(format_1(old))
     assert current["format"] == FORMAT_VERSION and upgrade(current) is current
+
+
+# ----------------------------------------------------------------------------- periods across epochs
+
+
+@pytest.mark.parametrize("method,extra,syncs", [
+    ("localsgd", [], [0, 1, 1]),  # syncs at steps 20 and 40
+    ("diloco", [], [0, 1, 1]),
+    ("streaming_diloco", ["method.fragments=2"], [1, 2, 1]),  # a fragment at steps 10, 20, 30, 40
+])
+def test_a_period_longer_than_an_epoch_syncs_every_h_steps_of_the_run(make_cfg, method, extra, syncs):
+    """15 steps an epoch at K=2, H=20: the papers' schedule, which has no epochs; the study's epoch-end sync
+    (sync_at_epoch_end) is an option."""
+    from dpl.run.build import build_trainer
+
+    overrides = [f"method={method}", "K=2", "H=20", "epochs=3", *extra]
+    trainer = build_trainer(make_cfg(*overrides), torch.device("cpu"))
+    trainer.fit()
+    assert [r["syncs"] for r in trainer.state.history] == syncs
+    # the run ended 5 steps after its last sync, and its validations left the workers as they were
+    assert not torch.equal(trainer.workers.params[0][0], trainer.workers.params[0][1])
+    study = build_trainer(make_cfg(*overrides, "sync_at_epoch_end=true"), torch.device("cpu"))
+    study.fit()
+    # streaming: a fragment 10 steps into each epoch, then every fragment at its end
+    assert [r["syncs"] for r in study.state.history] == [1 + (method == "streaming_diloco")] * 3
+    assert torch.equal(study.workers.params[0][0], study.workers.params[0][1])
+
+
+def test_validation_reads_the_outer_model_of_diloco_and_the_average_of_localsgd(make_cfg):
+    from dpl.run.build import build_trainer
+
+    for method, expect in (("diloco", "anchor"), ("localsgd", "average")):
+        trainer = build_trainer(make_cfg(f"method={method}", "K=2", "H=20", "epochs=1"), torch.device("cpu"))
+        trainer.fit()
+        model = trainer.method.global_model(trainer.workers)
+        params = [model[n] for n in trainer.workers.param_names]
+        want = ([x.float() for x in trainer.method.anchor] if expect == "anchor"
+                else [p.detach().mean(0) for p in trainer.workers.params])
+        for got, w in zip(params, want):
+            torch.testing.assert_close(got, w, rtol=0, atol=1e-6)
+        assert trainer.state.history[-1]["val_loss"] == trainer.evaluate("val", model)[0]
+
+
+def test_resume_with_a_fragment_in_flight_across_an_epoch_end_is_exact(make_cfg, tmp_path, monkeypatch):
+    from tests.resume import assert_resume_is_exact
+
+    # 15 steps an epoch; fragment 0 starts at step 30 (an epoch's last) and lands at 33; checkpoint at 32
+    assert_resume_is_exact(make_cfg, ["method=streaming_diloco", "method.fragments=2", "method.delay=3", "K=2",
+                                      "H=20", "epochs=3", "checkpoint_every=16"], tmp_path, monkeypatch, stop_at=32)

@@ -67,7 +67,8 @@ class NetworkConfig:
         one_of("network.topology", self.topology, TOPOLOGIES)
 
 # The fields of :meth:`CommLedger.record_epoch` that follow the compute time, and so the first epoch's
-# measured compute when ``clock.sample_cost_us`` is unset: two runs of the same maths differ only here.
+# measured compute with ``clock.device=measured``: two such runs of the same maths differ only here (by
+# default the compute is counted from the model's FLOPs, and these fields are as reproducible as the rest).
 CLOCKED_FIELDS = frozenset({"compute_time_s", "modelled_time_s", "comm_hidden_s", "peak_bandwidth_gbps",
                             "overlap_window_s"})
 # What :func:`epoch_time_at` reads of an epoch's record.
@@ -207,7 +208,9 @@ class CommLedger:
     Each epoch's :class:`Traffic` becomes bytes sent per worker and modelled communication
     time (:func:`sync_time_s` per all-reduce), and its steps become modelled compute time
     (:mod:`dpl.comm.clock`): ``samples x sample_cost_s x slowest`` with ``slowest`` the largest
-    worker time factor. ``sample_cost_s`` None is measured from the first epoch, then fixed.
+    worker time factor. ``sample_cost_s`` comes from the config (:func:`dpl.comm.clock.sample_cost_s`: the
+    model's FLOPs on the modelled GPU, or ``clock.sample_cost_us``); None (``clock.device=measured``) is
+    measured from the first epoch, then fixed. A checkpoint restores it as it was, measured or counted.
     With K == 1 nothing is sent, so bytes and communication time stay 0, but rounds are
     still counted (a 1-worker LocalSGD run still has its sync points, they are just free).
     """
@@ -216,7 +219,7 @@ class CommLedger:
     bandwidth_gbps: float
     latency_us: float
     topology: str = "ring"
-    sample_cost_s: Optional[float] = None  # compute seconds per sample of one worker at speed 1
+    sample_cost_s: Optional[float] = None  # compute seconds per sample (text: token) of one worker at speed 1
     slowest: float = 1.0  # the largest worker time factor
     rounds_total: int = 0
     collectives_total: int = 0

@@ -27,6 +27,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SHARDINGS = ("iid", "random", "dirichlet")
 PRECISIONS = ("fp32", "bf16")
 SHUFFLES = ("epoch", "once")
+BEST_METRICS = ("auto", "val_acc", "val_loss")
 MOMENTUM_MODES = ("keep", "reset", "average")
 
 
@@ -64,6 +65,16 @@ class Config:
     local_momentum: str = key("keep", "what a sync does to the inner optimizer's state: keep | reset | average")
     restart_inner_each_epoch: bool = key(False, "fresh inner optimizer state every epoch (the study's local methods)")
     shuffle: str = key("epoch", "epoch: each shard reshuffled every epoch | once: the same order every epoch")
+    max_steps: Optional[int] = key(None, "the run's budget in optimizer steps, its last epoch cut short where it "
+                                         "falls (null: epochs x the steps of an epoch); the lr schedule spans it")
+    eval_every: Optional[int] = key(None, "validate and record every this many steps (null: at every epoch's "
+                                          "end); history rows, MLflow steps, the best model and patience follow")
+    warmup_steps: Optional[int] = key(None, "warmup in optimizer steps, with scheduler.interval=step (null: "
+                                            "warmup_epochs)")
+    best_metric: str = key("auto", "what picks the best model and stops early: val_acc (highest) | val_loss "
+                                   "(lowest) | auto: val_loss for text, val_acc for images")
+    sync_at_epoch_end: bool = key(False, "local methods: every epoch's end also syncs the workers (the study's code "
+                                         "does); false: a sync every H steps counted over the whole run (the papers)")
 
     resume: Optional[str] = key(None, "a job dir (or its checkpoint file) to continue")
     test_only: bool = key(False, "only evaluate a checkpoint on the test split")
@@ -89,10 +100,21 @@ class Config:
         check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
         one_of("device", self.device, DEVICES)
         one_of("precision", self.precision, PRECISIONS)
+        if isinstance(self.clock, ClockConfig):  # the modelled GPU needs a peak at the run's precision
+            self.clock.check_precision(self.precision)
         one_of("sharding", self.sharding, SHARDINGS)
         positive("dirichlet_alpha", self.dirichlet_alpha)
         one_of("local_momentum", self.local_momentum, MOMENTUM_MODES)
         one_of("shuffle", self.shuffle, SHUFFLES)
+        for name in ("max_steps", "eval_every"):
+            if getattr(self, name) is not None:
+                at_least(name, getattr(self, name), 1, "null or an integer")
+        one_of("best_metric", self.best_metric, BEST_METRICS)
+        if self.warmup_steps is not None:
+            at_least("warmup_steps", self.warmup_steps, 0, "null or an integer")
+            if isinstance(self.scheduler, SchedulerBase):
+                check(self.scheduler.interval != "epoch", "warmup_steps", self.warmup_steps,
+                      "null with scheduler.interval=epoch (warmup_epochs counts epochs)")
         if isinstance(self.scheduler, SchedulerBase) and self.scheduler.interval == "epoch":
             check(float(self.warmup_epochs).is_integer(), "warmup_epochs", self.warmup_epochs,
                   "a whole number of epochs with scheduler.interval=epoch")

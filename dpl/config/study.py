@@ -40,6 +40,10 @@ ABLATIONS.add("warmup_ramp", None, None, Departure(
 ABLATIONS.add("no_inner_restart", None, None, Departure(
     "fresh inner optimizers (zero momentum) every epoch", "inner momentum kept across epochs (Lin et al. 2020)",
     "local methods", {"restart_inner_each_epoch": False}), module=__name__)
+ABLATIONS.add("no_epoch_end_sync", None, None, Departure(
+    "every epoch ends with a sync of the workers", "a sync every H steps counted over the whole run "
+    "(Lin et al. 2020, Alg. 1; Douillard et al. 2023, Alg. 1)", "local methods",
+    {"sync_at_epoch_end": False}), module=__name__)
 ABLATIONS.add("no_slowmo_restart", None, None, Departure(
     "SlowMo buffer zeroed every epoch", "slow momentum kept for the whole run (Wang et al. 2020, Alg. 1)",
     "slowmo rows", {"method.restart_each_epoch": False}), module=__name__)

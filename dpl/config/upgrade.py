@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from dpl.comm.clock import MEASURED
 from dpl.comm.codecs import CODECS
 from dpl.config.store import schemas
 
@@ -34,6 +35,13 @@ def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
     then sent). Today's config is returned as it is (:func:`dpl.run.checkpoint.upgrade` calls this)."""
     config = OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config)
     config.setdefault("compression", {"name": _NO_COMPRESSION})
+    config.setdefault("sync_at_epoch_end", True)  # before the key, every epoch's end synced the workers
+    optimizer = config.get("optimizer")
+    if isinstance(optimizer, Mapping) and "decay_params" not in optimizer:  # before decay groups, all decayed
+        config["optimizer"] = {**optimizer, "decay_params": "all"}
+    clock = config.get("clock")
+    if isinstance(clock, Mapping) and "device" not in clock:  # before device profiles, compute was measured
+        config["clock"] = {**clock, "device": MEASURED}
     if not isinstance(config.get("method"), Mapping):
         return config
     method = dict(config["method"])
@@ -59,6 +67,12 @@ def upgrade_params(params: Mapping[str, Any]) -> dict[str, Any]:
             items = value.items() if isinstance(value, dict) else [(None, value)]
             for sub, v in items:
                 flat.setdefault(f"method.{key}" + (f".{sub}" if sub else ""), str(v))
+    if "method.name" in flat:  # a run of before the key synced at every epoch's end
+        flat.setdefault("sync_at_epoch_end", "True")
+    if "optimizer.name" in flat:  # a run of before decay groups decayed every parameter
+        flat.setdefault("optimizer.decay_params", "all")
+    if "clock.speed" in flat:  # a run of before device profiles measured its compute
+        flat.setdefault("clock.device", MEASURED)
     return flat
 
 

@@ -46,6 +46,14 @@ def check_dynamic_h(cfg: DictConfig) -> None:
                           f"which has no local steps: allowed dynamic_h=constant, or method={_local_methods()}")
 
 
+def check_eval_every(cfg: DictConfig) -> None:
+    """A dynamic H is chosen from each epoch's record: records every eval_every steps would feed it
+    something else."""
+    if cfg.get("eval_every") is not None and STRATEGIES.facts(cfg.dynamic_h).changes_h:
+        raise ConfigError(f"eval_every={cfg.eval_every} is invalid with dynamic_h={cfg.dynamic_h.name!r}, which "
+                          f"chooses H from each epoch's record: allowed eval_every=null, or dynamic_h=constant")
+
+
 def check_compression(cfg: DictConfig) -> None:
     """Compression acts on the pseudo-gradient of local methods; a method that averages gradients
     (centralized, post_local's first phase) would send them uncompressed, so it is refused."""
@@ -61,6 +69,25 @@ def check_faults(cfg: DictConfig) -> None:
     if cfg.faults.drop_prob > 0 and not METHODS.facts(cfg.method).local_steps:
         raise ConfigError(f"faults.drop_prob={cfg.faults.drop_prob} is invalid with method={cfg.method.name!r}, whose "
                           f"syncs average gradients: allowed faults.drop_prob=0, or method={_local_methods()}")
+
+
+def check_fragments(cfg: DictConfig) -> None:
+    """Streaming DiLoCo's fragments take turns, one every H/P steps, each sync in flight for tau of them:
+    H a multiple of P (even turns) and tau < H/P (a sync lands before the next fragment's starts), as
+    torchft requires; and a fixed H, since a period's slots are laid out for one H."""
+    P = cfg.method.get("fragments")
+    if P is None:
+        return
+    if cfg.H % P:
+        raise ConfigError(f"H={cfg.H} is invalid with method.fragments={P}: allowed a multiple of {P} (the "
+                          f"fragments take turns, one every H/P steps)")
+    delay = cfg.method.get("delay", 0)
+    if delay >= cfg.H // P:
+        raise ConfigError(f"method.delay={delay} is invalid with H={cfg.H} and method.fragments={P}: allowed at most "
+                          f"{cfg.H // P - 1} (a fragment's sync lands before the next fragment's starts)")
+    if P > 1 and STRATEGIES.facts(cfg.dynamic_h).changes_h:
+        raise ConfigError(f"dynamic_h={cfg.dynamic_h.name!r} is invalid with method.fragments={P}: allowed "
+                          f"dynamic_h=constant (the fragments' slots are laid out for one H)")
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -109,8 +136,10 @@ def validate(cfg: DictConfig) -> Config:
     check_options(cfg)
     obj = to_schema(cfg)
     check_dynamic_h(cfg)
+    check_eval_every(cfg)
     check_compression(cfg)
     check_faults(cfg)
+    check_fragments(cfg)
     check_data(cfg)
     check_checkpoint_use(cfg)
     return obj

@@ -2,11 +2,15 @@
 
 :meth:`Trainer.fit` reads like Algorithm 1 of the LocalSGD and SlowMo papers (Lin et al. 2020; Wang et
 al. 2020): each worker draws a batch from its own shard and takes a step of the inner optimizer; every H
-local steps (and at the end of an epoch, so validation sees the averaged model) the method syncs the
-workers: their average through the one communication point, then the method's outer step on the
-pseudo-gradient (:mod:`dpl.core.methods`). Centralized training averages the gradients every step
-instead. The loop does not know which method runs: the method says when it syncs and what a sync does,
-and the bookkeeping of an epoch (metric sums, best model, early stop) is :mod:`dpl.core.state`.
+local steps, counted over the whole run, the method syncs the workers: their average through the one
+communication point, then the method's outer step on the pseudo-gradient (:mod:`dpl.core.methods`).
+Centralized training averages the gradients every step instead. Epochs only pace the data, the lr
+table, H's changes and the records: an epoch's end syncs nothing unless ``sync_at_epoch_end`` asks
+(the study's code does), and validation reads the method's global model without changing the workers.
+A record (validation, the history's row, the hooks) comes at each epoch's end, or every ``eval_every``
+steps; ``max_steps`` ends the run where it falls. The loop does not know which method runs: the method
+says when it syncs and what a sync does, and the bookkeeping of a record (metric sums, best model, early
+stop) is :mod:`dpl.core.state`.
 
 The trainer receives its parts finished (:func:`dpl.run.build.build_trainer` makes them). One step is
 ``next_inputs`` (the batch of every worker and the lr's entry), the local step, ``end_step`` (the sync
@@ -33,7 +37,7 @@ from dpl.components.data.device import eval_batches
 from dpl.components.data.sharding import batch_indices, epoch_order
 from dpl.core.dynamic_h import HContext, next_h
 from dpl.core.engines import EAGER
-from dpl.core.methods.base import Method
+from dpl.core.methods.base import Method, Now
 from dpl.core.schedules import LrSchedule
 from dpl.core.state import DRIFT, STEP_METRICS, EpochSums, StepOutputs, TrainState, check_finite, track_best
 from dpl.core.step import LocalStep, Outputs
@@ -63,12 +67,16 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, hp: Any, data: Any, shards: torch.Tensor, workers: StackedWorkers,
                  method: Method, optimizer: torch.optim.Optimizer, schedule: LrSchedule, local_step: LocalStep,
-                 ledger: CommLedger, compile: str = EAGER) -> None:
+                 ledger: CommLedger, compile: str = EAGER, best_metric: str = "val_acc") -> None:
         self.cfg, self.hp, self.data, self.shards = cfg, hp, data, shards
         self.workers, self.method, self.optimizer = workers, method, optimizer
         self.schedule, self.local_step, self.ledger, self.compile = schedule, local_step, ledger, compile
         self.device = shards.device
         self.steps_per_epoch = schedule.steps_per_epoch
+        # the run's budget: max_steps, or whole epochs; its last epoch ends where the budget does
+        self.total_steps = hp.max_steps or hp.epochs * self.steps_per_epoch
+        self.epochs = -(-self.total_steps // self.steps_per_epoch)
+        self.best_metric = best_metric
         self.state = TrainState(H=hp.H)
         self.metrics = list(STEP_METRICS.values())  # the per-step metrics of every record (dpl.core.state)
         self.sums = EpochSums(self.device, [*(m.name for m in self.metrics), DRIFT])
@@ -84,14 +92,32 @@ class Trainer:
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> None:
         while not self.finished:
-            if self.state.step < self.steps_per_epoch:
+            if not self.ends_here():  # (a checkpoint between a step and its epoch's end resumes here)
                 self.step()
-            if self.state.step == self.steps_per_epoch:  # (a checkpoint of an epoch's last step resumes here)
+            if self.ends_here():
                 self.end_epoch()
 
     @property
     def finished(self) -> bool:
-        return self.state.epoch >= self.hp.epochs or self.state.stopped_early
+        return self.state.epoch >= self.epochs or self.state.stopped_early
+
+    def epoch_over(self) -> bool:
+        """The epoch in progress has taken its steps (or the run's budget is spent)."""
+        s = self.state
+        return s.step == self.steps_per_epoch or s.global_step >= self.total_steps
+
+    def record_due(self) -> bool:
+        """A record (validation, history row, hooks) is due after this step: at the epoch's end, or every
+        ``eval_every`` steps and at the run's end; once per step (a resumed run does not record twice)."""
+        s, every = self.state, self.hp.eval_every
+        if s.global_step == s.recorded_at:
+            return False
+        if every is None:
+            return self.epoch_over()
+        return s.global_step % every == 0 or s.global_step >= self.total_steps
+
+    def ends_here(self) -> bool:
+        return self.epoch_over() or self.record_due()
 
     def step(self) -> None:
         """One local step of every worker, and the sync when the period (or the epoch) ends."""
@@ -134,14 +160,18 @@ class Trainer:
         return self.local_step(inputs.idx, self.state.global_step, inputs.lr_i, self.state.epoch)
 
     def end_step(self, inputs: StepInputs, outputs: Outputs) -> None:
-        """After the local step: the sync when the period (or the epoch) ends, and the epoch's sums."""
+        """After the local step: the sync when the method's schedule says so, and the epoch's sums."""
         s, workers, method = self.state, self.workers, self.method
         s.period += 1
-        if method.syncs_after(s.epoch, s.period, s.H, last_step=s.step == self.steps_per_epoch - 1, step=s.step + 1):
+        last = s.step == self.steps_per_epoch - 1 or s.global_step + 1 >= self.total_steps
+        epoch_end = self.hp.sync_at_epoch_end and last
+        now = Now(epoch=s.epoch, period=s.period, H=s.H, step=s.global_step + 1, epoch_end=epoch_end)
+        if method.syncs_after(now):
             # average, then the outer step on the pseudo-gradient
             drift = method.sync(workers, self.optimizer, s.lr)
             if drift is not None:  # how far apart the workers were just before the average (no read)
                 self.sums.add_sync(drift)
+        if method.period_ends(now):
             s.period = 0
         s.step += 1
         s.global_step += 1
@@ -156,30 +186,49 @@ class Trainer:
             hook(self)
 
     def end_epoch(self) -> None:
+        """The record when one is due (:meth:`record_due`), and the epoch's end when it has taken its
+        steps; then the hooks with the record (they run once the epoch is closed, so a checkpoint written
+        by them resumes at the next epoch's start)."""
+        s = self.state
+        record = self.record() if self.record_due() else None
+        if self.epoch_over():
+            s.epoch += 1
+            s.step = 0
+            self._order = None
+        if record is None:
+            return
+        for hook in self.on_epoch:
+            hook(self, record)
+
+    def record(self) -> dict[str, float]:
+        """Validation of the method's global model and the record of the steps since the last one."""
         s, point = self.state, self.workers.point
-        sums = self._read_sums()  # the epoch's one read of the device sums
+        sums = self._read_sums()  # the interval's one read of the device sums
         # Summed over every process's workers, so all ranks record (and choose H from) the same numbers.
         names = [m.name for m in self.metrics]
         *totals, seen, drift_sum = point.all_sum([*(sums[n] for n in names), s.seen, sums[DRIFT]], "metrics")
         comm_wall_s = point.take_wall_s()
         compute_s = max(s.compute_s - comm_wall_s, 0.0)  # the rest of the step: forward, backward, optimizer
-        per = {"sample": max(seen, 1), "step": max(s.step, 1)}
+        steps = s.global_step - s.recorded_at
+        per = {"sample": max(seen, 1), "step": max(steps, 1)}
         means = {m.name: total / per[m.per] for m, total in zip(self.metrics, totals)}
         train_loss, train_acc = means.pop("train_loss"), means.pop("train_acc")
         check_finite(train_loss, s.epoch)
-        val_loss, val_acc = self.evaluate("val", augment_key=(self.hp.seed, s.epoch) if self.data.augment_val else None)
-        traffic = point.take()  # the epoch's, evaluation's bookkeeping included
+        model = self.method.global_model(self.workers)  # the workers stay as they are: periods span epochs
+        val_loss, val_acc = self.evaluate("val", model, (self.hp.seed, s.epoch) if self.data.augment_val else None)
+        traffic = point.take()  # the interval's, evaluation's bookkeeping included
         # Epochs are counted from 1 wherever they are shown (log, history.csv, best_epoch, MLflow steps);
         # s.epoch stays the number of epochs done, which the schedules and the checkpoint count by.
         record = {
-            "epoch": s.epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+            "epoch": s.epoch + 1, "step": s.global_step, "train_loss": train_loss, "train_acc": train_acc,
             "val_loss": val_loss, "val_acc": val_acc,
             **self.data.metrics("train", train_loss), **self.data.metrics("val", val_loss),  # text: bits per byte
             "lr": s.lr, "H": s.H,
             "epoch_time_s": s.compute_s, "samples_per_s": seen / max(s.compute_s, 1e-9),
             "drift": drift_sum / s.syncs if s.syncs else 0.0,
+            "syncs": s.syncs,  # syncs of the model that landed since the last record (streaming: fragments)
             # modelled: a worker of a real cluster computes only its own share of the simulated steps
-            **self.ledger.record_epoch(traffic, s.step, seen / self.workers.K, compute_s / self.workers.k_local),
+            **self.ledger.record_epoch(traffic, steps, seen / self.workers.K, compute_s / self.workers.k_local),
             "dropped": traffic.dropped,  # contributions to syncs that did not arrive (faults.drop_prob)
             "comm_wall_s": comm_wall_s,  # measured in the algorithm's collectives, beside the modelled bytes
             # every worker's training samples so far: the budget of an equal-samples comparison (dpl.report.budget)
@@ -187,19 +236,18 @@ class Trainer:
             **means,  # the per-step metrics registered beside train_loss and train_acc
         }
         s.history.append(record)
-        if track_best(s, val_acc, self.hp.patience):
-            self.best_weights = self.workers.mean_replica()
-        s.epoch += 1
-        s.reset_epoch()
+        if track_best(s, record, self.best_metric, self.hp.patience):
+            self.best_weights = model
+        s.recorded_at = s.global_step
+        s.reset_interval()
         self.sums.reset()
-        self._order = None
-        for hook in self.on_epoch:
-            hook(self, record)
+        return record
 
     def rewind_epoch(self) -> None:
         """Start the epoch in progress over from its first step, its sums at zero (a benchmark's endless
         steps: no evaluation, nothing recorded)."""
-        self.state.reset_epoch()
+        self.state.step = 0
+        self.state.reset_interval()
         self.sums.reset()
         self._order = None
 
@@ -226,9 +274,10 @@ class Trainer:
         return self.workers.evaluate(batches, weights)
 
     def final_metrics(self) -> dict[str, float]:
-        """Test accuracy of the final (averaged) model and of the best-validation model."""
-        test_loss, test_acc = self.evaluate("test")
-        best = self.best_weights if self.best_weights is not None else self.workers.mean_replica()
+        """Test accuracy of the final model (the method's global model) and of the best-validation model."""
+        final = self.method.global_model(self.workers)
+        test_loss, test_acc = self.evaluate("test", final)
+        best = self.best_weights if self.best_weights is not None else final
         _, test_acc_best = self.evaluate("test", best)
         return {"test_loss": test_loss, "test_acc": test_acc, "test_acc_best": test_acc_best,
                 **self.data.metrics("test", test_loss),
@@ -242,7 +291,7 @@ class Trainer:
             "state": asdict(self.state),
             "traffic": asdict(self.workers.point.traffic),
             "workers": {**self.workers.state_dict(), **self.method.worker_state()},
-            "model": self.workers.mean_replica("checkpoint"),
+            "model": self.method.global_model(self.workers, "checkpoint"),
             "best_model": self.best_weights,
             "optimizer": self.optimizer.state_dict(),
             "method": self.method.state_dict(),

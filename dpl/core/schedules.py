@@ -120,15 +120,21 @@ def poly(opt: Any, T: int, cfg: Any, per_epoch: int) -> Any:
     return lr_scheduler.LambdaLR(opt, lambda t: floor + (1.0 - floor) * (1.0 - min(t, T) / T) ** cfg.power)
 
 
-def lr_table(cfg, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float) -> list[float]:
+def lr_table(cfg, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float,
+             max_steps: Optional[int] = None, warmup_steps: Optional[int] = None) -> list[float]:
     """The lr of every scheduler step of the run: ``epochs`` values (interval epoch) or
-    ``epochs x steps_per_epoch`` (interval step). ``cfg`` is the ``scheduler`` node."""
+    ``epochs x steps_per_epoch`` (interval step); with a budget of ``max_steps`` steps, that many (interval
+    step) or the epochs they touch. ``warmup_steps`` (interval step) replaces ``warmup_epochs``. ``cfg``
+    is the ``scheduler`` node."""
     import torch
 
     main = SCHEDULERS[cfg.name].build
     per_epoch = steps_per_epoch if cfg.interval == "step" else 1
-    total = epochs * per_epoch
-    warmup = min(round(warmup_epochs * per_epoch), total)
+    if max_steps is None:
+        total = epochs * per_epoch
+    else:
+        total = max_steps if cfg.interval == "step" else math.ceil(max_steps / steps_per_epoch)
+    warmup = min(round(warmup_epochs * per_epoch) if warmup_steps is None else warmup_steps, total)
     opt = torch.optim.SGD([torch.zeros(0)], lr=base_lr)
     sched = _with_warmup(opt, main(opt, max(total - warmup, 1), cfg, per_epoch), warmup,
                          cfg.warmup_start_factor)

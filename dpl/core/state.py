@@ -25,23 +25,26 @@ class TrainState:
     epoch: int = 0  # the epoch in progress (or the next one, when step == 0)
     step: int = 0  # steps done in this epoch
     global_step: int = 0
-    period: int = 0  # local steps since the last sync
+    period: int = 0  # local steps since the period began, counted across epochs (the papers have no epochs)
     H: int = 1  # local steps per period in this epoch
     history: list[dict[str, float]] = field(default_factory=list)
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # the validation accuracy of the best record (by best_metric)
+    best_score: float = -math.inf  # the best record's best_metric, signed so that higher is better
     best_epoch: int = -1
+    recorded_at: int = 0  # the global step of the last record (a checkpoint between a step and its record)
     bad_epochs: int = 0
     stopped_early: bool = False
     # the epoch in progress: its metric sums by name (on the device in Trainer.sums while training; host
     # numbers here, in a checkpoint), the samples this process's workers have seen, and the syncs
     sums: dict[str, float] = field(default_factory=dict)
     seen: int = 0
-    syncs: int = 0  # parameter syncs of local methods, for the mean drift
+    syncs: int = 0  # parameter syncs of local methods that landed in this epoch, for the mean drift
     compute_s: float = 0.0
     lr: float = 0.0
 
-    def reset_epoch(self) -> None:
-        self.step = self.period = self.seen = self.syncs = 0
+    def reset_interval(self) -> None:
+        """A record was made: the sums of the next one start (an epoch's, or eval_every steps')."""
+        self.seen = self.syncs = 0
         self.sums = {}
         self.compute_s = 0.0
 
@@ -143,13 +146,15 @@ def check_finite(train_loss: float, epoch: int) -> None:
         raise Diverged(f"training loss is {train_loss} in epoch {epoch}")
 
 
-def track_best(state: Any, val_acc: float, patience: int) -> bool:
-    """Update ``state``'s best validation accuracy, its epoch and the early-stopping count
-    after epoch ``state.epoch`` (0-based while it runs; ``best_epoch`` counts from 1, as the log
-    and history.csv do); True when this epoch is a new best."""
-    improved = val_acc > state.best_val_acc
+def track_best(state: Any, record: dict[str, float], metric: str, patience: int) -> bool:
+    """Update ``state``'s best record by ``metric`` (``val_acc``: highest; ``val_loss``: lowest), its
+    epoch and the early-stopping count (in records: epochs, or eval_every intervals) after ``record``
+    (``best_epoch`` counts from 1, as the log and history.csv do); True when it is a new best."""
+    score = -record[metric] if metric == "val_loss" else record[metric]
+    improved = score > state.best_score
     if improved:
-        state.best_val_acc, state.best_epoch, state.bad_epochs = val_acc, state.epoch + 1, 0
+        state.best_score, state.best_val_acc = score, record["val_acc"]
+        state.best_epoch, state.bad_epochs = int(record["epoch"]), 0
     else:
         state.bad_epochs += 1
     state.stopped_early = 0 < patience <= state.bad_epochs

@@ -3,7 +3,8 @@
 One local step (Lin et al. 2020, Algorithm 1, the inner loop; the same step for every
 method) is: cut each worker's batch from its shard, augment it (crops and flips hashed from
 (seed, step, worker, sample), :mod:`dpl.components.data.augment`), forward, backward, the method's
-gradient hook (synchronous methods all-reduce the gradients there), and the inner
+gradient hook (synchronous methods all-reduce the gradients there), the clip of each
+worker's gradient (``optimizer.grad_clip_norm``, for every optimizer), and the inner
 optimizer's step at the lr of the step. The trainer calls it once per step; the sync
 (average, outer step) stays outside it, eager.
 
@@ -37,6 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from dpl.components.data.device import DeviceData, make_batch, train_key
+from dpl.components.optim.clip import GradClip
 from dpl.core.engines import COMPILED, EAGER, GRAPH
 from dpl.core.workers import StackedWorkers
 
@@ -51,9 +53,10 @@ class LocalStep:
 
     def __init__(self, data: DeviceData, workers: StackedWorkers, optimizer: torch.optim.Optimizer,
                  on_gradients: Callable[[int], None], edits_gradients: bool, seed: int, rows: slice,
-                 lr_now: torch.Tensor, lr_table: torch.Tensor) -> None:
+                 lr_now: torch.Tensor, lr_table: torch.Tensor, clip: Optional[GradClip] = None) -> None:
         self.data, self.workers, self.optimizer = data, workers, optimizer
         self.on_gradients, self.edits_gradients = on_gradients, edits_gradients
+        self.clip = clip  # optimizer.grad_clip_norm: every worker's gradient clipped before the step
         self.seed, self.rows = seed, rows
         self.lr_now, self.lr_table = lr_now, lr_table
         self.key = torch.zeros((), dtype=torch.int64, device=lr_now.device)  # the step's augmentation key
@@ -101,6 +104,13 @@ class LocalStep:
         return losses.sum(), losses.detach(), correct
 
     def optimizer_step(self) -> None:
+        """The inner optimizer's step, after the clip of each worker's gradient by its own norm (Pascanu et
+        al. 2013; :mod:`dpl.components.optim.clip`): after the gradient hook, so a synchronous method clips
+        the averaged gradient, as DDP with ``clip_grad_norm_`` does. The clip is device ops only and is
+        compiled and captured with the step; ``self.clip`` is fixed for the run, not a branch on data."""
+        if self.clip is not None:
+            with torch.no_grad():
+                self.clip([p.grad for p in self.workers.params if p.grad is not None], per_worker=True)
         self.optimizer.step()
 
 

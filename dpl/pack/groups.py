@@ -20,10 +20,11 @@ from dpl.tracking.run_names import BOOKKEEPING as RUN_BOOKKEEPING
 PACKABLE = (
     "seed", "lr", "weight_decay", "warmup_epochs", "H", "patience",
     "optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "optimizer.nesterov", "optimizer.betas",
-    "optimizer.eps", "optimizer.trust_coefficient", "optimizer.wd_in_grad_norm", "optimizer.exclude_1d",
+    "optimizer.eps", "optimizer.grad_clip_norm", "optimizer.grad_clip_eps", "optimizer.decay_params",
+    "optimizer.trust_coefficient", "optimizer.wd_in_grad_norm", "optimizer.exclude_1d",
     "method.outer.lr", "method.outer.momentum", "method.outer.nesterov", "method.restart_each_epoch",
     # the study's ablation flags (conf/ablation/): none changes a shape
-    "ablation", "restart_inner_each_epoch", "shuffle", "local_momentum", "dataset.augment_val",
+    "ablation", "restart_inner_each_epoch", "sync_at_epoch_end", "shuffle", "local_momentum", "dataset.augment_val",
     "scheduler.interval",
 )
 PACKABLE_PREFIXES = ("dynamic_h.",)

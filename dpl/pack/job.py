@@ -150,7 +150,7 @@ def _train(members: list[Member], training: list[int], fuse: bool) -> None:
             m.recorder.fail(m.trainer, f"diverged: {e}")
         m.outcome = {"best_val_acc": DIVERGED_OBJECTIVE, "diverged": True, "error": str(e)}
 
-    left = sum((t.cfg.epochs - t.state.epoch) * t.steps_per_epoch - t.state.step for t in trainers)
+    left = sum(t.total_steps - t.state.global_step for t in trainers)
     show = any(members[i].cfg.progress for i in training)
     with tqdm(total=left, desc=f"packed x{len(trainers)}", unit="step", disable=not show, dynamic_ncols=True,
               mininterval=0.5) as bar:

@@ -63,8 +63,7 @@ class Lockstep:
     def step(self, front: list[int]) -> None:
         """One step of the runs ``front`` (all at the same epoch and step), then their epoch's end where it is."""
         t0 = time.perf_counter()
-        inputs = {i: self.trainers[i].next_inputs() for i in front
-                  if self.trainers[i].state.step < self.trainers[i].steps_per_epoch}
+        inputs = {i: self.trainers[i].next_inputs() for i in front if not self.trainers[i].ends_here()}
         for members in self._fusions(list(inputs), inputs):
             self._run(members, inputs)
         share = (time.perf_counter() - t0) / len(front)  # each run's part of the process's time
@@ -72,7 +71,7 @@ class Lockstep:
             self.trainers[i].advance(share)
         for i in front:
             t = self.trainers[i]
-            if t.state.step < t.steps_per_epoch:
+            if not t.ends_here():
                 continue
             try:
                 t.end_epoch()

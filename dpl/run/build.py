@@ -16,14 +16,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpl.comm.clock import worker_speeds
+from dpl.comm.clock import sample_cost_s, worker_speeds
 from dpl.comm.codecs import build_codec
 from dpl.comm.cost import CommLedger
 from dpl.comm.drops import Drops
+from dpl.components.data import DATASETS
 from dpl.components.data.device import load_dataset
 from dpl.components.data.sharding import make_shards, steps_per_epoch
-from dpl.components.models import build_model
+from dpl.components.models import MODELS, build_model
 from dpl.components.optim import OPTIMIZERS, build_optimizer
+from dpl.components.optim.clip import grad_clip
+from dpl.components.optim.decay import decays, param_groups
 from dpl.core.engines import build_workers, compile_mode, memory_format
 from dpl.core.loop import Trainer
 from dpl.core.methods import METHODS, build_method
@@ -73,21 +76,33 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm: An
     # On CUDA torch's optimizers in their graph-safe form (fused SGD, capturable AdamW): they read the
     # tensor lr on the device, where the default foreach SGD reads it back to the host every step.
     capturable = device.type == "cuda"
-    optimizer = build_optimizer(workers.params, cfg.optimizer, base_lr, cfg.weight_decay, per_worker=True,
+    # the parameters whose decay optimizer.decay_params turns off form a group of their own, decided on the
+    # model (the template: its parameters' dimensions without the workers'), in its parameters' order
+    params = param_groups(workers.params, decays(model, decay_params(cfg)))
+    optimizer = build_optimizer(params, cfg.optimizer, base_lr, cfg.weight_decay, per_worker=True,
                                 capturable=capturable)
-    schedule = LrSchedule(lr_table(cfg.scheduler, base_lr, cfg.epochs, per_epoch, cfg.warmup_epochs), base_lr,
+    table = lr_table(cfg.scheduler, base_lr, cfg.epochs, per_epoch, cfg.warmup_epochs, cfg.max_steps, cfg.warmup_steps)
+    schedule = LrSchedule(table, base_lr,
                           cfg.scheduler.interval, per_epoch, device, capturable)
     schedule.attach(optimizer)
     clock = cfg.clock
     speeds = worker_speeds(workers.K, clock.speed, cfg.seed, clock.spread, clock.slow_fraction, clock.slow_factor)
     ledger = CommLedger(K=workers.K, bandwidth_gbps=cfg.network.bandwidth_gbps, latency_us=cfg.network.latency_us,
                         topology=cfg.network.topology, slowest=float(speeds.max()),
-                        sample_cost_s=None if clock.sample_cost_us is None else clock.sample_cost_us * 1e-6)
+                        sample_cost_s=_sample_cost_s(cfg, model, data))
     method.start(workers)
     local_step = build_local_step(mode, data, workers, optimizer, lambda epoch: method.on_gradients(workers, epoch),
                                   method.edits_gradients, cfg.seed, rows, schedule.now, schedule.device_table,
-                                  capturable=OPTIMIZERS.facts(cfg.optimizer).capturable)
-    return Trainer(cfg, hp, data, shards, workers, method, optimizer, schedule, local_step, ledger, mode)
+                                  capturable=OPTIMIZERS.facts(cfg.optimizer).capturable, clip=grad_clip(cfg.optimizer))
+    # what picks the best model: accuracy means little for bytes, so text is judged by its validation loss
+    best = cfg.best_metric if cfg.best_metric != "auto" else "val_loss" if DATASETS.facts(cfg.dataset).text else "val_acc"
+    return Trainer(cfg, hp, data, shards, workers, method, optimizer, schedule, local_step, ledger, mode, best)
+
+
+def decay_params(cfg: DictConfig) -> str:
+    """``optimizer.decay_params``, with ``auto`` the model's default (a fact of its registration)."""
+    mode = cfg.optimizer.get("decay_params", "auto")
+    return MODELS.facts(cfg.model).decay if mode == "auto" else mode
 
 
 def load_data(cfg: DictConfig, device: torch.device, comm: Any = None, cache: dict | None = None) -> Any:
@@ -122,6 +137,20 @@ def _model(cfg: DictConfig, data: Any, device: torch.device) -> torch.nn.Module:
             raise checkpoint.CheckpointError(f"pretrained={cfg.pretrained!r} does not fit model "
                                              f"{cfg.model.name} on {cfg.dataset.name}: {detail}") from None
     return model
+
+
+def _sample_cost_s(cfg: DictConfig, model: torch.nn.Module, data: Any) -> float | None:
+    """The modelled compute per sample of the ledger (:func:`dpl.comm.clock.sample_cost_s`), counted once on
+    one sample of the data's shape, and logged: None with ``clock.device=measured``."""
+    text = MODELS.facts(cfg.model).text
+    # one sample as the model takes it: only its shape matters, it is counted on the meta device
+    example = torch.zeros(1, data.image_size, dtype=torch.long, device="meta") if text else \
+        torch.zeros(1, *data.train_x.shape[1:], device="meta")
+    cost = sample_cost_s(cfg.clock, cfg.precision, model, example, data.tokens_per_sample)
+    if cost is not None and cfg.clock.sample_cost_us is None:
+        log.info("modelled compute: %.4g us per %s on %s (%s, mfu %g)", cost * 1e6, "token" if text else "sample",
+                 cfg.clock.device, cfg.precision, cfg.clock.mfu)
+    return cost
 
 
 def load_training_state(trainer: Trainer, ckpt: dict[str, Any], where: Path) -> None:

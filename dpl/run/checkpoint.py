@@ -34,7 +34,7 @@ FILENAME = "checkpoint.pt"
 RUN_FILE = "run.json"  # the job's config and MLflow run, written before the first checkpoint
 # 1: up to dpl 0.1.0's first releases; 2: the epoch's metric sums by name (TrainState.sums), every config
 # node present, method states complete
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # What a resume or test_only reads from a checkpoint (dpl.core.loop.Trainer.state_dict, plus the Recorder's extras).
 REQUIRED_KEYS = ("state", "traffic", "workers", "model", "best_model", "optimizer", "method", "comm", "rng",
                  "config")
@@ -136,27 +136,37 @@ def upgrade(ckpt: dict[str, Any]) -> dict[str, Any]:
     epochs 0 and 1, and report the wrong best epoch); the epoch's running sums under their metrics' names;
     a local method's sync count and in-flight fragments (none before compression and streaming existed);
     LARS's ``momentum_form`` in its param groups (its form before the option existed: ``lr_outside``).
+
+    Format 2 to 3: ``sync_at_epoch_end`` in the config, true (every epoch's end synced then); a streaming
+    fragment in flight lands at a step of the run, not of its epoch; the state's last record at its
+    epoch's start and its best score the best validation accuracy. A streaming run continues with
+    today's fragment order (fragment 0 first), so it does not continue its own schedule exactly.
     """
     if ckpt["format"] == FORMAT_VERSION:
         return ckpt
     config = upgrade_config(ckpt["config"])
-    state = dict(ckpt["state"])
-    history = state.get("history") or []
-    if history and history[0].get("epoch") == 0:
-        state["history"] = [{**row, "epoch": row["epoch"] + 1} for row in history]
-        if state.get("best_epoch", -1) >= 0:
-            state["best_epoch"] += 1
-    sums = {"train_loss": state.pop("loss_sum", 0.0), "train_acc": state.pop("correct", 0),
-            "drift": state.pop("drift_sum", 0.0)}
-    state["sums"] = {k: float(v) for k, v in sums.items()}
-    method = dict(ckpt["method"])
-    if "anchor" in method:
-        method.setdefault("syncs", 0)
-        method.setdefault("in_flight", {})
-    optimizer = ckpt["optimizer"]
-    if config.get("optimizer", {}).get("name") == "lars":
-        optimizer = {**optimizer, "param_groups": [{"momentum_form": "lr_outside", **g}
-                                                   for g in optimizer["param_groups"]]}
+    state, method, optimizer = dict(ckpt["state"]), dict(ckpt["method"]), ckpt["optimizer"]
+    if ckpt["format"] < 2:
+        history = state.get("history") or []
+        if history and history[0].get("epoch") == 0:
+            state["history"] = [{**row, "epoch": row["epoch"] + 1} for row in history]
+            if state.get("best_epoch", -1) >= 0:
+                state["best_epoch"] += 1
+        sums = {"train_loss": state.pop("loss_sum", 0.0), "train_acc": state.pop("correct", 0),
+                "drift": state.pop("drift_sum", 0.0)}
+        state["sums"] = {k: float(v) for k, v in sums.items()}
+        if "anchor" in method:
+            method.setdefault("syncs", 0)
+            method.setdefault("in_flight", {})
+        if config.get("optimizer", {}).get("name") == "lars":
+            optimizer = {**optimizer, "param_groups": [{"momentum_form": "lr_outside", **g}
+                                                       for g in optimizer["param_groups"]]}
+    epoch_start = state.get("global_step", 0) - state.get("step", 0)
+    state.setdefault("recorded_at", epoch_start)  # records were made at epochs' ends only
+    state.setdefault("best_score", state.get("best_val_acc", -1.0))  # the best was by validation accuracy
+    if method.get("in_flight"):
+        method["in_flight"] = {p: {**f, "lands_at": None if f["lands_at"] is None else f["lands_at"] + epoch_start}
+                               for p, f in method["in_flight"].items()}
     return {**ckpt, "format": FORMAT_VERSION, "config": config, "state": state, "method": method,
             "optimizer": optimizer}
 

@@ -83,7 +83,7 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
     trainer = build_trainer(cfg, pick_device(cfg.device) if comm is None else comm.device, rank, comm)
     if ckpt is not None and "state" in ckpt:
         load_training_state(trainer, ckpt, out_dir)
-        if rank == 0 and trainer.state.epoch < cfg.epochs:
+        if rank == 0 and trainer.state.epoch < trainer.epochs:
             log.info("resume: %s from epoch %d, step %d", out_dir, trainer.state.epoch + 1, trainer.state.step)
         elif rank == 0:  # stopped after its last epoch, before its test numbers were recorded
             log.info("resume: %s after its last epoch (%d): testing and recording it", out_dir, trainer.state.epoch)
@@ -131,7 +131,8 @@ def check_destinations(cfg: DictConfig, out_dir: Path, resume_uri: Optional[str]
 def finished(ckpt: dict[str, Any], cfg: DictConfig, out_dir: Path) -> bool:
     """The checkpoint's training is complete and its row was recorded (``result.csv``)."""
     state = ckpt["state"]
-    trained = state["step"] == 0 and (state["epoch"] >= cfg.epochs or state["stopped_early"])
+    done = state["global_step"] >= cfg.max_steps if cfg.get("max_steps") else state["epoch"] >= cfg.epochs
+    trained = state["step"] == 0 and (done or state["stopped_early"])
     return trained and (out_dir / "result.csv").is_file()
 
 

@@ -67,38 +67,61 @@ class Recorder:
 
         show = bool(self.cfg.progress and self.writer and self.progress)
         s = trainer.state
-        self.bar = tqdm(total=self.cfg.epochs, initial=s.epoch, desc=f"{self.cfg.method.name}", unit="epoch",
-                        disable=not show, dynamic_ncols=True, position=0)
-        # The steps of the epoch in progress: redrawn at most every `mininterval` s, from host ints only
+        every = self.cfg.get("eval_every")
+        # the records: epochs, or evaluations every eval_every steps
+        total, done = (trainer.epochs, s.epoch) if every is None else (-(-trainer.total_steps // every), len(s.history))
+        self.bar = tqdm(total=total, initial=done, desc=f"{self.cfg.method.name}",
+                        unit="epoch" if every is None else "eval", disable=not show, dynamic_ncols=True, position=0)
+        # The steps to the next record: redrawn at most every `mininterval` s, from host ints only
         # (no device value is read per step, so a GPU run is not synchronised by its progress bar).
-        self.step_bar = tqdm(total=trainer.steps_per_epoch, initial=s.step, desc=self._epoch_desc(s.epoch),
-                             unit="step", leave=False, disable=not show, dynamic_ncols=True, position=1,
-                             mininterval=0.5)
+        self.step_bar = tqdm(total=self._interval(trainer), initial=s.global_step - s.recorded_at,
+                             desc=self._epoch_desc(trainer), unit="step", leave=False, disable=not show,
+                             dynamic_ncols=True, position=1, mininterval=0.5)
         if show:  # log lines (one per epoch) print above the bars instead of through them
             self._redirect = logging_redirect_tqdm()
             self._redirect.__enter__()
         trainer.on_epoch.append(self.epoch_done)
         trainer.on_step.append(self.step_done)
 
-    def _epoch_desc(self, epoch: int) -> str:
-        return f"epoch {epoch + 1}/{self.cfg.epochs}"
+    def _interval(self, trainer: Trainer) -> int:
+        """The steps from one record to the next: an epoch's, or eval_every."""
+        every = self.cfg.get("eval_every")
+        return trainer.steps_per_epoch if every is None else every
+
+    def _epoch_desc(self, trainer: Trainer) -> str:
+        s = trainer.state
+        if self.cfg.get("eval_every") is None:
+            return f"epoch {s.epoch + 1}/{trainer.epochs}"
+        return f"step {s.global_step}/{trainer.total_steps}"
 
     def epoch_done(self, trainer: Trainer, record: dict[str, float]) -> None:
-        self.logger.log_metrics(record, step=int(record["epoch"]))
+        by_step = self.cfg.get("eval_every") is not None  # MLflow's step, the log line: the run's steps
+        self.logger.log_metrics(record, step=int(record["step" if by_step else "epoch"]))
         self.save(trainer)
-        if self.writer:  # one line per epoch in <job dir>/dpl.log (and on stdout), the registered step metrics last
-            extra = "".join(f" {m.name}={record[m.name]:.4g}" for m in trainer.metrics if m.name not in BUILT_IN)
-            log.info("epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.4g H=%d%s (%.1f s)",
-                     int(record["epoch"]), self.cfg.epochs, record["train_loss"], record["train_acc"],
-                     record["val_loss"], record["val_acc"], record["lr"], int(record["H"]), extra,
-                     record["epoch_time_s"])
+        if self.writer:  # one line per record in <job dir>/dpl.log (and on stdout), the registered step metrics last
+            log.info("%s", self._line(trainer, record, by_step))
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{record['val_acc']:.3f}",
                                  H=int(record["H"]))
-        if self.step_bar is not None and trainer.state.epoch < self.cfg.epochs:
-            self.step_bar.reset(total=trainer.steps_per_epoch)
-            self.step_bar.set_description(self._epoch_desc(trainer.state.epoch), refresh=False)
+        if self.step_bar is not None and not trainer.finished:
+            self.step_bar.reset(total=self._interval(trainer))
+            self.step_bar.set_description(self._epoch_desc(trainer), refresh=False)
+
+    def _line(self, trainer: Trainer, record: dict[str, float], by_step: bool) -> str:
+        """The record's log line; text shows bits per byte and bytes per second (a byte is its sample)."""
+        where = (f"step {int(record['step'])}/{trainer.total_steps}" if by_step
+                 else f"epoch {int(record['epoch'])}/{trainer.epochs}")
+        extra = "".join(f" {m.name}={record[m.name]:.4g}" for m in trainer.metrics if m.name not in BUILT_IN)
+        if "val_bpb" in record:
+            scores = (f"train_loss={record['train_loss']:.4f} train_bpb={record['train_bpb']:.4f} "
+                      f"val_loss={record['val_loss']:.4f} val_bpb={record['val_bpb']:.4f}")
+            speed = f", {record['samples_per_s']:.0f} bytes/s"
+        else:
+            scores = (f"train_loss={record['train_loss']:.4f} train_acc={record['train_acc']:.4f} "
+                      f"val_loss={record['val_loss']:.4f} val_acc={record['val_acc']:.4f}")
+            speed = ""
+        return f"{where} {scores} lr={record['lr']:.4g} H={int(record['H'])}{extra} ({record['epoch_time_s']:.1f} s{speed})"
 
     def step_done(self, trainer: Trainer) -> None:
         if self.step_bar is not None and not self.step_bar.disable:

@@ -20,6 +20,9 @@ from dpl.registry import Registry
 @dataclass(frozen=True)
 class ModelFacts:
     text: bool = False  # a sequence model over bytes (dataset facts text), not an image model
+    # what optimizer.decay_params=auto means for it (dpl.components.optim.decay): all, or matrices (no decay on
+    # biases, norm weights and embeddings, the language-model recipe of nanoGPT's configure_optimizers)
+    decay: str = "all"
 
 
 MODELS = Registry("model", "the network every worker trains", facts=ModelFacts())
@@ -47,7 +50,7 @@ class GptConfig(ModelConfig):
         check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "0 <= x < 1")
 
 
-IMAGES, TEXT = ModelFacts(), ModelFacts(text=True)
+IMAGES, TEXT = ModelFacts(), ModelFacts(text=True, decay="matrices")
 
 
 @MODELS.register("lenet5", ModelConfig, facts=IMAGES)

@@ -2,14 +2,16 @@
 methods (``method.outer.name``), each registered here with its schema.
 
 An inner optimizer's builder takes ``(params, cfg, lr, weight_decay, per_worker, capturable)``: the
-stacked parameters [K, ...] of the workers, its config node, the run's lr and weight decay (the
+stacked parameters [K, ...] of the workers (or torch's param groups of them: a group without weight
+decay, :mod:`dpl.components.optim.decay`), its config node, the run's lr and weight decay (the
 top-level keys), whether every parameter carries a worker dimension (LARS and LAMB take their norms
 per worker then), and whether it must step inside a CUDA graph (torch's fused SGD and capturable
-AdamW read a device lr). An outer optimizer's builder takes the same over the float64 anchor of a
-local method (:mod:`dpl.core.methods.outer`), one tensor per parameter, no worker dimension; any
-``torch.optim.Optimizer`` will do, as torchft's DiLoCo takes one. torch's optimizers are used as they
-are; LARS and LAMB (:mod:`dpl.components.optim.layerwise`) and Muon (:mod:`dpl.components.optim.muon`)
-are written here.
+AdamW read a device lr). Gradient clipping (``grad_clip_norm``) is not the builders': the local step
+clips for every optimizer (:mod:`dpl.components.optim.clip`). An outer optimizer's builder takes the
+same over the float64 anchor of a local method (:mod:`dpl.core.methods.outer`), one tensor per
+parameter, no worker dimension; any ``torch.optim.Optimizer`` will do, as torchft's DiLoCo takes one.
+torch's optimizers are used as they are; LARS and LAMB (:mod:`dpl.components.optim.layerwise`) and
+Muon (:mod:`dpl.components.optim.muon`) are written here.
 """
 
 from __future__ import annotations
@@ -38,18 +40,33 @@ CAPTURABLE = OptimizerFacts(capturable=True)
 # ----------------------------------------------------------------------------- schemas
 
 
+DECAY_PARAMS = ("auto", "all", "matrices")  # optimizer.decay_params (dpl.components.optim.decay)
+
+
 @dataclass
 class OptimizerBase:
     """``lr`` and ``weight_decay`` are the optimizer's defaults; the top-level keys ``lr`` /
-    ``weight_decay`` (which interpolate these) are what training reads."""
+    ``weight_decay`` (which interpolate these) are what training reads. What every inner optimizer has
+    besides: the gradient clip the local step applies before its step (:mod:`dpl.components.optim.clip`)
+    and which parameters its weight decay applies to (:mod:`dpl.components.optim.decay`)."""
 
     name: str = key(MISSING, "the inner optimizer (an option of the group)")
     lr: float = key(0.01, "its default learning rate (the top-level lr follows it unless set)")
     weight_decay: float = key(0.0, "its default weight decay (the top-level weight_decay follows it unless set)")
+    grad_clip_norm: Optional[float] = key(None, "clip each worker's gradient to this 2-norm over all its parameters "
+                                                "before the step, as clip_grad_norm_ (null: no clip; nanoGPT: 1.0)")
+    grad_clip_eps: float = key(1e-6, "the clip scales by min(1, grad_clip_norm / (norm + eps)) (torch's eps)")
+    decay_params: str = key("auto", "which parameters weight decay applies to: all; matrices (not 1-D parameters "
+                                    "- biases, norm weights - nor embeddings); auto: the model's default "
+                                    "(matrices for the GPTs, all for the image models)")
 
     def __post_init__(self) -> None:
         positive("optimizer.lr", self.lr)
         at_least("optimizer.weight_decay", self.weight_decay, 0.0)
+        if self.grad_clip_norm is not None:
+            positive("optimizer.grad_clip_norm", self.grad_clip_norm)
+        at_least("optimizer.grad_clip_eps", self.grad_clip_eps, 0.0)
+        one_of("optimizer.decay_params", self.decay_params, DECAY_PARAMS)
 
 
 @dataclass
@@ -112,15 +129,14 @@ class TrustRatioBase(OptimizerBase):
     eps: float = key(1e-8, "added to the trust ratio's denominator")
     exclude_1d: bool = key(True, "biases and norm weights: no weight decay, no adaptation")
     max_trust_ratio: Optional[float] = key(None, "clip the trust ratio from above (null: no clip)")
-    grad_clip_norm: Optional[float] = key(None, "clip the global gradient norm before the step (null: no clip)")
+    grad_clip_eps: float = key(0.0, "0: min(1, grad_clip_norm / norm), the clip LARS and LAMB had (the study's "
+                                    "LAMB; NVIDIA apex's FusedLAMB)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive("optimizer.eps", self.eps)
         if self.max_trust_ratio is not None:
             positive("optimizer.max_trust_ratio", self.max_trust_ratio)
-        if self.grad_clip_norm is not None:
-            positive("optimizer.grad_clip_norm", self.grad_clip_norm)
 
 
 @dataclass
@@ -230,8 +246,8 @@ def lars(params: list, cfg: Any, lr: Any, weight_decay: float, per_worker: bool,
 
     return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay,
                 trust_coefficient=cfg.trust_coefficient, eps=cfg.eps, exclude_1d=cfg.exclude_1d,
-                max_trust_ratio=cfg.max_trust_ratio, grad_clip_norm=cfg.grad_clip_norm,
-                wd_in_grad_norm=cfg.wd_in_grad_norm, momentum_form=cfg.momentum_form, per_worker=per_worker)
+                max_trust_ratio=cfg.max_trust_ratio, wd_in_grad_norm=cfg.wd_in_grad_norm,
+                momentum_form=cfg.momentum_form, per_worker=per_worker)
 
 
 @OPTIMIZERS.register("lamb", LambConfig, facts=CAPTURABLE)
@@ -241,8 +257,8 @@ def lamb(params: list, cfg: Any, lr: Any, weight_decay: float, per_worker: bool,
 
     return LAMB(params, lr=lr, betas=tuple(float(b) for b in cfg.betas), eps=cfg.eps,
                 weight_decay=weight_decay, exclude_1d=cfg.exclude_1d, max_trust_ratio=cfg.max_trust_ratio,
-                grad_clip_norm=cfg.grad_clip_norm, bias_correction=cfg.bias_correction,
-                trust_ratio_only_with_wd=cfg.trust_ratio_only_with_wd, per_worker=per_worker)
+                bias_correction=cfg.bias_correction, trust_ratio_only_with_wd=cfg.trust_ratio_only_with_wd,
+                per_worker=per_worker)
 
 
 @OPTIMIZERS.register("muon", MuonConfig)
@@ -258,7 +274,8 @@ def muon(params: list, cfg: Any, lr: Any, weight_decay: float, per_worker: bool,
 
 def build_optimizer(params: Iterable[Any], cfg: Any, lr: Any, weight_decay: float, per_worker: bool = False,
                     capturable: bool = False) -> Any:
-    """The inner optimizer of the ``optimizer`` node ``cfg`` over ``params``; ``lr`` and ``weight_decay`` come
+    """The inner optimizer of the ``optimizer`` node ``cfg`` over ``params`` (tensors, or param groups: a
+    group's own ``weight_decay`` overrides the run's); ``lr`` and ``weight_decay`` come
     from the top-level config, not from ``cfg``; ``per_worker``: every parameter carries a leading worker
     dimension [K, ...]; ``capturable``: torch's optimizers in their graph-safe form (:mod:`dpl.core.step`)."""
     return OPTIMIZERS.build(cfg.name, list(params), cfg, lr, weight_decay, per_worker, capturable=capturable)

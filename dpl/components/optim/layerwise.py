@@ -5,9 +5,10 @@ layer moves by a similar relative amount however large the batch (and so the lr)
 
 Both support a ``per_worker`` mode for the one-process simulation of K workers, where
 every parameter holds K independent replicas along a leading dimension [K, ...]: each
-norm (and the global gradient norm used for clipping) is then taken per worker slice,
-so one optimizer does exactly what K separate optimizers on the slices would do.
-Elementwise optimizers (SGDM, AdamW) need nothing for that mode.
+norm is then taken per worker slice, so one optimizer does exactly what K separate
+optimizers on the slices would do. Elementwise optimizers (SGDM, AdamW) need nothing for
+that mode. Gradient clipping is not theirs: the local step clips for every optimizer
+(``optimizer.grad_clip_norm``, :mod:`dpl.components.optim.clip`).
 
 The lr may be a float or a one-element tensor in ``param_group["lr"]`` (as torch's own
 optimizers allow): the step only multiplies by it and never reads it on the host, so a
@@ -63,13 +64,12 @@ def _trust_ratio(num: torch.Tensor, den: torch.Tensor, valid: torch.Tensor,
 
 
 class _LayerwiseOptimizer(torch.optim.Optimizer):
-    """Gradient clipping, 1-D exclusion and the closure protocol shared by LARS and LAMB.
+    """1-D exclusion and the closure protocol shared by LARS and LAMB.
 
-    ``grad_clip_norm`` and ``per_worker`` are optimizer-wide (not per group) because the
-    clipping norm is global over all groups and the storage layout is the model's.
+    ``per_worker`` is optimizer-wide (not per group): the storage layout is the model's.
     """
 
-    def __init__(self, params, defaults: dict, grad_clip_norm: Optional[float], per_worker: bool):
+    def __init__(self, params, defaults: dict, per_worker: bool):
         lr = defaults["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"lr of shape {tuple(lr.shape)} is invalid: allowed a number or a one-element tensor")
@@ -80,24 +80,10 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"weight_decay={defaults['weight_decay']} is invalid: allowed a number >= 0")
         if defaults["eps"] <= 0:
             raise ValueError(f"eps={defaults['eps']} is invalid: allowed a number > 0")
-        for key, value in (("max_trust_ratio", defaults["max_trust_ratio"]), ("grad_clip_norm", grad_clip_norm)):
-            if value is not None and value <= 0:
-                raise ValueError(f"{key}={value} is invalid: allowed None or a number > 0")
+        if defaults["max_trust_ratio"] is not None and defaults["max_trust_ratio"] <= 0:
+            raise ValueError(f"max_trust_ratio={defaults['max_trust_ratio']} is invalid: allowed None or a number > 0")
         super().__init__(params, defaults)
-        self.grad_clip_norm = grad_clip_norm
         self.per_worker = per_worker
-
-    def _clip_scale(self) -> Optional[torch.Tensor]:
-        """Factor min(1, clip / ||g||) with ||g|| the norm over all gradients (per worker)."""
-        if self.grad_clip_norm is None:
-            return None
-        norms = [_norm(p.grad, self.per_worker) for group in self.param_groups
-                 for p in group["params"] if p.grad is not None]
-        if not norms:
-            return None
-        total = torch.linalg.vector_norm(torch.stack(norms), dim=0)
-        clip = self.grad_clip_norm
-        return torch.where(total > clip, clip / total, torch.ones_like(total))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
@@ -105,17 +91,14 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        scale = self._clip_scale()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                # scale a copy: p.grad stays the raw gradient, as the caller computed it
-                g = p.grad if scale is None else p.grad * _expand(scale, p.grad)
                 adapt = not (group["exclude_1d"] and _is_vector(p, self.per_worker))
-                self._update(p, g, group, adapt)
+                self._update(p, p.grad, group, adapt)
         return loss
 
     def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
@@ -150,8 +133,8 @@ class LARS(_LayerwiseOptimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8, exclude_1d: bool = True,
-                 max_trust_ratio: Optional[float] = None, grad_clip_norm: Optional[float] = None,
-                 wd_in_grad_norm: bool = False, momentum_form: str = "lr_inside", per_worker: bool = False):
+                 max_trust_ratio: Optional[float] = None, wd_in_grad_norm: bool = False,
+                 momentum_form: str = "lr_inside", per_worker: bool = False):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum={momentum} is invalid: allowed 0 <= x < 1")
         if trust_coefficient <= 0:
@@ -163,7 +146,7 @@ class LARS(_LayerwiseOptimizer):
                         trust_coefficient=trust_coefficient, eps=eps, exclude_1d=exclude_1d,
                         max_trust_ratio=max_trust_ratio, wd_in_grad_norm=wd_in_grad_norm,
                         momentum_form=momentum_form)
-        super().__init__(params, defaults, grad_clip_norm, per_worker)
+        super().__init__(params, defaults, per_worker)
 
     def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
         wd = group["weight_decay"] if adapt else 0.0
@@ -212,14 +195,13 @@ class LAMB(_LayerwiseOptimizer):
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, exclude_1d: bool = True, max_trust_ratio: Optional[float] = None,
-                 grad_clip_norm: Optional[float] = None, bias_correction: bool = True,
-                 trust_ratio_only_with_wd: bool = False, per_worker: bool = False):
+                 bias_correction: bool = True, trust_ratio_only_with_wd: bool = False, per_worker: bool = False):
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas={tuple(betas)} is invalid: allowed two numbers in [0, 1)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         exclude_1d=exclude_1d, max_trust_ratio=max_trust_ratio,
                         bias_correction=bias_correction, trust_ratio_only_with_wd=trust_ratio_only_with_wd)
-        super().__init__(params, defaults, grad_clip_norm, per_worker)
+        super().__init__(params, defaults, per_worker)
 
     def _update(self, p: torch.Tensor, g: torch.Tensor, group: dict, adapt: bool) -> None:
         state = self.state[p]

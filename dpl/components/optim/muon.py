@@ -21,7 +21,8 @@ class Muon(torch.optim.AdamW):
     Nesterov (else b), orthogonalised by ``_zeropower_via_newtonschulz``, then w ← (1 − lr·λ) w −
     lr' · update with lr' = ``_adjust_lr``. torch's class takes only 2-D parameters; dpl's are stacked
     [K, out, in] (``per_worker``), so each worker's slice is orthogonalised on its own, and the lr may
-    be a device tensor (the trainer's). The AdamW groups are torch's AdamW.step itself.
+    be a device tensor (the trainer's). The AdamW groups are torch's AdamW.step itself. Given param
+    groups (a group without weight decay), each is split the same way and keeps its own weight decay.
     """
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float, nesterov: bool, ns_steps: int,
@@ -32,8 +33,10 @@ class Muon(torch.optim.AdamW):
         def is_matrix(p: torch.Tensor) -> bool:
             return p.dim() == matrix
 
-        groups = [{"params": [p for p in params if is_matrix(p)], "muon": True},
-                  {"params": [p for p in params if not is_matrix(p)], "muon": False}]
+        # every given group (its own weight decay: dpl.components.optim.decay) split in its Muon and AdamW parts
+        given = params if params and isinstance(params[0], dict) else [{"params": params}]
+        groups = [{**g, "params": [p for p in g["params"] if is_matrix(p) is muon], "muon": muon}
+                  for g in given for muon in (True, False)]
         super().__init__([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         for group in self.param_groups:
             group.update(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,

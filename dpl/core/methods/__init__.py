@@ -16,10 +16,11 @@ from typing import Any
 from omegaconf import MISSING
 
 from dpl.components.optim import OuterOptimizerConfig
-from dpl.config.schema import at_least, check, finite, key
+from dpl.config.schema import at_least, check, finite, key, one_of
 from dpl.errors import ConfigError
 from dpl.registry import Registry
 
+STREAMING_SCHEDULES = ("paper", "torchft")
 METHODS = Registry("method", "how the workers train together: what is averaged, and when")
 
 
@@ -71,18 +72,24 @@ class DilocoConfig(LocalMethodBase):
 @dataclass
 class StreamingDilocoConfig(DilocoConfig):
     """Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512): the model cut into ``fragments`` contiguous
-    groups of layers, fragment p synced at the steps t of an epoch with (t − p H/P) mod H = 0, its outer step
-    applied ``delay`` inner steps after its all-reduce started, and the landed global fragment mixed into the
-    local one: x_k <- alpha x_k + (1 − alpha) x. fragments 1, delay 0, alpha 0 is DiLoCo."""
+    groups of layers synced in turn, fragment p at step (p + 1) H/P of every period of H steps (fragment 0
+    first, as torchft orders them), its outer step applied ``delay`` inner steps after its all-reduce started,
+    and the landed global fragment mixed into the local one: x_k <- alpha x_k + (1 − alpha) x. fragments 1,
+    delay 0, alpha 0 is DiLoCo. H must be a multiple of fragments and delay < H / fragments."""
 
-    fragments: int = key(2, "P: fragments of the model, synced in turn (one every H/P steps)")
-    delay: int = key(0, "tau: inner steps a fragment's all-reduce is in flight before its outer step lands")
+    fragments: int = key(2, "P: fragments of the model, synced in turn (one every H/P steps; H a multiple of P)")
+    delay: int = key(0, "tau: inner steps a fragment's all-reduce is in flight before its outer step lands "
+                        "(below H/P)")
     alpha: float = key(0.0, "weight of the local fragment when the global one lands (the paper mixes 0.5 with "
                             "tau > 0)")
+    schedule: str = key("paper", "paper: a fragment's pseudo-gradient taken at its slot, landed tau steps later "
+                                 "(Algorithm 1) | torchft: taken tau steps before the slot, landed at it "
+                                 "(torchft 0.2.0)")
 
     def __post_init__(self) -> None:
         at_least("method.fragments", self.fragments, 1, "an integer")
         at_least("method.delay", self.delay, 0, "an integer")
+        one_of("method.schedule", self.schedule, STREAMING_SCHEDULES)
         check(finite(self.alpha) and 0.0 <= self.alpha < 1.0, "method.alpha", self.alpha, "0 <= x < 1")
         if self.eager and self.delay:
             raise ConfigError(f"method.delay={self.delay} is invalid with method.eager=true: an eager sync's "

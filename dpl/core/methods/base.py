@@ -2,18 +2,33 @@
 
 The loop in :mod:`dpl.core.loop` has no method-specific branch. After each backward pass it
 calls :meth:`Method.on_gradients`; after the inner optimizer's step it asks
-:meth:`Method.syncs_after` whether this step ends a period, and if so calls
-:meth:`Method.sync`. Methods only see the stacked workers (and, through them, the one
-communication point), so the same code runs in the simulation and on torch.distributed.
+:meth:`Method.syncs_after` whether this step ends a period (or starts or lands a sync), and if so
+calls :meth:`Method.sync`; :meth:`Method.period_ends` says when the count of local steps starts
+over. Periods are counted over the whole run, as in the papers, which have no epochs: an epoch's
+end syncs only where the run asks for it (``sync_at_epoch_end``, the study's code). Methods only
+see the stacked workers (and, through them, the one communication point), so the same code runs
+in the simulation and on torch.distributed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from dpl.core.workers import StackedWorkers
+
+
+@dataclass(frozen=True)
+class Now:
+    """Where the step that just ended stands, as a method's schedule reads it."""
+
+    epoch: int  # the epoch in progress (counted from 0)
+    period: int  # local steps since the period began, this one included, counted across epochs
+    H: int  # local steps per period (of this epoch: dynamic_h may change it at an epoch start)
+    step: int  # steps of the whole run, this one included
+    epoch_end: bool = False  # the step ends an epoch and the run syncs there (sync_at_epoch_end)
 
 
 class Method:
@@ -33,10 +48,20 @@ class Method:
     def on_gradients(self, workers: StackedWorkers, epoch: int) -> None:
         """Called after backward, before the inner optimizer step."""
 
-    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool, step: int) -> bool:
-        """Whether the step that completed ``period`` local steps since the last sync (``step`` steps of
-        this epoch) ends with a sync. Asked once per step; a sync follows a True at once."""
+    def syncs_after(self, now: Now) -> bool:
+        """Whether the step ``now`` ends with a sync. Asked once per step; a sync follows a True at once."""
         return False
+
+    def period_ends(self, now: Now) -> bool:
+        """Whether the count of local steps starts over after the step ``now`` (its sync, if any, done):
+        after H steps, and at an epoch's end where the run syncs there."""
+        return now.period >= now.H or now.epoch_end
+
+    def global_model(self, workers: StackedWorkers, kind: str = "eval") -> dict[str, torch.Tensor]:
+        """The model the method stands for, as a ``state_dict``, for validation, test, the best model and
+        the checkpoint's ``model``, without changing the workers: their average (through the point, as
+        bookkeeping traffic of ``kind``), equal to every worker right after a sync."""
+        return workers.mean_replica(kind)
 
     def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> Optional[torch.Tensor]:
         """The sync at the end of a period of local steps. Returns this process's term of the workers'

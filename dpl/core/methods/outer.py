@@ -33,12 +33,13 @@ import torch
 
 from dpl.comm.point import DeltaResult
 from dpl.components.optim import build_outer_optimizer
-from dpl.core.methods.base import Method
+from dpl.core.methods.base import Method, Now
 from dpl.core.workers import StackedWorkers
 
 
 class OuterStep(Method):
-    """The local methods: every H local steps (and at an epoch's end), the outer step
+    """The local methods: every H local steps of the run (and at an epoch's end with
+    ``sync_at_epoch_end``, as the study's code does), the outer step
     x ← OuterOpt(x, Δ) with OuterOpt built from ``method.outer``. ``method=localsgd`` and
     ``method=diloco`` are this class with two presets of that node:
 
@@ -82,8 +83,8 @@ class OuterStep(Method):
         if getattr(self.cfg, "restart_each_epoch", False):
             self.outer.state.clear()
 
-    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool, step: int) -> bool:
-        return period == H or last_step  # the last partial period of an epoch syncs too
+    def syncs_after(self, now: Now) -> bool:
+        return self.period_ends(now)  # every H steps of the run (and an epoch's end, where the run asks)
 
     @torch.no_grad()
     def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> Optional[torch.Tensor]:

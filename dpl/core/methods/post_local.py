@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dpl.core.methods.base import Now
 from dpl.core.methods.outer import OuterStep
 from dpl.core.workers import StackedWorkers
 
@@ -27,5 +28,9 @@ class PostLocal(OuterStep):
         if epoch < self.cfg.switch_epoch:
             workers.average_grads_()
 
-    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool, step: int) -> bool:
-        return epoch >= self.cfg.switch_epoch and super().syncs_after(epoch, period, H, last_step, step)
+    def syncs_after(self, now: Now) -> bool:
+        return now.epoch >= self.cfg.switch_epoch and super().syncs_after(now)
+
+    def period_ends(self, now: Now) -> bool:
+        # the synchronous epochs hold no period: the first local one starts with the switch
+        return now.epoch < self.cfg.switch_epoch or super().period_ends(now)

@@ -1,24 +1,32 @@
 """Streaming DiLoCo: the model synced one fragment at a time, each sync overlapping inner steps.
 
 Douillard et al. 2025, "Streaming DiLoCo with overlapping communication" (arXiv 2501.18512),
-Algorithm 1, as pytorch/torchft's ``local_sgd.py`` implements it (``model_fragments``,
+Algorithm 1, with the fragment order of pytorch/torchft's ``local_sgd.py`` (``model_fragments``,
 ``fragment_sync_delay``, ``fragment_update_alpha``):
 
 1. the model is cut into P fragments (:func:`fragments`), contiguous groups of layers in model
    order balanced by parameter count;
-2. fragment p syncs at the inner steps t of an epoch with (t − o_p) mod H = 0, o_p = ⌊p H / P⌋:
-   the fragments take turns, one every H / P steps, so a sync sends 1 / P of the model and the
-   peak bandwidth falls by P (Sec. 2.2);
+2. the fragments take turns, one every H / P steps, so a sync sends 1 / P of the model and the
+   peak bandwidth falls by P (Sec. 2.2): within each period of H steps (counted over the whole
+   run) fragment p's slot is the step o_p = (p + 1) H / P, fragment 0 (the first layers) first and
+   the last fragment at the period's end. The paper's Algorithm 1 takes the offsets t_p as inputs;
+   this order is torchft's (entry i at (i + 1) H / P);
 3. a fragment's sync starts with its pseudo-gradient Δ_p = mean_k (x_p − x_{k,p}) put in flight
    (on ranks a real ``async_op=True`` collective); the workers keep training, and τ = ``delay``
    inner steps later (Sec. 2.3) it lands: the outer optimizer steps x_p ← OuterOpt(x_p, Δ_p)
    and every worker mixes the new global fragment into its own (Sec. 2.3, Eq. 2):
    x_{k,p} ← α x_{k,p} + (1 − α) x_p, α = ``alpha``.
 
-P = 1, τ = 0, α = 0 is DiLoCo step for step. An epoch ends as every local method's epoch does in
-dpl: whatever is in flight lands and every fragment syncs at once, so validation and the epoch's
-checkpoint see a settled model and H may change with the next epoch (``dynamic_h``). A fragment
-due to start while its previous sync is still in flight (τ ≥ H) waits for it to land first.
+Where Δ_p is taken relative to the slot is ``method.schedule``: ``paper`` (the default) takes it at
+the slot and lands it τ steps later, as Algorithm 1 does (and torchft did before its change
+"simplify streaming diloco"); ``torchft`` takes it τ steps before the slot and lands it at the slot,
+as torchft 0.2.0 does. The two are the same schedule shifted by τ steps; with τ = 0 they are one.
+Both need H a multiple of P and τ < H / P (torchft refuses the rest; so does
+:func:`dpl.config.validate.check_fragments`).
+
+P = 1, τ = 0, α = 0 is DiLoCo step for step. An epoch's end changes nothing unless the run syncs
+there (``sync_at_epoch_end``, the study's code): then whatever is in flight lands and every
+fragment syncs at once. Validation and test read the outer model x (:meth:`StreamingDiLoCo.global_model`).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 
 from dpl.comm.flight import Flight
 from dpl.comm.point import DeltaResult
+from dpl.core.methods.base import Now
 from dpl.core.methods.outer import OuterStep
 from dpl.core.workers import StackedWorkers
 from dpl.errors import ConfigError
@@ -96,7 +105,7 @@ def fragments(param_names: list[str], param_sizes: list[int], buffer_names: list
 
 @dataclass
 class FragmentSync:
-    """A fragment's sync in flight: the step of the epoch it lands at (None: at the fragment's next sync,
+    """A fragment's sync in flight: the step of the run it lands at (None: at the fragment's next sync,
     as an eager sync's average does), and the collective."""
 
     lands_at: Optional[int]
@@ -127,10 +136,12 @@ class StreamingDiLoCo(OuterStep):
         # diloco's config has none of streaming's keys: one fragment, no delay, no mixing
         self.P, self.delay = int(cfg.get("fragments", 1)), int(cfg.get("delay", 0))
         self.alpha, self.eager = float(cfg.get("alpha", 0.0)), bool(cfg.get("eager", False))
+        self.schedule = str(cfg.get("schedule", "paper"))
         self.fragments: list[Fragment] = []
         self.in_flight: dict[int, FragmentSync] = {}
         self.own: dict[int, list[torch.Tensor]] = {}  # eager: each fragment's Δ_m of its last sync [K_local, ...]
-        self._now: tuple[int, int, bool] = (0, 1, False)  # the step syncs_after was asked about, H, last step
+        # the step syncs_after was last asked about; before any, a sync() is a full one (every fragment, now)
+        self._now = Now(epoch=0, period=0, H=1, step=0, epoch_end=True)
 
     def start(self, workers: StackedWorkers) -> None:
         if self.eager:  # every worker its own anchor x_m and outer state: the stacked [K_local, ...] tensors
@@ -142,47 +153,58 @@ class StreamingDiLoCo(OuterStep):
         self.fragments = fragments(workers.param_names, sizes, workers.buffer_names, self.P)
         self.K, self.k_local = workers.K, workers.k_local
 
-    def on_epoch_start(self, workers: StackedWorkers, epoch: int) -> None:
-        super().on_epoch_start(workers, epoch)
-        if any(f.lands_at is not None for f in self.in_flight.values()):  # the last step landed them all
-            raise RuntimeError("a streaming sync is still in flight at an epoch start")
+    def slot(self, p: int, H: int) -> int:
+        """o_p = (p + 1) H / P: fragment p's step within each period of H steps (fragment 0 first)."""
+        return (p + 1) * H // len(self.fragments)
 
-    def offset(self, p: int, H: int) -> int:
-        """o_p = ⌊p H / P⌋: fragment p's syncs come o_p steps after fragment 0's (mod H)."""
-        return p * H // len(self.fragments)
+    def starts_at(self, p: int, H: int) -> int:
+        """The step of the period at which fragment p's sync starts: its slot (``paper``), or τ steps
+        before it so that it lands at the slot (``torchft``)."""
+        return self.slot(p, H) - (self.delay if self.schedule == "torchft" else 0)
 
-    def due(self, step: int, H: int) -> list[int]:
-        """The fragments whose sync starts after ``step`` steps of the epoch: (t − o_p) mod H = 0, t ≥ 1."""
-        return [p for p in range(len(self.fragments)) if step >= self.offset(p, H) and (step - self.offset(p, H)) % H == 0]
+    def due(self, period: int, H: int) -> list[int]:
+        """The fragments whose sync starts after the step ``period`` of a period of H steps."""
+        return [p for p in range(len(self.fragments)) if period == self.starts_at(p, H)]
 
-    def syncs_after(self, epoch: int, period: int, H: int, last_step: bool, step: int) -> bool:
-        self._now = (step, H, last_step)
-        return last_step or bool(self.due(step, H)) or any(
-            f.lands_at is not None and f.lands_at <= step for f in self.in_flight.values())
+    def syncs_after(self, now: Now) -> bool:
+        self._now = now
+        return now.epoch_end or bool(self.due(now.period, now.H)) or any(
+            f.lands_at is not None and f.lands_at <= now.step for f in self.in_flight.values())
+
+    def global_model(self, workers: StackedWorkers, kind: str = "eval") -> dict[str, torch.Tensor]:
+        """The outer model x: DiLoCo's global model, streaming's with each fragment's last landed outer
+        step (an eager run's: the mean of the workers' own x_m); the buffers (BatchNorm's statistics)
+        the workers' average. Not a copy of any worker: with α > 0 or mid-period they differ from x."""
+        anchors = [x[0] for x in workers.point.average_copy(self.anchor, kind)] if self.eager else self.anchor
+        names = workers.param_names + workers.buffer_names
+        params = [x.to(p.dtype).clone() for x, p in zip(anchors, workers.params)]
+        buffers = [b[0] for b in workers.point.average_copy(workers.buffers, kind)] if workers.buffers else []
+        return dict(zip(names, params + buffers))
 
     @torch.no_grad()
     def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> Optional[torch.Tensor]:
         """This step's events: the fragments whose τ steps are up land; the fragments due start (and,
-        with τ = 0, land at once). The last step of an epoch lands everything and syncs every fragment."""
+        with τ = 0, land at once). An epoch's end where the run syncs lands everything and syncs every
+        fragment at once."""
         if self.outer is None:
             raise RuntimeError(f"{type(self).__name__}.start(workers) must be called before the first sync")
-        step, H, last = self._now
-        starting = list(range(len(self.fragments))) if last else self.due(step, H)
+        now = self._now
+        starting = list(range(len(self.fragments))) if now.epoch_end else self.due(now.period, now.H)
         if self.eager:
-            drifts = [d for p in starting for d in self._eager_sync(workers, optimizer, lr, p, step, H)]
+            drifts = [d for p in starting for d in self._eager_sync(workers, optimizer, lr, p, now.H)]
             return torch.stack(drifts).mean() if drifts else None
         drifts = []
         # landings first: those whose time came, and any still in flight that must start again now
-        for p in sorted(p for p, f in self.in_flight.items() if f.lands_at <= step or p in starting):
+        for p in sorted(p for p, f in self.in_flight.items() if f.lands_at <= now.step or p in starting):
             drifts.append(self._land(workers, optimizer, lr, p))
-        delay = 0 if last else self.delay
+        delay = 0 if now.epoch_end else self.delay
         for p in starting:
             fragment = self.fragments[p]
             with workers.sync(overlap_steps=delay):
                 pending = workers.start_pseudo_gradient([self.anchor[i] for i in fragment.params], self.syncs,
                                                         fragment.params, fragment.buffers)
             self.syncs += 1
-            self.in_flight[p] = FragmentSync(step + delay, pending)
+            self.in_flight[p] = FragmentSync(now.step + delay, pending)
             if delay == 0:
                 drifts.append(self._land(workers, optimizer, lr, p))
         return torch.stack(drifts).mean() if drifts else None
@@ -194,7 +216,7 @@ class StreamingDiLoCo(OuterStep):
         return drift
 
     def _eager_sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float, p: int,
-                    step: int, H: int) -> list[torch.Tensor]:
+                    H: int) -> list[torch.Tensor]:
         """Fragment p's eager sync: its Δ_m^(t) put in flight (to land at its next sync), the previous
         average Δ^(t−1) waited for, and every worker's outer step on Δ̃_m^(t) at once. Returns the drift
         term of the sync that landed (none at the first)."""
