@@ -137,7 +137,7 @@ CASES = [
     C("method.outer_lr=1", ["method=diloco", "method.outer_lr=1"], "method.outer_lr was renamed method.outer.lr"),
     # streaming DiLoCo, eager updates and dropped workers
     C("method.fragments=0", ["method=streaming_diloco", "method.fragments=0"], "method.fragments=0 is invalid"),
-    C("method.fragments=9 (lenet5 has 5 layers)", ["method=streaming_diloco", "method.fragments=9"],
+    C("method.fragments=9 (lenet5 has 5 layers)", ["method=streaming_diloco", "method.fragments=9", "H=9"],
       "method.fragments=9 is invalid: allowed at most 5"),
     C("method.alpha=1", ["method=streaming_diloco", "method.alpha=1"], "method.alpha=1.0 is invalid"),
     C("method.delay=-1", ["method=streaming_diloco", "method.delay=-1"], "method.delay=-1 is invalid"),

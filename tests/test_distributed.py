@@ -53,8 +53,8 @@ VARIANTS = {
                          "compression.error_feedback=true", "epochs=1"],
     # streaming DiLoCo: fragments' all-reduces in flight (async_op=True) for τ steps, mixed in with α;
     # compressed fragments (fp4) all-gathered in flight, with workers dropped (the mean over those that arrived)
-    "streaming": ["method=streaming_diloco", "H=4", "method.delay=2", "method.alpha=0.5", "epochs=1"],
-    "streaming_fp4_drops": ["method=streaming_diloco", "H=4", "method.fragments=3", "method.delay=1",
+    "streaming": ["method=streaming_diloco", "H=6", "method.delay=2", "method.alpha=0.5", "epochs=1"],
+    "streaming_fp4_drops": ["method=streaming_diloco", "H=6", "method.fragments=3", "method.delay=1",
                             "compression=fp4", "compression.error_feedback=true", "faults.drop_prob=0.3",
                             "epochs=1"],
     "fp8": ["method=diloco", "H=3", "compression=fp8", "epochs=1"],
