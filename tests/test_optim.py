@@ -796,6 +796,14 @@ def test_per_worker_flag_reaches_layerwise_optimizers():
 # ----------------------------------------------------------------------------- state round trip
 
 
+def train(params, opt, batches):
+    """Steps of ``opt`` on a two-tensor tanh model: what the state_dict round trips continue."""
+    for x in batches:
+        opt.zero_grad()
+        (torch.tanh(x @ params[0] + params[1]) ** 2).sum().backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_state_dict_round_trip_continues_identically(name):
     cfg = _cfg(name)
@@ -804,12 +812,6 @@ def test_state_dict_round_trip_continues_identically(name):
 
     def make(params):
         return build_optimizer(params, cfg, lr=0.05, weight_decay=0.01)
-
-    def train(params, opt, batches):
-        for x in batches:
-            opt.zero_grad()
-            (torch.tanh(x @ params[0] + params[1]) ** 2).sum().backward()
-            opt.step()
 
     params = [torch.randn(3, 2, generator=gen).requires_grad_(), torch.randn(2, generator=gen).requires_grad_()]
     opt = make(params)
@@ -1035,12 +1037,6 @@ def test_state_dict_round_trip_with_decay_groups(name):
 
     def make(params):
         return build_optimizer(param_groups(params, [True, False]), _cfg(name), lr=0.05, weight_decay=0.1)
-
-    def train(params, opt, batches):
-        for x in batches:
-            opt.zero_grad()
-            (torch.tanh(x @ params[0] + params[1]) ** 2).sum().backward()
-            opt.step()
 
     params = [torch.randn(3, 2, generator=gen).requires_grad_(), torch.randn(2, generator=gen).requires_grad_()]
     opt = make(params)
