@@ -38,6 +38,12 @@ Each measurement warms up, then repeats and reports the median and spread
    engine's default simulation (loop on CPU: nothing fused) and with ``engine.simulate=vmap`` (fused);
    for centralized batch 64 and LocalSGD K=4 H=8. Ratios of wall times against packed (> 1: packing is
    faster). Goals: >= 4x a serial sweep on a GPU at R = 8; >= 1.0x on CPU.
+8. ``startup``: what a process costs outside its steps, as whole processes, alternating: ``python -c 'import
+   torch'`` (the baseline), ``python -m dpl --help``, and a tiny run (7 steps) with ``logger=none`` and with
+   MLflow on an existing store; each run's fixed cost is its wall time less its first to last step (from
+   ``DPL_TIMELINE=1``'s marks, :mod:`dpl.timeline`), its ratio the median over rounds of fixed cost / the same
+   round's baseline; and the MLflow run's median timeline, phase by phase. Goals: a tiny run's fixed cost
+   <= 3x the baseline; ``--help`` under 3 s.
 """
 
 from __future__ import annotations
@@ -84,6 +90,38 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: in
     return out
 
 
+def interleaved(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int,
+                iters: int, setup: dict[str, Callable[[], None]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, timed in turn (A, B, A, B, ...: ``repeats`` blocks of ``iters``
+    calls each), so the swings of a shared machine fall on all of them alike; ``setup[name]`` runs untimed
+    before each of ``name``'s blocks."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    setup = setup or {}
+    for name, fn in fns.items():
+        setup.get(name, lambda: None)()
+        for _ in range(warmup):
+            fn()
+    sync()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            setup.get(name, lambda: None)()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync()
+            out[name].append((time.perf_counter() - t0) / iters)
+    return out
+
+
+def paired(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """The median of the paired ratios numerator[i] / denominator[i] (blocks timed next to each other), with
+    their min and max: steadier under load than a ratio of two medians timed apart."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    return statistics.median(ratios), ratios[0], ratios[-1]
+
+
 def summary(samples_per_call: int, secs: list[float]) -> str:
     rates = sorted(samples_per_call / s for s in secs)
     return f"{statistics.median(rates):9.0f} samples/s  (min {rates[0]:.0f}, max {rates[-1]:.0f})"
@@ -125,31 +163,35 @@ def bench_step(device: torch.device, args) -> None:
     cfg = compose(f"device={device.type}", "dataset.num_train=6000", f"batch_size={args.batch}")
     trainer = build_trainer(cfg, device)
     n = args.batch
-    full = timed(step_fn(trainer), device, args.warmup, args.repeats, args.iters)
-    base = timed(fwd_bwd_fn(trainer, n), device, args.warmup, args.repeats, args.iters)
-    print(f"[step] batch {n} on {device}")
-    print(f"  forward+backward (baseline) {summary(n, base)}")
-    print(f"  full training step          {summary(n, full)}")
-    print(f"  ratio full/baseline: {statistics.median(base) / statistics.median(full):.3f}   (goal >= 0.9)")
+    t = interleaved({"full": step_fn(trainer), "base": fwd_bwd_fn(trainer, n)}, device, args.warmup,
+                    args.repeats, args.iters)
+    ratio, lo, hi = paired(t["base"], t["full"])
+    print(f"[step] batch {n} on {device}, {args.repeats} blocks of {args.iters} steps each, interleaved")
+    print(f"  forward+backward (baseline) {summary(n, t['base'])}")
+    print(f"  full training step          {summary(n, t['full'])}")
+    print(f"  ratio full/baseline (samples/s; median of paired blocks): {ratio:.3f} (min {lo:.3f}, max {hi:.3f})"
+          f"   (goal >= 0.9)")
     print(f"  peak memory: {peak_memory(device)}")
 
 
 def bench_local(device: torch.device, args) -> None:
     K, b = 8, 64
     central = build_trainer(compose(f"device={device.type}", "dataset.num_train=12000", f"batch_size={K * b}"), device)
-    base = timed(step_fn(central), device, args.warmup, args.repeats, args.iters)
-    print(f"[local] one step of K={K} x batch {b} (localsgd, no sync) vs one centralized step of batch {K * b}")
-    print(f"  centralized batch {K * b:<4}        {summary(K * b, base)}")
-    auto = simulation_mode("auto", device)
+    fns = {"centralized": step_fn(central)}
     for mode in ("loop", "vmap"):
         cfg = compose(f"device={device.type}", "dataset.num_train=12000", f"batch_size={b}", f"K={K}",
                       "method=localsgd", "H=1000000", f"engine.simulate={mode}")
-        trainer = build_trainer(cfg, device)
-        secs = timed(step_fn(trainer), device, args.warmup, args.repeats, args.iters)
+        fns[mode] = step_fn(build_trainer(cfg, device))
+    t = interleaved(fns, device, args.warmup, args.repeats, args.iters)
+    print(f"[local] one step of K={K} x batch {b} (localsgd, no sync) vs one centralized step of batch {K * b}, "
+          f"interleaved")
+    print(f"  centralized batch {K * b:<4}        {summary(K * b, t['centralized'])}")
+    auto = simulation_mode("auto", device)
+    for mode in ("loop", "vmap"):
+        ratio, lo, hi = paired(t["centralized"], t[mode])
         tag = " (auto)" if mode == auto else ""
-        print(f"  simulate={mode:<4} K={K} x {b}       {summary(K * b, secs)}")
-        print(f"    ratio simulated/centralized: {statistics.median(base) / statistics.median(secs):.3f}"
-              f"{tag}   (goal >= 0.9 for auto)")
+        print(f"  simulate={mode:<4} K={K} x {b}       {summary(K * b, t[mode])}")
+        print(f"    ratio simulated/centralized: {ratio:.3f} (min {lo:.3f}, max {hi:.3f}){tag}   (goal >= 0.9 for auto)")
 
 
 def _fit_rank(cfg, _out_dir, comm) -> list[dict]:
@@ -311,21 +353,29 @@ def compression_rows(device: torch.device, args, K: int = 4) -> list[dict]:
             for p, s in zip(w.params, saved):
                 p.copy_(s)
 
-    base = statistics.median(timed(plain, device, args.warmup, args.repeats, args.iters))
     replica = sum(p[0].numel() * 4 for p in w.params)
     exact = next(name for name, option in CODECS.items() if option.facts.exact)  # the parameters, averaged exactly
-    rows = [{"name": exact, "seconds": base, "ratio": 1.0, "bytes": replica, "bytes_ratio": 1.0}]
-    for name, option in CODECS.items():
-        if option.facts.exact:  # the plain average: the baseline above
-            continue
-        # each codec with its schema's defaults (top-k / random-k: 1 %; the chunked formats: chunks of 1024)
-        w.point.codec = build_codec(OmegaConf.structured(option.schema(name=name, error_feedback=True)))
-        w.point.start(w.params)
-        secs = statistics.median(timed(lambda: w.pseudo_gradient_(anchor, 0), device, args.warmup, args.repeats,
-                                       args.iters))
+    codecs = {name: build_codec(OmegaConf.structured(option.schema(name=name, error_feedback=True)))
+              for name, option in CODECS.items() if not option.facts.exact}  # each with its schema's defaults
+
+    def use(codec) -> Callable[[], None]:
+        def setup() -> None:
+            w.point.codec = codec
+            if codec is not None:
+                w.point.start(w.params)
+        return setup
+
+    # every codec's blocks interleaved with the plain average's (top-k / random-k: 1 %; chunked formats: 1024)
+    fns = {exact: plain, **{name: (lambda: w.pseudo_gradient_(anchor, 0)) for name in codecs}}
+    setup = {exact: use(None), **{name: use(codec) for name, codec in codecs.items()}}
+    t = interleaved(fns, device, args.warmup, args.repeats, args.iters, setup)
+    rows = [{"name": exact, "seconds": statistics.median(t[exact]), "ratio": 1.0, "bytes": replica,
+             "bytes_ratio": 1.0}]
+    for name in codecs:
+        use(codecs[name])()
         nbytes = w.point.payload_bytes(w.params)
-        rows.append({"name": name, "seconds": secs, "ratio": secs / base, "bytes": nbytes,
-                     "bytes_ratio": nbytes / replica})
+        rows.append({"name": name, "seconds": statistics.median(t[name]), "ratio": paired(t[name], t[exact])[0],
+                     "bytes": nbytes, "bytes_ratio": nbytes / replica})
     w.point.codec = None
     return rows
 
@@ -404,8 +454,81 @@ def bench_pack(device: torch.device, args) -> None:
               f"{r['serial'] / r['packed vmap']:12.2f}")
 
 
+# A run so small that nearly all of it is fixed cost (7 steps of 32 images), as a user's first try would be.
+STARTUP_RUN = ["dataset=synthetic", "dataset.num_train=200", "dataset.num_test=50", "batch_size=32", "epochs=1",
+               "progress=false", "logger.plots=false"]
+
+
+def _timeline(stderr: str) -> dict[str, float]:
+    """{phase: seconds since the process started} from ``DPL_TIMELINE=1``'s lines (dpl.timeline)."""
+    marks = {}
+    for line in stderr.splitlines():
+        if line.startswith("[timeline] "):
+            _, seconds, phase = line.split(" ", 2)
+            marks[phase] = float(seconds)
+    return marks
+
+
+def startup_rows(device: torch.device, args) -> tuple[list[dict], dict[str, float]]:
+    """Whole processes, alternating (baseline, --help, tiny run without and with MLflow, ...), ``args.startup_repeats``
+    rounds: per variant the median wall seconds, the fixed cost (wall minus first step to last step) and the
+    median over rounds of its ratio to the same round's ``python -c 'import torch'``; and the MLflow run's
+    median timeline (seconds per phase)."""
+    import os
+    import subprocess
+    import sys
+
+    py = sys.executable
+    variants = {"import torch (baseline)": [py, "-c", "import torch"],
+                "--help": [py, "-m", "dpl", "--help"],
+                "tiny run, logger=none": [py, "-m", "dpl", *STARTUP_RUN, "logger=none", f"device={device.type}"],
+                "tiny run, MLflow (existing store)": [py, "-m", "dpl", *STARTUP_RUN, f"device={device.type}"]}
+    env = {**os.environ, "DPL_TIMELINE": "1", "DPL_SWEEP_PARENT_RUN_ID": ""}
+    walls: dict[str, list[float]] = {v: [] for v in variants}
+    fixed: dict[str, list[float]] = {v: [] for v in variants}
+    phases: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(variants["tiny run, MLflow (existing store)"], cwd=tmp, env=env, capture_output=True, check=True)
+        for _ in range(args.startup_repeats):
+            for name, command in variants.items():
+                t0 = time.perf_counter()
+                proc = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{' '.join(command[1:])} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                marks = _timeline(proc.stderr)
+                steps = marks["last step"] - marks["first step"] if "first step" in marks else 0.0
+                walls[name].append(wall)
+                fixed[name].append(wall - steps)
+                if name.endswith("(existing store)"):
+                    phases.append({**marks, "(after exit)": wall})
+    base = fixed["import torch (baseline)"]
+    rows = [{"variant": v, "wall": statistics.median(walls[v]), "spread": (min(walls[v]), max(walls[v])),
+             "fixed": statistics.median(fixed[v]),
+             "ratio": statistics.median(f / b for f, b in zip(fixed[v], base))} for v in variants]
+    order = list(phases[0])
+    timeline = {p: statistics.median(m[p] for m in phases) for p in order if all(p in m for m in phases)}
+    return rows, timeline
+
+
+def bench_startup(device: torch.device, args) -> None:
+    print(f"[startup] whole processes, {args.startup_repeats} rounds alternating; fixed cost = wall - (first step "
+          f"to last step); ratio = median over rounds of fixed / the round's `python -c 'import torch'` "
+          f"(goal: a tiny run <= 3, --help under 3 s)")
+    rows, timeline = startup_rows(device, args)
+    print(f"  {'':<34} {'wall s':>7} {'(min-max)':>12} {'fixed s':>8} {'/ import torch':>15}")
+    for r in rows:
+        lo, hi = r["spread"]
+        print(f"  {r['variant']:<34} {r['wall']:7.2f} {f'({lo:.1f}-{hi:.1f})':>12} {r['fixed']:8.2f} {r['ratio']:15.2f}")
+    print("  where the tiny MLflow run's time goes (median seconds since the process started, and each phase):")
+    last = 0.0
+    for phase, at in timeline.items():
+        print(f"    {at:7.2f}  +{at - last:6.2f}  {phase}")
+        last = at
+
+
 BENCHES = {"step": bench_step, "local": bench_local, "distributed": bench_distributed, "limit": bench_limit,
-           "layout": bench_layout, "compression": bench_compression, "pack": bench_pack}
+           "layout": bench_layout, "compression": bench_compression, "pack": bench_pack, "startup": bench_startup}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -423,6 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pack-epochs", type=int, default=2, help="epochs of each [pack] run")
     parser.add_argument("--pack-samples", type=int, default=2000, help="synthetic images of each [pack] run")
     parser.add_argument("--pack-repeats", type=int, default=2, help="sweeps per variant of [pack], alternating")
+    parser.add_argument("--startup-repeats", type=int, default=5, help="rounds of [startup], alternating")
     args = parser.parse_args(argv)
     unknown = [w for w in args.which if w not in BENCHES]
     if unknown:

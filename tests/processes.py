@@ -63,6 +63,7 @@ def run_cli(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
     try:
         torch.set_num_threads(1)  # as the tests' subprocesses run (OMP_NUM_THREADS=1)
         os.chdir(cwd)
+        os.environ["DPL_NO_FAST_EXIT"] = "1"  # this process goes on after the command (dpl.__main__)
         sys.argv = ["dpl", *args]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.resetwarnings()  # Python's own default filters, not pytest's

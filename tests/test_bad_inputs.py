@@ -193,6 +193,19 @@ CASES = [
     C("dataset.image_size=8", ["dataset.image_size=8"], "dataset.image_size=8 is invalid"),
     C("cifar100 missing, no download", ["dataset=cifar100", "dataset.root=nodata", "dataset.download=false"],
       "nodata", tiny=False),
+    C("scheduler.min_lr above lr", ["scheduler=cosine", "lr=0.1", "scheduler.min_lr=10"],
+      "scheduler.min_lr=10.0 is invalid with lr=0.1: allowed at most 0.1"),
+    C("epochs=1e11", ["epochs=100000000000"], "epochs=100000000000 is invalid: allowed at most 10000000"),
+    C("max_steps=1e11", ["max_steps=100000000000"], "max_steps=100000000000 is invalid: allowed at most 10000000"),
+    C("epochs past the lr table", ["epochs=5000000"], "epochs=5000000 is invalid with 6 steps per epoch"),
+    C("local launcher setup fails", ["-m", "hydra/launcher=local", "hydra.launcher.setup=[exit 3]"],
+      "of the sweep did not start: its process exited without a result (hydra.launcher.setup=['exit 3']"),
+    C("dataset.path a 2 GiB file", ["dataset=text", "model=gpt_tiny", "dataset.path={f}", "device=cpu",
+                                    "progress=false", "logger.plots=false"], "takes the corpus past 1024 MiB",
+      prepare=_write("big.txt", lambda p: (p.write_text("words " * 20_000), os.truncate(p, 2 * 2**30))), tiny=False),
+    C("resume hostile os.system", ["resume={f}"], "is refused: it names the Python object posix.system",
+      prepare=_write("c.pt", lambda p: torch.save({"format": 1, "x": type("S", (), {"__reduce__": lambda self: (
+          os.system, (f"touch {MARKER}",))})()}, p))),
     # files that are missing, corrupt, incomplete or hostile
     C("resume missing", ["resume=nowhere"], "no checkpoint at"),
     C("resume garbage", ["resume={f}"], "is corrupt", prepare=_write("c.pt", _garbage)),
@@ -217,6 +230,11 @@ CASES = [
     C("tracking store corrupt", ["logger.tracking_uri=sqlite:///{f}"], "logger.tracking_uri",
       prepare=_write("bad.db", _corrupt_store)),
     C("tracking server unreachable", ["logger.tracking_uri=http://127.0.0.1:9"], "is unreachable"),
+    C("tracking store half-made with a run", ["logger.tracking_uri=sqlite:///{f}"], "is a half-made MLflow store",
+      prepare=_write("mlflow.db", lambda p: sqlite3.connect(p).executescript(  # a migration stopped half-way
+          "CREATE TABLE experiments (experiment_id INTEGER, name TEXT); CREATE TABLE runs (run_uuid TEXT);"
+          "INSERT INTO runs VALUES ('r0'); CREATE TABLE _alembic_tmp_model_version_tags (key TEXT);"
+      ).connection.close())),
     C("hydra.run.dir in /proc", ["hydra.run.dir=/proc/dpl/job"], "/proc/dpl/job"),
     # sweeps
     C("empty range sweep", ["-m", "K=range(1,0)"], "the sweep has no values"),
@@ -247,6 +265,13 @@ CASES = [
     C("optuna seeds and seed", ["hydra.sweeper.seeds=[0,1]", "seed=4"], "seed=4 is invalid with hydra.sweeper.seeds",
       config_name="optuna_lr"),
     C("flags after overrides", ["-m", "K=1,0"], "K=0 is invalid"),
+    # names that would lead out of their folder or start a line of their own (a sweep's folder, a job's log)
+    C("sweep=../../X", ["sweep=../../X"], "sweep='../../X' is invalid: allowed a name without /",
+      config_name="localsgd_grid"),
+    C("sweep=a/b", ["-m", "K=1,2", "sweep=a/b"], "sweep='a/b' is invalid"),
+    C("sweep with a newline", ["sweep='a\nb'"], "allowed no control characters"),
+    C("hydra.job.name=../", ["hydra.job.name=../../../../X"], "hydra.job.name='../../../../X' is invalid"),
+    C("logger.experiment with a CR", ["logger.experiment=a\rb"], "logger.experiment='a\\rb' is invalid"),
 ]
 
 

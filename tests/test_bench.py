@@ -61,3 +61,29 @@ def test_gpu_check_script_refuses_without_cuda(tmp_path):
     done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, env=env)
     assert done.returncode == 1 and "no CUDA device is visible" in done.stderr
     assert not (tmp_path / "out" / "tests.log").exists()  # nothing ran
+
+
+def test_a_run_s_timeline_marks_its_phases_in_order_and_the_startup_bench_reads_them(tmp_path, monkeypatch):
+    from dpl import timeline
+    from dpl.bench import STARTUP_RUN, _timeline
+    from tests.processes import run_cli
+
+    monkeypatch.setattr(timeline, "ENABLED", True)
+    proc = run_cli(tmp_path, [*STARTUP_RUN, "logger=none", "device=cpu"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    marks = _timeline(proc.stderr)
+    assert list(marks) == ["imports", "checked", "composed", "imported (torch, the training path)",
+                           "built (data, model, method)", "run started (store, checkpoint)", "first step",
+                           "last step", "recorded"]
+    assert list(marks.values()) == sorted(marks.values()) and marks["imports"] > 0
+
+
+def test_ratios_are_timed_in_alternating_blocks_and_paired():
+    from dpl.bench import interleaved, paired
+
+    calls: list[str] = []
+    t = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"),
+                    warmup=1, repeats=3, iters=2, setup={"b": lambda: calls.append("setup b")})
+    assert calls == ["a", "setup b", "b"] + ["a", "a", "setup b", "b", "b"] * 3  # warm-up, then A B A B ...
+    assert len(t["a"]) == len(t["b"]) == 3
+    assert paired([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == (2.0, 2.0, 3.0)  # the median of the pairs' ratios

@@ -116,3 +116,43 @@ def test_incomplete_or_foreign_files_are_one_line(tmp_path):
     for p in (partial, foreign, empty):
         with pytest.raises(CheckpointError, match="holds neither a dpl checkpoint nor a state_dict"):
             checkpoint.load_weights(p)
+
+
+class SystemPayload:
+    """``os.system`` (pickled as ``posix.system``): a module torch's safe loader blocks outright."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {MARKER}",))
+
+
+def test_a_global_from_a_blocked_module_is_refused_naming_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "system.pt"
+    torch.save({"format": checkpoint.FORMAT_VERSION, "x": SystemPayload()}, evil)
+    named = SystemPayload().__reduce__()[0]
+    shown = f"{named.__module__}.{named.__name__}"  # posix.system on Linux
+    for load in (checkpoint.load, checkpoint.load_weights):
+        with pytest.raises(CheckpointError) as e:
+            load(evil)
+        assert f"is refused: it names the Python object {shown}, which loading could run" in str(e.value)
+        assert str(evil) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.parametrize("payload,wording", [
+    (Payload, "Unsupported global: GLOBAL exec was not an allowed global by default"),
+    (SystemPayload, "Trying to load unsupported GLOBAL {name} whose module {module} is blocked"),
+])
+def test_torchs_wording_of_a_refused_global_is_the_one_dpl_reads(tmp_path, payload, wording):
+    """torch's refusals as dpl parses them (``checkpoint.REFUSED_GLOBAL``): a torch that words them anew
+    fails here, not silently as "corrupt" in front of a user."""
+    path = tmp_path / "evil.pt"
+    torch.save({"x": payload()}, path)
+    named = payload().__reduce__()[0]
+    name = "exec" if named is exec else f"{named.__module__}.{named.__name__}"
+    with pytest.raises(pickle.UnpicklingError) as e:
+        torch.load(path, weights_only=True)
+    assert wording.format(name=name, module=named.__module__) in str(e.value)
+    assert checkpoint.refused_global(str(e.value)) == name

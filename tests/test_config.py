@@ -321,3 +321,76 @@ def test_old_mlflow_params_are_the_params_a_new_run_of_the_same_config_logs():
         **method_params("method=localsgd"), "sync_at_epoch_end": "False"}
     new = {**method_params("method=diloco", "method.outer.name=adam"), "sync_at_epoch_end": "False"}
     assert upgrade_params(new) == new  # a run logged with the node is left as it is
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["scheduler=cosine", "lr=0.1", "scheduler.min_lr=10"], "scheduler.min_lr=10.0 is invalid with lr=0.1: allowed "
+                                                            "at most 0.1"),
+    (["scheduler=poly", "lr=0.1", "scheduler.min_lr=0.2"], "scheduler.min_lr=0.2 is invalid with lr=0.1"),
+    # the floor is held to the lr after scaling: K=2 x 32 is half of base 128
+    (["lr_scaling=linear", "K=2", "batch_size=32", "base_batch_size=128", "lr=0.1", "scheduler=cosine",
+      "scheduler.min_lr=0.08"], "with lr=0.1 (0.05 after lr_scaling=linear): allowed at most 0.05"),
+])
+def test_a_floor_above_the_lr_is_refused(overrides, needle):
+    with pytest.raises(ConfigError, match=r"^[^\n]+$") as e:
+        validate(compose_cfg(*overrides))
+    assert needle in str(e.value)
+
+
+def test_a_floor_at_or_below_the_scaled_lr_is_allowed():
+    validate(compose_cfg("scheduler=cosine", "lr=0.1", "scheduler.min_lr=0.1"))
+    validate(compose_cfg("lr_scaling=linear", "K=4", "batch_size=64", "base_batch_size=64", "lr=0.1",
+                         "scheduler=cosine", "scheduler.min_lr=0.3"))
+
+
+@pytest.mark.parametrize("override", ["epochs=100000000000", "max_steps=100000000000"])
+def test_a_budget_beyond_the_lr_table_is_refused_before_anything_is_read(override):
+    with pytest.raises(ConfigError, match=r"allowed at most 10000000 \(the steps an lr schedule spans\)"):
+        validate(compose_cfg(override))
+
+
+def test_epochs_whose_steps_exceed_the_lr_table_are_refused_before_it_is_built():
+    from dpl.core.schedules import MAX_TABLE_STEPS, lr_table
+
+    cfg = compose_cfg("scheduler=cosine").scheduler
+    with pytest.raises(ConfigError, match="epochs=5000000 is invalid with 4 steps per epoch: allowed at most 2500000"):
+        lr_table(cfg, 0.1, 5_000_000, 4, 0.0)
+    with pytest.raises(ConfigError, match=f"max_steps={MAX_TABLE_STEPS + 1} is invalid"):
+        lr_table(cfg, 0.1, 1, 4, 0.0, max_steps=MAX_TABLE_STEPS + 1)
+
+
+def test_sigterm_before_the_run_started_says_nothing_was_recorded_and_leaves_nothing(tmp_path):
+    """SIGTERM while the lr table of a long run is built: no MLflow run exists yet, so the line must not
+    promise a KILLED run to resume, and the job dir Hydra made goes."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    env.pop("DPL_SWEEP_PARENT_RUN_ID", None)
+    job = tmp_path / "job"
+    args = ["dataset=synthetic", "dataset.num_train=200", "dataset.num_test=50", "batch_size=32",
+            "epochs=1000000", "progress=false", "device=cpu", "logger.plots=false", f"hydra.run.dir={job}"]
+    proc = subprocess.Popen([sys.executable, "-m", "dpl", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "tabulating the lr" not in _text_of(job / "dpl.log"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted by SIGTERM before the run started; nothing was recorded"
+    assert list(tmp_path.iterdir()) == []
+
+
+def _text_of(path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

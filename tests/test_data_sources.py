@@ -146,6 +146,24 @@ def test_truncated_cifar_file_is_reported(tmp_path):
         cifar100(dataset_cfg("cifar100", download=False), root=tmp_path)
 
 
+def test_a_cifar_file_larger_than_any_is_refused_by_its_size_before_it_is_read(tmp_path):
+    write_cifar100(tmp_path, n_train=20, n_test=5)
+    path = tmp_path / "cifar-100-python" / "train"
+    with open(path, "r+b") as f:  # sparse: 2 GiB on paper, no disk used
+        f.truncate(2 * 2**30)
+    read_before = _bytes_read()
+    with pytest.raises(DatasetUnavailable) as e:
+        cifar100(dataset_cfg("cifar100", download=False), root=tmp_path)
+    _assert_one_line_with(str(e.value), f"{path} is 2048 MiB, more than a CIFAR file holds", "download it again")
+    assert _bytes_read() - read_before < 2**26  # refused unread
+
+
+def _bytes_read() -> int:
+    """The bytes this process has read through read() calls so far (Linux; 0 elsewhere)."""
+    io = Path("/proc/self/io")
+    return int(dict(line.split(": ") for line in io.read_text().splitlines())["rchar"]) if io.is_file() else 0
+
+
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
 

@@ -411,11 +411,13 @@ def test_resume_from_elsewhere_with_and_without_the_store(tmp_path):
     (run1,) = job_runs(first / "mlflow.db")
     assert run1.info.run_id == run0.info.run_id and run1.info.status == "FINISHED"
     assert not list(job.glob(".checkpoint.pt.*")) and not (elsewhere / "mlflow.db").exists()
-    # the store is gone: a new run in the current store, tagged resumed_from, said in one line
+    # the store is gone: a new run in a new store where the job was launched, tagged resumed_from, said
+    # in one line
     (first / "mlflow.db").unlink()
     proc = in_process(elsewhere, f"resume={job}", "epochs=3", "progress=false")
     assert f"MLflow run {run0.info.run_id} is not in" in proc.stdout + proc.stderr
-    (run2,) = job_runs(elsewhere / "mlflow.db")
+    (run2,) = job_runs(first / "mlflow.db")
+    assert not (elsewhere / "mlflow.db").exists()
     assert run2.data.tags["resumed_from"] == run0.info.run_id and run2.info.status == "FINISHED"
     rows = list(csv.DictReader(open(first / "results.csv")))
     assert len(rows) == 1 and rows[0]["epochs_run"] == "3"  # one row per job, however often it finished

@@ -8,6 +8,7 @@ Subprocess tests bound every wait and kill what they start in ``finally``.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import signal
@@ -89,6 +90,25 @@ def test_the_launchers_store_listens_on_master_addr_alone(addr):
         assert host == addr
         assert [ip for ip, port in listening() if port == store.port] == [ipaddress.ip_address(addr)]
         client = dist.TCPStore(host, store.port, is_master=False)  # the ranks reach it there
+        client.set("k", "v")
+        assert store.get("k") == b"v"
+    finally:
+        del store
+
+
+@pytest.mark.parametrize("addr,warned", [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_a_store_on_every_interface_says_so_in_one_warning(addr, warned, caplog):
+    with caplog.at_level(logging.WARNING, logger="dpl"):
+        store, host = host_store(addr, 0)
+    try:
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if warned:
+            assert len(lines) == 1 and "\n" not in lines[0], lines
+            assert lines[0].startswith(f"engine.master_addr={addr}: the rendezvous store listens on every "
+                                       f"interface of this machine (port {store.port})")
+        else:
+            assert lines == []
+        client = dist.TCPStore(host, store.port, is_master=False)  # still reachable: a warning, not a refusal
         client.set("k", "v")
         assert store.get("k") == b"v"
     finally:

@@ -211,7 +211,9 @@ def test_fused_cuda_graph_of_packed_runs_equals_each_run_alone(name):
     trainers = [build_trainer(c, dev) for c in cfgs]
     group = Lockstep(trainers)
     group.fit()
-    (step,) = group._fused.values()
+    (checked,) = group._fused.values()
+    step = checked.fast
+    assert checked.checked and not checked.eager_only  # its first replay matched the runs alone
     assert isinstance(step, PackedGraphStep) and not step.failed and step.captured
     for cfg, together in zip(cfgs, trainers):
         run = build_trainer(cfg, dev)
@@ -275,6 +277,9 @@ def test_packed_sweep_lands_each_run_as_its_own_job_and_mlflow_run(tmp_path):
     # a re-run skips every finished run
     again = run_cli(tmp_path, ["-m", "hydra/launcher=packed", *SWEEP, "epochs=2", "seed=0,1", "lr=0.05,0.1"])
     assert again.returncode == 0 and again.stdout.count("already finished") == 4, again.stdout[-2000:]
+    sweeps = [p.parent for p in (tmp_path / "multirun").glob("*/*/multirun.yaml")]
+    assert len(sweeps) == 2  # the re-run made no job dirs for the runs it skipped
+    assert sorted(len([d for d in s.iterdir() if d.is_dir()]) for s in sweeps) == [0, 4]
 
 
 def test_a_member_refused_for_a_bad_value_ends_alone_in_one_line(tmp_path):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import os
 import re
+import socket
+import sqlite3
 import statistics
+import time
 
 import pytest
 from scipy import stats as scipy_stats
@@ -274,6 +278,93 @@ def test_unknown_experiment_is_one_line_error(store, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "nope" in err[0]
 
 
+# ----------------------------------------------------------------------------- stores and folders it cannot use
+#
+# Each ends in one ``error:`` line and exit status 2, and leaves the folder as it was.
+
+
+def _error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in captured.err, captured
+    return err[0]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once it is closed
+
+
+@pytest.mark.parametrize("empty", [None, b""], ids=["no file", "an empty mlflow.db"])
+def test_an_empty_folder_has_no_runs_and_gets_no_store(empty, tmp_path, monkeypatch, capsys):
+    if empty is not None:  # what an earlier dpl.report left in an empty folder
+        (tmp_path / "mlflow.db").write_bytes(empty)
+    before = sorted(tmp_path.iterdir())
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    line = _error_line(capsys)
+    assert "no runs here" in line and str(tmp_path / "mlflow.db") in line
+    assert sorted(tmp_path.iterdir()) == before  # no mlflow.db made or filled, no lock, no reports/
+    assert empty is None or (tmp_path / "mlflow.db").read_bytes() == empty
+
+
+@pytest.mark.parametrize("server,why", [("refused", "Connection refused"), ("silent", "timed out")])
+def test_an_unreachable_server_is_one_line_within_seconds(server, why, tmp_path, monkeypatch, capsys):
+    import mlflow.tracking  # noqa: F401 - imported before the clock starts: only the wait is timed
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as listening:  # silent: it accepts connections and never answers
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(8)
+        uri = f"http://127.0.0.1:{listening.getsockname()[1] if server == 'silent' else _closed_port()}"
+        start = time.monotonic()
+        assert main(["--tracking-uri", uri]) == 2
+        assert time.monotonic() - start < 10  # MLflow's own retries took minutes
+    line = _error_line(capsys)
+    assert f"--tracking-uri={uri!r} is unreachable" in line and why in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_of_random_bytes_is_one_line_and_left_alone(tmp_path, monkeypatch, capsys):
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(os.urandom(8192))
+    before = db.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    line = _error_line(capsys)
+    assert f"{db} is not an SQLite file" in line
+    assert db.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]
+
+
+def test_a_half_made_store_with_runs_is_named_and_left_alone(tmp_path, capsys):
+    db = tmp_path / "mlflow.db"
+    _log_run(f"sqlite:///{db}", "e", {}, K=1)
+    with sqlite3.connect(db) as con:  # what a migration stopped half-way leaves
+        con.execute("CREATE TABLE _alembic_tmp_model_version_tags (key VARCHAR(250))")
+    before = db.read_bytes()
+    assert main(["--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "out")]) == 2
+    line = _error_line(capsys)
+    assert f"{db} is a half-made MLflow store" in line and "holds 1 runs" in line and "mv " in line
+    assert db.read_bytes() == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/dpl/report", "{file}/report"])
+def test_an_unwritable_out_is_one_line_before_the_store_is_read(out, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    out = out.format(file=tmp_path / "a_file")
+    monkeypatch.chdir(tmp_path)
+    # no store here at all: the --out error is the one said, so --out was checked first
+    assert main(["--out", out]) == 2
+    line = _error_line(capsys)
+    assert f"--out={out!r} cannot be written" in line and "choose another --out" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _log_run(uri, "e", {}, K=1)
+    assert main(["--experiment", "e", "--tracking-uri", uri, "--out", out]) == 2
+    assert f"--out={out!r} cannot be written" in _error_line(capsys)
+
+
 def test_no_arguments_reports_the_latest_sweep_or_the_default_experiment(tmp_path, monkeypatch, capsys):
     from dpl.tracking.sweep import PARENT_TAG
 
@@ -365,8 +456,9 @@ def test_a_name_with_both_quotes_is_matched_after_the_search(hostile_store):
     for name in ("it's", 'both\'"quotes'):
         runs = fetch_runs(client, sweep=name, history_keys=())
         assert len(runs) == 4 and {r.params["dataset.name"] for r in runs} == {name}
-    assert tag_filter("sweep", "it's") == 'tags.sweep = "it\'s"'
-    assert tag_filter("sweep", 'both\'"quotes') is None  # MLflow's syntax has no escape for it
+    assert tag_filter("sweep", "it's") == 'tags.`sweep` = "it\'s"'
+    # MLflow's syntax has no escape for both quotes: a wider search, matched in Python
+    assert tag_filter("sweep", 'both\'"quotes') == "tags.`sweep` LIKE 'both%'"
 
 
 def test_safe_folder_name_is_one_plain_path_component():

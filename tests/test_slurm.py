@@ -71,12 +71,13 @@ def test_local_launcher_sweep_lands_every_job_and_a_rerun_skips_them(tmp_path):
     assert jobs == {(tmp_path / "sweep" / str(n)).resolve() for n in range(4)}
     for job in jobs:  # each job ran in its own submitit process, in its own job dir
         assert (job / ".hydra" / "config.yaml").is_file() and "test_acc=" in (job / "dpl.log").read_text()
-    assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 4
+        assert "test_acc=" in (job / "console.log").read_text()  # what its process printed, kept there
+    assert not (tmp_path / "sweep" / ".submitit").exists()  # submitit's pickles, gone with the sweep
 
     # the sweep again (its K=1 half): each job finds its finished run in its own process and is skipped
     again = run_cli(tmp_path, [*grid[:-2], "K=1", "H=1,2", f"hydra.sweep.dir={tmp_path / 'again'}"])
     assert again.returncode == 0, again.stderr[-3000:]
-    outs = [p.read_text() for p in (tmp_path / "again" / ".submitit").glob("*/*_log.out")]
+    outs = [p.read_text() for p in (tmp_path / "again").glob("*/console.log")]
     assert len(outs) == 2 and all("already finished as MLflow run" in out for out in outs), outs
     assert len(rows(tmp_path / "results.csv")) == 4 and len(runs(tmp_path / "mlflow.db")[1]) == 4
 

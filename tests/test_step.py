@@ -44,8 +44,9 @@ def _assert_same_run(a, b, rel: float, atol: float = 1e-5) -> None:
 def test_compile_equals_eager(overrides):
     eager = _run(*overrides, "engine.compile=none")
     compiled = _run(*overrides, "engine.compile=compile")
-    step = compiled.local_step
+    step = compiled.local_step.fast  # (the self-checked step: dpl.core.selfcheck)
     assert isinstance(eager.local_step, LocalStep) and type(eager.local_step) is LocalStep
+    assert compiled.local_step.checked and compiled.local_step.largest < 1e-4  # its first step matched eager's
     assert isinstance(step, CompiledStep) and step._losses is not None and step._update is not None  # no fallback
     # 900 training images: the epoch's last batch is shorter and got its own compiled graph
     b = compiled.cfg.batch_size
@@ -72,7 +73,7 @@ def test_compile_equals_eager_lamb_compiled_once_per_batch_shape():
     eager = _run(*ov, "engine.compile=none")
     counters.clear()
     compiled = _run(*ov, "engine.compile=compile")
-    step = compiled.local_step
+    step = compiled.local_step.fast
     assert step._losses is not None and step._update is not None  # both parts compiled, no fallback
     # two epochs of two batch shapes: forward+loss and the update, once per shape (a Python step
     # count would have compiled the update again at every step, up to the recompile limit)
@@ -211,7 +212,8 @@ def test_cuda_graph_equals_eager(overrides):
     # three epochs: the shorter last batch of an epoch warms up twice, then is captured too
     graph = _run(*overrides, "engine.compile=graph", "device=cuda", "epochs=3", device=dev)
     eager = _run(*overrides, "engine.compile=none", "device=cuda", "epochs=3", device=dev)
-    step = graph.local_step
+    step = graph.local_step.fast
+    assert graph.local_step.checked and not graph.local_step.eager_only  # its first replay matched eager
     assert isinstance(step, GraphStep) and not step.failed  # replayed, no fallback
     assert len(step.captured) == 2  # the full batch and the epoch's shorter last batch
     resnet = "model=resnet20" in overrides

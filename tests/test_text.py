@@ -217,3 +217,32 @@ def test_the_step_budget_through_the_cli(corpus, tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(float(r["step"])) for r in rows] == [10, 20, 30]
     assert "step 30/30" in proc.stdout + proc.stderr and "bytes/s" in proc.stdout + proc.stderr
+
+
+def _bytes_read() -> int:
+    """The bytes this process has read through read() calls so far (Linux; 0 elsewhere)."""
+    io = Path("/proc/self/io")
+    return int(dict(line.split(": ") for line in io.read_text().splitlines())["rchar"]) if io.is_file() else 0
+
+
+def test_a_huge_text_file_is_refused_by_its_size_before_it_is_read(corpus):
+    from dpl.components.data.sources import DatasetUnavailable
+
+    big = corpus / "zbig.txt"
+    with open(big, "wb") as f:  # text first, then a sparse 2 GiB on paper: no disk used
+        f.write((FORTUNES / "computers").read_bytes()[:12_000] * 8)
+        f.truncate(2 * 2**30)
+    before = _bytes_read()
+    with pytest.raises(DatasetUnavailable) as e:
+        read_corpus(corpus)
+    assert f"{big} (2048 MiB) takes the corpus past 1024 MiB" in str(e.value) and "\n" not in str(e.value)
+    assert _bytes_read() - before < 2**26  # its head and the small files, not the 2 GiB
+
+
+def test_a_huge_binary_file_is_left_out_after_reading_its_head(corpus):
+    (corpus / "zeros.bin").touch()
+    with open(corpus / "zeros.bin", "r+b") as f:  # sparse zeros: a NUL in the first bytes
+        f.truncate(2 * 2**30)
+    before = _bytes_read()
+    assert [name for name, _ in read_corpus(corpus)] == ["computers", "cookie", "literature"]
+    assert _bytes_read() - before < 2**26

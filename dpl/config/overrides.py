@@ -28,6 +28,7 @@ from dpl.config.store import GROUPS as REGISTERED_GROUPS
 from dpl.config.upgrade import RENAMED
 from dpl.errors import ConfigError, first_line
 from dpl.tracking.loggers import LOGGERS
+from dpl.tracking.run_names import CONTROL, NAME_KEYS, check_name_keys, name_problem
 from dpl.tracking.sweep import check_seeds
 
 SWEEPS_DIR = CONF_DIR.parent / "sweeps"  # the sweep configs (`--config-name <sweep>`)
@@ -168,6 +169,7 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
     from hydra.core.override_parser.types import Glob
 
     args = list(args)
+    check_printable(args)
     parser = OverridesParser.create()
     parsed = []
     for text in override_args(args):
@@ -175,6 +177,7 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
             parsed += parser.parse_overrides([text])
         except Exception as e:  # Hydra's grammar errors, several lines each
             raise ConfigError(f"{text} is not a valid override: {str(e).strip().splitlines()[0]}") from None
+    check_names(parsed)
     specific = []
     for o in parsed:
         key = o.key_or_group
@@ -211,6 +214,39 @@ def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
             for key in specific:
                 check_applies(key, choices)
             check_ablation(choices)
+
+
+def check_printable(args: list[str]) -> None:
+    """No argument holds a control character (a newline, CR, tab, ESC ...): every value may end up in a
+    name, a path, a log line or a CSV row, where a line break starts a line of its author's choosing;
+    Hydra's grammar error would also quote it over two lines."""
+    for arg in args:
+        if CONTROL.search(arg):
+            key, eq, value = arg.partition("=")
+            shown = f"{key}={value!r}" if eq and not CONTROL.search(key) else repr(arg)
+            raise ConfigError(f"{shown} is invalid: allowed no control characters (newline, carriage return, "
+                              f"tab, NUL, ESC ...) on the command line")
+
+
+def check_names(parsed: list) -> None:
+    """The names (``sweep``, ``logger.experiment``, ``logger.run_name``, ``hydra.job.name``) hold no
+    control character (Hydra's quoted strings may), and those that name a folder or file are one path
+    component: ``sweep=../../x`` would put the sweep's jobs outside multirun/, ``hydra.job.name=../x``
+    the job's log outside its dir (Hydra makes both before dpl sees the composed config)."""
+    for o in parsed:
+        key = o.key_or_group.lstrip("+~")
+        if key not in NAME_KEYS or o.is_delete():
+            continue
+        for value in _values(o):
+            why = name_problem(key, value)
+            if why is not None:
+                raise ConfigError(f"{key}={value!r} is invalid: {why}")
+
+
+def check_yaml_names(cfg: DictConfig, parsed: list) -> None:
+    """The names a sweep config (``--config-name``, maybe of the user's ``--config-dir``) sets, where the
+    command line does not: Hydra makes the sweep's folder from them before any job is validated."""
+    check_name_keys(cfg, skip=[o.key_or_group for o in parsed])
 
 
 def check_launcher_overrides(parsed: list, args: list[str], conf_dir: Path = CONF_DIR) -> None:
@@ -270,6 +306,7 @@ def check_launcher(parsed: list, args: list[str], conf_dir: Path = CONF_DIR) -> 
         if not keys:
             raise
         raise ConfigError(f"{' '.join(o.input_line for o in keys)} is invalid: {first_line(e)}") from None
+    check_yaml_names(cfg, parsed)
     target = str(cfg.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
     if LOGGERS.facts(cfg.logger).store:
         check_store_for_launcher(str(cfg.logger.tracking_uri), target)

@@ -13,7 +13,7 @@ import os
 import shlex
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dpl.comm.codecs import CODECS
 from dpl.components.data import DATASETS
@@ -23,7 +23,9 @@ from dpl.config.store import check_options, registries, to_schema
 from dpl.core.dynamic_h import STRATEGIES
 from dpl.core.engines import ENGINES
 from dpl.core.methods import METHODS
+from dpl.core.schedules import MAX_TABLE_STEPS, scaled_lr
 from dpl.errors import ConfigError
+from dpl.tracking.run_names import CONTROL, check_name_keys
 
 
 def check_choices(cfg: DictConfig) -> None:
@@ -123,10 +125,56 @@ def check_checkpoint_use(cfg: DictConfig) -> None:
                           f"pretrained={cfg.checkpoint}")
 
 
+def check_min_lr(cfg: DictConfig) -> None:
+    """A schedule's floor is below the lr it decays from (after ``lr_scaling``): a floor above it makes
+    the "decay" climb to the floor, and the run trains at an lr nobody asked for."""
+    min_lr = cfg.scheduler.get("min_lr")
+    if min_lr is None:
+        return
+    lr = scaled_lr(cfg.lr, cfg.lr_scaling, cfg.K * cfg.batch_size, cfg.base_batch_size)
+    if min_lr > lr:
+        scaled = "" if lr == cfg.lr else f" ({lr:.6g} after lr_scaling={cfg.lr_scaling})"
+        raise ConfigError(f"scheduler.min_lr={min_lr} is invalid with lr={cfg.lr}{scaled}: allowed at most "
+                          f"{lr:.6g} (the lr the schedule decays from)")
+
+
+def check_budget(cfg: DictConfig) -> None:
+    """A run's lr is tabulated step by step before it trains (:func:`dpl.core.schedules.lr_table`): a budget
+    beyond :data:`~dpl.core.schedules.MAX_TABLE_STEPS` steps is refused here, before any data is read (every
+    epoch has a step at least); what the steps of an epoch make of ``epochs`` is checked once they are known."""
+    for name in ("epochs", "max_steps"):
+        value = cfg.get(name)
+        if value is not None and value > MAX_TABLE_STEPS:
+            raise ConfigError(f"{name}={value} is invalid: allowed at most {MAX_TABLE_STEPS} (the steps an lr "
+                              f"schedule spans)")
+
+
 def _job_of(checkpoint: str) -> str:
     """The job dir a checkpoint path belongs to (``resume=`` takes the dir, or the file itself)."""
     path = Path(str(checkpoint)).expanduser()
     return shlex.quote(str(path.parent if path.suffix == ".pt" else path))
+
+
+def check_names(cfg: DictConfig) -> None:
+    """The names a YAML may set (a sweep config, an experiment, a ``--config-dir``) as the command line's
+    are checked (:func:`dpl.config.overrides.check_names`), and no string of the config holds a control
+    character: each reaches a tag, a CSV row or a log line."""
+    check_name_keys(cfg)
+    values = OmegaConf.to_container(cfg, resolve=False)
+    values.pop("hydra", None)  # Hydra's own node (its help texts span lines) is not dpl's
+    for key, value in _strings(values):
+        if CONTROL.search(value):
+            raise ConfigError(f"{key}={value!r} is invalid: allowed no control characters (newline, carriage "
+                              f"return, tab, NUL, ESC ...)")
+
+
+def _strings(node: object, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every string in a container (unresolved: an interpolation's value is another key's)."""
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _strings(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [kv for i, v in enumerate(node) for kv in _strings(v, f"{prefix}{i}.")]
+    return [(prefix[:-1], node)] if isinstance(node, str) else []
 
 
 def validate(cfg: DictConfig) -> Config:
@@ -142,4 +190,7 @@ def validate(cfg: DictConfig) -> Config:
     check_fragments(cfg)
     check_data(cfg)
     check_checkpoint_use(cfg)
+    check_min_lr(cfg)
+    check_budget(cfg)
+    check_names(cfg)
     return obj

@@ -66,6 +66,10 @@ class LocalStep:
         self.set_inputs(step, lr_i)
         return self.eager(idx, epoch)
 
+    def takes_fast_path(self, idx: torch.Tensor) -> bool:
+        """Whether a call on batch ``idx`` runs other code than :meth:`eager` (:mod:`dpl.core.selfcheck`)."""
+        return False
+
     def set_inputs(self, step: int, lr_i: int) -> None:
         # device-side writes from host numbers: nothing is read back
         self.key.fill_(train_key(self.seed, step))
@@ -129,6 +133,9 @@ class CompiledStep(LocalStep):
         self._update = (torch.compile(self.optimizer_step, dynamic=False, backend=BACKEND)
                         if capturable else None)
         self.shapes: set[tuple[int, ...]] = set()  # batch shapes run compiled once already
+
+    def takes_fast_path(self, idx: torch.Tensor) -> bool:
+        return self._losses is not None
 
     def __call__(self, idx: torch.Tensor, step: int, lr_i: int, epoch: int) -> Outputs:
         self.set_inputs(step, lr_i)
@@ -219,6 +226,10 @@ class GraphStep(LocalStep):
             self.on_gradients(epoch)
             entry.graphs[1].replay()
         return entry.losses, entry.correct
+
+    def takes_fast_path(self, idx: torch.Tensor) -> bool:
+        shape = tuple(idx.shape)
+        return not self.failed and (shape in self.captured or self.warm.get(shape, 0) >= self.WARMUP)
 
     def zero_grads(self) -> None:
         # in place: the gradient tensors stay the ones every graph reads and writes (0 + g is exactly g)

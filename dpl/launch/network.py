@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import sys
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from dpl.errors import ConfigError
 
+log = logging.getLogger("dpl")
 STORE_TIMEOUT = timedelta(minutes=10)  # store handshakes (run dir, reports), not collectives
 
 
@@ -30,6 +32,10 @@ def host_store(addr: str, port: int) -> tuple[dist.TCPStore, str]:
     """
     sock = _listen(addr, port)
     host, bound = sock.getsockname()[:2]
+    if ipaddress.ip_address(host.split("%")[0]).is_unspecified:  # 0.0.0.0 or ::, as asked: say what it means
+        log.warning("engine.master_addr=%s: the rendezvous store listens on every interface of this machine "
+                    "(port %d), open to any host that reaches it; 127.0.0.1 keeps a one-machine job local",
+                    addr, bound)
     try:
         store = dist.TCPStore(host, bound, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT,
                               master_listen_fd=sock.fileno())

@@ -28,7 +28,14 @@ from dpl.errors import Diverged, first_line, user_errors
 from dpl.pack.lockstep import Lockstep
 from dpl.run import checkpoint
 from dpl.run.build import build_trainer, load_training_state
-from dpl.run.job import DIVERGED_OBJECTIVE, _finished_in_sweep, _resumed_config, check_destinations, finished
+from dpl.run.job import (
+    DIVERGED_OBJECTIVE,
+    check_destinations,
+    finished,
+    finished_in_sweep,
+    launch_dir_of,
+    resumed_config,
+)
 from dpl.run.recorder import Recorder
 from dpl.tracking.loggers import make_logger
 from dpl.tracking.params import config_hash
@@ -99,22 +106,22 @@ def prepare(m: Member, data_cache: Optional[dict] = None) -> None:
     where = stopped_job(m)
     if where is not None:
         ckpt, m.out_dir = checkpoint.load_resumable(where)
-        m.cfg = _resumed_config(m.cfg, ckpt)
+        m.cfg = resumed_config(m.cfg, ckpt, m.out_dir)
         if "state" in ckpt and finished(ckpt, m.cfg, m.out_dir):
             m.outcome = {"best_val_acc": ckpt["state"]["best_val_acc"], "already_finished": True}
             return
         log.info("resuming %s from %s", m.name, m.out_dir)
     else:
-        done = _finished_in_sweep(m.cfg)
+        done = finished_in_sweep(m.cfg)
         if done is not None:
             m.outcome = done
             return
-    check_destinations(m.cfg, m.out_dir, ckpt.get("tracking_uri") if ckpt else None)
+    check_destinations(m.cfg, m.out_dir)
     m.trainer = build_trainer(m.cfg, pick_device(m.cfg.device), data_cache=data_cache)
     if ckpt is not None and "state" in ckpt:
         load_training_state(m.trainer, ckpt, m.out_dir)
     m.recorder = Recorder(m.cfg, m.out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None,
-                          resume_uri=ckpt.get("tracking_uri") if ckpt else None, progress=False)
+                          progress=False, origin=launch_dir_of(ckpt, m.out_dir) if ckpt else None)
     m.recorder.attach(m.trainer)
     m.recorder.save(m.trainer)
 

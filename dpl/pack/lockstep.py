@@ -22,6 +22,7 @@ import torch
 from dpl.core.engines import EAGER, GRAPH
 from dpl.core.loop import StepInputs, Trainer
 from dpl.core.packed import PackedStep, fused_step
+from dpl.core.selfcheck import self_checked_fused
 from dpl.errors import Diverged
 
 FUSED_MODES = (EAGER, GRAPH)  # engine.compile modes whose steps fuse (torch.compile compiles one run's step)
@@ -100,8 +101,8 @@ class Lockstep:
         if step is None:
             live = set(self.live())  # a fused step of a run that has left is not taken again: its graphs go
             self._fused = {k: v for k, v in self._fused.items() if live.issuperset(k)}
-            step = self._fused[key] = fused_step([self.trainers[i].local_step for i in members],
-                                                 self.trainers[members[0]].compile)
+            own = [self.trainers[i].local_step for i in members]
+            step = self._fused[key] = self_checked_fused(fused_step(own, self.trainers[members[0]].compile), own)
         lead = self.trainers[members[0]].state
         idx = torch.stack([inputs[i].idx for i in members])
         losses, correct = step(idx, lead.global_step, inputs[members[0]].lr_i, lead.epoch)

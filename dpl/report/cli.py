@@ -7,9 +7,11 @@ import hashlib
 import math
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dpl.errors import TrackingError
 from dpl.io import atomic_write_text
 from dpl.report.fetch import (
     DEFAULT_EXPERIMENT,
@@ -20,6 +22,7 @@ from dpl.report.fetch import (
     group_columns,
     group_runs,
     latest,
+    report_store,
 )
 from dpl.report.figures import write_figures
 from dpl.report.tables import (
@@ -149,11 +152,38 @@ def _fraction(text: str) -> float:
     return value
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dpl.tracking.store import mlflow_client
+class ReportError(ValueError):
+    """A report's destination that cannot be written; the message is one line."""
 
+
+def check_out_dir(out: Path, name: str) -> None:
+    """``out`` (named ``name`` in the error) can be made a folder and written in, or a one-line
+    ReportError. Tried, not inferred from permission bits (root ignores them), at its deepest
+    existing part; nothing is created."""
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(20, f"{base} is not a folder")
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise ReportError(f"{name} cannot be written: cannot write in {base} ({e.strerror or type(e).__name__}); "
+                          f"choose another --out") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The report of ``argv``'s runs; 0, or 2 with one ``error:`` line (no store, no runs, an
+    unreadable store, an unwritable ``--out``), in which case nothing is written."""
     args = parse_args(argv)
-    client = mlflow_client(args.tracking_uri, Path.cwd())
+    try:
+        if args.out:  # before fetching: a report must not be read for minutes and then not be written
+            check_out_dir(Path(args.out), f"--out={args.out!r}")
+        client = report_store(args.tracking_uri)
+    except (TrackingError, ReportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.experiment is None and args.sweep is None:
         args.experiment, args.sweep, why = latest(client)
         what = f"sweep={args.sweep!r}" if args.sweep else f"experiment={args.experiment!r}"
@@ -161,20 +191,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kind = "sweep" if args.sweep is not None else "experiment"
     name = args.sweep if args.sweep is not None else args.experiment
     try:
+        out = Path(args.out) if args.out else default_out_dir(kind, name)
+        if not args.out:
+            check_out_dir(out, f"the report folder {out}")
         runs = fetch_runs(client, args.experiment, args.sweep)
-    except LookupError as e:
+    except (LookupError, ReportError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
     if not runs:
         print(f"error: no runs found for {kind}={name!r} in {args.tracking_uri}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else default_out_dir(kind, name)
     metric = args.metric or (TEXT_METRIC if any(TEXT_METRIC in r.metrics for r in runs) else "test_acc")
     try:
         paths = write_report(runs, out, title=f"dpl report: {name}", metric=metric, baseline=args.baseline,
                              target_acc=args.target_acc, bandwidths=args.bandwidths)
     except BaselineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a disk that filled (or went read-only) while the report was written
+        print(f"error: the report cannot be written to {out}: {e.strerror or e} (free some space there, or "
+              f"choose another --out)", file=sys.stderr)
         return 2
     for path in paths:
         print(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dpl.comm.cost import RESCALED_FIELDS
@@ -13,10 +14,19 @@ from dpl.config.store import default_options
 from dpl.config.upgrade import upgrade_params
 from dpl.core.dynamic_h import STRATEGIES
 from dpl.core.methods import METHODS
+from dpl.errors import TrackingError
 from dpl.report import stats
 from dpl.report.budget import BUDGETS
 from dpl.tracking.run_names import BOOKKEEPING
-from dpl.tracking.store import INTERRUPTED_TAG, end_if_dead, process_gone, tag_filter
+from dpl.tracking.store import (
+    INTERRUPTED_TAG,
+    end_if_dead,
+    process_gone,
+    read_store,
+    resolve_tracking_uri,
+    sqlite_path,
+    tag_filter,
+)
 from dpl.tracking.sweep import PARENT_TAG
 
 # Column -> MLflow param; always grouped by when the runs carry the param.
@@ -94,6 +104,18 @@ class RunRecord:
         return self.status == "FINISHED"
 
 
+def report_store(tracking_uri: str):
+    """An ``MlflowClient`` on the store a report reads (a relative SQLite path is relative to the
+    current directory), or a one-line TrackingError. Reading creates nothing: where there is no
+    store file, there are no runs to report."""
+    uri = resolve_tracking_uri(tracking_uri, Path.cwd())
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise TrackingError(f"no runs here: there is no MLflow store at {db} (run python -m dpl here first, "
+                            f"or name a store with --tracking-uri)")
+    return read_store(uri, f"--tracking-uri={tracking_uri!r}")
+
+
 def fetch_runs(client, experiment: Optional[str] = None, sweep: Optional[str] = None,
                history_keys: Sequence[str] = ("val_acc", "H", *BUDGETS, *RESCALED_FIELDS)) -> list[RunRecord]:
     """The job runs of ``experiment`` (by name) and/or with tag ``sweep``; sweep parent runs are left out."""
@@ -109,7 +131,7 @@ def fetch_runs(client, experiment: Optional[str] = None, sweep: Optional[str] = 
     while True:
         page = client.search_runs(ids, filter_string=query or "", max_results=1000, page_token=token)
         runs += [r for r in page if PARENT_TAG not in r.data.tags
-                 and (sweep is None or r.data.tags.get("sweep") == sweep)]  # the only test when query is None
+                 and (sweep is None or r.data.tags.get("sweep") == sweep)]  # tag_filter may select more
         token = page.token
         if not token:
             break

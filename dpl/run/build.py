@@ -31,6 +31,7 @@ from dpl.core.engines import build_workers, compile_mode, memory_format
 from dpl.core.loop import Trainer
 from dpl.core.methods import METHODS, build_method
 from dpl.core.schedules import LrSchedule, lr_table, scaled_lr
+from dpl.core.selfcheck import self_checked
 from dpl.core.step import build_local_step
 from dpl.errors import ConfigError, first_line
 from dpl.run import checkpoint
@@ -94,6 +95,7 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm: An
     local_step = build_local_step(mode, data, workers, optimizer, lambda epoch: method.on_gradients(workers, epoch),
                                   method.edits_gradients, cfg.seed, rows, schedule.now, schedule.device_table,
                                   capturable=OPTIMIZERS.facts(cfg.optimizer).capturable, clip=grad_clip(cfg.optimizer))
+    local_step = self_checked(local_step, mode)  # a compiled or captured step checks its first result
     # what picks the best model: accuracy means little for bytes, so text is judged by its validation loss
     best = cfg.best_metric if cfg.best_metric != "auto" else "val_loss" if DATASETS.facts(cfg.dataset).text else "val_acc"
     return Trainer(cfg, hp, data, shards, workers, method, optimizer, schedule, local_step, ledger, mode, best)

@@ -21,7 +21,7 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -76,7 +76,11 @@ def load_resumable(path: str | Path) -> tuple[dict[str, Any], Path]:
                                   f"{FILENAME}: nothing to resume") from None
         if not isinstance(extras, dict) or not isinstance(extras.get("config"), dict):
             raise CheckpointError(f"{run_file} is not a dpl run file and there is no {FILENAME}: nothing to resume")
-        return {**extras, "config": upgrade_config(extras["config"])}, p
+        try:
+            return {**extras, "config": upgrade_config(extras["config"])}, p
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{run_file} is not a dpl run file ({type(e).__name__}: {e}) and there is "
+                                  f"no {FILENAME}: nothing to resume") from None
     found = locate(p)
     return load(found), found.parent
 
@@ -98,9 +102,9 @@ def safe_load(p: Path, what: str, map_location: str | torch.device = "cpu") -> A
             warnings.simplefilter("ignore")
             return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = refused_global(str(e))
         if found:
-            raise CheckpointError(f"{what} {p} is refused: it names the Python object {found.group(1)}, which "
+            raise CheckpointError(f"{what} {p} is refused: it names the Python object {found}, which "
                                   f"loading could run (dpl loads only tensors and plain containers, "
                                   f"weights_only=True)") from None
         raise CheckpointError(f"{what} {p} is corrupt or not a torch file that loads with weights_only=True "
@@ -108,6 +112,18 @@ def safe_load(p: Path, what: str, map_location: str | torch.device = "cpu") -> A
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, TypeError, AttributeError,
             KeyError, IndexError, MemoryError) as e:
         raise CheckpointError(f"{what} {p} is corrupt or unreadable ({type(e).__name__})") from None
+
+
+# How torch's weights_only loader words its refusal of a global, which names it (torch 2.14): "Unsupported
+# global: GLOBAL builtins.exec was not an allowed global by default", and for a module it blocks outright
+# (os, subprocess, ...) "Trying to load unsupported GLOBAL posix.system whose module posix is blocked".
+REFUSED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)")
+
+
+def refused_global(message: str) -> Optional[str]:
+    """The object torch's safe loader refused to load, as its error ``message`` names it (None: no such refusal)."""
+    found = REFUSED_GLOBAL.search(message)
+    return found.group(1).rstrip(".") if found else None
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -13,6 +13,7 @@ import shlex
 import signal
 import threading
 from pathlib import Path
+from typing import Optional
 
 EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports it
 
@@ -42,3 +43,15 @@ def catch_sigterm() -> None:
     """From now on SIGTERM raises :class:`Terminated` in the main thread (a no-op off it)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def process_start(pid: int | str) -> Optional[str]:
+    """When process ``pid`` started, in clock ticks since boot (Linux: field 22 of ``/proc/<pid>/stat``);
+    None where that cannot be read (no such process, no /proc). A PID is reused once its process is gone:
+    the PID and this together name one process."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces and ")"
+    return fields[19] if len(fields) > 19 and fields[19].isdigit() else None  # field 3 is fields[0]

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from dpl import timeline
 from dpl.config.store import typed
 from dpl.config.validate import check_processes, validate
 from dpl.core.engines import ENGINES, one_process_engine, pick_device
@@ -23,10 +24,10 @@ from dpl.run.plots import plot_history
 from dpl.run.preempt import Preempted
 from dpl.run.recorder import Recorder
 from dpl.tracking.loggers import make_logger
-from dpl.tracking.params import config_hash, flatten_config
+from dpl.tracking.params import config_hash, flatten_config, launch_dir
 from dpl.tracking.results import check_results_file, check_writable_dir
 from dpl.tracking.run_names import in_multirun
-from dpl.tracking.store import end_run_if_running
+from dpl.tracking.store import end_run_if_running, resolve_tracking_uri
 
 log = logging.getLogger("dpl")
 
@@ -34,7 +35,12 @@ log = logging.getLogger("dpl")
 DIVERGED_OBJECTIVE = float("nan")
 # Keys a resume may pass that change how the job runs, not what it computes.
 RESUME_KEYS = ("resume", "progress", "engine.spawn", "device", "dataset.root", "dataset.download", "test_only",
-               "checkpoint", "engine.compile", "engine.eval_batch_size", "engine.memory_format")
+               "checkpoint", "engine.compile", "engine.eval_batch_size", "engine.memory_format", "results_csv",
+               "logger.tracking_uri", "engine.master_addr", "engine.master_port")
+# Keys that choose what a run writes to or contacts. A job dir is data that researchers pass around like a
+# checkpoint: these come from the command (its value or default), never from the stored config (a planted
+# results_csv=<site-packages>/x.pth, a store or rendezvous address of someone else's choosing).
+DESTINATION_KEYS = ("results_csv", "logger.tracking_uri", "engine.master_addr", "engine.master_port")
 
 
 def job_dir() -> Path:
@@ -59,7 +65,7 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
     launcher = comm is None  # the process the command started (not a rank it spawned)
     if cfg.resume:
         ckpt, out_dir = checkpoint.load_resumable(resolve_path(cfg.resume))
-        cfg = _resumed_config(cfg, ckpt)
+        cfg = resumed_config(cfg, ckpt, out_dir)
         if "state" not in ckpt:
             log.warning("resume: %s was stopped before its first checkpoint was written; it starts over "
                         "(the same MLflow run)", out_dir)
@@ -69,30 +75,36 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
                   f"{state['best_val_acc']:.4f}); nothing to do (add epochs=<more> to train on)")
             return {"best_val_acc": state["best_val_acc"], "already_finished": True}
     elif launcher:
-        done = _finished_in_sweep(cfg)
+        done = finished_in_sweep(cfg)
         if done is not None:
             return done
     if launcher:
         check_processes(cfg)
-        check_destinations(cfg, out_dir, ckpt.get("tracking_uri") if ckpt else None)
+        check_destinations(cfg, out_dir)
     if ENGINES.facts(cfg.engine).processes and comm is None:
         from dpl.launch.ranks import launch
 
         return launch(cfg, out_dir, run, on_failure=lambda status, reason: salvage(cfg, out_dir, status, reason))
     rank = 0 if comm is None else comm.rank
     trainer = build_trainer(cfg, pick_device(cfg.device) if comm is None else comm.device, rank, comm)
+    timeline.mark("built (data, model, method)")
     if ckpt is not None and "state" in ckpt:
         load_training_state(trainer, ckpt, out_dir)
         if rank == 0 and trainer.state.epoch < trainer.epochs:
             log.info("resume: %s from epoch %d, step %d", out_dir, trainer.state.epoch + 1, trainer.state.step)
         elif rank == 0:  # stopped after its last epoch, before its test numbers were recorded
             log.info("resume: %s after its last epoch (%d): testing and recording it", out_dir, trainer.state.epoch)
-    recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None,
-                        resume_uri=ckpt.get("tracking_uri") if ckpt else None, writer=rank == 0)
+    # (a resumed config's store is the command's, resolved where the job was launched: resumed_config)
+    recorder = Recorder(cfg, out_dir, resume_run_id=ckpt.get("run_id") if ckpt else None, writer=rank == 0,
+                        origin=launch_dir_of(ckpt, out_dir) if ckpt else None)
     recorder.attach(trainer)
+    timeline.mark("run started (store, checkpoint)")
+    if timeline.ENABLED:
+        trainer.on_step.append(timeline.once("first step"))
     try:
         recorder.save(trainer)  # at once: from here on the job dir can be resumed and names its run
         trainer.fit()
+        timeline.mark("last step")
     except Diverged as e:
         log.error("diverged: %s", e)
         recorder.fail(trainer, f"diverged: {e}")
@@ -117,15 +129,16 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None, comm=None) -> dict[str,
         raise
     final = trainer.final_metrics()
     recorder.finish(trainer, final)
+    timeline.mark("recorded")
     return final
 
 
-def check_destinations(cfg: DictConfig, out_dir: Path, resume_uri: Optional[str] = None) -> None:
+def check_destinations(cfg: DictConfig, out_dir: Path) -> None:
     """Everything a run writes to, tried before any data is loaded: a run must not train for
     hours and then lose its results to a typo in ``results_csv`` or an unreachable server."""
     check_results_file("results_csv", str(cfg.results_csv), resolve_path(cfg.results_csv))
     check_writable_dir("hydra.run.dir", out_dir)  # the job dir: checkpoints, history, plots, result.csv
-    make_logger(cfg.logger).check(resume_uri)
+    make_logger(cfg.logger).check()
 
 
 def finished(ckpt: dict[str, Any], cfg: DictConfig, out_dir: Path) -> bool:
@@ -136,7 +149,7 @@ def finished(ckpt: dict[str, Any], cfg: DictConfig, out_dir: Path) -> bool:
     return trained and (out_dir / "result.csv").is_file()
 
 
-def _finished_in_sweep(cfg: DictConfig) -> Optional[dict[str, Any]]:
+def finished_in_sweep(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """A re-run sweep: the metrics of this job's FINISHED run (same sweep tag, or both of a multirun
     without one, and the same config), or None."""
     if not (cfg.sweep or in_multirun()):
@@ -168,13 +181,17 @@ def salvage(cfg: DictConfig, out_dir: Path, status: str, reason: str) -> None:
         end_run_if_running(ckpt["tracking_uri"], ckpt["run_id"], status, reason)
 
 
-def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
+def resumed_config(cfg: DictConfig, ckpt: dict[str, Any], job: Optional[Path] = None) -> DictConfig:
     """The checkpoint's config, so a resumed run is the same run.
 
     Only keys in RESUME_KEYS may differ on the command line, and ``epochs`` may be raised to
     train on; any other override is refused in one line naming the keys, instead of being
-    silently dropped."""
-    saved = typed(ckpt["config"])  # (dpl.run.checkpoint upgraded a config of an earlier format)
+    silently dropped. The stored config is data from a file: it is checked as the command line is
+    (the schemas, then :func:`dpl.config.validate.validate`), it may hold resolved values only, and
+    DESTINATION_KEYS come from this command, relative paths resolved in the job's launch dir when the
+    job dir ``job`` still lies in it (:func:`launch_dir_of`)."""
+    what = f"resume={cfg.resume}" if cfg.resume else f"checkpoint={cfg.checkpoint}"
+    saved = _stored_config(ckpt["config"], what)
     overridden = _command_line_keys()
     differing = [k for k in overridden if k not in (*RESUME_KEYS, "epochs") and _differs(cfg, saved, k)]
     if differing:
@@ -187,23 +204,98 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
         log.info("resume: training to epochs=%d (was %d); the lr schedule follows the new length",
                  cfg.epochs, saved.epochs)
         saved.epochs = cfg.epochs
-    origin = ckpt.get("launch_dir")
-    for key in ("results_csv", "dataset.root", "dataset.path"):  # relative to where the job was first started
-        value = str(OmegaConf.select(saved, key))
-        if OmegaConf.select(saved, key) is None:  # a dataset without files
-            continue
-        if origin and key not in overridden and not Path(value).expanduser().is_absolute():
-            OmegaConf.update(saved, key, str(Path(origin) / value))
+    origin = launch_dir_of(ckpt, job)
+    for key in ("dataset.root", "dataset.path"):  # relative to where the job was first started
+        value = OmegaConf.select(saved, key)
+        if value is not None and key not in overridden and not Path(str(value)).expanduser().is_absolute():
+            OmegaConf.update(saved, key, str(origin / str(value)))
+    _take_destinations(cfg, saved, ckpt, origin, overridden)
     for key in ("device", "dataset.root", "dataset.download", "engine.compile", "engine.eval_batch_size",
                 "engine.memory_format"):
         if key in overridden and OmegaConf.select(saved, key) is not None:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key))
     saved.progress = cfg.progress
     saved.resume = cfg.resume
+    saved.test_only, saved.checkpoint = cfg.test_only, cfg.checkpoint
     if "spawn" in saved.engine:  # engine=distributed: how to start the processes, not what they compute
         saved.engine.spawn = saved.engine.spawn or cfg.engine.get("spawn", False)
     validate(saved)
     return saved
+
+
+def _stored_config(data: Any, what: str) -> DictConfig:
+    """A checkpoint's or ``run.json``'s config as a typed config, or one line saying why it is refused:
+    a value that is not plain data (an interpolation such as ``${oc.env:TOKEN}`` would be resolved with
+    this user's environment; a control character in a name can start a new line in a file), or one that
+    does not fit the schemas."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} is refused: its stored config is not a mapping")
+    for key, value in _leaves(data):
+        if isinstance(value, str) and "${" in value:
+            raise ConfigError(f"{what} is refused: its stored config has an interpolation at {key} "
+                              f"({_shown(value)}); a stored config holds resolved values only")
+        if isinstance(value, str) and any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+            raise ConfigError(f"{what} is refused: its stored config has a control character in {key} "
+                              f"({_shown(value)})")
+    try:
+        return typed(data)  # (dpl.run.checkpoint upgraded a config of an earlier format)
+    except Exception as e:  # OmegaConf's validation errors: several lines, a key and a type in the first
+        raise ConfigError(f"{what} is refused: its stored config does not fit dpl's schema "
+                          f"({first_line(e)})") from None
+
+
+def _leaves(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a plain nested config."""
+    if isinstance(data, dict):
+        return [leaf for k, v in data.items() for leaf in _leaves(v, f"{prefix}{k}.")]
+    if isinstance(data, (list, tuple)):
+        return [leaf for i, v in enumerate(data) for leaf in _leaves(v, f"{prefix}{i}.")]
+    return [(prefix[:-1], data)]
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def launch_dir_of(ckpt: dict[str, Any], job: Optional[Path]) -> Path:
+    """Where the job was launched, as its file says, when the job dir still lies below that folder
+    (so the file names a place the job dir itself vouches for); else this command's launch dir."""
+    stored = ckpt.get("launch_dir")
+    if job is not None and isinstance(stored, str) and Path(stored).is_absolute():
+        origin = Path(stored).resolve()
+        if origin in Path(job).resolve().parents:
+            return origin
+    return launch_dir()
+
+
+def _take_destinations(cfg: DictConfig, saved: DictConfig, ckpt: dict[str, Any], origin: Path,
+                       overridden: list[str]) -> None:
+    """DESTINATION_KEYS of ``saved`` set from the command ``cfg`` (a key its option lacks: the schema's
+    default). Relative paths not typed on this command line resolve in ``origin``: a job resumed from
+    another folder still writes its row and MLflow run where it was launched. A destination that differs
+    from the one the job first used is said in one line, with how to keep the old one."""
+    for key in DESTINATION_KEYS:
+        group, _, name = key.rpartition(".")
+        node = saved[group] if group else saved
+        if name not in node:
+            continue
+        mine = cfg[group] if group else cfg
+        if name not in mine or OmegaConf.get_type(mine) is not OmegaConf.get_type(node):  # another option
+            mine = OmegaConf.structured(OmegaConf.get_type(node))
+        value, before = mine[name], node[name]
+        if key == "results_csv":
+            if key not in overridden and not Path(str(value)).expanduser().is_absolute():
+                value = str(origin / str(value))
+            if not Path(str(before)).expanduser().is_absolute():
+                before = str(Path(str(ckpt.get("launch_dir") or origin)) / str(before))
+        elif key == "logger.tracking_uri":
+            if key not in overridden:
+                value = resolve_tracking_uri(str(value), origin)
+            before = ckpt.get("tracking_uri") or before
+        if key in ("results_csv", "logger.tracking_uri") and str(before) != str(value) and key not in overridden:
+            log.warning("resume: %s=%s, from this command (the job's file says %r, and a stored config does not "
+                        "choose where a run writes: pass %s=... for another)", key, value, before, key)
+        node[name] = value
 
 
 def _command_line_keys() -> list[str]:
@@ -235,7 +327,7 @@ def test_only(cfg: DictConfig) -> dict[str, Any]:
     if not (cfg.checkpoint or cfg.resume):
         raise ConfigError("test_only=true needs checkpoint=<path> (or resume=<job dir>)")
     ckpt = checkpoint.load(resolve_path(cfg.checkpoint or cfg.resume))
-    saved = _resumed_config(cfg, ckpt)
+    saved = resumed_config(cfg, ckpt, checkpoint.locate(resolve_path(cfg.checkpoint or cfg.resume)).parent)
     saved.pretrained = None
     if ENGINES.facts(saved.engine).processes:  # a checkpoint holds every worker, stacked: one process evaluates it
         saved.engine = one_process_engine(saved.engine)

@@ -20,7 +20,7 @@ from dpl.run.build import resolve_path, save_training
 from dpl.run.plots import plot_history
 from dpl.tracking.loggers import NullLogger, make_logger
 from dpl.tracking.params import config_hash, flatten_config, launch_dir, source_tags
-from dpl.tracking.results import append_result_row
+from dpl.tracking.results import append_result_row, csv_row
 from dpl.tracking.run_names import in_multirun, run_name
 from dpl.tracking.store import CONFIG_HASH_TAG, JOB_DIR_TAG, MULTIRUN_TAG, RUN_NAME_TAG, link_line
 from dpl.tracking.sweep import parent_run_id
@@ -33,7 +33,7 @@ class Recorder:
     """Plumbing beside the loop: MLflow, checkpoints, progress bar, plots, results CSV."""
 
     def __init__(self, cfg: DictConfig, out_dir: Path, resume_run_id: Optional[str] = None,
-                 writer: bool = True, resume_uri: Optional[str] = None, progress: bool = True) -> None:
+                 writer: bool = True, progress: bool = True, origin: Optional[Path] = None) -> None:
         self.cfg, self.out_dir = cfg, out_dir
         self.progress = progress  # False: a packed group's runs, which share the group's one bar (dpl.pack)
         # Ranks other than 0 of engine=distributed take part in checkpoint gathers but write nothing.
@@ -52,11 +52,11 @@ class Recorder:
             tags[MULTIRUN_TAG] = "true"
         if parent_run_id():  # a job of a sweep that opened an MLflow parent run (dpl.tracking.sweep)
             tags["mlflow.parentRunId"] = parent_run_id()
-        self.run_id = self.logger.start(cfg, tags, resume_run_id=resume_run_id, resume_uri=resume_uri)
+        self.run_id = self.logger.start(cfg, tags, resume_run_id=resume_run_id)
         # What a checkpoint carries beside the training state; also written to run.json at once, so a
         # job killed before its first checkpoint was complete can be resumed (it starts over).
         self.extras = {"config": OmegaConf.to_container(self.cfg, resolve=True), "run_id": self.run_id,
-                       "tracking_uri": self.logger.tracking_uri, "launch_dir": str(launch_dir())}
+                       "tracking_uri": self.logger.tracking_uri, "launch_dir": str(origin or launch_dir())}
         if writer:
             checkpoint.save_run_file(self.extras, out_dir)
         self.bar = self.step_bar = self._redirect = None
@@ -149,7 +149,7 @@ class Recorder:
             return
         row = {**flatten_config(self.cfg), **final, "run_id": self.run_id or "", "job_dir": str(self.out_dir)}
         # The job dir's copy first: if the shared CSV cannot be written now, the row is not lost.
-        write_csv(self.out_dir / "result.csv", [row])  # this run's row of results_csv, as an artifact
+        write_csv(self.out_dir / "result.csv", [csv_row(row)])  # this run's row of results_csv, as an artifact
         shared = resolve_path(self.cfg.results_csv)
         try:
             append_result_row(shared, row)

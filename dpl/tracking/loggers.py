@@ -24,6 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from dpl.config.schema import check, key
 from dpl.errors import TrackingError
 from dpl.registry import Registry
+from dpl.run.interrupt import process_start
 from dpl.tracking import store
 from dpl.tracking.params import _resolved, flatten_config, launch_dir
 from dpl.tracking.run_names import run_name
@@ -31,6 +32,7 @@ from dpl.tracking.store import (
     FAILURE_TAG,
     HOST_TAG,
     INTERRUPTED_TAG,
+    PID_START_TAG,
     PID_TAG,
     RESUMED_FROM_TAG,
     RUN_NAME_TAG,
@@ -40,7 +42,6 @@ from dpl.tracking.store import (
     _first_line,
     _mlflow_limit,
     _run_exists,
-    _store_exists,
     _truncate,
     open_store,
     resolve_tracking_uri,
@@ -101,8 +102,7 @@ class NullLogger:
         self.tracking_uri: str | None = None
         self.experiment_id: str | None = None
 
-    def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None,
-              resume_uri: str | None = None) -> None:
+    def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None) -> None:
         return None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -114,7 +114,7 @@ class NullLogger:
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         pass
 
-    def check(self, resume_uri: str | None = None) -> None:
+    def check(self) -> None:
         """Nothing to reach."""
 
     def find_finished_run(self, sweep: str | None, digest: str) -> Any:
@@ -159,17 +159,18 @@ class MlflowLogger:
 
     @_store_write
     def start(self, cfg: DictConfig, tags: Mapping[str, str], resume_run_id: str | None = None,
-              resume_uri: str | None = None, params: Mapping[str, str] | None = None) -> str:
-        """Open the run (a new one, or ``resume_run_id`` in the store at ``resume_uri``, where the
-        job first ran). A resumed run that is in neither store continues as a new run tagged
-        ``resumed_from``: the job dir survives a lost or moved ``mlflow.db``. A new run's params
+              params: Mapping[str, str] | None = None) -> str:
+        """Open the run (a new one, or ``resume_run_id`` continued). A resumed run that is not in the store
+        continues as a new run tagged ``resumed_from``: the job dir survives a lost or moved ``mlflow.db``
+        (which store a resumed job records to: :func:`dpl.run.job.resumed_config`). A new run's params
         are ``params``, by default the flattened config."""
         uri = resolve_tracking_uri(self.cfg.tracking_uri, launch_dir())
-        if resume_run_id is not None and resume_uri and _store_exists(resume_uri):
-            uri = resume_uri
         self.tracking_uri = uri
         self._client = open_store(uri)
         tags = {**tags, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+        started = process_start(os.getpid())
+        if started is not None:  # with the PID, it names this process: a reused PID is not the run's
+            tags[PID_START_TAG] = started
         suggested = tags.pop(RUN_NAME_TAG, None)  # the caller's name for a new run (a config's run_name wins)
         resumed = resume_run_id is not None and _run_exists(self._client, resume_run_id)
         if resumed:
@@ -220,9 +221,9 @@ class MlflowLogger:
             self._client.set_tag(self.run_id, FAILURE_TAG, reason)
         self._client.set_terminated(self.run_id, status)
 
-    def check(self, resume_uri: str | None = None) -> None:
+    def check(self) -> None:
         """The store opens (a remote one answers within a few seconds), before any data is loaded."""
-        store.check_store(self.cfg.tracking_uri, resume_uri)
+        store.check_store(self.cfg.tracking_uri)
 
     def find_finished_run(self, sweep: str | None, digest: str) -> Any:
         """The FINISHED run of sweep ``sweep`` (None: of a multirun without a name) with config digest ``digest``."""

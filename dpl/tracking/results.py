@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import re
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -27,7 +28,8 @@ def append_result_row(path: str | Path, row: Mapping[str, object], key: str = "j
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             columns, rows = _read_csv(path)
-            new = {str(k): _cell(v) for k, v in row.items()}
+            rows = [{k: csv_cell(v) for k, v in r.items()} for r in rows]  # a file from before the escaping
+            new = csv_row(row)
             if new.get(key):
                 rows = [r for r in rows if r.get(key) != new[key]]
             columns += [k for k in new if k not in columns]
@@ -104,5 +106,23 @@ def check_writable_dir(key: str, path: Path) -> None:
                           f"({e.strerror or type(e).__name__})") from None
 
 
-def _cell(value: object) -> str:
-    return "" if value is None else str(value)
+# What a spreadsheet program reads as a formula when a cell starts with it (OWASP's "CSV injection"):
+# ``=HYPERLINK(...)`` in a name would be a live link, ``@SUM(...)`` a call, in whoever opens the file.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# A negative number as Python writes one (-0.5, -1e-03, -inf) is data, not a formula: it stays a number.
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf")
+
+
+def csv_cell(value: object) -> str:
+    """``value`` as a CSV cell that a spreadsheet program shows as text: one that would start a formula
+    gets a leading ``'`` (what they take as "this is text"), except a negative number. Idempotent: an
+    escaped cell starts with ``'``."""
+    text = "" if value is None else str(value)
+    if text.startswith(_FORMULA_START) and not _NEGATIVE_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def csv_row(row: Mapping[str, object]) -> dict[str, str]:
+    """A row of :func:`csv_cell` cells (the job dir's ``result.csv`` is the results CSV's row)."""
+    return {str(k): csv_cell(v) for k, v in row.items()}

@@ -14,11 +14,13 @@ of the experiment, in short form:
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from dpl.core.dynamic_h import STRATEGIES
+from dpl.errors import ConfigError
 
 # Keys that change how a job runs or is displayed, not what it computes: they never name a run.
 BOOKKEEPING = ("progress", "resume", "test_only", "checkpoint", "checkpoint_every", "results_csv", "device",
@@ -32,6 +34,47 @@ _IN_BASE = ("method", "method.name", "K", "H", "dynamic_h", "dynamic_h.name", "o
 # The keys a sweep varies, as the launching process found them (dpl.tracking.sweep): its jobs see only
 # their own values, not which of their overrides were a sweep.
 SWEPT_KEYS_ENV = "DPL_SWEPT_KEYS"
+# C0 and C1 control characters (newline, CR, tab, NUL, ESC ...) and Unicode's line and paragraph
+# separators: a name is written into log lines, CSV rows, MLflow and file names, and a line break in
+# one starts a line of its author's choosing there (a results_csv ending in .pth runs lines that
+# start with ``import``).
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# The keys whose values name something: the sweep also names its folder (sweeps/_sweep.yaml puts it in
+# hydra.sweep.dir), hydra.job.name the job's log file (<job.name>.log).
+NAME_KEYS = ("sweep", "logger.experiment", "logger.run_name", "hydra.job.name")
+PATH_NAME_KEYS = ("sweep", "hydra.job.name")
+
+
+def name_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the name ``key`` (what it allows instead), or None when it can.
+
+    No control character in any name; a name that becomes a file or folder name (:data:`PATH_NAME_KEYS`)
+    is one path component, so it cannot lead out of the folder it is made in."""
+    if not isinstance(value, str):
+        return None
+    if CONTROL.search(value):
+        return "allowed a name without control characters (newline, carriage return, tab, NUL, ESC ...)"
+    if key in PATH_NAME_KEYS and ("/" in value or value in (".", "..")):
+        where = "the sweep's folder, multirun/<sweep>/" if key == "sweep" else "the job's log file, <name>.log"
+        return f"allowed a name without / that is not . or .. (it names {where})"
+    if key == "hydra.job.name" and not value.strip():  # a log file named .log, hidden
+        return "allowed a non-empty name (it names the job's log file, <name>.log)"
+    return None
+
+
+def check_name_keys(cfg: DictConfig, skip: Sequence[str] = ()) -> None:
+    """ConfigError in one line for the first name of :data:`NAME_KEYS` in ``cfg`` (but ``skip``) that
+    :func:`name_problem` refuses."""
+    for key in NAME_KEYS:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        why = None if key in skip else name_problem(key, value)
+        if why is not None:
+            raise ConfigError(f"{key}={value!r} is invalid: {why}")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character (:data:`CONTROL`) replaced by ``?``: for names dpl makes."""
+    return CONTROL.sub("?", text)
 
 
 def run_name(cfg: DictConfig, local_steps: bool = True, overrides: Sequence[str] | None = None,
@@ -58,7 +101,8 @@ def run_name(cfg: DictConfig, local_steps: bool = True, overrides: Sequence[str]
         job = job_num()
     if job is not None:
         parts.append(f"#{job}")
-    return "-".join(p for p in parts if p)
+    # the overrides' values were checked on the command line; a name made from a YAML's may still hold one
+    return printable("-".join(p for p in parts if p))
 
 
 def short_override(override: str, cfg: DictConfig | None = None) -> str:

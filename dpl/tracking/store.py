@@ -11,12 +11,14 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from dpl.errors import ConfigError, TrackingError
 from dpl.run.interrupt import resume_hint
+from dpl.tracking import store_file
 from dpl.tracking.params import launch_dir
 from dpl.tracking.results import check_writable_file
 
@@ -25,6 +27,7 @@ log = logging.getLogger("dpl")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 RUN_NAME_TAG = "mlflow.runName"  # MLflow's own tag for the run name
 HOST_TAG, PID_TAG = "dpl.host", "dpl.pid"  # where a run's process lives: dpl.report tells a dead RUNNING run
+PID_START_TAG = "dpl.pid_start"  # when that process started (clock ticks since boot): a reused PID is another
 JOB_DIR_TAG = "dpl.job_dir"  # where its checkpoint is: what resume= of a run found dead is given
 MULTIRUN_TAG = "dpl.multirun"  # a job of a multirun without a sweep name: a re-run skips what finished
 FAILURE_TAG = "failure_reason"  # why a run ended FAILED or KILLED (removed when it is resumed)
@@ -89,8 +92,12 @@ def link_line(tracking_uri: str | None, experiment_id: str | None) -> str | None
 
 def mlflow_client(tracking_uri: str, base_dir: str | Path | None = None):
     """An ``MlflowClient`` on ``tracking_uri``; a relative sqlite path resolves against ``base_dir``
-    (default: the launch directory), as the jobs that wrote the store resolved it."""
-    return _mlflow_client(resolve_tracking_uri(tracking_uri, base_dir if base_dir is not None else launch_dir()))
+    (default: the launch directory), as the jobs that wrote the store resolved it. A SQLite store
+    that does not exist yet is made whole, as :func:`open_store` makes it."""
+    uri = resolve_tracking_uri(tracking_uri, base_dir if base_dir is not None else launch_dir())
+    if not _store_exists(uri):
+        return open_store(uri)
+    return _mlflow_client(uri)
 
 
 def _mlflow_client(uri: str):
@@ -103,30 +110,73 @@ def _mlflow_client(uri: str):
 def open_store(uri: str, timeout_s: float | None = None):
     """An ``MlflowClient`` on ``uri`` whose store is open and answers, or a one-line TrackingError.
 
-    A new SQLite store is created under an exclusive ``flock`` of ``<db>.lock``: MLflow builds
-    the schema on first use, and jobs of a parallel sweep that start together on a fresh store
-    would otherwise race (``table ... already exists``). A store that another job is creating
-    right now may still fail once; that is retried. ``timeout_s`` bounds a remote server's
-    answer (MLflow's own default retries for minutes).
+    A SQLite store is made whole or not at all, under an exclusive ``flock`` of ``<db>.lock`` that
+    the jobs of a parallel sweep starting together on a fresh store wait on; one found half-made
+    is rebuilt if it holds no runs, and named otherwise (:mod:`dpl.tracking.store_file`).
+    ``timeout_s`` bounds a remote server's answer (MLflow's own default retries for minutes).
     """
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     for attempt in range(5):
         try:
             with _file_lock(db), _http_limits(timeout_s):
-                client = _mlflow_client(uri)  # MLflow may open (and create) the store here already
+                if db is not None:
+                    _quiet_mlflow()
+                    store_file.prepare(db)
+                client = _mlflow_client(uri)
                 client.search_experiments(max_results=1)
             return client
+        except TrackingError as e:  # store_file's: one line naming the file
+            raise TrackingError(f"logger.tracking_uri={uri!r}: {e}") from None
         except Exception as e:  # sqlalchemy, alembic and requests errors reach here unwrapped
-            text = str(e)
-            if attempt < 4 and ("already exists" in text or "database is locked" in text):
+            if attempt < 4 and "database is locked" in str(e):
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            what = "cannot be opened" if db is not None else "is unreachable"
-            raise TrackingError(f"logger.tracking_uri={uri!r} {what}: {_first_line(e)}") from None
+            raise TrackingError(_open_error(f"logger.tracking_uri={uri!r}", db, e)) from None
     raise AssertionError("unreachable")
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def read_store(uri: str, name: str, timeout_s: float | None = PROBE_TIMEOUT_S):
+    """An ``MlflowClient`` on the existing store ``uri``, for reading: a missing SQLite file is not
+    made, a half-made one is not touched; a one-line TrackingError that names the store as ``name``
+    (``--tracking-uri='...'``) where it cannot be read, or a server does not answer within ``timeout_s``."""
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        what = "is not a file" if db.exists() else "does not exist"
+        raise TrackingError(f"{name} cannot be opened: {db} {what}")
+    try:
+        state = store_file.inspect(db) if db is not None else None
+        if state is not None and state.kind == "half":
+            raise TrackingError(f"{name}: {store_file.half_made_message(db, state)}")
+        if state is not None and state.kind == "empty":  # MLflow would build its schema in it: a write
+            raise TrackingError(f"no runs here: {db} is an empty file, not an MLflow store yet")
+        with _http_limits(timeout_s):
+            client = _mlflow_client(uri)
+            client.search_experiments(max_results=1)
+        return client
+    except TrackingError:
+        raise
+    except Exception as e:  # sqlite3, sqlalchemy, requests and MLflow errors, each over many lines
+        raise TrackingError(_open_error(name, db, e)) from None
+
+
+def _open_error(name: str, db: Path | None, e: BaseException) -> str:
+    """One line: why the store ``name`` did not open, and what to do where that is known."""
+    if db is None:  # requests' message nests the cause (refused, timed out, no such host) deep inside
+        cause = re.search(r"\[Errno -?\d+\] [^'\")\]]+|[\w ]*timed out", str(e))
+        return f"{name} is unreachable: {cause.group(0).strip() if cause else _first_line(e)}"
+    if isinstance(e, sqlite3.DatabaseError) and "not a database" in str(e):
+        return f"{name} cannot be opened: {db} is not an SQLite file (move it aside, or name another store)"
+    line = f"{name} cannot be opened: {_first_line(e)}"
+    with contextlib.suppress(Exception):  # what the store holds says whether it is worth more words
+        state = store_file.inspect(db)
+        if state.kind == "behind":  # an upgrade MLflow could not make (or stopped half-way)
+            line += (f"; {db} is {state.why}: move it aside (mv {db} {db}.broken) to start a new store "
+                     f"there, or restore it from a backup")
+    return line
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a SQLite store URI (``sqlite:////abs/mlflow.db``); None for any other store."""
     if uri.startswith("sqlite:///") and ":memory:" not in uri:
         return Path(uri[len("sqlite:///"):])
     return None
@@ -134,7 +184,7 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def _store_exists(uri: str) -> bool:
     """A remote store is assumed to exist; a SQLite one exists if its file does."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     return db is None or db.is_file()
 
 
@@ -206,33 +256,44 @@ def end_run_if_running(uri: str, run_id: str, status: str, reason: str) -> bool:
         return False
 
 
-def tag_filter(key: str, value: str) -> str | None:
-    """``tags.<key> = '<value>'`` in MLflow's search syntax, or None when that syntax cannot say it.
+def tag_filter(key: str, value: str) -> str:
+    """A search filter that selects every run whose tag ``key`` is ``value``, and may select more: the
+    caller compares the tag itself.
 
-    MLflow (3.16) strips a value's outer quotes and keeps the rest verbatim: there is no escape,
-    so a ``'`` inside ``'...'`` ends the string early and breaks or alters the query. The value is
-    quoted with the quote it does not contain; one with both kinds gets no filter, and the caller
-    matches the tag itself (as ``dpl.report.fetch.fetch_runs`` does: slower on a big store, but every
-    name is found).
+    MLflow (3.16) keeps a quoted value verbatim, with no escape, and its tokenizer reads a backslash
+    and the character after it as one: a ``'`` inside ``'...'`` ends the string early, and a
+    backslash before the closing quote runs it on ("Invalid clause(s) in filter string"). A value
+    with neither a backslash nor both quotes is quoted with the quote it lacks and found exactly; any
+    other is searched by its part before the first quote or backslash (``LIKE 'a%'``: ``%`` and ``_``
+    in that part only widen the search).
     """
-    for quote in ("'", '"'):
-        if quote not in value:
-            return f"tags.{key} = {quote}{value}{quote}"
-    return None
+    name = f"tags.`{key}`"
+    if "\\" not in value:
+        for quote in ("'", '"'):
+            if quote not in value:
+                return f"{name} = {quote}{value}{quote}"
+    prefix = re.split(r"['\"\\]", value, maxsplit=1)[0]
+    return f"{name} LIKE '{prefix}%'"
 
 
 def process_gone(tags: Mapping[str, str]) -> bool:
-    """The run's process (tags dpl.host / dpl.pid, set when it started) is not alive on this host.
-    A run from another host cannot be checked from here and counts as alive."""
+    """The run's process (tags dpl.host / dpl.pid / dpl.pid_start, set when it started) is not alive on this
+    host: no process has its PID, or the one that has it started at another time (the PID was reused, by
+    any process, after the run's died). A run without dpl.pid_start (older dpl) is checked by its PID alone;
+    a run from another host cannot be checked from here and counts as alive."""
+    from dpl.run.interrupt import process_start
+
     if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
         return False
     try:
         os.kill(int(tags[PID_TAG]), 0)
     except ProcessLookupError:
         return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    except PermissionError:  # alive, another user's: its start time tells whether it is the run's
+        pass
+    started = tags.get(PID_START_TAG)
+    now = process_start(tags[PID_TAG]) if started else None
+    return now is not None and now != started
 
 
 def end_if_dead(client, run) -> bool:
@@ -288,7 +349,7 @@ def _sweep_runs(cfg_logger: Any, sweep: str | None, digest: str, status: str | N
                                      f"attributes.status = '{status}'" if status else None) if q)
     runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=1000,
                               order_by=["attributes.start_time DESC"])
-    # a sweep name with both quotes has no filter (tag_filter): matched here
+    # tag_filter may select more than the sweep (a name with a backslash or both quotes): matched here
     return client, [r for r in runs if sweep is None or r.data.tags.get("sweep") == sweep]
 
 
@@ -312,13 +373,11 @@ def find_unfinished_job(cfg_logger: Any, sweep: str | None, digest: str,
     return None
 
 
-def check_store(tracking_uri: str, resume_uri: str | None = None) -> None:
+def check_store(tracking_uri: str) -> None:
     """Before training: the tracking store opens (and a remote one answers within PROBE_TIMEOUT_S).
-    A resumed job checks the store it first ran in, if that is still there (as ``start`` picks it)."""
+    (A resumed job's store is its command's: :func:`dpl.run.job.resumed_config`.)"""
     uri = resolve_tracking_uri(tracking_uri, launch_dir())
-    if resume_uri and _store_exists(resume_uri):
-        uri = resume_uri
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None and not db.exists():
         # A new store is made when the run starts (after the data loaded): a run refused before
         # then leaves no empty mlflow.db behind. Here: it can be made.

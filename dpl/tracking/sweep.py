@@ -156,11 +156,11 @@ def _unfinished_parent(config: DictConfig, name: str, params: str) -> Optional[s
 
     client = mlflow_client(config.logger.tracking_uri)
     experiment = client.get_experiment_by_name(str(config.logger.experiment))
-    query = tag_filter(PARENT_TAG, name)
-    if experiment is None or query is None:
+    if experiment is None:
         return None
-    parents = [r for r in client.search_runs([experiment.experiment_id], filter_string=query,
-                                             order_by=["attributes.start_time DESC"], max_results=20)
+    # tag_filter may select other sweeps' parents too (a name with a backslash or both quotes): compared here
+    parents = [r for r in client.search_runs([experiment.experiment_id], filter_string=tag_filter(PARENT_TAG, name),
+                                             order_by=["attributes.start_time DESC"], max_results=1000)
                if r.data.tags.get("sweep_params") == params and r.data.tags.get(PARENT_TAG) == name]
     if not parents or parents[0].info.status == "FINISHED":
         return None

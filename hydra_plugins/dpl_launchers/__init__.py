@@ -75,6 +75,9 @@ class PackedLauncher(Launcher):
                 for i, ret in zip(group, self._run_group([configs[i] for i in group])):
                     returns[i] = ret
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        for config, ret in zip(configs, returns):
+            if _recorded_nothing(ret):
+                remove_unused_job_dir(Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)))
         _exit_on_user_errors(returns)
         return returns  # type: ignore[return-value]
 
@@ -171,6 +174,27 @@ def _close(handlers: List[logging.Handler]) -> None:
     for h in handlers:
         root.removeHandler(h)
         h.close()
+
+
+def _recorded_nothing(ret: Optional[JobReturn]) -> bool:
+    """A job that trained nothing by design: skipped (its run finished before) or refused in one line."""
+    from dpl.errors import user_errors
+
+    if ret is None:
+        return False
+    if ret.status == JobStatus.FAILED:
+        return isinstance(ret._return_value, user_errors())
+    return ret.status == JobStatus.COMPLETED
+
+
+def remove_unused_job_dir(job: Path) -> None:
+    """A job dir holding only what the launcher made for it (``.hydra/`` and ``dpl.log``: a run skipped as
+    finished, or refused) is removed; one with anything a run writes (``run.json`` first) stays."""
+    import shutil
+
+    if not job.is_dir() or any(p.name not in (".hydra", "dpl.log") for p in job.iterdir()):
+        return
+    shutil.rmtree(job, ignore_errors=True)
 
 
 def _exit_on_user_errors(returns: Sequence[Optional[JobReturn]]) -> None:

@@ -43,7 +43,15 @@ class _DplJobs(BaseSubmititLauncher):
         assert self.config is not None
         if self.config.get("logger") is not None and LOGGERS.facts(self.config.logger).store:
             check_store_for_launcher(str(self.config.logger.tracking_uri), type(self).__name__)
-        returns = super().launch(job_overrides, initial_job_idx)
+        import submitit
+
+        try:
+            returns = super().launch(job_overrides, initial_job_idx)
+        except submitit.core.utils.UncompletedJobError as e:  # its process ended before the job ran
+            _exit_not_started(e, self.params.get("setup"))
+        finally:
+            if self._EXECUTOR == "local":
+                _tidy_local_sweep(Path(str(self.config.hydra.sweep.dir)))
         _exit_on_user_errors(returns)
         return returns
 
@@ -117,6 +125,55 @@ def _failed(sweep_overrides: List[str], error: BaseException) -> JobReturn:
     """The job's return for an error its process reported in one line (the launcher prints it)."""
     return JobReturn(overrides=list(sweep_overrides), working_dir=os.getcwd(), task_name="dpl",
                      status=JobStatus.FAILED, _return_value=error)
+
+
+def _exit_not_started(e: BaseException, setup: Optional[Sequence[str]]) -> None:
+    """A job whose process ended without a result (a ``setup`` line that failed, a Python that cannot
+    start): one line naming it and the last line it printed, exit status 2, as for a refused job."""
+    import sys
+
+    message = str(e).splitlines()
+    said = [line for line in message[2:] if line.strip() and not set(line) <= {"-"}
+            and not line.startswith(("Error stream produced", "No error stream", "No output/error stream"))]
+    shown = f": {said[-1].strip()[:300]}" if said else " and printed nothing"
+    where = f" (hydra.launcher.setup={list(setup)} ran before it)" if setup else ""
+    job = message[0].split(" with path")[0] if message else "a job"
+    print(f"error: {job} of the sweep did not start: its process exited without a result{where}{shown}",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def _tidy_local_sweep(sweep_dir: Path) -> None:
+    """At the end of a local sweep submitit's folder goes (its pickles are of no use once the jobs ended):
+    what each job printed (its tasks' stdout, then stderr: the lines ``dpl.log`` holds, and prints, warnings
+    and tracebacks) is kept as ``<job dir>/console.log`` (``<sweep dir>/<n>.console.log`` where no job dir was
+    made). A sweep dir left with Hydra's ``multirun.yaml`` alone (no job started) goes too, with the empty
+    folders above it."""
+    import shutil
+
+    from submitit.core import utils
+
+    folder = sweep_dir / ".submitit"
+    for submitted in sorted(folder.glob("*/*_submitted.pkl")):
+        logs = sorted(submitted.parent.glob("*_log.out")) + sorted(submitted.parent.glob("*_log.err"))
+        text = "".join(p.read_text(errors="replace") for p in logs)
+        if not text:
+            continue
+        try:
+            num = str(utils.pickle_load(submitted).args[2])
+        except Exception:  # noqa: BLE001 - a pickle submitit did not finish writing: name it by its job id
+            num = submitted.parent.name
+        job = sweep_dir / num
+        (job / "console.log" if job.is_dir() else sweep_dir / f"{num}.console.log").write_text(text)
+    shutil.rmtree(folder, ignore_errors=True)
+    if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+        from dpl.tracking.params import launch_dir
+
+        (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+        top, d = launch_dir().resolve(), sweep_dir.resolve()
+        while d != top and top in d.parents and not any(d.iterdir()):
+            d.rmdir()
+            d = d.parent
 
 
 def _one_line_error(e: Optional[BaseException]) -> bool:

@@ -6,8 +6,8 @@ Hydra instantiates sweepers only from the ``hydra_plugins`` namespace, hence thi
 here (Hydra's ``optuna`` schema plus ``seeds``). See dpl.tracking.sweep.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Hydra's plugin scan runs this module before it is in
+# sys.modules, where a dataclass with string annotations cannot be made.
 import datetime
 import logging
 from dataclasses import dataclass
@@ -17,10 +17,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from dpl.errors import ConfigError
-from dpl.tracking.sweep import check_seeds, fail_running_trials
-from hydra_plugins.dpl_sweepers._seeds import SeedsLauncher
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+from dpl.tracking.sweep import fail_running_trials
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _HydraOptunaSweeper
 
@@ -31,13 +28,16 @@ class OptunaSweeper(_HydraOptunaSweeper):
     """``hydra/sweeper: dpl_optuna`` (or ``optuna`` with ``_target_: hydra_plugins.dpl_sweepers.OptunaSweeper``).
 
     A diverged job returns a non-number, which Optuna records as a FAIL trial, so a diverged lr
-    is never the best. ``seeds``: see :class:`SeededOptunaSweeperImpl`. The rest is Hydra's
+    is never the best. ``seeds``: see :class:`hydra_plugins.dpl_sweepers._impl.SeededOptunaSweeperImpl`. The rest is Hydra's
     sweeper unchanged.
     """
 
     def __init__(self, seeds: Optional[List[int]] = None, **kwargs: Any) -> None:
         # Hydra's __init__ does nothing but build its OptunaSweeperImpl from these arguments:
-        # dpl's subclass of it is built instead.
+        # dpl's subclass of it is built instead. Imported here, as Hydra imports its own: Hydra imports
+        # every plugin module (but those named _*) on every start, and Optuna's import takes seconds.
+        from hydra_plugins.dpl_sweepers._impl import SeededOptunaSweeperImpl
+
         self.sweeper = SeededOptunaSweeperImpl(seeds=seeds, **kwargs)
 
     def sweep(self, arguments: List[str]) -> None:
@@ -74,40 +74,6 @@ class OptunaSweeper(_HydraOptunaSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": None, "best_value": None,
                                          "note": message}), sweep_dir / "optimization_results.yaml")
-
-
-class SeededOptunaSweeperImpl(OptunaSweeperImpl):
-    """Hydra's sweeper loop with ``seeds``: each trial runs once per seed (``seed=<s>`` added
-    to its overrides), as ordinary jobs of the sweep, and Optuna is told their mean; a trial
-    with a failed or diverged seed is FAIL. ``seeds=None``: one job per trial, Hydra's way."""
-
-    def __init__(self, seeds: Optional[List[int]] = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.seeds = check_seeds(seeds)
-        if self.seeds is not None and len(self._get_directions()) > 1:
-            raise ConfigError(f"hydra.sweeper.seeds={self.seeds} is invalid with several directions: "
-                              "the mean over seeds is taken of one objective")
-
-    def check_no_seed(self, arguments: List[str]) -> None:
-        """With seeds, the sweep's own overrides and params must not set the seed (dpl's preflight
-        says so first for a command line; this is for any other way in)."""
-        if self.seeds is None:
-            return
-        for line in [*arguments, *self._parse_sweeper_params_config()]:
-            if line.split("=", 1)[0].lstrip("+~") == "seed":
-                raise ConfigError(f"{line} is invalid with hydra.sweeper.seeds={self.seeds}, which sets each "
-                                  f"job's seed: drop one of them")
-
-    def setup(self, **kwargs: Any) -> None:
-        super().setup(**kwargs)
-        if self.seeds is not None:
-            self.launcher = SeedsLauncher(self.launcher, self.seeds)
-
-    def _configure_trials(self, trials, search_space_distributions, fixed_params):
-        overrides = super()._configure_trials(trials, search_space_distributions, fixed_params)
-        if self.seeds is not None:
-            self.launcher.trials = list(trials)  # for the per-seed values, set before the trials are told
-        return overrides
 
 
 @dataclass

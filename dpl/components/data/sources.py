@@ -70,6 +70,7 @@ def read_cifar_batches(folder: Path, names: list[str], label_key: str) -> tuple[
     xs, ys = [], []
     for name in names:
         path = folder / name
+        _check_cifar_size(path, folder)
         try:
             with open(path, "rb") as f:
                 entry = {_key(k): v for k, v in _ArrayUnpickler(f, encoding="latin1").load().items()}
@@ -86,6 +87,22 @@ def read_cifar_batches(folder: Path, names: list[str], label_key: str) -> tuple[
         xs.append(data.reshape(-1, 3, 32, 32))
         ys.append(labels)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+# The largest official CIFAR pickle is CIFAR-100's train file, 50000 x 3072 bytes and labels (~155 MiB); a
+# file far larger is not one, and would be read whole before its layout could be checked.
+MAX_CIFAR_FILE_BYTES = 256 * 2**20
+
+
+def _check_cifar_size(path: Path, folder: Path) -> None:
+    """Refuse, by its size and before reading it, a file larger than any CIFAR pickle."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # reading it says why, in one line
+    if size > MAX_CIFAR_FILE_BYTES:
+        raise DatasetUnavailable(f"{path} is {size / 2**20:.0f} MiB, more than a CIFAR file holds (at most "
+                                 f"{MAX_CIFAR_FILE_BYTES >> 20} MiB): delete {folder}/ and download it again")
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -32,6 +32,26 @@ VOCAB = 256  # bytes
 MIN_FILE_BYTES = 64  # smaller files (fortune's empty ones) are left out
 
 
+MAX_CORPUS_BYTES = 2**30  # 1 GiB of bytes: held whole on the device as uint8; far beyond a byte-level study corpus
+PROBE_BYTES = 2**16  # a file's head, read first: a NUL there marks a binary file, left out unread
+
+
+def _read_text_file(f: Path, root: Path, total: int) -> Optional[bytes]:
+    """File ``f``'s bytes, read in a bounded way: None for a binary file (a NUL in its head, the rest left
+    unread); a file that would take the corpus past :data:`MAX_CORPUS_BYTES` is refused in one line by its
+    size, before it is read."""
+    with open(f, "rb") as fh:
+        head = fh.read(PROBE_BYTES)
+        if b"\x00" in head:
+            return None
+        size = max(f.stat().st_size, len(head))
+        if total + size > MAX_CORPUS_BYTES:
+            raise DatasetUnavailable(f"dataset.path={str(root)!r}: {f} ({size / 2**20:.0f} MiB) takes the corpus past "
+                                     f"{MAX_CORPUS_BYTES >> 20} MiB, the most dpl reads (held whole on the device): "
+                                     f"point dataset.path at a smaller file or folder")
+        return head + fh.read(MAX_CORPUS_BYTES - total - len(head) + 1)  # bounded even if it grew meanwhile
+
+
 def read_corpus(path: Path) -> list[tuple[str, bytes]]:
     """(name, bytes) of the text file ``path``, or of every text file under the folder ``path`` (sorted
     by path; symlinks, binary files such as fortune's ``.dat`` indexes, and tiny files left out)."""
@@ -39,14 +59,15 @@ def read_corpus(path: Path) -> list[tuple[str, bytes]]:
         raise DatasetUnavailable(f"dataset.path={str(path)!r} does not exist (the default corpus is Debian's "
                                  f"fortunes: apt-get install fortunes)")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-    corpus = []
+    corpus, total = [], 0
     for f in files:
         try:
-            data = f.read_bytes()
+            data = _read_text_file(f, path, total)
         except OSError:
             continue
-        if len(data) < MIN_FILE_BYTES or b"\x00" in data:
+        if data is None or len(data) < MIN_FILE_BYTES or b"\x00" in data:
             continue
+        total += len(data)
         try:
             data.decode("utf-8")
         except UnicodeDecodeError:
