@@ -190,9 +190,10 @@ def cli() -> None:
         sys.exit(EXIT_STATUS.get(signal_name(e), 130))
 
 
-def exit_without_teardown() -> None:
-    """End a finished ``python -m dpl`` process as Python would, less its teardown: the other threads joined,
-    the ``atexit`` handlers run (logging's, MLflow's, ...), the streams flushed, then ``os._exit(0)``. Freeing
+def exit_without_teardown(code: object = 0) -> None:
+    """End a ``python -m dpl`` process that is done as Python would, less its teardown: the other threads
+    joined, the ``atexit`` handlers run (logging's, MLflow's, ...), the streams flushed, then ``os._exit``
+    with ``code`` as ``sys.exit(code)`` would give it (a text is printed, status 1). Freeing
     torch's, torch._dynamo's and MLflow's modules one by one takes 1-4 s on a 2-core machine (measured:
     ``python -c 'import torch, torch._dynamo, mlflow'`` 6.1-9.3 s, 5.1 s so), for every process of a sweep.
     ``DPL_NO_FAST_EXIT=1``: an embedding process that goes on (a test running the command in itself)."""
@@ -200,7 +201,10 @@ def exit_without_teardown() -> None:
     import threading
 
     if os.environ.get("DPL_NO_FAST_EXIT") == "1":
-        return
+        sys.exit(code)
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
     for thread in threading.enumerate():  # as Python's own shutdown waits for them
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
@@ -210,9 +214,12 @@ def exit_without_teardown() -> None:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
             pass
-    os._exit(0)
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":
-    cli()
+    try:
+        cli()
+    except SystemExit as e:  # an error's status (a refused command, a failed rank): its teardown saved too
+        exit_without_teardown(e.code)
     exit_without_teardown()

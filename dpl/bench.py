@@ -177,7 +177,7 @@ def bench_step(device: torch.device, args) -> None:
 def bench_local(device: torch.device, args) -> None:
     K, b = 8, 64
     central = build_trainer(compose(f"device={device.type}", "dataset.num_train=12000", f"batch_size={K * b}"), device)
-    fns = {"centralized": step_fn(central)}
+    fns = {"one batch": step_fn(central)}
     for mode in ("loop", "vmap"):
         cfg = compose(f"device={device.type}", "dataset.num_train=12000", f"batch_size={b}", f"K={K}",
                       "method=localsgd", "H=1000000", f"engine.simulate={mode}")
@@ -185,10 +185,10 @@ def bench_local(device: torch.device, args) -> None:
     t = interleaved(fns, device, args.warmup, args.repeats, args.iters)
     print(f"[local] one step of K={K} x batch {b} (localsgd, no sync) vs one centralized step of batch {K * b}, "
           f"interleaved")
-    print(f"  centralized batch {K * b:<4}        {summary(K * b, t['centralized'])}")
+    print(f"  centralized batch {K * b:<4}        {summary(K * b, t['one batch'])}")
     auto = simulation_mode("auto", device)
     for mode in ("loop", "vmap"):
-        ratio, lo, hi = paired(t["centralized"], t[mode])
+        ratio, lo, hi = paired(t["one batch"], t[mode])
         tag = " (auto)" if mode == auto else ""
         print(f"  simulate={mode:<4} K={K} x {b}       {summary(K * b, t[mode])}")
         print(f"    ratio simulated/centralized: {ratio:.3f} (min {lo:.3f}, max {hi:.3f}){tag}   (goal >= 0.9 for auto)")

@@ -4,6 +4,7 @@ nothing and importing neither torch nor a sweeper's optuna."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +36,12 @@ def test_help_lists_each_group_s_options_and_every_top_level_key():
 
 
 def test_help_as_a_command_composes_nothing_and_imports_no_torch():
-    code = ("import sys, runpy; sys.argv = ['dpl', '--help', 'method=localsgd']; "
-            "runpy.run_module('dpl', run_name='__main__'); "
+    code = ("import sys, runpy; sys.argv = ['dpl', '--help', 'method=localsgd']\n"
+            "try:\n    runpy.run_module('dpl', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print('IMPORTED', sorted(m for m in ('torch', 'optuna', 'mlflow') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    env = {**os.environ, "DPL_NO_FAST_EXIT": "1"}  # the process goes on after the command: to look at it
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("dpl: data-parallel training") and "IMPORTED []" in out.stdout
     assert "== Config groups" in out.stdout and out.stderr == ""

@@ -44,9 +44,10 @@ SAME_WORD = {
         "dpl.bench": "python -m dpl.bench step",
     },
     "bf16": {"dpl.config.root": "precision=bf16", "dpl.core.workers": "precision=bf16 (autocast)",
-             "dpl.bench": "precision=bf16"},
+             "dpl.bench": "precision=bf16", "dpl.core.selfcheck": "precision=bf16 (its tolerance)"},
     "distributed": {"dpl.bench": "python -m dpl.bench distributed"},
-    "mlflow": {"dpl.tracking.store": "MLflow's own logger names"},
+    "mlflow": {"dpl.tracking.store": "MLflow's own logger names",
+               "dpl.tracking.store_file": "the mlflow distribution's version (its store template's name)"},
     "muon": {"dpl.components.optim.muon": "Muon's param-group flag (its checkpoints hold it)"},
     "lars": {"dpl.run.checkpoint": "the upgrade of format-1 LARS optimizer states"},
 }
