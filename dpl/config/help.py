@@ -16,9 +16,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dpl.config.overrides import group_options
 from dpl.config.root import NODES, Config
 from dpl.config.schema import doc_of
-from dpl.config.store import CONF_DIR, GROUPS, default_options, registries
+from dpl.config.store import CONF_DIR, GROUPS, default_options
 
 USAGE = """\
 dpl: data-parallel training, measured. python -m dpl [group=option ...] [key=value ...]
@@ -28,14 +29,6 @@ dpl: data-parallel training, measured. python -m dpl [group=option ...] [key=val
   python -m dpl --config-name <sweep>              a sweep of sweeps/<sweep>.yaml
   python -m dpl <overrides> --cfg job              the composed config, every key of the chosen options
   python -m dpl.report                             tables and figures of a sweep"""
-
-
-def _options(group: str) -> list[str]:
-    """A group's option names: its registered options and its YAML files (``experiment=study/localsgd``)."""
-    root = CONF_DIR / group
-    files = {p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")} if root.is_dir() else set()
-    registry = registries().get(group)
-    return sorted(files | set(registry or {}))
 
 
 def _value(value: Any) -> str:
@@ -79,7 +72,7 @@ def help_text(width: int | None = None) -> str:
     top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"), resolve=False)
     lines = [USAGE, "", "== Config groups (group=option; * the default) =="]
     for group in (*GROUPS, "experiment"):
-        options = [f"{o}*" if o == defaults.get(group) else o for o in _options(group)]
+        options = [f"{o}*" if o == defaults.get(group) else o for o in group_options(group)]
         lines += textwrap.wrap(", ".join(options), width=width, initial_indent=f"  {group}: ",
                                subsequent_indent=" " * (len(group) + 4), break_on_hyphens=False)
     lines += ["", "== Keys (key=value; each option's own keys: <group>=<option> --cfg job) =="]

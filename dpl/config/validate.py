@@ -162,18 +162,19 @@ def check_names(cfg: DictConfig) -> None:
     check_name_keys(cfg)
     values = OmegaConf.to_container(cfg, resolve=False)
     values.pop("hydra", None)  # Hydra's own node (its help texts span lines) is not dpl's
-    for key, value in _strings(values):
+    for key, value in config_strings(values):
         if CONTROL.search(value):
             raise ConfigError(f"{key}={value!r} is invalid: allowed no control characters (newline, carriage "
                               f"return, tab, NUL, ESC ...)")
 
 
-def _strings(node: object, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted key, value) of every string in a container (unresolved: an interpolation's value is another key's)."""
+def config_strings(node: object, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every string in a plain container (a config unresolved: an interpolation's value is
+    another key's)."""
     if isinstance(node, dict):
-        return [kv for k, v in node.items() for kv in _strings(v, f"{prefix}{k}.")]
-    if isinstance(node, list):
-        return [kv for i, v in enumerate(node) for kv in _strings(v, f"{prefix}{i}.")]
+        return [kv for k, v in node.items() for kv in config_strings(v, f"{prefix}{k}.")]
+    if isinstance(node, (list, tuple)):
+        return [kv for i, v in enumerate(node) for kv in config_strings(v, f"{prefix}{i}.")]
     return [(prefix[:-1], node)] if isinstance(node, str) else []
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from dpl.core.step import LocalStep, Outputs
+from dpl.core.step import LocalStep, Outputs, restore_state, snapshot_state
 
 log = logging.getLogger(__name__)
 
@@ -73,62 +73,12 @@ class SelfCheckedStep:
         return ref_losses, ref_correct
 
     def _state(self) -> list[Any]:
-        return [(_tensors(o.workers, o.optimizer), _point_state(o.workers.point)) for o in self.owners]
+        return [(snapshot_state(o.workers, o.optimizer), _point_state(o.workers.point)) for o in self.owners]
 
     def _load(self, state: list[Any]) -> None:
         for o, (tensors, point) in zip(self.owners, state):
-            _load_tensors(o.workers, o.optimizer, tensors)
+            restore_state(o.workers, o.optimizer, tensors)
             _load_point(o.workers.point, point)
-
-
-def _tensors(workers: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A copy of what a step changes: parameters, buffers, gradients, the optimizer's state and groups."""
-    return {"params": [p.detach().clone() for p in workers.params],
-            "buffers": [b.clone() for b in workers.buffers],
-            "grads": [None if p.grad is None else p.grad.clone() for p in workers.params],
-            "state": [{k: _copy(v) for k, v in optimizer.state.get(p, {}).items()} for p in workers.params],
-            "groups": [{k: _copy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
-
-
-def _load_tensors(workers: Any, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """``saved`` back, into the very tensors where they are there: a captured CUDA graph reads and writes
-    those (a new gradient or momentum tensor would make it capture again, and the check compare nothing)."""
-    with torch.no_grad():
-        for p, v in zip(workers.params, saved["params"]):
-            p.copy_(v)
-        for b, v in zip(workers.buffers, saved["buffers"]):
-            b.copy_(v)
-        for p, g in zip(workers.params, saved["grads"]):
-            if g is None:
-                p.grad = None
-            elif p.grad is not None and p.grad.shape == g.shape:
-                p.grad.copy_(g)
-            else:
-                p.grad = g.clone()
-        for p, state in zip(workers.params, saved["state"]):
-            now = optimizer.state[p]
-            for k in [k for k in now if k not in state]:  # made by the step (its first): made again by the next
-                del now[k]
-            for k, v in state.items():
-                _put(now, k, v)
-        for group, values in zip(optimizer.param_groups, saved["groups"]):
-            for k, v in values.items():
-                _put(group, k, v)
-        if not any(optimizer.state[p] for p in workers.params):
-            for p in workers.params:
-                optimizer.state.pop(p, None)
-
-
-def _put(where: dict, key: str, value: Any) -> None:
-    old = where.get(key)
-    if torch.is_tensor(value) and torch.is_tensor(old) and old.shape == value.shape and old.dtype == value.dtype:
-        old.copy_(value)
-    else:
-        where[key] = _copy(value)
-
-
-def _copy(value: Any) -> Any:
-    return value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
 
 
 def _relative(found: torch.Tensor, expected: torch.Tensor) -> float:

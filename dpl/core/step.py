@@ -32,6 +32,7 @@ then on: the maths is never silently different.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Callable, Optional
 
@@ -164,12 +165,12 @@ class CompiledStep(LocalStep):
         On a shape's first call (when it compiles) a failure first undoes what ran of it (the compiled
         backward compiles after the forward ran, and the optimizer's graph breaks split its step).
         """
-        saved = _snapshot(self.workers, self.optimizer) if first else None
+        saved = snapshot_state(self.workers, self.optimizer) if first else None
         try:
             return compiled()
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is the same maths
             if saved is not None:
-                _restore(self.workers, self.optimizer, saved)
+                restore_state(self.workers, self.optimizer, saved)
             if part == "_losses":  # the compiler fails on the forward: the whole step runs eagerly
                 self._losses = self._update = None
             else:  # e.g. an inductor failure on one optimizer's maths: only its step runs eagerly
@@ -289,32 +290,53 @@ def build_local_step(mode: str, *args: Any, capturable: bool = True, **kwargs: A
     return {EAGER: LocalStep, GRAPH: GraphStep}[mode](*args, **kwargs)
 
 
-def _snapshot(workers: StackedWorkers, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """What a step's compute parts change: BatchNorm's statistics (the forward), the gradients
-    (the backward), the parameters and the optimizer state (the update)."""
-    return {"buffers": [b.clone() for b in workers.buffers], "params": [p.detach().clone() for p in workers.params],
+def snapshot_state(workers: StackedWorkers, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a step's compute parts change: BatchNorm's statistics (the forward), the gradients (the backward),
+    the parameters, the optimizer's state and its param groups' values (the update)."""
+    return {"params": [p.detach().clone() for p in workers.params],
+            "buffers": [b.clone() for b in workers.buffers],
             "grads": [None if p.grad is None else p.grad.clone() for p in workers.params],
-            "optimizer": _clone(optimizer.state_dict())}
+            "state": [{k: _copy(v) for k, v in optimizer.state.get(p, {}).items()} for p in workers.params],
+            "groups": [{k: _copy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
 
 
-def _restore(workers: StackedWorkers, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+def restore_state(workers: StackedWorkers, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """``saved`` back, into the very tensors where they are there: a captured CUDA graph reads and writes
+    those (a new gradient or momentum tensor would make it capture again), and the trainer writes the lr
+    into its param groups' tensor."""
     with torch.no_grad():
-        for b, s in zip(workers.buffers, saved["buffers"]):
-            b.copy_(s)
-        for p, s, g in zip(workers.params, saved["params"], saved["grads"]):
-            p.copy_(s)
-            p.grad = g
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    optimizer.load_state_dict(saved["optimizer"])
-    for g, lr in zip(optimizer.param_groups, lrs):  # keep the very lr tensor the trainer writes
-        g["lr"] = lr
+        for p, v in zip(workers.params, saved["params"]):
+            p.copy_(v)
+        for b, v in zip(workers.buffers, saved["buffers"]):
+            b.copy_(v)
+        for p, g in zip(workers.params, saved["grads"]):
+            if g is None:
+                p.grad = None
+            elif p.grad is not None and p.grad.shape == g.shape:
+                p.grad.copy_(g)
+            else:
+                p.grad = g.clone()
+        for p, state in zip(workers.params, saved["state"]):
+            now = optimizer.state[p]
+            for k in [k for k in now if k not in state]:  # made by the step (its first): made again by the next
+                del now[k]
+            for k, v in state.items():
+                _put(now, k, v)
+        for group, values in zip(optimizer.param_groups, saved["groups"]):
+            for k, v in values.items():
+                _put(group, k, v)
+        if not any(optimizer.state[p] for p in workers.params):
+            for p in workers.params:
+                optimizer.state.pop(p, None)
 
 
-def _clone(obj: Any) -> Any:
-    if torch.is_tensor(obj):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone(v) for v in obj]
-    return obj
+def _put(where: dict, key: str, value: Any) -> None:
+    old = where.get(key)
+    if torch.is_tensor(value) and torch.is_tensor(old) and old.shape == value.shape and old.dtype == value.dtype:
+        old.copy_(value)
+    else:
+        where[key] = _copy(value)
+
+
+def _copy(value: Any) -> Any:
+    return value.clone() if torch.is_tensor(value) else copy.deepcopy(value)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpl import timeline
 from dpl.config.store import typed
-from dpl.config.validate import check_processes, validate
+from dpl.config.validate import check_processes, config_strings, validate
 from dpl.core.engines import ENGINES, one_process_engine, pick_device
 from dpl.errors import ConfigError, Diverged, first_line
 from dpl.io import write_csv
@@ -26,7 +26,7 @@ from dpl.run.recorder import Recorder
 from dpl.tracking.loggers import make_logger
 from dpl.tracking.params import config_hash, flatten_config, launch_dir
 from dpl.tracking.results import check_results_file, check_writable_dir
-from dpl.tracking.run_names import in_multirun
+from dpl.tracking.run_names import CONTROL, in_multirun
 from dpl.tracking.store import end_run_if_running, resolve_tracking_uri
 
 log = logging.getLogger("dpl")
@@ -230,11 +230,11 @@ def _stored_config(data: Any, what: str) -> DictConfig:
     does not fit the schemas."""
     if not isinstance(data, dict):
         raise ConfigError(f"{what} is refused: its stored config is not a mapping")
-    for key, value in _leaves(data):
-        if isinstance(value, str) and "${" in value:
+    for key, value in config_strings(data):
+        if "${" in value:
             raise ConfigError(f"{what} is refused: its stored config has an interpolation at {key} "
                               f"({_shown(value)}); a stored config holds resolved values only")
-        if isinstance(value, str) and any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        if CONTROL.search(value):
             raise ConfigError(f"{what} is refused: its stored config has a control character in {key} "
                               f"({_shown(value)})")
     try:
@@ -242,15 +242,6 @@ def _stored_config(data: Any, what: str) -> DictConfig:
     except Exception as e:  # OmegaConf's validation errors: several lines, a key and a type in the first
         raise ConfigError(f"{what} is refused: its stored config does not fit dpl's schema "
                           f"({first_line(e)})") from None
-
-
-def _leaves(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of every leaf of a plain nested config."""
-    if isinstance(data, dict):
-        return [leaf for k, v in data.items() for leaf in _leaves(v, f"{prefix}{k}.")]
-    if isinstance(data, (list, tuple)):
-        return [leaf for i, v in enumerate(data) for leaf in _leaves(v, f"{prefix}{i}.")]
-    return [(prefix[:-1], data)]
 
 
 def _shown(value: str, limit: int = 60) -> str:
