@@ -28,6 +28,9 @@ TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}  # torchrun'
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | str:
     timeline.mark("composed")
+    from dpl.tracking.store_process import begin
+
+    begin(cfg.logger)  # MLflow's imports and the store's check, beside torch's import and the build below
     from dpl.launch.torchrun import announce_run_dir
     from dpl.run.interrupt import EXIT_STATUS, resume_hint, signal_name
     from dpl.run.job import job_dir, run
@@ -108,6 +111,21 @@ def flags_first(argv: list[str]) -> list[str]:
     return [*flags, *overrides]
 
 
+def as_sweep(argv: list[str]) -> list[str]:
+    """A ``-m`` command line of ``conf/config.yaml`` (no sweep config) with what makes it a sweep as
+    ``--config-name <sweep>`` is one: sweeps/_sweep.yaml's settings and a sweep name
+    (:func:`dpl.tracking.sweep.command_line_sweep`). A ``--config-name`` config says its own."""
+    name = next((v for i, a in enumerate(argv) for v in
+                 ([argv[i + 1]] if a in ("--config-name", "-cn") and i + 1 < len(argv) else
+                  [a.split("=", 1)[1]] if a.startswith(("--config-name=", "-cn=")) else [])), "config")
+    if not any(a in ("-m", "--multirun") for a in argv) or name.removesuffix(".yaml") != "config":
+        return argv
+    from dpl.config.overrides import SWEEPS_DIR, override_args
+    from dpl.tracking.sweep import command_line_sweep
+
+    return [*argv, *command_line_sweep(override_args(argv), SWEEPS_DIR / "_sweep.yaml")]
+
+
 def run_started(job: Path) -> bool:
     """Whether the job dir names an MLflow run: the run file (or a checkpoint) is written when the run is
     created, before it trains."""
@@ -171,6 +189,7 @@ def cli() -> None:
         # configs apart, ${now:...} may differ, and the dir must be agreed before Hydra makes one).
         # Everything else, e.g. resume= writing into its own job dir, is in conf/config.yaml's hydra node.
         sys.argv[1:] = flags_first(sys.argv[1:])
+        sys.argv[1:] = as_sweep(sys.argv[1:])
         if "SLURM_STEP_ID" in os.environ and "RANK" not in os.environ:  # (dpl.core.engines imports torch: only then)
             from dpl.launch.slurm import export_ranks, in_srun_step
 

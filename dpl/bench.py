@@ -153,6 +153,32 @@ def fwd_bwd_fn(trainer: Trainer, batch: int) -> Callable[[], None]:
     return step
 
 
+BEYOND = ("batch: gather, crop and flip, normalise", "optimizer step (and zero_grad)")
+
+
+def beyond_fns(trainer: Trainer) -> dict[str, Callable[[], None]]:
+    """What the trainer's step does besides forward and backward, each alone: its batch cut from the data
+    (as :meth:`dpl.core.step.LocalStep.batch_losses` cuts it) and its inner optimizer's step on the gradients
+    one backward left (the momentum buffers move on; the model is not the bench's to keep)."""
+    from dpl.components.data.device import make_batch
+
+    local = trainer.local_step
+    idx = torch.arange(trainer.hp.batch_size * trainer.workers.k_local, device=trainer.device)
+    idx = idx.view(trainer.workers.k_local, -1)
+    x, y = make_batch(local.data, idx, local.key, train=True, rows=local.rows)
+    trainer.workers.forward_backward(x, y)
+    grads = [p.grad.clone() for p in trainer.workers.params]
+
+    def optimizer_step() -> None:
+        for p, g in zip(trainer.workers.params, grads):
+            p.grad = g
+        local.optimizer.step()
+        local.optimizer.zero_grad(set_to_none=True)
+
+    return {BEYOND[0]: lambda: make_batch(local.data, idx, local.key, train=True, rows=local.rows),
+            BEYOND[1]: optimizer_step}
+
+
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU (max allocated)"
@@ -163,14 +189,19 @@ def bench_step(device: torch.device, args) -> None:
     cfg = compose(f"device={device.type}", "dataset.num_train=6000", f"batch_size={args.batch}")
     trainer = build_trainer(cfg, device)
     n = args.batch
-    t = interleaved({"full": step_fn(trainer), "base": fwd_bwd_fn(trainer, n)}, device, args.warmup,
-                    args.repeats, args.iters)
+    t = interleaved({"full": step_fn(trainer), "base": fwd_bwd_fn(trainer, n), **beyond_fns(trainer)}, device,
+                    args.warmup, args.repeats, args.iters)
     ratio, lo, hi = paired(t["base"], t["full"])
     print(f"[step] batch {n} on {device}, {args.repeats} blocks of {args.iters} steps each, interleaved")
     print(f"  forward+backward (baseline) {summary(n, t['base'])}")
     print(f"  full training step          {summary(n, t['full'])}")
     print(f"  ratio full/baseline (samples/s; median of paired blocks): {ratio:.3f} (min {lo:.3f}, max {hi:.3f})"
           f"   (goal >= 0.9)")
+    full = statistics.median(t["full"])
+    print(f"  where the full step's time goes beyond forward+backward (median per step, share of the full step): "
+          f"{full - statistics.median(t['base']):.2e} s in all")
+    for part in BEYOND:
+        print(f"    {part:<44} {statistics.median(t[part]):.2e} s  {statistics.median(t[part]) / full:6.1%}")
     print(f"  peak memory: {peak_memory(device)}")
 
 

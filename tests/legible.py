@@ -85,3 +85,65 @@ def assert_legible(fig, name: str = "") -> None:
             assert not _overlap(box, ax_box), f"{name}: legend covers an axes"
         for text, title in named:
             assert not _overlap(box, title), f"{name}: legend covers title {text!r}"
+
+
+MAX_WIDE, MAX_TALL = 3.0, 2.0  # width / height and height / width a figure may have (dpl.report.figures)
+
+
+def assert_aspect(fig, name: str = "", wide: float = MAX_WIDE, tall: float = MAX_TALL) -> None:
+    """The figure as drawn is at most ``wide`` times as wide as high and ``tall`` times as high as wide."""
+    fig.canvas.draw()
+    width, height = fig.bbox.width, fig.bbox.height
+    assert width <= wide * height + 1, f"{name}: {width:.0f}x{height:.0f} px is wider than {wide:g}:1"
+    assert height <= tall * width + 1, f"{name}: {width:.0f}x{height:.0f} px is taller than 1:{tall:g}"
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) in pixels of a PNG file, from its IHDR chunk."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def _ys(artist) -> list[float]:
+    """The data y values an artist draws: a line's points, an error bar's or band's vertices."""
+    import numpy as np
+    from matplotlib.collections import Collection
+    from matplotlib.lines import Line2D
+
+    if isinstance(artist, Line2D):
+        return [float(y) for y in np.asarray(artist.get_ydata(), dtype=float).ravel()]
+    if isinstance(artist, Collection):
+        return [float(y) for path in artist.get_paths() for y in path.vertices[:, 1]]
+    return []
+
+
+def percent_axes(fig) -> list:
+    """The axes whose y axis is an accuracy in percent (dpl.run.plots.percent_axis)."""
+    from matplotlib.ticker import PercentFormatter
+
+    return [ax for ax in fig.axes if isinstance(ax.yaxis.get_major_formatter(), PercentFormatter)]
+
+
+def assert_in_range(fig, name: str = "", lo: float = 0.0, hi: float = 1.0) -> None:
+    """Everything drawn on an accuracy axis (points, lines, error bars, bands) lies in [lo, hi]:
+    no interval of a bounded metric runs past 100 % or below 0 %."""
+    for ax in percent_axes(fig):
+        for artist in [*ax.lines, *ax.collections]:
+            ys = [y for y in _ys(artist) if math.isfinite(y)]
+            assert all(lo - 1e-12 <= y <= hi + 1e-12 for y in ys), \
+                f"{name}: {type(artist).__name__} drawn at {min(ys):.4g}..{max(ys):.4g}, outside [{lo:g}, {hi:g}]"
+
+
+def series(ax) -> list:
+    """The labelled lines of an axes (a figure's series; error-bar caps and helpers are unlabelled)."""
+    return [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+
+def assert_distinct_colours(ax, name: str = "", exclude: tuple = ("Pareto front",)) -> None:
+    """Every labelled line of the axes has a colour of its own."""
+    from matplotlib.colors import to_rgba
+
+    lines = [line for line in series(ax) if line.get_label() not in exclude]
+    colours = [to_rgba(line.get_color()) for line in lines]
+    assert len(set(colours)) == len(colours), f"{name}: {len(lines)} lines share {len(set(colours))} colours"

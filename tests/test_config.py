@@ -177,7 +177,7 @@ def test_hydra_itself_refuses_a_key_the_option_lacks():
                             "augment_val, crop_padding, root, download, num_train, num_test"),
     (["dataset=synthetic", "dataset.root=x"], "dataset.root is not a key of dataset=synthetic"),
     (["method=centralized", "method.outer.lr=0.5"], "method.outer.lr is not a key of method=centralized: allowed none"),
-    (["engine.backend=gloo"], "engine.backend is not a key of engine=simulated: allowed compile, eval_batch_size, memory_format, simulate"),
+    (["engine.backend=gloo"], "engine.backend is not a key of engine=simulated: allowed compile, eval_batch_size, memory_format, threads, simulate"),
     (["method=slowmo,centralized", "method.outer.momentum=0.5"],
      "method.outer.momentum is not a key of method=centralized"),
     (["experiment=study/slowmo", "ablation=paper_lars"], "ablation=paper_lars does not apply here"),

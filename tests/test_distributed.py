@@ -3,6 +3,7 @@ one output dir written by rank 0 alone."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -267,3 +268,88 @@ def test_distributed_engine_outside_a_launcher_fails_in_one_line(make_cfg, tmp_p
         run(make_cfg(*DIST, "K=2", "engine.spawn=true", "engine.backend=nccl"), out_dir=tmp_path)
     with pytest.raises(ConfigError, match="torchrun --nproc-per-node=K"):
         build_trainer(make_cfg(*DIST, "K=2"), torch.device("cpu"))  # no process group, no workers
+
+
+# ----------------------------------------------------------------------------- run names
+
+
+@pytest.mark.slow  # ~50 s on 2 loaded cores: the command end to end (test_spawned_ranks_... is its fast part)
+def test_a_spawned_run_is_named_by_its_command_line_as_the_simulation_is(tmp_path):
+    """Its ranks have no Hydra: the launching process hands them the overrides that name the run."""
+    from dpl.tracking.store import mlflow_client
+
+    args = ["dataset=synthetic", "dataset.num_train=200", "dataset.num_test=50", "epochs=1", "batch_size=32",
+            "progress=false", "device=cpu", "logger.plots=false", f"results_csv={tmp_path / 'results.csv'}",
+            *DIST, "engine.spawn=true", "method=localsgd", "K=2", "H=2",
+            f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    proc = subprocess.run([sys.executable, "-m", "dpl", *args], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("dpl").experiment_id])
+    # the simulation's name of these overrides, with engine=distributed's; bookkeeping (engine.*) left out
+    assert found.info.run_name == "localsgd-K2-H2-sgdm-s0-synthetic-num_train200-num_test50-epochs1-batch_size32-" \
+                                  "distributed"
+
+
+NAMING = ["method=localsgd", "K=2", "H=4", "engine=distributed", "epochs=3", "dataset=synthetic",
+          "dataset.num_train=2000", "device=cpu"]
+NAMED = "localsgd-K2-H4-sgdm-s0-distributed-epochs3-synthetic-num_train2k"  # docs/reports.md's example
+
+
+@contextlib.contextmanager
+def hydra_job(overrides: list[str]):
+    """The job config of ``python -m dpl *overrides``, with Hydra's runtime config set as in its process."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from dpl.config.store import register_configs
+    from tests.conftest import CONF
+
+    register_configs()
+    before = HydraConfig.instance().cfg
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        full = compose("config", overrides=overrides, return_hydra_config=True)
+        try:
+            HydraConfig.instance().set_config(full)
+            yield OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+        finally:
+            HydraConfig.instance().cfg = before
+
+
+def _name_in_rank(cfg, out_dir: Path, comm) -> str:
+    from dpl.tracking.run_names import run_name
+
+    return run_name(cfg)
+
+
+def test_spawned_ranks_name_the_run_by_the_launching_processs_overrides(tmp_path):
+    from dpl.launch.ranks import launch
+
+    with hydra_job([*NAMING, "engine.spawn=true", "engine.timeout_s=60"]) as cfg:
+        assert launch(cfg, tmp_path, _name_in_rank) == NAMED  # rank 0's, in a process without Hydra
+
+
+def test_torchrun_and_slurm_ranks_carry_the_naming_of_their_hydra_job(monkeypatch, tmp_path):
+    """Under torchrun or srun each rank is a Hydra job of the same command line: launch() reads its
+    naming there and pins it, so the run is named by it whatever the rank's body can still read."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from dpl.launch import ranks
+    from dpl.tracking import run_names
+
+    monkeypatch.setattr(run_names, "_carried", None)  # put back after the test: it is process-wide
+    with hydra_job(NAMING) as cfg:
+        assert run_names.job_naming(cfg) == run_names.Naming(tuple(NAMING), None)  # all differ from the defaults
+        monkeypatch.setattr(ranks, "under_torchrun", lambda: True)
+        monkeypatch.setattr(ranks, "torchrun_store", lambda: (None, 0, 1))
+        monkeypatch.setattr(ranks, "run_rank", lambda body, cfg, out_dir, *a, **k: body(cfg, out_dir, None))
+
+        def body(cfg, out_dir, comm):  # the recorder's view: Hydra's config no longer consulted
+            HydraConfig.instance().cfg = None
+            return run_names.run_name(cfg)
+
+        assert ranks.launch(cfg, tmp_path, body) == NAMED
+        run_names.carry_naming(None)  # without it a rank names the run by its base config alone
+        assert run_names.run_name(cfg) == "localsgd-K2-H4-sgdm-s0"

@@ -438,15 +438,18 @@ def test_rerun_sweep_skips_finished_jobs(tmp_path):
 
 
 def test_rerun_multirun_without_a_sweep_name_skips_finished_jobs(tmp_path):
+    """A command-line sweep without ``sweep=`` is named by its swept keys (``sweep-seed``), so the same
+    sweep run again finds its finished jobs."""
     common = [*TRACKED, "epochs=1", "dataset.num_train=200"]
-    in_process(tmp_path, "-m", *common, "seed=0", f"hydra.sweep.dir={tmp_path / 'a'}")  # as if stopped after one job
+    # as if the sweep over seed stopped after its first job (choice(0): seed still swept)
+    in_process(tmp_path, "-m", *common, "seed=choice(0)", f"hydra.sweep.dir={tmp_path / 'a'}")
     proc = in_process(tmp_path, "-m", *common, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'b'}")
     assert proc.stdout.count("already finished") == 1
-    runs = job_runs(tmp_path / "mlflow.db")
+    runs = [r for r in job_runs(tmp_path / "mlflow.db", "sweep-seed") if "sweep_parent" not in r.data.tags]
     assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]  # seed 0 was not trained twice
-    assert all(r.data.tags["dpl.multirun"] == "true" and r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["sweep"] == "sweep-seed" and r.info.status == "FINISHED" for r in runs)
     in_process(tmp_path, *common, "seed=0", "hydra.run.dir=single")  # a single run is never skipped
-    assert len(job_runs(tmp_path / "mlflow.db")) == 3
+    assert len(job_runs(tmp_path / "mlflow.db", "dpl")) == 1
 
 
 def test_sigkilled_sweep_rerun_ends_its_parent_and_leaves_nothing_running(tmp_path):

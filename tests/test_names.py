@@ -47,6 +47,19 @@ def test_hostile_names_on_the_command_line_are_refused_in_one_line(args, expect)
     assert expect in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
+def test_a_derived_sweep_name_is_the_swept_keys_as_one_folder_name():
+    from dpl.tracking.run_names import SWEEP_NAME_MAX, derived_sweep_name, name_problem
+
+    assert derived_sweep_name(["H", "seed"]) == "sweep-H-seed"
+    assert derived_sweep_name([]) == "sweep"
+    # a group's path and a key given twice; "+" and "~" are how it was given, not its name
+    assert derived_sweep_name(["+experiment", "hydra/sweeper/sampler", "H", "~H"]) == \
+        "sweep-experiment-hydra.sweeper.sampler-H"
+    for keys in (["a/../b", "x\ny"], ["..", "."], ["k" * 300]):
+        name = derived_sweep_name(keys)
+        assert name_problem("sweep", name) is None and len(name) <= SWEEP_NAME_MAX, name
+
+
 def test_a_name_with_quotes_and_a_backslash_is_a_name():
     check_overrides(["--config-name", "localsgd_grid", "sweep='a\"b\\\\'", "logger.run_name='it\\'s'"])
 

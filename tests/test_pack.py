@@ -243,8 +243,9 @@ SWEEP = ["dataset=synthetic", "dataset.num_train=400", "dataset.num_test=100", "
 
 def finished_runs(db: Path):
     client = mlflow_client(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("dpl")
-    return client.search_runs([exp.experiment_id], filter_string="tags.sweep = 'packed'")
+    exp = client.get_experiment_by_name("packed")  # a sweep's experiment is its name, as a sweep config's
+    return [r for r in client.search_runs([exp.experiment_id], filter_string="tags.sweep = 'packed'")
+            if "sweep_parent" not in r.data.tags]
 
 
 def test_packed_sweep_lands_each_run_as_its_own_job_and_mlflow_run(tmp_path):

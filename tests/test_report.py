@@ -17,7 +17,15 @@ from scipy import stats as scipy_stats
 
 from dpl.report.cli import main, safe_folder_name
 from dpl.report.fetch import RunRecord, fetch_runs, group_columns, group_runs, mean_curve
-from dpl.report.tables import budget_rows, compare_groups, markdown, md_escape, pareto_front, summarise
+from dpl.report.tables import (
+    budget_rows,
+    compare_groups,
+    markdown,
+    md_escape,
+    pareto_front,
+    summarise,
+    write_csv_table,
+)
 from dpl.run.job import run
 from dpl.tracking.store import mlflow_client, tag_filter
 from tests.conftest import compose_cfg
@@ -141,7 +149,8 @@ def test_comparisons_against_the_default_baseline_equal_scipy(store):
     rows = _rows(out, "comparisons.csv")
     runs = {(r.data.params["H"], r.data.params["dynamic_h.name"], r.data.params["seed"]): r
             for r in _mlflow_runs(uri) if r.data.params["method.name"] == "localsgd"}
-    # the first group with a finished run (the centralized one diverged): K=2 H=2 constant
+    # the sweep's reference settings (docs/reports.md): dynamic_h=constant and the smallest H, 2; every group
+    # with a finished run agrees with it on the other columns (the centralized one diverged: not a baseline)
     assert {r["baseline"] for r in rows} == {"dataset=synthetic method=localsgd K=2 H=2 dynamic_h=constant "
                                              "optimizer=sgdm batch_size=32"}
     for metric in ("test_acc", "best_val_acc"):
@@ -162,10 +171,12 @@ def test_comparisons_against_the_default_baseline_equal_scipy(store):
 def test_budget_to_target_equals_the_numbers_in_history_csv(store):
     _, results, out = store
     histories = {name: _rows(out.parent / name, "history.csv") for name in results if name != "diverged"}
-    finals = {}
+    per_epoch: dict[str, dict[int, list[float]]] = {}
     for name, rows in histories.items():
-        finals.setdefault(name.split("_seed")[0], []).append(float(rows[-1]["val_acc"]))
-    target = min(statistics.fmean(v) for v in finals.values())  # the default: every group reaches it on average
+        for epoch, row in enumerate(rows, start=1):
+            per_epoch.setdefault(name.split("_seed")[0], {}).setdefault(epoch, []).append(float(row["val_acc"]))
+    # the default: the lowest of the groups' best mean validation accuracy (each group's mean curve reaches it)
+    target = min(max(statistics.fmean(v) for v in curve.values()) for curve in per_epoch.values())
     budget = _rows(out, "budget.csv")
     assert [float(r["target_val_acc"]) for r in budget] == pytest.approx([target] * len(budget))
     for h in (2, 4):
@@ -365,7 +376,7 @@ def test_an_unwritable_out_is_one_line_before_the_store_is_read(out, tmp_path, m
     assert f"--out={out!r} cannot be written" in _error_line(capsys)
 
 
-def test_no_arguments_reports_the_latest_sweep_or_the_default_experiment(tmp_path, monkeypatch, capsys):
+def test_no_arguments_reports_the_latest_sweep_even_after_newer_single_runs(tmp_path, monkeypatch, capsys):
     from dpl.tracking.sweep import PARENT_TAG
 
     monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db, the default output ./reports/<name>
@@ -374,15 +385,93 @@ def test_no_arguments_reports_the_latest_sweep_or_the_default_experiment(tmp_pat
         _log_run("sqlite:///mlflow.db", experiment, tags, **cfg)
 
     one_run("dpl", {}, K=1)
+    assert main([]) == 0  # no sweep at all: the single runs of "dpl", and the line says why
+    assert capsys.readouterr().out.startswith("reporting experiment='dpl': the store holds no sweep")
     one_run("grid", {PARENT_TAG: "grid"}, K=2)
     one_run("grid", {"sweep": "grid"}, K=2)
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("reporting sweep='grid': the latest sweep") and (tmp_path / "reports/grid/report.md").is_file()
-    one_run("dpl", {}, K=4)  # a single run after the sweep: now the default experiment is the latest
+    assert out.startswith("reporting sweep='grid': the latest sweep in the store") and \
+        (tmp_path / "reports/grid/report.md").is_file()
+    one_run("dpl", {}, K=4)  # a smoke run after the sweep is not a sweep: the sweep is still the one reported
     assert main([]) == 0
-    assert capsys.readouterr().out.startswith("reporting experiment='dpl': the default experiment of single runs")
-    assert "| 4 |" in (tmp_path / "reports/dpl/report.md").read_text()
+    assert capsys.readouterr().out.startswith("reporting sweep='grid': the latest sweep")
+
+
+H_SWEEP = {1: (0.30, 0.52), 2: (0.28, 0.47), 4: (0.25, 0.44)}  # H -> validation accuracy at epochs 1 and 2
+
+
+@pytest.fixture
+def h_sweep_store(tmp_path, monkeypatch):
+    """./mlflow.db as the issue's new user had it: an older sweep, a centralized smoke run, then a sweep
+    over H run with ``python -m dpl -m sweep=h_sweep ...`` (no parent run, so in experiment "dpl" beside
+    the smoke runs) whose first attempt was killed, then one more smoke run. Returns {name: run ids}."""
+    from dpl.tracking.sweep import PARENT_TAG
+
+    monkeypatch.chdir(tmp_path)
+    uri = "sqlite:///mlflow.db"
+
+    def job(experiment, tags, h, seed, accs, status="FINISHED", method="localsgd"):
+        metrics = {"val_acc": list(accs), "test_acc": accs[-1], "best_val_acc": max(accs),
+                   "samples_total": [1000.0 * (e + 1) for e in range(len(accs))]}
+        _log_run(uri, experiment, tags, metrics, status=status, first_step=1, K=2, H=h, seed=seed, batch_size=32,
+                 method={"name": method}, dataset={"name": "synthetic"})
+
+    job("grid_a", {PARENT_TAG: "grid_a"}, 4, 0, [0.1])
+    job("grid_a", {"sweep": "grid_a"}, 4, 0, [0.2, 0.3])
+    job("dpl", {}, 1, 0, [0.05], method="centralized")  # the smoke run: never a baseline of the sweep
+    job("dpl", {"sweep": "dead"}, 2, 0, [0.01], status="KILLED")  # a sweep that never finished a run
+    for h in (1, 8):  # the first attempt, killed: same tag, not results
+        job("dpl", {"sweep": "h_sweep"}, h, 0, [0.01], status="KILLED")
+    for h, accs in H_SWEEP.items():
+        for seed in (0, 1):
+            job("dpl", {"sweep": "h_sweep"}, h, seed, [a + 0.01 * seed for a in accs])
+    job("dpl", {}, 1, 1, [0.06], method="centralized")
+    client = mlflow_client(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
+    return {"finished": {r.info.run_id for r in runs if r.data.tags.get("sweep") == "h_sweep"
+                         and r.info.status == "FINISHED"},
+            "killed": {r.info.run_id for r in runs if r.info.status == "KILLED" and r.data.tags["sweep"] == "h_sweep"}}
+
+
+def test_no_arguments_reports_the_latest_sweeps_finished_runs_against_a_baseline_of_its_own(h_sweep_store, capsys,
+                                                                                             tmp_path):
+    assert main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("reporting sweep='h_sweep': the latest sweep in the store (its newest run started ")
+    assert "left out 2 runs of the sweep that did not finish (2 killed); --include-failed counts and lists them" \
+        in lines
+    out = tmp_path / "reports" / "h_sweep"
+    assert {r["run_id"] for r in _rows(out, "runs.csv")} == h_sweep_store["finished"]  # no smoke run, no killed one
+    assert [(r["H"], r["n"], r["failed"]) for r in _rows(out)] == [("1", "2", "0"), ("2", "2", "0"), ("4", "2", "0")]
+    # the baseline: the sweep's smallest H, a group of the sweep's own runs
+    comparisons = _rows(out, "comparisons.csv")
+    assert comparisons and {r["baseline"] for r in comparisons} == \
+        {"dataset=synthetic method=localsgd K=2 H=1 batch_size=32"}
+    assert any(line.startswith("baseline H=1 (H=1: the smallest H of the sweep") for line in lines)
+    # the budget's target: the lowest of the groups' best mean validation accuracy (H=4's, at epoch 2)
+    target = min(max(statistics.fmean([a, a + 0.01]) for a in accs) for accs in H_SWEEP.values())
+    assert [float(r["target_val_acc"]) for r in _rows(out, "budget.csv")] == pytest.approx([target] * 3)
+    assert f"budget target {100 * target:.2f} % validation accuracy (the lowest of the groups' best mean " \
+           f"validation accuracies, that of H=4 at epoch 2" in "\n".join(lines)
+    text = (out / "report.md").read_text()
+    assert "Baseline: H=1: the smallest H" in text and "Target: the lowest of the groups' best mean" in text
+
+
+def test_include_failed_counts_and_lists_a_sweeps_killed_runs(h_sweep_store, capsys, tmp_path):
+    assert main(["--sweep", "h_sweep", "--include-failed"]) == 0
+    assert "left out" not in capsys.readouterr().out
+    out = tmp_path / "reports" / "h_sweep"
+    assert {r["run_id"] for r in _rows(out, "runs.csv")} == h_sweep_store["finished"] | h_sweep_store["killed"]
+    assert [(r["H"], r["n"], r["failed"]) for r in _rows(out)] == \
+        [("1", "2", "1"), ("2", "2", "0"), ("4", "2", "0"), ("8", "0", "1")]
+    assert {r["baseline"].split()[3] for r in _rows(out, "comparisons.csv")} == {"H=1"}  # never the killed-only H=8
+    text = (out / "report.md").read_text()
+    assert "6 finished, 2 failed" in text and text.count("| KILLED |") == 2
+    # a sweep none of whose runs finished is one error line that says why
+    assert main(["--sweep", "dead"]) == 2
+    assert "no finished runs for sweep='dead' in sqlite:///mlflow.db (1 killed; --include-failed reports them)" \
+        in _error_line(capsys)
 
 
 # ----------------------------------------------------------------------------- hostile names
@@ -627,15 +716,22 @@ def test_table_has_a_dataset_column_rounded_params_and_the_h_trained_with():
     assert "| 4→32 |" in text and "| 64→4 |" in text  # the dynamic rows' H: first→last, not the configured 1
 
 
-def test_pareto_figure_draws_a_curve_per_method_and_marks_the_front():
+def test_pareto_figure_draws_a_curve_per_setting_through_h_and_marks_the_front():
     from dpl.report.figures import build_figures
+    from tests.legible import series
 
     runs = _study_runs(3)
     figures = build_figures(runs, group_columns(runs))
     for name in ("pareto.png", "acc_vs_time.png"):
         ax = figures[name].axes[0]
-        labels = {line.get_label() for line in ax.get_lines()}
-        assert {"localsgd", "slowmo", "diloco", "centralized", "Pareto front"} <= labels, name
+        labels = {line.get_label() for line in series(ax)}
+        for method in ("slowmo", "diloco", "centralized"):
+            assert any(label.startswith(method) for label in labels), (name, method)
+        # LocalSGD: a curve per K, each through its 7 Hs (two seeds each)
+        assert {label: len(line.get_xdata()) for line in series(ax) if (label := line.get_label()).startswith(
+            "localsgd K=") and "constant" in label} == {f"localsgd K={k} constant sgdm lr=0.04 (n=2)": 7
+                                                       for k in (2, 4, 8)}, name
+        assert "Pareto front" in labels
 
 
 def test_pareto_figure_of_a_compression_sweep_draws_a_curve_per_compressor():
@@ -658,9 +754,10 @@ def test_pareto_figure_of_a_compression_sweep_draws_a_curve_per_compressor():
     assert {"compression.ratio", "compression.error_feedback"} <= set(columns)
     fig = build_figures(runs, columns)["pareto.png"]
     ax = fig.axes[0]
-    curves = {line.get_label(): len(line.get_xdata()) for line in ax.get_lines()}
+    curves = {line.get_label(): len(line.get_xdata()) for line in ax.get_lines() if not line.get_label().startswith("_")}
     # one curve per compressor and error feedback, through its ratios; one method: not named
-    assert curves == {"topk+EF": 3, "topk": 3, "randomk+EF": 2, "int8": 1, "none": 1, "Pareto front": curves["Pareto front"]}
+    assert curves == {"topk+EF (n=1)": 3, "topk (n=1)": 3, "randomk+EF (n=1)": 2, "int8 (n=1)": 1, "none (n=1)": 1,
+                      "Pareto front": curves["Pareto front"]}
     assert_legible(fig, "pareto.png")
 
 
@@ -837,3 +934,75 @@ def test_the_pareto_front_of_a_lower_is_better_metric_keeps_the_lowest():
     points = [(0.0, 3.3), (1.0, 3.1), (2.0, 3.5), (3.0, 2.9)]
     assert pareto_front([(x, -y) for x, y in points]) == [0, 1, 3]
     assert pareto_front(points) == [0, 2]
+
+
+# ----------------------------------------------------------------------------- figures that cannot mislead
+
+
+def _bounded_runs() -> list[RunRecord]:
+    """LocalSGD over K x batch size x H, three seeds: K=2 near 100 % and K=4 near 0 %, where Student's t
+    draws bars past 100 % and below 0 %. Every group has a mean of its own (a line's points name their
+    groups), costs that differ by K, batch size and H, and a validation curve near the bounds too."""
+    runs = []
+    for k, bs, h in itertools.product((2, 4), (32, 64), (1, 2, 4)):
+        gap = 0.015 + 0.001 * h + 0.0005 * (bs == 64)  # the distance of the group's mean from its bound
+        for seed, spread in enumerate((0.2, 2.2, 0.6)):  # mean spread 1: the group's mean is bound -/+ gap
+            acc = 1.0 - gap * spread if k == 2 else gap * spread
+            runs.append(RunRecord(
+                run_id=str(next(_IDS)), status="FINISHED",
+                params={"dataset.name": "synthetic", "method.name": "localsgd", "K": str(k), "H": str(h),
+                        "dynamic_h.name": "constant", "optimizer.name": "sgdm", "batch_size": str(bs),
+                        "seed": str(seed)},
+                metrics={"test_acc": acc, "best_val_acc": acc, "sync_rounds_total": 1000.0 / h,
+                         "comm_bytes_total": 2.0**20 * 100 * k * (1 + bs / 1000) / h,
+                         "modelled_time_s": 10.0 + k + bs / 100 + 100.0 / h},
+                history={"val_acc": [(1, acc), (2, acc)], "samples_total": [(1, 1000.0), (2, 2000.0)],
+                         "comm_bytes_total": [(1, 1e6 * k / h), (2, 2e6 * k / h)]}))
+    return runs
+
+
+def test_figures_of_accuracies_near_0_and_100_percent_cannot_mislead(tmp_path):
+    """Intervals stay in 0-100 %, a line joins only groups that differ in its own axis (never two K or
+    two batch sizes), each line has a colour of its own, and every figure has a sensible aspect."""
+    from dpl.report.cli import write_report
+    from dpl.report.figures import build_figures
+    from tests.legible import assert_aspect, assert_distinct_colours, assert_in_range, assert_legible, png_size, series
+
+    runs = _bounded_runs()
+    columns = group_columns(runs)
+    means = {key: (statistics.fmean(r.metrics["test_acc"] for r in members), dict(zip(columns, key)))
+             for key, members in group_runs(runs, columns).items()}
+    figures = build_figures(runs, columns)
+    assert {"acc_vs_H.png", "acc_vs_rounds.png", "learning_curves.png", "pareto.png", "acc_vs_time.png"} <= \
+        set(figures)
+    for name, fig in figures.items():
+        assert_legible(fig, name)
+        assert_aspect(fig, name)
+        assert_in_range(fig, name)  # bars and bands of accuracies near 0 and 100 % stay inside
+        assert "logit scale" in fig._suptitle.get_text(), name  # the method is said where the bars are
+        for ax in fig.axes:
+            assert_distinct_colours(ax, name)
+    for name in ("acc_vs_H.png", "acc_vs_rounds.png", "pareto.png", "acc_vs_time.png"):
+        lines = [line for line in series(figures[name].axes[0]) if line.get_label() != "Pareto front"]
+        assert len(lines) == 4, name  # one per K and batch size
+        for line in lines:
+            groups = [min(means.values(), key=lambda m: abs(m[0] - y))[1] for y in line.get_ydata()]  # noqa: B023
+            assert len({(g["K"], g["batch_size"]) for g in groups}) == 1, (name, line.get_label())
+            assert sorted(g["H"] for g in groups) == ["1", "2", "4"], (name, line.get_label())
+    for path in write_report(runs, tmp_path / "r", "bounded"):
+        if path.suffix == ".png":
+            width, height = png_size(path)
+            assert height / 2 <= width <= 3 * height, (path.name, width, height)
+    assert (tmp_path / "r" / "budget_to_target.png").is_file()
+
+
+def test_the_report_csvs_never_hold_a_live_formula(tmp_path):
+    """A group's label carries users' names (a sweep, an experiment): a spreadsheet opening summary.csv
+    shows them as text, while numbers, negative ones too, stay numbers."""
+    import csv
+
+    path = write_csv_table([{"group": "sweep==HYPERLINK(\"http://x\")", "name": "@SUM(A1)", "delta": -0.5,
+                             "label": "+cmd", "acc": 0.25}], tmp_path / "summary.csv")
+    (row,) = csv.DictReader(path.open())
+    assert row == {"group": 'sweep==HYPERLINK("http://x")', "name": "'@SUM(A1)", "delta": "-0.5",
+                   "label": "'+cmd", "acc": "0.25"}

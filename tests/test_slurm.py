@@ -47,7 +47,7 @@ def runs(db: Path):
 
     client = MlflowClient(f"sqlite:///{db}")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    return client, client.search_runs(experiments)
+    return client, [r for r in client.search_runs(experiments) if "sweep_parent" not in r.data.tags]  # the jobs
 
 
 def one_error_line(stderr: str) -> str:

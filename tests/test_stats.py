@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from dpl.report.stats import PAIRED, WELCH, compare, describe, holm
+from dpl.report.stats import PAIRED, WELCH, compare, describe, describe_bounded, holm
 
 A = [0.62, 0.55, 0.71, 0.58, 0.66]  # five seeds of one configuration
 B = [0.60, 0.50, 0.69, 0.52, 0.61]  # the same five seeds of another
@@ -83,3 +83,51 @@ def test_holm_by_hand():
                                                                        nan_ok=True)
     assert holm([0.5, 0.9]) == [1.0, 1.0]  # never above 1
     assert holm([0.02]) == [0.02] and holm([]) == []
+
+
+# ----------------------------------------------------------------------------- bounded metrics (accuracies)
+
+NEAR_BOUNDS = [[0.995, 0.999, 0.97], [0.001, 0.03, 0.004], [1.0, 0.98], [0.0, 0.02, 0.0], [0.9999, 1.0, 1.0, 0.99],
+               [0.5, 0.6, 0.7], A]
+
+
+@pytest.mark.parametrize("values", NEAR_BOUNDS)
+def test_a_bounded_interval_stays_in_its_range_and_holds_the_mean(values):
+    s = describe_bounded(values)
+    assert (s.n, s.mean, s.std) == (describe(values).n, describe(values).mean, describe(values).std)  # the same sample
+    assert 0.0 <= s.lo <= s.mean <= s.hi <= 1.0
+    assert s.lo < s.mean < s.hi  # a spread gives an interval of some width, on both sides
+
+
+def test_near_a_bound_the_t_interval_leaves_the_range_and_the_bounded_one_does_not():
+    for values in NEAR_BOUNDS[:4]:  # three seeds at 97-99.9 %: Student's t says up to 103 %
+        t, bounded = describe(values), describe_bounded(values)
+        assert t.lo < 0.0 or t.hi > 1.0, values
+        assert 0.0 <= bounded.lo and bounded.hi <= 1.0, values
+
+
+def test_the_bounded_interval_is_the_logit_interval_by_hand():
+    # p = mean, se = sd / sqrt(n); logit(p) +- t(0.975, n-1) * se / (p (1 - p)), mapped back by expit
+    p, sd, n = np.mean(A), np.std(A, ddof=1), len(A)
+    half = sp.t.ppf(0.975, n - 1) * sd / math.sqrt(n) / (p * (1 - p))
+    logit = math.log(p / (1 - p))
+    expit = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    s = describe_bounded(A)
+    assert (s.lo, s.hi) == (pytest.approx(expit(logit - half)), pytest.approx(expit(logit + half)))
+    # a range other than [0, 1] (an accuracy in percent) is the same interval, scaled
+    pct = describe_bounded([100 * a for a in A], lo=0.0, hi=100.0)
+    assert (pct.lo, pct.hi) == (pytest.approx(100 * s.lo), pytest.approx(100 * s.hi))
+
+
+def test_away_from_the_bounds_the_bounded_interval_is_the_t_interval_to_first_order():
+    values = [0.50, 0.501, 0.499, 0.5005]  # a small spread about one half: the logit is nearly straight
+    t, bounded = describe(values), describe_bounded(values)
+    assert (bounded.lo, bounded.hi) == (pytest.approx(t.lo, abs=1e-6), pytest.approx(t.hi, abs=1e-6))
+
+
+def test_the_bounded_interval_keeps_describes_cases_and_refuses_values_outside_the_range():
+    one, same = describe_bounded([0.99]), describe_bounded([1.0, 1.0, 1.0])
+    assert one.n == 1 and math.isnan(one.lo) and math.isnan(one.hi)  # one seed: undefined, never zero
+    assert (same.lo, same.hi) == (1.0, 1.0) and describe_bounded([]).n == 0
+    with pytest.raises(ValueError, match=r"1\.2 is outside \[0, 1\]"):
+        describe_bounded([0.9, 1.2])

@@ -8,6 +8,7 @@ imported where workers are built, so the registry loads without it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,9 @@ COMPILE_MODES = ("auto", EAGER, GRAPH, COMPILED)
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 SIMULATIONS = ("auto", "vmap", "loop")
 BACKENDS = ("auto", "gloo", "nccl")
+# The jobs of one launch that run at once on this machine (a parallel sweep's), set by the launcher
+# that knows how many it starts; its child processes (spawned ranks) inherit it.
+LAUNCH_JOBS_ENV = "DPL_LAUNCH_JOBS"
 
 
 @dataclass(frozen=True)
@@ -40,11 +44,16 @@ class EngineBase:
     eval_batch_size: int = key(1000, "samples per evaluation batch (the results do not depend on it)")
     memory_format: str = key("auto", "layout of image batches entering the model: auto (channels_last on CPU, "
                                      "contiguous on CUDA) | contiguous | channels_last")
+    threads: Any = key("auto", "torch's CPU threads in each process: auto (OMP_NUM_THREADS when set, else this "
+                               "machine's cores / the processes of the launch sharing them, at least 1) | an integer "
+                               ">= 1")
 
     def __post_init__(self) -> None:
         one_of("engine.compile", self.compile, COMPILE_MODES)
         one_of("engine.memory_format", self.memory_format, MEMORY_FORMATS)
         at_least("engine.eval_batch_size", self.eval_batch_size, 1, "an integer")
+        number = isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads >= 1
+        check(self.threads == "auto" or number, "engine.threads", self.threads, "auto or an integer >= 1")
 
 
 @dataclass
@@ -104,7 +113,82 @@ def build_workers(cfg: Any, model: Any, device: Any, comm: Any = None, synchrono
     its communicator from ``cfg.K``, and a process group's world size is checked against ``cfg.K``
     once, where a rank joins it (:func:`dpl.launch.ranks.run_rank`).
     """
+    set_threads(cfg)  # before the first step: each step's kernels split over this many threads
     return ENGINES.build(cfg.engine.name, cfg, model, device, comm, synchronous, **point)
+
+
+def cores() -> int:
+    """The cores this process may run on: its CPU affinity (what a Slurm allocation or a container's
+    cpuset leaves it), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS, Windows: no affinity call
+        return os.cpu_count() or 1
+
+
+def _count(value: Any) -> int:
+    """A positive count from an environment variable or a launcher key; 0 when there is none."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        return 0
+    return n if n > 0 else 0
+
+
+def concurrent_jobs() -> int:
+    """The jobs of this launch running at once on this machine: :data:`LAUNCH_JOBS_ENV` when the launcher
+    set it (``hydra/launcher=local`` starts every job of a sweep at once), else Hydra's joblib launcher's
+    ``n_jobs`` (negative as joblib reads it: -1 every core, -2 all but one, ...), else 1."""
+    jobs = _count(os.environ.get(LAUNCH_JOBS_ENV))
+    if jobs:
+        return jobs
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:
+        return 1
+    if not HydraConfig.initialized():
+        return 1
+    launcher = HydraConfig.get().launcher
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return 1
+    n = launcher.get("n_jobs")
+    if isinstance(n, int) and n < 0:
+        return max(1, cores() + 1 + n)
+    return _count(n) or 1
+
+
+def launch_processes(cfg: Any) -> int:
+    """The processes of this launch that share this machine's cores: the ranks on this machine
+    (``engine=distributed``: torchrun's or Slurm's ``LOCAL_WORLD_SIZE``, else the K that ``engine.spawn``
+    starts) times the jobs of a parallel sweep running at once (:func:`concurrent_jobs`)."""
+    ranks = 1
+    if ENGINES.facts(cfg.engine).processes:
+        ranks = _count(os.environ.get("LOCAL_WORLD_SIZE")) or int(cfg.K)
+    return ranks * concurrent_jobs()
+
+
+def torch_threads(cfg: Any) -> int:
+    """``engine.threads`` as a number: an integer as given; ``auto``: ``OMP_NUM_THREADS`` when set (the
+    user's choice for every process), else :func:`cores` / :func:`launch_processes`, at least 1.
+
+    torch's default is every core in every process: the K ranks of a spawn, the jobs of a joblib or local
+    sweep then each take all of them, and the threads of one process wait on each other when another
+    load holds some cores. On this project's shared 2-core CPU a simulated run took 33.3 s per epoch with
+    torch's default and 9.4 s with one thread, the same numbers (docs/benchmarks.md)."""
+    requested = cfg.engine.get("threads", "auto")  # absent from a config stored before the key existed
+    if requested != "auto":
+        return int(requested)
+    return _count(os.environ.get("OMP_NUM_THREADS")) or max(1, cores() // launch_processes(cfg))
+
+
+def set_threads(cfg: Any) -> int:
+    """Apply :func:`torch_threads` to this process (torch.set_num_threads); return it."""
+    import torch
+
+    threads = torch_threads(cfg)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def one_process_engine(node: Any) -> Any:
@@ -112,7 +196,8 @@ def one_process_engine(node: Any) -> Any:
     from omegaconf import OmegaConf
 
     name = next(n for n, e in ENGINES.items() if not e.facts.processes)
-    shared = {f: node[f] for f in ("compile", "eval_batch_size", "memory_format")}
+    # threads: absent from a config stored before the key existed (its schema's default then)
+    shared = {f: node[f] for f in ("compile", "eval_batch_size", "memory_format", "threads") if f in node}
     return OmegaConf.structured(ENGINES[name].schema(name=name, **shared))
 
 

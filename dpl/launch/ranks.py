@@ -46,6 +46,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from dpl.comm.process_group import ProcessGroupComm
+from dpl.core.engines import LAUNCH_JOBS_ENV, concurrent_jobs, torch_threads
 from dpl.errors import ConfigError, RankFailure, user_errors
 from dpl.launch.faults import (
     _first_line,
@@ -62,6 +63,7 @@ from dpl.launch.faults import (
 from dpl.launch.network import STORE_TIMEOUT, gloo_on, host_store
 from dpl.launch.slurm import ranks_from_scheduler
 from dpl.launch.torchrun import torchrun_store, under_torchrun
+from dpl.tracking.run_names import Naming, carry_naming, job_naming
 
 log = logging.getLogger("dpl")
 
@@ -86,14 +88,18 @@ def launch(cfg: DictConfig, out_dir: Path, body: Body, on_failure: Optional[OnFa
     ``engine.spawn``, it starts the K ranks, waits for them and returns rank 0's result.
     """
     backend_for(cfg)  # a bad backend fails here, before any process starts
-    if under_torchrun():
+    # What names the run, read here in the Hydra job's process and handed to the ranks, so that every
+    # path names it from the command line's overrides as the simulation does (a spawned rank has no Hydra).
+    naming = job_naming(cfg)
+    if under_torchrun():  # this process is a rank, and the Hydra job of its own copy of the command line
+        carry_naming(naming)
         store, rank, world = torchrun_store()
         return run_rank(body, cfg, out_dir, store, rank, world, int(os.environ.get("LOCAL_RANK", rank)),
                         supervised=False)
     if not cfg.engine.spawn:
         raise ConfigError("engine=distributed needs its processes: launch with torchrun --nproc-per-node=K "
                           "-m dpl engine=distributed ..., or add engine.spawn=true")
-    return spawn(body, cfg, out_dir, on_failure)
+    return spawn(body, cfg, out_dir, on_failure, naming)
 
 
 def backend_for(cfg: DictConfig) -> str:
@@ -172,17 +178,21 @@ def meet(store: dist.Store, key: str, world: int, timeout_s: float) -> None:
 # ----------------------------------------------------------------------------- spawn
 
 
-def spawn(body: Body, cfg: DictConfig, out_dir: Path, on_failure: Optional[OnFailure] = None) -> Any:
-    """Start K local ranks, watch them, and return rank 0's result (or raise naming the failed rank)."""
+def spawn(body: Body, cfg: DictConfig, out_dir: Path, on_failure: Optional[OnFailure] = None,
+          naming: Optional[Naming] = None) -> Any:
+    """Start K local ranks, watch them, and return rank 0's result (or raise naming the failed rank).
+    ``naming`` names the run in the ranks (default: :func:`job_naming` here, in the launching process)."""
     world = int(cfg.K)
+    naming = naming or job_naming(cfg)
     on_failure = on_failure or (lambda status, reason: None)
     store, host = host_store(cfg.engine.master_addr, int(cfg.engine.master_port))
     ctx = multiprocessing.get_context("spawn")  # fork after torch started its threads is unsafe
     pipes = [ctx.Pipe(duplex=False) for _ in range(world)]  # (receive, send): each rank's outcome
-    threads = max(1, (os.cpu_count() or 1) // world)
+    threads = torch_threads(cfg)  # engine.threads: auto shares the cores among the K ranks (and a sweep's jobs)
+    os.environ.setdefault(LAUNCH_JOBS_ENV, str(concurrent_jobs()))  # the ranks have no Hydra config to read it from
     procs = [ctx.Process(target=_spawned_rank, name=f"dpl-rank-{r}",
                          args=(body, cfg, Path(out_dir), host, store.port, r, world, threads,
-                               os.getpid(), pipes[r][1]))
+                               os.getpid(), pipes[r][1], naming))
              for r in range(world)]
     outcome: dict[int, tuple[str, Any]] = {}
     order: list[int] = []
@@ -313,9 +323,10 @@ def _raise_failure(exits: dict[int, Optional[int]], outcome: dict, store: dist.S
 
 
 def _spawned_rank(body: Body, cfg: DictConfig, out_dir: Path, addr: str, port: int, rank: int, world: int,
-                  threads: int, parent: int, send) -> None:
+                  threads: int, parent: int, send, naming: Optional[Naming] = None) -> None:
     """Entry point of a spawned rank: connect to the parent's store, run, send back the result."""
     _exit_with_parent(parent)
+    carry_naming(naming)  # no Hydra here: the run is named by the launching process's overrides
     from tqdm import tqdm
 
     from dpl.run.interrupt import catch_sigterm

@@ -8,8 +8,9 @@ import math
 import re
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from dpl.errors import TrackingError
 from dpl.io import atomic_write_text
@@ -33,9 +34,9 @@ from dpl.report.tables import (
     bandwidth_rows,
     budget_rows,
     compare_groups,
-    default_baseline,
-    default_target,
     markdown,
+    natural_baseline,
+    natural_target,
     parse_baseline,
     run_rows,
     summarise,
@@ -45,12 +46,14 @@ from dpl.report.tables import (
 
 def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, metric: str = "test_acc",
                  baseline: Optional[str] = None, target_acc: Optional[float] = None,
-                 bandwidths: Sequence[float] = BANDWIDTHS_GBPS) -> list[Path]:
+                 bandwidths: Sequence[float] = BANDWIDTHS_GBPS, say: Callable[[str], None] = lambda line: None
+                 ) -> list[Path]:
     """Write summary.csv, comparisons.csv, budget.csv, runs.csv, report.md and the figures for ``runs``;
-    return the paths written. ``baseline`` is ``KEY=VALUE[,KEY=VALUE]`` (default: ``ablation=none``
-    where there is one, else the first group); ``target_acc`` the validation accuracy of the budget
-    table (default: the lowest of the groups' mean final validation accuracies); ``bandwidths`` (Gbit/s)
-    those of time_vs_bandwidth.csv."""
+    return the paths written. ``baseline`` is ``KEY=VALUE[,KEY=VALUE]`` (default: the one the runs'
+    own axes make natural, :func:`dpl.report.tables.natural_baseline`); ``target_acc`` the validation
+    accuracy of the budget table (default: the lowest of the groups' best mean validation
+    accuracies, :func:`dpl.report.tables.natural_target`); ``bandwidths`` (Gbit/s) those of
+    time_vs_bandwidth.csv. ``say`` gets one line each on the baseline and the target, and why."""
     out_dir = Path(out_dir)
     columns = group_columns(runs)
     # language models (dataset=text): bits per byte beside the loss (lower is better), where the runs have it
@@ -58,11 +61,17 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, met
     metrics, table = (METRICS + (TEXT_METRIC,), _TABLE + (TEXT_METRIC,)) if text else (METRICS, _TABLE)
     rows = summarise(runs, columns, metrics)
     groups = group_runs(runs, columns)
-    spec = parse_baseline(baseline, columns) if baseline else default_baseline(groups, list(columns))
+    spec, why = (parse_baseline(baseline, columns), "--baseline") if baseline else \
+        natural_baseline(groups, list(columns))
     if baseline and not any(all(dict(zip(columns, k))[c] == v for c, v in spec.items()) for k in groups):
         raise BaselineError(f"--baseline {baseline!r} matches no group of this report")
+    if spec:
+        say(f"baseline {' '.join(f'{c}={v}' for c, v in spec.items())} ({why}): each group is compared with "
+            f"the baseline group that agrees with it on every other column (choose with --baseline)")
     comparisons = compare_groups(runs, columns, spec)
-    target = default_target(runs, columns) if target_acc is None else target_acc
+    target, target_why = natural_target(runs, columns) if target_acc is None else (target_acc, "--target-acc")
+    if math.isfinite(target):
+        say(f"budget target {100 * target:.2f} % validation accuracy ({target_why}; choose with --target-acc)")
     budget = budget_rows(runs, columns, target) if math.isfinite(target) else []
     bandwidth = bandwidth_rows(runs, columns, target, bandwidths) if math.isfinite(target) else []
     written = [write_csv_table(rows, out_dir / "summary.csv"),
@@ -71,7 +80,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, met
                write_csv_table(bandwidth, out_dir / "time_vs_bandwidth.csv") if bandwidth else None,
                write_csv_table(run_rows(runs, columns, metrics, target=target), out_dir / "runs.csv")]
     atomic_write_text(out_dir / "report.md", markdown(rows, columns, runs, title, table, comparisons=comparisons,
-                                                      budget=budget, baseline=spec))
+                                                      budget=budget, baseline=spec,
+                                                      why={"baseline": why, "target": target_why}))
     written.append(out_dir / "report.md")
     return [p for p in written if p is not None] + write_figures(runs, columns, out_dir, metric, budget, bandwidth)
 
@@ -112,10 +122,16 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = _Parser(prog="python -m dpl.report", description=__doc__.split("\n\n")[0],
-                                epilog="With neither --experiment nor --sweep: the most recent of the latest sweep "
-                                       f"and the single runs of experiment {DEFAULT_EXPERIMENT!r}.")
+                                epilog="With neither --experiment nor --sweep: the latest sweep in the store (the "
+                                       "one whose newest run started last), or the single runs of experiment "
+                                       f"{DEFAULT_EXPERIMENT!r} where the store holds no sweep.")
     p.add_argument("--experiment", help="MLflow experiment name (a sweep's runs are in the experiment it names)")
     p.add_argument("--sweep", help="only runs with this sweep tag (across experiments unless --experiment)")
+    p.add_argument("--include-failed", action="store_true",
+                   help="a sweep's report (--sweep, or no argument) also counts and lists its runs that did not "
+                        "finish (failed, killed, interrupted, still running); by default it is its FINISHED runs "
+                        "only, as a re-run of a stopped sweep leaves the killed attempts under the same tag. An "
+                        "--experiment's report always lists them")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
                    help="MLflow store; a relative sqlite path is relative to the current directory")
     p.add_argument("--out", help="output folder, used as given (default reports/<experiment or sweep>, made one "
@@ -125,11 +141,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "else test_acc)")
     p.add_argument("--baseline", metavar="KEY=VALUE[,KEY=VALUE]",
                    help="the group every other is compared with (comparisons.csv); a group's baseline also agrees "
-                        "with it on the other columns (default: ablation=none where the runs have it, else the "
-                        "first group)")
+                        "with it on the other columns (default: the sweep's reference settings: ablation=none, "
+                        "dynamic_h=constant, compression=none, the smallest H, where those vary; docs/reports.md)")
     p.add_argument("--target-acc", type=_fraction, metavar="ACC",
                    help="validation accuracy (0-1) of the budget-to-target table (default: the lowest of the groups' "
-                        "mean final validation accuracies, which every group reaches on average)")
+                        "best mean validation accuracies, which every group's mean curve reaches)")
     p.add_argument("--bandwidths", type=_bandwidths, default=BANDWIDTHS_GBPS, metavar="GBPS[,GBPS]",
                    help="network bandwidths (Gbit/s) of the time-to-target figure (default: 1,10,100)")
     return p.parse_args(argv)
@@ -186,8 +202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.experiment is None and args.sweep is None:
         args.experiment, args.sweep, why = latest(client)
-        what = f"sweep={args.sweep!r}" if args.sweep else f"experiment={args.experiment!r}"
-        print(f"reporting {what}: {why} in {args.tracking_uri} (choose with --sweep / --experiment)")
+        what = f"sweep={args.sweep!r}" if args.sweep is not None else f"experiment={args.experiment!r}"
+        print(f"reporting {what}: {why}, in {args.tracking_uri} (choose with --sweep / --experiment)")
     kind = "sweep" if args.sweep is not None else "experiment"
     name = args.sweep if args.sweep is not None else args.experiment
     try:
@@ -198,13 +214,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (LookupError, ReportError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
+    left = [] if args.sweep is None or args.include_failed else [r for r in runs if not r.finished]
+    if left:  # a sweep's tag is shared by every attempt of it: a stopped one's killed jobs are not results
+        runs = [r for r in runs if r.finished]
+        counts = ", ".join(f"{n} {status.lower()}" for status, n in sorted(Counter(r.status for r in left).items()))
+        if runs:
+            print(f"left out {len(left)} run{'s' * (len(left) > 1)} of the sweep that did not finish ({counts}); "
+                  "--include-failed counts and lists them")
+        else:
+            print(f"error: no finished runs for sweep={name!r} in {args.tracking_uri} ({counts}; --include-failed "
+                  f"reports them)", file=sys.stderr)
+            return 2
     if not runs:
         print(f"error: no runs found for {kind}={name!r} in {args.tracking_uri}", file=sys.stderr)
         return 2
     metric = args.metric or (TEXT_METRIC if any(TEXT_METRIC in r.metrics for r in runs) else "test_acc")
     try:
         paths = write_report(runs, out, title=f"dpl report: {name}", metric=metric, baseline=args.baseline,
-                             target_acc=args.target_acc, bandwidths=args.bandwidths)
+                             target_acc=args.target_acc, bandwidths=args.bandwidths, say=print)
     except BaselineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ what differs between them (the seed aside, which a group averages over)."""
 
 from __future__ import annotations
 
+import datetime
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -218,30 +219,35 @@ def mean_curve(histories: Iterable[Sequence[tuple[int, float]]]) -> tuple[list[i
     return list(by_step), [statistics.fmean(v) for v in by_step.values()]
 
 
-def ci_curve(histories: Iterable[Sequence[tuple[int, float]]]) -> tuple[list[float], list[float]]:
-    """The per-step 95 % interval of the mean (nan where fewer than two runs logged the step)."""
-    summaries = [stats.describe(v) for v in _by_step(histories).values()]
+def ci_curve(histories: Iterable[Sequence[tuple[int, float]]],
+             bounds: Optional[tuple[float, float]] = None) -> tuple[list[float], list[float]]:
+    """The per-step 95 % interval of the mean (nan where fewer than two runs logged the step): Student's
+    t, or with ``bounds`` (an accuracy's (0, 1)) the logit interval that stays inside them
+    (:func:`dpl.report.stats.describe_bounded`)."""
+    describe = stats.describe if bounds is None else lambda v: stats.describe_bounded(v, *bounds)
+    summaries = [describe(v) for v in _by_step(histories).values()]
     return [s.lo for s in summaries], [s.hi for s in summaries]
 
 
 def latest(client) -> tuple[Optional[str], Optional[str], str]:
-    """(experiment, sweep, why) to report when none is named: the newer of the latest sweep (by its
-    parent run) and the latest run of the default experiment."""
+    """(experiment, sweep, why) to report when none is named: the latest sweep in the store, the one
+    whose newest run (a job tagged ``sweep``, or the parent run of a sweep YAML) started last, in
+    whichever experiment it is (``-m`` sweeps logged before they had parent runs share experiment
+    "dpl" with single runs: their jobs' tag finds them); the single runs of the default experiment
+    only where the store holds no sweep, even when single runs came after the sweep (a smoke run is
+    not what a researcher means by "the latest results"). ``why`` says which and why, in words."""
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
-        return DEFAULT_EXPERIMENT, None, "the default experiment (the store holds no runs)"
-    newest = lambda query: next(iter(client.search_runs(experiments, filter_string=query, max_results=1,  # noqa: E731
-                                                          order_by=["attributes.start_time DESC"])), None)
-    sweep = newest(f"tags.{PARENT_TAG} LIKE '%'")
-    single = None
-    default = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
-    if default is not None:
-        single = next(iter(client.search_runs([default.experiment_id], max_results=1,
-                                              order_by=["attributes.start_time DESC"])), None)
-    if sweep is not None and (single is None or sweep.info.start_time >= single.info.start_time):
-        return None, sweep.data.tags[PARENT_TAG], "the latest sweep"
-    return DEFAULT_EXPERIMENT, None, "the default experiment of single runs (newer than any sweep)" \
-        if sweep is not None else "the default experiment of single runs (no sweep in the store)"
+        return DEFAULT_EXPERIMENT, None, "the store holds no runs"
+    newest = [run for tag in ("sweep", PARENT_TAG)
+              for run in client.search_runs(experiments, filter_string=f"tags.`{tag}` LIKE '%'", max_results=1,
+                                            order_by=["attributes.start_time DESC"])]
+    if not newest:
+        return DEFAULT_EXPERIMENT, None, "the store holds no sweep, so the single runs of the default experiment"
+    run = max(newest, key=lambda r: r.info.start_time or 0)
+    started = datetime.datetime.fromtimestamp((run.info.start_time or 0) / 1000, datetime.timezone.utc)
+    return None, run.data.tags.get("sweep", run.data.tags.get(PARENT_TAG)), \
+        f"the latest sweep in the store (its newest run started {started:%Y-%m-%d %H:%M} UTC)"
 
 
 def _by_seed(runs: Iterable[RunRecord], metric: str) -> list[tuple[str, float]]:

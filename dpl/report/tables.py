@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from dpl.io import write_csv
 from dpl.report import stats
-from dpl.report.budget import BUDGETS, final_value, time_to_target_at, to_target
+from dpl.report.budget import ACCURACY, BUDGETS, time_to_target_at, to_target
 from dpl.report.fetch import (
     COMPARED,
     FAILED,
@@ -23,10 +22,13 @@ from dpl.report.fetch import (
     _changes_h,
     _key,
     _local,
+    _sort_value,
     _values,
     group_runs,
+    mean_curve,
 )
 from dpl.run.plots import short_number
+from dpl.tracking.results import csv_cell
 
 _MIB = 2.0**20
 
@@ -85,14 +87,61 @@ def parse_baseline(text: str, columns: Mapping[str, str]) -> dict[str, str]:
     return spec
 
 
+# The reference value a sweep's axis marks itself, and what it means; applied, in this order, to each such
+# axis whose value differs between the groups (none of them is a method: see natural_baseline).
+_REFERENCES = (("ablation", QUIET_DEFAULTS["ablation"], "the study row as it is"),
+               ("dynamic_h", "constant", "H not adapted"),
+               ("compression", QUIET_DEFAULTS["compression"], "syncs not compressed"))
+
+
+def natural_baseline(groups: Mapping[tuple[str, ...], Sequence[RunRecord]],
+                     columns: Sequence[str]) -> tuple[dict[str, str], str]:
+    """(spec, why): the baseline the sweep's own axes make natural, and the rule that chose it, in words.
+
+    The axes are the columns whose value differs between the groups with a finished run (dataset
+    aside: each group is compared within its dataset). The spec sets, in turn, every axis that
+    has a reference value among the groups still matching: ``ablation=none``, ``dynamic_h=constant``,
+    ``compression=none``; then ``H`` at its smallest value among those (the most synchronous
+    setting of a sweep over H). Without any of these, ``method=centralized`` where a method axis
+    has it (synchronous data parallelism); else the first numeric axis at its smallest value (the
+    fewest workers, the smallest batch), else the first axis at its first value. The groups come
+    from the report's runs only, so the baseline is always a group of the sweep; every group is
+    compared with the baseline group that agrees with it on every other column
+    (:func:`baseline_of`).
+    """
+    names = list(columns)
+    candidates = [dict(zip(names, k)) for k, members in groups.items() if any(r.finished for r in members)]
+    axes = [c for c in names if c != "dataset" and len({row[c] for row in candidates}) > 1]
+    spec: dict[str, str] = {}
+    why: list[str] = []
+
+    def choose(column: str, value: str, meaning: str) -> None:
+        nonlocal candidates
+        spec[column] = value
+        why.append(f"{column}={value}: {meaning}")
+        candidates = [row for row in candidates if row[column] == value]
+
+    for column, value, meaning in _REFERENCES:
+        if column in axes and any(row[column] == value for row in candidates):
+            choose(column, value, meaning)
+    if "H" in axes:
+        choose("H", min((row["H"] for row in candidates), key=_sort_value),
+               "the smallest H of the sweep, its most synchronous setting")
+    if not spec and "method" in axes and any(row["method"] == "centralized" for row in candidates):
+        choose("method", "centralized", "synchronous data-parallel training")
+    if not spec and axes:
+        numeric = [c for c in axes if all(not math.isnan(_float(row[c])) for row in candidates)]
+        column = (numeric or axes)[0]
+        choose(column, min((row[column] for row in candidates), key=_sort_value),
+               f"the first {'numeric ' if numeric else ''}axis of the sweep at its smallest value")
+    if not spec:
+        return {}, "one group: nothing to compare"
+    return spec, "; ".join(why)
+
+
 def default_baseline(groups: Mapping[tuple[str, ...], Sequence[RunRecord]], columns: Sequence[str]) -> dict[str, str]:
-    """The reference the runs mark themselves (``ablation=none`` in an ablation), else the first group
-    with a finished run."""
-    plain = QUIET_DEFAULTS["ablation"]  # the study row as it is
-    if "ablation" in columns and any(dict(zip(columns, k))["ablation"] == plain for k in groups):
-        return {"ablation": plain}
-    first = next((k for k, members in groups.items() if any(r.finished for r in members)), None)
-    return dict(zip(columns, first)) if first is not None else {}
+    """The baseline spec of :func:`natural_baseline`."""
+    return natural_baseline(groups, columns)[0]
 
 
 def baseline_of(groups: Sequence[tuple[str, ...]], columns: Sequence[str],
@@ -141,14 +190,35 @@ def compare_groups(runs: Sequence[RunRecord], columns: Mapping[str, str], spec: 
     return rows
 
 
+def natural_target(runs: Sequence[RunRecord], columns: Mapping[str, str]) -> tuple[float, str]:
+    """(target, why): the budget table's default target validation accuracy and the rule, in words.
+
+    Each group's mean validation-accuracy curve over its finished runs (the per-epoch mean over the
+    seeds, :func:`dpl.report.fetch.mean_curve`) has a best epoch; the target is the lowest of these
+    best means. Every group's mean curve reaches it, so every group has a budget to compare, and it
+    comes from the groups' own curves (a group that never learned does not set it from outside: a
+    report's runs are one sweep's finished ones). nan without a logged validation accuracy."""
+    names = list(columns)
+    groups = group_runs(runs, columns)
+    best = []
+    for key, members in groups.items():
+        steps, means = mean_curve(r.history.get(ACCURACY) or [] for r in members if r.finished)
+        finite = [(m, -step) for step, m in zip(steps, means) if math.isfinite(m)]
+        if finite:
+            value, step = max(finite)  # the best mean, at its first epoch
+            best.append((value, -step, key))
+    if not best:
+        return math.nan, "no finished run logged a validation accuracy"
+    value, epoch, key = min(best, key=lambda b: b[0])
+    varying = [c for i, c in enumerate(names) if len({k[i] for k in groups}) > 1]
+    label = " ".join(f"{c}={v}" for c, v in zip(names, key) if c in varying) or "the one group"
+    return value, (f"the lowest of the groups' best mean validation accuracies, that of {label} at epoch {epoch}; "
+                   "every group's mean curve reaches it")
+
+
 def default_target(runs: Sequence[RunRecord], columns: Mapping[str, str]) -> float:
-    """The lowest of the groups' mean final validation accuracies: a target every group reaches on average."""
-    means = []
-    for members in group_runs(runs, columns).values():
-        finals = [v for v in (final_value(r.history) for r in members if r.finished) if math.isfinite(v)]
-        if finals:
-            means.append(statistics.fmean(finals))
-    return min(means) if means else math.nan
+    """The target of :func:`natural_target`."""
+    return natural_target(runs, columns)[0]
 
 
 def budget_rows(runs: Sequence[RunRecord], columns: Mapping[str, str], target: float) -> list[dict[str, Any]]:
@@ -236,7 +306,7 @@ def _md_row(cells: Sequence[Any], bold: Iterable[int] = ()) -> str:
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
-    return str(value)
+    return csv_cell(value)  # a group's label holds users' names (sweep, experiment, run): never a live formula
 
 
 def write_csv_table(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
@@ -292,8 +362,11 @@ def _h_cell(row: Mapping[str, Any]) -> str:
 
 def markdown(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str], runs: Sequence[RunRecord],
              title: str, metrics: Sequence[str] = _TABLE, comparisons: Sequence[Mapping[str, Any]] = (),
-             budget: Sequence[Mapping[str, Any]] = (), baseline: Mapping[str, str] | None = None) -> str:
-    params, columns = columns, list(columns)
+             budget: Sequence[Mapping[str, Any]] = (), baseline: Mapping[str, str] | None = None,
+             why: Mapping[str, str] | None = None) -> str:
+    """report.md; ``why`` ({"baseline": ..., "target": ...}) says how the baseline and the budget's target
+    were chosen, a sentence under each table."""
+    params, columns, why = columns, list(columns), why or {}
     local = any(_local(r.params.get("method.name")) for r in runs)
     shown = [m for m in metrics if m not in _H_SUMMARY or (m == "H_mean" and local)]
     head = [*columns, "failed", *(_SHOWN.get(m, (m,))[0] for m in shown)]
@@ -310,8 +383,12 @@ def markdown(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str], runs
         lines.append(_md_row([*cells, row["failed"], *(_fmt(row, m) for m in shown)]))
     if comparisons:
         lines += ["", *_comparison_lines(comparisons, baseline or {})]
+        if why.get("baseline"):
+            lines += ["", f"Baseline: {md_escape(why['baseline'])}."]
     if budget:
         lines += ["", *_budget_lines(budget, columns)]
+        if why.get("target"):
+            lines += ["", f"Target: {md_escape(why['target'])}."]
     failed = [r for r in runs if r.status in (*FAILED, INTERRUPTED)]
     if failed:
         lines += ["", "## Failed runs", "", "| run | group | status | reason |", "|---|---|---|---|"]

@@ -20,14 +20,13 @@ from dpl.errors import ConfigError, Diverged, first_line
 from dpl.io import write_csv
 from dpl.run import checkpoint
 from dpl.run.build import build_trainer, load_training_state, resolve_path
-from dpl.run.plots import plot_history
 from dpl.run.preempt import Preempted
 from dpl.run.recorder import Recorder
-from dpl.tracking.loggers import make_logger
 from dpl.tracking.params import config_hash, flatten_config, launch_dir
 from dpl.tracking.results import check_results_file, check_writable_dir
 from dpl.tracking.run_names import CONTROL, in_multirun
 from dpl.tracking.store import end_run_if_running, resolve_tracking_uri
+from dpl.tracking.store_process import make_logger
 
 log = logging.getLogger("dpl")
 
@@ -35,7 +34,8 @@ log = logging.getLogger("dpl")
 DIVERGED_OBJECTIVE = float("nan")
 # Keys a resume may pass that change how the job runs, not what it computes.
 RESUME_KEYS = ("resume", "progress", "engine.spawn", "device", "dataset.root", "dataset.download", "test_only",
-               "checkpoint", "engine.compile", "engine.eval_batch_size", "engine.memory_format", "results_csv",
+               "checkpoint", "engine.compile", "engine.eval_batch_size", "engine.memory_format", "engine.threads",
+               "results_csv",
                "logger.tracking_uri", "engine.master_addr", "engine.master_port")
 # Keys that choose what a run writes to or contacts. A job dir is data that researchers pass around like a
 # checkpoint: these come from the command (its value or default), never from the stored config (a planted
@@ -176,6 +176,8 @@ def salvage(cfg: DictConfig, out_dir: Path, status: str, reason: str) -> None:
     if rows:
         write_csv(out_dir / "history.csv", rows)
         if cfg.logger.plots:
+            from dpl.run.plots import plot_history
+
             plot_history(rows, out_dir / "plots")
     if ckpt.get("run_id") and ckpt.get("tracking_uri"):
         end_run_if_running(ckpt["tracking_uri"], ckpt["run_id"], status, reason)

@@ -167,10 +167,7 @@ class MlflowLogger:
         uri = resolve_tracking_uri(self.cfg.tracking_uri, launch_dir())
         self.tracking_uri = uri
         self._client = open_store(uri)
-        tags = {**tags, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
-        started = process_start(os.getpid())
-        if started is not None:  # with the PID, it names this process: a reused PID is not the run's
-            tags[PID_START_TAG] = started
+        tags = {**process_tags(), **tags}  # (a store process's caller names its own process)
         suggested = tags.pop(RUN_NAME_TAG, None)  # the caller's name for a new run (a config's run_name wins)
         resumed = resume_run_id is not None and _run_exists(self._client, resume_run_id)
         if resumed:
@@ -246,6 +243,16 @@ class MlflowLogger:
         limit = _mlflow_limit("MAX_TAG_VAL_LENGTH")
         batch = [RunTag(k, _truncate(str(v), limit)) for k, v in tags.items() if v is not None]
         self._client.log_batch(self.run_id, tags=batch)
+
+
+def process_tags() -> dict[str, str]:
+    """The host and process a run is trained in: whether its process is gone (a RUNNING run whose process
+    died is ended KILLED by dpl.report and re-run sweeps) is judged by them."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    started = process_start(os.getpid())
+    if started is not None:  # with the PID, it names this process: a reused PID is not the run's
+        tags[PID_START_TAG] = started
+    return tags
 
 
 def make_logger(cfg_logger: Any) -> Logger:

@@ -16,6 +16,11 @@ from dpl.tracking.run_names import BOOKKEEPING
 
 NOT_HASHED = BOOKKEEPING  # keys that change how a job runs or is displayed, not what it computes
 SOURCE_NAME = "python -m dpl"  # the Source column of the MLflow UI
+# The params that tell runs apart beyond method, K, H, optimizer, lr and seed: runs that differ only in
+# batch size, data size or noise look identical in MLflow's runs table unless these are columns of dpl's
+# view (dpl.tracking.store.VIEW_COLUMNS), and MLflow shows no param as a column by default.
+VIEW_PARAMS = ("batch_size", "dataset.num_train", "dataset.noise")
+VIEW_METRICS = ("comm_mib_total",)  # bytes sent per worker in MiB (dpl.run.recorder.in_mib), not 95755440
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, str]:

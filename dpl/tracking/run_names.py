@@ -6,16 +6,23 @@ narrow name column always shows K and H. After it come the keys that differ betw
 of the experiment, in short form:
 
 * a single run: its command-line overrides whose value is not the default one
-  (``engine=distributed epochs=3 dataset.num_train=2000`` -> ``-distributed-epochs3-num_train2k``);
+  (``engine=distributed epochs=3 dataset=synthetic dataset.num_train=2000`` ->
+  ``-distributed-epochs3-synthetic-num_train2k``);
 * a sweep's job: the keys the sweep varies (the others are the same in every job), then the
   job number, ``#3``.
+
+Both come from Hydra's runtime config, which only the Hydra job's process has: the ranks that
+``engine=distributed`` spawns are handed them (:func:`job_naming` in the job's process,
+:func:`carry_naming` in each rank), so a distributed run is named from the same overrides as its
+simulation.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,7 +33,7 @@ from dpl.errors import ConfigError
 BOOKKEEPING = ("progress", "resume", "test_only", "checkpoint", "checkpoint_every", "results_csv", "device",
                "dataset.root", "dataset.download",
                "engine.timeout_s", "engine.master_addr", "engine.master_port", "engine.spawn", "engine.simulate",
-               "engine.compile", "engine.eval_batch_size")
+               "engine.compile", "engine.eval_batch_size", "engine.threads")
 _NOT_NAMED = (*BOOKKEEPING, "sweep", "logger")  # the sweep: the experiment and a tag already
 _NOT_NAMED_PREFIXES = ("logger.", "hydra.")
 # Already in the name's first part.
@@ -77,11 +84,36 @@ def printable(text: str) -> str:
     return CONTROL.sub("?", text)
 
 
+@dataclass(frozen=True)
+class Naming:
+    """What names a job's run beside its config: its naming overrides (``key=value``) and job number."""
+
+    overrides: tuple[str, ...]
+    job: Optional[int]
+
+
+_carried: Optional[Naming] = None  # this process's job naming, handed over by the job's own process
+
+
+def job_naming(cfg: DictConfig) -> Naming:
+    """This job's :class:`Naming`: the one carried into this process, else Hydra's (see the module)."""
+    if _carried is not None:
+        return _carried
+    return Naming(tuple(naming_overrides(cfg)), job_num())
+
+
+def carry_naming(naming: Optional[Naming]) -> None:
+    """Name the runs of this process by ``naming`` (:func:`job_naming` of the Hydra job's process), not
+    by Hydra: a spawned rank has no Hydra config, and would name its run by the base config alone."""
+    global _carried
+    _carried = naming
+
+
 def run_name(cfg: DictConfig, local_steps: bool = True, overrides: Sequence[str] | None = None,
              job: int | None = None) -> str | None:
     """``localsgd-K4-H8-sgdm-s0`` plus ``overrides`` in short form plus ``#<job>`` (see the module).
 
-    ``overrides`` (``key=value`` strings) and ``job`` default to what Hydra says of this job; the
+    ``overrides`` (``key=value`` strings) and ``job`` default to this job's :func:`job_naming`; the
     name is None (MLflow picks one) for a config without a method."""
     get = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
     method = get("method.name")
@@ -94,11 +126,12 @@ def run_name(cfg: DictConfig, local_steps: bool = True, overrides: Sequence[str]
         if strategy in STRATEGIES and STRATEGIES[strategy].facts.changes_h:
             parts.append(str(strategy))
     parts += [str(get("optimizer.name", "")), f"s{get('seed', 0)}"]
+    naming = job_naming(cfg) if overrides is None or job is None else None
     if overrides is None:
-        overrides = naming_overrides(cfg)
+        overrides = naming.overrides
     parts += [short_override(o, cfg) for o in overrides if _names_a_run(_key(o))]
     if job is None:
-        job = job_num()
+        job = naming.job
     if job is not None:
         parts.append(f"#{job}")
     # the overrides' values were checked on the command line; a name made from a YAML's may still hold one
@@ -191,6 +224,19 @@ def swept_keys(sweeper_params: Any, task_overrides: Sequence[str]) -> list[str]:
     keys = [str(k) for k in (sweeper_params or {})]
     keys += [_key(o) for o in task_overrides if "," in o or "(" in o]
     return list(dict.fromkeys(keys))
+
+
+# A derived sweep name is one folder name (multirun/<sweep>/) well under the file systems' 255 bytes.
+SWEEP_NAME_MAX = 128
+
+
+def derived_sweep_name(keys: Sequence[str]) -> str:
+    """The name of a command-line sweep given no ``sweep=``: ``sweep`` and the keys it varies, in
+    command-line order, ``H=1,8 seed=0,1,2`` -> ``sweep-H-seed`` (a group's ``/`` as ``.``, control
+    characters as ``?``, at most :data:`SWEEP_NAME_MAX` characters). The same swept keys give the same
+    name, so the command run again finds its sweep (its parent run, its finished jobs)."""
+    parts = ["sweep", *dict.fromkeys(k.lstrip("+~").replace("/", ".") for k in keys)]
+    return printable("-".join(p for p in parts if p))[:SWEEP_NAME_MAX]
 
 
 def in_multirun() -> bool:

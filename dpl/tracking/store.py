@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from dpl.errors import ConfigError, TrackingError
 from dpl.run.interrupt import resume_hint
 from dpl.tracking import store_file
-from dpl.tracking.params import launch_dir
+from dpl.tracking.params import VIEW_METRICS, VIEW_PARAMS, launch_dir
 from dpl.tracking.results import check_writable_file
 
 log = logging.getLogger("dpl")
@@ -45,7 +45,9 @@ VIEW_KEY = "dpl"
 UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store by default
 VIEW_COLUMNS = ("params.`dataset.name`", "params.`method.name`", "params.`K`", "params.`H`",
                 "params.`dynamic_h.name`", "params.`optimizer.name`", "params.`lr`", "params.`seed`",
-                "metrics.`test_acc`", "metrics.`best_val_acc`", "metrics.`H_mean`", "metrics.`comm_bytes_total`")
+                *(f"params.`{k}`" for k in VIEW_PARAMS),  # runs that differ only there must not look alike
+                "metrics.`test_acc`", "metrics.`best_val_acc`", "metrics.`H_mean`",
+                *(f"metrics.`{m}`" for m in VIEW_METRICS))
 _PARAM_LIMIT_FALLBACK = 6000  # MLflow's MAX_PARAM_VAL_LENGTH in 2.x / 3.x
 _TRUNCATED = "...[truncated]"
 

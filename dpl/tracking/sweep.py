@@ -1,11 +1,16 @@
 """One MLflow parent run per sweep, with the sweep's jobs nested under it as child runs.
 
-A sweep YAML in ``sweeps/`` registers the callback::
+A sweep YAML in ``sweeps/`` registers the callback through ``sweeps/_sweep.yaml``, which every
+sweep config lists::
 
     hydra:
       callbacks:
         mlflow_parent:
           _target_: dpl.tracking.sweep.MlflowParentRun
+
+A ``-m`` command line without a sweep config gets the same settings (:func:`command_line_sweep`:
+``_sweep.yaml``'s keys as overrides, and a ``sweep=`` name derived from the swept keys when none is
+given), so it has the same parent run, experiment and ``multirun/<sweep>/`` folder.
 
 Hydra calls :meth:`MlflowParentRun.on_multirun_start` in the launching process before
 the sweeper starts any job. The parent run's id reaches the jobs through the
@@ -35,19 +40,22 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from dpl.errors import ConfigError
-from dpl.tracking.run_names import SWEPT_KEYS_ENV, swept_keys
+from dpl.tracking.run_names import NAME_KEYS, SWEPT_KEYS_ENV, derived_sweep_name, swept_keys
 
 log = logging.getLogger("dpl")
 
 PARENT_RUN_ENV = "DPL_SWEEP_PARENT_RUN_ID"
 PARENT_TAG = "sweep_parent"
 _SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
+
+
+_active: Optional["MlflowParentRun"] = None  # this process's open parent run (discard_unused_parent)
 
 
 def parent_run_id() -> Optional[str]:
@@ -60,6 +68,7 @@ class MlflowParentRun(Callback):
 
     def __init__(self) -> None:
         self.logger = None
+        self.made_store: Optional[Path] = None  # the SQLite file this sweep's parent run created
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         plain_optuna_logs()
@@ -85,6 +94,11 @@ class MlflowParentRun(Callback):
         tags = {PARENT_TAG: name, "sweep_dir": str(_sweep_dir(config)), **source_tags(),
                 "sweeper": str(config.hydra.sweeper.get("_target_", "")),
                 "sweep_params": _sweep_params(config)}
+        from dpl.tracking.params import launch_dir
+        from dpl.tracking.store import resolve_tracking_uri, sqlite_path
+
+        db = sqlite_path(resolve_tracking_uri(str(config.logger.tracking_uri), launch_dir()))
+        self.made_store = db if db is not None and not db.exists() else None
         earlier = _unfinished_parent(config, name, tags["sweep_params"])
         # The parent's params are the sweep's own settings, not a job's config (K=4 H=4 of the base
         # config would make it read as one more run in the table). A re-run of a sweep that was
@@ -93,6 +107,8 @@ class MlflowParentRun(Callback):
         if earlier:
             log.info("sweep %s: continuing the parent run %s of the stopped sweep", name, earlier)
         os.environ[PARENT_RUN_ENV] = run_id
+        global _active
+        _active = self
         atexit.register(self._interrupted)  # Hydra skips on_multirun_end when a job's Ctrl-C ends the sweep
         log.info("sweep %s: MLflow parent run %s", name, run_id)
 
@@ -109,16 +125,48 @@ class MlflowParentRun(Callback):
             self.logger.finish("FINISHED")
             self._close()
 
-    def _close(self) -> None:
+    def _close(self, say: bool = True) -> None:
         """Say where the sweep's runs are; forget the parent run."""
         from dpl.tracking.store import link_line
 
-        line = link_line(self.logger.tracking_uri, self.logger.experiment_id)
+        global _active
+        line = link_line(self.logger.tracking_uri, self.logger.experiment_id) if say else None
         if line is not None:
             log.info("%s", line)
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(SWEPT_KEYS_ENV, None)
         self.logger = None
+        if _active is self:
+            _active = None
+
+    def discard(self) -> bool:
+        """Remove the parent run of a sweep none of whose jobs made a run, and the SQLite store if this
+        sweep made it (its file, lock and the parent's artifacts): True if it was removed. A sweep refused
+        before any job ran leaves no trace, as a refused run leaves none."""
+        import shutil
+        from urllib.parse import urlparse
+
+        from dpl.tracking.store import mlflow_client
+
+        if self.logger is None:
+            return False
+        client = mlflow_client(self.logger.tracking_uri)
+        parent = client.get_run(self.logger.run_id)
+        if client.search_runs([parent.info.experiment_id], max_results=1,
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"):
+            return False  # a job recorded a run: the sweep ends as any other (KILLED at exit)
+        client.delete_run(parent.info.run_id)
+        if self.made_store is not None:
+            artifacts = urlparse(parent.info.artifact_uri)
+            if artifacts.scheme in ("", "file"):
+                shutil.rmtree(Path(artifacts.path).parent, ignore_errors=True)  # <root>/<run id>/artifacts
+                root = Path(artifacts.path).parent.parent
+                if root.is_dir() and not any(root.iterdir()):
+                    root.rmdir()
+            for path in (self.made_store, self.made_store.with_name(self.made_store.name + ".lock")):
+                path.unlink(missing_ok=True)
+        self._close(say=False)
+        return True
 
     def _interrupted(self) -> None:
         if self.logger is None:
@@ -146,6 +194,16 @@ class MlflowParentRun(Callback):
         if best:
             summary["best_val_acc"] = max(best)
         return summary
+
+
+def discard_unused_parent() -> bool:
+    """:meth:`MlflowParentRun.discard` of this process's open parent run, if any (a launcher whose jobs
+    could not start calls it before it exits)."""
+    try:
+        return _active.discard() if _active is not None else False
+    except Exception as e:  # noqa: BLE001 - the launcher's error line matters more; the atexit hook ends the run
+        log.warning("sweep: could not remove its unused parent run: %s", e)
+        return False
 
 
 def _unfinished_parent(config: DictConfig, name: str, params: str) -> Optional[str]:
@@ -186,6 +244,50 @@ def plain_optuna_logs() -> None:
     optuna.logging.enable_propagation()
 
 
+def command_line_sweep(overrides: Sequence[str], shared: Path) -> list[str]:
+    """The overrides that run a ``-m`` command line without a sweep config as a sweep config runs:
+    the settings of ``shared`` (``sweeps/_sweep.yaml``, which every sweep config lists: the callback that
+    opens the parent run, job dirs in ``multirun/${sweep}/<time>/``, the experiment named by the sweep)
+    where the command line does not set them, and ``sweep=<name>`` when it gives none
+    (:func:`dpl.tracking.run_names.derived_sweep_name` of the swept keys). One way in for both kinds of
+    sweep: a change to ``_sweep.yaml`` reaches command-line sweeps too."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    given = {o.key_or_group: o for o in parsed}
+    extra = []
+    named = given.get("sweep")
+    if named is not None and named.is_sweep_override():  # one sweep, one experiment and one folder
+        raise ConfigError(f"{named.input_line} is invalid under -m: allowed one name (it names the sweep's "
+                          f"MLflow experiment, parent run and folder, multirun/<sweep>/)")
+    if named is None:
+        extra.append(f"sweep={derived_sweep_name([o.key_or_group for o in parsed if o.is_sweep_override()])}")
+    for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(shared), resolve=False)):
+        if key == "hydra.mode" or key in given:  # -m says it already; the command line wins
+            continue
+        # the callback is a new key of hydra.callbacks (++: added, or set where a config has it already)
+        extra.append(f"{'++' if key.startswith('hydra.callbacks.') else ''}{key}={_override_value(value)}")
+    return extra
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict) and node:
+        return [leaf for k, v in node.items() for leaf in _leaves(v, f"{prefix}{k}.")]
+    return [(prefix[:-1], node)]
+
+
+def _override_value(value: Any) -> str:
+    """``value`` as Hydra's override grammar reads it back: interpolations stay (quoted, so ``:`` and
+    ``%`` are text), quotes escaped."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return str(value)
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
 def sweep_settings(config: DictConfig, name: str) -> dict[str, str]:
     """The parent run's params: sweep name, sweeper, each swept key's values (``swept.K``: ``2,4,8``),
     the fixed command-line overrides every job shares, and the number of jobs planned."""
@@ -196,6 +298,8 @@ def sweep_settings(config: DictConfig, name: str) -> dict[str, str]:
     fixed = []
     for override in config.hydra.overrides.task:  # the command line wins over the YAML's grid
         key = override.split("=", 1)[0].lstrip("+~")
+        if key in NAME_KEYS:  # names, not settings: the sweep's is the param "sweep"
+            continue
         if "," in override or "(" in override or key in by_key:
             by_key[key] = override
         else:

@@ -45,6 +45,10 @@ class _DplJobs(BaseSubmititLauncher):
             check_store_for_launcher(str(self.config.logger.tracking_uri), type(self).__name__)
         import submitit
 
+        from dpl.core.engines import LAUNCH_JOBS_ENV
+
+        if self._EXECUTOR == "local":  # every job of the sweep starts at once on this machine: each takes a share
+            os.environ[LAUNCH_JOBS_ENV] = str(len(job_overrides))  # of the cores (engine.threads=auto)
         try:
             returns = super().launch(job_overrides, initial_job_idx)
         except submitit.core.utils.UncompletedJobError as e:  # its process ended before the job ran
@@ -138,6 +142,9 @@ def _exit_not_started(e: BaseException, setup: Optional[Sequence[str]]) -> None:
     shown = f": {said[-1].strip()[:300]}" if said else " and printed nothing"
     where = f" (hydra.launcher.setup={list(setup)} ran before it)" if setup else ""
     job = message[0].split(" with path")[0] if message else "a job"
+    from dpl.tracking.sweep import discard_unused_parent
+
+    discard_unused_parent()  # no job ran: no parent run (nor a store made for it) is left behind
     print(f"error: {job} of the sweep did not start: its process exited without a result{where}{shown}",
           file=sys.stderr)
     sys.exit(2)
