@@ -62,6 +62,7 @@ def run_cli(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
     code, threads = 0, torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # as the tests' subprocesses run (OMP_NUM_THREADS=1)
+        os.environ["OMP_NUM_THREADS"] = "1"  # engine.threads=auto reads it (the environment is put back below)
         os.chdir(cwd)
         os.environ["DPL_NO_FAST_EXIT"] = "1"  # this process goes on after the command (dpl.__main__)
         sys.argv = ["dpl", *args]

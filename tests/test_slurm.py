@@ -75,7 +75,8 @@ def test_local_launcher_sweep_lands_every_job_and_a_rerun_skips_them(tmp_path):
     assert not (tmp_path / "sweep" / ".submitit").exists()  # submitit's pickles, gone with the sweep
 
     # the sweep again (its K=1 half): each job finds its finished run in its own process and is skipped
-    again = run_cli(tmp_path, [*grid[:-2], "K=1", "H=1,2", f"hydra.sweep.dir={tmp_path / 'again'}"])
+    # (K still swept, with one value: the same keys give the same derived sweep name, sweep-K-H)
+    again = run_cli(tmp_path, [*grid[:-2], "K=choice(1)", "H=1,2", f"hydra.sweep.dir={tmp_path / 'again'}"])
     assert again.returncode == 0, again.stderr[-3000:]
     outs = [p.read_text() for p in (tmp_path / "again").glob("*/console.log")]
     assert len(outs) == 2 and all("already finished as MLflow run" in out for out in outs), outs

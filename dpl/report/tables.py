@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from dpl.config.store import default_options
 from dpl.io import write_csv
 from dpl.report import stats
 from dpl.report.budget import ACCURACY, BUDGETS, time_to_target_at, to_target
@@ -90,8 +91,15 @@ def parse_baseline(text: str, columns: Mapping[str, str]) -> dict[str, str]:
 # The reference value a sweep's axis marks itself, and what it means; applied, in this order, to each such
 # axis whose value differs between the groups (none of them is a method: see natural_baseline).
 _REFERENCES = (("ablation", QUIET_DEFAULTS["ablation"], "the study row as it is"),
-               ("dynamic_h", "constant", "H not adapted"),
+               ("dynamic_h", default_options()["dynamic_h"], "H not adapted"),  # (constant: H as given)
                ("compression", QUIET_DEFAULTS["compression"], "syncs not compressed"))
+
+
+def _synchronous(method: str) -> bool:
+    """The method all-reduces the gradients at every step (its facts: centralized)."""
+    from dpl.core.methods import METHODS
+
+    return method in METHODS and METHODS[method].facts.synchronous
 
 
 def natural_baseline(groups: Mapping[tuple[str, ...], Sequence[RunRecord]],
@@ -127,8 +135,9 @@ def natural_baseline(groups: Mapping[tuple[str, ...], Sequence[RunRecord]],
     if "H" in axes:
         choose("H", min((row["H"] for row in candidates), key=_sort_value),
                "the smallest H of the sweep, its most synchronous setting")
-    if not spec and "method" in axes and any(row["method"] == "centralized" for row in candidates):
-        choose("method", "centralized", "synchronous data-parallel training")
+    synchronous = [row["method"] for row in candidates if "method" in axes and _synchronous(row["method"])]
+    if not spec and synchronous:  # (centralized)
+        choose("method", synchronous[0], "synchronous data-parallel training")
     if not spec and axes:
         numeric = [c for c in axes if all(not math.isnan(_float(row[c])) for row in candidates)]
         column = (numeric or axes)[0]

@@ -42,12 +42,12 @@ _server: Optional["StoreProcess"] = None
 
 
 def begin(cfg_logger: Any) -> None:
-    """Fork the store process for the store of ``cfg_logger`` (an MLflow logger's node), or keep the one
+    """Fork the store process for the store of ``cfg_logger`` (a logger with a store: MLflow's), or keep the one
     that serves it (the jobs of a sequential sweep share it). Nothing where a fork is unsafe or pointless:
     another logger, a process with threads or with torch imported (an embedding process, a test), a rank
     of torchrun other than 0, no ``os.fork``, ``DPL_STORE_PROCESS=0``."""
     global _server
-    if (cfg_logger.get("name") != "mlflow" or os.environ.get("DPL_STORE_PROCESS") == "0"
+    if (not _has_store(cfg_logger) or os.environ.get("DPL_STORE_PROCESS") == "0"
             or not hasattr(os, "fork") or threading.active_count() > 1 or "torch" in sys.modules
             or os.environ.get("RANK", "0") != "0"):  # torchrun's other ranks record nothing
         return
@@ -70,8 +70,14 @@ def serving(cfg_logger: Any) -> Optional["StoreProcess"]:
 def make_logger(cfg_logger: Any) -> loggers.Logger:
     """The logger of the ``logger`` config node: the store process's where one serves its store, else one
     in this process (:func:`dpl.tracking.loggers.make_logger`)."""
-    server = serving(cfg_logger) if cfg_logger.get("name") == "mlflow" else None
+    server = serving(cfg_logger) if _has_store(cfg_logger) else None
     return RemoteLogger(server, cfg_logger) if server is not None else loggers.make_logger(cfg_logger)
+
+
+def _has_store(cfg_logger: Any) -> bool:
+    """The logger keeps its runs in a store (MLflow's): what a store process is for."""
+    name = cfg_logger.get("name")
+    return name in loggers.LOGGERS and loggers.LOGGERS[name].facts.store
 
 
 def _store_uri(cfg_logger: Any) -> str:
@@ -189,7 +195,7 @@ class RemoteLogger:
     def find_unfinished_job(self, sweep: str | None, digest: str, resumable: Callable[[Path], bool]) -> Path | None:
         # `resumable` reads this process's files; it cannot cross the pipe, and packed sweeps (its
         # only caller) build their runs in one process without a store process.
-        return loggers.MlflowLogger(OmegaConf.create(self._cfg)).find_unfinished_job(sweep, digest, resumable)
+        return loggers.make_logger(OmegaConf.create(self._cfg)).find_unfinished_job(sweep, digest, resumable)
 
 
 # ---- the store process's side ----
@@ -238,7 +244,7 @@ def _serve(conn, uri: str) -> None:
             else:
                 first_check = None
                 if handle not in served:
-                    served[handle] = loggers.MlflowLogger(OmegaConf.create(cfg_logger))
+                    served[handle] = loggers.make_logger(OmegaConf.create(cfg_logger))
                 outcome, value = _attempt(_method(served[handle], method), *args, **kwargs)
             lg = served.get(handle)
             state = (lg.run_id, lg.tracking_uri, lg.experiment_id) if lg is not None else (None, None, None)
