@@ -115,12 +115,10 @@ def as_sweep(argv: list[str]) -> list[str]:
     """A ``-m`` command line of ``conf/config.yaml`` (no sweep config) with what makes it a sweep as
     ``--config-name <sweep>`` is one: sweeps/_sweep.yaml's settings and a sweep name
     (:func:`dpl.tracking.sweep.command_line_sweep`). A ``--config-name`` config says its own."""
-    name = next((v for i, a in enumerate(argv) for v in
-                 ([argv[i + 1]] if a in ("--config-name", "-cn") and i + 1 < len(argv) else
-                  [a.split("=", 1)[1]] if a.startswith(("--config-name=", "-cn=")) else [])), "config")
-    if not any(a in ("-m", "--multirun") for a in argv) or name.removesuffix(".yaml") != "config":
+    from dpl.config.overrides import SWEEPS_DIR, config_name, override_args
+
+    if not any(a in ("-m", "--multirun") for a in argv) or config_name(argv).removesuffix(".yaml") != "config":
         return argv
-    from dpl.config.overrides import SWEEPS_DIR, override_args
     from dpl.tracking.sweep import command_line_sweep
 
     return [*argv, *command_line_sweep(override_args(argv), SWEEPS_DIR / "_sweep.yaml")]

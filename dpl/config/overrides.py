@@ -144,6 +144,11 @@ def chosen_options(overrides: list, args: list[str], conf_dir: Path = CONF_DIR) 
     return found
 
 
+def config_name(args: list[str]) -> str:
+    """The primary config the command line names (``--config-name <sweep>``), else ``config``."""
+    return _flag(args, ("--config-name", "-cn")) or "config"
+
+
 def _flag(args: list[str], names: tuple[str, ...]) -> str | None:
     for i, a in enumerate(args):
         for n in names:
@@ -415,7 +420,7 @@ def composer(args: list[str], conf_dir: Path = CONF_DIR) -> Iterator[Callable[[l
 
     from dpl.config.store import register_configs
 
-    name = _flag(args, ("--config-name", "-cn")) or "config"
+    name = config_name(args)
     # Hydra finds the primary config only in the primary dir (not in hydra.searchpath): a sweep's is
     # in sweeps/ (or the user's --config-dir), and its `- config` default is found through the search path
     dirs = [d for d in (_flag(args, ("--config-dir", "-cd")), str(SWEEPS_DIR)) if d]

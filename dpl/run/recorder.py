@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpl.core.engines import torch_threads
 from dpl.core.loop import Trainer
 from dpl.core.methods import METHODS
 from dpl.errors import first_line
@@ -48,9 +48,10 @@ class Recorder:
         tags = {"method": cfg.method.name, "optimizer": cfg.optimizer.name, "dataset": cfg.dataset.name,
                 **source_tags(), CONFIG_HASH_TAG: config_hash(cfg), JOB_DIR_TAG: str(out_dir.resolve()),
                 RUN_NAME_TAG: run_name(cfg, local_steps=METHODS.facts(cfg.method).local_steps),
-                # engine.threads as applied (auto's count depends on the machine and the launch): a tag, which
-                # a resume on another machine may change, not a param, which MLflow keeps as first logged
-                "threads": str(torch_threads(cfg))}
+                # engine.threads as applied when the workers were built (auto's count depends on the machine and
+                # the launch): a tag, which a resume on another machine may change, not a param, which MLflow
+                # keeps as first logged
+                "threads": str(torch.get_num_threads())}
         if cfg.sweep:
             tags["sweep"] = str(cfg.sweep)
         elif in_multirun():
