@@ -62,6 +62,14 @@ VARIANTS = {
     "diloco_drops": ["method=diloco", "H=3", "faults.drop_prob=0.4", "epochs=1"],
     # eager outer steps: every rank its own anchor, the average of a sync waited for at the next one
     "streaming_eager": ["method=streaming_diloco", "H=4", "method.eager=true", "epochs=1"],
+    # asynchronous DiLoCo: workers at their own modelled speeds, each arrival broadcast from its rank and
+    # applied by every replica of the global model in the clock's order (delayed Nesterov, dynamic H)
+    "async_diloco": ["method=async_diloco", "H=3", "clock.speed=lognormal", "network.bandwidth_gbps=1000",
+                     "method.nesterov_every=2", "method.dynamic_local_updates=true", "epochs=2"],
+    # elastic workers: rank 1 leaves and joins again (pulling the anchor), synchronous and asynchronous
+    "elastic_diloco": ["method=diloco", "H=3", "faults.schedule=[2:1:leave,6:1:join]", "epochs=1"],
+    "elastic_async": ["method=async_diloco", "H=3", "clock.speed=lognormal", "network.bandwidth_gbps=1000",
+                      "faults.schedule=[3:0:leave,9:0:join]", "epochs=2"],
 }
 
 

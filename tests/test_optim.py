@@ -6,8 +6,8 @@ torch's ``clip_grad_norm_`` per worker, and the weight-decay groups (``optimizer
 
 Expected values come from plain Python arithmetic on lists (``_lars_ref`` /
 ``_lamb_ref`` restate the papers' update rules scalar by scalar), from per-tensor loops
-that restate the study's formulas (``_study_lars`` / ``_study_lamb``, after
-../shared/study/FIDELITY.md) and You et al.'s Algorithm 1 (``_paper_lars``), from torch,
+that restate the study's formulas (``_study_lars`` / ``_study_lamb``, as docs/study.md describes the
+study's code) and You et al.'s Algorithm 1 (``_paper_lars``), from torch,
 or are written out as numbers, never from calling dpl.components.optim.
 """
 
@@ -355,8 +355,8 @@ def test_lamb_grad_clip_norm():
 
 
 # ----------------------------------------------------------------------------- the study's LARS and LAMB
-# ../shared/study/FIDELITY.md, "LARS and LAMB as the study implemented them", restated per
-# tensor below; dpl's LARS/LAMB with these flags must take the same steps.
+# The study's code's LARS and LAMB (docs/study.md), restated per tensor below; dpl's LARS/LAMB with
+# these flags must take the same steps.
 
 STUDY_LARS = dict(momentum=0.9, trust_coefficient=0.3, eps=1e-6, wd_in_grad_norm=True, exclude_1d=False,
                   max_trust_ratio=None, grad_clip_norm=None, momentum_form="lr_inside")

@@ -77,7 +77,7 @@ def grid(full) -> dict[str, list]:
 def test_the_issue_sweeps_exist():
     assert set(sweep_names()) == {"localsgd_grid", "large_batch", "optuna_lr", "slowmo", "dynamic_h", "study_ablation", "outer_optimizers",
                                  "compression", "compression_dense", "streaming", "streaming_dp", "diloco_lm",
-                                 "diloco_lm_dp"}
+                                 "diloco_lm_dp", "async", "async_sync"}
 
 
 @pytest.mark.parametrize("name", sweep_names())
@@ -86,7 +86,7 @@ def test_every_sweep_composes_and_every_value_validates(name):
     # compression_dense adds the dense formats to the compression sweep's experiment
     assert full.hydra.mode.name == "MULTIRUN" and \
         full.sweep == {"compression_dense": "compression", "streaming_dp": "streaming",
-                      "diloco_lm_dp": "diloco_lm"}.get(name, name)
+                      "diloco_lm_dp": "diloco_lm", "async_sync": "async"}.get(name, name)
     assert full.hydra.callbacks.mlflow_parent._target_ == "dpl.tracking.sweep.MlflowParentRun"
     cfg = job_config(full)
     assert cfg.logger.experiment == full.sweep  # one MLflow experiment per sweep

@@ -110,6 +110,19 @@ class ClockConfig:
             peak_flops(self.device, precision)
 
 
+@dataclass(frozen=True)
+class WorkerClock:
+    """The workers' modelled clock, as a method that keeps its own timeline reads it
+    (:meth:`dpl.core.methods.base.Method.timeline`): each worker's time factor s_k, the modelled seconds of
+    one local step at speed 1 (the batch's samples times the per-sample cost), and of one message of the
+    model's parameters between one worker and the holder of the global model (the alpha-beta model of one
+    point-to-point transfer, :func:`dpl.comm.cost.message_s`)."""
+
+    speeds: tuple[float, ...]
+    step_s: float
+    message_s: float
+
+
 def peak_flops(device: str, precision: str) -> float:
     """The dense peak FLOP/s of ``device`` (:data:`DEVICES`) at ``precision``; one line if it has none."""
     peak = getattr(DEVICES[device], precision)

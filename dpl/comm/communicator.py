@@ -42,6 +42,10 @@ class Communicator(Protocol):
     def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Every tensor [K_local, ...] set to worker 0's values, in place."""
 
+    def broadcast_from_(self, tensors: Sequence[torch.Tensor], worker: int) -> None:
+        """Tensors of one worker's shape (no worker dimension) set, on every process, to the values they hold
+        on the process of worker ``worker``, in place."""
+
     def settle(self) -> None:
         """Return once the collectives issued so far have completed (for timing them)."""
 

@@ -111,6 +111,12 @@ def sync_time_s(nbytes: float, K: int, bandwidth_gbps: float, latency_us: float,
     return latency_s(K, latency_us, topology) + transfer_s(nbytes, K, bandwidth_gbps, topology)
 
 
+def message_s(nbytes: float, bandwidth_gbps: float, latency_us: float) -> float:
+    """Modelled seconds of one point-to-point message of ``nbytes`` over one link: α + 8 n / β (an
+    asynchronous worker's push to the holder of the global model, or its pull)."""
+    return latency_us * 1e-6 + nbytes * 8.0 / (bandwidth_gbps * 1e9)
+
+
 def gather_bytes_sent(nbytes: float, K: int, topology: str = "ring") -> float:
     """Bytes one worker sends in one all-gather of an ``nbytes`` payload per worker: (K - 1) p on
     a ring (it forwards every other worker's payload once); p to a parameter server; 0 when K = 1."""
@@ -198,6 +204,11 @@ class Traffic:
     peak_gathered_bytes: float = 0.0
     peak_overlap_steps: int = 0
     dropped: int = 0  # workers' contributions to syncs dropped (faults.drop_prob)
+    # point-to-point messages between one worker and the holder of the global model (asynchronous methods:
+    # each arrival's push and the pull after it) and their bytes, all workers' together; their time is on
+    # the method's own timeline (a worker waits for its messages while the others compute), not the ledger's
+    messages: int = 0
+    message_bytes: float = 0.0
 
 
 @dataclass
@@ -229,6 +240,10 @@ class CommLedger:
     compute_time_total_s: float = 0.0
     bookkeeping_bytes_total: float = 0.0  # bytes sent per worker for metrics and evaluation (not modelled as time)
     comm_hidden_total_s: float = 0.0  # modelled communication overlapped by compute (streaming, eager syncs)
+    # modelled seconds of one step of the loop when the method keeps its own timeline (an asynchronous
+    # method's tick, the fastest worker's step: dpl.core.methods.base.Method.timeline); None: samples x
+    # sample_cost_s x slowest, a step ends when the slowest worker's does
+    tick_s: Optional[float] = None
 
     def record_epoch(self, traffic: Traffic, steps: int, samples: float, measured_compute_s: float) -> dict[str, float]:
         """Add one epoch of ``traffic`` over ``steps`` local steps on ``samples`` samples per worker;
@@ -248,7 +263,10 @@ class CommLedger:
         comm_time = self._latency_s(traffic.collectives, traffic.gathers) + comm_transfer
         if traffic.gathers:  # compressed payloads that are each worker's own (dpl.comm.codecs)
             comm_bytes += gather_bytes_sent(traffic.gathered_bytes, self.K, self.topology)
-        compute_time = samples * self.sample_cost_s * self.slowest  # the slowest worker ends each period
+        if traffic.messages:  # bytes per worker, as the all-reduces' are counted
+            comm_bytes += traffic.message_bytes / self.K
+        # the slowest worker ends each period; an asynchronous method's clock is its ticks
+        compute_time = samples * self.sample_cost_s * self.slowest if self.tick_s is None else steps * self.tick_s
         # one worker's modelled compute of one step: what an overlapped sync can hide behind
         step_s = compute_time / steps if steps else 0.0
         # the overlapped syncs' time as latency + transfer (the part that scales with 1 / bandwidth), and

@@ -94,6 +94,8 @@ class CommPoint:
                  seed: int = 0) -> None:
         self.comm, self.codec, self.seed = comm, codec, seed
         self.drops = drops if drops is not None else Drops()  # none dropped by default
+        # the workers in the run for the sync in progress (faults.schedule: dpl.core.methods.elastic); None: all
+        self.present: Optional[torch.Tensor] = None
         self.traffic = Traffic()
         self.checkpoint = CheckpointTraffic()
         self.wall_s = 0.0
@@ -127,8 +129,10 @@ class CommPoint:
                        arrived: Optional[torch.Tensor] = None) -> Flight[None]:
         """:meth:`average_` started: the tensors hold the mean once ``wait()`` returns. ``arrived``
         (a bool per worker [K]) averages over the workers whose contribution arrived: Σ_k a_k t_k / Σ_k a_k
-        (the tensors are scaled in place first, so pass copies; all of them dropped leaves zeros)."""
+        (the tensors are scaled in place first, so pass copies; all of them dropped leaves zeros); without it,
+        over the workers in the run (``present``: elastic workers), or all of them."""
         self._count(kind, param_bytes(tensors, per_worker=True))
+        arrived = self.present if arrived is None else arrived  # elastic workers: those in the run
         if arrived is None or bool(arrived.all()):
             return self._all_reduce(tensors, kind, "mean", lambda: None)
         mine = arrived[self.comm.rank * self.comm.k_local:][: self.comm.k_local]
@@ -243,6 +247,8 @@ class CommPoint:
         arrived = self.drops.arrived(sync, self.world)
         if arrived is not None:
             self.traffic.dropped += int((~arrived).sum())
+        if self.present is not None:  # a worker away from the run sends nothing (and is not counted as dropped)
+            arrived = self.present.clone() if arrived is None else arrived & self.present
         return arrived
 
     def _exchange(self, tensors: Sequence[torch.Tensor], sync: int, arrived: Optional[torch.Tensor],
@@ -284,6 +290,27 @@ class CommPoint:
             return out
 
         return self._landing("params", work).then(decode_mean)
+
+    def push(self, tensors: Sequence[torch.Tensor], worker: int, counted: Sequence[torch.Tensor]) -> None:
+        """An asynchronous worker's push: its tensors (one worker's shape; on other processes, any of that
+        shape) take worker ``worker``'s values everywhere, in place. Every process holds a replica of the
+        global model and applies the same arrivals in the same order, so the push is a broadcast from the
+        worker's process (nothing moves in one process); it is counted as what a cluster with one holder of
+        the global model sends, a point-to-point message of ``counted`` (the model in its dtype, where the
+        replicas exchange float64 pseudo-gradients to compute the same x), and as a sync of the model."""
+        self._message(counted)
+        self.traffic.syncs += 1
+        if self.comm.processes > 1:
+            self._timed("params", lambda: self.comm.broadcast_from_(tensors, worker))
+
+    def pull(self, tensors: Sequence[torch.Tensor]) -> None:
+        """An asynchronous worker's pull of the global model after its push: every process holds it already,
+        so nothing moves; counted as the point-to-point message a cluster sends back."""
+        self._message(tensors)
+
+    def _message(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.traffic.messages += 1
+        self.traffic.message_bytes += param_bytes(tensors)
 
     def payload_bytes(self, tensors: Sequence[torch.Tensor]) -> int:
         """Bytes one worker sends in a sync of the stacked tensors [K_local, ...]: the tensors themselves

@@ -106,6 +106,13 @@ class ProcessGroupComm:
             dist.broadcast(flat, src=0)
             _copy_back(flat, group)
 
+    def broadcast_from_(self, tensors: Sequence[torch.Tensor], worker: int) -> None:
+        """The tensors of the rank that holds worker ``worker`` on every rank, in place: one broadcast per dtype."""
+        for group in _by_dtype(tensors):
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            dist.broadcast(flat, src=worker // self.k_local)
+            _copy_back(flat, group)
+
     def settle(self) -> None:
         if self.device.type == "cuda":  # NCCL returns before the GPU has finished
             torch.cuda.synchronize(self.device)

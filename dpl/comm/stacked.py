@@ -50,6 +50,9 @@ class StackedComm:
         for t in tensors:
             t.copy_(t[:1].clone().expand_as(t))
 
+    def broadcast_from_(self, tensors: Sequence[torch.Tensor], worker: int) -> None:
+        """One process holds every worker: its tensors are worker ``worker``'s already."""
+
     def settle(self) -> None:
         """Nothing in flight but the device's own queue, which the host does not wait for."""
 

@@ -71,6 +71,51 @@ def check_faults(cfg: DictConfig) -> None:
     if cfg.faults.drop_prob > 0 and not METHODS.facts(cfg.method).local_steps:
         raise ConfigError(f"faults.drop_prob={cfg.faults.drop_prob} is invalid with method={cfg.method.name!r}, whose "
                           f"syncs average gradients: allowed faults.drop_prob=0, or method={_local_methods()}")
+    check_schedule(cfg)
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """Elastic workers (``faults.schedule``) leave a local method's averages; a method that averages gradients
+    (on ranks inside DDP's backward), each worker's own outer state (eager updates) or a codec's per-worker
+    residuals would need more than that: refused, as a schedule that names a worker beyond K."""
+    if not cfg.faults.schedule:
+        return
+    from dpl.comm.drops import Membership
+
+    Membership(list(cfg.faults.schedule), cfg.K)  # the entries against K: one line for a bad one
+    facts = METHODS.facts(cfg.method)
+    refused = [
+        (facts.averages_gradients or not facts.local_steps, f"method={cfg.method.name}",
+         "a method whose syncs average models: " + ", ".join(
+             n for n, m in METHODS.items() if m.facts.local_steps and not m.facts.averages_gradients)),
+        (bool(cfg.method.get("eager", False)), "method.eager=true", "method.eager=false"),
+        (not CODECS.facts(cfg.compression).exact, f"compression={cfg.compression.name}",
+         "compression=" + " | ".join(n for n, c in CODECS.items() if c.facts.exact)),
+    ]
+    for bad, what, allowed in refused:
+        if bad:
+            raise ConfigError(f"{what} is invalid with faults.schedule (elastic workers): allowed {allowed}")
+
+
+def check_asynchronous(cfg: DictConfig) -> None:
+    """An asynchronous method runs on its own modelled timeline, one worker's push at a time: what needs all
+    workers at once (a codec's exchange, dropped contributions to a joint sync, averaged inner state, an
+    epoch-end sync) or a clock measured as it runs, it does not have."""
+    if not METHODS.facts(cfg.method).asynchronous:
+        return
+    name = cfg.method.name
+    refused = [
+        (not CODECS.facts(cfg.compression).exact, f"compression={cfg.compression.name}",
+         "compression=" + " | ".join(n for n, c in CODECS.items() if c.facts.exact)),
+        (cfg.faults.drop_prob > 0, f"faults.drop_prob={cfg.faults.drop_prob}", "faults.drop_prob=0"),
+        (cfg.sync_at_epoch_end, "sync_at_epoch_end=true", "sync_at_epoch_end=false"),
+        (cfg.local_momentum == "average", "local_momentum=average", "local_momentum=keep | reset"),
+        (cfg.clock.device == "measured" and cfg.clock.sample_cost_us is None, "clock.device=measured",
+         "a modelled clock.device, or clock.sample_cost_us (the timeline is known before the first step)"),
+    ]
+    for bad, what, allowed in refused:
+        if bad:
+            raise ConfigError(f"{what} is invalid with method={name}: allowed {allowed}")
 
 
 def check_fragments(cfg: DictConfig) -> None:
@@ -189,6 +234,7 @@ def validate(cfg: DictConfig) -> Config:
     check_compression(cfg)
     check_faults(cfg)
     check_fragments(cfg)
+    check_asynchronous(cfg)
     check_data(cfg)
     check_checkpoint_use(cfg)
     check_min_lr(cfg)

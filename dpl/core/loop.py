@@ -162,6 +162,7 @@ class Trainer:
     def end_step(self, inputs: StepInputs, outputs: Outputs) -> None:
         """After the local step: the sync when the method's schedule says so, and the epoch's sums."""
         s, workers, method = self.state, self.workers, self.method
+        stepped = method.stepped()  # asked before the sync: the workers of the step that just ended
         s.period += 1
         last = s.step == self.steps_per_epoch - 1 or s.global_step + 1 >= self.total_steps
         epoch_end = self.hp.sync_at_epoch_end and last
@@ -177,7 +178,8 @@ class Trainer:
         s.global_step += 1
         losses, correct = outputs
         batch = inputs.idx.shape[1] * self.data.tokens_per_sample  # text: bytes, not windows
-        self.sums.add_step(self.metrics, StepOutputs(losses, correct, batch, self.schedule.now))
+        self.sums.add_step(self.metrics, StepOutputs(losses, correct, batch, self.schedule.now, self._weights(stepped),
+                                                        None if stepped is None else sum(stepped)))
 
     def advance(self, seconds: float) -> None:
         """The step is done: its time, and the step hooks."""
@@ -228,12 +230,13 @@ class Trainer:
             "drift": drift_sum / s.syncs if s.syncs else 0.0,
             "syncs": s.syncs,  # syncs of the model that landed since the last record (streaming: fragments)
             # modelled: a worker of a real cluster computes only its own share of the simulated steps
-            **self.ledger.record_epoch(traffic, steps, seen / self.workers.K, compute_s / self.workers.k_local),
+            **self.ledger.record_epoch(traffic, steps, s.step_samples, compute_s / self.workers.k_local),
             "dropped": traffic.dropped,  # contributions to syncs that did not arrive (faults.drop_prob)
             "comm_wall_s": comm_wall_s,  # measured in the algorithm's collectives, beside the modelled bytes
             # every worker's training samples so far: the budget of an equal-samples comparison (dpl.report.budget)
             "samples_total": (s.history[-1].get("samples_total", 0.0) if s.history else 0.0) + seen,
             **means,  # the per-step metrics registered beside train_loss and train_acc
+            **self.method.record(),  # the method's own (asynchronous: arrivals and their staleness)
         }
         s.history.append(record)
         if track_best(s, record, self.best_metric, self.hp.patience):
@@ -252,11 +255,17 @@ class Trainer:
         self._order = None
 
     # ------------------------------------------------------------------ helpers
+    def _weights(self, stepped: Optional[list[bool]]) -> Optional[torch.Tensor]:
+        """The workers whose step counts, as a 0/1 device tensor [K_local] (None: all of them)."""
+        if stepped is None or all(stepped):
+            return None
+        return torch.tensor(stepped, dtype=torch.float64).to(self.device, non_blocking=True)
+
     def _read_sums(self) -> dict[str, float]:
         """The device sums of the epoch in progress, as host numbers, kept in the state too (a checkpoint)."""
         s = self.state
         s.sums = self.sums.read()
-        s.seen, s.syncs = self.sums.seen, self.sums.syncs
+        s.seen, s.syncs, s.step_samples = self.sums.seen, self.sums.syncs, self.sums.step_samples
         return s.sums
 
     def lr(self, step: int) -> float:
@@ -304,7 +313,9 @@ class Trainer:
         """Continue from a checkpoint of the current format (:func:`dpl.run.checkpoint.load` upgrades older ones)."""
         ckpt = self.workers.point.local_state(ckpt)  # a rank's share of a checkpoint of every worker
         self.state = TrainState(**ckpt["state"])
-        self.sums.load(self.state.sums, self.state.seen, self.state.syncs)
+        if "step_samples" not in ckpt["state"]:  # written before it was kept: every worker stepped then
+            self.state.step_samples = self.state.seen // self.workers.k_local
+        self.sums.load(self.state.sums, self.state.seen, self.state.syncs, self.state.step_samples)
         self.workers.point.traffic = Traffic(**ckpt["traffic"])
         self.workers.load_state_dict(_to(ckpt["workers"], self.device))
         self.best_weights = _to(ckpt["best_model"], self.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -39,12 +39,15 @@ class TrainState:
     sums: dict[str, float] = field(default_factory=dict)
     seen: int = 0
     syncs: int = 0  # parameter syncs of local methods that landed in this epoch, for the mean drift
+    # one worker's samples of the interval's steps, whoever took them: the modelled clock's count (elastic
+    # workers away from the run, an asynchronous worker idle, see none of these samples but the step lasts)
+    step_samples: int = 0
     compute_s: float = 0.0
     lr: float = 0.0
 
     def reset_interval(self) -> None:
         """A record was made: the sums of the next one start (an epoch's, or eval_every steps')."""
-        self.seen = self.syncs = 0
+        self.seen = self.syncs = self.step_samples = 0
         self.sums = {}
         self.compute_s = 0.0
 
@@ -60,6 +63,19 @@ class StepOutputs:
     correct: torch.Tensor  # [K_local]: each worker's correct predictions
     batch: int  # samples per worker (a text window counts its bytes)
     lr: torch.Tensor  # the step's inner lr (a device tensor)
+    # 0/1 per worker [K_local]: those whose step counts (an asynchronous method's idle workers' does not);
+    # None: every worker's
+    weights: Optional[torch.Tensor] = None
+    stepped: Optional[int] = None  # how many of them (a host number, so counting samples reads nothing back)
+
+    def counted(self, per_worker: torch.Tensor) -> torch.Tensor:
+        """``per_worker`` [K_local] with the workers whose step does not count at zero."""
+        return per_worker if self.weights is None else per_worker * self.weights
+
+    @property
+    def workers(self) -> int:
+        """How many of this process's workers' steps count (a host number: the weights are the host's)."""
+        return self.losses.numel() if self.stepped is None else self.stepped
 
 
 @dataclass(frozen=True)
@@ -94,13 +110,13 @@ def step_metric(name: str, per: str = "sample") -> Callable[[Callable[[StepOutpu
 @step_metric("train_loss")
 def train_loss(out: StepOutputs) -> torch.Tensor:
     """The mean training loss of the epoch's samples (text: nats per byte)."""
-    return out.losses.detach().sum().double() * out.batch
+    return out.counted(out.losses.detach().double()).sum() * out.batch
 
 
 @step_metric("train_acc")
 def train_acc(out: StepOutputs) -> torch.Tensor:
     """The share of the epoch's training samples predicted right (text: of its bytes)."""
-    return out.correct.sum()
+    return out.counted(out.correct).sum()
 
 
 DRIFT = "drift"  # summed at each sync, not each step: the mean over the epoch's syncs
@@ -113,12 +129,13 @@ class EpochSums:
 
     def __init__(self, device: torch.device, names: Iterable[str]) -> None:
         self.totals = {name: torch.zeros((), dtype=torch.float64, device=device) for name in names}
-        self.seen = self.syncs = 0
+        self.seen = self.syncs = self.step_samples = 0
 
     def add_step(self, metrics: Iterable[StepMetric], out: StepOutputs) -> None:
         for metric in metrics:
             self.totals[metric.name] += metric.value(out)
-        self.seen += out.losses.numel() * out.batch
+        self.seen += out.workers * out.batch
+        self.step_samples += out.batch
 
     def add_sync(self, drift: torch.Tensor) -> None:
         self.totals[DRIFT] += drift
@@ -129,13 +146,13 @@ class EpochSums:
         values = torch.stack(list(self.totals.values())).tolist()
         return dict(zip(self.totals, values))
 
-    def load(self, sums: dict[str, float], seen: int, syncs: int) -> None:
+    def load(self, sums: dict[str, float], seen: int, syncs: int, step_samples: int = 0) -> None:
         for name, total in self.totals.items():
             total.fill_(sums.get(name, 0.0))  # a metric registered after the checkpoint was written starts at 0
-        self.seen, self.syncs = int(seen), int(syncs)
+        self.seen, self.syncs, self.step_samples = int(seen), int(syncs), int(step_samples)
 
     def reset(self) -> None:
-        self.load({}, 0, 0)
+        self.load({}, 0, 0, 0)
 
 
 # ----------------------------------------------------------------------------- the best model, early stopping

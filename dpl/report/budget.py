@@ -1,4 +1,4 @@
-"""Equal-budget comparisons: what a run spent before it first reached a target accuracy.
+"""Equal-budget comparisons: what a run spent before it first reached a target accuracy (or bits per byte).
 
 Step-matched comparisons (the same epochs for every method) favour whichever method spends more
 per epoch. Local methods are compared in the field at an equal budget instead: the samples seen,
@@ -18,6 +18,10 @@ from dpl.comm.cost import RESCALED_FIELDS, epoch_time_at
 # Cumulative per-epoch metrics (history.csv columns, MLflow metric histories): what was spent so far.
 BUDGETS = ("samples_total", "sync_rounds_total", "comm_bytes_total", "modelled_time_s")
 ACCURACY = "val_acc"
+# what a budget's target may be set on: the validation accuracy (higher is better), or a language model's
+# validation bits per byte or loss (lower is better)
+TARGET_METRICS = ("val_acc", "val_bpb", "val_loss")
+LOWER_IS_BETTER = frozenset({"val_bpb", "val_loss"})
 
 History = Mapping[str, Sequence[tuple[int, float]]]  # key -> [(epoch number from 1, value)]
 
@@ -28,11 +32,25 @@ def final_value(history: History, key: str = ACCURACY) -> float:
     return max(points)[1] if points else math.nan
 
 
+def reaches(value: float, target: float, key: str = ACCURACY) -> bool:
+    """``value`` of ``key`` is at the target: at least it, or at most it where lower is better."""
+    return value <= target if key in LOWER_IS_BETTER else value >= target
+
+
+def target_text(target: float, key: str = ACCURACY) -> str:
+    """The target in words: "41.20 % validation accuracy", "3.912 validation bits per byte"."""
+    if key == "val_bpb":
+        return f"{target:.3f} validation bits per byte"
+    if key == "val_loss":
+        return f"{target:.4f} validation loss"
+    return f"{100 * target:.2f} % validation accuracy"
+
+
 def to_target(history: History, target: float, key: str = ACCURACY) -> Optional[dict[str, float]]:
-    """``{"epoch": e, budget: value at e, ...}`` for the first epoch e whose ``key`` is at least
-    ``target``; None when no epoch reaches it. A budget the run did not log is nan."""
+    """``{"epoch": e, budget: value at e, ...}`` for the first epoch e whose ``key`` reaches ``target``
+    (:func:`reaches`); None when no epoch does. A budget the run did not log is nan."""
     for epoch, value in sorted(history.get(key) or []):
-        if value >= target:
+        if reaches(value, target, key):
             spent = {"epoch": float(epoch)}
             for budget in BUDGETS:
                 at = dict(history.get(budget) or [])

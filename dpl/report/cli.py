@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from dpl.errors import TrackingError
 from dpl.io import atomic_write_text
+from dpl.report.budget import ACCURACY, TARGET_METRICS, target_text
 from dpl.report.fetch import (
     DEFAULT_EXPERIMENT,
     METRICS,
@@ -46,13 +47,13 @@ from dpl.report.tables import (
 
 def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, metric: str = "test_acc",
                  baseline: Optional[str] = None, target_acc: Optional[float] = None,
-                 bandwidths: Sequence[float] = BANDWIDTHS_GBPS, say: Callable[[str], None] = lambda line: None
-                 ) -> list[Path]:
+                 bandwidths: Sequence[float] = BANDWIDTHS_GBPS, say: Callable[[str], None] = lambda line: None,
+                 target_metric: str = ACCURACY) -> list[Path]:
     """Write summary.csv, comparisons.csv, budget.csv, runs.csv, report.md and the figures for ``runs``;
     return the paths written. ``baseline`` is ``KEY=VALUE[,KEY=VALUE]`` (default: the one the runs'
-    own axes make natural, :func:`dpl.report.tables.natural_baseline`); ``target_acc`` the validation
-    accuracy of the budget table (default: the lowest of the groups' best mean validation
-    accuracies, :func:`dpl.report.tables.natural_target`); ``bandwidths`` (Gbit/s) those of
+    own axes make natural, :func:`dpl.report.tables.natural_baseline`); ``target_acc`` the budget table's
+    target of ``target_metric`` (the validation accuracy, or val_bpb / val_loss, lower is better; default:
+    the worst of the groups' best means, :func:`dpl.report.tables.natural_target`); ``bandwidths`` (Gbit/s) those of
     time_vs_bandwidth.csv. ``say`` gets one line each on the baseline and the target, and why."""
     out_dir = Path(out_dir)
     columns = group_columns(runs)
@@ -69,16 +70,18 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, title: str, met
         say(f"baseline {' '.join(f'{c}={v}' for c, v in spec.items())} ({why}): each group is compared with "
             f"the baseline group that agrees with it on every other column (choose with --baseline)")
     comparisons = compare_groups(runs, columns, spec)
-    target, target_why = natural_target(runs, columns) if target_acc is None else (target_acc, "--target-acc")
+    target, target_why = natural_target(runs, columns, target_metric) if target_acc is None else \
+        (target_acc, "--target")
     if math.isfinite(target):
-        say(f"budget target {100 * target:.2f} % validation accuracy ({target_why}; choose with --target-acc)")
-    budget = budget_rows(runs, columns, target) if math.isfinite(target) else []
-    bandwidth = bandwidth_rows(runs, columns, target, bandwidths) if math.isfinite(target) else []
+        say(f"budget target {target_text(target, target_metric)} ({target_why}; choose with --target-metric, "
+            f"--target)")
+    budget = budget_rows(runs, columns, target, target_metric) if math.isfinite(target) else []
+    bandwidth = bandwidth_rows(runs, columns, target, bandwidths, target_metric) if math.isfinite(target) else []
     written = [write_csv_table(rows, out_dir / "summary.csv"),
                write_csv_table(comparisons, out_dir / "comparisons.csv") if comparisons else None,
                write_csv_table(budget, out_dir / "budget.csv") if budget else None,
                write_csv_table(bandwidth, out_dir / "time_vs_bandwidth.csv") if bandwidth else None,
-               write_csv_table(run_rows(runs, columns, metrics, target=target), out_dir / "runs.csv")]
+               write_csv_table(run_rows(runs, columns, metrics, target=target, key=target_metric), out_dir / "runs.csv")]
     atomic_write_text(out_dir / "report.md", markdown(rows, columns, runs, title, table, comparisons=comparisons,
                                                       budget=budget, baseline=spec,
                                                       why={"baseline": why, "target": target_why}))
@@ -146,9 +149,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-acc", type=_fraction, metavar="ACC",
                    help="validation accuracy (0-1) of the budget-to-target table (default: the lowest of the groups' "
                         "best mean validation accuracies, which every group's mean curve reaches)")
+    p.add_argument("--target-metric", default=ACCURACY, choices=TARGET_METRICS,
+                   help="what the budget-to-target table's target is on: val_acc (default), or a language model's "
+                        "val_bpb / val_loss (lower is better; the default target is then the highest of the groups' "
+                        "best means)")
+    p.add_argument("--target", type=_finite, metavar="VALUE",
+                   help="the target of --target-metric (val_acc: as --target-acc)")
     p.add_argument("--bandwidths", type=_bandwidths, default=BANDWIDTHS_GBPS, metavar="GBPS[,GBPS]",
                    help="network bandwidths (Gbit/s) of the time-to-target figure (default: 1,10,100)")
     return p.parse_args(argv)
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _bandwidths(text: str) -> tuple[float, ...]:
@@ -231,7 +250,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     metric = args.metric or (TEXT_METRIC if any(TEXT_METRIC in r.metrics for r in runs) else "test_acc")
     try:
         paths = write_report(runs, out, title=f"dpl report: {name}", metric=metric, baseline=args.baseline,
-                             target_acc=args.target_acc, bandwidths=args.bandwidths, say=print)
+                             target_acc=args.target if args.target is not None else args.target_acc,
+                             bandwidths=args.bandwidths, say=print, target_metric=args.target_metric)
     except BaselineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ from dpl.report.fetch import (
     group_runs,
     mean_curve,
 )
-from dpl.report.tables import _MIB, _float, pareto_front
+from dpl.report.tables import _MIB, _float, pareto_front, target_of
 from dpl.run.plots import (
     _DPI,
     integer_ticks,
@@ -441,7 +441,7 @@ def fig_budget(budget: Sequence[Mapping[str, Any]], columns: Sequence[str]):
     fig = Figure(figsize=(7.5, 0.9 + len(panels) * (0.9 + 0.3 * len(budget))), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = list(fig.subplots(len(panels), 1, squeeze=False, sharey=True)[:, 0])
-    fig.suptitle(f"Budget to reach {100 * budget[0]['target_val_acc']:.2f} % validation accuracy{_CI_NOTE}")
+    fig.suptitle(f"Budget to reach {target_of(budget[0])}{_CI_NOTE}")
     ys = list(range(len(budget)))
     for ax, (name, (xlabel, scale)) in zip(axes, panels.items()):
         means = [r[f"{name}_mean"] / scale for r in budget]
@@ -474,8 +474,7 @@ def fig_time_vs_bandwidth(rows: Sequence[Mapping[str, Any]], columns: Sequence[s
         reached, n = min(r["reached"] for r in mine), mine[0]["n"]
         label = _label_of(key, columns, skip) + (f" (reached {reached} of {n})" if reached < n else f" (n={n})")
         facets.setdefault(name, []).append((mine, label))
-    fig, axes = _panels(facets, f"Modelled time to {100 * rows[0]['target_val_acc']:.2f} % validation accuracy "
-                                f"against bandwidth{_CI_NOTE}")
+    fig, axes = _panels(facets, f"Modelled time to {target_of(rows[0])} against bandwidth{_CI_NOTE}")
     colours = palette(label for lines in facets.values() for _, label in lines)
     for ax, lines in zip(axes, facets.values()):
         for mine, label in lines:

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from dpl.config.store import default_options
 from dpl.io import write_csv
 from dpl.report import stats
-from dpl.report.budget import ACCURACY, BUDGETS, time_to_target_at, to_target
+from dpl.report.budget import ACCURACY, BUDGETS, LOWER_IS_BETTER, target_text, time_to_target_at, to_target
 from dpl.report.fetch import (
     COMPARED,
     FAILED,
@@ -55,13 +55,13 @@ def summarise(runs: Sequence[RunRecord], columns: Mapping[str, str],
 
 
 def run_rows(runs: Sequence[RunRecord], columns: Mapping[str, str], metrics: Sequence[str] = METRICS,
-             target: float = math.nan) -> list[dict[str, Any]]:
+             target: float = math.nan, key: str = ACCURACY) -> list[dict[str, Any]]:
     """One row per run (runs.csv): its id, status, group columns, seed, final metrics and, for the
     budget table's target, the epoch it first reached it and what it had spent by then (empty when it
     never did): the numbers behind every mean, for a researcher's own analysis."""
     rows = []
     for r in runs:
-        spent = to_target(r.history, target) if r.finished and math.isfinite(target) else None
+        spent = to_target(r.history, target, key) if r.finished and math.isfinite(target) else None
         rows.append({"run_id": r.run_id, "status": r.status, **dict(zip(columns, _key(r, columns))),
                      "seed": r.params.get("seed", ""), **{m: r.metrics.get(m, math.nan) for m in metrics},
                      **{f"to_target_{b}": (spent or {}).get(b, math.nan) for b in ("epoch", *BUDGETS)}})
@@ -199,30 +199,35 @@ def compare_groups(runs: Sequence[RunRecord], columns: Mapping[str, str], spec: 
     return rows
 
 
-def natural_target(runs: Sequence[RunRecord], columns: Mapping[str, str]) -> tuple[float, str]:
-    """(target, why): the budget table's default target validation accuracy and the rule, in words.
+def natural_target(runs: Sequence[RunRecord], columns: Mapping[str, str], metric: str = ACCURACY) -> tuple[float, str]:
+    """(target, why): the budget table's default target of ``metric`` (the validation accuracy, or a language
+    model's validation bits per byte or loss) and the rule, in words.
 
-    Each group's mean validation-accuracy curve over its finished runs (the per-epoch mean over the
-    seeds, :func:`dpl.report.fetch.mean_curve`) has a best epoch; the target is the lowest of these
-    best means. Every group's mean curve reaches it, so every group has a budget to compare, and it
-    comes from the groups' own curves (a group that never learned does not set it from outside: a
-    report's runs are one sweep's finished ones). nan without a logged validation accuracy."""
+    Each group's mean curve of ``metric`` over its finished runs (the per-epoch mean over the seeds,
+    :func:`dpl.report.fetch.mean_curve`) has a best epoch; the target is the worst of these best means (the
+    lowest accuracy, the highest bits per byte). Every group's mean curve reaches it, so every group has a
+    budget to compare, and it comes from the groups' own curves (a group that never learned does not set it
+    from outside: a report's runs are one sweep's finished ones). nan without a logged ``metric``."""
     names = list(columns)
     groups = group_runs(runs, columns)
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # compared as "higher is better"
     best = []
     for key, members in groups.items():
-        steps, means = mean_curve(r.history.get(ACCURACY) or [] for r in members if r.finished)
-        finite = [(m, -step) for step, m in zip(steps, means) if math.isfinite(m)]
+        steps, means = mean_curve(r.history.get(metric) or [] for r in members if r.finished)
+        finite = [(sign * m, -step) for step, m in zip(steps, means) if math.isfinite(m)]
         if finite:
             value, step = max(finite)  # the best mean, at its first epoch
             best.append((value, -step, key))
+    words = {"val_acc": "validation accuracies", "val_bpb": "validation bits per byte",
+             "val_loss": "validation losses"}.get(metric, metric)
     if not best:
-        return math.nan, "no finished run logged a validation accuracy"
+        return math.nan, f"no finished run logged its {words}"
     value, epoch, key = min(best, key=lambda b: b[0])
     varying = [c for i, c in enumerate(names) if len({k[i] for k in groups}) > 1]
     label = " ".join(f"{c}={v}" for c, v in zip(names, key) if c in varying) or "the one group"
-    return value, (f"the lowest of the groups' best mean validation accuracies, that of {label} at epoch {epoch}; "
-                   "every group's mean curve reaches it")
+    worst = "highest" if sign < 0 else "lowest"
+    return sign * value, (f"the {worst} of the groups' best mean {words}, that of {label} at epoch {epoch}; "
+                          "every group's mean curve reaches it")
 
 
 def default_target(runs: Sequence[RunRecord], columns: Mapping[str, str]) -> float:
@@ -230,17 +235,19 @@ def default_target(runs: Sequence[RunRecord], columns: Mapping[str, str]) -> flo
     return natural_target(runs, columns)[0]
 
 
-def budget_rows(runs: Sequence[RunRecord], columns: Mapping[str, str], target: float) -> list[dict[str, Any]]:
-    """budget.csv: per group, how many finished runs reached ``target`` validation accuracy, and over
-    those the mean and 95 % interval of the first epoch that did and of each budget spent by its end."""
+def budget_rows(runs: Sequence[RunRecord], columns: Mapping[str, str], target: float,
+                metric: str = ACCURACY) -> list[dict[str, Any]]:
+    """budget.csv: per group, how many finished runs reached ``target`` of ``metric`` (validation accuracy by
+    default), and over those the mean and 95 % interval of the first epoch that did and of each budget
+    spent by its end."""
     rows = []
     for key, members in group_runs(runs, columns).items():
-        done = [r for r in members if r.finished and r.history.get("val_acc")]
+        done = [r for r in members if r.finished and r.history.get(metric)]
         if not done:
             continue
-        spent = [s for s in (to_target(r.history, target) for r in done) if s is not None]
-        row: dict[str, Any] = {**dict(zip(columns, key)), "target_val_acc": target, "n": len(done),
-                               "reached": len(spent)}
+        spent = [s for s in (to_target(r.history, target, metric) for r in done) if s is not None]
+        row: dict[str, Any] = {**dict(zip(columns, key)), "target_metric": metric, f"target_{metric}": target,
+                               "n": len(done), "reached": len(spent)}
         for budget in ("epoch", *BUDGETS):
             s = stats.describe([x[budget] for x in spent if math.isfinite(x[budget])])
             row[f"{budget}_mean"], row[f"{budget}_ci95_lo"], row[f"{budget}_ci95_hi"] = s.mean, s.lo, s.hi
@@ -252,21 +259,22 @@ BANDWIDTHS_GBPS = (1.0, 10.0, 100.0)
 
 
 def bandwidth_rows(runs: Sequence[RunRecord], columns: Mapping[str, str], target: float,
-                   bandwidths: Sequence[float] = BANDWIDTHS_GBPS) -> list[dict[str, Any]]:
+                   bandwidths: Sequence[float] = BANDWIDTHS_GBPS, metric: str = ACCURACY) -> list[dict[str, Any]]:
     """time_vs_bandwidth.csv: per group and bandwidth, how many finished runs reached ``target``
     validation accuracy and the mean and 95 % interval of their modelled time to it at that bandwidth
     (:func:`dpl.report.budget.time_to_target_at`; each run's own ``network.bandwidth_gbps`` is what its
     records were logged at). Groups whose runs lack the per-epoch fields (logged before them) are left out."""
     rows = []
     for key, members in group_runs(runs, columns).items():
-        done = [r for r in members if r.finished and r.history.get("val_acc")]
+        done = [r for r in members if r.finished and r.history.get(metric)]
         for gbps in bandwidths:
-            times = [time_to_target_at(r.history, target, gbps, _float(r.params.get("network.bandwidth_gbps", "10")))
-                     for r in done]
+            times = [time_to_target_at(r.history, target, gbps, _float(r.params.get("network.bandwidth_gbps", "10")),
+                                       metric) for r in done]
             if not times or any(t is not None and math.isnan(t) for t in times):
                 break
             s = stats.describe([t for t in times if t is not None])
-            rows.append({**dict(zip(columns, key)), "target_val_acc": target, "bandwidth_gbps": gbps, "n": len(done),
+            rows.append({**dict(zip(columns, key)), "target_metric": metric, f"target_{metric}": target,
+                         "bandwidth_gbps": gbps, "n": len(done),
                          "reached": sum(t is not None for t in times), "time_s_mean": s.mean,
                          "time_s_ci95_lo": s.lo, "time_s_ci95_hi": s.hi})
     return rows
@@ -443,11 +451,11 @@ def _comparison_lines(comparisons: Sequence[Mapping[str, Any]], baseline: Mappin
 
 
 def _budget_lines(budget: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
-    target = budget[0]["target_val_acc"]
+    metric = budget[0]["target_metric"]
     shown = ("epoch", "samples_total", "sync_rounds_total", "comm_bytes_total", "modelled_time_s")
-    lines = [f"## Budget to reach {100 * target:.2f} % validation accuracy", "",
-             "Per group, over the runs that reached the target: the first epoch whose validation accuracy "
-             "did, and what was spent by the end of it; mean ± half-width of the 95 % CI (n runs that reached "
+    lines = [f"## Budget to reach {target_of(budget[0])}", "",
+             "Per group, over the runs that reached the target: the first epoch whose "
+             f"{target_text(0.0, metric).split(' ', 1)[1].lstrip('% ')} did, and what was spent by the end of it; mean ± half-width of the 95 % CI (n runs that reached "
              "it). Reached: how many of the finished runs did; a group none of whose runs reached it shows –.",
              "", _md_row([*columns, "reached", *(_SHOWN[b][0] for b in shown)]), "|" + "---|" * (len(columns) + 6)]
     for row in budget:
@@ -455,6 +463,11 @@ def _budget_lines(budget: Sequence[Mapping[str, Any]], columns: Sequence[str]) -
         lines.append(_md_row([*cells, f"{row['reached']} of {row['n']}",
                               *(_fmt(row, b, "reached") for b in shown)]))
     return lines
+
+
+def target_of(row: Mapping[str, Any]) -> str:
+    """A budget row's target in words (:func:`dpl.report.budget.target_text`)."""
+    return target_text(row[f"target_{row['target_metric']}"], row["target_metric"])
 
 
 def _group_label(key: Sequence[str], columns: Sequence[str]) -> str:

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpl.comm.clock import sample_cost_s, worker_speeds
+from dpl.comm.clock import WorkerClock, sample_cost_s, worker_speeds
 from dpl.comm.codecs import build_codec
-from dpl.comm.cost import CommLedger
-from dpl.comm.drops import Drops
+from dpl.comm.cost import CommLedger, message_s
+from dpl.comm.drops import Drops, Membership
 from dpl.components.data import DATASETS
 from dpl.components.data.device import load_dataset
 from dpl.components.data.sharding import make_shards, steps_per_epoch
@@ -30,6 +30,7 @@ from dpl.components.optim.decay import decays, param_groups
 from dpl.core.engines import build_workers, compile_mode, memory_format
 from dpl.core.loop import Trainer
 from dpl.core.methods import METHODS, build_method
+from dpl.core.methods.elastic import with_members
 from dpl.core.schedules import LrSchedule, lr_table, scaled_lr
 from dpl.core.selfcheck import self_checked
 from dpl.core.step import build_local_step
@@ -58,6 +59,8 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm: An
                           f"{cfg.dataset.name})")
     model = _model(cfg, data, device)
     method = build_method(cfg.method, cfg.local_momentum)
+    if cfg.faults.schedule:  # elastic workers: who is in the run at each step
+        method = with_members(method, Membership(cfg.faults.schedule, cfg.K))
     workers = build_workers(cfg, model, device, comm, synchronous=METHODS.facts(cfg.method).synchronous,
                             codec=build_codec(cfg.compression), drops=Drops(cfg.faults.drop_prob, cfg.seed),
                             seed=cfg.seed)
@@ -91,7 +94,12 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm: An
     ledger = CommLedger(K=workers.K, bandwidth_gbps=cfg.network.bandwidth_gbps, latency_us=cfg.network.latency_us,
                         topology=cfg.network.topology, slowest=float(speeds.max()),
                         sample_cost_s=_sample_cost_s(cfg, model, data))
-    method.start(workers)
+    tokens = cfg.batch_size * data.tokens_per_sample  # one worker's samples of a step, as the cost counts them
+    model_bytes = sum(p[0].numel() * p.element_size() for p in workers.params)
+    ledger.tick_s = method.timeline(WorkerClock(
+        tuple(float(s) for s in speeds), tokens * (ledger.sample_cost_s or 0.0),
+        message_s(model_bytes, cfg.network.bandwidth_gbps, cfg.network.latency_us)))
+    method.start(workers, optimizer)
     local_step = build_local_step(mode, data, workers, optimizer, lambda epoch: method.on_gradients(workers, epoch),
                                   method.edits_gradients, cfg.seed, rows, schedule.now, schedule.device_table,
                                   capturable=OPTIMIZERS.facts(cfg.optimizer).capturable, clip=grad_clip(cfg.optimizer))

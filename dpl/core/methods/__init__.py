@@ -3,7 +3,8 @@
 ``centralized`` averages gradients every step; the local methods (``localsgd``, ``slowmo``, ``diloco``,
 ``streaming_diloco``) take local steps and then an outer step on the pseudo-gradient with the outer
 optimizer ``method.outer`` (:mod:`dpl.core.methods.outer`); ``post_local`` switches from the first to the
-second. ``localsgd`` and ``diloco`` are one class each with presets of ``method.outer``. A method's
+second; ``async_localsgd`` and ``async_diloco`` apply each worker's pseudo-gradient the moment it arrives,
+on the modelled clock (:mod:`dpl.core.methods.asynchronous`). ``localsgd`` and ``diloco`` are one class each with presets of ``method.outer``. A method's
 facts say how it communicates, so a config that asks the impossible (a dynamic H without local steps)
 fails before anything is built.
 """
@@ -30,6 +31,9 @@ class MethodFacts:
     averages_gradients: bool = False  # gradients are all-reduced in some steps (they cannot be compressed)
     # gradients are all-reduced at every step of the whole run: on ranks, DistributedDataParallel does it
     synchronous: bool = False
+    # each worker's pseudo-gradient is applied the moment it arrives, on the method's own modelled timeline
+    # (dpl.core.methods.asynchronous): one process holds the global model (engine=simulated for now)
+    asynchronous: bool = False
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -97,6 +101,39 @@ class StreamingDilocoConfig(DilocoConfig):
 
 
 @dataclass
+class AsyncLocalsgdConfig(LocalMethodBase):
+    """Asynchronous Local-SGD (Liu et al. 2024, arXiv 2401.09135): each worker's pseudo-gradient applied the moment
+    it arrives, in the order of the modelled clock; its outer step per arrival, delayed Nesterov (Sec. 4) with
+    nesterov_every > 1, and dynamic local updates. async_localsgd: outer SGD, lr 1, no momentum (x <- x − Δ_k)."""
+
+    nesterov_every: int = key(1, "N, delayed Nesterov: the outer momentum updated once every N arrivals (with "
+                                 "their mean), plain steps g/N between; 1: the outer optimizer every arrival")
+    momentum_activation: float = key(0.0, "c, delayed Nesterov: the share c beta m of the momentum applied at "
+                                          "each arrival between two updates (0 <= c <= 1/N)")
+    dynamic_local_updates: bool = key(False, "each worker's H scaled by its speed, max(1, floor(H min_j s_j / s_k)): "
+                                             "every round takes about the fastest worker's H steps of time")
+    blocking_comm: bool = key(True, "a worker waits for its push and its pull on the modelled network (one "
+                                    "message of the model each; the others compute meanwhile); false: free")
+
+    def __post_init__(self) -> None:
+        at_least("method.nesterov_every", self.nesterov_every, 1, "an integer")
+        check(finite(self.momentum_activation) and 0.0 <= self.momentum_activation <= 1.0 / self.nesterov_every,
+              "method.momentum_activation", self.momentum_activation, f"0 <= x <= 1/{self.nesterov_every}")
+        if (self.nesterov_every > 1 or self.momentum_activation > 0) and self.outer.name != "sgd":
+            raise ConfigError(f"method.outer.name={self.outer.name!r} is invalid with method.nesterov_every="
+                              f"{self.nesterov_every}: delayed Nesterov is an outer SGD with momentum; allowed "
+                              f"method.outer.name=sgd, or method.nesterov_every=1 method.momentum_activation=0")
+
+
+@dataclass
+class AsyncDilocoConfig(AsyncLocalsgdConfig):
+    """Asynchronous DiLoCo (Liu et al. 2024): async_localsgd with DiLoCo's inner AdamW and outer Nesterov SGD."""
+
+    outer: OuterOptimizerConfig = key(OuterOptimizerConfig(lr=0.7, momentum=0.9, nesterov=True),
+                                      "the outer step per arrival: Nesterov SGD, lr 0.7, momentum 0.9 (DiLoCo's)")
+
+
+@dataclass
 class PostLocalConfig(LocalMethodBase):
     """Post-local SGD (Lin et al. 2020): synchronous until switch_epoch, then LocalSGD."""
 
@@ -144,6 +181,19 @@ def diloco(cfg: Any, local_momentum: str) -> Any:
 
 METHODS.add("diloco", DilocoConfig, diloco, MethodFacts(local_steps=True), module=__name__)
 METHODS.add("streaming_diloco", StreamingDilocoConfig, diloco, MethodFacts(local_steps=True), module=__name__)
+
+
+def asynchronous(cfg: Any, local_momentum: str) -> Any:
+    """Asynchronous DiLoCo and Local-SGD (Liu et al. 2024): every worker at its own modelled speed, each arrival
+    applied at once (:class:`~.asynchronous.AsyncDiLoCo`)."""
+    from dpl.core.methods.asynchronous import AsyncDiLoCo
+
+    return AsyncDiLoCo(cfg, local_momentum)
+
+
+ASYNCHRONOUS = MethodFacts(local_steps=True, asynchronous=True)
+METHODS.add("async_localsgd", AsyncLocalsgdConfig, asynchronous, ASYNCHRONOUS, module=__name__)
+METHODS.add("async_diloco", AsyncDilocoConfig, asynchronous, ASYNCHRONOUS, module=__name__)
 
 
 @METHODS.register("post_local", PostLocalConfig, facts=MethodFacts(local_steps=True, averages_gradients=True))

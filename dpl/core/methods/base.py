@@ -39,8 +39,9 @@ class Method:
     def __init__(self, cfg: Any, local_momentum: str = "keep") -> None:
         self.cfg, self.local_momentum = cfg, local_momentum
 
-    def start(self, workers: StackedWorkers) -> None:
-        """Called once, before training, with the workers at their initial (equal) weights."""
+    def start(self, workers: StackedWorkers, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Called once, before training, with the workers at their initial (equal) weights and the inner
+        optimizer that steps them (None where a method is built alone)."""
 
     def on_epoch_start(self, workers: StackedWorkers, epoch: int) -> None:
         """Called before the first step of every epoch."""
@@ -62,6 +63,25 @@ class Method:
         the checkpoint's ``model``, without changing the workers: their average (through the point, as
         bookkeeping traffic of ``kind``), equal to every worker right after a sync."""
         return workers.mean_replica(kind)
+
+    def timeline(self, clock: Any) -> Optional[float]:
+        """Given the workers' modelled clock (:class:`dpl.comm.clock.WorkerClock`), the modelled seconds of one
+        step of the loop when the method keeps a timeline of its own (an asynchronous method's tick: the
+        fastest worker's step); None: the synchronous rule, a step ends when the slowest worker's does."""
+        return None
+
+    def stepped(self) -> Optional[list[bool]]:
+        """Which of this process's workers took the step that just ended (its metrics and samples count);
+        None: all of them. An asynchronous method's idle workers compute a step that is thrown away."""
+        return None
+
+    def record(self) -> dict[str, float]:
+        """The method's own numbers since the last record, added to it (asynchronous: arrivals, staleness)."""
+        return {}
+
+    def pull_model(self, workers: StackedWorkers) -> dict[str, torch.Tensor]:
+        """The model a worker that joins the run starts from (``faults.schedule``): the global model."""
+        return self.global_model(workers, "eval")
 
     def sync(self, workers: StackedWorkers, optimizer: torch.optim.Optimizer, lr: float) -> Optional[torch.Tensor]:
         """The sync at the end of a period of local steps. Returns this process's term of the workers'

@@ -75,7 +75,7 @@ class OuterStep(Method):
         return 1.0
 
     # ------------------------------------------------------------------ the loop's calls
-    def start(self, workers: StackedWorkers) -> None:
+    def start(self, workers: StackedWorkers, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         self.anchor = [p.detach()[0].double().clone() for p in workers.params]
         self.outer = self.make_outer(self.anchor)
 
@@ -126,6 +126,14 @@ class OuterStep(Method):
             else:
                 b.mul_(mix).add_(mean, alpha=1.0 - mix)
         sync_inner_state(optimizer, workers, self.local_momentum, [workers.params[i] for i in params])
+
+    def pull_model(self, workers: StackedWorkers) -> dict[str, torch.Tensor]:
+        """The anchor x, the global model of the last sync, and the buffers the workers in the run average:
+        what a worker that joins mid-period starts from (the others have moved on from x since)."""
+        model = workers.mean_replica("eval")
+        for name, x, p in zip(workers.param_names, self.anchor, workers.params):
+            model[name] = x.to(p.dtype)
+        return model
 
     def reset_anchor(self, workers: StackedWorkers) -> None:
         """x <- the workers' current (equal) weights; the outer state restarts."""

@@ -143,12 +143,12 @@ class StreamingDiLoCo(OuterStep):
         # the step syncs_after was last asked about; before any, a sync() is a full one (every fragment, now)
         self._now = Now(epoch=0, period=0, H=1, step=0, epoch_end=True)
 
-    def start(self, workers: StackedWorkers) -> None:
+    def start(self, workers: StackedWorkers, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         if self.eager:  # every worker its own anchor x_m and outer state: the stacked [K_local, ...] tensors
             self.anchor = [p.detach().double().clone() for p in workers.params]
             self.outer = self.make_outer(self.anchor)
         else:
-            super().start(workers)
+            super().start(workers, optimizer)
         sizes = [p[0].numel() for p in workers.params]
         self.fragments = fragments(workers.param_names, sizes, workers.buffer_names, self.P)
         self.K, self.k_local = workers.K, workers.k_local
