@@ -12,9 +12,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from dpl.comm.cost import RESCALED_FIELDS
 from dpl.errors import TrackingError
 from dpl.io import atomic_write_text
-from dpl.report.budget import ACCURACY, TARGET_METRICS, target_text
+from dpl.report.budget import ACCURACY, BUDGETS, TARGET_METRICS, target_text
 from dpl.report.fetch import (
     DEFAULT_EXPERIMENT,
     METRICS,
@@ -229,7 +230,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = Path(args.out) if args.out else default_out_dir(kind, name)
         if not args.out:
             check_out_dir(out, f"the report folder {out}")
-        runs = fetch_runs(client, args.experiment, args.sweep)
+        # the curves the report reads: validation accuracy (its figures), and the budget target's metric
+        target_curve = () if args.target_metric == ACCURACY else (args.target_metric,)
+        runs = fetch_runs(client, args.experiment, args.sweep,
+                          history_keys=(ACCURACY, *target_curve, "H", *BUDGETS, *RESCALED_FIELDS))
     except (LookupError, ReportError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
