@@ -25,7 +25,7 @@ def test_membership_is_a_function_of_the_step():
     assert m.initial == [True, True, False]  # worker 2's first entry is a join: it starts away
     assert [m.present(s) for s in (0, 2, 4, 6, 7)] == [
         [True, True, False], [True, True, True], [True, False, True], [True, False, True], [True, True, True]]
-    assert m.joining(7) == [1] and m.joining(6) == [] and m.changes_at(4) and not m.changes_at(5)
+    assert m.joining(7) == [1] and m.joining(6) == [] and m.joining(4) == []
     assert m.arrived(8) is None and m.arrived(5).tolist() == [True, False, True]
     assert parse_schedule(["9:0:leave", " 3 : 1 : join"]) == [(3, 1, "join"), (9, 0, "leave")]
 

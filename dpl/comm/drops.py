@@ -94,9 +94,6 @@ class Membership:
         """The workers back from step ``step`` on (they pull the global model before it)."""
         return [k for at, k, change in self.events if at == step and change == "join"]
 
-    def changes_at(self, step: int) -> bool:
-        return any(at == step for at, _, _ in self.events)
-
     def arrived(self, step: int) -> Optional[Any]:
         """A bool tensor per worker [K] of those in the run at ``step``; None when all are."""
         import torch

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dpl.comm.codecs import CODECS
+from dpl.comm.drops import Membership
 from dpl.components.data import DATASETS
 from dpl.components.models import MODELS
 from dpl.config.root import Config
@@ -80,21 +81,15 @@ def check_schedule(cfg: DictConfig) -> None:
     residuals would need more than that: refused, as a schedule that names a worker beyond K."""
     if not cfg.faults.schedule:
         return
-    from dpl.comm.drops import Membership
-
     Membership(list(cfg.faults.schedule), cfg.K)  # the entries against K: one line for a bad one
     facts = METHODS.facts(cfg.method)
-    refused = [
+    _refuse("faults.schedule (elastic workers)", [
         (facts.averages_gradients or not facts.local_steps, f"method={cfg.method.name}",
          "a method whose syncs average models: " + ", ".join(
              n for n, m in METHODS.items() if m.facts.local_steps and not m.facts.averages_gradients)),
         (bool(cfg.method.get("eager", False)), "method.eager=true", "method.eager=false"),
-        (not CODECS.facts(cfg.compression).exact, f"compression={cfg.compression.name}",
-         "compression=" + " | ".join(n for n, c in CODECS.items() if c.facts.exact)),
-    ]
-    for bad, what, allowed in refused:
-        if bad:
-            raise ConfigError(f"{what} is invalid with faults.schedule (elastic workers): allowed {allowed}")
+        _codec_refusal(cfg),
+    ])
 
 
 def check_asynchronous(cfg: DictConfig) -> None:
@@ -103,19 +98,27 @@ def check_asynchronous(cfg: DictConfig) -> None:
     epoch-end sync) or a clock measured as it runs, it does not have."""
     if not METHODS.facts(cfg.method).asynchronous:
         return
-    name = cfg.method.name
-    refused = [
-        (not CODECS.facts(cfg.compression).exact, f"compression={cfg.compression.name}",
-         "compression=" + " | ".join(n for n, c in CODECS.items() if c.facts.exact)),
+    _refuse(f"method={cfg.method.name}", [
+        _codec_refusal(cfg),
         (cfg.faults.drop_prob > 0, f"faults.drop_prob={cfg.faults.drop_prob}", "faults.drop_prob=0"),
         (cfg.sync_at_epoch_end, "sync_at_epoch_end=true", "sync_at_epoch_end=false"),
         (cfg.local_momentum == "average", "local_momentum=average", "local_momentum=keep | reset"),
         (cfg.clock.device == "measured" and cfg.clock.sample_cost_us is None, "clock.device=measured",
          "a modelled clock.device, or clock.sample_cost_us (the timeline is known before the first step)"),
-    ]
+    ])
+
+
+def _codec_refusal(cfg: DictConfig) -> tuple[bool, str, str]:
+    """A compression codec (anything but the exact parameters), for the checks that cannot take one."""
+    return (not CODECS.facts(cfg.compression).exact, f"compression={cfg.compression.name}",
+            "compression=" + " | ".join(n for n, c in CODECS.items() if c.facts.exact))
+
+
+def _refuse(against: str, refused: list[tuple[bool, str, str]]) -> None:
+    """The first of (bad, what, allowed) that is bad, as one line: ``what`` is invalid with ``against``."""
     for bad, what, allowed in refused:
         if bad:
-            raise ConfigError(f"{what} is invalid with method={name}: allowed {allowed}")
+            raise ConfigError(f"{what} is invalid with {against}: allowed {allowed}")
 
 
 def check_fragments(cfg: DictConfig) -> None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpl.comm.clock import WorkerClock, sample_cost_s, worker_speeds
 from dpl.comm.codecs import build_codec
-from dpl.comm.cost import CommLedger, message_s
+from dpl.comm.cost import CommLedger, message_s, param_bytes
 from dpl.comm.drops import Drops, Membership
 from dpl.components.data import DATASETS
 from dpl.components.data.device import load_dataset
@@ -95,10 +95,9 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm: An
                         topology=cfg.network.topology, slowest=float(speeds.max()),
                         sample_cost_s=_sample_cost_s(cfg, model, data))
     tokens = cfg.batch_size * data.tokens_per_sample  # one worker's samples of a step, as the cost counts them
-    model_bytes = sum(p[0].numel() * p.element_size() for p in workers.params)
     ledger.tick_s = method.timeline(WorkerClock(
         tuple(float(s) for s in speeds), tokens * (ledger.sample_cost_s or 0.0),
-        message_s(model_bytes, cfg.network.bandwidth_gbps, cfg.network.latency_us)))
+        message_s(param_bytes(workers.params, per_worker=True), cfg.network.bandwidth_gbps, cfg.network.latency_us)))
     method.start(workers, optimizer)
     local_step = build_local_step(mode, data, workers, optimizer, lambda epoch: method.on_gradients(workers, epoch),
                                   method.edits_gradients, cfg.seed, rows, schedule.now, schedule.device_table,

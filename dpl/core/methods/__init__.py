@@ -4,7 +4,8 @@
 ``streaming_diloco``) take local steps and then an outer step on the pseudo-gradient with the outer
 optimizer ``method.outer`` (:mod:`dpl.core.methods.outer`); ``post_local`` switches from the first to the
 second; ``async_localsgd`` and ``async_diloco`` apply each worker's pseudo-gradient the moment it arrives,
-on the modelled clock (:mod:`dpl.core.methods.asynchronous`). ``localsgd`` and ``diloco`` are one class each with presets of ``method.outer``. A method's
+on the modelled clock (:mod:`dpl.core.methods.asynchronous`). ``localsgd`` and ``diloco`` are one class
+each with presets of ``method.outer``. A method's
 facts say how it communicates, so a config that asks the impossible (a dynamic H without local steps)
 fails before anything is built.
 """
@@ -32,7 +33,7 @@ class MethodFacts:
     # gradients are all-reduced at every step of the whole run: on ranks, DistributedDataParallel does it
     synchronous: bool = False
     # each worker's pseudo-gradient is applied the moment it arrives, on the method's own modelled timeline
-    # (dpl.core.methods.asynchronous): one process holds the global model (engine=simulated for now)
+    # (dpl.core.methods.asynchronous): every process holds a replica of the global model
     asynchronous: bool = False
 
 
