@@ -13,6 +13,7 @@ from torch import nn
 
 from dpl.comm.clock import WorkerClock
 from dpl.comm.stacked import StackedComm
+from dpl.core.loop import WALL_CLOCK_FIELDS
 from dpl.core.methods import build_method
 from dpl.core.methods.asynchronous import EPS, AsyncDiLoCo, DelayedNesterov, local_steps
 from dpl.core.methods.base import Now
@@ -281,7 +282,11 @@ def test_records_count_only_the_workers_that_stepped_and_the_ticks_as_time():
     history = trainer.state.history
     steps = history[-1]["step"]
     assert history[-1]["samples_total"] < 3 * steps * 32  # the slow worker stepped every third tick
-    assert history[-1]["modelled_time_s"] == pytest.approx(steps * trainer.ledger.tick_s)
+    # every tick the fastest worker's step: its samples' cost at its factor (1), the last short batch's too
+    assert trainer.ledger.step_factor == 1.0
+    per_worker = trainer.shards.shape[1] * trainer.epochs  # every tick's batch, whole epochs
+    assert per_worker % 32  # (a last, shorter batch per epoch)
+    assert history[-1]["modelled_time_s"] == pytest.approx(per_worker * trainer.ledger.sample_cost_s, rel=1e-9)
     assert sum(r["arrivals"] for r in history) > 0 and history[-1]["comm_bytes"] > 0
 
 
@@ -295,6 +300,24 @@ def test_one_worker_async_and_diloco_through_the_cli(tmp_path):
         weights.append(checkpoint.load(tmp_path / name)["model"])
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-6, rtol=0)
+
+
+def test_a_tick_with_no_worker_due_computes_nothing_and_changes_no_number():
+    """In most ticks of this run both workers wait (their messages take longer than a step): the loop then
+    computes nothing (LocalStep.idle), and the run is the run that computed those ticks and threw them away."""
+    ov = ("method=async_diloco", "K=2", "H=2", "clock.speed=lognormal", "epochs=1")
+    skipping, computing = (build_trainer(compose_cfg(*ov), torch.device("cpu")) for _ in range(2))
+    idle, calls = skipping.local_step.idle, []
+    skipping.local_step.idle = lambda *args: (calls.append(args[1]), idle(*args))[1]
+    computing.local_step.idle = computing.local_step  # the full step, its rows given back by the method
+    for t in (skipping, computing):
+        t.fit()
+    assert 0 < len(calls) < skipping.total_steps
+    for a, b in zip(skipping.workers.params + skipping.method.anchor, computing.workers.params + computing.method.anchor):
+        assert torch.equal(a, b)
+    for ra, rb in zip(skipping.state.history, computing.state.history, strict=True):
+        assert {k: v for k, v in ra.items() if k not in WALL_CLOCK_FIELDS} == \
+            {k: v for k, v in rb.items() if k not in WALL_CLOCK_FIELDS}
 
 
 def test_resume_mid_flight_is_exact(make_cfg, tmp_path, monkeypatch):

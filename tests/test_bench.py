@@ -87,3 +87,18 @@ def test_ratios_are_timed_in_alternating_blocks_and_paired():
     assert calls == ["a", "setup b", "b"] + ["a", "a", "setup b", "b", "b"] * 3  # warm-up, then A B A B ...
     assert len(t["a"]) == len(t["b"]) == 3
     assert paired([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == (2.0, 2.0, 3.0)  # the median of the pairs' ratios
+
+
+@pytest.mark.slow
+def test_async_bench_runs_both_methods_on_slowed_ranks_and_models_the_slow_factor():
+    """[async]: with the network out of the way, a synchronous step waits for the slowest worker (3x) and an
+    asynchronous tick is the fastest's step, so the modelled ratio is the slow factor; measured times are there."""
+    from types import SimpleNamespace
+
+    from dpl.bench import async_rows
+
+    args = SimpleNamespace(world=[2], samples=256, batch=32, repeats=1, slow_factor=3.0)
+    rows = {r["method"]: r for r in async_rows(args)}
+    assert set(rows) == {"diloco", "async_diloco"}
+    assert rows["diloco"]["modelled_s"] / rows["async_diloco"]["modelled_s"] == pytest.approx(3.0, rel=1e-3)
+    assert all(len(r["measured_s"]) == 1 and r["measured_s"][0] > 0 for r in rows.values())

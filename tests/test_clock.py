@@ -84,6 +84,8 @@ def test_the_sample_cost_is_flops_over_peak_times_mfu_unless_given_or_measured()
     (["clock.mfu=1.5"], "clock.mfu=1.5 is invalid: allowed 0 < x <= 1"),
     (["clock.device=v100", "precision=bf16"], "clock.device='v100' is invalid with precision=bf16: allowed "
                                                "precision=fp32 on it"),
+    (["clock.emulate=true"], "clock.emulate=true is invalid with engine=simulated, whose workers share one process: "
+                             "allowed engine=distributed, or clock.emulate=false"),
 ])
 def test_a_bad_clock_is_one_line_naming_the_key(make_cfg, overrides, message):
     with pytest.raises(ConfigError) as e:

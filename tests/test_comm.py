@@ -165,7 +165,7 @@ def test_drift_degenerate_cases():
 
 
 def test_modelled_compute_is_samples_times_cost_times_the_slowest_worker():
-    ledger = CommLedger(K=4, bandwidth_gbps=8.0, latency_us=0.0, sample_cost_s=1e-3, slowest=2.5)
+    ledger = CommLedger(K=4, bandwidth_gbps=8.0, latency_us=0.0, sample_cost_s=1e-3, step_factor=2.5)
     m = ledger.record_epoch(Traffic(), 10, 640, measured_compute_s=123.0)  # the measurement is ignored
     assert m["compute_time_s"] == pytest.approx(640 * 1e-3 * 2.5) and m["modelled_time_s"] == pytest.approx(1.6)
 
@@ -203,7 +203,7 @@ def test_modelled_time_is_deterministic_with_a_configured_cost(make_cfg):
         return build_trainer(cfg, torch.device("cpu")).ledger
 
     base = ledger()
-    assert (base.K, base.sample_cost_s, base.slowest, base.topology) == (4, pytest.approx(50e-6), 1.0, "ring")
+    assert (base.K, base.sample_cost_s, base.step_factor, base.topology) == (4, pytest.approx(50e-6), 1.0, "ring")
     traffic = params_traffic(3, replica=4 * 62_006)  # three averages of LeNet-5's fp32 replica
     records = [CommLedger.from_state(base.state_dict()).record_epoch(traffic, 57, 225.0, measured_compute_s=s)
                for s in (0.1, 7.0)]  # the measured compute (a busy machine) does not enter
@@ -211,7 +211,7 @@ def test_modelled_time_is_deterministic_with_a_configured_cost(make_cfg):
     a = records[0]
     assert a["compute_time_s"] == pytest.approx(225 * 50e-6)  # 900 images / K=4 per worker
     slow = ledger("clock.speed=slow", "clock.slow_factor=3.0")
-    assert slow.slowest == 3.0
+    assert slow.step_factor == 3.0
     assert slow.record_epoch(traffic, 57, 225.0, 0.0)["compute_time_s"] == pytest.approx(3 * a["compute_time_s"])
     ps = ledger("network.topology=ps").record_epoch(traffic, 57, 225.0, 0.0)
     assert ps["comm_time_s"] != a["comm_time_s"] and ps["comm_bytes"] < a["comm_bytes"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import pytest
 import torch
@@ -246,3 +247,71 @@ def test_training_steps_do_not_synchronize_with_the_host(mode, clip):
             t.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _tensors(trainer) -> list[torch.Tensor]:
+    """Everything a step leaves behind: parameters, buffers and every tensor of the optimizer's state."""
+    w, opt = trainer.workers, trainer.optimizer
+    state = [t for p in w.params for _, t in sorted(opt.state.get(p, {}).items()) if torch.is_tensor(t)]
+    return [p.detach() for p in w.params] + list(w.buffers) + state
+
+
+@pytest.mark.parametrize("optimizer", ["sgdm", "adamw", "lamb", "muon"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_an_idle_step_leaves_what_a_computed_step_given_back_leaves(optimizer, first):
+    """LocalStep.idle computes nothing: with every row given back afterwards (the method's job), the workers,
+    the optimizer's state and its shared step count are exactly what the computed step leaves, whether the
+    step creates the optimizer's state or finds it (AdamW and LAMB count steps, SGD's momentum is made lazily)."""
+    from dpl.core.methods import rows
+
+    ov = ("K=2", "method=localsgd", "H=4", f"optimizer={optimizer}", "optimizer.grad_clip_norm=0.5")
+    computed, idle = (build_trainer(compose_cfg(*ov), CPU) for _ in range(2))
+    for t in (computed, idle):
+        if not first:  # both take two real steps: the state exists and has counted them
+            for _ in range(2):
+                t.step()
+    inputs = computed.next_inputs()
+    assert torch.equal(inputs.idx, idle.next_inputs().idx)
+    step = computed.state.global_step
+    for t, call in ((computed, computed.local_step), (idle, idle.local_step.idle)):
+        kept = rows.keep(t.workers, t.optimizer, range(t.workers.k_local))
+        losses, correct = call(inputs.idx, step, inputs.lr_i, 0)
+        kept.give_back(t.workers, t.optimizer)
+    assert not losses.any() and not correct.any() and correct.dtype == torch.long
+    a, b = _tensors(computed), _tensors(idle)
+    assert len(a) == len(b) > len(computed.workers.params) + len(computed.workers.buffers)  # the state too
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+class _Timed:
+    """A local step, each computed call timed and each idle call counted."""
+
+    def __init__(self, step) -> None:
+        self.step, self.computed_s, self.idles = step, [], 0
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        out = self.step(*args)
+        self.computed_s.append(time.perf_counter() - t0)
+        return out
+
+    def idle(self, *args):
+        self.idles += 1
+        return self.step.idle(*args)
+
+
+def test_a_slowed_step_takes_its_factor_times_as_long_and_an_idle_one_is_not_slowed():
+    """clock.emulate's SlowedStep: after a computed step it sleeps (factor − 1) times the step's own time,
+    so the call lasts at least factor times it; an idle step (nothing computed) goes through as it is."""
+    from dpl.core.step import SlowedStep
+
+    trainer = build_trainer(compose_cfg("K=1", "method=localsgd"), CPU)
+    timed = _Timed(trainer.local_step)
+    slowed = SlowedStep(timed, 3.0, CPU)
+    inputs = trainer.next_inputs()
+    t0 = time.perf_counter()
+    slowed(inputs.idx, 0, inputs.lr_i, 0)
+    assert time.perf_counter() - t0 >= 3.0 * timed.computed_s[0]
+    slowed.idle(inputs.idx, 1, inputs.lr_i, 0)
+    assert len(timed.computed_s) == 1 and timed.idles == 1

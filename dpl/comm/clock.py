@@ -32,6 +32,12 @@ checkpointed); two runs of the same config then differ in their modelled time.
 The speed factors are drawn once per run from the seed (``clock.speed``): all 1
 (``constant``), lognormal with median 1 and ``clock.spread`` the sigma of log s, or a
 ``clock.slow_fraction`` of the workers ``clock.slow_factor`` times slower (``slow``).
+
+They only act on the modelled clock, unless ``clock.emulate`` (``engine=distributed``) slows the ranks for
+real: each rank sleeps after every step it computes, (s_k / min_j s_j − 1) times that step's measured
+time (:class:`dpl.core.step.SlowedStep`), so on equal hardware worker k takes s_k / min_j s_j as long
+per step as the fastest, and the measured time of a method that waits for its slowest worker (every
+synchronous one) grows with it, while an asynchronous method's does not.
 """
 
 from __future__ import annotations
@@ -92,6 +98,9 @@ class ClockConfig:
     spread: float = key(0.5, "lognormal: sigma of the log time factor (median 1)")
     slow_fraction: float = key(0.25, "slow: this share of the workers ...")
     slow_factor: float = key(2.0, "... takes this many times longer per sample")
+    emulate: bool = key(False, "engine=distributed: slow each rank for real by its worker's time factor against "
+                               "the fastest's (it sleeps after each step it computes), so the measured time "
+                               "shows what the modelled clock models")
 
     def __post_init__(self) -> None:
         one_of("clock.device", self.device, (*DEVICES, MEASURED))

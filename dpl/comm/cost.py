@@ -218,8 +218,9 @@ class CommLedger:
 
     Each epoch's :class:`Traffic` becomes bytes sent per worker and modelled communication
     time (:func:`sync_time_s` per all-reduce), and its steps become modelled compute time
-    (:mod:`dpl.comm.clock`): ``samples x sample_cost_s x slowest`` with ``slowest`` the largest
-    worker time factor. ``sample_cost_s`` comes from the config (:func:`dpl.comm.clock.sample_cost_s`: the
+    (:mod:`dpl.comm.clock`): ``samples x sample_cost_s x step_factor`` with ``step_factor`` the time factor
+    a step of the loop takes: the largest worker's (a step ends when the slowest worker's does), or the
+    fastest worker's for a method that keeps its own timeline (an asynchronous method's tick). ``sample_cost_s`` comes from the config (:func:`dpl.comm.clock.sample_cost_s`: the
     model's FLOPs on the modelled GPU, or ``clock.sample_cost_us``); None (``clock.device=measured``) is
     measured from the first epoch, then fixed. A checkpoint restores it as it was, measured or counted.
     With K == 1 nothing is sent, so bytes and communication time stay 0, but rounds are
@@ -231,7 +232,7 @@ class CommLedger:
     latency_us: float
     topology: str = "ring"
     sample_cost_s: Optional[float] = None  # compute seconds per sample (text: token) of one worker at speed 1
-    slowest: float = 1.0  # the largest worker time factor
+    step_factor: float = 1.0  # the time factor of one step of the loop (see the class doc)
     rounds_total: int = 0
     collectives_total: int = 0
     steps_total: int = 0
@@ -240,10 +241,6 @@ class CommLedger:
     compute_time_total_s: float = 0.0
     bookkeeping_bytes_total: float = 0.0  # bytes sent per worker for metrics and evaluation (not modelled as time)
     comm_hidden_total_s: float = 0.0  # modelled communication overlapped by compute (streaming, eager syncs)
-    # modelled seconds of one step of the loop when the method keeps its own timeline (an asynchronous
-    # method's tick, the fastest worker's step: dpl.core.methods.base.Method.timeline); None: samples x
-    # sample_cost_s x slowest, a step ends when the slowest worker's does
-    tick_s: Optional[float] = None
 
     def record_epoch(self, traffic: Traffic, steps: int, samples: float, measured_compute_s: float) -> dict[str, float]:
         """Add one epoch of ``traffic`` over ``steps`` local steps on ``samples`` samples per worker;
@@ -265,8 +262,8 @@ class CommLedger:
             comm_bytes += gather_bytes_sent(traffic.gathered_bytes, self.K, self.topology)
         if traffic.messages:  # bytes per worker, as the all-reduces' are counted
             comm_bytes += traffic.message_bytes / self.K
-        # the slowest worker ends each period; an asynchronous method's clock is its ticks
-        compute_time = samples * self.sample_cost_s * self.slowest if self.tick_s is None else steps * self.tick_s
+        # the slowest worker ends each step (an asynchronous method's tick: the fastest's)
+        compute_time = samples * self.sample_cost_s * self.step_factor
         # one worker's modelled compute of one step: what an overlapped sync can hide behind
         step_s = compute_time / steps if steps else 0.0
         # the overlapped syncs' time as latency + transfer (the part that scales with 1 / bandwidth), and
@@ -328,4 +325,7 @@ class CommLedger:
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> CommLedger:
-        return cls(**d)
+        """A ledger from :meth:`state_dict`. Its step factor is a function of the config and seed, which the
+        caller builds again: the names an older checkpoint held it in (``slowest``, an asynchronous run's
+        ``tick_s``) are dropped."""
+        return cls(**{k: v for k, v in d.items() if k not in ("slowest", "tick_s")})

@@ -108,6 +108,14 @@ def check_asynchronous(cfg: DictConfig) -> None:
     ])
 
 
+def check_emulation(cfg: DictConfig) -> None:
+    """``clock.emulate`` slows each process by its worker's time factor: it needs one process per worker."""
+    if cfg.clock.emulate and not ENGINES.facts(cfg.engine).processes:
+        others = [n for n, e in ENGINES.items() if e.facts.processes]
+        raise ConfigError(f"clock.emulate=true is invalid with engine={cfg.engine.name}, whose workers share one "
+                          f"process: allowed engine={' | '.join(others)}, or clock.emulate=false")
+
+
 def _codec_refusal(cfg: DictConfig) -> tuple[bool, str, str]:
     """A compression codec (anything but the exact parameters), for the checks that cannot take one."""
     return (not CODECS.facts(cfg.compression).exact, f"compression={cfg.compression.name}",
@@ -238,6 +246,7 @@ def validate(cfg: DictConfig) -> Config:
     check_faults(cfg)
     check_fragments(cfg)
     check_asynchronous(cfg)
+    check_emulation(cfg)
     check_data(cfg)
     check_checkpoint_use(cfg)
     check_min_lr(cfg)

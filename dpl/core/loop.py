@@ -157,6 +157,9 @@ class Trainer:
         """Each of this process's workers: its batch, cropped and flipped by a hash of (seed, step, worker,
         sample), forward, backward, the method's gradient hook (synchronous methods all-reduce the
         gradients), the inner optimizer's step at its lr (:mod:`dpl.core.step`: eager, compiled or a graph)."""
+        stepping = self.method.stepped()  # the workers the step is due for (None: all of them)
+        if stepping is not None and not any(stepping):  # none of this process's: nothing to compute
+            return self.local_step.idle(inputs.idx, self.state.global_step, inputs.lr_i, self.state.epoch)
         return self.local_step(inputs.idx, self.state.global_step, inputs.lr_i, self.state.epoch)
 
     def end_step(self, inputs: StepInputs, outputs: Outputs) -> None:
@@ -323,7 +326,9 @@ class Trainer:
         self.schedule.attach(self.optimizer)
         self.method.load_state_dict(_to(ckpt["method"], self.device))
         self.method.load_worker_state(_to(ckpt["workers"], self.device))
+        step_factor = self.ledger.step_factor  # the config's (the workers' speeds are the seed's)
         self.ledger = CommLedger.from_state(ckpt["comm"])
+        self.ledger.step_factor = step_factor
         self._order = None
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -70,6 +71,33 @@ class LocalStep:
     def takes_fast_path(self, idx: torch.Tensor) -> bool:
         """Whether a call on batch ``idx`` runs other code than :meth:`eager` (:mod:`dpl.core.selfcheck`)."""
         return False
+
+    @torch.no_grad()
+    def idle(self, idx: torch.Tensor, step: int, lr_i: int, epoch: int) -> Outputs:
+        """Step ``step`` when none of this process's workers has it due (an asynchronous worker between its
+        steps, an elastic worker away): the method gives their rows back after it, so what a computed step
+        would leave in them is thrown away, and nothing is computed. The inner optimizer still steps, on
+        zero gradients: its scalar step count, shared by the stacked rows, counts the loop's steps as the
+        other workers' does (AdamW's bias correction), and state it creates for the first time is what a
+        computed step would create (its rows are given back as zeros either way). Losses and correct
+        counts are zeros; the method's ``stepped()`` weighs them out. A method that edits gradients may run
+        a collective in its hook, which every process must join: its step is computed in full.
+
+        On the ranks of ``engine=distributed`` this is what keeps an idle worker idle in the measured time
+        too: the step costs an optimizer update on zeros, not a forward and backward."""
+        if self.edits_gradients:
+            with torch.enable_grad():
+                return self(idx, step, lr_i, epoch)
+        self.set_inputs(step, lr_i)
+        for p in self.workers.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:  # a captured step's gradient tensors stay where its graphs read them
+                p.grad.zero_()
+        self.optimizer_step()
+        self.zero_grads()
+        k, device = self.workers.k_local, self.key.device
+        return torch.zeros(k, device=device), torch.zeros(k, dtype=torch.long, device=device)
 
     def set_inputs(self, step: int, lr_i: int) -> None:
         # device-side writes from host numbers: nothing is read back
@@ -280,6 +308,31 @@ class GraphStep(LocalStep):
         """Which tensors the graphs read and write besides the parameters (:meth:`graph_tensors`). A
         restart or a resume replaces them, and the graphs would go on using the old ones."""
         return tuple(id(t) for t in self.graph_tensors())
+
+
+class SlowedStep:
+    """A rank's local step slowed for real by ``factor`` >= 1 (``clock.emulate``: its worker's time factor
+    against the fastest worker's, :mod:`dpl.comm.clock`): after each step it computes, it sleeps
+    (factor − 1) times the step's measured time (the device synchronised first), so it takes ``factor``
+    times as long as it would. An idle step (:meth:`LocalStep.idle`) computes nothing and is not slowed."""
+
+    def __init__(self, step: Any, factor: float, device: torch.device) -> None:
+        self.step, self.factor, self.device = step, float(factor), device
+
+    def __getattr__(self, name: str) -> Any:  # only for what is not set above
+        return getattr(self.step, name)
+
+    def __call__(self, idx: torch.Tensor, step: int, lr_i: int, epoch: int) -> Outputs:
+        t0 = time.perf_counter()
+        out = self.step(idx, step, lr_i, epoch)
+        if self.factor > 1.0:
+            if self.device.type == "cuda":  # the step's kernels are queued, not done
+                torch.cuda.synchronize(self.device)
+            time.sleep((self.factor - 1.0) * (time.perf_counter() - t0))
+        return out
+
+    def idle(self, idx: torch.Tensor, step: int, lr_i: int, epoch: int) -> Outputs:
+        return self.step.idle(idx, step, lr_i, epoch)
 
 
 def build_local_step(mode: str, *args: Any, capturable: bool = True, **kwargs: Any) -> LocalStep:

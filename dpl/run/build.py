@@ -33,7 +33,7 @@ from dpl.core.methods import METHODS, build_method
 from dpl.core.methods.elastic import with_members
 from dpl.core.schedules import LrSchedule, lr_table, scaled_lr
 from dpl.core.selfcheck import self_checked
-from dpl.core.step import build_local_step
+from dpl.core.step import SlowedStep, build_local_step
 from dpl.errors import ConfigError, first_line
 from dpl.run import checkpoint
 from dpl.tracking.params import launch_dir
@@ -91,18 +91,22 @@ def build_trainer(cfg: DictConfig, device: torch.device, rank: int = 0, comm: An
     schedule.attach(optimizer)
     clock = cfg.clock
     speeds = worker_speeds(workers.K, clock.speed, cfg.seed, clock.spread, clock.slow_fraction, clock.slow_factor)
-    ledger = CommLedger(K=workers.K, bandwidth_gbps=cfg.network.bandwidth_gbps, latency_us=cfg.network.latency_us,
-                        topology=cfg.network.topology, slowest=float(speeds.max()),
-                        sample_cost_s=_sample_cost_s(cfg, model, data))
+    sample_cost = _sample_cost_s(cfg, model, data)
     tokens = cfg.batch_size * data.tokens_per_sample  # one worker's samples of a step, as the cost counts them
-    ledger.tick_s = method.timeline(WorkerClock(
-        tuple(float(s) for s in speeds), tokens * (ledger.sample_cost_s or 0.0),
+    own = method.timeline(WorkerClock(
+        tuple(float(s) for s in speeds), tokens * (sample_cost or 0.0),
         message_s(param_bytes(workers.params, per_worker=True), cfg.network.bandwidth_gbps, cfg.network.latency_us)))
+    # a step of the loop lasts as long as its slowest worker's, unless the method keeps its own timeline
+    ledger = CommLedger(K=workers.K, bandwidth_gbps=cfg.network.bandwidth_gbps, latency_us=cfg.network.latency_us,
+                        topology=cfg.network.topology, sample_cost_s=sample_cost,
+                        step_factor=float(speeds.max()) if own is None else own)
     method.start(workers, optimizer)
     local_step = build_local_step(mode, data, workers, optimizer, lambda epoch: method.on_gradients(workers, epoch),
                                   method.edits_gradients, cfg.seed, rows, schedule.now, schedule.device_table,
                                   capturable=OPTIMIZERS.facts(cfg.optimizer).capturable, clip=grad_clip(cfg.optimizer))
     local_step = self_checked(local_step, mode)  # a compiled or captured step checks its first result
+    if clock.get("emulate", False):  # (absent from a config stored before the key existed)
+        local_step = SlowedStep(local_step, float(speeds[rank] / speeds.min()), device)  # one worker, rank = k
     # what picks the best model: accuracy means little for bytes, so text is judged by its validation loss
     best = cfg.best_metric if cfg.best_metric != "auto" else "val_loss" if DATASETS.facts(cfg.dataset).text else "val_acc"
     return Trainer(cfg, hp, data, shards, workers, method, optimizer, schedule, local_step, ledger, mode, best)

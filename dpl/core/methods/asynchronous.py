@@ -12,7 +12,9 @@ time); worker k's step takes u_k = s_k / min_j s_j ticks (s its time factor), so
 that began at time A_k (in ticks) completes at A_k + n u_k, and it steps in the tick (i, i + 1] where that
 falls (at most once a tick, as u_k >= 1). Every worker computes in every tick, stacked as always; a worker
 with no step due in the tick gets its row back as it was (parameters, buffers, the inner optimizer's
-state: :meth:`AsyncDiLoCo.sync`), so its tick's compute is thrown away, as an idle GPU's would be.
+state: :meth:`AsyncDiLoCo.sync`), so its tick's compute is thrown away, as an idle GPU's would be; a process
+none of whose workers has a step due computes nothing (on the ranks of ``engine=distributed``, a worker's
+idle ticks cost it no time: with ``clock.emulate`` a slow worker's rank keeps the fast ones' pace).
 A round ends when its H_k steps are done, at f_k; its push arrives at r_k = f_k + m and it receives the
 new x at r_k + m, m one message of the model over its link (``method.blocking_comm``; the other workers
 compute meanwhile). Arrivals are applied in the order of r_k (ties: the lower worker index) at the end of
@@ -150,12 +152,14 @@ class AsyncDiLoCo(OuterStep):
 
     # ------------------------------------------------------------------ the clock
     def timeline(self, clock: WorkerClock) -> Optional[float]:
-        """Take the workers' speeds; the modelled seconds of one tick (the fastest worker's step)."""
+        """Take the workers' speeds; the time factor of one tick (the fastest worker's step, min_k s_k: the
+        modelled seconds of a tick are its samples' cost at that factor, so an epoch's shorter last batch
+        makes a shorter tick)."""
         fastest = min(clock.speeds)
         self.u = [s / fastest for s in clock.speeds]
-        tick_s = clock.step_s * fastest
+        tick_s = clock.step_s * fastest  # a tick of a full batch: what the messages are measured in
         self.message = clock.message_s / tick_s if self.blocking and tick_s > 0 else 0.0
-        return tick_s
+        return fastest
 
     def make_outer(self, anchor: list[torch.Tensor]) -> torch.optim.Optimizer:
         if self.every == 1 and self.activation == 0.0:

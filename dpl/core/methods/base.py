@@ -65,14 +65,16 @@ class Method:
         return workers.mean_replica(kind)
 
     def timeline(self, clock: Any) -> Optional[float]:
-        """Given the workers' modelled clock (:class:`dpl.comm.clock.WorkerClock`), the modelled seconds of one
-        step of the loop when the method keeps a timeline of its own (an asynchronous method's tick: the
-        fastest worker's step); None: the synchronous rule, a step ends when the slowest worker's does."""
+        """Given the workers' modelled clock (:class:`dpl.comm.clock.WorkerClock`), the time factor of one step
+        of the loop when the method keeps a timeline of its own (an asynchronous method's tick: the fastest
+        worker's step, min_k s_k); None: the synchronous rule, a step ends when the slowest worker's does."""
         return None
 
     def stepped(self) -> Optional[list[bool]]:
-        """Which of this process's workers took the step that just ended (its metrics and samples count);
-        None: all of them. An asynchronous method's idle workers compute a step that is thrown away."""
+        """Which of this process's workers take the step in progress (asked before it, and after it until the
+        sync: its metrics and samples count); None: all of them. Another worker's rows are given back after
+        the step (an asynchronous worker between its steps, an elastic worker away): what it computed is
+        thrown away, and a process with none due computes nothing (:meth:`dpl.core.step.LocalStep.idle`)."""
         return None
 
     def record(self) -> dict[str, float]:

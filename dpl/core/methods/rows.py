@@ -4,7 +4,9 @@ Every worker of this process computes in every step (they are one stacked tensor
 not have stepped (an asynchronous worker with no step due, an elastic worker away from the run) gets its
 parameters, buffers and inner optimizer state back as they were, so the step it computed is thrown away,
 as an idle GPU's would be. State the step created for the first time (momentum, Adam's moments) was zeros
-before it. The inner optimizer's scalar step count is shared by the rows and is not given back.
+before it. The inner optimizer's scalar step count is shared by the rows and is not given back. When no
+worker of the process has the step due, nothing is computed at all (:meth:`dpl.core.step.LocalStep.idle`):
+the rows it gives back are the same.
 """
 
 from __future__ import annotations
