@@ -85,13 +85,18 @@ def test_a_sync_averages_the_workers_in_the_run_and_a_join_pulls_the_anchor():
         stepped = [p.detach().clone() for p in workers.params]
         now = Now(epoch=0, period=step % H + 1, H=H, step=step + 1)
         method.syncs_after(now)
-        method.sync(workers, optimizer, 0.1)
+        drift = method.sync(workers, optimizer, 0.1)
         method.period_ends(now)
         if step == 1:  # the sync: the mean of the workers in the run, for all three
             for p, s in zip(workers.params, stepped):
                 mean = (s[0] + s[2]) / 2
                 for k in range(K):
                     torch.testing.assert_close(p.detach()[k], mean, atol=1e-6, rtol=0)
+            # the drift before it: of the workers in the run, not of the one away (which held its old model)
+            flat = torch.cat([s.double().reshape(K, -1) for s in stepped], 1)
+            mean = (flat[0] + flat[2]) / 2
+            expected = ((flat[0] - mean).norm() + (flat[2] - mean).norm()) / 2 / mean.norm()
+            torch.testing.assert_close(drift, expected, atol=0, rtol=1e-6)  # (x̄ averaged in fp32)
         if step == 2:  # away, mid-period: its step given back
             assert all(torch.equal(p.detach()[1], b[1]) for p, b in zip(workers.params, before))
         if step == 3:  # back before step 4: the anchor x (the sync after step 3), momentum zeroed

@@ -178,7 +178,7 @@ def track_best(state: Any, record: dict[str, float], metric: str, patience: int)
     return improved
 
 
-def drift_term(workers: torch.Tensor, mean: torch.Tensor, K: int) -> torch.Tensor:
+def drift_term(workers: torch.Tensor, mean: torch.Tensor, K: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """This process's share of the workers' drift, sum_k ||x_k − x̄|| / (K ||x̄||) over its workers.
 
     ``workers`` [K_local, n] holds each local worker's parameters flattened together, ``mean`` [n]
@@ -187,7 +187,10 @@ def drift_term(workers: torch.Tensor, mean: torch.Tensor, K: int) -> torch.Tenso
     the workers are equal. Float64, so the small differences between workers are not lost to
     rounding, and a 0-dim tensor left on the device (the trainer sums it there and reads the sum
     once per epoch), so a sync costs no device-to-host read; x̄ = 0 is decided on the device too.
+    ``rows`` (a bool per local worker): only these count (elastic workers in the run; K is then how many
+    are in it over all processes): a worker away holds what it held when it left, not a drift.
     """
     norm = mean.norm()
-    spread = (workers - mean).norm(dim=1).sum()
+    distances = (workers - mean).norm(dim=1)
+    spread = (distances if rows is None else distances * rows.to(distances)).sum()
     return torch.where(norm > 0, spread / norm.clamp_min(torch.finfo(torch.float64).tiny) / K, 0.0)

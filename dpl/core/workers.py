@@ -142,9 +142,9 @@ class StackedWorkers:
         Records in ``drift`` how far apart the workers were just before, as :meth:`pseudo_gradient_` does.
         """
         with torch.no_grad():
-            before = _flat64(self.params)
+            before, present = _flat64(self.params), self.point.present
             self.point.average_(self.params + self.buffers, "params")
-            self.drift = drift_term(before, _flat64(self.params)[0], self.K)
+            self.drift = self._drift(before, self.params, present)
 
     def pseudo_gradient_(self, anchor: Sequence[torch.Tensor], sync: int) -> DeltaResult:
         """A local method's sync of the whole model, waited for (:meth:`start_pseudo_gradient`); records
@@ -166,12 +166,13 @@ class StackedWorkers:
         with torch.no_grad():
             chosen = self.params if params is None else [self.params[i] for i in params]
             kept = self.buffers if buffers is None else [self.buffers[i] for i in buffers]
-            before = _flat64(chosen)
+            before, present = _flat64(chosen), self.point.present  # (the workers in the run when it starts)
             pending = self.point.start_pseudo_gradient(anchor, chosen, kept, sync, params)
             # only encoded Δ_k cross: the drift metric needs x̄, one bookkeeping all-reduce (now, of the
             # tensors as they are: they may move on before the sync lands)
             exact = None if self.point.forms_mean else self.point.average_copy(chosen, "metrics")
-        return pending.then(lambda result: (result, self._drift(before, exact if result.mean is None else result.mean)))
+        return pending.then(lambda result: (result, self._drift(before, exact if result.mean is None else result.mean,
+                                                                present)))
 
     def start_mean_of_deltas(self, deltas: Sequence[torch.Tensor], sync: int,
                              params: Sequence[int]) -> Flight[tuple[DeltaResult, torch.Tensor]]:
@@ -186,8 +187,13 @@ class StackedWorkers:
         return pending.then(lambda result: (result, self._drift(before, exact)))
 
     @torch.no_grad()
-    def _drift(self, before: torch.Tensor, mean: Sequence[torch.Tensor]) -> torch.Tensor:
-        return drift_term(before, _flat64(mean)[0], self.K)
+    def _drift(self, before: torch.Tensor, mean: Sequence[torch.Tensor],
+               present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This process's drift term; ``present`` (elastic workers): over the workers in the run only."""
+        if present is None:
+            return drift_term(before, _flat64(mean)[0], self.K)
+        mine = present[self.point.comm.rank * self.k_local:][: self.k_local]
+        return drift_term(before, _flat64(mean)[0], max(int(present.sum()), 1), mine)
 
     def sync(self, overlap_steps: int = 0) -> Any:
         """``with workers.sync(overlap_steps):`` the collectives inside are one sync of the model
