@@ -320,6 +320,19 @@ def test_a_tick_with_no_worker_due_computes_nothing_and_changes_no_number():
             {k: v for k, v in rb.items() if k not in WALL_CLOCK_FIELDS}
 
 
+def test_an_interval_in_which_no_worker_stepped_records_no_training_loss():
+    """H = 1 on a 10 Gb/s network: a round is one step then six ticks on the network each way, so the second
+    epoch's four ticks hold no step of either worker: its training metrics are nan (no sample), not 0, and the
+    run goes on (a nan from no samples is not a divergence)."""
+    trainer = build_trainer(compose_cfg("method=async_diloco", "K=2", "H=1", "clock.speed=slow", "clock.slow_fraction=0.5",
+                                        "clock.slow_factor=3", "dataset.num_train=512", "batch_size=64", "epochs=2",
+                                        "clock.sample_cost_us=1.3", "network.bandwidth_gbps=10"), torch.device("cpu"))
+    trainer.fit()
+    first, second = trainer.state.history
+    assert first["train_loss"] > 0 and math.isnan(second["train_loss"]) and math.isnan(second["train_acc"])
+    assert second["samples_total"] == first["samples_total"] and math.isfinite(second["val_loss"])
+
+
 def test_resume_mid_flight_is_exact(make_cfg, tmp_path, monkeypatch):
     """Stopped between ticks with rounds half done, idle rows kept aside and arrivals pending."""
     assert_resume_is_exact(make_cfg, ["method=async_diloco", "K=3", "H=3", "clock.speed=lognormal",

@@ -25,6 +25,7 @@ an uninterrupted run.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
@@ -215,10 +216,13 @@ class Trainer:
         comm_wall_s = point.take_wall_s()
         compute_s = max(s.compute_s - comm_wall_s, 0.0)  # the rest of the step: forward, backward, optimizer
         steps = s.global_step - s.recorded_at
-        per = {"sample": max(seen, 1), "step": max(steps, 1)}
+        # an interval in which no worker stepped (asynchronous workers all waiting on the network) has no
+        # training sample to average: its per-sample metrics are nan, not 0
+        per = {"sample": seen if seen else math.nan, "step": max(steps, 1)}
         means = {m.name: total / per[m.per] for m, total in zip(self.metrics, totals)}
         train_loss, train_acc = means.pop("train_loss"), means.pop("train_acc")
-        check_finite(train_loss, s.epoch)
+        if seen:
+            check_finite(train_loss, s.epoch)
         model = self.method.global_model(self.workers)  # the workers stay as they are: periods span epochs
         val_loss, val_acc = self.evaluate("val", model, (self.hp.seed, s.epoch) if self.data.augment_val else None)
         traffic = point.take()  # the interval's, evaluation's bookkeeping included
