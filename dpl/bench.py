@@ -49,9 +49,9 @@ Each measurement warms up, then repeats and reports the median and spread
    step it computes), synchronous DiLoCo against asynchronous DiLoCo (Liu et al. 2024) at the same H and
    budget of loop steps: the measured epoch time (median after a warm-up epoch) and the modelled one, and
    the ratio sync / async of each. With the modelled network out of the way (10^6 Gb/s, no latency, against
-   100 us of compute per sample), the modelled ratio is the slow factor (a synchronous step waits for the slowest worker, an asynchronous
-   tick is the fastest worker's step); the goal is a measured ratio within 25 % of it: the ranks show the
-   gain the modelled clock models.
+   100 us of compute per sample), the modelled ratio is the slow factor (a synchronous step waits for the
+   slowest worker, an asynchronous tick is the fastest worker's step); the goal is a measured ratio within
+   25 % of it: the ranks show the gain the modelled clock models.
 """
 
 from __future__ import annotations

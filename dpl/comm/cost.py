@@ -220,7 +220,8 @@ class CommLedger:
     time (:func:`sync_time_s` per all-reduce), and its steps become modelled compute time
     (:mod:`dpl.comm.clock`): ``samples x sample_cost_s x step_factor`` with ``step_factor`` the time factor
     a step of the loop takes: the largest worker's (a step ends when the slowest worker's does), or the
-    fastest worker's for a method that keeps its own timeline (an asynchronous method's tick). ``sample_cost_s`` comes from the config (:func:`dpl.comm.clock.sample_cost_s`: the
+    fastest worker's for a method that keeps its own timeline (an asynchronous method's tick).
+    ``sample_cost_s`` comes from the config (:func:`dpl.comm.clock.sample_cost_s`: the
     model's FLOPs on the modelled GPU, or ``clock.sample_cost_us``); None (``clock.device=measured``) is
     measured from the first epoch, then fixed. A checkpoint restores it as it was, measured or counted.
     With K == 1 nothing is sent, so bytes and communication time stay 0, but rounds are
