@@ -314,7 +314,8 @@ class SlowedStep:
     """A rank's local step slowed for real by ``factor`` >= 1 (``clock.emulate``: its worker's time factor
     against the fastest worker's, :mod:`dpl.comm.clock`): after each step it computes, it sleeps
     (factor − 1) times the step's measured time (the device synchronised first), so it takes ``factor``
-    times as long as it would. An idle step (:meth:`LocalStep.idle`) computes nothing and is not slowed."""
+    times as long as it would. An idle step (:meth:`LocalStep.idle`, reached through ``__getattr__``) computes
+    nothing and is not slowed."""
 
     def __init__(self, step: Any, factor: float, device: torch.device) -> None:
         self.step, self.factor, self.device = step, float(factor), device
@@ -330,9 +331,6 @@ class SlowedStep:
                 torch.cuda.synchronize(self.device)
             time.sleep((self.factor - 1.0) * (time.perf_counter() - t0))
         return out
-
-    def idle(self, idx: torch.Tensor, step: int, lr_i: int, epoch: int) -> Outputs:
-        return self.step.idle(idx, step, lr_i, epoch)
 
 
 def build_local_step(mode: str, *args: Any, capturable: bool = True, **kwargs: Any) -> LocalStep:
